@@ -1,0 +1,671 @@
+//! The KVS operations: request and response shapes of the service models (rest-json,
+//! PascalCase members, timestamps as epoch seconds) and their semantics.
+
+use crate::config::StreamSpec;
+use crate::error::ApiError;
+use crate::log::RequestRecord;
+use crate::media::gop;
+use crate::mp4::clip_header;
+use crate::server::Shared;
+use crate::stream::{Fragment, StreamState, TimestampKind};
+use axum::body::Body;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// GetClip's range limit: "within 24 hours of the specified StartTimestamp".
+const MAX_CLIP_RANGE_MS: i64 = 24 * 3_600_000;
+/// ListFragments' MaxResults default and bounds (archived-media model).
+const DEFAULT_MAX_RESULTS: i64 = 100;
+const MAX_RESULTS_RANGE: std::ops::RangeInclusive<i64> = 1..=1000;
+const API_NAMES: &[&str] = &[
+    "PUT_MEDIA",
+    "GET_MEDIA",
+    "LIST_FRAGMENTS",
+    "GET_MEDIA_FOR_FRAGMENT_LIST",
+    "GET_HLS_STREAMING_SESSION_URL",
+    "GET_DASH_STREAMING_SESSION_URL",
+    "GET_CLIP",
+    "GET_IMAGES",
+];
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct StreamRef {
+    stream_name: Option<String>,
+    #[serde(rename = "StreamARN")]
+    stream_arn: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct TimestampRange {
+    start_timestamp: Option<f64>,
+    end_timestamp: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Selector {
+    fragment_selector_type: Option<String>,
+    timestamp_range: Option<TimestampRange>,
+}
+
+struct ParsedSelector {
+    kind: TimestampKind,
+    label: &'static str,
+    start_ms: i64,
+    end_ms: i64,
+}
+
+fn parse_selector(selector: Option<Selector>, member: &str) -> Result<ParsedSelector, ApiError> {
+    let selector = selector
+        .ok_or_else(|| ApiError::invalid_argument(format!("{member} must not be null.")))?;
+    let (kind, label) = match selector.fragment_selector_type.as_deref() {
+        Some("SERVER_TIMESTAMP") => (TimestampKind::Server, "SERVER_TIMESTAMP"),
+        Some("PRODUCER_TIMESTAMP") => (TimestampKind::Producer, "PRODUCER_TIMESTAMP"),
+        other => {
+            return Err(ApiError::invalid_argument(format!(
+                "FragmentSelectorType {other:?} must be SERVER_TIMESTAMP or PRODUCER_TIMESTAMP."
+            )))
+        }
+    };
+    let range = selector
+        .timestamp_range
+        .ok_or_else(|| ApiError::invalid_argument("TimestampRange must not be null."))?;
+    let (Some(start), Some(end)) = (range.start_timestamp, range.end_timestamp) else {
+        return Err(ApiError::invalid_argument(
+            "StartTimestamp and EndTimestamp must not be null.",
+        ));
+    };
+    Ok(ParsedSelector {
+        kind,
+        label,
+        start_ms: secs_to_ms(start),
+        end_ms: secs_to_ms(end),
+    })
+}
+
+fn secs_to_ms(secs: f64) -> i64 {
+    (secs * 1000.0).round() as i64
+}
+
+fn ms_to_secs(ms: i64) -> f64 {
+    ms as f64 / 1000.0
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    let body = if body.is_empty() { b"{}".as_slice() } else { body };
+    serde_json::from_slice(body).map_err(|e| ApiError::serialization(e.to_string()))
+}
+
+fn json_response(value: serde_json::Value) -> Response {
+    let mut response = (StatusCode::OK, value.to_string()).into_response();
+    response
+        .headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    response
+}
+
+/// Finds the stream a request names; both name and ARN must agree when both are given.
+fn stream_key(shared: &Shared, reference: &StreamRef) -> Result<String, ApiError> {
+    let streams = shared.lock_streams();
+    let by_arn = |arn: &str| {
+        streams
+            .values()
+            .find(|s| s.arn == arn)
+            .map(|s| s.spec.name.clone())
+    };
+    match (&reference.stream_name, &reference.stream_arn) {
+        (None, None) => Err(ApiError::invalid_argument(
+            "Either StreamName or StreamARN must be specified.",
+        )),
+        (Some(name), None) => streams
+            .contains_key(name)
+            .then(|| name.clone())
+            .ok_or_else(ApiError::stream_not_found),
+        (None, Some(arn)) => by_arn(arn).ok_or_else(ApiError::stream_not_found),
+        (Some(name), Some(arn)) => match by_arn(arn) {
+            Some(found) if &found == name => Ok(found),
+            Some(_) => Err(ApiError::invalid_argument(
+                "StreamName and StreamARN name different streams.",
+            )),
+            None => Err(ApiError::stream_not_found()),
+        },
+    }
+}
+
+fn stream_info(s: &StreamState) -> serde_json::Value {
+    json!({
+        "DeviceName": "kvs-emulator",
+        "StreamName": s.spec.name,
+        "StreamARN": s.arn,
+        "MediaType": s.spec.media_type,
+        "KmsKeyId": "arn:aws:kms:us-east-1:123456789012:alias/aws/kinesisvideo",
+        "Version": s.version,
+        "Status": "ACTIVE",
+        "CreationTime": ms_to_secs(s.created_ms),
+        "DataRetentionInHours": s.spec.data_retention_hours,
+    })
+}
+
+/// Outcome of one operation: the response and what the log records of it.
+pub struct Handled {
+    pub response: Response,
+    pub record: RequestRecord,
+}
+
+pub async fn handle(shared: &Arc<Shared>, op: &str, body: &[u8]) -> Handled {
+    let mut record = RequestRecord {
+        op: op.to_string(),
+        ..RequestRecord::default()
+    };
+    let result = match op {
+        "DescribeStream" => describe_stream(shared, body, &mut record),
+        "GetDataEndpoint" => get_data_endpoint(shared, body, &mut record),
+        "ListStreams" => list_streams(shared, body),
+        "CreateStream" => create_stream(shared, body, &mut record),
+        "ListFragments" => list_fragments(shared, body, &mut record),
+        "GetClip" => get_clip(shared, body, &mut record).await,
+        _ => Err(ApiError::unknown_operation()),
+    };
+    let response = match result {
+        Ok(response) => response,
+        Err(error) => {
+            record.error = Some(error.code.to_string());
+            error.into_response()
+        }
+    };
+    record.status = response.status().as_u16();
+    Handled { response, record }
+}
+
+fn control_plane_throttle(shared: &Shared, name: &str) -> Result<(), ApiError> {
+    let now = shared.now_ms();
+    let mut streams = shared.lock_streams();
+    let Some(stream) = streams.get_mut(name) else {
+        return Err(ApiError::stream_not_found());
+    };
+    if !stream.faults.throttling {
+        return Ok(());
+    }
+    let rate = crate::stream::CONTROL_TPS_PER_STREAM * stream.faults.quota_scale;
+    if !stream.control_calls.try_take(1.0, rate, now) {
+        return Err(ApiError::client_limit_exceeded(format!(
+            "The request rate for stream {name} exceeds the limit of {rate} transactions per second for this API."
+        )));
+    }
+    Ok(())
+}
+
+fn describe_stream(
+    shared: &Shared,
+    body: &[u8],
+    record: &mut RequestRecord,
+) -> Result<Response, ApiError> {
+    let reference: StreamRef = parse(body)?;
+    let name = stream_key(shared, &reference)?;
+    record.stream = Some(name.clone());
+    control_plane_throttle(shared, &name)?;
+    let streams = shared.lock_streams();
+    let stream = streams.get(&name).ok_or_else(ApiError::stream_not_found)?;
+    Ok(json_response(json!({ "StreamInfo": stream_info(stream) })))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct GetDataEndpointInput {
+    #[serde(flatten)]
+    stream: StreamRef,
+    #[serde(rename = "APIName")]
+    api_name: Option<String>,
+}
+
+fn get_data_endpoint(
+    shared: &Shared,
+    body: &[u8],
+    record: &mut RequestRecord,
+) -> Result<Response, ApiError> {
+    let input: GetDataEndpointInput = parse(body)?;
+    match input.api_name.as_deref() {
+        Some(api) if API_NAMES.contains(&api) => {}
+        other => {
+            return Err(ApiError::invalid_argument(format!(
+                "APIName {other:?} is not one of {}.",
+                API_NAMES.join(", ")
+            )))
+        }
+    }
+    let name = stream_key(shared, &input.stream)?;
+    record.stream = Some(name.clone());
+    control_plane_throttle(shared, &name)?;
+    // The endpoint is this server for every API: the client must dial what it is told.
+    Ok(json_response(json!({ "DataEndpoint": shared.base_url })))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListStreamsInput {
+    max_results: Option<i64>,
+    next_token: Option<String>,
+    stream_name_condition: Option<StreamNameCondition>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct StreamNameCondition {
+    comparison_operator: Option<String>,
+    comparison_value: Option<String>,
+}
+
+fn list_streams(shared: &Shared, body: &[u8]) -> Result<Response, ApiError> {
+    let input: ListStreamsInput = parse(body)?;
+    let max = input.max_results.unwrap_or(10_000);
+    if !(1..=10_000).contains(&max) {
+        return Err(ApiError::invalid_argument("MaxResults must be between 1 and 10000."));
+    }
+    let prefix = match input.stream_name_condition {
+        Some(c) if c.comparison_operator.as_deref() == Some("BEGINS_WITH") => {
+            c.comparison_value.unwrap_or_default()
+        }
+        Some(_) => {
+            return Err(ApiError::invalid_argument("ComparisonOperator must be BEGINS_WITH."))
+        }
+        None => String::new(),
+    };
+    let offset: usize = match input.next_token {
+        Some(token) => token
+            .strip_prefix("streams")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| ApiError::invalid_argument("NextToken is not valid."))?,
+        None => 0,
+    };
+    let streams = shared.lock_streams();
+    let mut names: Vec<&String> = streams.keys().filter(|n| n.starts_with(&prefix)).collect();
+    names.sort();
+    let page: Vec<serde_json::Value> = names
+        .iter()
+        .skip(offset)
+        .take(max as usize)
+        .filter_map(|n| streams.get(*n).map(stream_info))
+        .collect();
+    let next = offset + page.len();
+    let mut out = json!({ "StreamInfoList": page });
+    if next < names.len() {
+        out["NextToken"] = json!(format!("streams{next}"));
+    }
+    Ok(json_response(out))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct CreateStreamInput {
+    stream_name: Option<String>,
+    data_retention_in_hours: Option<u32>,
+    media_type: Option<String>,
+}
+
+fn create_stream(
+    shared: &Shared,
+    body: &[u8],
+    record: &mut RequestRecord,
+) -> Result<Response, ApiError> {
+    let input: CreateStreamInput = parse(body)?;
+    let name = input
+        .stream_name
+        .ok_or_else(|| ApiError::invalid_argument("StreamName must not be null."))?;
+    record.stream = Some(name.clone());
+    let mut spec = StreamSpec::live(&name);
+    spec.backlog = Duration::ZERO;
+    spec.data_retention_hours = input.data_retention_in_hours.unwrap_or(0);
+    if let Some(media_type) = input.media_type {
+        spec.media_type = media_type;
+    }
+    let arn = shared.add_stream(spec)?;
+    Ok(json_response(json!({ "StreamARN": arn })))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListFragmentsInput {
+    #[serde(flatten)]
+    stream: StreamRef,
+    max_results: Option<i64>,
+    next_token: Option<String>,
+    fragment_selector: Option<Selector>,
+}
+
+/// Position in a listing, carried in NextToken (base64 of JSON, which fits the model's
+/// `[a-zA-Z0-9+/]+={0,2}` pattern).
+#[derive(Serialize, Deserialize)]
+struct ListingToken {
+    stream: String,
+    kind: String,
+    start_ms: i64,
+    end_ms: i64,
+    offset: usize,
+}
+
+fn check_retention(
+    stream: &StreamState,
+    kind: TimestampKind,
+    end_ms: i64,
+    now: i64,
+) -> Result<(), ApiError> {
+    // Observed AWS behaviour: with server timestamps an end before the retention window
+    // is an argument error; with producer timestamps the range just selects nothing.
+    if kind == TimestampKind::Server && end_ms < now - stream.retention_ms() {
+        return Err(ApiError::invalid_argument(format!(
+            "End timestamp {end_ms} is outside of the stream retention period."
+        )));
+    }
+    Ok(())
+}
+
+fn list_fragments(
+    shared: &Shared,
+    body: &[u8],
+    record: &mut RequestRecord,
+) -> Result<Response, ApiError> {
+    let input: ListFragmentsInput = parse(body)?;
+    let max_results = input.max_results.unwrap_or(DEFAULT_MAX_RESULTS);
+    if !MAX_RESULTS_RANGE.contains(&max_results) {
+        return Err(ApiError::invalid_argument(format!(
+            "MaxResults {max_results} must be between 1 and 1000."
+        )));
+    }
+    let name = stream_key(shared, &input.stream)?;
+    record.stream = Some(name.clone());
+    let (kind, label, start_ms, end_ms, offset) = match (input.next_token, input.fragment_selector)
+    {
+        (Some(token), _) => {
+            let token = decode_token(&token)
+                .filter(|t| t.stream == name)
+                .ok_or_else(|| ApiError::invalid_argument("NextToken is not valid for this stream."))?;
+            let (kind, label) = if token.kind == "PRODUCER_TIMESTAMP" {
+                (TimestampKind::Producer, "PRODUCER_TIMESTAMP")
+            } else {
+                (TimestampKind::Server, "SERVER_TIMESTAMP")
+            };
+            (kind, label, token.start_ms, token.end_ms, token.offset)
+        }
+        (None, selector) => {
+            let s = parse_selector(selector, "FragmentSelector")?;
+            (s.kind, s.label, s.start_ms, s.end_ms, 0)
+        }
+    };
+    record.selector = Some(label.to_string());
+    record.start_ms = Some(start_ms);
+    record.end_ms = Some(end_ms);
+    if end_ms < start_ms {
+        return Err(ApiError::invalid_argument(
+            "EndTimestamp must be later than or equal to StartTimestamp.",
+        ));
+    }
+    let now = shared.now_ms();
+    shared.inject_internal_failure(&name)?;
+    let mut streams = shared.lock_streams();
+    let stream = streams.get_mut(&name).ok_or_else(ApiError::stream_not_found)?;
+    stream.advance(now);
+    check_retention(stream, kind, end_ms, now)?;
+    if stream.faults.throttling {
+        let rate = crate::stream::METADATA_POINTS_PER_SEC * stream.faults.quota_scale;
+        if !stream
+            .metadata_points
+            .try_take(max_results as f64, rate, now)
+        {
+            return Err(ApiError::client_limit_exceeded(format!(
+                "Fragment-metadata quota of {rate} points per second exceeded for stream {name}."
+            )));
+        }
+    }
+    let listing_delay = stream.faults.listing_delay_ms as i64;
+    let mut matched: Vec<Fragment> = stream
+        .select(kind, start_ms, end_ms)
+        .into_iter()
+        .filter(|f| f.server_ms + i64::from(f.duration_ms) + listing_delay <= now)
+        .collect();
+    drop(streams);
+    // "Results are in no specific order, even across pages": a fixed shuffle per query.
+    let seed = crate::stream::fnv1a(format!("{name}/{label}/{start_ms}/{end_ms}").as_bytes())
+        ^ shared.seed;
+    shuffle(&mut matched, seed);
+    let page: Vec<&Fragment> = matched
+        .iter()
+        .skip(offset)
+        .take(max_results as usize)
+        .collect();
+    record.fragments = page.len();
+    let fragments: Vec<serde_json::Value> = page
+        .iter()
+        .map(|f| {
+            json!({
+                "FragmentNumber": f.number,
+                "FragmentSizeInBytes": f.layout.reported_size(),
+                "ProducerTimestamp": ms_to_secs(f.producer_ms),
+                "ServerTimestamp": ms_to_secs(f.server_ms),
+                "FragmentLengthInMilliseconds": f.duration_ms,
+            })
+        })
+        .collect();
+    let next = offset + page.len();
+    let mut out = json!({ "Fragments": fragments });
+    if next < matched.len() {
+        out["NextToken"] = json!(encode_token(&ListingToken {
+            stream: name,
+            kind: label.to_string(),
+            start_ms,
+            end_ms,
+            offset: next,
+        }));
+    }
+    Ok(json_response(out))
+}
+
+fn shuffle<T>(items: &mut [T], seed: u64) {
+    let mut state = seed | 1;
+    for i in (1..items.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        items.swap(i, (state % (i as u64 + 1)) as usize);
+    }
+}
+
+const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn encode_token(token: &ListingToken) -> String {
+    let data = serde_json::to_vec(token).unwrap_or_default();
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(BASE64[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn decode_token(token: &str) -> Option<ListingToken> {
+    let mut bits = 0u32;
+    let mut nbits = 0;
+    let mut data = Vec::new();
+    for c in token.trim_end_matches('=').bytes() {
+        let v = BASE64.iter().position(|b| *b == c)? as u32;
+        bits = (bits << 6) | v;
+        nbits += 6;
+        if nbits >= 8 {
+            nbits -= 8;
+            data.push((bits >> nbits) as u8);
+            bits &= (1 << nbits) - 1;
+        }
+    }
+    serde_json::from_slice(&data).ok()
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct GetClipInput {
+    #[serde(flatten)]
+    stream: StreamRef,
+    clip_fragment_selector: Option<Selector>,
+}
+
+async fn get_clip(
+    shared: &Arc<Shared>,
+    body: &[u8],
+    record: &mut RequestRecord,
+) -> Result<Response, ApiError> {
+    let input: GetClipInput = parse(body)?;
+    let selector = parse_selector(input.clip_fragment_selector, "ClipFragmentSelector")?;
+    let name = stream_key(shared, &input.stream)?;
+    record.stream = Some(name.clone());
+    record.selector = Some(selector.label.to_string());
+    record.start_ms = Some(selector.start_ms);
+    record.end_ms = Some(selector.end_ms);
+    let now = shared.now_ms();
+    let (fragments, selected, faults) = {
+        let mut streams = shared.lock_streams();
+        let stream = streams.get_mut(&name).ok_or_else(ApiError::stream_not_found)?;
+        if stream.spec.data_retention_hours == 0 {
+            return Err(ApiError::no_data_retention());
+        }
+        if stream.spec.media_type != "video/h264" {
+            return Err(ApiError::unsupported_media_type(&stream.spec.media_type));
+        }
+        if selector.end_ms <= selector.start_ms {
+            return Err(ApiError::invalid_argument(
+                "EndTimestamp must be later than StartTimestamp.",
+            ));
+        }
+        if selector.end_ms - selector.start_ms > MAX_CLIP_RANGE_MS {
+            return Err(ApiError::invalid_argument(
+                "The time range between StartTimestamp and EndTimestamp must not exceed 24 hours.",
+            ));
+        }
+        if selector.kind == TimestampKind::Server && selector.end_ms > now {
+            return Err(ApiError::invalid_argument(
+                "EndTimestamp must be in the past for SERVER_TIMESTAMP selectors.",
+            ));
+        }
+        stream.advance(now);
+        check_retention(stream, selector.kind, selector.end_ms, now)?;
+        let selected = stream.select(selector.kind, selector.start_ms, selector.end_ms);
+        let faults = stream.faults.clone();
+        // Over the caps, KVS returns "the first 100 MB or the first 200 fragments" with
+        // HTTP 200 and no sign of the cut: whole fragments from the start, up to the caps.
+        let mut served = Vec::new();
+        let mut bytes = 0u64;
+        for f in &selected {
+            let size = f.layout.media_bytes();
+            if served.len() as u32 >= faults.max_clip_fragments
+                || (!served.is_empty() && bytes + size > faults.max_clip_bytes)
+            {
+                break;
+            }
+            bytes += size;
+            served.push(f.clone());
+        }
+        (served, selected.len(), faults)
+    };
+    shared.inject_internal_failure(&name)?;
+    if fragments.is_empty() {
+        return Err(ApiError::no_fragments_for_clip());
+    }
+    if fragments
+        .iter()
+        .any(|f| f.codec_generation != fragments[0].codec_generation)
+    {
+        return Err(ApiError::invalid_codec_private_data(
+            "The codec private data changes within the requested clip range; request the \
+             ranges before and after the change separately.",
+        ));
+    }
+    if faults.throttling {
+        let cost = fragments.len() as f64;
+        let mut streams = shared.lock_streams();
+        let stream = streams.get_mut(&name).ok_or_else(ApiError::stream_not_found)?;
+        let media_rate = crate::stream::MEDIA_POINTS_PER_SEC * faults.quota_scale;
+        let metadata_rate = crate::stream::METADATA_POINTS_PER_SEC * faults.quota_scale;
+        if !stream.media_points.try_take(cost, media_rate, now)
+            || !stream.metadata_points.try_take(cost, metadata_rate, now)
+        {
+            return Err(ApiError::client_limit_exceeded(format!(
+                "Fragment-media quota of {media_rate} points per second exceeded for stream {name}."
+            )));
+        }
+    }
+
+    let layouts: Vec<_> = fragments.iter().map(|f| (*f.layout).clone()).collect();
+    let gop = gop();
+    let header = clip_header(gop, &layouts);
+    let total = header.total_len();
+    let mut chunks = Vec::with_capacity(1 + fragments.len() * 5);
+    chunks.push(header.bytes.clone());
+    for f in &fragments {
+        chunks.extend(gop.fragment_chunks(&f.layout, &f.number));
+    }
+
+    record.fragments = fragments.len();
+    record.fragments_selected = selected;
+    record.truncated = fragments.len() < selected;
+    record.first_fragment = fragments.first().map(|f| f.number.clone());
+    record.last_fragment = fragments.last().map(|f| f.number.clone());
+    record.bytes = total;
+    let reset_at = shared.take_reset(&name).then_some(faults.reset_after_bytes);
+    record.reset = reset_at.is_some();
+
+    if faults.first_byte_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(faults.first_byte_delay_ms)).await;
+    }
+    let body = crate::body::clip_body(chunks, reset_at, faults.bandwidth_bytes_per_sec);
+    let mut response = Response::new(Body::from_stream(body));
+    let headers = response.headers_mut();
+    headers.insert("content-type", HeaderValue::from_static("video/mp4"));
+    headers.insert("content-length", HeaderValue::from(total));
+    Ok(response)
+}
+
+/// Bytes of one clip, for callers that build clips without HTTP (benchmarks, tests).
+pub fn clip_bytes(fragments: &[Fragment]) -> Vec<Bytes> {
+    let layouts: Vec<_> = fragments.iter().map(|f| (*f.layout).clone()).collect();
+    let gop = gop();
+    let mut chunks = vec![clip_header(gop, &layouts).bytes];
+    for f in fragments {
+        chunks.extend(gop.fragment_chunks(&f.layout, &f.number));
+    }
+    chunks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_tokens_round_trip_and_fit_the_model_pattern() {
+        let token = ListingToken {
+            stream: "cam-1".into(),
+            kind: "SERVER_TIMESTAMP".into(),
+            start_ms: 1,
+            end_ms: 2,
+            offset: 1000,
+        };
+        let text = encode_token(&token);
+        assert!(text
+            .trim_end_matches('=')
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/'));
+        let back = decode_token(&text).expect("decodes");
+        assert_eq!(back.offset, 1000);
+        assert_eq!(back.stream, "cam-1");
+    }
+}

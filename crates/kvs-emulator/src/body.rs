@@ -1,0 +1,64 @@
+//! GetClip bodies as streams of shared chunks, with the body faults: a connection reset
+//! part-way through, and a bandwidth cap.
+
+use bytes::Bytes;
+use futures_util::Stream;
+use std::collections::VecDeque;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Pieces a capped body is cut into, so the pacing is smooth.
+const PACED_PIECE: usize = 64 * 1024;
+
+struct BodyState {
+    chunks: VecDeque<Bytes>,
+    sent: u64,
+    reset_at: Option<u64>,
+    bandwidth: Option<u64>,
+    started: Option<Instant>,
+}
+
+/// Streams `chunks`; with `reset_at`, fails after that many bytes so the server drops the
+/// connection mid-body (the client sees fewer bytes than Content-Length).
+pub fn clip_body(
+    chunks: Vec<Bytes>,
+    reset_at: Option<u64>,
+    bandwidth: Option<u64>,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    let state = BodyState {
+        chunks: chunks.into(),
+        sent: 0,
+        reset_at,
+        bandwidth,
+        started: None,
+    };
+    futures_util::stream::unfold(state, |mut state| async move {
+        let mut chunk = state.chunks.pop_front()?;
+        if let Some(limit) = state.reset_at {
+            if state.sent >= limit {
+                state.chunks.clear();
+                let error = std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "kvs-emulator: injected connection reset",
+                );
+                return Some((Err(error), state));
+            }
+            let room = (limit - state.sent) as usize;
+            if chunk.len() > room {
+                let rest = chunk.split_off(room);
+                state.chunks.push_front(rest);
+            }
+        }
+        if let Some(rate) = state.bandwidth.filter(|r| *r > 0) {
+            if chunk.len() > PACED_PIECE {
+                let rest = chunk.split_off(PACED_PIECE);
+                state.chunks.push_front(rest);
+            }
+            let started = *state.started.get_or_insert_with(Instant::now);
+            let due = started + Duration::from_secs_f64(state.sent as f64 / rate as f64);
+            tokio::time::sleep_until(due).await;
+        }
+        state.sent += chunk.len() as u64;
+        Some((Ok(chunk), state))
+    })
+}

@@ -1,0 +1,131 @@
+//! API errors as AWS's rest-json services send them: the status from the service model,
+//! `x-amzn-ErrorType` naming the modeled exception, and a JSON body with `Message`.
+//! The official SDKs map exactly these to their typed error variants.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid_argument(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "InvalidArgumentException", message)
+    }
+
+    pub fn resource_not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "ResourceNotFoundException", message)
+    }
+
+    pub fn stream_not_found() -> Self {
+        Self::resource_not_found("The requested stream is not found or not active.")
+    }
+
+    pub fn no_fragments_for_clip() -> Self {
+        Self::resource_not_found("No fragments found in the stream for the clip request.")
+    }
+
+    pub fn resource_in_use(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "ResourceInUseException", message)
+    }
+
+    pub fn client_limit_exceeded(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "ClientLimitExceededException", message)
+    }
+
+    pub fn no_data_retention() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "NoDataRetentionException",
+            "The stream does not retain data: its DataRetentionInHours is 0.",
+        )
+    }
+
+    pub fn unsupported_media_type(media_type: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "UnsupportedStreamMediaTypeException",
+            format!("The media type {media_type} of the stream is not supported for clips."),
+        )
+    }
+
+    pub fn invalid_codec_private_data(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "InvalidCodecPrivateDataException", message)
+    }
+
+    pub fn internal_failure() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalFailure",
+            "The request processing has failed because of an unknown error, exception or failure.",
+        )
+    }
+
+    pub fn serialization(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "SerializationException", message)
+    }
+
+    pub fn unknown_operation() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "UnknownOperationException",
+            "The requested operation is not supported by this endpoint.",
+        )
+    }
+
+    pub fn missing_authentication_token() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "MissingAuthenticationTokenException",
+            "Missing Authentication Token",
+        )
+    }
+
+    pub fn unrecognized_client() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "UnrecognizedClientException",
+            "The security token included in the request is invalid.",
+        )
+    }
+
+    pub fn invalid_signature(message: &str) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "InvalidSignatureException", message)
+    }
+
+    pub fn incomplete_signature(message: &str) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "IncompleteSignatureException", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "Message": self.message }).to_string();
+        let mut response = (self.status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            "content-type",
+            HeaderValue::from_static("application/json"),
+        );
+        let error_type = format!(
+            "{}:http://internal.amazon.com/coral/com.amazonaws.kinesisvideo/",
+            self.code
+        );
+        if let Ok(value) = HeaderValue::from_str(&error_type) {
+            headers.insert("x-amzn-errortype", value);
+        }
+        response
+    }
+}

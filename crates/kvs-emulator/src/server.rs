@@ -1,0 +1,375 @@
+//! The HTTP server: routing, SigV4 checks, the request log, the admin endpoints, and the
+//! [`Emulator`] handle tests start in-process.
+
+use crate::api;
+use crate::config::{EmulatorConfig, Faults, StreamSpec};
+use crate::error::ApiError;
+use crate::log::RequestRecord;
+use crate::sigv4::{self, Credentials};
+use crate::stream::{Fragment, StreamState, TimestampKind};
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::oneshot;
+
+/// State shared by every request.
+pub struct Shared {
+    pub base_url: String,
+    pub seed: u64,
+    credentials: Credentials,
+    region: String,
+    account_id: String,
+    streams: Mutex<HashMap<String, StreamState>>,
+    log: Mutex<Vec<RequestRecord>>,
+    rng: Mutex<u64>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data behind; keep serving it.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Shared {
+    pub fn lock_streams(&self) -> MutexGuard<'_, HashMap<String, StreamState>> {
+        lock(&self.streams)
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        chrono::Utc::now().timestamp_millis()
+    }
+
+    fn random(&self) -> f64 {
+        let mut state = lock(&self.rng);
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        (*state >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    pub fn add_stream(&self, spec: StreamSpec) -> Result<String, ApiError> {
+        spec.validate().map_err(ApiError::invalid_argument)?;
+        let now = self.now_ms();
+        let mut streams = self.lock_streams();
+        if streams.contains_key(&spec.name) {
+            return Err(ApiError::resource_in_use(format!(
+                "The stream {} already exists.",
+                spec.name
+            )));
+        }
+        let name = spec.name.clone();
+        let mut stream = StreamState::new(spec, &self.region, &self.account_id, now);
+        stream.advance(now);
+        let arn = stream.arn.clone();
+        streams.insert(name, stream);
+        Ok(arn)
+    }
+
+    /// Fails a data-plane request when the stream's failure faults say so.
+    pub fn inject_internal_failure(&self, name: &str) -> Result<(), ApiError> {
+        let roll = self.random();
+        let mut streams = self.lock_streams();
+        let Some(stream) = streams.get_mut(name) else {
+            return Ok(());
+        };
+        if stream.faults.internal_failures_next > 0 {
+            stream.faults.internal_failures_next -= 1;
+            return Err(ApiError::internal_failure());
+        }
+        if roll < stream.faults.internal_failure_rate {
+            return Err(ApiError::internal_failure());
+        }
+        Ok(())
+    }
+
+    /// Whether this GetClip body is to be cut off.
+    pub fn take_reset(&self, name: &str) -> bool {
+        let roll = self.random();
+        let mut streams = self.lock_streams();
+        let Some(stream) = streams.get_mut(name) else {
+            return false;
+        };
+        if stream.faults.resets_next > 0 {
+            stream.faults.resets_next -= 1;
+            return true;
+        }
+        roll < stream.faults.reset_rate
+    }
+}
+
+/// A fragment as tests see it: the ground truth to compare archives against.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FragmentInfo {
+    pub number: String,
+    pub server_ms: i64,
+    pub producer_ms: i64,
+    pub duration_ms: u32,
+    pub reported_size: u64,
+    pub media_bytes: u64,
+}
+
+impl From<&Fragment> for FragmentInfo {
+    fn from(f: &Fragment) -> Self {
+        FragmentInfo {
+            number: f.number.clone(),
+            server_ms: f.server_ms,
+            producer_ms: f.producer_ms,
+            duration_ms: f.duration_ms,
+            reported_size: f.layout.reported_size(),
+            media_bytes: f.layout.media_bytes(),
+        }
+    }
+}
+
+/// A running emulator. Dropping it stops the server.
+pub struct Emulator {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl Emulator {
+    /// Starts on 127.0.0.1 with an ephemeral port.
+    pub async fn start(config: EmulatorConfig) -> std::io::Result<Emulator> {
+        Self::start_on(config, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    pub async fn start_on(config: EmulatorConfig, addr: SocketAddr) -> std::io::Result<Emulator> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            base_url: format!("http://{addr}"),
+            seed: config.seed,
+            credentials: Credentials {
+                access_key_id: config.access_key_id.clone(),
+                secret_access_key: config.secret_access_key.clone(),
+            },
+            region: config.region.clone(),
+            account_id: config.account_id.clone(),
+            streams: Mutex::new(HashMap::new()),
+            log: Mutex::new(Vec::new()),
+            rng: Mutex::new(config.seed | 1),
+        });
+        for spec in config.streams {
+            shared.add_stream(spec).map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, e.message)
+            })?;
+        }
+        let app = router(shared.clone());
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+                let _ = rx.await;
+            });
+            if let Err(error) = serve.await {
+                tracing::error!(%error, "kvs-emulator: server stopped");
+            }
+        });
+        Ok(Emulator {
+            shared,
+            addr,
+            shutdown: Some(tx),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`: the endpoint for both KVS clients.
+    pub fn base_url(&self) -> &str {
+        &self.shared.base_url
+    }
+
+    pub fn add_stream(&self, spec: StreamSpec) -> Result<String, ApiError> {
+        self.shared.add_stream(spec)
+    }
+
+    /// Changes a stream's faults while the emulator runs.
+    pub fn update_faults(&self, stream: &str, change: impl FnOnce(&mut Faults)) -> bool {
+        let mut streams = self.shared.lock_streams();
+        match streams.get_mut(stream) {
+            Some(s) => {
+                change(&mut s.faults);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Every request served so far, oldest first.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        lock(&self.shared.log).clone()
+    }
+
+    pub fn clear_requests(&self) {
+        lock(&self.shared.log).clear();
+    }
+
+    /// The stream's fragments that exist now (within retention), oldest first.
+    pub fn fragments(&self, stream: &str) -> Vec<FragmentInfo> {
+        let now = self.shared.now_ms();
+        let mut streams = self.shared.lock_streams();
+        match streams.get_mut(stream) {
+            Some(s) => {
+                s.advance(now);
+                s.select(TimestampKind::Server, i64::MIN, i64::MAX)
+                    .iter()
+                    .map(FragmentInfo::from)
+                    .collect()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// The media of fragments `[start_ms, end_ms]` (server time) as one MP4, without HTTP.
+    pub fn clip_bytes(&self, stream: &str, start_ms: i64, end_ms: i64) -> Vec<Bytes> {
+        let streams = self.shared.lock_streams();
+        match streams.get(stream) {
+            Some(s) => api::clip_bytes(&s.select(TimestampKind::Server, start_ms, end_ms)),
+            None => Vec::new(),
+        }
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/_emulator/streams", post(admin_add_stream).get(admin_list_streams))
+        .route("/_emulator/streams/{name}/faults", put(admin_set_faults))
+        .route("/_emulator/streams/{name}/fragments", get(admin_fragments))
+        .route("/_emulator/requests", get(admin_requests).delete(admin_clear_requests))
+        .fallback(dispatch)
+        .with_state(shared)
+}
+
+fn operation(path: &str) -> Option<&'static str> {
+    Some(match path {
+        "/describeStream" => "DescribeStream",
+        "/getDataEndpoint" => "GetDataEndpoint",
+        "/listStreams" => "ListStreams",
+        "/createStream" => "CreateStream",
+        "/listFragments" => "ListFragments",
+        "/getClip" => "GetClip",
+        _ => return None,
+    })
+}
+
+async fn dispatch(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let op = operation(uri.path());
+    let mut record = RequestRecord {
+        op: op.unwrap_or("Unknown").to_string(),
+        ..RequestRecord::default()
+    };
+    let refusal = match op {
+        Some(_) if method == Method::POST => sigv4::verify(
+            &shared.credentials,
+            &method,
+            &uri,
+            &headers,
+            &body,
+            shared.now_ms() / 1000,
+        )
+        .err(),
+        _ => Some(ApiError::unknown_operation()),
+    };
+    let response = match (refusal, op) {
+        (None, Some(op)) => {
+            let handled = api::handle(&shared, op, &body).await;
+            record = handled.record;
+            handled.response
+        }
+        (refusal, _) => {
+            let error = refusal.unwrap_or_else(ApiError::unknown_operation);
+            record.error = Some(error.code.to_string());
+            record.status = error.status.as_u16();
+            error.into_response()
+        }
+    };
+    tracing::debug!(
+        op = %record.op,
+        stream = ?record.stream,
+        status = record.status,
+        fragments = record.fragments,
+        truncated = record.truncated,
+        "request"
+    );
+    lock(&shared.log).push(record);
+    response
+}
+
+async fn admin_add_stream(
+    State(shared): State<Arc<Shared>>,
+    Json(spec): Json<StreamSpec>,
+) -> Response {
+    match shared.add_stream(spec) {
+        Ok(arn) => (StatusCode::CREATED, Json(serde_json::json!({ "StreamARN": arn }))).into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn admin_list_streams(State(shared): State<Arc<Shared>>) -> Response {
+    let streams = shared.lock_streams();
+    let specs: Vec<&StreamSpec> = streams.values().map(|s| &s.spec).collect();
+    Json(serde_json::to_value(specs).unwrap_or_default()).into_response()
+}
+
+async fn admin_set_faults(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    Json(faults): Json<Faults>,
+) -> Response {
+    let mut streams = shared.lock_streams();
+    match streams.get_mut(&name) {
+        Some(stream) => {
+            stream.faults = faults;
+            StatusCode::NO_CONTENT.into_response()
+        }
+        None => ApiError::stream_not_found().into_response(),
+    }
+}
+
+async fn admin_fragments(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
+    let now = shared.now_ms();
+    let mut streams = shared.lock_streams();
+    match streams.get_mut(&name) {
+        Some(stream) => {
+            stream.advance(now);
+            let all: Vec<FragmentInfo> = stream
+                .select(TimestampKind::Server, i64::MIN, i64::MAX)
+                .iter()
+                .map(FragmentInfo::from)
+                .collect();
+            Json(all).into_response()
+        }
+        None => ApiError::stream_not_found().into_response(),
+    }
+}
+
+async fn admin_requests(State(shared): State<Arc<Shared>>) -> Response {
+    Json(lock(&shared.log).clone()).into_response()
+}
+
+async fn admin_clear_requests(State(shared): State<Arc<Shared>>) -> Response {
+    lock(&shared.log).clear();
+    StatusCode::NO_CONTENT.into_response()
+}

@@ -1,0 +1,275 @@
+//! One emulated stream: its fragments (materialized as the clock passes them), retention,
+//! and the per-stream quota buckets.
+
+use crate::config::{Faults, Mode, StreamSpec};
+use crate::media::{gop, FragmentLayout};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+/// Real fragment numbers are 47 decimal digits: a per-stream prefix and an ingest counter.
+const FRAGMENT_NUMBER_DIGITS: usize = 47;
+const COUNTER_DIGITS: usize = 20;
+
+#[derive(Debug, Clone)]
+pub struct Fragment {
+    pub number: String,
+    pub server_ms: i64,
+    pub producer_ms: i64,
+    pub duration_ms: u32,
+    pub layout: Arc<FragmentLayout>,
+    /// Which codec private data the fragment carries; changes at `codec_changes_at`.
+    pub codec_generation: u32,
+}
+
+/// Which timestamp a selector compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimestampKind {
+    Server,
+    Producer,
+}
+
+impl Fragment {
+    pub fn timestamp(&self, kind: TimestampKind) -> i64 {
+        match kind {
+            TimestampKind::Server => self.server_ms,
+            TimestampKind::Producer => self.producer_ms,
+        }
+    }
+}
+
+/// A token bucket holding one second's worth of points, as KVS's per-second quotas do.
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    rate: f64,
+    tokens: f64,
+    last_ms: i64,
+}
+
+impl Bucket {
+    pub fn new(rate: f64, now_ms: i64) -> Self {
+        Bucket {
+            rate,
+            tokens: rate,
+            last_ms: now_ms,
+        }
+    }
+
+    /// Takes `cost` points if they are there; `false` means throttled.
+    pub fn try_take(&mut self, cost: f64, rate: f64, now_ms: i64) -> bool {
+        self.rate = rate;
+        let elapsed = (now_ms - self.last_ms).max(0) as f64 / 1000.0;
+        self.tokens = (self.tokens + elapsed * rate).min(rate);
+        self.last_ms = now_ms;
+        // A request costing more than a whole second's budget could never pass; KVS lets
+        // it through when the bucket is full, and so do we.
+        if self.tokens >= cost || (cost > rate && self.tokens >= rate) {
+            self.tokens -= cost;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// KVS's per-stream quota rates (quotas page, "fragment-based throttling").
+pub const MEDIA_POINTS_PER_SEC: f64 = 500.0;
+pub const METADATA_POINTS_PER_SEC: f64 = 10_000.0;
+pub const CONTROL_TPS_PER_STREAM: f64 = 5.0;
+
+pub struct StreamState {
+    pub spec: StreamSpec,
+    pub arn: String,
+    pub version: String,
+    pub created_ms: i64,
+    pub faults: Faults,
+    start_ms: i64,
+    end_ms: Option<i64>,
+    number_prefix: String,
+    next_start_ms: i64,
+    next_index: u64,
+    fragments: VecDeque<Fragment>,
+    layouts: HashMap<u32, Arc<FragmentLayout>>,
+    pub media_points: Bucket,
+    pub metadata_points: Bucket,
+    pub control_calls: Bucket,
+}
+
+impl StreamState {
+    pub fn new(spec: StreamSpec, region: &str, account: &str, now_ms: i64) -> Self {
+        let start_ms = spec
+            .start
+            .map(|t| t.timestamp_millis())
+            .unwrap_or(now_ms - spec.backlog.as_millis() as i64);
+        let end_ms = match spec.mode {
+            Mode::Historical => Some(spec.end.map_or(now_ms, |t| t.timestamp_millis())),
+            Mode::Live => None,
+        };
+        let hash = fnv1a(spec.name.as_bytes());
+        let prefix_digits = FRAGMENT_NUMBER_DIGITS - COUNTER_DIGITS;
+        // A leading 9 keeps the prefix at full length, as real fragment numbers are.
+        let number_prefix = format!("9{:0>width$}", hash % 10u64.pow(18), width = prefix_digits - 1)
+            [..prefix_digits]
+            .to_string();
+        let faults = spec.faults.clone();
+        StreamState {
+            arn: format!(
+                "arn:aws:kinesisvideo:{region}:{account}:stream/{}/{}",
+                spec.name, created_stamp(now_ms)
+            ),
+            version: format!("{:x}", hash & 0xffff_ffff),
+            created_ms: start_ms.min(now_ms),
+            faults,
+            start_ms,
+            end_ms,
+            number_prefix,
+            next_start_ms: start_ms,
+            next_index: 0,
+            fragments: VecDeque::new(),
+            layouts: HashMap::new(),
+            media_points: Bucket::new(MEDIA_POINTS_PER_SEC, now_ms),
+            metadata_points: Bucket::new(METADATA_POINTS_PER_SEC, now_ms),
+            control_calls: Bucket::new(CONTROL_TPS_PER_STREAM, now_ms),
+            spec,
+        }
+    }
+
+    pub fn retention_ms(&self) -> i64 {
+        i64::from(self.spec.data_retention_hours) * 3_600_000
+    }
+
+    /// Brings the fragment list up to `now_ms`: adds fragments that have ended, drops
+    /// those past retention.
+    pub fn advance(&mut self, now_ms: i64) {
+        let horizon = self.end_ms.map_or(now_ms, |end| end.min(now_ms));
+        loop {
+            let duration = self.spec.fragment_durations_ms
+                [(self.next_index % self.spec.fragment_durations_ms.len() as u64) as usize];
+            let mut start = self.next_start_ms;
+            for gap in &self.spec.gaps {
+                let gap_start = self.start_ms + gap.after.as_millis() as i64;
+                let gap_end = gap_start + gap.length.as_millis() as i64;
+                if start >= gap_start && start < gap_end {
+                    start = gap_end;
+                }
+            }
+            if start + i64::from(duration) > horizon {
+                self.next_start_ms = start;
+                break;
+            }
+            let layout = self.layout(duration);
+            let codec_generation = self
+                .spec
+                .codec_changes_at
+                .iter()
+                .filter(|at| **at <= self.next_index)
+                .count() as u32;
+            self.fragments.push_back(Fragment {
+                number: format!(
+                    "{}{:0width$}",
+                    self.number_prefix,
+                    self.next_index,
+                    width = COUNTER_DIGITS
+                ),
+                server_ms: start,
+                producer_ms: start - self.spec.producer_offset_ms,
+                duration_ms: duration,
+                layout,
+                codec_generation,
+            });
+            self.next_index += 1;
+            self.next_start_ms = start + i64::from(duration);
+        }
+        let oldest_kept = now_ms - self.retention_ms();
+        while self
+            .fragments
+            .front()
+            .is_some_and(|f| f.server_ms < oldest_kept)
+        {
+            self.fragments.pop_front();
+        }
+    }
+
+    fn layout(&mut self, duration_ms: u32) -> Arc<FragmentLayout> {
+        let size = self.spec.fragment_size;
+        self.layouts
+            .entry(duration_ms)
+            .or_insert_with(|| Arc::new(gop().layout(duration_ms, size, FRAGMENT_NUMBER_DIGITS)))
+            .clone()
+    }
+
+    /// Fragments whose `kind` timestamp lies in `[start_ms, end_ms]`, oldest first.
+    pub fn select(&self, kind: TimestampKind, start_ms: i64, end_ms: i64) -> Vec<Fragment> {
+        // Both timestamps grow with the ingest order here, so the deque is sorted by either.
+        let (a, b) = self.fragments.as_slices();
+        let lo = partition(a, b, |f| f.timestamp(kind) < start_ms);
+        let hi = partition(a, b, |f| f.timestamp(kind) <= end_ms);
+        self.fragments.range(lo..hi.max(lo)).cloned().collect()
+    }
+
+    pub fn oldest_server_ms(&self) -> Option<i64> {
+        self.fragments.front().map(|f| f.server_ms)
+    }
+}
+
+fn partition(a: &[Fragment], b: &[Fragment], pred: impl Fn(&Fragment) -> bool) -> usize {
+    let in_a = a.partition_point(&pred);
+    if in_a < a.len() {
+        in_a
+    } else {
+        a.len() + b.partition_point(&pred)
+    }
+}
+
+fn created_stamp(now_ms: i64) -> i64 {
+    now_ms
+}
+
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for b in bytes {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::GapSpec;
+    use std::time::Duration;
+
+    fn stream(spec: StreamSpec) -> StreamState {
+        StreamState::new(spec, "us-east-1", "123456789012", 1_800_000_000_000)
+    }
+
+    #[test]
+    fn fragment_numbers_are_47_digits_and_increase() {
+        let mut spec = StreamSpec::live("cam");
+        spec.backlog = Duration::from_secs(60);
+        let mut s = stream(spec);
+        s.advance(1_800_000_000_000);
+        let all = s.select(TimestampKind::Server, 0, i64::MAX);
+        assert_eq!(all.len(), 30);
+        assert!(all.iter().all(|f| f.number.len() == 47));
+        assert!(all.windows(2).all(|w| w[0].number < w[1].number));
+    }
+
+    #[test]
+    fn gaps_leave_no_fragments_and_retention_drops_old_ones() {
+        let mut spec = StreamSpec::live("cam");
+        spec.backlog = Duration::from_secs(3 * 3600);
+        spec.data_retention_hours = 2;
+        spec.gaps = vec![GapSpec {
+            after: Duration::from_secs(7200),
+            length: Duration::from_secs(1200),
+        }];
+        let now = 1_800_000_000_000;
+        let mut s = stream(spec);
+        s.advance(now);
+        let all = s.select(TimestampKind::Server, 0, i64::MAX);
+        assert_eq!(all[0].server_ms, now - 2 * 3_600_000);
+        // Two hours of retention minus the 20 minute gap, 2 s each.
+        assert_eq!(all.len(), (7200 - 1200) / 2);
+    }
+}
