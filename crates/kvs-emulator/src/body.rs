@@ -9,6 +9,8 @@ use tokio::time::Instant;
 
 /// Pieces a capped body is cut into, so the pacing is smooth.
 const PACED_PIECE: usize = 64 * 1024;
+/// Pause before an injected reset, long enough for hyper to flush what was sent.
+const RESET_AFTER_FLUSH: Duration = Duration::from_millis(50);
 
 struct BodyState {
     chunks: VecDeque<Bytes>,
@@ -37,6 +39,9 @@ pub fn clip_body(
         if let Some(limit) = state.reset_at {
             if state.sent >= limit {
                 state.chunks.clear();
+                // Let the bytes so far reach the client before the connection drops, as a
+                // reset in the middle of a long download does.
+                tokio::time::sleep(RESET_AFTER_FLUSH).await;
                 let error = std::io::Error::new(
                     std::io::ErrorKind::ConnectionReset,
                     "kvs-emulator: injected connection reset",

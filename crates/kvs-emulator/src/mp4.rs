@@ -166,7 +166,8 @@ fn write_header(gop: &Gop, fragments: &[FragmentLayout], data_start: u64) -> Byt
     w.begin_full(b"co64", 0, 0);
     w.buf.put_u32(fragments.len() as u32);
     let mdat_header = mdat_header_len(media_bytes);
-    let mut offset = data_start + mdat_header;
+    // `data_start` is the length of everything before the media, the mdat header included.
+    let mut offset = data_start;
     for f in fragments {
         w.buf.put_u64(offset);
         offset += f.media_bytes();
