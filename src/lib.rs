@@ -1,0 +1,34 @@
+//! kvs-archiver: keeps every second of Kinesis Video Streams media as playable MP4 files
+//! in S3 (or a directory), exactly once, surviving crashes.
+//!
+//! # Layout and data flow
+//! - [`config`]: typed configuration (defaults → TOML → `KVS_ARCHIVER_*` environment),
+//!   validated before anything starts.
+//! - [`domain`]: fragments, planned chunks, object keys; pure.
+//! - [`plan`]: the planner; sorted fragments in, chunks within GetClip's caps out; pure.
+//! - [`source::kvs`]: the KVS adapter (DescribeStream, GetDataEndpoint, ListFragments,
+//!   GetClip); the only module that knows the KVS SDK.
+//! - [`sink`]: S3 ([`sink::s3`], multipart, checksummed) or a directory ([`sink::dir`]).
+//! - [`store`]: the SQLite ledger of chunks and their states; the only module with SQL.
+//! - [`mp4`]: reads a clip's header to tell whether GetClip cut it short.
+//! - [`worker`]: plans a range into the ledger, then fetches and stores each chunk.
+//! - [`retry`]: the one classification of errors (permanent, transient, throttled) and
+//!   the backoff policy; [`error`]: the error type.
+//! - [`app`]: the composition root behind each command; [`telemetry`]: logs, progress.
+//!
+//! `backfill`: ListFragments (window by window) → [`plan::Packer`] → ledger rows
+//! (`planned`) → per chunk: claim → GetClip → header check → sink upload → `done`.
+
+pub mod app;
+pub mod config;
+pub mod demo;
+pub mod domain;
+pub mod error;
+pub mod mp4;
+pub mod plan;
+pub mod retry;
+pub mod sink;
+pub mod source;
+pub mod store;
+pub mod telemetry;
+pub mod worker;

@@ -1,1 +1,193 @@
-fn main() {}
+//! The command line: parse, hand over to the library, map the outcome to an exit code
+//! (0: done; 1: the run finished with failures; 2: bad input or configuration).
+
+use clap::{Parser, Subcommand};
+use kvs_archiver::app;
+use kvs_archiver::config::Config;
+use kvs_archiver::error::Error;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(version, about = "Archives Kinesis Video Streams media to S3 as playable MP4 files")]
+struct Cli {
+    /// Configuration file (TOML); KVS_ARCHIVER_* environment variables override it.
+    #[arg(long, global = true, env = "KVS_ARCHIVER_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Archive every fragment of a stream whose start lies in [start, end]; resumable.
+    Backfill {
+        #[arg(long)]
+        stream: String,
+        /// RFC 3339, e.g. 2026-11-20T00:00:00Z
+        #[arg(long)]
+        start: String,
+        #[arg(long)]
+        end: String,
+    },
+    /// Print the chunks a backfill would fetch, without calling GetClip or S3.
+    Plan {
+        #[arg(long)]
+        stream: String,
+        #[arg(long)]
+        start: String,
+        #[arg(long)]
+        end: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per stream: what is archived, pending and failed (with the last error).
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the configuration and print it.
+    CheckConfig,
+    /// Archive ten minutes of a bundled emulated camera into ./demo-output.
+    Demo {
+        #[arg(long, default_value = "demo-output")]
+        output: PathBuf,
+    },
+}
+
+fn exit_for(error: &Error) -> ExitCode {
+    match error {
+        Error::Config(_) | Error::Usage(_) => ExitCode::from(2),
+        _ => ExitCode::from(1),
+    }
+}
+
+fn cancel_on_signal() -> CancellationToken {
+    let cancel = CancellationToken::new();
+    let token = cancel.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::warn!("stopping: finishing nothing new; a second signal exits at once");
+        token.cancel();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        std::process::exit(130);
+    });
+    cancel
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    kvs_archiver::telemetry::init_logging();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("kvs-archiver: {error}");
+            exit_for(&error)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, Error> {
+    let cancel = cancel_on_signal();
+    if let Command::Demo { output } = &cli.command {
+        std::fs::create_dir_all(output)
+            .map_err(|e| Error::Usage(format!("demo: cannot create {}: {e}", output.display())))?;
+        app_demo(output, &cancel).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::CheckConfig => {
+            println!("# configuration is valid");
+            print!("{}", config.to_redacted_toml());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => {
+            let ledger = kvs_archiver::store::Ledger::open(&config.state.database_url).await?;
+            let status = ledger.status().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
+            } else if status.is_empty() {
+                println!("nothing archived yet");
+            } else {
+                for s in status {
+                    println!(
+                        "{}: {} chunks archived ({} fragments, {:.1} MB) through {}, {} pending, {} in flight, {} failed, {} expired",
+                        s.stream,
+                        s.done,
+                        s.archived_fragments,
+                        s.archived_bytes as f64 / 1e6,
+                        s.archived_through_ms.map(kvs_archiver::domain::rfc3339).unwrap_or_else(|| "-".into()),
+                        s.pending,
+                        s.in_flight,
+                        s.failed,
+                        s.expired
+                    );
+                    if let Some(error) = s.last_error {
+                        println!("  last error: {error}");
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan { stream, start, end, json } => {
+            let (start, end) = (app::parse_time(&start, "--start")?, app::parse_time(&end, "--end")?);
+            let sdk = app::sdk_config(&config.aws).await;
+            let archiver = app::build(config, &sdk).await?;
+            let plan = app::plan(&archiver, &stream, start, end).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan).unwrap_or_default());
+            } else {
+                for c in &plan.chunks {
+                    println!(
+                        "{} .. {}  {:>3} fragments  {:>10} bytes  {:>7.1} s",
+                        kvs_archiver::domain::rfc3339(c.start_ms),
+                        kvs_archiver::domain::rfc3339(c.end_ms),
+                        c.fragment_count,
+                        c.bytes,
+                        c.duration_ms as f64 / 1000.0
+                    );
+                }
+                println!(
+                    "{} chunks, {} fragments listed, {} already archived",
+                    plan.chunks.len(),
+                    plan.fragments,
+                    plan.already_covered
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backfill { stream, start, end } => {
+            let (start, end) = (app::parse_time(&start, "--start")?, app::parse_time(&end, "--end")?);
+            let sdk = app::sdk_config(&config.aws).await;
+            let archiver = app::build(config, &sdk).await?;
+            let summary = app::backfill(&archiver, &stream, start, end, &cancel).await?;
+            let text = app::describe_run(&summary);
+            archiver.ledger.close().await;
+            if summary.complete() {
+                eprintln!("backfill {stream}: complete: {text}");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("backfill {stream}: incomplete: {text}\nrun the same command again to retry what failed");
+                Ok(ExitCode::from(1))
+            }
+        }
+        Command::Demo { .. } => Ok(ExitCode::SUCCESS),
+    }
+}
+
+async fn app_demo(output: &std::path::Path, cancel: &CancellationToken) -> Result<(), Error> {
+    kvs_archiver::demo::run(output, cancel).await.map(|_| ())
+}

@@ -1,0 +1,445 @@
+//! Configuration: built-in defaults, then the TOML file, then `KVS_ARCHIVER_*` environment
+//! variables (`__` between levels), then [`Config::validate`], which names the offending
+//! field. Credentials never live here: the AWS default credential chain provides them.
+
+use crate::domain::TimestampSource;
+use crate::plan::ChunkLimits;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// GetClip's hard caps (KVS quotas page).
+pub const GET_CLIP_MAX_FRAGMENTS: u32 = 200;
+pub const GET_CLIP_MAX_BYTES: u64 = 100_000_000;
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub aws: AwsConfig,
+    #[serde(default)]
+    pub state: StateConfig,
+    #[serde(default)]
+    pub destination: DestinationConfig,
+    #[serde(default)]
+    pub archive: ArchiveConfig,
+    #[serde(default)]
+    pub streams: Vec<StreamConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsConfig {
+    /// Region of the streams and of the bucket's signing.
+    pub region: String,
+    /// Control-plane endpoint (GetDataEndpoint, DescribeStream); default: AWS's.
+    pub kinesis_video_endpoint_url: Option<String>,
+    /// Any S3-compatible store; default: AWS S3.
+    pub s3_endpoint_url: Option<String>,
+    /// Path-style bucket addressing, which most S3-compatible stores need.
+    pub s3_force_path_style: bool,
+    /// Longest wait to open a connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest silence on a response (first byte or between bytes) before it is retried.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+}
+
+impl Default for AwsConfig {
+    fn default() -> Self {
+        AwsConfig {
+            region: "us-east-1".to_string(),
+            kinesis_video_endpoint_url: None,
+            s3_endpoint_url: None,
+            s3_force_path_style: false,
+            connect_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// The SQLite ledger of progress (`sqlite://PATH`); created if missing.
+    pub database_url: String,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            database_url: "sqlite:///var/lib/kvs-archiver/state.db".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DestinationConfig {
+    /// S3 bucket the MP4 files go to.
+    pub bucket: Option<String>,
+    /// Key prefix inside the bucket or directory.
+    pub prefix: String,
+    /// A local directory instead of a bucket.
+    pub directory: Option<PathBuf>,
+    /// Multipart part size in bytes (S3: at least 5 MiB). A clip in flight holds about two
+    /// parts in memory.
+    pub part_size: u64,
+}
+
+impl Default for DestinationConfig {
+    fn default() -> Self {
+        DestinationConfig {
+            bucket: None,
+            prefix: "kvs/".to_string(),
+            directory: None,
+            part_size: 8 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveConfig {
+    /// Objects are cut on multiples of this since the epoch (UTC); caps may split further.
+    /// Under 24 h.
+    #[serde(with = "humantime_serde", alias = "max_clip_duration")]
+    pub clip_duration: Duration,
+    /// Fragments per clip; GetClip returns at most 200.
+    pub max_fragments_per_clip: u32,
+    /// Sum of listed fragment sizes per clip; GetClip returns at most 100 MB, and MP4
+    /// packaging differs from the listed sizes, so the default keeps 10 % headroom.
+    pub max_bytes_per_clip: u64,
+    /// Clips fetched and uploaded at once.
+    pub concurrency: usize,
+    /// Length of the ListFragments windows planning walks through; bounds its memory.
+    #[serde(with = "humantime_serde")]
+    pub plan_window: Duration,
+    /// Attempts per chunk before it is recorded as failed.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt, with jitter, up to `retry_max_delay`.
+    #[serde(with = "humantime_serde")]
+    pub retry_base_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max_delay: Duration,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        ArchiveConfig {
+            clip_duration: Duration::from_secs(600),
+            max_fragments_per_clip: 190,
+            max_bytes_per_clip: 90_000_000,
+            concurrency: 4,
+            plan_window: Duration::from_secs(3600),
+            max_attempts: 8,
+            retry_base_delay: Duration::from_millis(250),
+            retry_max_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ArchiveConfig {
+    pub fn limits(&self) -> ChunkLimits {
+        ChunkLimits {
+            max_fragments: self.max_fragments_per_clip,
+            max_bytes: self.max_bytes_per_clip,
+            clip_duration_ms: self.clip_duration.as_millis() as u64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    /// Stream name; or give `arn`.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub arn: Option<String>,
+    /// Which timestamp selects fragments: "server" (default) or "producer".
+    #[serde(default)]
+    pub timestamp_source: TimestampSource,
+}
+
+impl StreamConfig {
+    /// The name used in keys, logs and the ledger: the name, or the ARN's name part.
+    pub fn label(&self) -> String {
+        match (&self.name, &self.arn) {
+            (Some(name), _) => name.clone(),
+            (None, Some(arn)) => arn_stream_name(arn).unwrap_or(arn).to_string(),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+/// `arn:aws:kinesisvideo:REGION:ACCOUNT:stream/NAME/CREATION` → `NAME`.
+pub fn arn_stream_name(arn: &str) -> Option<&str> {
+    let resource = arn.splitn(6, ':').nth(5)?;
+    let mut parts = resource.split('/');
+    (parts.next()? == "stream").then_some(())?;
+    parts.next().filter(|n| !n.is_empty())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {path}: {message}")]
+    Load { path: String, message: String },
+    #[error("config: {field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            aws: AwsConfig::default(),
+            state: StateConfig::default(),
+            destination: DestinationConfig::default(),
+            archive: ArchiveConfig::default(),
+            streams: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then `path` (if given), then the environment; validated.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        let source = match path {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(ConfigError::Load {
+                        path: path.display().to_string(),
+                        message: "file not found (give --config PATH or KVS_ARCHIVER_CONFIG)"
+                            .into(),
+                    });
+                }
+                figment = figment.merge(Toml::file(path));
+                path.display().to_string()
+            }
+            None => "defaults".to_string(),
+        };
+        figment = figment.merge(
+            Env::prefixed("KVS_ARCHIVER_")
+                .ignore(&["config", "log"])
+                .split("__"),
+        );
+        let config: Config = figment.extract().map_err(|e| ConfigError::Load {
+            path: source,
+            message: describe_figment_error(e),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value before anything starts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.aws.region.trim().is_empty() {
+            return Err(invalid("aws.region", "must not be empty"));
+        }
+        for (field, url) in [
+            ("aws.kinesis_video_endpoint_url", &self.aws.kinesis_video_endpoint_url),
+            ("aws.s3_endpoint_url", &self.aws.s3_endpoint_url),
+        ] {
+            if let Some(url) = url {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(invalid(field, format!("must be an http:// or https:// URL (got {url:?})")));
+                }
+            }
+        }
+        if !self.state.database_url.starts_with("sqlite:") {
+            return Err(invalid(
+                "state.database_url",
+                format!("must be a sqlite: URL such as sqlite:///var/lib/kvs-archiver/state.db (got {:?})", self.state.database_url),
+            ));
+        }
+        match (&self.destination.bucket, &self.destination.directory) {
+            (Some(_), Some(_)) => {
+                return Err(invalid("destination", "set either bucket or directory, not both"))
+            }
+            (None, None) => {
+                return Err(invalid("destination", "set bucket (S3) or directory (local files)"))
+            }
+            (Some(bucket), None) if bucket.len() < 3 || bucket.len() > 63 => {
+                return Err(invalid("destination.bucket", format!("must be 3-63 characters (got {bucket:?})")))
+            }
+            _ => {}
+        }
+        if self.destination.part_size < 5 * 1024 * 1024 {
+            return Err(invalid(
+                "destination.part_size",
+                format!("must be at least 5 MiB, S3's minimum part size (got {})", self.destination.part_size),
+            ));
+        }
+        let a = &self.archive;
+        if a.clip_duration < Duration::from_secs(1) || a.clip_duration >= DAY {
+            return Err(invalid(
+                "archive.clip_duration",
+                format!("must be at least 1s and under 24h, GetClip's range limit (got {})", humantime::format_duration(a.clip_duration)),
+            ));
+        }
+        if a.max_fragments_per_clip == 0 || a.max_fragments_per_clip > GET_CLIP_MAX_FRAGMENTS {
+            return Err(invalid(
+                "archive.max_fragments_per_clip",
+                format!("must be 1-{GET_CLIP_MAX_FRAGMENTS}, GetClip's cap (got {})", a.max_fragments_per_clip),
+            ));
+        }
+        if a.max_bytes_per_clip == 0 || a.max_bytes_per_clip > GET_CLIP_MAX_BYTES {
+            return Err(invalid(
+                "archive.max_bytes_per_clip",
+                format!("must be 1-{GET_CLIP_MAX_BYTES}, GetClip's cap (got {})", a.max_bytes_per_clip),
+            ));
+        }
+        if a.concurrency == 0 || a.concurrency > 64 {
+            return Err(invalid("archive.concurrency", format!("must be 1-64 (got {})", a.concurrency)));
+        }
+        if a.plan_window < Duration::from_secs(60) {
+            return Err(invalid("archive.plan_window", "must be at least 1m"));
+        }
+        if a.max_attempts == 0 {
+            return Err(invalid("archive.max_attempts", "must be at least 1"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, s) in self.streams.iter().enumerate() {
+            match (&s.name, &s.arn) {
+                (None, None) => return Err(invalid(format!("streams[{i}]"), "set name or arn")),
+                (Some(name), _) if !valid_stream_name(name) => {
+                    return Err(invalid(
+                        format!("streams[{i}].name"),
+                        format!("must be 1-256 characters of [a-zA-Z0-9_.-] (got {name:?})"),
+                    ))
+                }
+                (_, Some(arn)) if arn_stream_name(arn).is_none() => {
+                    return Err(invalid(
+                        format!("streams[{i}].arn"),
+                        format!("must look like arn:aws:kinesisvideo:REGION:ACCOUNT:stream/NAME/ID (got {arn:?})"),
+                    ))
+                }
+                _ => {}
+            }
+            if !seen.insert(s.label()) {
+                return Err(invalid(format!("streams[{i}]"), format!("stream {} is listed twice", s.label())));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn stream(&self, label: &str) -> Option<&StreamConfig> {
+        self.streams.iter().find(|s| s.label() == label)
+    }
+
+    /// The configuration as TOML, for `check-config`. It holds no secrets by design;
+    /// URLs are shown without any user-info part.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        for url in [
+            &mut shown.aws.kinesis_video_endpoint_url,
+            &mut shown.aws.s3_endpoint_url,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *url = redact_userinfo(url);
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+fn redact_userinfo(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://REDACTED@{}", &url[..scheme_end], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn valid_stream_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+fn describe_figment_error(error: figment::Error) -> String {
+    error
+        .into_iter()
+        .map(|e| {
+            let path = e.path.join(".");
+            if path.is_empty() {
+                e.kind.to_string()
+            } else {
+                format!("{path}: {}", e.kind)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    #[test]
+    fn a_malformed_value_names_its_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(
+            &dir,
+            "[destination]\ndirectory = \"/tmp/x\"\n[archive]\nclip_duration = \"ten minutes\"\n",
+        );
+        let err = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("archive.clip_duration"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(&dir, "[destination]\ndirectory = \"/tmp/x\"\nbukket = \"b\"\n");
+        let err = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("bukket"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_stream_and_the_cap() {
+        let mut config = Config::default();
+        config.destination.directory = Some("/tmp/x".into());
+        config.archive.clip_duration = Duration::from_secs(30 * 3600);
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("archive.clip_duration") && err.contains("30h"), "{err}");
+        config.archive.clip_duration = Duration::from_secs(600);
+        config.streams.push(StreamConfig {
+            name: Some("bad name".into()),
+            arn: None,
+            timestamp_source: TimestampSource::Server,
+        });
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("streams[0].name"), "{err}");
+    }
+
+    #[test]
+    fn arn_names_are_parsed() {
+        assert_eq!(
+            arn_stream_name("arn:aws:kinesisvideo:us-east-1:123456789012:stream/cam-1/1700000000000"),
+            Some("cam-1")
+        );
+        assert_eq!(arn_stream_name("arn:aws:s3:::bucket"), None);
+    }
+}

@@ -1,0 +1,162 @@
+//! Domain types shared by every module: fragments, planned chunks, time ranges and object
+//! keys. Pure: no I/O, no clocks.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use std::cmp::Ordering;
+use std::fmt;
+
+/// Milliseconds since the Unix epoch: KVS timestamps have millisecond precision.
+pub type EpochMs = i64;
+
+/// Which fragment timestamp selects and orders fragments (KVS `FragmentSelectorType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TimestampSource {
+    /// The time KVS received the fragment: monotonic, never in the future.
+    #[default]
+    Server,
+    /// The camera's clock.
+    Producer,
+}
+
+impl TimestampSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimestampSource::Server => "server",
+            TimestampSource::Producer => "producer",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "server" => Some(TimestampSource::Server),
+            "producer" => Some(TimestampSource::Producer),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for TimestampSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One fragment as ListFragments describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fragment {
+    /// Decimal string of up to 128 digits (real ones have 47): larger than any integer type.
+    pub number: String,
+    /// Start timestamp of the stream's timestamp source.
+    pub start_ms: EpochMs,
+    pub duration_ms: u64,
+    pub size_bytes: u64,
+}
+
+/// Orders fragment numbers numerically: by length, then by digits.
+pub fn cmp_fragment_numbers(a: &str, b: &str) -> Ordering {
+    let a = a.trim_start_matches('0');
+    let b = b.trim_start_matches('0');
+    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
+}
+
+impl Fragment {
+    /// Fragments sort by start timestamp, then by fragment number (ingestion order).
+    pub fn order(&self, other: &Fragment) -> Ordering {
+        self.start_ms
+            .cmp(&other.start_ms)
+            .then_with(|| cmp_fragment_numbers(&self.number, &other.number))
+    }
+}
+
+/// A run of consecutive fragments fetched with one GetClip: the unit of work and of the
+/// ledger. GetClip selects fragments whose start lies in `[start_ms, end_ms]`, both
+/// inclusive, so chunks that do not overlap never share a fragment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChunkPlan {
+    /// Start of the first fragment.
+    pub start_ms: EpochMs,
+    /// Start of the last fragment.
+    pub end_ms: EpochMs,
+    pub fragment_count: u32,
+    /// Sum of the fragments' `FragmentSizeInBytes`.
+    pub bytes: u64,
+    /// Sum of the fragments' durations: what the clip should play for.
+    pub duration_ms: u64,
+    pub first_fragment: String,
+    pub last_fragment: String,
+}
+
+impl ChunkPlan {
+    /// GetClip's range. It must end after it starts, so a chunk of one timestamp asks for
+    /// one millisecond more; fragments are at least a second apart (KVS's minimum
+    /// fragment duration), so that millisecond holds no other fragment.
+    pub fn clip_range(&self) -> (EpochMs, EpochMs) {
+        (self.start_ms, self.end_ms.max(self.start_ms + 1))
+    }
+}
+
+/// Formats epoch milliseconds as RFC 3339 with milliseconds, in UTC.
+pub fn rfc3339(ms: EpochMs) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
+        .unwrap_or_else(|| format!("{ms}ms"))
+}
+
+fn compact_time(ms: EpochMs) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y%m%dT%H%M%S%.3fZ").to_string())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// The object key of a chunk: derived from the stream and the chunk's fragment range only,
+/// so a re-upload after a crash lands on the same key, and `backfill` and `run` agree.
+///
+/// `{prefix}{stream}/{YYYY}/{MM}/{DD}/{stream}_{start}_{end}.mp4`, times in UTC; the date
+/// is the first fragment's.
+pub fn object_key(prefix: &str, stream: &str, chunk: &ChunkPlan) -> String {
+    let date = DateTime::<Utc>::from_timestamp_millis(chunk.start_ms)
+        .map(|t| t.format("%Y/%m/%d").to_string())
+        .unwrap_or_else(|| "invalid-date".to_string());
+    format!(
+        "{prefix}{stream}/{date}/{stream}_{}_{}.mp4",
+        compact_time(chunk.start_ms),
+        compact_time(chunk.end_ms)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fragment_numbers_compare_numerically() {
+        assert_eq!(cmp_fragment_numbers("9", "10"), Ordering::Less);
+        assert_eq!(
+            cmp_fragment_numbers(
+                "91343852336970796563495554524102405879022788815",
+                "91343852336970796563495554524102405879022788816"
+            ),
+            Ordering::Less
+        );
+        assert_eq!(cmp_fragment_numbers("007", "7"), Ordering::Equal);
+    }
+
+    #[test]
+    fn object_keys_name_stream_date_and_range() {
+        let chunk = ChunkPlan {
+            start_ms: 1_795_564_800_000,
+            end_ms: 1_795_565_398_000,
+            fragment_count: 300,
+            bytes: 1,
+            duration_ms: 600_000,
+            first_fragment: "1".into(),
+            last_fragment: "2".into(),
+        };
+        assert_eq!(
+            object_key("kvs/", "cam", &chunk),
+            "kvs/cam/2026/11/25/cam_20261125T000000.000Z_20261125T000958.000Z.mp4"
+        );
+    }
+}

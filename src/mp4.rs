@@ -1,0 +1,204 @@
+//! Reads the header of a progressive MP4 (as GetClip returns it) to tell whether a clip is
+//! whole: how long it plays, how many video samples it has, and how many bytes the file
+//! must have. `moov` comes before `mdat` in such files, so the check happens before any
+//! byte is uploaded.
+
+/// What the header says about the clip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClipHeader {
+    /// Movie duration in milliseconds (`mvhd`).
+    pub duration_ms: u64,
+    /// Samples of the first video track (`stsz` of the `vide` track).
+    pub video_samples: u64,
+    /// Bytes the whole file must have: up to the end of `mdat`.
+    pub total_len: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Mp4Error {
+    #[error("not an MP4: {0}")]
+    Malformed(String),
+    #[error("moov does not precede mdat: not a progressive MP4")]
+    NotProgressive,
+}
+
+/// Parses `prefix`, the first bytes of a clip. `Ok(None)`: more bytes are needed.
+pub fn parse_header(prefix: &[u8]) -> Result<Option<ClipHeader>, Mp4Error> {
+    let mut pos = 0usize;
+    let mut moov: Option<(u64, u64)> = None;
+    while let Some((kind, header_len, size)) = box_at(prefix, pos)? {
+        match &kind {
+            b"moov" => {
+                let end = pos + size as usize;
+                if end > prefix.len() {
+                    return Ok(None);
+                }
+                moov = Some(parse_moov(&prefix[pos + header_len..end])?);
+            }
+            b"mdat" => {
+                let Some((duration_ms, video_samples)) = moov else {
+                    return Err(Mp4Error::NotProgressive);
+                };
+                return Ok(Some(ClipHeader {
+                    duration_ms,
+                    video_samples,
+                    total_len: pos as u64 + size,
+                }));
+            }
+            _ => {}
+        }
+        pos += size as usize;
+        if pos > prefix.len() {
+            return Ok(None);
+        }
+    }
+    Ok(None)
+}
+
+/// The box at `pos`: (type, header length, size). `None` if its header is not all there.
+fn box_at(data: &[u8], pos: usize) -> Result<Option<([u8; 4], usize, u64)>, Mp4Error> {
+    if pos + 8 > data.len() {
+        return Ok(None);
+    }
+    let size32 = u32::from_be_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]);
+    let kind = [data[pos + 4], data[pos + 5], data[pos + 6], data[pos + 7]];
+    if !kind.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+        return Err(Mp4Error::Malformed(format!("box type {kind:?} at byte {pos}")));
+    }
+    let (header_len, size) = match size32 {
+        1 => {
+            if pos + 16 > data.len() {
+                return Ok(None);
+            }
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&data[pos + 8..pos + 16]);
+            (16, u64::from_be_bytes(b))
+        }
+        0 => return Err(Mp4Error::Malformed("box extends to end of file".into())),
+        n => (8, u64::from(n)),
+    };
+    if size < header_len as u64 {
+        return Err(Mp4Error::Malformed(format!("box size {size} at byte {pos}")));
+    }
+    Ok(Some((kind, header_len, size)))
+}
+
+fn children(data: &[u8]) -> Result<Vec<([u8; 4], &[u8])>, Mp4Error> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < data.len() {
+        let Some((kind, header_len, size)) = box_at(data, pos)? else {
+            return Err(Mp4Error::Malformed("truncated box inside moov".into()));
+        };
+        let end = pos
+            .checked_add(size as usize)
+            .filter(|e| *e <= data.len())
+            .ok_or_else(|| Mp4Error::Malformed("box overruns its parent".into()))?;
+        out.push((kind, &data[pos + header_len..end]));
+        pos = end;
+    }
+    Ok(out)
+}
+
+fn be_u32(data: &[u8], at: usize) -> Result<u32, Mp4Error> {
+    data.get(at..at + 4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        .ok_or_else(|| Mp4Error::Malformed("short box".into()))
+}
+
+fn be_u64(data: &[u8], at: usize) -> Result<u64, Mp4Error> {
+    Ok((u64::from(be_u32(data, at)?) << 32) | u64::from(be_u32(data, at + 4)?))
+}
+
+fn parse_moov(moov: &[u8]) -> Result<(u64, u64), Mp4Error> {
+    let mut duration_ms = None;
+    let mut video_samples = None;
+    for (kind, body) in children(moov)? {
+        match &kind {
+            b"mvhd" => {
+                let (timescale, duration) = if body.first() == Some(&1) {
+                    (be_u32(body, 20)?, be_u64(body, 24)?)
+                } else {
+                    (be_u32(body, 12)?, u64::from(be_u32(body, 16)?))
+                };
+                if timescale == 0 {
+                    return Err(Mp4Error::Malformed("mvhd timescale is 0".into()));
+                }
+                duration_ms = Some(duration.saturating_mul(1000) / u64::from(timescale));
+            }
+            b"trak" if video_samples.is_none() => video_samples = video_track_samples(body)?,
+            _ => {}
+        }
+    }
+    match (duration_ms, video_samples) {
+        (Some(d), Some(s)) => Ok((d, s)),
+        (None, _) => Err(Mp4Error::Malformed("no mvhd".into())),
+        (_, None) => Err(Mp4Error::Malformed("no video track".into())),
+    }
+}
+
+fn video_track_samples(trak: &[u8]) -> Result<Option<u64>, Mp4Error> {
+    let Some((_, mdia)) = children(trak)?.into_iter().find(|(k, _)| k == b"mdia") else {
+        return Ok(None);
+    };
+    let mdia = children(mdia)?;
+    let is_video = mdia
+        .iter()
+        .any(|(k, body)| k == b"hdlr" && body.get(8..12) == Some(b"vide"));
+    if !is_video {
+        return Ok(None);
+    }
+    let Some((_, minf)) = mdia.iter().find(|(k, _)| k == b"minf") else {
+        return Ok(None);
+    };
+    let Some((_, stbl)) = children(minf)?.into_iter().find(|(k, _)| k == b"stbl") else {
+        return Ok(None);
+    };
+    for (kind, body) in children(stbl)? {
+        match &kind {
+            b"stsz" => return Ok(Some(u64::from(be_u32(body, 8)?))),
+            b"stz2" => return Ok(Some(u64::from(be_u32(body, 8)?))),
+            _ => {}
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clip() -> Vec<u8> {
+        let end = chrono::Utc::now() - chrono::Duration::seconds(60);
+        let mut spec = kvs_emulator::StreamSpec::historical(
+            "cam",
+            end - chrono::Duration::seconds(10),
+            end,
+        );
+        spec.fragment_durations_ms = vec![2000];
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let emu = kvs_emulator::Emulator::start(kvs_emulator::EmulatorConfig {
+                streams: vec![spec],
+                ..Default::default()
+            })
+            .await
+            .expect("emulator");
+            emu.clip_bytes("cam", 0, i64::MAX).concat()
+        })
+    }
+
+    #[test]
+    fn reads_duration_samples_and_length_of_a_clip() {
+        let bytes = clip();
+        let header = parse_header(&bytes).expect("valid").expect("complete");
+        assert_eq!(header.duration_ms, 10_000);
+        assert_eq!(header.video_samples, 100);
+        assert_eq!(header.total_len, bytes.len() as u64);
+        assert_eq!(parse_header(&bytes[..100]), Ok(None), "needs more bytes");
+        assert!(parse_header(b"<html>not found</html>").is_err());
+    }
+}

@@ -1,0 +1,115 @@
+//! The one place retry decisions are made: every error says whether a retry can help
+//! ([`Retryability`]), and [`RetryPolicy`] says how long to wait before the next attempt.
+
+use rand::Rng;
+use std::time::Duration;
+
+/// Whether repeating an operation can succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retryability {
+    /// Repeating cannot help: bad input, missing permission, media KVS cannot package.
+    Permanent,
+    /// Network failure, 5xx, a body cut off, a timeout: try again after a pause.
+    Transient,
+    /// A quota was hit (KVS `ClientLimitExceededException`, S3 `SlowDown`): back off
+    /// longer. The AWS SDK does not retry KVS throttling by itself.
+    Throttled,
+}
+
+impl Retryability {
+    pub fn can_retry(self) -> bool {
+        !matches!(self, Retryability::Permanent)
+    }
+}
+
+/// Capped exponential backoff with full jitter.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+/// Throttling waits start this many times longer: quotas refill per second.
+const THROTTLE_FACTOR: u32 = 4;
+
+impl RetryPolicy {
+    /// The pause before attempt `attempt + 1`, after `attempt` failed attempts (≥ 1).
+    pub fn delay(&self, attempt: u32, retryability: Retryability) -> Duration {
+        let base = match retryability {
+            Retryability::Throttled => self.base_delay * THROTTLE_FACTOR,
+            _ => self.base_delay,
+        };
+        let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+        let ceiling = exp.min(self.max_delay);
+        // Full jitter spreads retries of many clips that failed together.
+        let millis = ceiling.as_millis() as u64;
+        let low = millis / 2;
+        Duration::from_millis(rand::thread_rng().gen_range(low..=millis.max(low)))
+    }
+
+    /// Whether another attempt is allowed after `attempt` failures.
+    pub fn allows(&self, attempt: u32, retryability: Retryability) -> bool {
+        retryability.can_retry() && attempt < self.max_attempts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: RetryPolicy = RetryPolicy {
+        max_attempts: 5,
+        base_delay: Duration::from_millis(100),
+        max_delay: Duration::from_secs(2),
+    };
+
+    #[test]
+    fn delays_grow_and_are_capped() {
+        for _ in 0..50 {
+            let first = POLICY.delay(1, Retryability::Transient);
+            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+            let late = POLICY.delay(12, Retryability::Transient);
+            assert!(late <= Duration::from_secs(2) && late >= Duration::from_secs(1));
+            let throttled = POLICY.delay(1, Retryability::Throttled);
+            assert!(throttled >= Duration::from_millis(200));
+        }
+    }
+
+    #[test]
+    fn permanent_errors_are_never_retried() {
+        assert!(!POLICY.allows(1, Retryability::Permanent));
+        assert!(POLICY.allows(4, Retryability::Throttled));
+        assert!(!POLICY.allows(5, Retryability::Transient));
+    }
+}
+
+/// Runs `op` until it succeeds, fails permanently, or the policy gives up; waits between
+/// attempts as the policy says. `what` names the operation in logs.
+pub async fn with_retry<T, F, Fut>(policy: &RetryPolicy, what: &str, mut op: F) -> crate::error::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = crate::error::Result<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match op().await {
+            Ok(value) => {
+                if attempt > 1 {
+                    tracing::info!(what, attempt, "recovered after {} failed attempts", attempt - 1);
+                }
+                return Ok(value);
+            }
+            Err(error) => {
+                let retry = error.retryability();
+                if !policy.allows(attempt, retry) {
+                    return Err(error);
+                }
+                let delay = policy.delay(attempt, retry);
+                tracing::warn!(what, attempt, ?retry, delay_ms = delay.as_millis() as u64, %error, "retrying");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}

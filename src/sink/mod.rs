@@ -1,0 +1,101 @@
+//! Where clips go: an S3 bucket ([`s3`]) or a local directory ([`dir`]), behind one narrow
+//! interface. An upload receives the clip's bytes in order and either finishes (the
+//! object exists, whole) or is aborted (nothing is left behind).
+
+pub mod dir;
+pub mod s3;
+
+use crate::error::Result;
+use bytes::Bytes;
+
+/// Object metadata: what a user needs to find a clip without the ledger.
+#[derive(Debug, Clone)]
+pub struct ObjectMeta {
+    pub pairs: Vec<(&'static str, String)>,
+}
+
+pub enum Sink {
+    S3(s3::S3Sink),
+    Dir(dir::DirSink),
+}
+
+pub enum Upload {
+    S3(s3::S3Upload),
+    Dir(dir::DirUpload),
+}
+
+impl Sink {
+    /// Checks the destination exists and is writable, with a clear error if not.
+    pub async fn check(&self) -> Result<()> {
+        match self {
+            Sink::S3(s) => s.check().await,
+            Sink::Dir(d) => d.check().await,
+        }
+    }
+
+    /// Starts an upload to `key`. Nothing is visible at `key` until [`Upload::finish`].
+    pub async fn begin(&self, key: &str, meta: ObjectMeta) -> Result<Upload> {
+        match self {
+            Sink::S3(s) => Ok(Upload::S3(s.begin(key, meta))),
+            Sink::Dir(d) => Ok(Upload::Dir(d.begin(key, meta).await?)),
+        }
+    }
+
+    /// Aborts an upload a previous process left behind (`upload_id` from the ledger).
+    pub async fn abort_abandoned(&self, key: &str, upload_id: &str) -> Result<()> {
+        match self {
+            Sink::S3(s) => s.abort_upload(key, upload_id).await,
+            Sink::Dir(_) => Ok(()),
+        }
+    }
+
+    /// Aborts multipart uploads under `prefix` that no ledger row names (a crash between
+    /// creating an upload and recording it). Best effort: some stores cannot list them.
+    pub async fn sweep_orphans(&self, prefix: &str, known: &[String]) -> usize {
+        match self {
+            Sink::S3(s) => s.sweep_orphans(prefix, known).await,
+            Sink::Dir(d) => d.sweep_orphans(prefix),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Sink::S3(s) => s.describe(),
+            Sink::Dir(d) => d.describe(),
+        }
+    }
+}
+
+impl Upload {
+    /// Appends bytes. May upload a part and wait for the previous one (bounded memory).
+    pub async fn write(&mut self, bytes: Bytes) -> Result<()> {
+        match self {
+            Upload::S3(u) => u.write(bytes).await,
+            Upload::Dir(u) => u.write(bytes).await,
+        }
+    }
+
+    /// The multipart upload id once one exists: the ledger records it.
+    pub fn upload_id(&self) -> Option<&str> {
+        match self {
+            Upload::S3(u) => u.upload_id(),
+            Upload::Dir(_) => None,
+        }
+    }
+
+    /// Makes the object visible; returns its size.
+    pub async fn finish(self) -> Result<u64> {
+        match self {
+            Upload::S3(u) => u.finish().await,
+            Upload::Dir(u) => u.finish().await,
+        }
+    }
+
+    /// Discards everything written.
+    pub async fn abort(self) {
+        match self {
+            Upload::S3(u) => u.abort().await,
+            Upload::Dir(u) => u.abort().await,
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! S3 (or any S3-compatible store) as the destination.
+//!
+//! A clip smaller than one part goes up with one PutObject; a larger one as a multipart
+//! upload whose parts are sent while the next part is still arriving from KVS. Memory per
+//! clip: the part being filled plus one part in flight. Every request carries a CRC32C
+//! checksum S3 verifies. A failed request is retried from the part still in memory, so
+//! an S3 hiccup never costs a second GetClip (KVS bills every byte it sends).
+
+use super::ObjectMeta;
+use crate::error::{Error, Result};
+use crate::retry::{with_retry, Retryability, RetryPolicy};
+use aws_sdk_s3 as s3;
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+use bytes::{Bytes, BytesMut};
+use std::sync::Arc;
+use tokio::task::JoinHandle;
+
+struct Inner {
+    client: s3::Client,
+    bucket: String,
+    part_size: usize,
+    policy: RetryPolicy,
+}
+
+pub struct S3Sink {
+    inner: Arc<Inner>,
+}
+
+pub struct S3Upload {
+    inner: Arc<Inner>,
+    key: String,
+    meta: ObjectMeta,
+    buffer: BytesMut,
+    upload_id: Option<String>,
+    parts: Vec<CompletedPart>,
+    in_flight: Option<JoinHandle<Result<CompletedPart>>>,
+    next_part: i32,
+    total: u64,
+}
+
+/// Classifies an S3 SDK error: the one place S3 errors get their retryability.
+fn s3_error<E>(op: &'static str, target: &str, err: SdkError<E, s3::config::http::HttpResponse>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let (message, retry) = match &err {
+        SdkError::ServiceError(ctx) => {
+            let status = ctx.raw().status().as_u16();
+            let code = ctx.err().code().unwrap_or(match status {
+                404 => "NotFound",
+                403 => "AccessDenied",
+                _ => "Error",
+            });
+            let message = ctx.err().message().unwrap_or("").to_string();
+            let retry = match code {
+                "SlowDown" | "RequestLimitExceeded" | "Throttling" => Retryability::Throttled,
+                "RequestTimeout" | "InternalError" => Retryability::Transient,
+                _ if status >= 500 => Retryability::Transient,
+                _ => Retryability::Permanent,
+            };
+            let hint = match code {
+                "NoSuchBucket" | "NotFound" if op == "HeadBucket" => {
+                    " (the bucket does not exist: create it or fix destination.bucket)"
+                }
+                "NoSuchBucket" => " (the bucket does not exist: create it or fix destination.bucket)",
+                "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" => {
+                    " (check the AWS credentials and the bucket policy)"
+                }
+                _ => "",
+            };
+            (format!("{code} (HTTP {status}) {message}{hint}"), retry)
+        }
+        SdkError::ConstructionFailure(_) => {
+            (format!("{}", DisplayErrorContext(&err)), Retryability::Permanent)
+        }
+        _ => (
+            format!("{} (endpoint unreachable or connection lost)", DisplayErrorContext(&err)),
+            Retryability::Transient,
+        ),
+    };
+    Error::Sink {
+        op,
+        target: target.to_string(),
+        message,
+        retry,
+    }
+}
+
+impl S3Sink {
+    pub fn new(client: s3::Client, bucket: String, part_size: usize, policy: RetryPolicy) -> Self {
+        S3Sink {
+            inner: Arc::new(Inner {
+                client,
+                bucket,
+                part_size,
+                policy,
+            }),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        format!("s3://{}", self.inner.bucket)
+    }
+
+    pub async fn check(&self) -> Result<()> {
+        let target = self.describe();
+        with_retry(&self.inner.policy, "HeadBucket", || async {
+            self.inner
+                .client
+                .head_bucket()
+                .bucket(&self.inner.bucket)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| s3_error("HeadBucket", &target, e))
+        })
+        .await
+    }
+
+    pub fn begin(&self, key: &str, meta: ObjectMeta) -> S3Upload {
+        S3Upload {
+            inner: self.inner.clone(),
+            key: key.to_string(),
+            meta,
+            buffer: BytesMut::with_capacity(self.inner.part_size),
+            upload_id: None,
+            parts: Vec::new(),
+            in_flight: None,
+            next_part: 1,
+            total: 0,
+        }
+    }
+
+    pub async fn abort_upload(&self, key: &str, upload_id: &str) -> Result<()> {
+        abort(&self.inner, key, upload_id).await
+    }
+
+    pub async fn sweep_orphans(&self, prefix: &str, known: &[String]) -> usize {
+        let listed = self
+            .inner
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.inner.bucket)
+            .prefix(prefix)
+            .send()
+            .await;
+        let Ok(listed) = listed else {
+            tracing::debug!("the store cannot list multipart uploads; relying on the ledger");
+            return 0;
+        };
+        let mut aborted = 0;
+        for upload in listed.uploads() {
+            let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) else {
+                continue;
+            };
+            if known.iter().any(|k| k == id) {
+                continue;
+            }
+            if abort(&self.inner, key, id).await.is_ok() {
+                tracing::info!(key, "aborted an orphaned multipart upload");
+                aborted += 1;
+            }
+        }
+        aborted
+    }
+}
+
+async fn abort(inner: &Inner, key: &str, upload_id: &str) -> Result<()> {
+    let target = format!("s3://{}/{key}", inner.bucket);
+    let result = with_retry(&inner.policy, "AbortMultipartUpload", || async {
+        inner
+            .client
+            .abort_multipart_upload()
+            .bucket(&inner.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| s3_error("AbortMultipartUpload", &target, e))
+    })
+    .await;
+    match result {
+        // Already completed or aborted: nothing is left behind either way.
+        Err(Error::Sink { retry: Retryability::Permanent, .. }) => Ok(()),
+        other => other,
+    }
+}
+
+async fn upload_part(inner: Arc<Inner>, key: String, upload_id: String, number: i32, body: Bytes) -> Result<CompletedPart> {
+    let target = format!("s3://{}/{key} part {number}", inner.bucket);
+    with_retry(&inner.policy, "UploadPart", || async {
+        let out = inner
+            .client
+            .upload_part()
+            .bucket(&inner.bucket)
+            .key(&key)
+            .upload_id(&upload_id)
+            .part_number(number)
+            .checksum_algorithm(ChecksumAlgorithm::Crc32C)
+            .body(ByteStream::from(body.clone()))
+            .send()
+            .await
+            .map_err(|e| s3_error("UploadPart", &target, e))?;
+        Ok(CompletedPart::builder()
+            .part_number(number)
+            .set_e_tag(out.e_tag().map(str::to_string))
+            .set_checksum_crc32_c(out.checksum_crc32_c().map(str::to_string))
+            .build())
+    })
+    .await
+}
+
+impl S3Upload {
+    fn target(&self) -> String {
+        format!("s3://{}/{}", self.inner.bucket, self.key)
+    }
+
+    pub fn upload_id(&self) -> Option<&str> {
+        self.upload_id.as_deref()
+    }
+
+    pub async fn write(&mut self, bytes: Bytes) -> Result<()> {
+        self.total += bytes.len() as u64;
+        self.buffer.extend_from_slice(&bytes);
+        while self.buffer.len() >= self.inner.part_size {
+            let part = self.buffer.split_to(self.inner.part_size).freeze();
+            self.send_part(part).await?;
+        }
+        Ok(())
+    }
+
+    async fn wait_in_flight(&mut self) -> Result<()> {
+        if let Some(task) = self.in_flight.take() {
+            let part = task.await.map_err(|e| Error::Sink {
+                op: "UploadPart",
+                target: self.target(),
+                message: format!("upload task failed: {e}"),
+                retry: Retryability::Transient,
+            })??;
+            self.parts.push(part);
+        }
+        Ok(())
+    }
+
+    async fn send_part(&mut self, part: Bytes) -> Result<()> {
+        if self.upload_id.is_none() {
+            let target = self.target();
+            let inner = self.inner.clone();
+            let meta = self.meta.clone();
+            let key = self.key.clone();
+            let out = with_retry(&inner.policy, "CreateMultipartUpload", || async {
+                let mut request = inner
+                    .client
+                    .create_multipart_upload()
+                    .bucket(&inner.bucket)
+                    .key(&key)
+                    .content_type("video/mp4")
+                    .checksum_algorithm(ChecksumAlgorithm::Crc32C);
+                for (k, v) in &meta.pairs {
+                    request = request.metadata(*k, v);
+                }
+                request
+                    .send()
+                    .await
+                    .map_err(|e| s3_error("CreateMultipartUpload", &target, e))
+            })
+            .await?;
+            self.upload_id = Some(out.upload_id().unwrap_or_default().to_string());
+        }
+        // One part in flight while the next fills: overlap with bounded memory.
+        self.wait_in_flight().await?;
+        let number = self.next_part;
+        self.next_part += 1;
+        let upload_id = self.upload_id.clone().unwrap_or_default();
+        self.in_flight = Some(tokio::spawn(upload_part(
+            self.inner.clone(),
+            self.key.clone(),
+            upload_id,
+            number,
+            part,
+        )));
+        Ok(())
+    }
+
+    pub async fn finish(mut self) -> Result<u64> {
+        let target = self.target();
+        let Some(upload_id) = self.upload_id.clone() else {
+            let body = std::mem::take(&mut self.buffer).freeze();
+            let inner = self.inner.clone();
+            with_retry(&inner.policy, "PutObject", || async {
+                let mut request = inner
+                    .client
+                    .put_object()
+                    .bucket(&inner.bucket)
+                    .key(&self.key)
+                    .content_type("video/mp4")
+                    .checksum_algorithm(ChecksumAlgorithm::Crc32C)
+                    .body(ByteStream::from(body.clone()));
+                for (k, v) in &self.meta.pairs {
+                    request = request.metadata(*k, v);
+                }
+                request
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| s3_error("PutObject", &target, e))
+            })
+            .await?;
+            return Ok(self.total);
+        };
+        if !self.buffer.is_empty() {
+            let last = std::mem::take(&mut self.buffer).freeze();
+            if let Err(e) = self.send_part(last).await {
+                self.abort().await;
+                return Err(e);
+            }
+        }
+        if let Err(e) = self.wait_in_flight().await {
+            self.abort().await;
+            return Err(e);
+        }
+        let mut parts = std::mem::take(&mut self.parts);
+        parts.sort_by_key(|p| p.part_number());
+        let completed = CompletedMultipartUpload::builder().set_parts(Some(parts)).build();
+        let inner = self.inner.clone();
+        let result = with_retry(&inner.policy, "CompleteMultipartUpload", || async {
+            inner
+                .client
+                .complete_multipart_upload()
+                .bucket(&inner.bucket)
+                .key(&self.key)
+                .upload_id(&upload_id)
+                .multipart_upload(completed.clone())
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| s3_error("CompleteMultipartUpload", &target, e))
+        })
+        .await;
+        match result {
+            Ok(()) => Ok(self.total),
+            Err(e) => {
+                self.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn abort(mut self) {
+        if let Some(task) = self.in_flight.take() {
+            task.abort();
+        }
+        if let Some(upload_id) = self.upload_id.take() {
+            if let Err(error) = abort(&self.inner, &self.key, &upload_id).await {
+                tracing::warn!(%error, "could not abort a multipart upload; the next start retries");
+            }
+        }
+    }
+}

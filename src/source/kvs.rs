@@ -1,0 +1,342 @@
+//! The KVS adapter: DescribeStream and GetDataEndpoint (control plane), ListFragments and
+//! GetClip (archived media, on the data endpoint GetDataEndpoint names per API).
+//!
+//! Data endpoints are cached per stream and API and dropped after a failure, as the KVS
+//! quota page advises. SDK errors become [`Error::Kvs`] with their retryability decided
+//! here, once: KVS throttling (`ClientLimitExceededException`, HTTP 400) is not retried
+//! by the SDK, so it is classified as [`Retryability::Throttled`] for our own backoff.
+
+use crate::config::StreamConfig;
+use crate::domain::{EpochMs, Fragment, TimestampSource};
+use crate::error::{Error, Result};
+use crate::retry::{with_retry, Retryability, RetryPolicy};
+use aws_sdk_kinesisvideo as kv;
+use aws_sdk_kinesisvideoarchivedmedia as am;
+use aws_sdk_kinesisvideoarchivedmedia::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_kinesisvideoarchivedmedia::primitives::{ByteStream, DateTime};
+use aws_sdk_kinesisvideoarchivedmedia::types::{
+    ClipFragmentSelector, ClipFragmentSelectorType, ClipTimestampRange, FragmentSelector,
+    FragmentSelectorType, TimestampRange,
+};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// ListFragments page size: the model's maximum, so the fewest calls per window.
+const LIST_PAGE: i64 = 1000;
+
+/// What DescribeStream says of a stream.
+#[derive(Debug, Clone)]
+pub struct StreamDescription {
+    pub name: String,
+    pub arn: String,
+    pub retention_hours: u32,
+    pub media_type: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Api {
+    ListFragments,
+    GetClip,
+}
+
+pub struct KvsSource {
+    control: kv::Client,
+    media_config: am::Config,
+    endpoints: Mutex<HashMap<(String, Api), am::Client>>,
+    policy: RetryPolicy,
+}
+
+/// Epoch seconds arrive as JSON numbers: 0.567 s parses as 0.56699…, so round to the
+/// nearest millisecond instead of truncating.
+fn to_ms(t: &DateTime) -> EpochMs {
+    t.secs() * 1000 + (i64::from(t.subsec_nanos()) + 500_000) / 1_000_000
+}
+
+/// Classifies an SDK error: the one place KVS errors get their retryability.
+fn kvs_error<E>(op: &'static str, stream: &str, err: SdkError<E, am::config::http::HttpResponse>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let (code, message, retry) = match &err {
+        SdkError::ServiceError(ctx) => {
+            let code = ctx.err().code().map(str::to_string);
+            let status = ctx.raw().status().as_u16();
+            let message = ctx.err().message().unwrap_or("no message").to_string();
+            let retry = match code.as_deref() {
+                Some("ClientLimitExceededException" | "ThrottlingException") => {
+                    Retryability::Throttled
+                }
+                _ if status >= 500 => Retryability::Transient,
+                _ => Retryability::Permanent,
+            };
+            let hint = match code.as_deref() {
+                Some(
+                    "NotAuthorizedException"
+                    | "AccessDeniedException"
+                    | "UnrecognizedClientException"
+                    | "InvalidSignatureException"
+                    | "MissingAuthenticationTokenException",
+                ) => " (check the AWS credentials and the IAM policy of the archiver)",
+                Some("ResourceNotFoundException") if op != "GetClip" => {
+                    " (check the stream name or ARN in the configuration)"
+                }
+                Some("NoDataRetentionException") => {
+                    " (the stream keeps no media: set its data retention above 0)"
+                }
+                _ => "",
+            };
+            (code.clone(), format!("{}: {message}{hint}", code.as_deref().unwrap_or("error")), retry)
+        }
+        SdkError::ConstructionFailure(_) => (None, format!("{}", DisplayErrorContext(&err)), Retryability::Permanent),
+        _ => (
+            None,
+            format!("{} (endpoint unreachable or connection lost)", DisplayErrorContext(&err)),
+            Retryability::Transient,
+        ),
+    };
+    Error::Kvs {
+        op,
+        stream: stream.to_string(),
+        code,
+        message,
+        retry,
+    }
+}
+
+/// GetClip refusals that mean the media is gone (retention), not that the request is
+/// wrong: a 404 "No fragments found" for fragments we listed, or an end timestamp past
+/// retention.
+pub fn means_expired(error: &Error) -> bool {
+    match error {
+        Error::Kvs { op: "GetClip", code: Some(code), message, .. } => {
+            code == "ResourceNotFoundException" && message.contains("No fragments found")
+                || code == "InvalidArgumentException" && message.contains("retention period")
+        }
+        _ => false,
+    }
+}
+
+impl KvsSource {
+    pub fn new(
+        shared: &aws_config::SdkConfig,
+        control_endpoint: Option<&str>,
+        policy: RetryPolicy,
+    ) -> Self {
+        let mut control = kv::config::Builder::from(shared);
+        if let Some(url) = control_endpoint {
+            control = control.endpoint_url(url);
+        }
+        KvsSource {
+            control: kv::Client::from_conf(control.build()),
+            media_config: am::config::Builder::from(shared).build(),
+            endpoints: Mutex::new(HashMap::new()),
+            policy,
+        }
+    }
+
+    fn lock_endpoints(&self) -> std::sync::MutexGuard<'_, HashMap<(String, Api), am::Client>> {
+        self.endpoints.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub async fn describe(&self, stream: &StreamConfig) -> Result<StreamDescription> {
+        let label = stream.label();
+        with_retry(&self.policy, "DescribeStream", || async {
+            let out = self
+                .control
+                .describe_stream()
+                .set_stream_name(stream.name.clone())
+                .set_stream_arn(stream.arn.clone())
+                .send()
+                .await
+                .map_err(|e| kvs_error("DescribeStream", &label, e))?;
+            let info = out.stream_info().ok_or_else(|| Error::Kvs {
+                op: "DescribeStream",
+                stream: label.clone(),
+                code: None,
+                message: "response has no StreamInfo".into(),
+                retry: Retryability::Transient,
+            })?;
+            Ok(StreamDescription {
+                name: info.stream_name().unwrap_or(&label).to_string(),
+                arn: info.stream_arn().unwrap_or_default().to_string(),
+                retention_hours: info.data_retention_in_hours().unwrap_or(0).max(0) as u32,
+                media_type: info.media_type().unwrap_or_default().to_string(),
+            })
+        })
+        .await
+    }
+
+    async fn media_client(&self, stream: &StreamConfig, api: Api) -> Result<am::Client> {
+        let label = stream.label();
+        if let Some(client) = self.lock_endpoints().get(&(label.clone(), api)) {
+            return Ok(client.clone());
+        }
+        let api_name = match api {
+            Api::ListFragments => kv::types::ApiName::ListFragments,
+            Api::GetClip => kv::types::ApiName::GetClip,
+        };
+        let endpoint = with_retry(&self.policy, "GetDataEndpoint", || async {
+            let out = self
+                .control
+                .get_data_endpoint()
+                .set_stream_name(stream.name.clone())
+                .set_stream_arn(stream.arn.clone())
+                .api_name(api_name.clone())
+                .send()
+                .await
+                .map_err(|e| kvs_error("GetDataEndpoint", &label, e))?;
+            out.data_endpoint().map(str::to_string).ok_or_else(|| Error::Kvs {
+                op: "GetDataEndpoint",
+                stream: label.clone(),
+                code: None,
+                message: "response has no DataEndpoint".into(),
+                retry: Retryability::Transient,
+            })
+        })
+        .await?;
+        let client = am::Client::from_conf(
+            self.media_config.to_builder().endpoint_url(endpoint).build(),
+        );
+        self.lock_endpoints().insert((label, api), client.clone());
+        Ok(client)
+    }
+
+    /// Drops a cached data endpoint after a failure, so the next call asks again.
+    fn forget_endpoint(&self, stream: &StreamConfig, api: Api) {
+        self.lock_endpoints().remove(&(stream.label(), api));
+    }
+
+    /// Every fragment whose start lies in `[start, end]`, all pages, unsorted.
+    pub async fn list(
+        &self,
+        stream: &StreamConfig,
+        start: EpochMs,
+        end: EpochMs,
+    ) -> Result<Vec<Fragment>> {
+        let label = stream.label();
+        let kind = match stream.timestamp_source {
+            TimestampSource::Server => FragmentSelectorType::ServerTimestamp,
+            TimestampSource::Producer => FragmentSelectorType::ProducerTimestamp,
+        };
+        let selector = FragmentSelector::builder()
+            .fragment_selector_type(kind)
+            .timestamp_range(
+                TimestampRange::builder()
+                    .start_timestamp(DateTime::from_millis(start))
+                    .end_timestamp(DateTime::from_millis(end))
+                    .build()
+                    .map_err(|e| Error::Usage(format!("timestamp range: {e}")))?,
+            )
+            .build()
+            .map_err(|e| Error::Usage(format!("fragment selector: {e}")))?;
+        let mut fragments = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = with_retry(&self.policy, "ListFragments", || async {
+                let client = self.media_client(stream, Api::ListFragments).await?;
+                let mut request = client
+                    .list_fragments()
+                    .set_stream_name(stream.name.clone())
+                    .set_stream_arn(stream.arn.clone())
+                    .max_results(LIST_PAGE);
+                request = match &token {
+                    Some(t) => request.next_token(t),
+                    None => request.fragment_selector(selector.clone()),
+                };
+                let result = request.send().await;
+                result.map_err(|e| {
+                    let error = kvs_error("ListFragments", &label, e);
+                    if error.retryability() == Retryability::Transient {
+                        self.forget_endpoint(stream, Api::ListFragments);
+                    }
+                    error
+                })
+            })
+            .await?;
+            for f in page.fragments() {
+                let timestamp = match stream.timestamp_source {
+                    TimestampSource::Server => f.server_timestamp(),
+                    TimestampSource::Producer => f.producer_timestamp(),
+                };
+                let (Some(number), Some(ts)) = (f.fragment_number(), timestamp) else {
+                    continue;
+                };
+                fragments.push(Fragment {
+                    number: number.to_string(),
+                    start_ms: to_ms(ts),
+                    duration_ms: f.fragment_length_in_milliseconds().max(0) as u64,
+                    size_bytes: f.fragment_size_in_bytes().max(0) as u64,
+                });
+            }
+            match page.next_token() {
+                Some(t) if !t.is_empty() => token = Some(t.to_string()),
+                _ => return Ok(fragments),
+            }
+        }
+    }
+
+    /// Starts a GetClip for `[start, end]` (fragment starts, inclusive). One attempt: the
+    /// caller retries the whole clip, since a body can fail after its headers.
+    pub async fn get_clip(
+        &self,
+        stream: &StreamConfig,
+        start: EpochMs,
+        end: EpochMs,
+    ) -> Result<ClipBody> {
+        let label = stream.label();
+        let kind = match stream.timestamp_source {
+            TimestampSource::Server => ClipFragmentSelectorType::ServerTimestamp,
+            TimestampSource::Producer => ClipFragmentSelectorType::ProducerTimestamp,
+        };
+        let selector = ClipFragmentSelector::builder()
+            .fragment_selector_type(kind)
+            .timestamp_range(
+                ClipTimestampRange::builder()
+                    .start_timestamp(DateTime::from_millis(start))
+                    .end_timestamp(DateTime::from_millis(end))
+                    .build()
+                    .map_err(|e| Error::Usage(format!("clip range: {e}")))?,
+            )
+            .build()
+            .map_err(|e| Error::Usage(format!("clip selector: {e}")))?;
+        let client = self.media_client(stream, Api::GetClip).await?;
+        let out = client
+            .get_clip()
+            .set_stream_name(stream.name.clone())
+            .set_stream_arn(stream.arn.clone())
+            .clip_fragment_selector(selector)
+            .send()
+            .await
+            .map_err(|e| {
+                let error = kvs_error("GetClip", &label, e);
+                if error.retryability() == Retryability::Transient {
+                    self.forget_endpoint(stream, Api::GetClip);
+                }
+                error
+            })?;
+        Ok(ClipBody {
+            stream: label,
+            payload: out.payload,
+        })
+    }
+}
+
+/// A GetClip response body being received.
+pub struct ClipBody {
+    stream: String,
+    payload: ByteStream,
+}
+
+impl ClipBody {
+    /// The next piece of the body; `None` at its end.
+    pub async fn next(&mut self) -> Result<Option<Bytes>> {
+        self.payload.try_next().await.map_err(|e| Error::Kvs {
+            op: "GetClip",
+            stream: self.stream.clone(),
+            code: None,
+            message: format!("body broke off: {}", DisplayErrorContext(&e)),
+            retry: Retryability::Transient,
+        })
+    }
+}

@@ -1,0 +1,101 @@
+//! Logs and progress. In a terminal: readable logs and a progress bar (chunks, bytes,
+//! ETA). Otherwise (systemd, cron, CI): JSON logs, one line per event, progress included.
+
+use crate::error::Error;
+use crate::store::Chunk;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tracing_subscriber::EnvFilter;
+
+/// Installs the tracing subscriber; `KVS_ARCHIVER_LOG` sets the filter (default `info`).
+pub fn init_logging() {
+    let filter = EnvFilter::try_from_env("KVS_ARCHIVER_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
+        builder.with_target(false).init();
+    } else {
+        builder.json().flatten_event(true).init();
+    }
+}
+
+/// Progress of one range: a bar in a terminal, log lines otherwise.
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    bytes: AtomicU64,
+}
+
+impl Progress {
+    pub fn new(label: &str) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(0);
+            let style = ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} chunks {msg} (ETA {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            bar.set_style(style);
+            bar.set_prefix(label.to_string());
+            bar
+        });
+        Progress {
+            bar,
+            bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// A progress that shows nothing (library callers, tests).
+    pub fn hidden() -> Self {
+        Progress {
+            bar: None,
+            bytes: AtomicU64::new(0),
+        }
+    }
+
+    pub fn planned(&self, listed_ms: i64, range_ms: i64, chunks: usize) {
+        let percent = (listed_ms.max(0) as f64 / range_ms.max(1) as f64 * 100.0).min(100.0);
+        match &self.bar {
+            Some(bar) => bar.set_message(format!("planning {percent:.0}%, {chunks} new chunks")),
+            None => tracing::debug!(percent, chunks, "planning"),
+        }
+    }
+
+    pub fn set_totals(&self, chunks: &[Chunk]) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(chunks.len() as u64);
+            bar.set_position(chunks.iter().filter(|c| c.state == "done").count() as u64);
+        }
+    }
+
+    pub fn chunk_done(&self, bytes: u64, chunk: &Chunk) {
+        let total = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        match &self.bar {
+            Some(bar) => {
+                bar.inc(1);
+                bar.set_message(format!("{:.1} MB", total as f64 / 1e6));
+            }
+            None => tracing::info!(
+                key = %chunk.object_key,
+                bytes,
+                fragments = chunk.plan.fragment_count,
+                total_bytes = total,
+                "archived"
+            ),
+        }
+    }
+
+    pub fn chunk_failed(&self, chunk: &Chunk, error: &Error) {
+        if let Some(bar) = &self.bar {
+            bar.println(format!("failed: {}: {error}", chunk.object_key));
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
