@@ -6,7 +6,7 @@ use crate::domain::{rfc3339, EpochMs};
 use crate::error::{Error, Result};
 use crate::retry::RetryPolicy;
 use crate::sink::{dir::DirSink, s3::S3Sink, Sink};
-use crate::source::kvs::KvsSource;
+use crate::source::kvs::{KvsSource, Pacing};
 use crate::store::Ledger;
 use crate::telemetry::Progress;
 use crate::worker::{Archiver, PlanSummary, RunSummary};
@@ -45,7 +45,16 @@ pub fn retry_policy(config: &Config) -> RetryPolicy {
 pub async fn build(config: Config, sdk: &SdkConfig) -> Result<Archiver> {
     let policy = retry_policy(&config);
     let ledger = Ledger::open(&config.state.database_url).await?;
-    let source = KvsSource::new(sdk, config.aws.kinesis_video_endpoint_url.as_deref(), policy);
+    let pacing = Pacing {
+        media_points_per_second: config.archive.media_points_per_second,
+        metadata_points_per_second: config.archive.metadata_points_per_second,
+    };
+    let source = KvsSource::new(
+        sdk,
+        config.aws.kinesis_video_endpoint_url.as_deref(),
+        pacing,
+        policy,
+    );
     let sink = match (&config.destination.bucket, &config.destination.directory) {
         (Some(bucket), _) => {
             let mut s3 = aws_sdk_s3::config::Builder::from(sdk)

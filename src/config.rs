@@ -126,6 +126,12 @@ pub struct ArchiveConfig {
     pub retry_base_delay: Duration,
     #[serde(with = "humantime_serde")]
     pub retry_max_delay: Duration,
+    /// GetClip pacing per stream, in fragment-media points per second (KVS: 500; each
+    /// clip costs its fragment count). The default leaves 10 % for other consumers.
+    pub media_points_per_second: f64,
+    /// ListFragments and GetClip pacing per stream, in fragment-metadata points per
+    /// second (KVS: 10,000; a listing costs its page size, 1,000).
+    pub metadata_points_per_second: f64,
 }
 
 impl Default for ArchiveConfig {
@@ -139,6 +145,8 @@ impl Default for ArchiveConfig {
             max_attempts: 8,
             retry_base_delay: Duration::from_millis(250),
             retry_max_delay: Duration::from_secs(30),
+            media_points_per_second: 450.0,
+            metadata_points_per_second: 9_000.0,
         }
     }
 }
@@ -232,7 +240,7 @@ impl Config {
         };
         figment = figment.merge(
             Env::prefixed("KVS_ARCHIVER_")
-                .ignore(&["config", "log"])
+                .ignore(&["config", "log", "crashpoint"])
                 .split("__"),
         );
         let config: Config = figment.extract().map_err(|e| ConfigError::Load {
@@ -306,6 +314,14 @@ impl Config {
         }
         if a.plan_window < Duration::from_secs(60) {
             return Err(invalid("archive.plan_window", "must be at least 1m"));
+        }
+        for (field, value, cap) in [
+            ("archive.media_points_per_second", a.media_points_per_second, 500.0),
+            ("archive.metadata_points_per_second", a.metadata_points_per_second, 10_000.0),
+        ] {
+            if !(value > 0.0 && value <= cap) {
+                return Err(invalid(field, format!("must be above 0 and at most {cap}, KVS's per-stream quota (got {value})")));
+            }
         }
         if a.max_attempts == 0 {
             return Err(invalid("archive.max_attempts", "must be at least 1"));
@@ -423,7 +439,7 @@ mod tests {
         config.destination.directory = Some("/tmp/x".into());
         config.archive.clip_duration = Duration::from_secs(30 * 3600);
         let err = config.validate().unwrap_err().to_string();
-        assert!(err.contains("archive.clip_duration") && err.contains("30h"), "{err}");
+        assert!(err.contains("archive.clip_duration") && err.contains("1day 6h"), "{err}");
         config.archive.clip_duration = Duration::from_secs(600);
         config.streams.push(StreamConfig {
             name: Some("bad name".into()),

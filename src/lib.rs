@@ -21,11 +21,13 @@
 
 pub mod app;
 pub mod config;
+pub mod crashpoint;
 pub mod demo;
 pub mod domain;
 pub mod error;
 pub mod mp4;
 pub mod plan;
+pub mod quota;
 pub mod retry;
 pub mod sink;
 pub mod source;

@@ -27,6 +27,12 @@ pub fn parse_header(prefix: &[u8]) -> Result<Option<ClipHeader>, Mp4Error> {
     let mut pos = 0usize;
     let mut moov: Option<(u64, u64)> = None;
     while let Some((kind, header_len, size)) = box_at(prefix, pos)? {
+        if pos == 0 && !matches!(&kind, b"ftyp" | b"moov" | b"free" | b"skip" | b"wide" | b"mdat") {
+            return Err(Mp4Error::Malformed(format!(
+                "starts with {:?}, not an MP4 box",
+                String::from_utf8_lossy(&kind)
+            )));
+        }
         match &kind {
             b"moov" => {
                 let end = pos + size as usize;

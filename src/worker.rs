@@ -137,6 +137,7 @@ impl Archiver {
                 }
             }
             self.record(stream, &mut closed, &mut summary, dry_run).await?;
+            crate::crashpoint::hit("planning");
             progress.planned(window_end - start, end - start + 1, summary.chunks.len());
             window_start = window_end + 1;
         }
@@ -332,7 +333,7 @@ impl Archiver {
     /// One attempt: GetClip, header check, upload. Returns the object's size.
     async fn fetch_and_store(&self, stream: &StreamConfig, chunk: &Chunk) -> Result<u64> {
         let (start, end) = chunk.plan.clip_range();
-        let mut body = self.source.get_clip(stream, start, end).await?;
+        let mut body = self.source.get_clip(stream, start, end, chunk.plan.fragment_count).await?;
         let key = chunk.object_key.clone();
         let mut head = Vec::new();
         let header = loop {
@@ -380,10 +381,12 @@ impl Archiver {
                     upload.abort().await;
                     return Err(e);
                 }
+                crate::crashpoint::hit("mid-body");
                 if !recorded_upload {
                     if let Some(id) = upload.upload_id() {
                         self.ledger.mark_uploading(chunk.id, Some(id)).await?;
                         recorded_upload = true;
+                        crate::crashpoint::hit("mid-upload");
                     }
                 }
             }
@@ -407,7 +410,9 @@ impl Archiver {
                 retry: Retryability::Transient,
             });
         }
-        upload.finish().await
+        let size = upload.finish().await?;
+        crate::crashpoint::hit("after-upload");
+        Ok(size)
     }
 }
 

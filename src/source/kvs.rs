@@ -19,8 +19,9 @@ use aws_sdk_kinesisvideoarchivedmedia::types::{
     FragmentSelectorType, TimestampRange,
 };
 use bytes::Bytes;
+use crate::quota::TokenBucket;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// ListFragments page size: the model's maximum, so the fewest calls per window.
 const LIST_PAGE: i64 = 1000;
@@ -40,10 +41,24 @@ enum Api {
     GetClip,
 }
 
+/// Per-second point rates the source keeps each stream under.
+#[derive(Debug, Clone, Copy)]
+pub struct Pacing {
+    pub media_points_per_second: f64,
+    pub metadata_points_per_second: f64,
+}
+
+struct StreamBuckets {
+    media: TokenBucket,
+    metadata: TokenBucket,
+}
+
 pub struct KvsSource {
     control: kv::Client,
     media_config: am::Config,
     endpoints: Mutex<HashMap<(String, Api), am::Client>>,
+    buckets: Mutex<HashMap<String, Arc<StreamBuckets>>>,
+    pacing: Pacing,
     policy: RetryPolicy,
 }
 
@@ -121,6 +136,7 @@ impl KvsSource {
     pub fn new(
         shared: &aws_config::SdkConfig,
         control_endpoint: Option<&str>,
+        pacing: Pacing,
         policy: RetryPolicy,
     ) -> Self {
         let mut control = kv::config::Builder::from(shared);
@@ -131,8 +147,23 @@ impl KvsSource {
             control: kv::Client::from_conf(control.build()),
             media_config: am::config::Builder::from(shared).build(),
             endpoints: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
+            pacing,
             policy,
         }
+    }
+
+    fn buckets(&self, stream: &StreamConfig) -> Arc<StreamBuckets> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        buckets
+            .entry(stream.label())
+            .or_insert_with(|| {
+                Arc::new(StreamBuckets {
+                    media: TokenBucket::new(self.pacing.media_points_per_second),
+                    metadata: TokenBucket::new(self.pacing.metadata_points_per_second),
+                })
+            })
+            .clone()
     }
 
     fn lock_endpoints(&self) -> std::sync::MutexGuard<'_, HashMap<(String, Api), am::Client>> {
@@ -234,6 +265,7 @@ impl KvsSource {
         let mut token: Option<String> = None;
         loop {
             let page = with_retry(&self.policy, "ListFragments", || async {
+                self.buckets(stream).metadata.acquire(LIST_PAGE as f64).await;
                 let client = self.media_client(stream, Api::ListFragments).await?;
                 let mut request = client
                     .list_fragments()
@@ -283,6 +315,7 @@ impl KvsSource {
         stream: &StreamConfig,
         start: EpochMs,
         end: EpochMs,
+        fragments: u32,
     ) -> Result<ClipBody> {
         let label = stream.label();
         let kind = match stream.timestamp_source {
@@ -301,6 +334,9 @@ impl KvsSource {
             .build()
             .map_err(|e| Error::Usage(format!("clip selector: {e}")))?;
         let client = self.media_client(stream, Api::GetClip).await?;
+        let buckets = self.buckets(stream);
+        buckets.media.acquire(f64::from(fragments)).await;
+        buckets.metadata.acquire(f64::from(fragments)).await;
         let out = client
             .get_clip()
             .set_stream_name(stream.name.clone())
