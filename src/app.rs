@@ -161,7 +161,12 @@ pub async fn backfill(
 }
 
 /// `plan`: what `backfill` would fetch, without fetching.
-pub async fn plan(archiver: &Archiver, label: &str, start: EpochMs, end: EpochMs) -> Result<PlanSummary> {
+pub async fn plan(
+    archiver: &Archiver,
+    label: &str,
+    start: EpochMs,
+    end: EpochMs,
+) -> Result<PlanSummary> {
     check_range(start, end)?;
     let stream = configured_stream(&archiver.config, label)?;
     archiver.source.describe(&stream).await?;

@@ -15,7 +15,7 @@ pub const GET_CLIP_MAX_FRAGMENTS: u32 = 200;
 pub const GET_CLIP_MAX_BYTES: u64 = 100_000_000;
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -208,18 +208,6 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError 
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            aws: AwsConfig::default(),
-            state: StateConfig::default(),
-            destination: DestinationConfig::default(),
-            archive: ArchiveConfig::default(),
-            streams: Vec::new(),
-        }
-    }
-}
-
 impl Config {
     /// Defaults, then `path` (if given), then the environment; validated.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -257,12 +245,18 @@ impl Config {
             return Err(invalid("aws.region", "must not be empty"));
         }
         for (field, url) in [
-            ("aws.kinesis_video_endpoint_url", &self.aws.kinesis_video_endpoint_url),
+            (
+                "aws.kinesis_video_endpoint_url",
+                &self.aws.kinesis_video_endpoint_url,
+            ),
             ("aws.s3_endpoint_url", &self.aws.s3_endpoint_url),
         ] {
             if let Some(url) = url {
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    return Err(invalid(field, format!("must be an http:// or https:// URL (got {url:?})")));
+                    return Err(invalid(
+                        field,
+                        format!("must be an http:// or https:// URL (got {url:?})"),
+                    ));
                 }
             }
         }
@@ -274,53 +268,90 @@ impl Config {
         }
         match (&self.destination.bucket, &self.destination.directory) {
             (Some(_), Some(_)) => {
-                return Err(invalid("destination", "set either bucket or directory, not both"))
+                return Err(invalid(
+                    "destination",
+                    "set either bucket or directory, not both",
+                ))
             }
             (None, None) => {
-                return Err(invalid("destination", "set bucket (S3) or directory (local files)"))
+                return Err(invalid(
+                    "destination",
+                    "set bucket (S3) or directory (local files)",
+                ))
             }
             (Some(bucket), None) if bucket.len() < 3 || bucket.len() > 63 => {
-                return Err(invalid("destination.bucket", format!("must be 3-63 characters (got {bucket:?})")))
+                return Err(invalid(
+                    "destination.bucket",
+                    format!("must be 3-63 characters (got {bucket:?})"),
+                ))
             }
             _ => {}
         }
         if self.destination.part_size < 5 * 1024 * 1024 {
             return Err(invalid(
                 "destination.part_size",
-                format!("must be at least 5 MiB, S3's minimum part size (got {})", self.destination.part_size),
+                format!(
+                    "must be at least 5 MiB, S3's minimum part size (got {})",
+                    self.destination.part_size
+                ),
             ));
         }
         let a = &self.archive;
         if a.clip_duration < Duration::from_secs(1) || a.clip_duration >= DAY {
             return Err(invalid(
                 "archive.clip_duration",
-                format!("must be at least 1s and under 24h, GetClip's range limit (got {})", humantime::format_duration(a.clip_duration)),
+                format!(
+                    "must be at least 1s and under 24h, GetClip's range limit (got {})",
+                    humantime::format_duration(a.clip_duration)
+                ),
             ));
         }
         if a.max_fragments_per_clip == 0 || a.max_fragments_per_clip > GET_CLIP_MAX_FRAGMENTS {
             return Err(invalid(
                 "archive.max_fragments_per_clip",
-                format!("must be 1-{GET_CLIP_MAX_FRAGMENTS}, GetClip's cap (got {})", a.max_fragments_per_clip),
+                format!(
+                    "must be 1-{GET_CLIP_MAX_FRAGMENTS}, GetClip's cap (got {})",
+                    a.max_fragments_per_clip
+                ),
             ));
         }
         if a.max_bytes_per_clip == 0 || a.max_bytes_per_clip > GET_CLIP_MAX_BYTES {
             return Err(invalid(
                 "archive.max_bytes_per_clip",
-                format!("must be 1-{GET_CLIP_MAX_BYTES}, GetClip's cap (got {})", a.max_bytes_per_clip),
+                format!(
+                    "must be 1-{GET_CLIP_MAX_BYTES}, GetClip's cap (got {})",
+                    a.max_bytes_per_clip
+                ),
             ));
         }
         if a.concurrency == 0 || a.concurrency > 64 {
-            return Err(invalid("archive.concurrency", format!("must be 1-64 (got {})", a.concurrency)));
+            return Err(invalid(
+                "archive.concurrency",
+                format!("must be 1-64 (got {})", a.concurrency),
+            ));
         }
         if a.plan_window < Duration::from_secs(60) {
             return Err(invalid("archive.plan_window", "must be at least 1m"));
         }
         for (field, value, cap) in [
-            ("archive.media_points_per_second", a.media_points_per_second, 500.0),
-            ("archive.metadata_points_per_second", a.metadata_points_per_second, 10_000.0),
+            (
+                "archive.media_points_per_second",
+                a.media_points_per_second,
+                500.0,
+            ),
+            (
+                "archive.metadata_points_per_second",
+                a.metadata_points_per_second,
+                10_000.0,
+            ),
         ] {
             if !(value > 0.0 && value <= cap) {
-                return Err(invalid(field, format!("must be above 0 and at most {cap}, KVS's per-stream quota (got {value})")));
+                return Err(invalid(
+                    field,
+                    format!(
+                        "must be above 0 and at most {cap}, KVS's per-stream quota (got {value})"
+                    ),
+                ));
             }
         }
         if a.max_attempts == 0 {
@@ -345,7 +376,10 @@ impl Config {
                 _ => {}
             }
             if !seen.insert(s.label()) {
-                return Err(invalid(format!("streams[{i}]"), format!("stream {} is listed twice", s.label())));
+                return Err(invalid(
+                    format!("streams[{i}]"),
+                    format!("stream {} is listed twice", s.label()),
+                ));
             }
         }
         Ok(())
@@ -428,7 +462,10 @@ mod tests {
     #[test]
     fn an_unknown_key_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = write(&dir, "[destination]\ndirectory = \"/tmp/x\"\nbukket = \"b\"\n");
+        let path = write(
+            &dir,
+            "[destination]\ndirectory = \"/tmp/x\"\nbukket = \"b\"\n",
+        );
         let err = Config::load(Some(&path)).unwrap_err().to_string();
         assert!(err.contains("bukket"), "{err}");
     }
@@ -439,7 +476,10 @@ mod tests {
         config.destination.directory = Some("/tmp/x".into());
         config.archive.clip_duration = Duration::from_secs(30 * 3600);
         let err = config.validate().unwrap_err().to_string();
-        assert!(err.contains("archive.clip_duration") && err.contains("1day 6h"), "{err}");
+        assert!(
+            err.contains("archive.clip_duration") && err.contains("1day 6h"),
+            "{err}"
+        );
         config.archive.clip_duration = Duration::from_secs(600);
         config.streams.push(StreamConfig {
             name: Some("bad name".into()),
@@ -453,7 +493,9 @@ mod tests {
     #[test]
     fn arn_names_are_parsed() {
         assert_eq!(
-            arn_stream_name("arn:aws:kinesisvideo:us-east-1:123456789012:stream/cam-1/1700000000000"),
+            arn_stream_name(
+                "arn:aws:kinesisvideo:us-east-1:123456789012:stream/cam-1/1700000000000"
+            ),
             Some("cam-1")
         );
         assert_eq!(arn_stream_name("arn:aws:s3:::bucket"), None);

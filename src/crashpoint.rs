@@ -18,7 +18,9 @@ pub fn hit(point: &str) {
     if armed() == Some(point) {
         eprintln!("kvs-archiver: crash point {point}: killing this process with SIGKILL");
         let pid = std::process::id().to_string();
-        let _ = std::process::Command::new("kill").args(["-KILL", &pid]).status();
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid])
+            .status();
         // SIGKILL takes effect at once; abort in case `kill` was unavailable.
         std::process::abort();
     }

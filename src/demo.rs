@@ -24,7 +24,10 @@ pub async fn run(output: &Path, cancel: &CancellationToken) -> Result<PathBuf> {
     })
     .await
     .map_err(|e| Error::Usage(format!("demo: cannot start the bundled KVS emulator: {e}")))?;
-    eprintln!("demo: bundled KVS emulator at {} with camera {CAMERA:?}", emulator.base_url());
+    eprintln!(
+        "demo: bundled KVS emulator at {} with camera {CAMERA:?}",
+        emulator.base_url()
+    );
 
     let archive = output.join("archive");
     let mut config = Config::default();
@@ -71,14 +74,27 @@ pub async fn run(output: &Path, cancel: &CancellationToken) -> Result<PathBuf> {
         .find(|c| c.state == "done")
         .map(|c| archive.join(&c.object_key))
         .ok_or_else(|| Error::Usage("demo: nothing was archived".into()))?;
-    println!("Archived {} MP4 files under {}", summary.done, archive.display());
+    println!(
+        "Archived {} MP4 files under {}",
+        summary.done,
+        archive.display()
+    );
     println!("Play one:   ffplay {}", first.display());
-    println!("Check one:  ffprobe -v error -show_entries format=duration {}", first.display());
-    println!("Ledger:     kvs-archiver status (with state.database_url = sqlite://{})", output.join("state.db").display());
+    println!(
+        "Check one:  ffprobe -v error -show_entries format=duration {}",
+        first.display()
+    );
+    println!(
+        "Ledger:     kvs-archiver status (with state.database_url = sqlite://{})",
+        output.join("state.db").display()
+    );
     archiver.ledger.close().await;
     if summary.complete() {
         Ok(first)
     } else {
-        Err(Error::Usage(format!("demo: {}", crate::app::describe_run(&summary))))
+        Err(Error::Usage(format!(
+            "demo: {}",
+            crate::app::describe_run(&summary)
+        )))
     }
 }

@@ -10,7 +10,10 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(version, about = "Archives Kinesis Video Streams media to S3 as playable MP4 files")]
+#[command(
+    version,
+    about = "Archives Kinesis Video Streams media to S3 as playable MP4 files"
+)]
 struct Cli {
     /// Configuration file (TOML); KVS_ARCHIVER_* environment variables override it.
     #[arg(long, global = true, env = "KVS_ARCHIVER_CONFIG")]
@@ -67,10 +70,11 @@ fn cancel_on_signal() -> CancellationToken {
     let cancel = CancellationToken::new();
     let token = cancel.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => return,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => return,
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -118,7 +122,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             let ledger = kvs_archiver::store::Ledger::open(&config.state.database_url).await?;
             let status = ledger.status().await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).unwrap_or_default()
+                );
             } else if status.is_empty() {
                 println!("nothing archived yet");
             } else {
@@ -142,13 +149,24 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Plan { stream, start, end, json } => {
-            let (start, end) = (app::parse_time(&start, "--start")?, app::parse_time(&end, "--end")?);
+        Command::Plan {
+            stream,
+            start,
+            end,
+            json,
+        } => {
+            let (start, end) = (
+                app::parse_time(&start, "--start")?,
+                app::parse_time(&end, "--end")?,
+            );
             let sdk = app::sdk_config(&config.aws).await;
             let archiver = app::build(config, &sdk).await?;
             let plan = app::plan(&archiver, &stream, start, end).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&plan).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&plan).unwrap_or_default()
+                );
             } else {
                 for c in &plan.chunks {
                     println!(
@@ -170,7 +188,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Backfill { stream, start, end } => {
-            let (start, end) = (app::parse_time(&start, "--start")?, app::parse_time(&end, "--end")?);
+            let (start, end) = (
+                app::parse_time(&start, "--start")?,
+                app::parse_time(&end, "--end")?,
+            );
             let sdk = app::sdk_config(&config.aws).await;
             let archiver = app::build(config, &sdk).await?;
             let summary = app::backfill(&archiver, &stream, start, end, &cancel).await?;

@@ -27,7 +27,12 @@ pub fn parse_header(prefix: &[u8]) -> Result<Option<ClipHeader>, Mp4Error> {
     let mut pos = 0usize;
     let mut moov: Option<(u64, u64)> = None;
     while let Some((kind, header_len, size)) = box_at(prefix, pos)? {
-        if pos == 0 && !matches!(&kind, b"ftyp" | b"moov" | b"free" | b"skip" | b"wide" | b"mdat") {
+        if pos == 0
+            && !matches!(
+                &kind,
+                b"ftyp" | b"moov" | b"free" | b"skip" | b"wide" | b"mdat"
+            )
+        {
             return Err(Mp4Error::Malformed(format!(
                 "starts with {:?}, not an MP4 box",
                 String::from_utf8_lossy(&kind)
@@ -69,7 +74,9 @@ fn box_at(data: &[u8], pos: usize) -> Result<Option<([u8; 4], usize, u64)>, Mp4E
     let size32 = u32::from_be_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]);
     let kind = [data[pos + 4], data[pos + 5], data[pos + 6], data[pos + 7]];
     if !kind.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
-        return Err(Mp4Error::Malformed(format!("box type {kind:?} at byte {pos}")));
+        return Err(Mp4Error::Malformed(format!(
+            "box type {kind:?} at byte {pos}"
+        )));
     }
     let (header_len, size) = match size32 {
         1 => {
@@ -84,12 +91,17 @@ fn box_at(data: &[u8], pos: usize) -> Result<Option<([u8; 4], usize, u64)>, Mp4E
         n => (8, u64::from(n)),
     };
     if size < header_len as u64 {
-        return Err(Mp4Error::Malformed(format!("box size {size} at byte {pos}")));
+        return Err(Mp4Error::Malformed(format!(
+            "box size {size} at byte {pos}"
+        )));
     }
     Ok(Some((kind, header_len, size)))
 }
 
-fn children(data: &[u8]) -> Result<Vec<([u8; 4], &[u8])>, Mp4Error> {
+/// A child box: its type and its body.
+type Child<'a> = ([u8; 4], &'a [u8]);
+
+fn children(data: &[u8]) -> Result<Vec<Child<'_>>, Mp4Error> {
     let mut out = Vec::new();
     let mut pos = 0;
     while pos < data.len() {
@@ -176,11 +188,8 @@ mod tests {
 
     fn clip() -> Vec<u8> {
         let end = chrono::Utc::now() - chrono::Duration::seconds(60);
-        let mut spec = kvs_emulator::StreamSpec::historical(
-            "cam",
-            end - chrono::Duration::seconds(10),
-            end,
-        );
+        let mut spec =
+            kvs_emulator::StreamSpec::historical("cam", end - chrono::Duration::seconds(10), end);
         spec.fragment_durations_ms = vec![2000];
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -193,7 +193,9 @@ mod tests {
 
     #[test]
     fn the_byte_cap_binds_for_large_fragments() {
-        let frags: Vec<_> = (0..100).map(|i| frag(i, i as i64 * 4000, 1_500_000)).collect();
+        let frags: Vec<_> = (0..100)
+            .map(|i| frag(i, i as i64 * 4000, 1_500_000))
+            .collect();
         let chunks = plan_all(&frags, LIMITS);
         assert!(chunks.iter().all(|c| c.bytes <= 90_000_000));
         assert_eq!(chunks[0].fragment_count, 60);

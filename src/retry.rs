@@ -54,6 +54,45 @@ impl RetryPolicy {
     }
 }
 
+/// Runs `op` until it succeeds, fails permanently, or the policy gives up; waits between
+/// attempts as the policy says. `what` names the operation in logs.
+pub async fn with_retry<T, F, Fut>(
+    policy: &RetryPolicy,
+    what: &str,
+    mut op: F,
+) -> crate::error::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = crate::error::Result<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match op().await {
+            Ok(value) => {
+                if attempt > 1 {
+                    tracing::info!(
+                        what,
+                        attempt,
+                        "recovered after {} failed attempts",
+                        attempt - 1
+                    );
+                }
+                return Ok(value);
+            }
+            Err(error) => {
+                let retry = error.retryability();
+                if !policy.allows(attempt, retry) {
+                    return Err(error);
+                }
+                let delay = policy.delay(attempt, retry);
+                tracing::warn!(what, attempt, ?retry, delay_ms = delay.as_millis() as u64, %error, "retrying");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,35 +120,5 @@ mod tests {
         assert!(!POLICY.allows(1, Retryability::Permanent));
         assert!(POLICY.allows(4, Retryability::Throttled));
         assert!(!POLICY.allows(5, Retryability::Transient));
-    }
-}
-
-/// Runs `op` until it succeeds, fails permanently, or the policy gives up; waits between
-/// attempts as the policy says. `what` names the operation in logs.
-pub async fn with_retry<T, F, Fut>(policy: &RetryPolicy, what: &str, mut op: F) -> crate::error::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = crate::error::Result<T>>,
-{
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match op().await {
-            Ok(value) => {
-                if attempt > 1 {
-                    tracing::info!(what, attempt, "recovered after {} failed attempts", attempt - 1);
-                }
-                return Ok(value);
-            }
-            Err(error) => {
-                let retry = error.retryability();
-                if !policy.allows(attempt, retry) {
-                    return Err(error);
-                }
-                let delay = policy.delay(attempt, retry);
-                tracing::warn!(what, attempt, ?retry, delay_ms = delay.as_millis() as u64, %error, "retrying");
-                tokio::time::sleep(delay).await;
-            }
-        }
     }
 }

@@ -231,7 +231,11 @@ impl Ledger {
         .fetch_all(&self.pool)
         .await
         .map_err(Error::store("find abandoned chunks"))?;
-        let host = self.owner.rsplit_once(':').map_or("", |(h, _)| h).to_string();
+        let host = self
+            .owner
+            .rsplit_once(':')
+            .map_or("", |(h, _)| h)
+            .to_string();
         let now = now_ms();
         let mut out = Vec::new();
         for row in &rows {
@@ -345,7 +349,11 @@ impl Ledger {
     /// Replaces a truncated chunk by smaller ones covering the same fragments, in one
     /// transaction.
     pub async fn split(&self, chunk: &Chunk, parts: &[(ChunkPlan, String)]) -> Result<()> {
-        let mut tx = self.pool.begin().await.map_err(Error::store("split chunk"))?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(Error::store("split chunk"))?;
         sqlx::query("DELETE FROM chunks WHERE id = ?")
             .bind(chunk.id)
             .execute(&mut *tx)

@@ -12,7 +12,7 @@ use crate::domain::{object_key, rfc3339, ChunkPlan, EpochMs, Fragment};
 use crate::error::{Error, Result};
 use crate::mp4;
 use crate::plan::{sort_and_dedup, ChunkLimits, Packer};
-use crate::retry::{Retryability, RetryPolicy};
+use crate::retry::{RetryPolicy, Retryability};
 use crate::sink::{ObjectMeta, Sink};
 use crate::source::kvs::{means_expired, KvsSource};
 use crate::store::{Chunk, Ledger};
@@ -85,13 +85,18 @@ impl Archiver {
                 continue;
             }
             if let Some(upload_id) = &chunk.upload_id {
-                self.sink.abort_abandoned(&chunk.object_key, upload_id).await?;
+                self.sink
+                    .abort_abandoned(&chunk.object_key, upload_id)
+                    .await?;
                 known.push(upload_id.clone());
             }
             self.ledger.release(chunk.id).await?;
             tracing::info!(key = %chunk.object_key, "took back a chunk a stopped process left in {}", chunk.state);
         }
-        let swept = self.sink.sweep_orphans(&self.config.destination.prefix, &known).await;
+        let swept = self
+            .sink
+            .sweep_orphans(&self.config.destination.prefix, &known)
+            .await;
         if swept > 0 {
             tracing::info!(swept, "removed orphaned partial uploads");
         }
@@ -136,13 +141,15 @@ impl Archiver {
                     packer.push(fragment, &mut closed);
                 }
             }
-            self.record(stream, &mut closed, &mut summary, dry_run).await?;
+            self.record(stream, &mut closed, &mut summary, dry_run)
+                .await?;
             crate::crashpoint::hit("planning");
             progress.planned(window_end - start, end - start + 1, summary.chunks.len());
             window_start = window_end + 1;
         }
         packer.finish(&mut closed);
-        self.record(stream, &mut closed, &mut summary, dry_run).await?;
+        self.record(stream, &mut closed, &mut summary, dry_run)
+            .await?;
         Ok(summary)
     }
 
@@ -225,7 +232,10 @@ impl Archiver {
             let results: Vec<(i64, Result<ChunkOutcome>)> = futures_util::stream::iter(todo)
                 .map(|chunk| async move {
                     let id = chunk.id;
-                    (id, self.archive_chunk(stream, chunk, progress, cancel).await)
+                    (
+                        id,
+                        self.archive_chunk(stream, chunk, progress, cancel).await,
+                    )
                 })
                 .buffer_unordered(self.config.archive.concurrency)
                 .collect()
@@ -235,7 +245,9 @@ impl Archiver {
                 match result {
                     Ok(ChunkOutcome::Done(bytes)) => tracing::debug!(id, bytes, "chunk archived"),
                     Ok(ChunkOutcome::Split) => tracing::debug!(id, "chunk split"),
-                    Ok(ChunkOutcome::Skipped) => tracing::debug!(id, "chunk held elsewhere or finished"),
+                    Ok(ChunkOutcome::Skipped) => {
+                        tracing::debug!(id, "chunk held elsewhere or finished")
+                    }
                     Err(Error::Interrupted) => return Err(Error::Interrupted),
                     Err(Error::Store { op, source }) => return Err(Error::Store { op, source }),
                     // Recorded on the chunk; the summary reports it.
@@ -263,14 +275,19 @@ impl Archiver {
             }
             attempt += 1;
             let span = tracing::info_span!("chunk", stream = %chunk.stream, key = %chunk.object_key, attempt);
-            let result = tracing::Instrument::instrument(self.fetch_and_store(stream, &chunk), span).await;
+            let result =
+                tracing::Instrument::instrument(self.fetch_and_store(stream, &chunk), span).await;
             match result {
                 Ok(bytes) => {
                     self.ledger.mark_done(chunk.id, bytes).await?;
                     progress.chunk_done(bytes, &chunk);
                     return Ok(ChunkOutcome::Done(bytes));
                 }
-                Err(Error::Truncated { key, got_ms, planned_ms }) => {
+                Err(Error::Truncated {
+                    key,
+                    got_ms,
+                    planned_ms,
+                }) => {
                     tracing::warn!(%key, got_ms, planned_ms, "GetClip cut the clip short: splitting the chunk");
                     self.split(stream, &chunk).await?;
                     return Ok(ChunkOutcome::Split);
@@ -333,7 +350,10 @@ impl Archiver {
     /// One attempt: GetClip, header check, upload. Returns the object's size.
     async fn fetch_and_store(&self, stream: &StreamConfig, chunk: &Chunk) -> Result<u64> {
         let (start, end) = chunk.plan.clip_range();
-        let mut body = self.source.get_clip(stream, start, end, chunk.plan.fragment_count).await?;
+        let mut body = self
+            .source
+            .get_clip(stream, start, end, chunk.plan.fragment_count)
+            .await?;
         let key = chunk.object_key.clone();
         let mut head = Vec::new();
         let header = loop {
@@ -357,7 +377,10 @@ impl Archiver {
         let Some(header) = header else {
             return Err(Error::Clip {
                 key,
-                message: format!("GetClip body ended after {} bytes without an MP4 header", head.len()),
+                message: format!(
+                    "GetClip body ended after {} bytes without an MP4 header",
+                    head.len()
+                ),
                 retry: Retryability::Transient,
             });
         };
@@ -406,7 +429,10 @@ impl Archiver {
             upload.abort().await;
             return Err(Error::Clip {
                 key,
-                message: format!("body has {received} bytes, the MP4 header says {}", header.total_len),
+                message: format!(
+                    "body has {received} bytes, the MP4 header says {}",
+                    header.total_len
+                ),
                 retry: Retryability::Transient,
             });
         }

@@ -36,11 +36,15 @@ async fn start_s3s() -> S3Server {
         DEFAULT_SECRET_ACCESS_KEY,
     ));
     let service = builder.build();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let task = tokio::spawn(async move {
         loop {
-            let Ok((socket, _)) = listener.accept().await else { continue };
+            let Ok((socket, _)) = listener.accept().await else {
+                continue;
+            };
             let service = service.clone();
             tokio::spawn(async move {
                 let conn = Builder::new(TokioExecutor::new());
@@ -64,6 +68,9 @@ fn s3_client(url: &str) -> s3::Client {
         ))
         .endpoint_url(url)
         .force_path_style(true)
+        // moto reports a multipart object's composite CRC32C without the "-N" suffix,
+        // which the SDK would check as a whole-object checksum and reject.
+        .response_checksum_validation(s3::config::ResponseChecksumValidation::WhenRequired)
         .build();
     s3::Client::from_conf(conf)
 }
@@ -100,7 +107,12 @@ impl World {
         .await
         .expect("emulator");
         let client = s3_client(&s3_url);
-        client.create_bucket().bucket(bucket).send().await.expect("bucket created");
+        client
+            .create_bucket()
+            .bucket(bucket)
+            .send()
+            .await
+            .expect("bucket created");
         let work = tempfile::tempdir().expect("tempdir");
         let config = work.path().join("kvs-archiver.toml");
         let mut text = format!(
@@ -142,12 +154,18 @@ impl World {
     }
 
     async fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().await.expect("kvs-archiver runs")
+        self.command(args)
+            .output()
+            .await
+            .expect("kvs-archiver runs")
     }
 
     async fn backfill(&self, stream: &str, start_ms: i64, end_ms: i64) -> Output {
         let (start, end) = (rfc3339(start_ms), rfc3339(end_ms));
-        self.run(&["backfill", "--stream", stream, "--start", &start, "--end", &end]).await
+        self.run(&[
+            "backfill", "--stream", stream, "--start", &start, "--end", &end,
+        ])
+        .await
     }
 
     /// Every stored object under the prefix, with its bytes.
@@ -193,7 +211,9 @@ impl World {
     /// cancelled half-way: s3s-fs drops the registration first, then consumes the parts.
     /// That is the server's own leftover, not an open upload, and AWS completes atomically.)
     fn open_multipart_uploads(&self) -> Vec<String> {
-        let Some(s3) = &self.s3 else { return Vec::new() };
+        let Some(s3) = &self.s3 else {
+            return Vec::new();
+        };
         std::fs::read_dir(s3.root.path())
             .expect("s3s root")
             .flatten()
@@ -233,20 +253,35 @@ fn assert_exactly_once(objects: &BTreeMap<String, Vec<u8>>, expected: &[String])
             seen.entry(number).or_default().push(key);
         }
     }
-    let doubled: Vec<_> = seen.iter().filter(|(_, keys)| keys.len() > 1).take(5).collect();
+    let doubled: Vec<_> = seen
+        .iter()
+        .filter(|(_, keys)| keys.len() > 1)
+        .take(5)
+        .collect();
     assert!(doubled.is_empty(), "fragments stored twice: {doubled:?}");
-    let missing: Vec<_> = expected.iter().filter(|n| !seen.contains_key(*n)).take(5).collect();
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|n| !seen.contains_key(*n))
+        .take(5)
+        .collect();
     assert!(
         missing.is_empty(),
         "{} of {} fragments missing, e.g. {missing:?}",
         expected.iter().filter(|n| !seen.contains_key(*n)).count(),
         expected.len()
     );
-    assert_eq!(seen.len(), expected.len(), "no fragment outside the range is stored");
+    assert_eq!(
+        seen.len(),
+        expected.len(),
+        "no fragment outside the range is stored"
+    );
 }
 
 fn ffmpeg_available() -> bool {
-    let found = std::process::Command::new("ffmpeg").arg("-version").output().is_ok();
+    let found = std::process::Command::new("ffmpeg")
+        .arg("-version")
+        .output()
+        .is_ok();
     if !found {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
@@ -322,16 +357,30 @@ async fn six_hour_backfill_with_a_gap_archives_every_fragment_exactly_once() {
     let objects = world.objects().await;
     assert_exactly_once(&objects, &expected);
     no_clip_was_truncated(&world.emu);
-    assert!(objects.len() >= expected.len() / 190, "the 200-fragment cap split the clips");
-    let clips: Vec<_> = world.emu.requests().into_iter().filter(|r| r.op == "GetClip" && r.status == 200).collect();
-    assert!(clips.iter().all(|r| r.fragments <= 190), "chunks stay under the fragment cap");
+    assert!(
+        objects.len() >= expected.len() / 190,
+        "the 200-fragment cap split the clips"
+    );
+    let clips: Vec<_> = world
+        .emu
+        .requests()
+        .into_iter()
+        .filter(|r| r.op == "GetClip" && r.status == 200)
+        .collect();
+    assert!(
+        clips.iter().all(|r| r.fragments <= 190),
+        "chunks stay under the fragment cap"
+    );
     assert_playable(&objects);
 
     // A second run finds everything archived and fetches nothing.
     world.emu.clear_requests();
     let again = world.backfill("front-door", start, end).await;
     assert!(again.status.success(), "{}", text(&again));
-    assert!(world.emu.requests().iter().all(|r| r.op != "GetClip"), "nothing re-fetched");
+    assert!(
+        world.emu.requests().iter().all(|r| r.op != "GetClip"),
+        "nothing re-fetched"
+    );
     assert_eq!(world.objects().await.len(), objects.len());
 
     let status = world.run(&["status", "--json"]).await;
@@ -355,16 +404,31 @@ async fn hd_backfill_is_cut_by_the_100_mb_cap_and_uploaded_in_parts() {
     assert_exactly_once(&objects, &expected);
     no_clip_was_truncated(&world.emu);
     let biggest = objects.values().map(Vec::len).max().unwrap_or(0);
-    assert!(biggest > 50_000_000 && biggest <= 100_000_000, "byte cap binds: biggest {biggest}");
+    assert!(
+        biggest > 50_000_000 && biggest <= 100_000_000,
+        "byte cap binds: biggest {biggest}"
+    );
     assert!(world.open_multipart_uploads().is_empty());
     assert_playable(&objects);
 
     let client = s3_client(&world.s3_url);
     let key = objects.keys().next().expect("an object");
-    let head = client.head_object().bucket(BUCKET).key(key).send().await.expect("head");
+    let head = client
+        .head_object()
+        .bucket(BUCKET)
+        .key(key)
+        .send()
+        .await
+        .expect("head");
     let meta = head.metadata().expect("metadata");
-    assert_eq!(meta.get("kvs-stream").map(String::as_str), Some("loading-dock"));
-    assert_eq!(meta.get("kvs-timestamp-source").map(String::as_str), Some("server"));
+    assert_eq!(
+        meta.get("kvs-stream").map(String::as_str),
+        Some("loading-dock")
+    );
+    assert_eq!(
+        meta.get("kvs-timestamp-source").map(String::as_str),
+        Some("server")
+    );
     assert_eq!(meta.get("kvs-first-fragment"), Some(&expected[0]));
     assert!(meta.contains_key("kvs-fragment-count") && meta.contains_key("kvs-start"));
 }
@@ -398,11 +462,18 @@ async fn truncated_clips_are_split_and_fetched_again_never_recorded_as_done() {
     let spec = historical("cam", start, end, 2000, 20_000);
     let world = World::new(vec![spec], "").await;
     // The store-side cap is lower than the planner's: every full chunk comes back cut.
-    world.emu.update_faults("cam", |f| f.max_clip_fragments = 70);
+    world
+        .emu
+        .update_faults("cam", |f| f.max_clip_fragments = 70);
     let expected = world.fragment_numbers("cam", start, end);
     let out = world.backfill("cam", start, end).await;
     assert!(out.status.success(), "{}", text(&out));
-    let cut = world.emu.requests().iter().filter(|r| r.op == "GetClip" && r.truncated).count();
+    let cut = world
+        .emu
+        .requests()
+        .iter()
+        .filter(|r| r.op == "GetClip" && r.truncated)
+        .count();
     assert!(cut > 0, "the emulator did truncate");
     let objects = world.objects().await;
     assert_exactly_once(&objects, &expected);
@@ -423,7 +494,9 @@ async fn throttling_server_errors_and_broken_bodies_are_retried_to_exactly_once(
     assert!(out.status.success(), "{}", text(&out));
     let log = world.emu.requests();
     assert!(log.iter().any(|r| r.reset), "a body was cut off");
-    assert!(log.iter().any(|r| r.error.as_deref() == Some("InternalFailure")));
+    assert!(log
+        .iter()
+        .any(|r| r.error.as_deref() == Some("InternalFailure")));
     assert_exactly_once(&world.objects().await, &expected);
     assert!(world.open_multipart_uploads().is_empty());
 }
@@ -445,14 +518,27 @@ async fn crash_and_resume(point: &str, spec: StreamSpec, start: i64, end: i64) {
         .output()
         .await
         .expect("runs");
-    assert!(!crashed.status.success(), "the crash point {point} was reached: {}", text(&crashed));
+    assert!(
+        !crashed.status.success(),
+        "the crash point {point} was reached: {}",
+        text(&crashed)
+    );
     use std::os::unix::process::ExitStatusExt;
-    assert_eq!(crashed.status.signal(), Some(9), "killed by SIGKILL: {}", text(&crashed));
+    assert_eq!(
+        crashed.status.signal(),
+        Some(9),
+        "killed by SIGKILL: {}",
+        text(&crashed)
+    );
     let resumed = world.backfill(&name, start, end).await;
     assert!(resumed.status.success(), "{}", text(&resumed));
     let objects = world.objects().await;
     assert_exactly_once(&objects, &expected);
-    assert!(world.open_multipart_uploads().is_empty(), "left behind: {:?}", world.open_multipart_uploads());
+    assert!(
+        world.open_multipart_uploads().is_empty(),
+        "left behind: {:?}",
+        world.open_multipart_uploads()
+    );
     assert_playable(&objects);
 }
 
@@ -464,7 +550,13 @@ fn hd_stream(name: &str) -> (StreamSpec, i64, i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_while_planning_then_rerun_completes() {
     let (start, end) = recent(3.0);
-    crash_and_resume("planning", historical("cam", start, end, 2000, 20_000), start, end).await;
+    crash_and_resume(
+        "planning",
+        historical("cam", start, end, 2000, 20_000),
+        start,
+        end,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,7 +592,12 @@ async fn sigkill_from_outside_at_a_random_moment_then_rerun_completes() {
         .expect("spawned");
     // Wait until a clip is streaming, then kill -9.
     for _ in 0..200 {
-        if world.emu.requests().iter().any(|r| r.op == "GetClip" && r.status == 200) {
+        if world
+            .emu
+            .requests()
+            .iter()
+            .any(|r| r.op == "GetClip" && r.status == 200)
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -526,43 +623,94 @@ async fn bad_input_gets_a_clear_error_and_leaves_the_ledger_intact() {
     assert_eq!(reversed.status.code(), Some(2), "{}", text(&reversed));
     assert!(String::from_utf8_lossy(&reversed.stderr).contains("is not after --start"));
 
-    let garbled = world.run(&["backfill", "--stream", "cam", "--start", "yesterday", "--end", "now"]).await;
+    let garbled = world
+        .run(&[
+            "backfill",
+            "--stream",
+            "cam",
+            "--start",
+            "yesterday",
+            "--end",
+            "now",
+        ])
+        .await;
     assert_eq!(garbled.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&garbled.stderr).contains("not an RFC 3339 timestamp"));
 
     let unknown = world.backfill("back-door", start, end).await;
     assert_eq!(unknown.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&unknown.stderr).contains("stream \"back-door\" is not in the configuration"));
+    assert!(String::from_utf8_lossy(&unknown.stderr)
+        .contains("stream \"back-door\" is not in the configuration"));
 
     // Configured, but KVS has no such stream.
     let config = std::fs::read_to_string(&world.config).expect("config");
-    std::fs::write(&world.config, format!("{config}[[streams]]\nname = \"ghost\"\n")).expect("write");
+    std::fs::write(
+        &world.config,
+        format!("{config}[[streams]]\nname = \"ghost\"\n"),
+    )
+    .expect("write");
     let ghost = world.backfill("ghost", start, end).await;
     assert_eq!(ghost.status.code(), Some(1), "{}", text(&ghost));
-    assert!(String::from_utf8_lossy(&ghost.stderr).contains("ResourceNotFoundException"), "{}", text(&ghost));
+    assert!(
+        String::from_utf8_lossy(&ghost.stderr).contains("ResourceNotFoundException"),
+        "{}",
+        text(&ghost)
+    );
 
     let no_bucket = world
-        .command(&["backfill", "--stream", "cam", "--start", &rfc3339(start), "--end", &rfc3339(end)])
+        .command(&[
+            "backfill",
+            "--stream",
+            "cam",
+            "--start",
+            &rfc3339(start),
+            "--end",
+            &rfc3339(end),
+        ])
         .env("KVS_ARCHIVER_DESTINATION__BUCKET", "no-such-bucket")
         .output()
         .await
         .expect("runs");
     assert_eq!(no_bucket.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&no_bucket.stderr).contains("bucket does not exist"), "{}", text(&no_bucket));
+    assert!(
+        String::from_utf8_lossy(&no_bucket.stderr).contains("bucket does not exist"),
+        "{}",
+        text(&no_bucket)
+    );
 
     let wrong_keys = world
-        .command(&["backfill", "--stream", "cam", "--start", &rfc3339(start), "--end", &rfc3339(end)])
+        .command(&[
+            "backfill",
+            "--stream",
+            "cam",
+            "--start",
+            &rfc3339(start),
+            "--end",
+            &rfc3339(end),
+        ])
         .env("AWS_SECRET_ACCESS_KEY", "not-the-secret")
         .output()
         .await
         .expect("runs");
     assert_eq!(wrong_keys.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&wrong_keys.stderr).contains("check the AWS credentials"), "{}", text(&wrong_keys));
+    assert!(
+        String::from_utf8_lossy(&wrong_keys.stderr).contains("check the AWS credentials"),
+        "{}",
+        text(&wrong_keys)
+    );
 
-    std::fs::write(&world.config, config.replace("max_attempts = 10", "max_attempts = \"ten\"")).expect("write");
+    std::fs::write(
+        &world.config,
+        config.replace("max_attempts = 10", "max_attempts = \"ten\""),
+    )
+    .expect("write");
     let malformed = world.backfill("cam", start, end).await;
     assert_eq!(malformed.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&malformed.stderr).contains("archive.max_attempts"), "{}", text(&malformed));
+    assert!(
+        String::from_utf8_lossy(&malformed.stderr).contains("archive.max_attempts"),
+        "{}",
+        text(&malformed)
+    );
     std::fs::write(&world.config, &config).expect("restored");
 
     let after = world.run(&["status", "--json"]).await.stdout;
@@ -573,38 +721,69 @@ async fn bad_input_gets_a_clear_error_and_leaves_the_ledger_intact() {
 async fn plan_lists_chunks_without_fetching_and_check_config_prints_the_config() {
     let (start, end) = recent(1.0);
     let world = World::new(vec![historical("cam", start, end, 2000, 20_000)], "").await;
-    let out = world.run(&["plan", "--stream", "cam", "--start", &rfc3339(start), "--end", &rfc3339(end), "--json"]).await;
+    let out = world
+        .run(&[
+            "plan",
+            "--stream",
+            "cam",
+            "--start",
+            &rfc3339(start),
+            "--end",
+            &rfc3339(end),
+            "--json",
+        ])
+        .await;
     assert!(out.status.success(), "{}", text(&out));
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let chunks = plan["chunks"].as_array().expect("chunks");
-    let fragments: u64 = chunks.iter().map(|c| c["fragment_count"].as_u64().unwrap_or(0)).sum();
-    assert_eq!(fragments, world.fragment_numbers("cam", start, end).len() as u64);
-    assert!(chunks.len() >= 12, "six 10-minute slots of 300 fragments, each split in two");
+    let fragments: u64 = chunks
+        .iter()
+        .map(|c| c["fragment_count"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        fragments,
+        world.fragment_numbers("cam", start, end).len() as u64
+    );
+    assert!(
+        chunks.len() >= 12,
+        "six 10-minute slots of 300 fragments, each split in two"
+    );
     assert!(world.emu.requests().iter().all(|r| r.op != "GetClip"));
     assert!(world.objects().await.is_empty());
 
     let shown = world.run(&["check-config"]).await;
     assert!(shown.status.success(), "{}", text(&shown));
     let stdout = String::from_utf8_lossy(&shown.stdout);
-    assert!(stdout.contains("bucket = \"archive\"") && stdout.contains("max_fragments_per_clip = 190"));
-    assert!(!stdout.contains(DEFAULT_SECRET_ACCESS_KEY), "no secrets printed");
+    assert!(
+        stdout.contains("bucket = \"archive\"") && stdout.contains("max_fragments_per_clip = 190")
+    );
+    assert!(
+        !stdout.contains(DEFAULT_SECRET_ACCESS_KEY),
+        "no secrets printed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moto_as_a_second_s3_implementation_gets_the_same_archive() {
-    let Ok(url) = std::env::var("KVS_ARCHIVER_TEST_MOTO_URL") else {
+    let Ok(url) = std::env::var("KVS_TEST_MOTO_URL") else {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
-            "KVS_ARCHIVER_TEST_MOTO_URL is not set: .ci/run must start moto_server"
+            "KVS_TEST_MOTO_URL is not set: .ci/run must start moto_server"
         );
-        eprintln!("moto not running: set KVS_ARCHIVER_TEST_MOTO_URL=http://127.0.0.1:PORT (pip install 'moto[server]')");
+        eprintln!("moto not running: set KVS_TEST_MOTO_URL=http://127.0.0.1:PORT (pip install 'moto[server]')");
         return;
     };
-    assert!(url.starts_with("http://127.0.0.1:"), "moto must listen on loopback");
+    assert!(
+        url.starts_with("http://127.0.0.1:"),
+        "moto must listen on loopback"
+    );
     let (start, end) = recent(0.1);
     let bucket = format!("moto-{}", std::process::id());
     let world = World::with_s3(
-        vec![historical("hd", start, end, 4000, 1_500_000), historical("sd", start, end, 2000, 20_000)],
+        vec![
+            historical("hd", start, end, 4000, 1_500_000),
+            historical("sd", start, end, 2000, 20_000),
+        ],
         "",
         None,
         url,
@@ -638,6 +817,9 @@ async fn moto_as_a_second_s3_implementation_gets_the_same_archive() {
         .send()
         .await
         .expect("moto lists uploads");
-    assert!(uploads.uploads().is_empty(), "no multipart upload left behind");
+    assert!(
+        uploads.uploads().is_empty(),
+        "no multipart upload left behind"
+    );
     let _ = &world.work;
 }

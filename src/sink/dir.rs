@@ -86,7 +86,9 @@ impl DirSink {
     /// Removes `.partial` files a killed process left under `prefix`.
     pub fn sweep_orphans(&self, prefix: &str) -> usize {
         fn walk(dir: &Path, removed: &mut usize) {
-            let Ok(entries) = std::fs::read_dir(dir) else { return };
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
             for entry in entries.flatten() {
                 let path = entry.path();
                 if path.is_dir() {

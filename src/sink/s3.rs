@@ -8,7 +8,7 @@
 
 use super::ObjectMeta;
 use crate::error::{Error, Result};
-use crate::retry::{with_retry, Retryability, RetryPolicy};
+use crate::retry::{with_retry, RetryPolicy, Retryability};
 use aws_sdk_s3 as s3;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
@@ -41,7 +41,11 @@ pub struct S3Upload {
 }
 
 /// Classifies an S3 SDK error: the one place S3 errors get their retryability.
-fn s3_error<E>(op: &'static str, target: &str, err: SdkError<E, s3::config::http::HttpResponse>) -> Error
+fn s3_error<E>(
+    op: &'static str,
+    target: &str,
+    err: SdkError<E, s3::config::http::HttpResponse>,
+) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
@@ -53,7 +57,19 @@ where
                 403 => "AccessDenied",
                 _ => "Error",
             });
-            let message = ctx.err().message().unwrap_or("").to_string();
+            let message = match ctx.err().message() {
+                Some(m) => m.to_string(),
+                // No parsed message: show the whole error chain and what the store sent.
+                None => format!(
+                    "{}; response body: {}",
+                    DisplayErrorContext(ctx.err()),
+                    ctx.raw()
+                        .body()
+                        .bytes()
+                        .map(|b| String::from_utf8_lossy(&b[..b.len().min(300)]).into_owned())
+                        .unwrap_or_default()
+                ),
+            };
             let retry = match code {
                 "SlowDown" | "RequestLimitExceeded" | "Throttling" => Retryability::Throttled,
                 "RequestTimeout" | "InternalError" => Retryability::Transient,
@@ -64,7 +80,9 @@ where
                 "NoSuchBucket" | "NotFound" if op == "HeadBucket" => {
                     " (the bucket does not exist: create it or fix destination.bucket)"
                 }
-                "NoSuchBucket" => " (the bucket does not exist: create it or fix destination.bucket)",
+                "NoSuchBucket" => {
+                    " (the bucket does not exist: create it or fix destination.bucket)"
+                }
                 "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" => {
                     " (check the AWS credentials and the bucket policy)"
                 }
@@ -72,11 +90,15 @@ where
             };
             (format!("{code} (HTTP {status}) {message}{hint}"), retry)
         }
-        SdkError::ConstructionFailure(_) => {
-            (format!("{}", DisplayErrorContext(&err)), Retryability::Permanent)
-        }
+        SdkError::ConstructionFailure(_) => (
+            format!("{}", DisplayErrorContext(&err)),
+            Retryability::Permanent,
+        ),
         _ => (
-            format!("{} (endpoint unreachable or connection lost)", DisplayErrorContext(&err)),
+            format!(
+                "{} (endpoint unreachable or connection lost)",
+                DisplayErrorContext(&err)
+            ),
             Retryability::Transient,
         ),
     };
@@ -184,12 +206,21 @@ async fn abort(inner: &Inner, key: &str, upload_id: &str) -> Result<()> {
     .await;
     match result {
         // Already completed or aborted: nothing is left behind either way.
-        Err(Error::Sink { retry: Retryability::Permanent, .. }) => Ok(()),
+        Err(Error::Sink {
+            retry: Retryability::Permanent,
+            ..
+        }) => Ok(()),
         other => other,
     }
 }
 
-async fn upload_part(inner: Arc<Inner>, key: String, upload_id: String, number: i32, body: Bytes) -> Result<CompletedPart> {
+async fn upload_part(
+    inner: Arc<Inner>,
+    key: String,
+    upload_id: String,
+    number: i32,
+    body: Bytes,
+) -> Result<CompletedPart> {
     let target = format!("s3://{}/{key} part {number}", inner.bucket);
     with_retry(&inner.policy, "UploadPart", || async {
         let out = inner
@@ -324,7 +355,9 @@ impl S3Upload {
         }
         let mut parts = std::mem::take(&mut self.parts);
         parts.sort_by_key(|p| p.part_number());
-        let completed = CompletedMultipartUpload::builder().set_parts(Some(parts)).build();
+        let completed = CompletedMultipartUpload::builder()
+            .set_parts(Some(parts))
+            .build();
         let inner = self.inner.clone();
         let result = with_retry(&inner.policy, "CompleteMultipartUpload", || async {
             inner

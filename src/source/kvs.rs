@@ -9,17 +9,19 @@
 use crate::config::StreamConfig;
 use crate::domain::{EpochMs, Fragment, TimestampSource};
 use crate::error::{Error, Result};
-use crate::retry::{with_retry, Retryability, RetryPolicy};
+use crate::quota::TokenBucket;
+use crate::retry::{with_retry, RetryPolicy, Retryability};
 use aws_sdk_kinesisvideo as kv;
 use aws_sdk_kinesisvideoarchivedmedia as am;
-use aws_sdk_kinesisvideoarchivedmedia::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_kinesisvideoarchivedmedia::error::{
+    DisplayErrorContext, ProvideErrorMetadata, SdkError,
+};
 use aws_sdk_kinesisvideoarchivedmedia::primitives::{ByteStream, DateTime};
 use aws_sdk_kinesisvideoarchivedmedia::types::{
     ClipFragmentSelector, ClipFragmentSelectorType, ClipTimestampRange, FragmentSelector,
     FragmentSelectorType, TimestampRange,
 };
 use bytes::Bytes;
-use crate::quota::TokenBucket;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -69,7 +71,11 @@ fn to_ms(t: &DateTime) -> EpochMs {
 }
 
 /// Classifies an SDK error: the one place KVS errors get their retryability.
-fn kvs_error<E>(op: &'static str, stream: &str, err: SdkError<E, am::config::http::HttpResponse>) -> Error
+fn kvs_error<E>(
+    op: &'static str,
+    stream: &str,
+    err: SdkError<E, am::config::http::HttpResponse>,
+) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
@@ -101,12 +107,23 @@ where
                 }
                 _ => "",
             };
-            (code.clone(), format!("{}: {message}{hint}", code.as_deref().unwrap_or("error")), retry)
+            (
+                code.clone(),
+                format!("{}: {message}{hint}", code.as_deref().unwrap_or("error")),
+                retry,
+            )
         }
-        SdkError::ConstructionFailure(_) => (None, format!("{}", DisplayErrorContext(&err)), Retryability::Permanent),
+        SdkError::ConstructionFailure(_) => (
+            None,
+            format!("{}", DisplayErrorContext(&err)),
+            Retryability::Permanent,
+        ),
         _ => (
             None,
-            format!("{} (endpoint unreachable or connection lost)", DisplayErrorContext(&err)),
+            format!(
+                "{} (endpoint unreachable or connection lost)",
+                DisplayErrorContext(&err)
+            ),
             Retryability::Transient,
         ),
     };
@@ -124,7 +141,12 @@ where
 /// retention.
 pub fn means_expired(error: &Error) -> bool {
     match error {
-        Error::Kvs { op: "GetClip", code: Some(code), message, .. } => {
+        Error::Kvs {
+            op: "GetClip",
+            code: Some(code),
+            message,
+            ..
+        } => {
             code == "ResourceNotFoundException" && message.contains("No fragments found")
                 || code == "InvalidArgumentException" && message.contains("retention period")
         }
@@ -217,17 +239,22 @@ impl KvsSource {
                 .send()
                 .await
                 .map_err(|e| kvs_error("GetDataEndpoint", &label, e))?;
-            out.data_endpoint().map(str::to_string).ok_or_else(|| Error::Kvs {
-                op: "GetDataEndpoint",
-                stream: label.clone(),
-                code: None,
-                message: "response has no DataEndpoint".into(),
-                retry: Retryability::Transient,
-            })
+            out.data_endpoint()
+                .map(str::to_string)
+                .ok_or_else(|| Error::Kvs {
+                    op: "GetDataEndpoint",
+                    stream: label.clone(),
+                    code: None,
+                    message: "response has no DataEndpoint".into(),
+                    retry: Retryability::Transient,
+                })
         })
         .await?;
         let client = am::Client::from_conf(
-            self.media_config.to_builder().endpoint_url(endpoint).build(),
+            self.media_config
+                .to_builder()
+                .endpoint_url(endpoint)
+                .build(),
         );
         self.lock_endpoints().insert((label, api), client.clone());
         Ok(client)
@@ -265,7 +292,10 @@ impl KvsSource {
         let mut token: Option<String> = None;
         loop {
             let page = with_retry(&self.policy, "ListFragments", || async {
-                self.buckets(stream).metadata.acquire(LIST_PAGE as f64).await;
+                self.buckets(stream)
+                    .metadata
+                    .acquire(LIST_PAGE as f64)
+                    .await;
                 let client = self.media_client(stream, Api::ListFragments).await?;
                 let mut request = client
                     .list_fragments()

@@ -99,7 +99,11 @@ fn ms_to_secs(ms: i64) -> f64 {
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
-    let body = if body.is_empty() { b"{}".as_slice() } else { body };
+    let body = if body.is_empty() {
+        b"{}".as_slice()
+    } else {
+        body
+    };
     serde_json::from_slice(body).map_err(|e| ApiError::serialization(e.to_string()))
 }
 
@@ -266,14 +270,18 @@ fn list_streams(shared: &Shared, body: &[u8]) -> Result<Response, ApiError> {
     let input: ListStreamsInput = parse(body)?;
     let max = input.max_results.unwrap_or(10_000);
     if !(1..=10_000).contains(&max) {
-        return Err(ApiError::invalid_argument("MaxResults must be between 1 and 10000."));
+        return Err(ApiError::invalid_argument(
+            "MaxResults must be between 1 and 10000.",
+        ));
     }
     let prefix = match input.stream_name_condition {
         Some(c) if c.comparison_operator.as_deref() == Some("BEGINS_WITH") => {
             c.comparison_value.unwrap_or_default()
         }
         Some(_) => {
-            return Err(ApiError::invalid_argument("ComparisonOperator must be BEGINS_WITH."))
+            return Err(ApiError::invalid_argument(
+                "ComparisonOperator must be BEGINS_WITH.",
+            ))
         }
         None => String::new(),
     };
@@ -385,7 +393,9 @@ fn list_fragments(
         (Some(token), _) => {
             let token = decode_token(&token)
                 .filter(|t| t.stream == name)
-                .ok_or_else(|| ApiError::invalid_argument("NextToken is not valid for this stream."))?;
+                .ok_or_else(|| {
+                    ApiError::invalid_argument("NextToken is not valid for this stream.")
+                })?;
             let (kind, label) = if token.kind == "PRODUCER_TIMESTAMP" {
                 (TimestampKind::Producer, "PRODUCER_TIMESTAMP")
             } else {
@@ -409,7 +419,9 @@ fn list_fragments(
     let now = shared.now_ms();
     shared.inject_internal_failure(&name)?;
     let mut streams = shared.lock_streams();
-    let stream = streams.get_mut(&name).ok_or_else(ApiError::stream_not_found)?;
+    let stream = streams
+        .get_mut(&name)
+        .ok_or_else(ApiError::stream_not_found)?;
     stream.advance(now);
     check_retention(stream, kind, end_ms, now)?;
     if stream.faults.throttling {
@@ -482,7 +494,11 @@ fn encode_token(token: &ListingToken) -> String {
     let data = serde_json::to_vec(token).unwrap_or_default();
     let mut out = String::new();
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -535,7 +551,9 @@ async fn get_clip(
     let now = shared.now_ms();
     let (fragments, selected, faults) = {
         let mut streams = shared.lock_streams();
-        let stream = streams.get_mut(&name).ok_or_else(ApiError::stream_not_found)?;
+        let stream = streams
+            .get_mut(&name)
+            .ok_or_else(ApiError::stream_not_found)?;
         if stream.spec.data_retention_hours == 0 {
             return Err(ApiError::no_data_retention());
         }
@@ -593,7 +611,9 @@ async fn get_clip(
     if faults.throttling {
         let cost = fragments.len() as f64;
         let mut streams = shared.lock_streams();
-        let stream = streams.get_mut(&name).ok_or_else(ApiError::stream_not_found)?;
+        let stream = streams
+            .get_mut(&name)
+            .ok_or_else(ApiError::stream_not_found)?;
         let media_rate = crate::stream::MEDIA_POINTS_PER_SEC * faults.quota_scale;
         let metadata_rate = crate::stream::METADATA_POINTS_PER_SEC * faults.quota_scale;
         if !stream.media_points.try_take(cost, media_rate, now)

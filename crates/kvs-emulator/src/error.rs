@@ -42,7 +42,11 @@ impl ApiError {
     }
 
     pub fn client_limit_exceeded(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "ClientLimitExceededException", message)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "ClientLimitExceededException",
+            message,
+        )
     }
 
     pub fn no_data_retention() -> Self {
@@ -62,7 +66,11 @@ impl ApiError {
     }
 
     pub fn invalid_codec_private_data(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "InvalidCodecPrivateDataException", message)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidCodecPrivateDataException",
+            message,
+        )
     }
 
     pub fn internal_failure() -> Self {
@@ -106,7 +114,11 @@ impl ApiError {
     }
 
     pub fn incomplete_signature(message: &str) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "IncompleteSignatureException", message)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "IncompleteSignatureException",
+            message,
+        )
     }
 }
 
@@ -115,10 +127,7 @@ impl IntoResponse for ApiError {
         let body = serde_json::json!({ "Message": self.message }).to_string();
         let mut response = (self.status, body).into_response();
         let headers = response.headers_mut();
-        headers.insert(
-            "content-type",
-            HeaderValue::from_static("application/json"),
-        );
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
         let error_type = format!(
             "{}:http://internal.amazon.com/coral/com.amazonaws.kinesisvideo/",
             self.code

@@ -150,7 +150,7 @@ impl Gop {
         let mut sample_sizes: Vec<u32> = (0..frames as usize).map(|i| self.frame_size(i)).collect();
         sample_sizes[0] += marker_len(number_len) as u32;
         let natural: u64 = sample_sizes.iter().map(|s| u64::from(*s)).sum();
-        let filler_payload = if size_target >= natural + FILLER_OVERHEAD + 1 {
+        let filler_payload = if size_target > natural + FILLER_OVERHEAD {
             size_target - natural - FILLER_OVERHEAD
         } else {
             0
@@ -171,7 +171,10 @@ impl Gop {
     pub fn fragment_chunks(&self, layout: &FragmentLayout, number: &str) -> Vec<Bytes> {
         let mut chunks = Vec::with_capacity(4);
         chunks.push(marker_nal(number));
-        chunks.push(self.avcc.slice(0..self.frame_end[layout.frames as usize - 1]));
+        chunks.push(
+            self.avcc
+                .slice(0..self.frame_end[layout.frames as usize - 1]),
+        );
         if layout.filler_payload > 0 {
             let payload = layout.filler_payload as usize;
             let mut header = BytesMut::with_capacity(5);
@@ -209,7 +212,10 @@ fn marker_len(number_len: usize) -> usize {
 /// The SEI NAL unit (with its length prefix) that names a fragment.
 fn marker_nal(number: &str) -> Bytes {
     let payload_size = 16 + number.len();
-    debug_assert!(payload_size < 255, "fragment numbers are at most 128 digits");
+    debug_assert!(
+        payload_size < 255,
+        "fragment numbers are at most 128 digits"
+    );
     let mut nal = BytesMut::with_capacity(marker_len(number.len()));
     nal.put_u32((marker_len(number.len()) - 4) as u32);
     nal.put_u8(0x06); // nal_unit_type 6: SEI

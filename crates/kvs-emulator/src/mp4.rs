@@ -46,7 +46,8 @@ impl BoxWriter {
 
     fn begin_full(&mut self, kind: &[u8; 4], version: u8, flags: u32) {
         self.begin(kind);
-        self.buf.put_u32((u32::from(version) << 24) | (flags & 0x00ff_ffff));
+        self.buf
+            .put_u32((u32::from(version) << 24) | (flags & 0x00ff_ffff));
     }
 
     fn end(&mut self) {

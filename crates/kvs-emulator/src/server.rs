@@ -33,7 +33,9 @@ pub struct Shared {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves plain data behind; keep serving it.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Shared {
@@ -157,9 +159,9 @@ impl Emulator {
             rng: Mutex::new(config.seed | 1),
         });
         for spec in config.streams {
-            shared.add_stream(spec).map_err(|e| {
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, e.message)
-            })?;
+            shared
+                .add_stream(spec)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.message))?;
         }
         let app = router(shared.clone());
         let (tx, rx) = oneshot::channel::<()>();
@@ -248,10 +250,16 @@ impl Drop for Emulator {
 
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/_emulator/streams", post(admin_add_stream).get(admin_list_streams))
+        .route(
+            "/_emulator/streams",
+            post(admin_add_stream).get(admin_list_streams),
+        )
         .route("/_emulator/streams/{name}/faults", put(admin_set_faults))
         .route("/_emulator/streams/{name}/fragments", get(admin_fragments))
-        .route("/_emulator/requests", get(admin_requests).delete(admin_clear_requests))
+        .route(
+            "/_emulator/requests",
+            get(admin_requests).delete(admin_clear_requests),
+        )
         .fallback(dispatch)
         .with_state(shared)
 }
@@ -322,7 +330,11 @@ async fn admin_add_stream(
     Json(spec): Json<StreamSpec>,
 ) -> Response {
     match shared.add_stream(spec) {
-        Ok(arn) => (StatusCode::CREATED, Json(serde_json::json!({ "StreamARN": arn }))).into_response(),
+        Ok(arn) => (
+            StatusCode::CREATED,
+            Json(serde_json::json!({ "StreamARN": arn })),
+        )
+            .into_response(),
         Err(error) => error.into_response(),
     }
 }

@@ -4,8 +4,8 @@
 //! headers the client listed in `SignedHeaders`, so it is done here, following the
 //! published algorithm. Refusals use the codes and messages AWS's JSON services send.
 
-use hmac::{Hmac, Mac};
 use axum::http::{self, HeaderMap, Method, Uri};
+use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
@@ -150,7 +150,9 @@ pub fn verify(
         ));
     }
     if !auth.signed_headers.contains(&"host") {
-        return Err(ApiError::invalid_signature("'Host' must be a 'SignedHeader'"));
+        return Err(ApiError::invalid_signature(
+            "'Host' must be a 'SignedHeader'",
+        ));
     }
 
     let mut canonical_headers = String::new();

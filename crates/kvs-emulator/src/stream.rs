@@ -107,14 +107,18 @@ impl StreamState {
         let hash = fnv1a(spec.name.as_bytes());
         let prefix_digits = FRAGMENT_NUMBER_DIGITS - COUNTER_DIGITS;
         // A leading 9 keeps the prefix at full length, as real fragment numbers are.
-        let number_prefix = format!("9{:0>width$}", hash % 10u64.pow(18), width = prefix_digits - 1)
-            [..prefix_digits]
+        let number_prefix = format!(
+            "9{:0>width$}",
+            hash % 10u64.pow(18),
+            width = prefix_digits - 1
+        )[..prefix_digits]
             .to_string();
         let faults = spec.faults.clone();
         StreamState {
             arn: format!(
                 "arn:aws:kinesisvideo:{region}:{account}:stream/{}/{}",
-                spec.name, created_stamp(now_ms)
+                spec.name,
+                created_stamp(now_ms)
             ),
             version: format!("{:x}", hash & 0xffff_ffff),
             created_ms: start_ms.min(now_ms),

@@ -23,7 +23,10 @@ fn control_client(emu: &Emulator) -> aws_sdk_kinesisvideo::Client {
     let conf = aws_sdk_kinesisvideo::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
-        .credentials_provider(credentials(DEFAULT_SECRET_ACCESS_KEY, DEFAULT_ACCESS_KEY_ID))
+        .credentials_provider(credentials(
+            DEFAULT_SECRET_ACCESS_KEY,
+            DEFAULT_ACCESS_KEY_ID,
+        ))
         .endpoint_url(emu.base_url())
         .retry_config(aws_config::retry::RetryConfig::disabled())
         .build();
@@ -50,7 +53,9 @@ async fn emulator(streams: Vec<StreamSpec>) -> Emulator {
         streams,
         ..EmulatorConfig::default()
     };
-    Emulator::start(config).await.expect("emulator starts on loopback")
+    Emulator::start(config)
+        .await
+        .expect("emulator starts on loopback")
 }
 
 /// A historical stream of `count` fragments of `duration_ms`, ending a minute ago.
@@ -100,11 +105,20 @@ fn clip_range(kind: ClipFragmentSelectorType, start_ms: i64, end_ms: i64) -> Cli
         .expect("selector complete")
 }
 
-async fn list_all(client: &am::Client, stream: &str, start: i64, end: i64, page: i32) -> Vec<Vec<String>> {
+async fn list_all(
+    client: &am::Client,
+    stream: &str,
+    start: i64,
+    end: i64,
+    page: i32,
+) -> Vec<Vec<String>> {
     let mut pages = Vec::new();
     let mut token: Option<String> = None;
     loop {
-        let mut request = client.list_fragments().stream_name(stream).max_results(page as i64);
+        let mut request = client
+            .list_fragments()
+            .stream_name(stream)
+            .max_results(page as i64);
         request = match &token {
             Some(t) => request.next_token(t),
             None => request.fragment_selector(server_range(start, end)),
@@ -127,7 +141,11 @@ async fn get_clip_bytes(client: &am::Client, stream: &str, start: i64, end: i64)
     let out = client
         .get_clip()
         .stream_name(stream)
-        .clip_fragment_selector(clip_range(ClipFragmentSelectorType::ServerTimestamp, start, end))
+        .clip_fragment_selector(clip_range(
+            ClipFragmentSelectorType::ServerTimestamp,
+            start,
+            end,
+        ))
         .send()
         .await
         .expect("GetClip succeeds");
@@ -158,26 +176,53 @@ fn ffprobe(path: &std::path::Path, entries: &str, extra: &[&str]) -> String {
     let out = Command::new("ffprobe")
         .args(["-v", "error"])
         .args(extra)
-        .args(["-select_streams", "v:0", "-show_entries", entries, "-of", "csv=p=0"])
+        .args([
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            entries,
+            "-of",
+            "csv=p=0",
+        ])
         .arg(path)
         .output()
         .expect("ffprobe runs");
-    assert!(out.status.success(), "ffprobe failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().trim_end_matches(',').to_string()
+    assert!(
+        out.status.success(),
+        "ffprobe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .trim_end_matches(',')
+        .to_string()
 }
 
 #[tokio::test]
 async fn control_plane_describes_streams_and_returns_its_own_endpoint() {
     let emu = emulator(vec![historical("cam-a", 10, 2000)]).await;
     let cp = control_client(&emu);
-    let info = cp.describe_stream().stream_name("cam-a").send().await.expect("described");
+    let info = cp
+        .describe_stream()
+        .stream_name("cam-a")
+        .send()
+        .await
+        .expect("described");
     let info = info.stream_info().expect("stream info");
     assert_eq!(info.data_retention_in_hours(), Some(24));
     assert_eq!(info.media_type(), Some("video/h264"));
     let arn = info.stream_arn().expect("arn").to_string();
     assert!(arn.starts_with("arn:aws:kinesisvideo:us-east-1:123456789012:stream/cam-a/"));
-    let by_arn = cp.describe_stream().stream_arn(&arn).send().await.expect("described by arn");
-    assert_eq!(by_arn.stream_info().and_then(|i| i.stream_name()), Some("cam-a"));
+    let by_arn = cp
+        .describe_stream()
+        .stream_arn(&arn)
+        .send()
+        .await
+        .expect("described by arn");
+    assert_eq!(
+        by_arn.stream_info().and_then(|i| i.stream_name()),
+        Some("cam-a")
+    );
 
     for api in [ApiName::GetClip, ApiName::ListFragments] {
         let ep = cp
@@ -190,8 +235,15 @@ async fn control_plane_describes_streams_and_returns_its_own_endpoint() {
         assert_eq!(ep.data_endpoint(), Some(emu.base_url()));
     }
 
-    let missing = cp.describe_stream().stream_name("nope").send().await.unwrap_err();
-    assert!(missing.into_service_error().is_resource_not_found_exception());
+    let missing = cp
+        .describe_stream()
+        .stream_name("nope")
+        .send()
+        .await
+        .unwrap_err();
+    assert!(missing
+        .into_service_error()
+        .is_resource_not_found_exception());
     let missing = cp
         .get_data_endpoint()
         .stream_name("nope")
@@ -199,7 +251,9 @@ async fn control_plane_describes_streams_and_returns_its_own_endpoint() {
         .send()
         .await
         .unwrap_err();
-    assert!(missing.into_service_error().is_resource_not_found_exception());
+    assert!(missing
+        .into_service_error()
+        .is_resource_not_found_exception());
     let bad_api = cp
         .get_data_endpoint()
         .stream_name("cam-a")
@@ -209,7 +263,12 @@ async fn control_plane_describes_streams_and_returns_its_own_endpoint() {
         .unwrap_err()
         .into_service_error();
     assert!(bad_api.is_invalid_argument_exception(), "{bad_api:?}");
-    let neither = cp.describe_stream().send().await.unwrap_err().into_service_error();
+    let neither = cp
+        .describe_stream()
+        .send()
+        .await
+        .unwrap_err()
+        .into_service_error();
     assert!(neither.is_invalid_argument_exception(), "{neither:?}");
 
     let created = cp
@@ -221,10 +280,19 @@ async fn control_plane_describes_streams_and_returns_its_own_endpoint() {
         .await
         .expect("created");
     assert!(created.stream_arn().is_some());
-    let dup = cp.create_stream().stream_name("cam-new").send().await.unwrap_err();
+    let dup = cp
+        .create_stream()
+        .stream_name("cam-new")
+        .send()
+        .await
+        .unwrap_err();
     assert!(dup.into_service_error().is_resource_in_use_exception());
     let listed = cp.list_streams().send().await.expect("listed");
-    let names: Vec<_> = listed.stream_info_list().iter().filter_map(|s| s.stream_name()).collect();
+    let names: Vec<_> = listed
+        .stream_info_list()
+        .iter()
+        .filter_map(|s| s.stream_name())
+        .collect();
     assert_eq!(names, ["cam-a", "cam-new"]);
 
     // The per-stream control-plane quota is 5 TPS.
@@ -235,7 +303,10 @@ async fn control_plane_describes_streams_and_returns_its_own_endpoint() {
             throttled += 1;
         }
     }
-    assert!(throttled >= 2, "8 calls at once exceed 5 TPS, throttled {throttled}");
+    assert!(
+        throttled >= 2,
+        "8 calls at once exceed 5 TPS, throttled {throttled}"
+    );
 }
 
 #[tokio::test]
@@ -265,7 +336,10 @@ async fn selection_includes_fragments_starting_inside_the_range_inclusive() {
 
     let clip = get_clip_bytes(&client, "cam", t0 + 1000, t0 + 4000).await;
     let all = emu.fragments("cam");
-    assert_eq!(scan_markers(&clip), [all[1].number.clone(), all[2].number.clone()]);
+    assert_eq!(
+        scan_markers(&clip),
+        [all[1].number.clone(), all[2].number.clone()]
+    );
 }
 
 #[tokio::test]
@@ -275,7 +349,10 @@ async fn list_fragments_pages_2500_fragments_unordered_without_loss() {
     assert_eq!(truth.len(), 2500);
     let client = media_client(&emu);
     let pages = list_all(&client, "cam", 0, Utc::now().timestamp_millis(), 1000).await;
-    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [1000, 1000, 500]);
+    assert_eq!(
+        pages.iter().map(Vec::len).collect::<Vec<_>>(),
+        [1000, 1000, 500]
+    );
     let all: Vec<&String> = pages.iter().flatten().collect();
     let unique: HashSet<&String> = all.iter().copied().collect();
     assert_eq!(unique.len(), 2500, "no fragment listed twice");
@@ -313,7 +390,10 @@ async fn list_fragments_refuses_bad_arguments_like_aws() {
             .await
             .unwrap_err()
             .into_service_error();
-        assert!(err.is_invalid_argument_exception(), "MaxResults {max}: {err:?}");
+        assert!(
+            err.is_invalid_argument_exception(),
+            "MaxResults {max}: {err:?}"
+        );
     }
 
     let old_end = now - 2 * 3_600_000;
@@ -328,7 +408,9 @@ async fn list_fragments_refuses_bad_arguments_like_aws() {
     assert!(err.is_invalid_argument_exception(), "{err:?}");
     assert_eq!(
         err.message(),
-        Some(format!("End timestamp {old_end} is outside of the stream retention period.").as_str())
+        Some(
+            format!("End timestamp {old_end} is outside of the stream retention period.").as_str()
+        )
     );
 
     let err = client
@@ -371,7 +453,13 @@ async fn get_clip_refuses_bad_ranges_and_unservable_streams_like_aws() {
     mkv_audio.media_type = "audio/aac".to_string();
     let mut codec_change = historical("codec-change", 10, 2000);
     codec_change.codec_changes_at = vec![5];
-    let emu = emulator(vec![historical("cam", 10, 2000), no_retention, mkv_audio, codec_change]).await;
+    let emu = emulator(vec![
+        historical("cam", 10, 2000),
+        no_retention,
+        mkv_audio,
+        codec_change,
+    ])
+    .await;
     let client = media_client(&emu);
     let frags = emu.fragments("cam");
     let t0 = frags[0].server_ms;
@@ -393,32 +481,68 @@ async fn get_clip_refuses_bad_ranges_and_unservable_streams_like_aws() {
     let server = ClipFragmentSelectorType::ServerTimestamp;
     let producer = ClipFragmentSelectorType::ProducerTimestamp;
 
-    assert!(get("cam", server.clone(), t0 + 4000, t0 + 4000).await.is_invalid_argument_exception());
-    assert!(get("cam", server.clone(), t0 + 4000, t0).await.is_invalid_argument_exception());
-    assert!(get("cam", producer.clone(), t0, t0 + 24 * 3_600_000 + 1).await.is_invalid_argument_exception());
-    assert!(get("cam", server.clone(), t0, now + 60_000).await.is_invalid_argument_exception());
+    assert!(get("cam", server.clone(), t0 + 4000, t0 + 4000)
+        .await
+        .is_invalid_argument_exception());
+    assert!(get("cam", server.clone(), t0 + 4000, t0)
+        .await
+        .is_invalid_argument_exception());
+    assert!(get("cam", producer.clone(), t0, t0 + 24 * 3_600_000 + 1)
+        .await
+        .is_invalid_argument_exception());
+    assert!(get("cam", server.clone(), t0, now + 60_000)
+        .await
+        .is_invalid_argument_exception());
     let empty = get("cam", server.clone(), t0 - 60_000, t0 - 1).await;
     assert!(empty.is_resource_not_found_exception());
-    assert_eq!(empty.message(), Some("No fragments found in the stream for the clip request."));
+    assert_eq!(
+        empty.message(),
+        Some("No fragments found in the stream for the clip request.")
+    );
     let missing = get("nope", server.clone(), t0, t0 + 1000).await;
     assert!(missing.is_resource_not_found_exception());
     // Past retention: server timestamps get an argument error, producer timestamps a 404.
     let old = now - 30 * 3_600_000;
-    assert!(get("cam", server.clone(), old - 1000, old).await.is_invalid_argument_exception());
-    assert!(get("cam", producer.clone(), old - 1000, old).await.is_resource_not_found_exception());
-    assert!(get("no-retention", server.clone(), t0, t0 + 4000).await.is_no_data_retention_exception());
-    assert!(get("audio-only", server.clone(), t0, t0 + 4000).await.is_unsupported_stream_media_type_exception());
+    assert!(get("cam", server.clone(), old - 1000, old)
+        .await
+        .is_invalid_argument_exception());
+    assert!(get("cam", producer.clone(), old - 1000, old)
+        .await
+        .is_resource_not_found_exception());
+    assert!(get("no-retention", server.clone(), t0, t0 + 4000)
+        .await
+        .is_no_data_retention_exception());
+    assert!(get("audio-only", server.clone(), t0, t0 + 4000)
+        .await
+        .is_unsupported_stream_media_type_exception());
     let change = emu.fragments("codec-change");
-    let err = get("codec-change", server.clone(), change[3].server_ms, change[7].server_ms).await;
+    let err = get(
+        "codec-change",
+        server.clone(),
+        change[3].server_ms,
+        change[7].server_ms,
+    )
+    .await;
     assert!(err.is_invalid_codec_private_data_exception(), "{err:?}");
     // Either side of the change on its own is fine.
-    let before = get_clip_bytes(&client, "codec-change", change[0].server_ms, change[4].server_ms).await;
+    let before = get_clip_bytes(
+        &client,
+        "codec-change",
+        change[0].server_ms,
+        change[4].server_ms,
+    )
+    .await;
     assert_eq!(scan_markers(&before).len(), 5);
 
     emu.update_faults("cam", |f| f.internal_failures_next = 1);
     let err = get("cam", server.clone(), t0, t0 + 4000).await;
     assert_eq!(err.code(), Some("InternalFailure"));
-    assert_eq!(get_clip_bytes(&client, "cam", t0, t0 + 4000).await.is_empty(), false);
+    assert_eq!(
+        get_clip_bytes(&client, "cam", t0, t0 + 4000)
+            .await
+            .is_empty(),
+        false
+    );
 
     // Fragment-media points: 500/s; at 5/s a 10-fragment clip passes once, then throttles.
     emu.update_faults("cam", |f| f.quota_scale = 0.01);
@@ -426,7 +550,11 @@ async fn get_clip_refuses_bad_ranges_and_unservable_streams_like_aws() {
     let err = get("cam", server.clone(), t0, now - 1).await;
     assert!(err.is_client_limit_exceeded_exception(), "{err:?}");
 
-    let refused: Vec<_> = emu.requests().into_iter().filter(|r| r.op == "GetClip" && r.status != 200).collect();
+    let refused: Vec<_> = emu
+        .requests()
+        .into_iter()
+        .filter(|r| r.op == "GetClip" && r.status != 200)
+        .collect();
     assert!(refused.iter().all(|r| r.error.is_some()));
 }
 
@@ -441,7 +569,10 @@ async fn get_clip_silently_stops_at_200_fragments() {
     assert_eq!(markers, expected, "the first 200 fragments, in order");
     let log = emu.requests();
     let last = log.last().expect("logged");
-    assert_eq!((last.fragments, last.fragments_selected, last.truncated), (200, 250, true));
+    assert_eq!(
+        (last.fragments, last.fragments_selected, last.truncated),
+        (200, 250, true)
+    );
 }
 
 #[tokio::test]
@@ -452,7 +583,11 @@ async fn get_clip_silently_stops_at_100_mb() {
     let frags = emu.fragments("hd");
     let client = media_client(&emu);
     let clip = get_clip_bytes(&client, "hd", frags[0].server_ms, frags[59].server_ms).await;
-    assert!(clip.len() <= 100_000_000 + 64 * 1024, "clip is {} bytes", clip.len());
+    assert!(
+        clip.len() <= 100_000_000 + 64 * 1024,
+        "clip is {} bytes",
+        clip.len()
+    );
     let markers = scan_markers(&clip);
     assert_eq!(markers.len(), 50, "50 x 2 MB fit in 10^8 bytes");
     assert_eq!(markers[49], frags[49].number);
@@ -496,7 +631,10 @@ async fn body_faults_cut_or_slow_the_clip() {
         .send()
         .await
         .expect("headers arrive");
-    assert!(out.payload.collect().await.is_err(), "a reset body is an error, not a short clip");
+    assert!(
+        out.payload.collect().await.is_err(),
+        "a reset body is an error, not a short clip"
+    );
     assert!(emu.requests().last().expect("logged").reset);
 
     emu.update_faults("cam", |f| {
@@ -506,7 +644,10 @@ async fn body_faults_cut_or_slow_the_clip() {
     let started = std::time::Instant::now();
     let clip = get_clip_bytes(&client, "cam", frags[0].server_ms, frags[4].server_ms).await;
     let floor = 0.3 + clip.len() as f64 / 200_000.0 * 0.8;
-    assert!(started.elapsed().as_secs_f64() >= floor, "delay and bandwidth cap apply");
+    assert!(
+        started.elapsed().as_secs_f64() >= floor,
+        "delay and bandwidth cap apply"
+    );
 }
 
 #[tokio::test]
@@ -522,13 +663,20 @@ async fn requests_without_a_valid_signature_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(err.raw_response().map(|r| r.status().as_u16()), Some(403));
-    assert_eq!(err.into_service_error().code(), Some("InvalidSignatureException"));
+    assert_eq!(
+        err.into_service_error().code(),
+        Some("InvalidSignatureException")
+    );
 
     let unknown_key = media_client_with(&emu, "AKIDSOMEONEELSE", DEFAULT_SECRET_ACCESS_KEY);
     let err = unknown_key
         .get_clip()
         .stream_name("cam")
-        .clip_fragment_selector(clip_range(ClipFragmentSelectorType::ServerTimestamp, 0, now - 1))
+        .clip_fragment_selector(clip_range(
+            ClipFragmentSelectorType::ServerTimestamp,
+            0,
+            now - 1,
+        ))
         .send()
         .await
         .unwrap_err()
@@ -537,7 +685,9 @@ async fn requests_without_a_valid_signature_are_refused() {
 
     // Unsigned: a plain HTTP request.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(emu.addr()).await.expect("connects");
+    let mut tcp = tokio::net::TcpStream::connect(emu.addr())
+        .await
+        .expect("connects");
     let body = r#"{"StreamName":"cam"}"#;
     let request = format!(
         "POST /describeStream HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -548,8 +698,13 @@ async fn requests_without_a_valid_signature_are_refused() {
     let mut response = String::new();
     tcp.read_to_string(&mut response).await.expect("read");
     assert!(response.starts_with("HTTP/1.1 403"), "{response}");
-    assert!(response.to_lowercase().contains("x-amzn-errortype: missingauthenticationtokenexception"));
-    assert!(emu.requests().iter().all(|r| r.status == 403 || r.status == 400));
+    assert!(response
+        .to_lowercase()
+        .contains("x-amzn-errortype: missingauthenticationtokenexception"));
+    assert!(emu
+        .requests()
+        .iter()
+        .all(|r| r.status == 403 || r.status == 400));
 }
 
 #[tokio::test]
@@ -577,16 +732,29 @@ async fn clips_play_in_ffmpeg_with_the_served_frames_duration_and_markers() {
     assert_eq!(packets, expected_frames.to_string());
     let frames = ffprobe(&path, "stream=nb_read_frames", &["-count_frames"]);
     assert_eq!(frames, expected_frames.to_string(), "every frame decodes");
-    let duration: f64 = ffprobe(&path, "stream=duration", &[]).parse().expect("a number");
-    assert!((duration - f64::from(expected_ms) / 1000.0).abs() < 0.002, "duration {duration}");
+    let duration: f64 = ffprobe(&path, "stream=duration", &[])
+        .parse()
+        .expect("a number");
+    assert!(
+        (duration - f64::from(expected_ms) / 1000.0).abs() < 0.002,
+        "duration {duration}"
+    );
     let decode = Command::new("ffmpeg")
         .args(["-v", "error", "-xerror", "-i"])
         .arg(&path)
         .args(["-f", "null", "-"])
         .output()
         .expect("ffmpeg runs");
-    assert!(decode.status.success(), "{}", String::from_utf8_lossy(&decode.stderr));
-    assert!(decode.stderr.is_empty(), "{}", String::from_utf8_lossy(&decode.stderr));
+    assert!(
+        decode.status.success(),
+        "{}",
+        String::from_utf8_lossy(&decode.stderr)
+    );
+    assert!(
+        decode.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&decode.stderr)
+    );
     let numbers: Vec<String> = served.iter().map(|f| f.number.clone()).collect();
     assert_eq!(scan_markers(&clip), numbers);
 }
@@ -602,4 +770,3 @@ async fn live_streams_grow_with_the_clock() {
     let after = emu.fragments("live").len();
     assert!(after >= before + 2, "{before} -> {after}");
 }
-
