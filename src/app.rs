@@ -12,7 +12,7 @@ use crate::telemetry::Progress;
 use crate::worker::{Archiver, PlanSummary, RunSummary};
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use std::sync::Arc;
-use tokio_util::sync::CancellationToken;
+use crate::shutdown::Shutdown;
 
 /// The AWS configuration from the default credential chain (environment, profile,
 /// instance role…). Retries are ours ([`crate::retry`]), so the SDK's are off.
@@ -48,6 +48,8 @@ pub async fn build(config: Config, sdk: &SdkConfig) -> Result<Archiver> {
     let pacing = Pacing {
         media_points_per_second: config.archive.media_points_per_second,
         metadata_points_per_second: config.archive.metadata_points_per_second,
+        control_calls_per_second_per_stream: config.daemon.control_calls_per_second_per_stream,
+        control_calls_per_second: config.daemon.control_calls_per_second,
     };
     let source = KvsSource::new(
         sdk,
@@ -90,6 +92,7 @@ pub async fn build(config: Config, sdk: &SdkConfig) -> Result<Archiver> {
         ledger,
         config: Arc::new(config),
         policy,
+        in_flight: None,
     })
 }
 
@@ -139,7 +142,7 @@ pub async fn backfill(
     label: &str,
     start: EpochMs,
     end: EpochMs,
-    cancel: &CancellationToken,
+    shutdown: &Shutdown,
 ) -> Result<RunSummary> {
     check_range(start, end)?;
     let stream = configured_stream(&archiver.config, label)?;
@@ -154,7 +157,7 @@ pub async fn backfill(
     let end = end.min(chrono::Utc::now().timestamp_millis() - 1);
     let progress = Progress::new(label);
     let result = archiver
-        .archive_range(&stream, start, end, &progress, cancel)
+        .archive_range(&stream, start, end, &progress, shutdown)
         .await;
     progress.finish();
     result

@@ -27,7 +27,80 @@ pub struct Config {
     #[serde(default)]
     pub archive: ArchiveConfig,
     #[serde(default)]
+    pub daemon: DaemonConfig,
+    #[serde(default)]
     pub streams: Vec<StreamConfig>,
+}
+
+/// How `kvs-archiver run` schedules and limits its work.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Cron expression with seconds (sec min hour day-of-month month day-of-week): when
+    /// each stream's archiving run starts. A stream may override it.
+    pub schedule: String,
+    /// Time zone of the schedules: "UTC", "local", or a fixed offset such as "+01:00".
+    pub time_zone: String,
+    /// How far behind the live edge archiving stays: past KVS's listing delay (under a
+    /// second) and the longest fragment (20 s). A stream may override it.
+    #[serde(with = "humantime_serde")]
+    pub lag: Duration,
+    /// Clips in flight across all streams.
+    pub max_clips_in_flight: usize,
+    /// On SIGTERM/SIGINT, how long clips in flight may take to finish before they are
+    /// aborted (and their chunks go back to pending). Keep it under systemd's
+    /// TimeoutStopSec.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Log an error and raise the at-risk metric when the oldest unarchived fragment of
+    /// a stream is this close to KVS deleting it.
+    #[serde(with = "humantime_serde")]
+    pub retention_alarm: Duration,
+    /// Prometheus `/metrics` and `/healthz` listener; off unless set. Loopback only.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Control-plane pacing (GetDataEndpoint, DescribeStream): KVS allows 5 per second
+    /// per stream and 300 per second per account.
+    pub control_calls_per_second_per_stream: f64,
+    pub control_calls_per_second: f64,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            schedule: "0 */5 * * * *".to_string(),
+            time_zone: "UTC".to_string(),
+            lag: Duration::from_secs(120),
+            max_clips_in_flight: 8,
+            shutdown_grace: Duration::from_secs(30),
+            retention_alarm: Duration::from_secs(3600),
+            metrics_listen: None,
+            control_calls_per_second_per_stream: 4.0,
+            control_calls_per_second: 250.0,
+        }
+    }
+}
+
+impl DaemonConfig {
+    /// The schedules' time zone as a fixed offset.
+    pub fn offset(&self) -> Result<chrono::FixedOffset, ConfigError> {
+        parse_time_zone(&self.time_zone)
+            .ok_or_else(|| invalid("daemon.time_zone", format!("must be \"UTC\", \"local\" or an offset like \"+01:00\" (got {:?})", self.time_zone)))
+    }
+}
+
+fn parse_time_zone(text: &str) -> Option<chrono::FixedOffset> {
+    match text {
+        "UTC" | "utc" | "Z" => chrono::FixedOffset::east_opt(0),
+        "local" => Some(*chrono::Local::now().offset()),
+        other => other.parse::<chrono::FixedOffset>().ok(),
+    }
+}
+
+/// Whether `schedule` is a cron expression with seconds that tokio-cron-scheduler takes.
+fn valid_cron(schedule: &str) -> bool {
+    let fields = schedule.split_whitespace().count();
+    (6..=7).contains(&fields)
+        && tokio_cron_scheduler::Job::new_async(schedule, |_, _| Box::pin(async {})).is_ok()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -172,6 +245,29 @@ pub struct StreamConfig {
     /// Which timestamp selects fragments: "server" (default) or "producer".
     #[serde(default)]
     pub timestamp_source: TimestampSource,
+    /// This stream's cron schedule, instead of `daemon.schedule`.
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// How far back `run` archives; default: the stream's DataRetentionInHours.
+    #[serde(default, with = "humantime_serde")]
+    pub retention_window: Option<Duration>,
+    /// This stream's lag behind the live edge, instead of `daemon.lag`.
+    #[serde(default, with = "humantime_serde")]
+    pub lag: Option<Duration>,
+}
+
+impl StreamConfig {
+    /// A stream known by name only, with every default.
+    pub fn named(name: &str) -> Self {
+        StreamConfig {
+            name: Some(name.to_string()),
+            arn: None,
+            timestamp_source: TimestampSource::Server,
+            schedule: None,
+            retention_window: None,
+            lag: None,
+        }
+    }
 }
 
 impl StreamConfig {
@@ -357,6 +453,30 @@ impl Config {
         if a.max_attempts == 0 {
             return Err(invalid("archive.max_attempts", "must be at least 1"));
         }
+        let d = &self.daemon;
+        if !valid_cron(&d.schedule) {
+            return Err(invalid("daemon.schedule", format!("must be a cron expression with seconds, like \"0 */5 * * * *\" (got {:?})", d.schedule)));
+        }
+        d.offset()?;
+        if d.lag < Duration::from_secs(1) {
+            return Err(invalid("daemon.lag", "must be at least 1s: KVS lists fragments after they end, with a delay"));
+        }
+        if d.max_clips_in_flight == 0 {
+            return Err(invalid("daemon.max_clips_in_flight", "must be at least 1"));
+        }
+        if let Some(addr) = d.metrics_listen {
+            if !addr.ip().is_loopback() {
+                return Err(invalid("daemon.metrics_listen", format!("must be a loopback address such as 127.0.0.1:9464 (got {addr}); put a proxy in front to expose it")));
+            }
+        }
+        for (field, value, cap) in [
+            ("daemon.control_calls_per_second_per_stream", d.control_calls_per_second_per_stream, 5.0),
+            ("daemon.control_calls_per_second", d.control_calls_per_second, 300.0),
+        ] {
+            if !(value > 0.0 && value <= cap) {
+                return Err(invalid(field, format!("must be above 0 and at most {cap}, KVS's quota (got {value})")));
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, s) in self.streams.iter().enumerate() {
             match (&s.name, &s.arn) {
@@ -374,6 +494,16 @@ impl Config {
                     ))
                 }
                 _ => {}
+            }
+            if let Some(schedule) = &s.schedule {
+                if !valid_cron(schedule) {
+                    return Err(invalid(format!("streams[{i}].schedule"), format!("must be a cron expression with seconds (got {schedule:?})")));
+                }
+            }
+            if let Some(window) = s.retention_window {
+                if window < self.archive.clip_duration {
+                    return Err(invalid(format!("streams[{i}].retention_window"), "must be at least archive.clip_duration"));
+                }
             }
             if !seen.insert(s.label()) {
                 return Err(invalid(
@@ -481,11 +611,7 @@ mod tests {
             "{err}"
         );
         config.archive.clip_duration = Duration::from_secs(600);
-        config.streams.push(StreamConfig {
-            name: Some("bad name".into()),
-            arn: None,
-            timestamp_source: TimestampSource::Server,
-        });
+        config.streams.push(StreamConfig::named("bad name"));
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("streams[0].name"), "{err}");
     }

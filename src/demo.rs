@@ -9,11 +9,11 @@ use kvs_emulator::config::{DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY};
 use kvs_emulator::{Emulator, EmulatorConfig, StreamSpec};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
+use crate::shutdown::Shutdown;
 
 const CAMERA: &str = "demo-camera";
 
-pub async fn run(output: &Path, cancel: &CancellationToken) -> Result<PathBuf> {
+pub async fn run(output: &Path, shutdown: &Shutdown) -> Result<PathBuf> {
     let mut camera = StreamSpec::live(CAMERA);
     camera.backlog = Duration::from_secs(15 * 60);
     camera.fragment_durations_ms = vec![2000];
@@ -35,11 +35,7 @@ pub async fn run(output: &Path, cancel: &CancellationToken) -> Result<PathBuf> {
     config.state.database_url = format!("sqlite://{}", output.join("state.db").display());
     config.destination.directory = Some(archive.clone());
     config.destination.prefix = String::new();
-    config.streams = vec![StreamConfig {
-        name: Some(CAMERA.to_string()),
-        arn: None,
-        timestamp_source: TimestampSource::Server,
-    }];
+    config.streams = vec![StreamConfig::named(CAMERA)];
     config.validate()?;
 
     // The emulator is a sandbox with its own keys: the user's AWS credentials stay unused.
@@ -63,7 +59,7 @@ pub async fn run(output: &Path, cancel: &CancellationToken) -> Result<PathBuf> {
         crate::domain::rfc3339(end),
         archive.display()
     );
-    let summary = crate::app::backfill(&archiver, CAMERA, start, end, cancel).await?;
+    let summary = crate::app::backfill(&archiver, CAMERA, start, end, shutdown).await?;
     eprintln!("demo: {}", crate::app::describe_run(&summary));
     let chunks = archiver
         .ledger

@@ -7,7 +7,7 @@ use kvs_archiver::config::Config;
 use kvs_archiver::error::Error;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tokio_util::sync::CancellationToken;
+use kvs_archiver::shutdown::Shutdown;
 
 #[derive(Parser)]
 #[command(
@@ -66,30 +66,6 @@ fn exit_for(error: &Error) -> ExitCode {
     }
 }
 
-fn cancel_on_signal() -> CancellationToken {
-    let cancel = CancellationToken::new();
-    let token = cancel.clone();
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => return,
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        tracing::warn!("stopping: finishing nothing new; a second signal exits at once");
-        token.cancel();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        std::process::exit(130);
-    });
-    cancel
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -104,14 +80,15 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, Error> {
-    let cancel = cancel_on_signal();
     if let Command::Demo { output } = &cli.command {
+        let shutdown = Shutdown::on_signals(std::time::Duration::from_secs(5));
         std::fs::create_dir_all(output)
             .map_err(|e| Error::Usage(format!("demo: cannot create {}: {e}", output.display())))?;
-        app_demo(output, &cancel).await?;
+        kvs_archiver::demo::run(output, &shutdown).await?;
         return Ok(ExitCode::SUCCESS);
     }
     let config = Config::load(cli.config.as_deref())?;
+    let shutdown = Shutdown::on_signals(config.daemon.shutdown_grace);
     match cli.command {
         Command::CheckConfig => {
             println!("# configuration is valid");
@@ -194,7 +171,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             );
             let sdk = app::sdk_config(&config.aws).await;
             let archiver = app::build(config, &sdk).await?;
-            let summary = app::backfill(&archiver, &stream, start, end, &cancel).await?;
+            let summary = app::backfill(&archiver, &stream, start, end, &shutdown).await?;
             let text = app::describe_run(&summary);
             archiver.ledger.close().await;
             if summary.complete() {
@@ -207,8 +184,4 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         }
         Command::Demo { .. } => Ok(ExitCode::SUCCESS),
     }
-}
-
-async fn app_demo(output: &std::path::Path, cancel: &CancellationToken) -> Result<(), Error> {
-    kvs_archiver::demo::run(output, cancel).await.map(|_| ())
 }

@@ -52,6 +52,16 @@ pub struct StreamStatus {
     pub last_error: Option<String>,
 }
 
+/// The daemon's per-stream memory (`stream_progress`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StreamProgress {
+    pub planned_through_ms: Option<EpochMs>,
+    pub retention_ms: Option<i64>,
+    pub next_run_ms: Option<EpochMs>,
+    pub last_run_ms: Option<EpochMs>,
+    pub last_run_error: Option<String>,
+}
+
 #[derive(Clone)]
 pub struct Ledger {
     pool: SqlitePool,
@@ -433,6 +443,120 @@ impl Ledger {
             .map_err(Error::store("status"))?;
         }
         Ok(out)
+    }
+
+    /// The chunk as stored now.
+    pub async fn chunk(&self, id: i64) -> Result<Option<Chunk>> {
+        let row = sqlx::query("SELECT * FROM chunks WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(Error::store("read chunk"))?;
+        Ok(row.as_ref().map(row_to_chunk))
+    }
+
+    /// Records fragments KVS deleted before they were archived, as an `expired` chunk
+    /// covering their range (so `status` reports them and nothing plans them again).
+    pub async fn record_expired(
+        &self,
+        stream: &str,
+        source: &str,
+        plan: &ChunkPlan,
+        message: &str,
+    ) -> Result<()> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT OR IGNORE INTO chunks (stream, timestamp_source, start_ms, end_ms, fragment_count,
+                 planned_bytes, planned_duration_ms, first_fragment, last_fragment, object_key,
+                 state, retryable, last_error, error_kind, created_ms, updated_ms)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, '', 'expired', 0, ?, 'expired', ?, ?)",
+        )
+        .bind(stream)
+        .bind(source)
+        .bind(plan.start_ms)
+        .bind(plan.end_ms)
+        .bind(i64::from(plan.fragment_count))
+        .bind(plan.bytes as i64)
+        .bind(plan.duration_ms as i64)
+        .bind(&plan.first_fragment)
+        .bind(&plan.last_fragment)
+        .bind(message)
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::store("record expired fragments"))?;
+        Ok(())
+    }
+
+    /// Start of the oldest chunk of the stream that is not archived yet (nor expired).
+    pub async fn oldest_unarchived(&self, stream: &str, source: TimestampSource) -> Result<Option<EpochMs>> {
+        sqlx::query_scalar(
+            "SELECT MIN(start_ms) FROM chunks WHERE stream = ? AND timestamp_source = ?
+               AND state NOT IN ('done', 'expired')",
+        )
+        .bind(stream)
+        .bind(source.as_str())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(Error::store("oldest unarchived"))
+    }
+
+    /// Chunk counts by state for one stream, for the metrics.
+    pub async fn counts(&self, stream: &str) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM chunks WHERE stream = ? GROUP BY state")
+            .bind(stream)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::store("count chunks"))?;
+        Ok(rows.iter().map(|r| (r.get("state"), r.get("n"))).collect())
+    }
+
+    pub async fn progress(&self, stream: &str, source: TimestampSource) -> Result<StreamProgress> {
+        let row = sqlx::query("SELECT * FROM stream_progress WHERE stream = ? AND timestamp_source = ?")
+            .bind(stream)
+            .bind(source.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(Error::store("read progress"))?;
+        Ok(row.map_or_else(StreamProgress::default, |r| StreamProgress {
+            planned_through_ms: r.get("planned_through_ms"),
+            retention_ms: r.get("retention_ms"),
+            next_run_ms: r.get("next_run_ms"),
+            last_run_ms: r.get("last_run_ms"),
+            last_run_error: r.get("last_run_error"),
+        }))
+    }
+
+    /// Stores what the daemon learned in a run; `None` keeps the stored value.
+    pub async fn update_progress(
+        &self,
+        stream: &str,
+        source: TimestampSource,
+        update: &StreamProgress,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO stream_progress (stream, timestamp_source, planned_through_ms,
+                 retention_ms, next_run_ms, last_run_ms, last_run_error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (stream, timestamp_source) DO UPDATE SET
+                 planned_through_ms = COALESCE(?3, planned_through_ms),
+                 retention_ms = COALESCE(?4, retention_ms),
+                 next_run_ms = COALESCE(?5, next_run_ms),
+                 last_run_ms = COALESCE(?6, last_run_ms),
+                 last_run_error = CASE WHEN ?6 IS NOT NULL THEN ?7 ELSE last_run_error END",
+        )
+        .bind(stream)
+        .bind(source.as_str())
+        .bind(update.planned_through_ms)
+        .bind(update.retention_ms)
+        .bind(update.next_run_ms)
+        .bind(update.last_run_ms)
+        .bind(&update.last_run_error)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::store("update progress"))?;
+        Ok(())
     }
 
     pub async fn close(&self) {

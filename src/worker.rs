@@ -20,7 +20,8 @@ use crate::telemetry::Progress;
 use futures_util::StreamExt;
 use std::collections::HashSet;
 use std::sync::Arc;
-use tokio_util::sync::CancellationToken;
+use crate::shutdown::Shutdown;
+use tokio::sync::Semaphore;
 
 /// A clip may play this much shorter than its fragments' summed durations before it
 /// counts as cut: less than KVS's minimum fragment duration (1 s), so one missing
@@ -37,6 +38,9 @@ pub struct Archiver {
     pub ledger: Ledger,
     pub config: Arc<Config>,
     pub policy: RetryPolicy,
+    /// Clips in flight across all streams (the daemon's global limit); `None`: no limit
+    /// beyond `archive.concurrency` per range.
+    pub in_flight: Option<Arc<Semaphore>>,
 }
 
 /// What planning found.
@@ -187,22 +191,34 @@ impl Archiver {
         start: EpochMs,
         end: EpochMs,
         progress: &Progress,
-        cancel: &CancellationToken,
+        shutdown: &Shutdown,
     ) -> Result<RunSummary> {
-        let label = stream.label();
         self.recover().await?;
         let plan = self.plan_range(stream, start, end, false, progress).await?;
         tracing::info!(
-            stream = %label,
+            stream = %stream.label(),
             fragments = plan.fragments,
             already_archived = plan.already_covered,
             new_chunks = plan.chunks.len(),
             "planned"
         );
+        self.fetch_pending(stream, start, end, progress, shutdown).await
+    }
+
+    /// Fetches every chunk of the stream starting in `[start, end]` that is not done.
+    pub async fn fetch_pending(
+        &self,
+        stream: &StreamConfig,
+        start: EpochMs,
+        end: EpochMs,
+        progress: &Progress,
+        shutdown: &Shutdown,
+    ) -> Result<RunSummary> {
+        let label = stream.label();
         // Each chunk gets one round of attempts per run; split chunks come back with new ids.
         let mut attempted: HashSet<i64> = HashSet::new();
         loop {
-            if cancel.is_cancelled() {
+            if shutdown.soft.is_cancelled() {
                 return Err(Error::Interrupted);
             }
             let chunks = self
@@ -223,7 +239,10 @@ impl Archiver {
             if todo.is_empty() {
                 if foreign {
                     // Another process (the daemon, a second backfill) is on them.
-                    tokio::time::sleep(FOREIGN_WAIT).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(FOREIGN_WAIT) => {}
+                        _ = shutdown.soft.cancelled() => return Err(Error::Interrupted),
+                    }
                     self.recover().await?;
                     continue;
                 }
@@ -232,10 +251,7 @@ impl Archiver {
             let results: Vec<(i64, Result<ChunkOutcome>)> = futures_util::stream::iter(todo)
                 .map(|chunk| async move {
                     let id = chunk.id;
-                    (
-                        id,
-                        self.archive_chunk(stream, chunk, progress, cancel).await,
-                    )
+                    (id, self.archive_chunk(stream, chunk, progress, shutdown).await)
                 })
                 .buffer_unordered(self.config.archive.concurrency)
                 .collect()
@@ -245,9 +261,7 @@ impl Archiver {
                 match result {
                     Ok(ChunkOutcome::Done(bytes)) => tracing::debug!(id, bytes, "chunk archived"),
                     Ok(ChunkOutcome::Split) => tracing::debug!(id, "chunk split"),
-                    Ok(ChunkOutcome::Skipped) => {
-                        tracing::debug!(id, "chunk held elsewhere or finished")
-                    }
+                    Ok(ChunkOutcome::Skipped) => tracing::debug!(id, "chunk held elsewhere or finished"),
                     Err(Error::Interrupted) => return Err(Error::Interrupted),
                     Err(Error::Store { op, source }) => return Err(Error::Store { op, source }),
                     // Recorded on the chunk; the summary reports it.
@@ -263,25 +277,43 @@ impl Archiver {
         stream: &StreamConfig,
         chunk: Chunk,
         progress: &Progress,
-        cancel: &CancellationToken,
+        shutdown: &Shutdown,
     ) -> Result<ChunkOutcome> {
         let mut attempt = 0;
         loop {
-            if cancel.is_cancelled() {
+            if shutdown.soft.is_cancelled() {
                 return Err(Error::Interrupted);
             }
+            let _permit = match &self.in_flight {
+                Some(limit) => tokio::select! {
+                    permit = limit.clone().acquire_owned() => permit.ok(),
+                    _ = shutdown.soft.cancelled() => return Err(Error::Interrupted),
+                },
+                None => None,
+            };
             if !self.ledger.claim(chunk.id, None).await? {
                 return Ok(ChunkOutcome::Skipped);
             }
             attempt += 1;
             let span = tracing::info_span!("chunk", stream = %chunk.stream, key = %chunk.object_key, attempt);
-            let result =
-                tracing::Instrument::instrument(self.fetch_and_store(stream, &chunk), span).await;
+            let started = std::time::Instant::now();
+            let result = tracing::Instrument::instrument(
+                self.fetch_and_store(stream, &chunk, &shutdown.hard),
+                span,
+            )
+            .await;
             match result {
                 Ok(bytes) => {
                     self.ledger.mark_done(chunk.id, bytes).await?;
+                    crate::metrics::clip_archived(&chunk.stream, bytes, started.elapsed());
                     progress.chunk_done(bytes, &chunk);
                     return Ok(ChunkOutcome::Done(bytes));
+                }
+                Err(Error::Interrupted) => {
+                    // The upload was aborted; the chunk waits for the next start.
+                    self.ledger.release(chunk.id).await?;
+                    tracing::info!(key = %chunk.object_key, "stopped mid-clip; the chunk is pending again");
+                    return Err(Error::Interrupted);
                 }
                 Err(Error::Truncated {
                     key,
@@ -303,7 +335,8 @@ impl Archiver {
                     };
                     self.ledger.mark_failed(chunk.id, &error).await?;
                     let retry = error.retryability();
-                    if !self.policy.allows(attempt, retry) || cancel.is_cancelled() {
+                    crate::metrics::clip_failed(&chunk.stream, &error);
+                    if !self.policy.allows(attempt, retry) || shutdown.soft.is_cancelled() {
                         tracing::error!(key = %chunk.object_key, attempt, %error, "gave up on chunk");
                         progress.chunk_failed(&chunk, &error);
                         return Err(error);
@@ -312,7 +345,7 @@ impl Archiver {
                     tracing::warn!(key = %chunk.object_key, attempt, ?retry, delay_ms = delay.as_millis() as u64, %error, "chunk failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = cancel.cancelled() => return Err(Error::Interrupted),
+                        _ = shutdown.soft.cancelled() => return Err(Error::Interrupted),
                     }
                 }
             }
@@ -330,6 +363,28 @@ impl Archiver {
             max_bytes: (chunk.plan.bytes / 2).max(1),
             ..limits
         };
+        let listed = fragments.len() as u32;
+        if listed < chunk.plan.fragment_count {
+            if let Some(first_left) = fragments.first() {
+                // Fragments at the old end are gone: KVS's retention deleted them.
+                let gone = ChunkPlan {
+                    start_ms: chunk.plan.start_ms,
+                    end_ms: (first_left.start_ms - 1).max(chunk.plan.start_ms),
+                    fragment_count: chunk.plan.fragment_count - listed,
+                    bytes: 0,
+                    duration_ms: 0,
+                    first_fragment: chunk.plan.first_fragment.clone(),
+                    last_fragment: String::new(),
+                };
+                if gone.start_ms < first_left.start_ms {
+                    tracing::error!(key = %chunk.object_key, fragments = gone.fragment_count, "fragments expired before they were archived");
+                    crate::metrics::fragments_expired(&chunk.stream, u64::from(gone.fragment_count));
+                    self.ledger
+                        .record_expired(&chunk.stream, &chunk.timestamp_source, &gone, "deleted by KVS retention before they were archived")
+                        .await?;
+                }
+            }
+        }
         let parts: Vec<(ChunkPlan, String)> = crate::plan::plan_all(&fragments, halved)
             .into_iter()
             .map(|p| {
@@ -348,7 +403,12 @@ impl Archiver {
     }
 
     /// One attempt: GetClip, header check, upload. Returns the object's size.
-    async fn fetch_and_store(&self, stream: &StreamConfig, chunk: &Chunk) -> Result<u64> {
+    async fn fetch_and_store(
+        &self,
+        stream: &StreamConfig,
+        chunk: &Chunk,
+        hard: &tokio_util::sync::CancellationToken,
+    ) -> Result<u64> {
         let (start, end) = chunk.plan.clip_range();
         let mut body = self
             .source
@@ -413,7 +473,14 @@ impl Archiver {
                     }
                 }
             }
-            match body.next().await {
+            let piece = tokio::select! {
+                piece = body.next() => piece,
+                _ = hard.cancelled() => {
+                    upload.abort().await;
+                    return Err(Error::Interrupted);
+                }
+            };
+            match piece {
                 Ok(Some(bytes)) => {
                     received += bytes.len() as u64;
                     next = Some(bytes);
@@ -436,7 +503,9 @@ impl Archiver {
                 retry: Retryability::Transient,
             });
         }
+        let finishing = std::time::Instant::now();
         let size = upload.finish().await?;
+        crate::metrics::upload_latency(&chunk.stream, finishing.elapsed());
         crate::crashpoint::hit("after-upload");
         Ok(size)
     }

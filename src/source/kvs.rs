@@ -48,11 +48,15 @@ enum Api {
 pub struct Pacing {
     pub media_points_per_second: f64,
     pub metadata_points_per_second: f64,
+    /// DescribeStream and GetDataEndpoint calls per second, per stream and per account.
+    pub control_calls_per_second_per_stream: f64,
+    pub control_calls_per_second: f64,
 }
 
 struct StreamBuckets {
     media: TokenBucket,
     metadata: TokenBucket,
+    control: TokenBucket,
 }
 
 pub struct KvsSource {
@@ -60,6 +64,7 @@ pub struct KvsSource {
     media_config: am::Config,
     endpoints: Mutex<HashMap<(String, Api), am::Client>>,
     buckets: Mutex<HashMap<String, Arc<StreamBuckets>>>,
+    account_control: TokenBucket,
     pacing: Pacing,
     policy: RetryPolicy,
 }
@@ -170,6 +175,7 @@ impl KvsSource {
             media_config: am::config::Builder::from(shared).build(),
             endpoints: Mutex::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
+            account_control: TokenBucket::new(pacing.control_calls_per_second),
             pacing,
             policy,
         }
@@ -183,9 +189,15 @@ impl KvsSource {
                 Arc::new(StreamBuckets {
                     media: TokenBucket::new(self.pacing.media_points_per_second),
                     metadata: TokenBucket::new(self.pacing.metadata_points_per_second),
+                    control: TokenBucket::new(self.pacing.control_calls_per_second_per_stream),
                 })
             })
             .clone()
+    }
+
+    async fn pace_control_call(&self, stream: &StreamConfig) {
+        self.buckets(stream).control.acquire(1.0).await;
+        self.account_control.acquire(1.0).await;
     }
 
     fn lock_endpoints(&self) -> std::sync::MutexGuard<'_, HashMap<(String, Api), am::Client>> {
@@ -195,6 +207,7 @@ impl KvsSource {
     pub async fn describe(&self, stream: &StreamConfig) -> Result<StreamDescription> {
         let label = stream.label();
         with_retry(&self.policy, "DescribeStream", || async {
+            self.pace_control_call(stream).await;
             let out = self
                 .control
                 .describe_stream()
@@ -230,6 +243,7 @@ impl KvsSource {
             Api::GetClip => kv::types::ApiName::GetClip,
         };
         let endpoint = with_retry(&self.policy, "GetDataEndpoint", || async {
+            self.pace_control_call(stream).await;
             let out = self
                 .control
                 .get_data_endpoint()

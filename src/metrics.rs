@@ -1,0 +1,91 @@
+//! Prometheus metrics and the `/metrics` + `/healthz` listener (off unless
+//! `daemon.metrics_listen` is set; loopback only). Without an installed recorder (the
+//! `backfill` command), recording is a no-op.
+
+use crate::error::{Error, Result};
+use crate::retry::Retryability;
+use axum::routing::get;
+use axum::Router;
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub fn clip_archived(stream: &str, bytes: u64, took: Duration) {
+    let stream = stream.to_string();
+    counter!("kvs_archiver_clips_archived_total", "stream" => stream.clone()).increment(1);
+    counter!("kvs_archiver_bytes_archived_total", "stream" => stream.clone()).increment(bytes);
+    histogram!("kvs_archiver_clip_seconds", "stream" => stream).record(took.as_secs_f64());
+}
+
+pub fn clip_failed(stream: &str, error: &Error) {
+    let stream = stream.to_string();
+    match error.retryability() {
+        Retryability::Throttled => {
+            counter!("kvs_archiver_throttles_total", "stream" => stream.clone()).increment(1)
+        }
+        Retryability::Transient => {
+            counter!("kvs_archiver_retries_total", "stream" => stream.clone()).increment(1)
+        }
+        Retryability::Permanent => {}
+    }
+    counter!("kvs_archiver_clip_failures_total", "stream" => stream, "kind" => error.kind()).increment(1);
+}
+
+pub fn getclip_latency(stream: &str, took: Duration) {
+    histogram!("kvs_archiver_getclip_first_byte_seconds", "stream" => stream.to_string())
+        .record(took.as_secs_f64());
+}
+
+pub fn upload_latency(stream: &str, took: Duration) {
+    histogram!("kvs_archiver_upload_finish_seconds", "stream" => stream.to_string())
+        .record(took.as_secs_f64());
+}
+
+pub fn fragments_expired(stream: &str, count: u64) {
+    counter!("kvs_archiver_fragments_expired_total", "stream" => stream.to_string()).increment(count);
+}
+
+pub fn coalesced_firing(stream: &str) {
+    counter!("kvs_archiver_coalesced_firings_total", "stream" => stream.to_string()).increment(1);
+}
+
+pub fn chunks_by_state(stream: &str, counts: &[(String, i64)]) {
+    for state in ["planned", "fetching", "uploading", "done", "failed", "expired"] {
+        let n = counts.iter().find(|(s, _)| s == state).map_or(0, |(_, n)| *n);
+        gauge!("kvs_archiver_chunks", "stream" => stream.to_string(), "state" => state).set(n as f64);
+    }
+}
+
+/// Seconds behind the live edge, time left before the oldest unarchived fragment expires,
+/// and whether that is inside the alarm.
+pub fn stream_health(stream: &str, lag_secs: Option<f64>, expiry_secs: Option<f64>, at_risk: bool) {
+    let stream = stream.to_string();
+    if let Some(lag) = lag_secs {
+        gauge!("kvs_archiver_archive_lag_seconds", "stream" => stream.clone()).set(lag);
+    }
+    gauge!("kvs_archiver_oldest_unarchived_expiry_seconds", "stream" => stream.clone())
+        .set(expiry_secs.unwrap_or(f64::INFINITY));
+    gauge!("kvs_archiver_at_risk", "stream" => stream).set(if at_risk { 1.0 } else { 0.0 });
+}
+
+/// Installs the Prometheus recorder and serves it on `addr`.
+pub async fn serve(addr: SocketAddr) -> Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| Error::Usage(format!("metrics: cannot install the recorder: {e}")))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        Error::Usage(format!("daemon.metrics_listen {addr}: cannot listen: {e}"))
+    })?;
+    let render = handle.clone();
+    let app = Router::new()
+        .route("/metrics", get(move || std::future::ready(render.render())))
+        .route("/healthz", get(|| std::future::ready("ok\n")));
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "metrics listener stopped");
+        }
+    });
+    tracing::info!(%addr, "metrics on http://{addr}/metrics");
+    Ok(handle)
+}
