@@ -201,3 +201,127 @@ pub fn describe_run(summary: &RunSummary) -> String {
     }
     text
 }
+
+/// `run`: the daemon (`once`: one pass over every stream, then exit). Returns whether
+/// every pass archived everything it had to.
+pub async fn run_daemon(config: Config, sdk: &SdkConfig, once: bool, shutdown: Shutdown) -> Result<bool> {
+    use crate::daemon::{archive_stream, pass_failed, run_queue};
+    use std::collections::HashMap;
+    if config.streams.is_empty() {
+        return Err(Error::Usage("run: no [[streams]] configured: nothing to archive".into()));
+    }
+    if let Some(addr) = config.daemon.metrics_listen {
+        crate::metrics::serve(addr).await?;
+    }
+    let offset = config.daemon.offset()?;
+    let default_schedule = config.daemon.schedule.clone();
+    let max_in_flight = config.daemon.max_clips_in_flight;
+    let mut archiver = build(config, sdk).await?;
+    archiver.in_flight = Some(Arc::new(tokio::sync::Semaphore::new(max_in_flight)));
+    let archiver = Arc::new(archiver);
+    archiver.sink.check().await?;
+    archiver.recover().await?;
+
+    let streams: HashMap<String, StreamConfig> = archiver
+        .config
+        .streams
+        .iter()
+        .map(|s| (s.label(), s.clone()))
+        .collect();
+    let (tx, rx) = tokio::sync::mpsc::channel(streams.len() * 2 + 1);
+    // Every stream gets a pass at once: a first start backfills the whole retention.
+    for label in archiver.config.streams.iter().map(StreamConfig::label) {
+        let _ = tx.try_send(label);
+    }
+    let mut scheduler = None;
+    if once {
+        drop(tx);
+    } else {
+        let pairs: Vec<(String, String)> = archiver
+            .config
+            .streams
+            .iter()
+            .map(|s| (s.label(), s.schedule.clone().unwrap_or_else(|| default_schedule.clone())))
+            .collect();
+        scheduler = Some(crate::schedule::Scheduler::start(&pairs, offset, tx).await?);
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&format!("archiving {} streams", streams.len())),
+        ]);
+        if let Some(interval) = sd_notify::watchdog_enabled() {
+            let stop = shutdown.hard.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval / 2);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => { let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]); }
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            });
+        }
+        tracing::info!(streams = streams.len(), "daemon started");
+    }
+    // Next firings go to the ledger for `status`.
+    let firings = scheduler.take().map(|mut scheduler| {
+        let archiver = archiver.clone();
+        let streams: Vec<StreamConfig> = streams.values().cloned().collect();
+        let stop = shutdown.soft.clone();
+        tokio::spawn(async move {
+            loop {
+                for s in &streams {
+                    if let Some(next) = scheduler.next_firing(&s.label()).await {
+                        let update = crate::store::StreamProgress { next_run_ms: Some(next), ..Default::default() };
+                        let _ = archiver.ledger.update_progress(&s.label(), s.timestamp_source, &update).await;
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                    _ = stop.cancelled() => break,
+                }
+            }
+            scheduler.stop().await;
+        })
+    });
+
+    let pass_archiver = archiver.clone();
+    let pass_shutdown = shutdown.clone();
+    let streams = Arc::new(streams);
+    let outcomes = run_queue(
+        rx,
+        move |label: String| {
+            let archiver = pass_archiver.clone();
+            let shutdown = pass_shutdown.clone();
+            let stream = streams.get(&label).cloned();
+            Box::pin(async move {
+                let stream = stream.ok_or_else(|| Error::Usage(format!("unknown stream {label}")))?;
+                let outcome = archive_stream(archiver, stream, shutdown).await;
+                match &outcome {
+                    Ok(report) => tracing::info!(
+                        stream = %label,
+                        archived = report.summary.done,
+                        failed = report.summary.failed.len(),
+                        expired = report.summary.expired.len() as u64 + report.expired_fragments,
+                        at_risk = report.at_risk,
+                        "pass finished"
+                    ),
+                    Err(Error::Interrupted) => tracing::info!(stream = %label, "pass stopped by shutdown"),
+                    Err(error) => tracing::error!(stream = %label, %error, "pass failed"),
+                }
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&format!("last pass: {label}"))]);
+                outcome
+            })
+        },
+        &shutdown,
+    )
+    .await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    shutdown.soft.cancel();
+    if let Some(task) = firings {
+        let _ = task.await;
+    }
+    archiver.ledger.close().await;
+    Ok(!outcomes
+        .iter()
+        .any(|(_, o)| !matches!(o, Err(Error::Interrupted)) && pass_failed(o)))
+}

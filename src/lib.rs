@@ -22,6 +22,7 @@
 pub mod app;
 pub mod config;
 pub mod crashpoint;
+pub mod daemon;
 pub mod demo;
 pub mod domain;
 pub mod error;
@@ -30,6 +31,7 @@ pub mod mp4;
 pub mod plan;
 pub mod quota;
 pub mod retry;
+pub mod schedule;
 pub mod shutdown;
 pub mod sink;
 pub mod source;

@@ -50,6 +50,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Keep every configured stream archived, on each stream's schedule (a daemon).
+    Run {
+        /// One pass over every stream, then exit (for systemd timers and cron); the exit
+        /// status tells whether anything failed.
+        #[arg(long)]
+        once: bool,
+    },
     /// Validate the configuration and print it.
     CheckConfig,
     /// Archive ten minutes of a bundled emulated camera into ./demo-output.
@@ -119,8 +126,24 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                         s.failed,
                         s.expired
                     );
+                    let now = chrono::Utc::now().timestamp_millis();
+                    if let Some(through) = s.archived_through_ms {
+                        print!("  lag {:.0} s", (now - through) as f64 / 1000.0);
+                    }
+                    if let Some(next) = s.next_run_ms {
+                        print!(", next run {}", kvs_archiver::domain::rfc3339(next));
+                    }
+                    if let (Some(oldest), Some(retention)) = (s.oldest_unarchived_ms, s.retention_ms) {
+                        let left = (oldest + retention - now) as f64 / 1000.0;
+                        let at_risk = left < config.daemon.retention_alarm.as_secs_f64();
+                        print!(", oldest unarchived expires in {left:.0} s{}", if at_risk { " (AT RISK)" } else { "" });
+                    }
+                    println!();
                     if let Some(error) = s.last_error {
                         println!("  last error: {error}");
+                    }
+                    if let Some(error) = s.last_run_error {
+                        println!("  last run error: {error}");
                     }
                 }
             }
@@ -181,6 +204,11 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 eprintln!("backfill {stream}: incomplete: {text}\nrun the same command again to retry what failed");
                 Ok(ExitCode::from(1))
             }
+        }
+        Command::Run { once } => {
+            let sdk = app::sdk_config(&config.aws).await;
+            let ok = app::run_daemon(config, &sdk, once, shutdown).await?;
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Demo { .. } => Ok(ExitCode::SUCCESS),
     }

@@ -50,6 +50,13 @@ pub struct StreamStatus {
     /// Start of the last fragment of the newest archived chunk.
     pub archived_through_ms: Option<EpochMs>,
     pub last_error: Option<String>,
+    /// Start of the oldest chunk not archived (nor expired) yet.
+    pub oldest_unarchived_ms: Option<EpochMs>,
+    /// The daemon's view (`run`), when it has run.
+    pub retention_ms: Option<i64>,
+    pub next_run_ms: Option<EpochMs>,
+    pub last_run_ms: Option<EpochMs>,
+    pub last_run_error: Option<String>,
 }
 
 /// The daemon's per-stream memory (`stream_progress`).
@@ -433,6 +440,27 @@ impl Ledger {
             }
         }
         for s in &mut out {
+            s.oldest_unarchived_ms = sqlx::query_scalar(
+                "SELECT MIN(start_ms) FROM chunks WHERE stream = ? AND state NOT IN ('done', 'expired')",
+            )
+            .bind(&s.stream)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Error::store("status"))?;
+            if let Some(row) = sqlx::query(
+                "SELECT retention_ms, next_run_ms, last_run_ms, last_run_error FROM stream_progress
+                 WHERE stream = ? ORDER BY last_run_ms DESC LIMIT 1",
+            )
+            .bind(&s.stream)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(Error::store("status"))?
+            {
+                s.retention_ms = row.get("retention_ms");
+                s.next_run_ms = row.get("next_run_ms");
+                s.last_run_ms = row.get("last_run_ms");
+                s.last_run_error = row.get("last_run_error");
+            }
             s.last_error = sqlx::query_scalar(
                 "SELECT last_error FROM chunks WHERE stream = ? AND last_error IS NOT NULL
                  AND state IN ('failed', 'expired') ORDER BY updated_ms DESC LIMIT 1",
@@ -487,6 +515,34 @@ impl Ledger {
         .await
         .map_err(Error::store("record expired fragments"))?;
         Ok(())
+    }
+
+    /// Marks pending chunks that end before `edge` (KVS's retention edge) as expired: KVS
+    /// has deleted their fragments. Returns how many fragments that was.
+    pub async fn expire_before(&self, stream: &str, source: TimestampSource, edge: EpochMs) -> Result<u64> {
+        let fragments: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(fragment_count), 0) FROM chunks WHERE stream = ? AND timestamp_source = ?
+               AND state IN ('planned', 'failed') AND end_ms < ?",
+        )
+        .bind(stream)
+        .bind(source.as_str())
+        .bind(edge)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(Error::store("expire chunks"))?;
+        sqlx::query(
+            "UPDATE chunks SET state = 'expired', retryable = 0, error_kind = 'expired',
+                 last_error = 'deleted by KVS retention before it was archived', updated_ms = ?
+             WHERE stream = ? AND timestamp_source = ? AND state IN ('planned', 'failed') AND end_ms < ?",
+        )
+        .bind(now_ms())
+        .bind(stream)
+        .bind(source.as_str())
+        .bind(edge)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::store("expire chunks"))?;
+        Ok(fragments as u64)
     }
 
     /// Start of the oldest chunk of the stream that is not archived yet (nor expired).

@@ -172,9 +172,19 @@ impl Archiver {
                     .insert_planned(&stream.label(), stream.timestamp_source, &plan, &key)
                     .await?;
                 if !inserted {
-                    // Another planner recorded an overlapping chunk first: its fragments
-                    // are covered there.
-                    summary.already_covered += u64::from(plan.fragment_count);
+                    // Another process planned an overlapping chunk meanwhile. Some of this
+                    // chunk's fragments may lie outside it: plan the range again, around
+                    // what is covered now.
+                    let again = Box::pin(self.plan_range(
+                        stream,
+                        plan.start_ms,
+                        plan.end_ms,
+                        false,
+                        &Progress::hidden(),
+                    ))
+                    .await?;
+                    summary.already_covered += again.already_covered;
+                    summary.chunks.extend(again.chunks);
                     continue;
                 }
             }

@@ -1,0 +1,253 @@
+//! `kvs-archiver run`: keeps every configured stream archived up to its lag.
+//!
+//! Cron firings ([`crate::schedule`]) queue a stream's name; [`run_queue`] runs one pass
+//! per stream at a time (a firing for a busy stream is coalesced) under the global limit
+//! of clips in flight. A pass ([`archive_stream`]) plans the closed clip windows since the
+//! last pass, fetches every chunk still pending, and checks how close the oldest
+//! unarchived fragment is to KVS's retention edge.
+
+use crate::config::StreamConfig;
+use crate::domain::EpochMs;
+use crate::error::{Error, Result};
+use crate::shutdown::Shutdown;
+use crate::store::StreamProgress;
+use crate::telemetry::Progress;
+use crate::worker::{Archiver, RunSummary};
+use futures_util::future::BoxFuture;
+use std::collections::HashSet;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+/// What one pass over one stream did.
+#[derive(Debug, Default)]
+pub struct PassReport {
+    pub summary: RunSummary,
+    pub expired_fragments: u64,
+    pub at_risk: bool,
+}
+
+/// Runs queued passes: one at a time per stream, firings for a busy stream coalesced.
+/// Returns when the queue is closed and drained, or at shutdown after passes in flight
+/// end. The outcome of every pass is returned, in completion order.
+pub async fn run_queue<F>(
+    mut queue: mpsc::Receiver<String>,
+    pass: F,
+    shutdown: &Shutdown,
+) -> Vec<(String, Result<PassReport>)>
+where
+    F: Fn(String) -> BoxFuture<'static, Result<PassReport>>,
+{
+    let mut busy: HashSet<String> = HashSet::new();
+    let mut running: JoinSet<(String, Result<PassReport>)> = JoinSet::new();
+    let mut outcomes = Vec::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            next = queue.recv(), if open && !shutdown.soft.is_cancelled() => match next {
+                Some(stream) if busy.contains(&stream) => {
+                    tracing::info!(stream = %stream, "firing coalesced: the previous pass is still running");
+                    crate::metrics::coalesced_firing(&stream);
+                }
+                Some(stream) => {
+                    busy.insert(stream.clone());
+                    let work = pass(stream.clone());
+                    running.spawn(async move { (stream, work.await) });
+                }
+                None => open = false,
+            },
+            done = running.join_next(), if !running.is_empty() => {
+                if let Some(Ok((stream, outcome))) = done {
+                    busy.remove(&stream);
+                    outcomes.push((stream, outcome));
+                }
+            },
+            _ = shutdown.soft.cancelled(), if open => open = false,
+            else => return outcomes,
+        }
+        if !open && running.is_empty() {
+            return outcomes;
+        }
+    }
+}
+
+fn now_ms() -> EpochMs {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// One pass over one stream: archive everything from KVS's retention edge (or the
+/// stream's `retention_window`) to the last clip window closed `lag` ago.
+pub async fn archive_stream(
+    archiver: Arc<Archiver>,
+    stream: StreamConfig,
+    shutdown: Shutdown,
+) -> Result<PassReport> {
+    let config = &archiver.config;
+    let label = stream.label();
+    let source = stream.timestamp_source;
+    let described = archiver.source.describe(&stream).await?;
+    let retention_ms = match stream.retention_window {
+        Some(window) => window.as_millis() as i64,
+        None => i64::from(described.retention_hours) * 3_600_000,
+    };
+    if retention_ms == 0 {
+        return Err(Error::Usage(format!(
+            "stream {label} keeps no media (DataRetentionInHours is 0): nothing to archive"
+        )));
+    }
+    let now = now_ms();
+    let lag = stream.lag.unwrap_or(config.daemon.lag).as_millis() as i64;
+    let clip = config.archive.clip_duration.as_millis() as i64;
+    // Only closed clip windows: objects match a backfill's, and no tiny tails.
+    let end = (now - lag).div_euclid(clip) * clip - 1;
+    let edge = now - retention_ms;
+    let progress = archiver.ledger.progress(&label, source).await?;
+    let plan_from = progress
+        .planned_through_ms
+        .map_or(edge, |through| (through + 1).max(edge));
+    let mut report = PassReport {
+        expired_fragments: archiver.ledger.expire_before(&label, source, edge).await?,
+        ..PassReport::default()
+    };
+    if report.expired_fragments > 0 {
+        tracing::error!(stream = %label, fragments = report.expired_fragments, "fragments expired in KVS before they were archived");
+        crate::metrics::fragments_expired(&label, report.expired_fragments);
+    }
+    if plan_from <= end {
+        let plan = archiver
+            .plan_range(&stream, plan_from, end, false, &Progress::hidden())
+            .await?;
+        tracing::info!(stream = %label, new_chunks = plan.chunks.len(), fragments = plan.fragments, "planned");
+        archiver
+            .ledger
+            .update_progress(
+                &label,
+                source,
+                &StreamProgress {
+                    planned_through_ms: Some(end),
+                    retention_ms: Some(retention_ms),
+                    ..StreamProgress::default()
+                },
+            )
+            .await?;
+    }
+    let fetched = archiver
+        .fetch_pending(&stream, i64::MIN, end, &Progress::hidden(), &shutdown)
+        .await;
+    let (summary, error) = match fetched {
+        Ok(summary) => (summary, None),
+        Err(e) => (RunSummary::default(), Some(e)),
+    };
+    report.summary = summary;
+
+    // Data at risk: how long until KVS deletes the oldest fragment not yet archived.
+    let now = now_ms();
+    let oldest = archiver.ledger.oldest_unarchived(&label, source).await?;
+    let expiry_secs = oldest.map(|start| (start + retention_ms - now) as f64 / 1000.0);
+    let alarm = config.daemon.retention_alarm.as_secs_f64();
+    report.at_risk = expiry_secs.is_some_and(|left| left < alarm);
+    if report.at_risk {
+        tracing::error!(
+            stream = %label,
+            seconds_left = expiry_secs.unwrap_or_default(),
+            "data at risk: the oldest unarchived fragment is close to KVS's retention edge"
+        );
+    }
+    let through = archiver
+        .ledger
+        .status()
+        .await?
+        .into_iter()
+        .find(|s| s.stream == label)
+        .and_then(|s| s.archived_through_ms);
+    let lag_secs = through.map(|t| (now - t) as f64 / 1000.0);
+    crate::metrics::stream_health(&label, lag_secs, expiry_secs, report.at_risk);
+    crate::metrics::chunks_by_state(&label, &archiver.ledger.counts(&label).await?);
+    archiver
+        .ledger
+        .update_progress(
+            &label,
+            source,
+            &StreamProgress {
+                retention_ms: Some(retention_ms),
+                last_run_ms: Some(now),
+                last_run_error: error.as_ref().map(ToString::to_string),
+                ..StreamProgress::default()
+            },
+        )
+        .await?;
+    match error {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
+}
+
+/// Whether a pass left work undone (failed or expired chunks).
+pub fn pass_failed(outcome: &Result<PassReport>) -> bool {
+    match outcome {
+        Ok(report) => {
+            !report.summary.failed.is_empty()
+                || !report.summary.expired.is_empty()
+                || report.expired_fragments > 0
+        }
+        Err(_) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn firings_for_a_busy_stream_are_coalesced_and_streams_run_side_by_side() {
+        let (tx, rx) = mpsc::channel(16);
+        let started = Arc::new(AtomicUsize::new(0));
+        let counter = started.clone();
+        let pass = move |_stream: String| -> BoxFuture<'static, Result<PassReport>> {
+            let counter = counter.clone();
+            Box::pin(async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                Ok(PassReport::default())
+            })
+        };
+        let shutdown = Shutdown::new();
+        let runner = tokio::spawn(async move { run_queue(rx, pass, &shutdown).await });
+        for _ in 0..3 {
+            tx.send("a".to_string()).await.expect("queued");
+        }
+        tx.send("b".to_string()).await.expect("queued");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(started.load(Ordering::SeqCst), 2, "one pass for a, one for b");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        tx.send("a".to_string()).await.expect("queued");
+        drop(tx);
+        let outcomes = runner.await.expect("runner ends");
+        assert_eq!(started.load(Ordering::SeqCst), 3, "a runs again once free");
+        assert_eq!(outcomes.len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_stops_taking_firings_and_waits_for_passes_in_flight() {
+        let (tx, rx) = mpsc::channel(16);
+        let pass = |_stream: String| -> BoxFuture<'static, Result<PassReport>> {
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok(PassReport::default())
+            })
+        };
+        let shutdown = Shutdown::new();
+        let stopper = shutdown.clone();
+        let runner = tokio::spawn(async move { run_queue(rx, pass, &stopper).await });
+        tx.send("a".to_string()).await.expect("queued");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        shutdown.soft.cancel();
+        let _ = tx.send("b".to_string()).await;
+        let started = tokio::time::Instant::now();
+        let outcomes = runner.await.expect("runner ends");
+        assert_eq!(outcomes.len(), 1, "b was not started after the shutdown");
+        assert!(started.elapsed() >= Duration::from_secs(3), "a finished first");
+    }
+}
