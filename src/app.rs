@@ -5,6 +5,7 @@ use crate::config::{AwsConfig, Config, StreamConfig};
 use crate::domain::{rfc3339, EpochMs};
 use crate::error::{Error, Result};
 use crate::retry::RetryPolicy;
+use crate::shutdown::Shutdown;
 use crate::sink::{dir::DirSink, s3::S3Sink, Sink};
 use crate::source::kvs::{KvsSource, Pacing};
 use crate::store::Ledger;
@@ -12,7 +13,6 @@ use crate::telemetry::Progress;
 use crate::worker::{Archiver, PlanSummary, RunSummary};
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use std::sync::Arc;
-use crate::shutdown::Shutdown;
 
 /// The AWS configuration from the default credential chain (environment, profile,
 /// instance role…). Retries are ours ([`crate::retry`]), so the SDK's are off.
@@ -204,11 +204,18 @@ pub fn describe_run(summary: &RunSummary) -> String {
 
 /// `run`: the daemon (`once`: one pass over every stream, then exit). Returns whether
 /// every pass archived everything it had to.
-pub async fn run_daemon(config: Config, sdk: &SdkConfig, once: bool, shutdown: Shutdown) -> Result<bool> {
+pub async fn run_daemon(
+    config: Config,
+    sdk: &SdkConfig,
+    once: bool,
+    shutdown: Shutdown,
+) -> Result<bool> {
     use crate::daemon::{archive_stream, pass_failed, run_queue};
     use std::collections::HashMap;
     if config.streams.is_empty() {
-        return Err(Error::Usage("run: no [[streams]] configured: nothing to archive".into()));
+        return Err(Error::Usage(
+            "run: no [[streams]] configured: nothing to archive".into(),
+        ));
     }
     if let Some(addr) = config.daemon.metrics_listen {
         crate::metrics::serve(addr).await?;
@@ -241,7 +248,14 @@ pub async fn run_daemon(config: Config, sdk: &SdkConfig, once: bool, shutdown: S
             .config
             .streams
             .iter()
-            .map(|s| (s.label(), s.schedule.clone().unwrap_or_else(|| default_schedule.clone())))
+            .map(|s| {
+                (
+                    s.label(),
+                    s.schedule
+                        .clone()
+                        .unwrap_or_else(|| default_schedule.clone()),
+                )
+            })
             .collect();
         scheduler = Some(crate::schedule::Scheduler::start(&pairs, offset, tx).await?);
         let _ = sd_notify::notify(&[
@@ -271,8 +285,14 @@ pub async fn run_daemon(config: Config, sdk: &SdkConfig, once: bool, shutdown: S
             loop {
                 for s in &streams {
                     if let Some(next) = scheduler.next_firing(&s.label()).await {
-                        let update = crate::store::StreamProgress { next_run_ms: Some(next), ..Default::default() };
-                        let _ = archiver.ledger.update_progress(&s.label(), s.timestamp_source, &update).await;
+                        let update = crate::store::StreamProgress {
+                            next_run_ms: Some(next),
+                            ..Default::default()
+                        };
+                        let _ = archiver
+                            .ledger
+                            .update_progress(&s.label(), s.timestamp_source, &update)
+                            .await;
                     }
                 }
                 tokio::select! {
@@ -294,7 +314,8 @@ pub async fn run_daemon(config: Config, sdk: &SdkConfig, once: bool, shutdown: S
             let shutdown = pass_shutdown.clone();
             let stream = streams.get(&label).cloned();
             Box::pin(async move {
-                let stream = stream.ok_or_else(|| Error::Usage(format!("unknown stream {label}")))?;
+                let stream =
+                    stream.ok_or_else(|| Error::Usage(format!("unknown stream {label}")))?;
                 let outcome = archive_stream(archiver, stream, shutdown).await;
                 match &outcome {
                     Ok(report) => tracing::info!(
@@ -305,10 +326,14 @@ pub async fn run_daemon(config: Config, sdk: &SdkConfig, once: bool, shutdown: S
                         at_risk = report.at_risk,
                         "pass finished"
                     ),
-                    Err(Error::Interrupted) => tracing::info!(stream = %label, "pass stopped by shutdown"),
+                    Err(Error::Interrupted) => {
+                        tracing::info!(stream = %label, "pass stopped by shutdown")
+                    }
                     Err(error) => tracing::error!(stream = %label, %error, "pass failed"),
                 }
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&format!("last pass: {label}"))]);
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&format!(
+                    "last pass: {label}"
+                ))]);
                 outcome
             })
         },
@@ -321,7 +346,9 @@ pub async fn run_daemon(config: Config, sdk: &SdkConfig, once: bool, shutdown: S
         let _ = task.await;
     }
     archiver.ledger.close().await;
-    Ok(!outcomes
-        .iter()
-        .any(|(_, o)| !matches!(o, Err(Error::Interrupted)) && pass_failed(o)))
+    // A daemon stopped by a signal has done its job; `--once` reports its passes.
+    Ok(!once
+        || !outcomes
+            .iter()
+            .any(|(_, o)| !matches!(o, Err(Error::Interrupted)) && pass_failed(o)))
 }

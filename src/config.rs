@@ -83,8 +83,15 @@ impl Default for DaemonConfig {
 impl DaemonConfig {
     /// The schedules' time zone as a fixed offset.
     pub fn offset(&self) -> Result<chrono::FixedOffset, ConfigError> {
-        parse_time_zone(&self.time_zone)
-            .ok_or_else(|| invalid("daemon.time_zone", format!("must be \"UTC\", \"local\" or an offset like \"+01:00\" (got {:?})", self.time_zone)))
+        parse_time_zone(&self.time_zone).ok_or_else(|| {
+            invalid(
+                "daemon.time_zone",
+                format!(
+                    "must be \"UTC\", \"local\" or an offset like \"+01:00\" (got {:?})",
+                    self.time_zone
+                ),
+            )
+        })
     }
 }
 
@@ -455,11 +462,20 @@ impl Config {
         }
         let d = &self.daemon;
         if !valid_cron(&d.schedule) {
-            return Err(invalid("daemon.schedule", format!("must be a cron expression with seconds, like \"0 */5 * * * *\" (got {:?})", d.schedule)));
+            return Err(invalid(
+                "daemon.schedule",
+                format!(
+                    "must be a cron expression with seconds, like \"0 */5 * * * *\" (got {:?})",
+                    d.schedule
+                ),
+            ));
         }
         d.offset()?;
         if d.lag < Duration::from_secs(1) {
-            return Err(invalid("daemon.lag", "must be at least 1s: KVS lists fragments after they end, with a delay"));
+            return Err(invalid(
+                "daemon.lag",
+                "must be at least 1s: KVS lists fragments after they end, with a delay",
+            ));
         }
         if d.max_clips_in_flight == 0 {
             return Err(invalid("daemon.max_clips_in_flight", "must be at least 1"));
@@ -470,11 +486,22 @@ impl Config {
             }
         }
         for (field, value, cap) in [
-            ("daemon.control_calls_per_second_per_stream", d.control_calls_per_second_per_stream, 5.0),
-            ("daemon.control_calls_per_second", d.control_calls_per_second, 300.0),
+            (
+                "daemon.control_calls_per_second_per_stream",
+                d.control_calls_per_second_per_stream,
+                5.0,
+            ),
+            (
+                "daemon.control_calls_per_second",
+                d.control_calls_per_second,
+                300.0,
+            ),
         ] {
             if !(value > 0.0 && value <= cap) {
-                return Err(invalid(field, format!("must be above 0 and at most {cap}, KVS's quota (got {value})")));
+                return Err(invalid(
+                    field,
+                    format!("must be above 0 and at most {cap}, KVS's quota (got {value})"),
+                ));
             }
         }
         let mut seen = std::collections::HashSet::new();
@@ -497,12 +524,18 @@ impl Config {
             }
             if let Some(schedule) = &s.schedule {
                 if !valid_cron(schedule) {
-                    return Err(invalid(format!("streams[{i}].schedule"), format!("must be a cron expression with seconds (got {schedule:?})")));
+                    return Err(invalid(
+                        format!("streams[{i}].schedule"),
+                        format!("must be a cron expression with seconds (got {schedule:?})"),
+                    ));
                 }
             }
             if let Some(window) = s.retention_window {
                 if window < self.archive.clip_duration {
-                    return Err(invalid(format!("streams[{i}].retention_window"), "must be at least archive.clip_duration"));
+                    return Err(invalid(
+                        format!("streams[{i}].retention_window"),
+                        "must be at least archive.clip_duration",
+                    ));
                 }
             }
             if !seen.insert(s.label()) {

@@ -86,10 +86,11 @@ pub async fn archive_stream(
     let label = stream.label();
     let source = stream.timestamp_source;
     let described = archiver.source.describe(&stream).await?;
-    let retention_ms = match stream.retention_window {
-        Some(window) => window.as_millis() as i64,
-        None => i64::from(described.retention_hours) * 3_600_000,
-    };
+    // KVS's retention says what is deleted when; the window says how far back to archive.
+    let retention_ms = i64::from(described.retention_hours) * 3_600_000;
+    let window_ms = stream
+        .retention_window
+        .map_or(retention_ms, |w| (w.as_millis() as i64).min(retention_ms));
     if retention_ms == 0 {
         return Err(Error::Usage(format!(
             "stream {label} keeps no media (DataRetentionInHours is 0): nothing to archive"
@@ -101,10 +102,11 @@ pub async fn archive_stream(
     // Only closed clip windows: objects match a backfill's, and no tiny tails.
     let end = (now - lag).div_euclid(clip) * clip - 1;
     let edge = now - retention_ms;
+    let window_start = now - window_ms;
     let progress = archiver.ledger.progress(&label, source).await?;
     let plan_from = progress
         .planned_through_ms
-        .map_or(edge, |through| (through + 1).max(edge));
+        .map_or(window_start, |through| (through + 1).max(window_start));
     let mut report = PassReport {
         expired_fragments: archiver.ledger.expire_before(&label, source, edge).await?,
         ..PassReport::default()
@@ -220,7 +222,11 @@ mod tests {
         }
         tx.send("b".to_string()).await.expect("queued");
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(started.load(Ordering::SeqCst), 2, "one pass for a, one for b");
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            2,
+            "one pass for a, one for b"
+        );
         tokio::time::sleep(Duration::from_secs(10)).await;
         tx.send("a".to_string()).await.expect("queued");
         drop(tx);
@@ -248,6 +254,9 @@ mod tests {
         let started = tokio::time::Instant::now();
         let outcomes = runner.await.expect("runner ends");
         assert_eq!(outcomes.len(), 1, "b was not started after the shutdown");
-        assert!(started.elapsed() >= Duration::from_secs(3), "a finished first");
+        assert!(
+            started.elapsed() >= Duration::from_secs(3),
+            "a finished first"
+        );
     }
 }

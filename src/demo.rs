@@ -5,11 +5,11 @@
 use crate::config::{Config, StreamConfig};
 use crate::domain::TimestampSource;
 use crate::error::{Error, Result};
+use crate::shutdown::Shutdown;
 use kvs_emulator::config::{DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY};
 use kvs_emulator::{Emulator, EmulatorConfig, StreamSpec};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use crate::shutdown::Shutdown;
 
 const CAMERA: &str = "demo-camera";
 

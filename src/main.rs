@@ -5,9 +5,9 @@ use clap::{Parser, Subcommand};
 use kvs_archiver::app;
 use kvs_archiver::config::Config;
 use kvs_archiver::error::Error;
+use kvs_archiver::shutdown::Shutdown;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use kvs_archiver::shutdown::Shutdown;
 
 #[derive(Parser)]
 #[command(
@@ -133,10 +133,15 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                     if let Some(next) = s.next_run_ms {
                         print!(", next run {}", kvs_archiver::domain::rfc3339(next));
                     }
-                    if let (Some(oldest), Some(retention)) = (s.oldest_unarchived_ms, s.retention_ms) {
+                    if let (Some(oldest), Some(retention)) =
+                        (s.oldest_unarchived_ms, s.retention_ms)
+                    {
                         let left = (oldest + retention - now) as f64 / 1000.0;
                         let at_risk = left < config.daemon.retention_alarm.as_secs_f64();
-                        print!(", oldest unarchived expires in {left:.0} s{}", if at_risk { " (AT RISK)" } else { "" });
+                        print!(
+                            ", oldest unarchived expires in {left:.0} s{}",
+                            if at_risk { " (AT RISK)" } else { "" }
+                        );
                     }
                     println!();
                     if let Some(error) = s.last_error {
@@ -208,7 +213,11 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Run { once } => {
             let sdk = app::sdk_config(&config.aws).await;
             let ok = app::run_daemon(config, &sdk, once, shutdown).await?;
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Demo { .. } => Ok(ExitCode::SUCCESS),
     }

@@ -29,7 +29,8 @@ pub fn clip_failed(stream: &str, error: &Error) {
         }
         Retryability::Permanent => {}
     }
-    counter!("kvs_archiver_clip_failures_total", "stream" => stream, "kind" => error.kind()).increment(1);
+    counter!("kvs_archiver_clip_failures_total", "stream" => stream, "kind" => error.kind())
+        .increment(1);
 }
 
 pub fn getclip_latency(stream: &str, took: Duration) {
@@ -43,7 +44,8 @@ pub fn upload_latency(stream: &str, took: Duration) {
 }
 
 pub fn fragments_expired(stream: &str, count: u64) {
-    counter!("kvs_archiver_fragments_expired_total", "stream" => stream.to_string()).increment(count);
+    counter!("kvs_archiver_fragments_expired_total", "stream" => stream.to_string())
+        .increment(count);
 }
 
 pub fn coalesced_firing(stream: &str) {
@@ -51,9 +53,20 @@ pub fn coalesced_firing(stream: &str) {
 }
 
 pub fn chunks_by_state(stream: &str, counts: &[(String, i64)]) {
-    for state in ["planned", "fetching", "uploading", "done", "failed", "expired"] {
-        let n = counts.iter().find(|(s, _)| s == state).map_or(0, |(_, n)| *n);
-        gauge!("kvs_archiver_chunks", "stream" => stream.to_string(), "state" => state).set(n as f64);
+    for state in [
+        "planned",
+        "fetching",
+        "uploading",
+        "done",
+        "failed",
+        "expired",
+    ] {
+        let n = counts
+            .iter()
+            .find(|(s, _)| s == state)
+            .map_or(0, |(_, n)| *n);
+        gauge!("kvs_archiver_chunks", "stream" => stream.to_string(), "state" => state)
+            .set(n as f64);
     }
 }
 
@@ -74,9 +87,9 @@ pub async fn serve(addr: SocketAddr) -> Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| Error::Usage(format!("metrics: cannot install the recorder: {e}")))?;
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        Error::Usage(format!("daemon.metrics_listen {addr}: cannot listen: {e}"))
-    })?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Usage(format!("daemon.metrics_listen {addr}: cannot listen: {e}")))?;
     let render = handle.clone();
     let app = Router::new()
         .route("/metrics", get(move || std::future::ready(render.render())))

@@ -21,9 +21,8 @@ impl Scheduler {
         offset: chrono::FixedOffset,
         tx: mpsc::Sender<String>,
     ) -> Result<Scheduler> {
-        let scheduler_error = |e: tokio_cron_scheduler::JobSchedulerError| {
-            Error::Usage(format!("scheduler: {e}"))
-        };
+        let scheduler_error =
+            |e: tokio_cron_scheduler::JobSchedulerError| Error::Usage(format!("scheduler: {e}"));
         let inner = JobScheduler::new().await.map_err(scheduler_error)?;
         let mut jobs = HashMap::new();
         for (stream, cron) in streams {

@@ -519,7 +519,12 @@ impl Ledger {
 
     /// Marks pending chunks that end before `edge` (KVS's retention edge) as expired: KVS
     /// has deleted their fragments. Returns how many fragments that was.
-    pub async fn expire_before(&self, stream: &str, source: TimestampSource, edge: EpochMs) -> Result<u64> {
+    pub async fn expire_before(
+        &self,
+        stream: &str,
+        source: TimestampSource,
+        edge: EpochMs,
+    ) -> Result<u64> {
         let fragments: i64 = sqlx::query_scalar(
             "SELECT COALESCE(SUM(fragment_count), 0) FROM chunks WHERE stream = ? AND timestamp_source = ?
                AND state IN ('planned', 'failed') AND end_ms < ?",
@@ -546,7 +551,11 @@ impl Ledger {
     }
 
     /// Start of the oldest chunk of the stream that is not archived yet (nor expired).
-    pub async fn oldest_unarchived(&self, stream: &str, source: TimestampSource) -> Result<Option<EpochMs>> {
+    pub async fn oldest_unarchived(
+        &self,
+        stream: &str,
+        source: TimestampSource,
+    ) -> Result<Option<EpochMs>> {
         sqlx::query_scalar(
             "SELECT MIN(start_ms) FROM chunks WHERE stream = ? AND timestamp_source = ?
                AND state NOT IN ('done', 'expired')",
@@ -560,28 +569,32 @@ impl Ledger {
 
     /// Chunk counts by state for one stream, for the metrics.
     pub async fn counts(&self, stream: &str) -> Result<Vec<(String, i64)>> {
-        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM chunks WHERE stream = ? GROUP BY state")
-            .bind(stream)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(Error::store("count chunks"))?;
+        let rows =
+            sqlx::query("SELECT state, COUNT(*) AS n FROM chunks WHERE stream = ? GROUP BY state")
+                .bind(stream)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(Error::store("count chunks"))?;
         Ok(rows.iter().map(|r| (r.get("state"), r.get("n"))).collect())
     }
 
     pub async fn progress(&self, stream: &str, source: TimestampSource) -> Result<StreamProgress> {
-        let row = sqlx::query("SELECT * FROM stream_progress WHERE stream = ? AND timestamp_source = ?")
-            .bind(stream)
-            .bind(source.as_str())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(Error::store("read progress"))?;
-        Ok(row.map_or_else(StreamProgress::default, |r| StreamProgress {
-            planned_through_ms: r.get("planned_through_ms"),
-            retention_ms: r.get("retention_ms"),
-            next_run_ms: r.get("next_run_ms"),
-            last_run_ms: r.get("last_run_ms"),
-            last_run_error: r.get("last_run_error"),
-        }))
+        let row =
+            sqlx::query("SELECT * FROM stream_progress WHERE stream = ? AND timestamp_source = ?")
+                .bind(stream)
+                .bind(source.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(Error::store("read progress"))?;
+        Ok(
+            row.map_or_else(StreamProgress::default, |r| StreamProgress {
+                planned_through_ms: r.get("planned_through_ms"),
+                retention_ms: r.get("retention_ms"),
+                next_run_ms: r.get("next_run_ms"),
+                last_run_ms: r.get("last_run_ms"),
+                last_run_error: r.get("last_run_error"),
+            }),
+        )
     }
 
     /// Stores what the daemon learned in a run; `None` keeps the stored value.

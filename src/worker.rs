@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::mp4;
 use crate::plan::{sort_and_dedup, ChunkLimits, Packer};
 use crate::retry::{RetryPolicy, Retryability};
+use crate::shutdown::Shutdown;
 use crate::sink::{ObjectMeta, Sink};
 use crate::source::kvs::{means_expired, KvsSource};
 use crate::store::{Chunk, Ledger};
@@ -20,7 +21,6 @@ use crate::telemetry::Progress;
 use futures_util::StreamExt;
 use std::collections::HashSet;
 use std::sync::Arc;
-use crate::shutdown::Shutdown;
 use tokio::sync::Semaphore;
 
 /// A clip may play this much shorter than its fragments' summed durations before it
@@ -212,7 +212,8 @@ impl Archiver {
             new_chunks = plan.chunks.len(),
             "planned"
         );
-        self.fetch_pending(stream, start, end, progress, shutdown).await
+        self.fetch_pending(stream, start, end, progress, shutdown)
+            .await
     }
 
     /// Fetches every chunk of the stream starting in `[start, end]` that is not done.
@@ -261,7 +262,10 @@ impl Archiver {
             let results: Vec<(i64, Result<ChunkOutcome>)> = futures_util::stream::iter(todo)
                 .map(|chunk| async move {
                     let id = chunk.id;
-                    (id, self.archive_chunk(stream, chunk, progress, shutdown).await)
+                    (
+                        id,
+                        self.archive_chunk(stream, chunk, progress, shutdown).await,
+                    )
                 })
                 .buffer_unordered(self.config.archive.concurrency)
                 .collect()
@@ -271,7 +275,9 @@ impl Archiver {
                 match result {
                     Ok(ChunkOutcome::Done(bytes)) => tracing::debug!(id, bytes, "chunk archived"),
                     Ok(ChunkOutcome::Split) => tracing::debug!(id, "chunk split"),
-                    Ok(ChunkOutcome::Skipped) => tracing::debug!(id, "chunk held elsewhere or finished"),
+                    Ok(ChunkOutcome::Skipped) => {
+                        tracing::debug!(id, "chunk held elsewhere or finished")
+                    }
                     Err(Error::Interrupted) => return Err(Error::Interrupted),
                     Err(Error::Store { op, source }) => return Err(Error::Store { op, source }),
                     // Recorded on the chunk; the summary reports it.
@@ -388,9 +394,17 @@ impl Archiver {
                 };
                 if gone.start_ms < first_left.start_ms {
                     tracing::error!(key = %chunk.object_key, fragments = gone.fragment_count, "fragments expired before they were archived");
-                    crate::metrics::fragments_expired(&chunk.stream, u64::from(gone.fragment_count));
+                    crate::metrics::fragments_expired(
+                        &chunk.stream,
+                        u64::from(gone.fragment_count),
+                    );
                     self.ledger
-                        .record_expired(&chunk.stream, &chunk.timestamp_source, &gone, "deleted by KVS retention before they were archived")
+                        .record_expired(
+                            &chunk.stream,
+                            &chunk.timestamp_source,
+                            &gone,
+                            "deleted by KVS retention before they were archived",
+                        )
                         .await?;
                 }
             }

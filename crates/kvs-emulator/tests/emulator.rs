@@ -537,11 +537,11 @@ async fn get_clip_refuses_bad_ranges_and_unservable_streams_like_aws() {
     emu.update_faults("cam", |f| f.internal_failures_next = 1);
     let err = get("cam", server.clone(), t0, t0 + 4000).await;
     assert_eq!(err.code(), Some("InternalFailure"));
-    assert_eq!(
-        get_clip_bytes(&client, "cam", t0, t0 + 4000)
+    assert!(
+        !get_clip_bytes(&client, "cam", t0, t0 + 4000)
             .await
             .is_empty(),
-        false
+        "served after the failure"
     );
 
     // Fragment-media points: 500/s; at 5/s a 10-fragment clip passes once, then throttles.
