@@ -45,6 +45,8 @@ where
     loop {
         tokio::select! {
             next = queue.recv(), if open && !shutdown.soft.is_cancelled() => match next {
+                // The shutdown began while this select was waiting: take nothing new.
+                Some(_) if shutdown.soft.is_cancelled() => open = false,
                 Some(stream) if busy.contains(&stream) => {
                     tracing::info!(stream = %stream, "firing coalesced: the previous pass is still running");
                     crate::metrics::coalesced_firing(&stream);

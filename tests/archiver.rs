@@ -1134,7 +1134,8 @@ async fn sigterm_lets_uploads_finish_or_aborts_them_and_a_rerun_completes() {
     let (mut spec, start, end) = hd_stream("cam");
     spec.faults.bandwidth_bytes_per_sec = Some(8_000_000);
     let sections = "[daemon]\nshutdown_grace = \"1s\"\nlag = \"5s\"\n";
-    let world = World::with_sections(vec![spec], "", sections, &|_| {
+    // One-minute windows: the whole stream (ending 5 minutes ago) lies in closed ones.
+    let world = World::with_sections(vec![spec], "clip_duration = \"1m\"", sections, &|_| {
         "retention_window = \"1h\"".into()
     })
     .await;
@@ -1188,8 +1189,8 @@ async fn sigterm_lets_uploads_finish_or_aborts_them_and_a_rerun_completes() {
 async fn a_second_sigterm_exits_at_once_and_the_next_start_cleans_up() {
     let (mut spec, start, end) = hd_stream("cam");
     spec.faults.bandwidth_bytes_per_sec = Some(2_000_000);
-    let sections = "[daemon]\nshutdown_grace = \"60s\"\n";
-    let world = World::with_sections(vec![spec], "", sections, &|_| {
+    let sections = "[daemon]\nshutdown_grace = \"60s\"\nlag = \"5s\"\n";
+    let world = World::with_sections(vec![spec], "clip_duration = \"1m\"", sections, &|_| {
         "retention_window = \"1h\"".into()
     })
     .await;
