@@ -650,6 +650,15 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configuration_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kvs-archiver.example.toml");
+        let config = Config::load(Some(&path)).expect("the example validates");
+        assert_eq!(config.streams.len(), 2);
+        assert_eq!(config.streams[1].label(), "loading-dock");
+        assert_eq!(config.daemon.schedule, "0 */5 * * * *");
+    }
+
+    #[test]
     fn arn_names_are_parsed() {
         assert_eq!(
             arn_stream_name(
