@@ -59,6 +59,52 @@ pub struct StreamStatus {
     pub last_run_error: Option<String>,
 }
 
+/// A chunk row to insert: planned, or (with a reason) expired.
+struct NewChunk<'a> {
+    stream: &'a str,
+    source: &'a str,
+    plan: &'a ChunkPlan,
+    object_key: &'a str,
+    expired: Option<&'a str>,
+}
+
+/// Inserts a chunk unless a chunk of the stream already overlaps its GetClip range, which
+/// keeps the ledger free of overlaps whoever plans; returns whether it was inserted.
+async fn insert_chunk<'e, E>(executor: E, row: &NewChunk<'_>) -> Result<bool, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+{
+    let now = now_ms();
+    let (start, end) = row.plan.clip_range();
+    let done = sqlx::query(
+        "INSERT INTO chunks (stream, timestamp_source, start_ms, end_ms, fragment_count,
+             planned_bytes, planned_duration_ms, first_fragment, last_fragment, object_key,
+             state, retryable, last_error, error_kind, created_ms, updated_ms)
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10,
+             CASE WHEN ?13 IS NULL THEN 'planned' ELSE 'expired' END,
+             ?13 IS NULL, ?13, CASE WHEN ?13 IS NULL THEN NULL ELSE 'expired' END, ?11, ?11
+         WHERE NOT EXISTS (
+             SELECT 1 FROM chunks WHERE stream = ?1 AND timestamp_source = ?2
+               AND start_ms <= ?12 AND MAX(end_ms, start_ms + 1) >= ?3)",
+    )
+    .bind(row.stream)
+    .bind(row.source)
+    .bind(start)
+    .bind(row.plan.end_ms)
+    .bind(i64::from(row.plan.fragment_count))
+    .bind(row.plan.bytes as i64)
+    .bind(row.plan.duration_ms as i64)
+    .bind(&row.plan.first_fragment)
+    .bind(&row.plan.last_fragment)
+    .bind(row.object_key)
+    .bind(now)
+    .bind(end)
+    .bind(row.expired)
+    .execute(executor)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// The daemon's per-stream memory (`stream_progress`).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StreamProgress {
@@ -162,33 +208,16 @@ impl Ledger {
         plan: &ChunkPlan,
         object_key: &str,
     ) -> Result<bool> {
-        let now = now_ms();
-        let (_, end) = plan.clip_range();
-        let done = sqlx::query(
-            "INSERT INTO chunks (stream, timestamp_source, start_ms, end_ms, fragment_count,
-                 planned_bytes, planned_duration_ms, first_fragment, last_fragment, object_key,
-                 created_ms, updated_ms)
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11
-             WHERE NOT EXISTS (
-                 SELECT 1 FROM chunks WHERE stream = ?1 AND timestamp_source = ?2
-                   AND start_ms <= ?12 AND MAX(end_ms, start_ms + 1) >= ?3)",
-        )
-        .bind(stream)
-        .bind(source.as_str())
-        .bind(plan.start_ms)
-        .bind(plan.end_ms)
-        .bind(i64::from(plan.fragment_count))
-        .bind(plan.bytes as i64)
-        .bind(plan.duration_ms as i64)
-        .bind(&plan.first_fragment)
-        .bind(&plan.last_fragment)
-        .bind(object_key)
-        .bind(now)
-        .bind(end)
-        .execute(&self.pool)
-        .await
-        .map_err(Error::store("insert chunk"))?;
-        Ok(done.rows_affected() == 1)
+        let row = NewChunk {
+            stream,
+            source: source.as_str(),
+            plan,
+            object_key,
+            expired: None,
+        };
+        insert_chunk(&self.pool, &row)
+            .await
+            .map_err(Error::store("insert chunk"))
     }
 
     /// GetClip ranges of the stream's chunks that reach into `[from, to]`, by start.
@@ -363,9 +392,14 @@ impl Ledger {
         Ok(())
     }
 
-    /// Replaces a truncated chunk by smaller ones covering the same fragments, in one
-    /// transaction.
-    pub async fn split(&self, chunk: &Chunk, parts: &[(ChunkPlan, String)]) -> Result<()> {
+    /// Replaces a truncated chunk by smaller ones covering its remaining fragments, and
+    /// records those KVS already deleted (`expired`, with the reason), in one transaction.
+    pub async fn split(
+        &self,
+        chunk: &Chunk,
+        parts: &[(ChunkPlan, String)],
+        expired: Option<(&ChunkPlan, &str)>,
+    ) -> Result<()> {
         let mut tx = self
             .pool
             .begin()
@@ -376,29 +410,29 @@ impl Ledger {
             .execute(&mut *tx)
             .await
             .map_err(Error::store("split chunk"))?;
-        let now = now_ms();
+        if let Some((plan, reason)) = expired {
+            let row = NewChunk {
+                stream: &chunk.stream,
+                source: &chunk.timestamp_source,
+                plan,
+                object_key: "",
+                expired: Some(reason),
+            };
+            insert_chunk(&mut *tx, &row)
+                .await
+                .map_err(Error::store("record expired fragments"))?;
+        }
         for (plan, key) in parts {
-            sqlx::query(
-                "INSERT INTO chunks (stream, timestamp_source, start_ms, end_ms, fragment_count,
-                     planned_bytes, planned_duration_ms, first_fragment, last_fragment,
-                     object_key, attempts, created_ms, updated_ms)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
-            )
-            .bind(&chunk.stream)
-            .bind(&chunk.timestamp_source)
-            .bind(plan.start_ms)
-            .bind(plan.end_ms)
-            .bind(i64::from(plan.fragment_count))
-            .bind(plan.bytes as i64)
-            .bind(plan.duration_ms as i64)
-            .bind(&plan.first_fragment)
-            .bind(&plan.last_fragment)
-            .bind(key)
-            .bind(now)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(Error::store("split chunk"))?;
+            let row = NewChunk {
+                stream: &chunk.stream,
+                source: &chunk.timestamp_source,
+                plan,
+                object_key: key,
+                expired: None,
+            };
+            insert_chunk(&mut *tx, &row)
+                .await
+                .map_err(Error::store("split chunk"))?;
         }
         tx.commit().await.map_err(Error::store("split chunk"))?;
         Ok(())
@@ -481,40 +515,6 @@ impl Ledger {
             .await
             .map_err(Error::store("read chunk"))?;
         Ok(row.as_ref().map(row_to_chunk))
-    }
-
-    /// Records fragments KVS deleted before they were archived, as an `expired` chunk
-    /// covering their range (so `status` reports them and nothing plans them again).
-    pub async fn record_expired(
-        &self,
-        stream: &str,
-        source: &str,
-        plan: &ChunkPlan,
-        message: &str,
-    ) -> Result<()> {
-        let now = now_ms();
-        sqlx::query(
-            "INSERT OR IGNORE INTO chunks (stream, timestamp_source, start_ms, end_ms, fragment_count,
-                 planned_bytes, planned_duration_ms, first_fragment, last_fragment, object_key,
-                 state, retryable, last_error, error_kind, created_ms, updated_ms)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, '', 'expired', 0, ?, 'expired', ?, ?)",
-        )
-        .bind(stream)
-        .bind(source)
-        .bind(plan.start_ms)
-        .bind(plan.end_ms)
-        .bind(i64::from(plan.fragment_count))
-        .bind(plan.bytes as i64)
-        .bind(plan.duration_ms as i64)
-        .bind(&plan.first_fragment)
-        .bind(&plan.last_fragment)
-        .bind(message)
-        .bind(now)
-        .bind(now)
-        .execute(&self.pool)
-        .await
-        .map_err(Error::store("record expired fragments"))?;
-        Ok(())
     }
 
     /// Marks pending chunks that end before `edge` (KVS's retention edge) as expired: KVS

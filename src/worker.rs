@@ -226,8 +226,9 @@ impl Archiver {
         shutdown: &Shutdown,
     ) -> Result<RunSummary> {
         let label = stream.label();
-        // Each chunk gets one round of attempts per run; split chunks come back with new ids.
-        let mut attempted: HashSet<i64> = HashSet::new();
+        // Each chunk gets one round of attempts per run. SQLite may give a split chunk's
+        // part the id of the chunk it replaced, so a chunk is known by id and range.
+        let mut attempted: HashSet<(i64, EpochMs, EpochMs)> = HashSet::new();
         loop {
             if shutdown.soft.is_cancelled() {
                 return Err(Error::Interrupted);
@@ -240,7 +241,8 @@ impl Archiver {
             let todo: Vec<Chunk> = chunks
                 .iter()
                 .filter(|c| {
-                    !attempted.contains(&c.id) && matches!(c.state.as_str(), "planned" | "failed")
+                    !attempted.contains(&(c.id, c.plan.start_ms, c.plan.end_ms))
+                        && matches!(c.state.as_str(), "planned" | "failed")
                 })
                 .cloned()
                 .collect();
@@ -259,19 +261,19 @@ impl Archiver {
                 }
                 return Ok(summarize(&chunks));
             }
-            let results: Vec<(i64, Result<ChunkOutcome>)> = futures_util::stream::iter(todo)
+            type Attempted = (i64, EpochMs, EpochMs);
+            let results: Vec<(Attempted, Result<ChunkOutcome>)> = futures_util::stream::iter(todo)
                 .map(|chunk| async move {
-                    let id = chunk.id;
-                    (
-                        id,
-                        self.archive_chunk(stream, chunk, progress, shutdown).await,
-                    )
+                    let known_as = (chunk.id, chunk.plan.start_ms, chunk.plan.end_ms);
+                    let outcome = self.archive_chunk(stream, chunk, progress, shutdown).await;
+                    (known_as, outcome)
                 })
                 .buffer_unordered(self.config.archive.concurrency)
                 .collect()
                 .await;
-            for (id, result) in results {
-                attempted.insert(id);
+            for (known_as, result) in results {
+                attempted.insert(known_as);
+                let id = known_as.0;
                 match result {
                     Ok(ChunkOutcome::Done(bytes)) => tracing::debug!(id, bytes, "chunk archived"),
                     Ok(ChunkOutcome::Split) => tracing::debug!(id, "chunk split"),
@@ -379,35 +381,28 @@ impl Archiver {
             max_bytes: (chunk.plan.bytes / 2).max(1),
             ..limits
         };
+        // Fragments missing from the old end were deleted by KVS's retention meanwhile.
         let listed = fragments.len() as u32;
-        if listed < chunk.plan.fragment_count {
-            if let Some(first_left) = fragments.first() {
-                // Fragments at the old end are gone: KVS's retention deleted them.
-                let gone = ChunkPlan {
+        let expired = match fragments.first() {
+            Some(first_left)
+                if listed < chunk.plan.fragment_count
+                    && chunk.plan.start_ms < first_left.start_ms =>
+            {
+                Some(ChunkPlan {
                     start_ms: chunk.plan.start_ms,
-                    end_ms: (first_left.start_ms - 1).max(chunk.plan.start_ms),
+                    end_ms: first_left.start_ms - 1,
                     fragment_count: chunk.plan.fragment_count - listed,
                     bytes: 0,
                     duration_ms: 0,
                     first_fragment: chunk.plan.first_fragment.clone(),
                     last_fragment: String::new(),
-                };
-                if gone.start_ms < first_left.start_ms {
-                    tracing::error!(key = %chunk.object_key, fragments = gone.fragment_count, "fragments expired before they were archived");
-                    crate::metrics::fragments_expired(
-                        &chunk.stream,
-                        u64::from(gone.fragment_count),
-                    );
-                    self.ledger
-                        .record_expired(
-                            &chunk.stream,
-                            &chunk.timestamp_source,
-                            &gone,
-                            "deleted by KVS retention before they were archived",
-                        )
-                        .await?;
-                }
+                })
             }
+            _ => None,
+        };
+        if let Some(gone) = &expired {
+            tracing::error!(key = %chunk.object_key, fragments = gone.fragment_count, "fragments expired before they were archived");
+            crate::metrics::fragments_expired(&chunk.stream, u64::from(gone.fragment_count));
         }
         let parts: Vec<(ChunkPlan, String)> = crate::plan::plan_all(&fragments, halved)
             .into_iter()
@@ -423,7 +418,10 @@ impl Archiver {
             };
             return self.ledger.mark_failed(chunk.id, &error).await;
         }
-        self.ledger.split(chunk, &parts).await
+        let reason = "deleted by KVS retention before they were archived";
+        self.ledger
+            .split(chunk, &parts, expired.as_ref().map(|gone| (gone, reason)))
+            .await
     }
 
     /// One attempt: GetClip, header check, upload. Returns the object's size.

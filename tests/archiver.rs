@@ -1129,17 +1129,9 @@ async fn backfill_and_run_produce_the_same_objects() {
     assert_exactly_once(&a, &world.fragment_numbers("cam", start, end));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_lets_uploads_finish_or_aborts_them_and_a_rerun_completes() {
-    let (mut spec, start, end) = hd_stream("cam");
-    spec.faults.bandwidth_bytes_per_sec = Some(8_000_000);
-    let sections = "[daemon]\nshutdown_grace = \"1s\"\nlag = \"5s\"\n";
-    // One-minute windows: the whole stream (ending 5 minutes ago) lies in closed ones.
-    let world = World::with_sections(vec![spec], "clip_duration = \"1m\"", sections, &|_| {
-        "retention_window = \"1h\"".into()
-    })
-    .await;
-    let mut daemon = world
+/// Starts `run` and returns once a clip has been streaming for `into_clip`.
+async fn start_daemon_mid_clip(world: &World, into_clip: Duration) -> tokio::process::Child {
+    let daemon = world
         .command(&["run"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -1156,7 +1148,21 @@ async fn sigterm_lets_uploads_finish_or_aborts_them_and_a_rerun_completes() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(into_clip).await;
+    daemon
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_uploads_finish_or_aborts_them_and_a_rerun_completes() {
+    let (mut spec, start, end) = hd_stream("cam");
+    spec.faults.bandwidth_bytes_per_sec = Some(8_000_000);
+    let sections = "[daemon]\nshutdown_grace = \"1s\"\nlag = \"5s\"\n";
+    // One-minute windows: the whole stream (ending 5 minutes ago) lies in closed ones.
+    let world = World::with_sections(vec![spec], "clip_duration = \"1m\"", sections, &|_| {
+        "retention_window = \"1h\"".into()
+    })
+    .await;
+    let mut daemon = start_daemon_mid_clip(&world, Duration::from_millis(1500)).await;
     let asked = std::time::Instant::now();
     signal(&daemon, "TERM");
     let status = tokio::time::timeout(Duration::from_secs(10), daemon.wait())
@@ -1194,24 +1200,7 @@ async fn a_second_sigterm_exits_at_once_and_the_next_start_cleans_up() {
         "retention_window = \"1h\"".into()
     })
     .await;
-    let mut daemon = world
-        .command(&["run"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("starts");
-    for _ in 0..500 {
-        if world
-            .emu
-            .requests()
-            .iter()
-            .any(|r| r.op == "GetClip" && r.status == 200)
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let mut daemon = start_daemon_mid_clip(&world, Duration::from_millis(3000)).await;
     signal(&daemon, "TERM");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let asked = std::time::Instant::now();
