@@ -224,10 +224,6 @@ fn partition(a: &[Fragment], b: &[Fragment], pred: impl Fn(&Fragment) -> bool) -
     }
 }
 
-fn created_stamp(now_ms: i64) -> i64 {
-    now_ms
-}
-
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut hash = 0xcbf2_9ce4_8422_2325u64;
     for b in bytes {
