@@ -117,8 +117,7 @@ impl StreamState {
         StreamState {
             arn: format!(
                 "arn:aws:kinesisvideo:{region}:{account}:stream/{}/{}",
-                spec.name,
-                created_stamp(now_ms)
+                spec.name, now_ms
             ),
             version: format!("{:x}", hash & 0xffff_ffff),
             created_ms: start_ms.min(now_ms),
