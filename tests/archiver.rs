@@ -211,6 +211,24 @@ impl World {
         .await
     }
 
+    /// A backfill with one more environment variable.
+    async fn backfill_with(
+        &self,
+        stream: &str,
+        start_ms: i64,
+        end_ms: i64,
+        env: (&str, &str),
+    ) -> Output {
+        let (start, end) = (rfc3339(start_ms), rfc3339(end_ms));
+        self.command(&[
+            "backfill", "--stream", stream, "--start", &start, "--end", &end,
+        ])
+        .env(env.0, env.1)
+        .output()
+        .await
+        .expect("kvs-archiver runs")
+    }
+
     /// Every stored object under `kvs/`, with its bytes.
     async fn objects(&self) -> BTreeMap<String, Vec<u8>> {
         self.objects_under("kvs/").await
@@ -705,19 +723,13 @@ async fn bad_input_gets_a_clear_error_and_leaves_the_ledger_intact() {
     );
 
     let no_bucket = world
-        .command(&[
-            "backfill",
-            "--stream",
+        .backfill_with(
             "cam",
-            "--start",
-            &rfc3339(start),
-            "--end",
-            &rfc3339(end),
-        ])
-        .env("KVS_ARCHIVER_DESTINATION__BUCKET", "no-such-bucket")
-        .output()
-        .await
-        .expect("runs");
+            start,
+            end,
+            ("KVS_ARCHIVER_DESTINATION__BUCKET", "no-such-bucket"),
+        )
+        .await;
     assert_eq!(no_bucket.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&no_bucket.stderr).contains("bucket does not exist"),
@@ -726,19 +738,13 @@ async fn bad_input_gets_a_clear_error_and_leaves_the_ledger_intact() {
     );
 
     let wrong_keys = world
-        .command(&[
-            "backfill",
-            "--stream",
+        .backfill_with(
             "cam",
-            "--start",
-            &rfc3339(start),
-            "--end",
-            &rfc3339(end),
-        ])
-        .env("AWS_SECRET_ACCESS_KEY", "not-the-secret")
-        .output()
-        .await
-        .expect("runs");
+            start,
+            end,
+            ("AWS_SECRET_ACCESS_KEY", "not-the-secret"),
+        )
+        .await;
     assert_eq!(wrong_keys.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&wrong_keys.stderr).contains("check the AWS credentials"),
