@@ -338,6 +338,22 @@ impl Ledger {
         Ok(())
     }
 
+    /// Extends this process's claim on a chunk that is still streaming.
+    pub async fn renew(&self, id: i64) -> Result<()> {
+        let now = now_ms();
+        sqlx::query(
+            "UPDATE chunks SET lease_until_ms = ?1, updated_ms = ?2 WHERE id = ?3 AND owner = ?4",
+        )
+        .bind(now + LEASE.as_millis() as i64)
+        .bind(now)
+        .bind(id)
+        .bind(&self.owner)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::store("renew claim"))?;
+        Ok(())
+    }
+
     /// The object is stored: the chunk is done.
     pub async fn mark_done(&self, id: i64, archived_bytes: u64) -> Result<()> {
         sqlx::query(

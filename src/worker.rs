@@ -15,7 +15,7 @@ use crate::plan::{sort_and_dedup, ChunkLimits, Packer};
 use crate::retry::{RetryPolicy, Retryability};
 use crate::shutdown::Shutdown;
 use crate::sink::{ObjectMeta, Sink};
-use crate::source::kvs::{means_expired, KvsSource};
+use crate::source::kvs::{means_expired, means_unpackageable, KvsSource};
 use crate::store::{Chunk, Ledger};
 use crate::telemetry::Progress;
 use futures_util::StreamExt;
@@ -29,6 +29,8 @@ use tokio::sync::Semaphore;
 const TRUNCATION_TOLERANCE_MS: u64 = 500;
 /// The most header bytes read while looking for `moov` before giving up.
 const MAX_HEADER_BYTES: usize = 16 * 1024 * 1024;
+/// How often a clip still streaming renews its claim (the lease lasts 15 minutes).
+const LEASE_RENEWAL: std::time::Duration = std::time::Duration::from_secs(60);
 /// How often to look again when another process holds chunks of our range.
 const FOREIGN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -342,6 +344,11 @@ impl Archiver {
                     self.split(stream, &chunk).await?;
                     return Ok(ChunkOutcome::Split);
                 }
+                Err(error) if means_unpackageable(&error) && chunk.plan.fragment_count > 1 => {
+                    tracing::warn!(key = %chunk.object_key, %error, "KVS cannot package this range as one MP4: splitting the chunk");
+                    self.split(stream, &chunk).await?;
+                    return Ok(ChunkOutcome::Split);
+                }
                 Err(error) => {
                     let error = if means_expired(&error) {
                         Error::Expired {
@@ -478,6 +485,7 @@ impl Archiver {
         self.ledger.mark_uploading(chunk.id, None).await?;
         let mut received = head.len() as u64;
         let mut recorded_upload = false;
+        let mut renewed = std::time::Instant::now();
         let first = bytes::Bytes::from(head);
         let mut next = Some(first);
         loop {
@@ -487,6 +495,10 @@ impl Archiver {
                     return Err(e);
                 }
                 crate::crashpoint::hit("mid-body");
+                if renewed.elapsed() > LEASE_RENEWAL {
+                    self.ledger.renew(chunk.id).await?;
+                    renewed = std::time::Instant::now();
+                }
                 if !recorded_upload {
                     if let Some(id) = upload.upload_id() {
                         self.ledger.mark_uploading(chunk.id, Some(id)).await?;

@@ -546,6 +546,31 @@ async fn truncated_clips_are_split_and_fetched_again_never_recorded_as_done() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_codec_change_inside_a_chunk_is_split_around_and_everything_is_archived() {
+    let (start, end) = recent(0.25);
+    let mut spec = historical("cam", start, end, 2000, 20_000);
+    // The camera switches resolution twice; KVS refuses clips that span a switch.
+    spec.codec_changes_at = vec![77, 301];
+    let world = World::new(vec![spec], "").await;
+    let expected = world.fragment_numbers("cam", start, end);
+    let out = world.backfill("cam", start, end).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let refused = world
+        .emu
+        .requests()
+        .iter()
+        .filter(|r| r.error.as_deref() == Some("InvalidCodecPrivateDataException"))
+        .count();
+    assert!(
+        refused >= 2,
+        "GetClip refused the spanning clips ({refused})"
+    );
+    let objects = world.objects().await;
+    assert_exactly_once(&objects, &expected);
+    assert_playable(&objects);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttling_server_errors_and_broken_bodies_are_retried_to_exactly_once() {
     let (start, end) = recent(1.0);
     let mut spec = historical("flaky", start, end, 2000, 20_000);

@@ -141,6 +141,19 @@ where
     }
 }
 
+/// GetClip refusals that concern the media of some fragments in the range, not the
+/// request: the codec private data changes inside it (a camera switched resolution), a
+/// fragment lacks it, or a frame is bad. Splitting the range isolates the cause.
+pub fn means_unpackageable(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Kvs { op: "GetClip", code: Some(code), .. } if matches!(
+            code.as_str(),
+            "InvalidCodecPrivateDataException" | "MissingCodecPrivateDataException" | "InvalidMediaFrameException"
+        )
+    )
+}
+
 /// GetClip refusals that mean the media is gone (retention), not that the request is
 /// wrong: a 404 "No fragments found" for fragments we listed, or an end timestamp past
 /// retention.
