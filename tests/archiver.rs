@@ -1013,7 +1013,7 @@ async fn daemon_keeps_twenty_live_streams_archived_exactly_once() {
         .stderr(log)
         .spawn()
         .expect("daemon starts");
-    tokio::time::sleep(Duration::from_secs(40)).await;
+    tokio::time::sleep(Duration::from_secs(90)).await;
     let metrics = tokio::time::timeout(Duration::from_secs(10), http_get(port, "/metrics"))
         .await
         .expect("metrics answer");

@@ -115,6 +115,15 @@ fn json_response(value: serde_json::Value) -> Response {
     response
 }
 
+/// Refuses the action when the stream's faults say IAM denies it.
+fn authorize(shared: &Shared, name: &str, action: &str) -> Result<(), ApiError> {
+    let streams = shared.lock_streams();
+    match streams.get(name) {
+        Some(s) if s.faults.deny_access => Err(ApiError::not_authorized(action, &s.arn)),
+        _ => Ok(()),
+    }
+}
+
 /// Finds the stream a request names; both name and ARN must agree when both are given.
 fn stream_key(shared: &Shared, reference: &StreamRef) -> Result<String, ApiError> {
     let streams = shared.lock_streams();
@@ -214,6 +223,7 @@ fn describe_stream(
     let reference: StreamRef = parse(body)?;
     let name = stream_key(shared, &reference)?;
     record.stream = Some(name.clone());
+    authorize(shared, &name, "DescribeStream")?;
     control_plane_throttle(shared, &name)?;
     let streams = shared.lock_streams();
     let stream = streams.get(&name).ok_or_else(ApiError::stream_not_found)?;
@@ -246,6 +256,7 @@ fn get_data_endpoint(
     }
     let name = stream_key(shared, &input.stream)?;
     record.stream = Some(name.clone());
+    authorize(shared, &name, "GetDataEndpoint")?;
     control_plane_throttle(shared, &name)?;
     // The endpoint is this server for every API: the client must dial what it is told.
     Ok(json_response(json!({ "DataEndpoint": shared.base_url })))
@@ -388,6 +399,7 @@ fn list_fragments(
     }
     let name = stream_key(shared, &input.stream)?;
     record.stream = Some(name.clone());
+    authorize(shared, &name, "ListFragments")?;
     let (kind, label, start_ms, end_ms, offset) = match (input.next_token, input.fragment_selector)
     {
         (Some(token), _) => {
@@ -545,6 +557,7 @@ async fn get_clip(
     let selector = parse_selector(input.clip_fragment_selector, "ClipFragmentSelector")?;
     let name = stream_key(shared, &input.stream)?;
     record.stream = Some(name.clone());
+    authorize(shared, &name, "GetClip")?;
     record.selector = Some(selector.label.to_string());
     record.start_ms = Some(selector.start_ms);
     record.end_ms = Some(selector.end_ms);
@@ -598,6 +611,12 @@ async fn get_clip(
     shared.inject_internal_failure(&name)?;
     if fragments.is_empty() {
         return Err(ApiError::no_fragments_for_clip());
+    }
+    if fragments.iter().any(|f| f.missing_codec_private_data) {
+        return Err(ApiError::missing_codec_private_data());
+    }
+    if fragments.iter().any(|f| f.invalid_frame) {
+        return Err(ApiError::invalid_media_frame());
     }
     if fragments
         .iter()

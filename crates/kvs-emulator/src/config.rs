@@ -129,6 +129,12 @@ pub struct StreamSpec {
     /// that switched resolution. A clip may not span such a change.
     #[serde(default)]
     pub codec_changes_at: Vec<u64>,
+    /// Fragment indexes whose video track lacks codec private data.
+    #[serde(default)]
+    pub missing_codec_private_data_at: Vec<u64>,
+    /// Fragment indexes holding a frame that does not parse.
+    #[serde(default)]
+    pub invalid_frames_at: Vec<u64>,
     #[serde(default)]
     pub faults: Faults,
 }
@@ -149,6 +155,8 @@ impl StreamSpec {
             gaps: Vec::new(),
             producer_offset_ms: 0,
             codec_changes_at: Vec::new(),
+            missing_codec_private_data_at: Vec::new(),
+            invalid_frames_at: Vec::new(),
             faults: Faults::default(),
         }
     }
@@ -242,6 +250,8 @@ pub struct Faults {
     pub max_clip_bytes: u64,
     /// How long after a fragment ends before ListFragments shows it (eventual consistency).
     pub listing_delay_ms: u64,
+    /// IAM denies every action on this stream: NotAuthorizedException (401).
+    pub deny_access: bool,
 }
 
 impl Default for Faults {
@@ -259,6 +269,7 @@ impl Default for Faults {
             max_clip_fragments: 200,
             max_clip_bytes: 100_000_000,
             listing_delay_ms: 0,
+            deny_access: false,
         }
     }
 }

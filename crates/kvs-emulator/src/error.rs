@@ -73,6 +73,31 @@ impl ApiError {
         )
     }
 
+    pub fn missing_codec_private_data() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "MissingCodecPrivateDataException",
+            "No codec private data was found in at least one of tracks of the video stream.",
+        )
+    }
+
+    pub fn invalid_media_frame() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidMediaFrameException",
+            "One or more frames in the requested clip could not be parsed based on the specified codec.",
+        )
+    }
+
+    /// IAM refused the caller this action on this stream (HTTP 401, per the model).
+    pub fn not_authorized(action: &str, arn: &str) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "NotAuthorizedException",
+            format!("User is not authorized to perform: kinesisvideo:{action} on resource: {arn}"),
+        )
+    }
+
     pub fn internal_failure() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,

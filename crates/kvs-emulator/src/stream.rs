@@ -19,6 +19,10 @@ pub struct Fragment {
     pub layout: Arc<FragmentLayout>,
     /// Which codec private data the fragment carries; changes at `codec_changes_at`.
     pub codec_generation: u32,
+    /// The fragment has no codec private data (`missing_codec_private_data_at`).
+    pub missing_codec_private_data: bool,
+    /// The fragment holds a frame that does not parse (`invalid_frames_at`).
+    pub invalid_frame: bool,
 }
 
 /// Which timestamp a selector compares.
@@ -178,6 +182,11 @@ impl StreamState {
                 duration_ms: duration,
                 layout,
                 codec_generation,
+                missing_codec_private_data: self
+                    .spec
+                    .missing_codec_private_data_at
+                    .contains(&self.next_index),
+                invalid_frame: self.spec.invalid_frames_at.contains(&self.next_index),
             });
             self.next_index += 1;
             self.next_start_ms = start + i64::from(duration);

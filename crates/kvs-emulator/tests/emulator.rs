@@ -770,3 +770,112 @@ async fn live_streams_grow_with_the_clock() {
     let after = emu.fragments("live").len();
     assert!(after >= before + 2, "{before} -> {after}");
 }
+
+#[tokio::test]
+async fn iam_denial_and_media_defects_map_to_their_modeled_exceptions() {
+    let mut locked = historical("locked", 10, 2000);
+    locked.faults.deny_access = true;
+    let mut defects = historical("defects", 10, 2000);
+    defects.missing_codec_private_data_at = vec![3];
+    defects.invalid_frames_at = vec![7];
+    let emu = emulator(vec![locked, defects]).await;
+    let cp = control_client(&emu);
+    let media = media_client(&emu);
+    let now = Utc::now().timestamp_millis();
+
+    let describe = cp
+        .describe_stream()
+        .stream_name("locked")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        describe.raw_response().map(|r| r.status().as_u16()),
+        Some(401)
+    );
+    assert!(describe.into_service_error().is_not_authorized_exception());
+    let endpoint = cp
+        .get_data_endpoint()
+        .stream_name("locked")
+        .api_name(ApiName::GetClip)
+        .send()
+        .await
+        .unwrap_err()
+        .into_service_error();
+    assert!(endpoint.is_not_authorized_exception(), "{endpoint:?}");
+    let listed = media
+        .list_fragments()
+        .stream_name("locked")
+        .fragment_selector(server_range(0, now))
+        .send()
+        .await
+        .unwrap_err()
+        .into_service_error();
+    assert!(listed.is_not_authorized_exception(), "{listed:?}");
+    let clip = media
+        .get_clip()
+        .stream_name("locked")
+        .clip_fragment_selector(clip_range(
+            ClipFragmentSelectorType::ServerTimestamp,
+            0,
+            now - 1,
+        ))
+        .send()
+        .await
+        .unwrap_err()
+        .into_service_error();
+    assert!(clip.is_not_authorized_exception(), "{clip:?}");
+
+    let frags = emu.fragments("defects");
+    let get = |a: usize, b: usize| {
+        let media = media.clone();
+        let (start, end) = (frags[a].server_ms, frags[b].server_ms);
+        async move {
+            media
+                .get_clip()
+                .stream_name("defects")
+                .clip_fragment_selector(clip_range(
+                    ClipFragmentSelectorType::ServerTimestamp,
+                    start,
+                    end,
+                ))
+                .send()
+                .await
+        }
+    };
+    let missing = get(2, 4)
+        .await
+        .map(|_| ())
+        .unwrap_err()
+        .into_service_error();
+    assert!(
+        missing.is_missing_codec_private_data_exception(),
+        "{missing:?}"
+    );
+    let bad_frame = get(6, 8)
+        .await
+        .map(|_| ())
+        .unwrap_err()
+        .into_service_error();
+    assert!(
+        bad_frame.is_invalid_media_frame_exception(),
+        "{bad_frame:?}"
+    );
+    assert!(get(0, 2).await.is_ok(), "clean fragments still package");
+
+    // GetDataEndpoint shares the control-plane quota of 5 TPS per stream.
+    let mut throttled = 0;
+    for _ in 0..8 {
+        if let Err(e) = cp
+            .get_data_endpoint()
+            .stream_name("defects")
+            .api_name(ApiName::ListFragments)
+            .send()
+            .await
+        {
+            assert!(e.into_service_error().is_client_limit_exceeded_exception());
+            throttled += 1;
+        }
+    }
+    assert!(throttled >= 2, "throttled {throttled} of 8");
+}
