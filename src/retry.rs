@@ -32,6 +32,8 @@ pub struct RetryPolicy {
 
 /// Throttling waits start this many times longer: quotas refill per second.
 const THROTTLE_FACTOR: u32 = 4;
+/// Throttled operations get this many times `max_attempts`.
+const THROTTLE_PATIENCE: u32 = 4;
 
 impl RetryPolicy {
     /// The pause before attempt `attempt + 1`, after `attempt` failed attempts (≥ 1).
@@ -48,9 +50,17 @@ impl RetryPolicy {
         Duration::from_millis(rand::thread_rng().gen_range(low..=millis.max(low)))
     }
 
-    /// Whether another attempt is allowed after `attempt` failures.
+    /// Whether another attempt is allowed after `attempt` failures. Throttling says
+    /// "later", not "broken" (another process may share the stream's quota), so it gets
+    /// `THROTTLE_PATIENCE` times the attempts.
     pub fn allows(&self, attempt: u32, retryability: Retryability) -> bool {
-        retryability.can_retry() && attempt < self.max_attempts
+        match retryability {
+            Retryability::Permanent => false,
+            Retryability::Transient => attempt < self.max_attempts,
+            Retryability::Throttled => {
+                attempt < self.max_attempts.saturating_mul(THROTTLE_PATIENCE)
+            }
+        }
     }
 }
 
@@ -120,5 +130,10 @@ mod tests {
         assert!(!POLICY.allows(1, Retryability::Permanent));
         assert!(POLICY.allows(4, Retryability::Throttled));
         assert!(!POLICY.allows(5, Retryability::Transient));
+        assert!(
+            POLICY.allows(19, Retryability::Throttled),
+            "throttling is waited out longer"
+        );
+        assert!(!POLICY.allows(20, Retryability::Throttled));
     }
 }

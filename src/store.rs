@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -31,6 +32,8 @@ pub struct Chunk {
     pub object_key: String,
     pub state: String,
     pub attempts: u32,
+    /// A failed chunk may be claimed again (its error was not permanent).
+    pub retryable: bool,
     pub last_error: Option<String>,
     pub upload_id: Option<String>,
     pub owner: Option<String>,
@@ -142,6 +145,7 @@ fn row_to_chunk(row: &sqlx::sqlite::SqliteRow) -> Chunk {
         object_key: row.get("object_key"),
         state: row.get("state"),
         attempts: row.get::<i64, _>("attempts") as u32,
+        retryable: row.get::<i64, _>("retryable") != 0,
         last_error: row.get("last_error"),
         upload_id: row.get("upload_id"),
         owner: row.get("owner"),
@@ -182,12 +186,28 @@ impl Ledger {
                 })?;
             }
         }
+        // Creating the file, switching it to WAL and migrating take no lock SQLite's busy
+        // timeout covers: two processes starting on a new file would collide. A lock file
+        // next to it serializes opening.
+        let lock_path = PathBuf::from(format!("{}.open-lock", options.get_filename().display()));
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .and_then(|file| file.lock().map(|()| file))
+            .map_err(|e| Error::Store {
+                op: "lock for opening",
+                source: sqlx::Error::Io(e),
+            })?;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
             .await
             .map_err(Error::store("open"))?;
-        MIGRATOR.run(&pool).await?;
+        let migrated = MIGRATOR.run(&pool).await;
+        drop(lock);
+        migrated?;
         Ok(Ledger {
             pool,
             owner: process_owner(),

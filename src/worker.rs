@@ -244,7 +244,7 @@ impl Archiver {
                 .iter()
                 .filter(|c| {
                     !attempted.contains(&(c.id, c.plan.start_ms, c.plan.end_ms))
-                        && matches!(c.state.as_str(), "planned" | "failed")
+                        && (c.state == "planned" || (c.state == "failed" && c.retryable))
                 })
                 .cloned()
                 .collect();
@@ -274,7 +274,10 @@ impl Archiver {
                 .collect()
                 .await;
             for (known_as, result) in results {
-                attempted.insert(known_as);
+                // A chunk another process holds is looked at again: it may fail there.
+                if !matches!(result, Ok(ChunkOutcome::Skipped)) {
+                    attempted.insert(known_as);
+                }
                 let id = known_as.0;
                 match result {
                     Ok(ChunkOutcome::Done(bytes)) => tracing::debug!(id, bytes, "chunk archived"),
