@@ -14,10 +14,16 @@
 //! - [`worker`]: plans a range into the ledger, then fetches and stores each chunk.
 //! - [`retry`]: the one classification of errors (permanent, transient, throttled) and
 //!   the backoff policy; [`error`]: the error type.
-//! - [`app`]: the composition root behind each command; [`telemetry`]: logs, progress.
+//! - [`quota`]: token buckets that pace each stream under KVS's quotas.
+//! - [`daemon`]: `run`; [`schedule`] turns cron firings into queued passes; [`shutdown`]:
+//!   the two-stage stop; [`metrics`]: Prometheus metrics and their listener.
+//! - [`app`]: the composition root behind each command; [`demo`]: the bundled example;
+//!   [`telemetry`]: logs and progress; [`crashpoint`]: named kill points for crash tests.
 //!
 //! `backfill`: ListFragments (window by window) → [`plan::Packer`] → ledger rows
 //! (`planned`) → per chunk: claim → GetClip → header check → sink upload → `done`.
+//! `run`: cron firing → queue → one pass per stream (plan the newly closed clip windows,
+//! then the same per-chunk path) → at-risk check → metrics.
 
 pub mod app;
 pub mod config;
