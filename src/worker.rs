@@ -131,13 +131,11 @@ impl Archiver {
             let window_end = (window_start + window - 1).min(end);
             let mut fragments = self.source.list(stream, window_start, window_end).await?;
             sort_and_dedup(&mut fragments);
-            let covered = if dry_run {
-                Vec::new()
-            } else {
-                self.ledger
-                    .covered(&label, stream.timestamp_source, window_start, window_end)
-                    .await?
-            };
+            // Read in a dry run too: `plan` shows what a backfill would still fetch.
+            let covered = self
+                .ledger
+                .covered(&label, stream.timestamp_source, window_start, window_end)
+                .await?;
             summary.fragments += fragments.len() as u64;
             for fragment in fragments {
                 if is_covered(&covered, &fragment) {

@@ -829,6 +829,37 @@ async fn plan_lists_chunks_without_fetching_and_check_config_prints_the_config()
     assert!(world.emu.requests().iter().all(|r| r.op != "GetClip"));
     assert!(world.objects().await.is_empty());
 
+    // After a backfill of the first half, the plan shows only the second half.
+    let half = start + (end - start) / 2;
+    let first = world.backfill("cam", start, half).await;
+    assert!(first.status.success(), "{}", text(&first));
+    let out = world
+        .run(&[
+            "plan",
+            "--stream",
+            "cam",
+            "--start",
+            &rfc3339(start),
+            "--end",
+            &rfc3339(end),
+            "--json",
+        ])
+        .await;
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let left: u64 = plan["chunks"]
+        .as_array()
+        .expect("chunks")
+        .iter()
+        .map(|c| c["fragment_count"].as_u64().unwrap_or(0))
+        .sum();
+    let archived = world.fragment_numbers("cam", start, half).len() as u64;
+    assert_eq!(
+        left,
+        fragments - archived,
+        "archived fragments are not planned again"
+    );
+    assert_eq!(plan["already_covered"].as_u64(), Some(archived));
+
     let shown = world.run(&["check-config"]).await;
     assert!(shown.status.success(), "{}", text(&shown));
     let stdout = String::from_utf8_lossy(&shown.stdout);
