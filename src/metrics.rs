@@ -33,6 +33,17 @@ pub fn clip_failed(stream: &str, error: &Error) {
         .increment(1);
 }
 
+/// A request retried inside an operation (ListFragments page, part upload, …).
+pub fn operation_retried(operation: &str, why: Retryability) {
+    let reason = match why {
+        Retryability::Throttled => "throttled",
+        Retryability::Transient => "transient",
+        Retryability::Permanent => "permanent",
+    };
+    counter!("kvs_archiver_operation_retries_total", "operation" => operation.to_string(), "reason" => reason)
+        .increment(1);
+}
+
 pub fn getclip_latency(stream: &str, took: Duration) {
     histogram!("kvs_archiver_getclip_first_byte_seconds", "stream" => stream.to_string())
         .record(took.as_secs_f64());

@@ -96,6 +96,7 @@ where
                     return Err(error);
                 }
                 let delay = policy.delay(attempt, retry);
+                crate::metrics::operation_retried(what, retry);
                 tracing::warn!(what, attempt, ?retry, delay_ms = delay.as_millis() as u64, %error, "retrying");
                 tokio::time::sleep(delay).await;
             }
