@@ -777,6 +777,30 @@ async fn bad_input_gets_a_clear_error_and_leaves_the_ledger_intact() {
         text(&wrong_keys)
     );
 
+    // KVS unreachable: a closed port on loopback.
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let dead = world
+        .command(&[
+            "backfill",
+            "--stream",
+            "cam",
+            "--start",
+            &rfc3339(start),
+            "--end",
+            &rfc3339(end),
+        ])
+        .env("KVS_ARCHIVER_AWS__KINESIS_VIDEO_ENDPOINT_URL", &closed)
+        .env("KVS_ARCHIVER_ARCHIVE__MAX_ATTEMPTS", "2")
+        .output()
+        .await
+        .expect("runs");
+    assert_eq!(dead.status.code(), Some(1), "{}", text(&dead));
+    assert!(
+        String::from_utf8_lossy(&dead.stderr).contains("endpoint unreachable"),
+        "{}",
+        text(&dead)
+    );
+
     std::fs::write(
         &world.config,
         config.replace("max_attempts = 10", "max_attempts = \"ten\""),
