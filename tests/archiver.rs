@@ -211,22 +211,20 @@ impl World {
         .await
     }
 
-    /// A backfill with one more environment variable.
+    /// A backfill with more environment variables.
     async fn backfill_with(
         &self,
         stream: &str,
         start_ms: i64,
         end_ms: i64,
-        env: (&str, &str),
+        envs: &[(&str, &str)],
     ) -> Output {
         let (start, end) = (rfc3339(start_ms), rfc3339(end_ms));
-        self.command(&[
+        let mut command = self.command(&[
             "backfill", "--stream", stream, "--start", &start, "--end", &end,
-        ])
-        .env(env.0, env.1)
-        .output()
-        .await
-        .expect("kvs-archiver runs")
+        ]);
+        command.envs(envs.iter().copied());
+        command.output().await.expect("kvs-archiver runs")
     }
 
     /// Every stored object under `kvs/`, with its bytes.
@@ -299,6 +297,16 @@ impl World {
 
 fn rfc3339(ms: i64) -> String {
     kvs_archiver::domain::rfc3339(ms)
+}
+
+/// The command failed with `code` and said `message`.
+fn assert_fails_with(output: &Output, code: i32, message: &str) {
+    assert_eq!(output.status.code(), Some(code), "{}", text(output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains(message),
+        "expected {message:?}: {}",
+        text(output)
+    );
 }
 
 fn text(output: &Output) -> String {
@@ -710,8 +718,7 @@ async fn bad_input_gets_a_clear_error_and_leaves_the_ledger_intact() {
     let before = world.run(&["status", "--json"]).await.stdout;
 
     let reversed = world.backfill("cam", end, start).await;
-    assert_eq!(reversed.status.code(), Some(2), "{}", text(&reversed));
-    assert!(String::from_utf8_lossy(&reversed.stderr).contains("is not after --start"));
+    assert_fails_with(&reversed, 2, "is not after --start");
 
     let garbled = world
         .run(&[
@@ -724,13 +731,14 @@ async fn bad_input_gets_a_clear_error_and_leaves_the_ledger_intact() {
             "now",
         ])
         .await;
-    assert_eq!(garbled.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&garbled.stderr).contains("not an RFC 3339 timestamp"));
+    assert_fails_with(&garbled, 2, "not an RFC 3339 timestamp");
 
     let unknown = world.backfill("back-door", start, end).await;
-    assert_eq!(unknown.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&unknown.stderr)
-        .contains("stream \"back-door\" is not in the configuration"));
+    assert_fails_with(
+        &unknown,
+        2,
+        "stream \"back-door\" is not in the configuration",
+    );
 
     // Configured, but KVS has no such stream.
     let config = std::fs::read_to_string(&world.config).expect("config");
@@ -740,66 +748,43 @@ async fn bad_input_gets_a_clear_error_and_leaves_the_ledger_intact() {
     )
     .expect("write");
     let ghost = world.backfill("ghost", start, end).await;
-    assert_eq!(ghost.status.code(), Some(1), "{}", text(&ghost));
-    assert!(
-        String::from_utf8_lossy(&ghost.stderr).contains("ResourceNotFoundException"),
-        "{}",
-        text(&ghost)
-    );
+    assert_fails_with(&ghost, 1, "ResourceNotFoundException");
 
     let no_bucket = world
         .backfill_with(
             "cam",
             start,
             end,
-            ("KVS_ARCHIVER_DESTINATION__BUCKET", "no-such-bucket"),
+            &[("KVS_ARCHIVER_DESTINATION__BUCKET", "no-such-bucket")],
         )
         .await;
-    assert_eq!(no_bucket.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&no_bucket.stderr).contains("bucket does not exist"),
-        "{}",
-        text(&no_bucket)
-    );
-
+    assert_fails_with(&no_bucket, 1, "bucket does not exist");
     let wrong_keys = world
         .backfill_with(
             "cam",
             start,
             end,
-            ("AWS_SECRET_ACCESS_KEY", "not-the-secret"),
+            &[("AWS_SECRET_ACCESS_KEY", "not-the-secret")],
         )
         .await;
-    assert_eq!(wrong_keys.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&wrong_keys.stderr).contains("check the AWS credentials"),
-        "{}",
-        text(&wrong_keys)
-    );
-
+    assert_fails_with(&wrong_keys, 1, "check the AWS credentials");
     // KVS unreachable: a closed port on loopback.
     let closed = format!("http://127.0.0.1:{}", free_port());
     let dead = world
-        .command(&[
-            "backfill",
-            "--stream",
+        .backfill_with(
             "cam",
-            "--start",
-            &rfc3339(start),
-            "--end",
-            &rfc3339(end),
-        ])
-        .env("KVS_ARCHIVER_AWS__KINESIS_VIDEO_ENDPOINT_URL", &closed)
-        .env("KVS_ARCHIVER_ARCHIVE__MAX_ATTEMPTS", "2")
-        .output()
-        .await
-        .expect("runs");
-    assert_eq!(dead.status.code(), Some(1), "{}", text(&dead));
-    assert!(
-        String::from_utf8_lossy(&dead.stderr).contains("endpoint unreachable"),
-        "{}",
-        text(&dead)
-    );
+            start,
+            end,
+            &[
+                (
+                    "KVS_ARCHIVER_AWS__KINESIS_VIDEO_ENDPOINT_URL",
+                    closed.as_str(),
+                ),
+                ("KVS_ARCHIVER_ARCHIVE__MAX_ATTEMPTS", "2"),
+            ],
+        )
+        .await;
+    assert_fails_with(&dead, 1, "endpoint unreachable");
 
     std::fs::write(
         &world.config,
@@ -807,12 +792,7 @@ async fn bad_input_gets_a_clear_error_and_leaves_the_ledger_intact() {
     )
     .expect("write");
     let malformed = world.backfill("cam", start, end).await;
-    assert_eq!(malformed.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&malformed.stderr).contains("archive.max_attempts"),
-        "{}",
-        text(&malformed)
-    );
+    assert_fails_with(&malformed, 2, "archive.max_attempts");
     std::fs::write(&world.config, &config).expect("restored");
 
     let after = world.run(&["status", "--json"]).await.stdout;
