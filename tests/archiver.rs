@@ -688,18 +688,8 @@ async fn sigkill_from_outside_at_a_random_moment_then_rerun_completes() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawned");
-    // Wait until a clip is streaming, then kill -9.
-    for _ in 0..200 {
-        if world
-            .emu
-            .requests()
-            .iter()
-            .any(|r| r.op == "GetClip" && r.status == 200)
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Once a clip is streaming, kill -9.
+    wait_for_a_streaming_clip(&world).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     child.start_kill().expect("killed");
     let _ = child.wait().await;
@@ -1203,6 +1193,13 @@ async fn start_daemon_mid_clip(world: &World, into_clip: Duration) -> tokio::pro
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("starts");
+    wait_for_a_streaming_clip(world).await;
+    tokio::time::sleep(into_clip).await;
+    daemon
+}
+
+/// Returns once the emulator has started serving a clip (or after 10 s).
+async fn wait_for_a_streaming_clip(world: &World) {
     for _ in 0..500 {
         if world
             .emu
@@ -1210,12 +1207,10 @@ async fn start_daemon_mid_clip(world: &World, into_clip: Duration) -> tokio::pro
             .iter()
             .any(|r| r.op == "GetClip" && r.status == 200)
         {
-            break;
+            return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(into_clip).await;
-    daemon
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
