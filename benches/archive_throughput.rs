@@ -9,6 +9,10 @@ use kvs_emulator::config::{DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY};
 use kvs_emulator::{Emulator, EmulatorConfig, StreamSpec};
 use std::time::{Duration, Instant};
 
+#[path = "../tests/support/local_s3.rs"]
+mod local_s3;
+
+/// Kernel clock ticks per second, the unit of utime and stime in /proc/PID/stat.
 const CLK_TCK: f64 = 100.0;
 
 fn main() {
@@ -22,38 +26,6 @@ fn main() {
             run(minutes).await;
         }
     });
-}
-
-/// s3s-fs on a temporary directory; returns its URL and the directory guard.
-async fn start_s3() -> (String, tempfile::TempDir) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use hyper_util::server::conn::auto::Builder;
-    let root = tempfile::tempdir().expect("tempdir");
-    let fs = s3s_fs::FileSystem::new(root.path()).expect("s3s-fs");
-    let mut builder = s3s::service::S3ServiceBuilder::new(fs);
-    builder.set_auth(s3s::auth::SimpleAuth::from_single(
-        DEFAULT_ACCESS_KEY_ID,
-        DEFAULT_SECRET_ACCESS_KEY,
-    ));
-    let service = builder.build();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        loop {
-            let Ok((socket, _)) = listener.accept().await else {
-                continue;
-            };
-            let service = service.clone();
-            tokio::spawn(async move {
-                let _ = Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(socket), service)
-                    .await;
-            });
-        }
-    });
-    (url, root)
 }
 
 /// (peak RSS in KiB, CPU seconds) of a running process, from /proc.
@@ -85,22 +57,9 @@ async fn run(minutes: i64) {
     })
     .await
     .expect("emulator");
-    let (s3_url, _root) = start_s3().await;
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::Config::builder()
-            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-            .region(aws_sdk_s3::config::Region::new("us-east-1"))
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                DEFAULT_ACCESS_KEY_ID,
-                DEFAULT_SECRET_ACCESS_KEY,
-                None,
-                None,
-                "bench",
-            ))
-            .endpoint_url(&s3_url)
-            .force_path_style(true)
-            .build(),
-    );
+    let server = local_s3::start_s3s().await;
+    let s3_url = server.url.clone();
+    let s3 = local_s3::s3_client(&s3_url);
     s3.create_bucket()
         .bucket("bench")
         .send()
