@@ -22,26 +22,41 @@ struct Cli {
     command: Command,
 }
 
+/// A stream and a time range, as `backfill` and `plan` take them.
+#[derive(clap::Args)]
+struct RangeArgs {
+    /// A stream listed under [[streams]] in the configuration (its name or ARN's name).
+    #[arg(long)]
+    stream: String,
+    /// RFC 3339, e.g. 2026-11-20T00:00:00Z
+    #[arg(long)]
+    start: String,
+    /// RFC 3339; fragments starting at this instant are included.
+    #[arg(long)]
+    end: String,
+}
+
+impl RangeArgs {
+    /// The range in epoch milliseconds, with an error naming the flag that is wrong.
+    fn parse(&self) -> Result<(i64, i64), Error> {
+        Ok((
+            app::parse_time(&self.start, "--start")?,
+            app::parse_time(&self.end, "--end")?,
+        ))
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Archive every fragment of a stream whose start lies in [start, end]; resumable.
     Backfill {
-        #[arg(long)]
-        stream: String,
-        /// RFC 3339, e.g. 2026-11-20T00:00:00Z
-        #[arg(long)]
-        start: String,
-        #[arg(long)]
-        end: String,
+        #[command(flatten)]
+        range: RangeArgs,
     },
     /// Print the chunks a backfill would fetch, without calling GetClip or S3.
     Plan {
-        #[arg(long)]
-        stream: String,
-        #[arg(long)]
-        start: String,
-        #[arg(long)]
-        end: String,
+        #[command(flatten)]
+        range: RangeArgs,
         #[arg(long)]
         json: bool,
     },
@@ -154,19 +169,11 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Plan {
-            stream,
-            start,
-            end,
-            json,
-        } => {
-            let (start, end) = (
-                app::parse_time(&start, "--start")?,
-                app::parse_time(&end, "--end")?,
-            );
+        Command::Plan { range, json } => {
+            let (start, end) = range.parse()?;
             let sdk = app::sdk_config(&config.aws).await;
             let archiver = app::build(config, &sdk).await?;
-            let plan = app::plan(&archiver, &stream, start, end).await?;
+            let plan = app::plan(&archiver, &range.stream, start, end).await?;
             if json {
                 println!(
                     "{}",
@@ -192,11 +199,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Backfill { stream, start, end } => {
-            let (start, end) = (
-                app::parse_time(&start, "--start")?,
-                app::parse_time(&end, "--end")?,
-            );
+        Command::Backfill { range } => {
+            let (start, end) = range.parse()?;
+            let stream = range.stream;
             let sdk = app::sdk_config(&config.aws).await;
             let archiver = app::build(config, &sdk).await?;
             let summary = app::backfill(&archiver, &stream, start, end, &shutdown).await?;
