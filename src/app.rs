@@ -8,7 +8,6 @@ use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::sink::{dir::DirSink, s3::S3Sink, Sink};
 use crate::source::kvs::{KvsSource, Pacing};
-use crate::store::Ledger;
 use crate::telemetry::Progress;
 use crate::worker::{Archiver, PlanSummary, RunSummary};
 use aws_config::{BehaviorVersion, Region, SdkConfig};
@@ -44,7 +43,7 @@ pub fn retry_policy(config: &Config) -> RetryPolicy {
 /// Builds the archiver: opens (and migrates) the ledger, creates the clients.
 pub async fn build(config: Config, sdk: &SdkConfig) -> Result<Archiver> {
     let policy = retry_policy(&config);
-    let ledger = Ledger::open(&config.state.database_url).await?;
+    let ledger = crate::ledger::open(&config.state.database_url).await?;
     let pacing = Pacing {
         media_points_per_second: config.archive.media_points_per_second,
         metadata_points_per_second: config.archive.metadata_points_per_second,
@@ -86,14 +85,13 @@ pub async fn build(config: Config, sdk: &SdkConfig) -> Result<Archiver> {
             ))
         }
     };
-    Ok(Archiver {
-        source: Arc::new(source),
-        sink: Arc::new(sink),
+    Ok(Archiver::new(
+        Arc::new(source),
+        Arc::new(sink),
         ledger,
-        config: Arc::new(config),
+        Arc::new(config),
         policy,
-        in_flight: None,
-    })
+    ))
 }
 
 /// Parses a command-line timestamp (RFC 3339) for `flag`.
@@ -189,6 +187,9 @@ pub fn describe_run(summary: &RunSummary) -> String {
         summary.expired.len(),
         summary.pending
     );
+    if summary.in_flight > 0 {
+        text.push_str(&format!(", {} in flight", summary.in_flight));
+    }
     for chunk in summary.failed.iter().chain(&summary.expired).take(20) {
         text.push_str(&format!(
             "\n  {} [{} .. {}] {}: {}",
@@ -285,7 +286,7 @@ pub async fn run_daemon(
             loop {
                 for s in &streams {
                     if let Some(next) = scheduler.next_firing(&s.label()).await {
-                        let update = crate::store::StreamProgress {
+                        let update = crate::ledger::StreamProgress {
                             next_run_ms: Some(next),
                             ..Default::default()
                         };

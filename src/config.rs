@@ -45,6 +45,15 @@ pub struct DaemonConfig {
     /// second) and the longest fragment (20 s). A stream may override it.
     #[serde(with = "humantime_serde")]
     pub lag: Duration,
+    /// Each pass lists this far behind what it already planned again, and archives
+    /// fragments listed since (media delayed on its way into KVS), for streams selected by
+    /// server timestamp. A stream may override it.
+    #[serde(with = "humantime_serde")]
+    pub settle: Duration,
+    /// The same for streams selected by producer timestamp: cameras that buffer and
+    /// upload in batches (the KVS Edge Agent, cellular links) deliver minutes late.
+    #[serde(with = "humantime_serde")]
+    pub producer_settle: Duration,
     /// Clips in flight across all streams.
     pub max_clips_in_flight: usize,
     /// On SIGTERM/SIGINT, how long clips in flight may take to finish before they are
@@ -70,6 +79,8 @@ impl Default for DaemonConfig {
             schedule: "0 */5 * * * *".to_string(),
             time_zone: "UTC".to_string(),
             lag: Duration::from_secs(120),
+            settle: Duration::from_secs(10 * 60),
+            producer_settle: Duration::from_secs(3600),
             max_clips_in_flight: 8,
             shutdown_grace: Duration::from_secs(30),
             retention_alarm: Duration::from_secs(3600),
@@ -261,6 +272,11 @@ pub struct StreamConfig {
     /// This stream's lag behind the live edge, instead of `daemon.lag`.
     #[serde(default, with = "humantime_serde")]
     pub lag: Option<Duration>,
+    /// How far behind what it already planned each pass lists again, for media that
+    /// reaches KVS late; instead of `daemon.settle` (server timestamps) or
+    /// `daemon.producer_settle` (producer timestamps).
+    #[serde(default, with = "humantime_serde")]
+    pub settle: Option<Duration>,
 }
 
 impl StreamConfig {
@@ -273,6 +289,7 @@ impl StreamConfig {
             schedule: None,
             retention_window: None,
             lag: None,
+            settle: None,
         }
     }
 }
@@ -286,6 +303,26 @@ impl StreamConfig {
             (None, None) => String::new(),
         }
     }
+}
+
+/// Whether `segment` can be one folder name under the destination: not empty, not `.` or
+/// `..`, no separator and no control character.
+pub fn safe_path_segment(segment: &str) -> bool {
+    !segment.is_empty()
+        && segment != "."
+        && segment != ".."
+        && !segment.contains(['/', '\\'])
+        && !segment.chars().any(char::is_control)
+}
+
+/// Whether a key prefix stays inside the destination: relative, every segment safe.
+pub fn safe_prefix(prefix: &str) -> bool {
+    prefix.is_empty()
+        || (!prefix.starts_with('/')
+            && prefix
+                .trim_end_matches('/')
+                .split('/')
+                .all(safe_path_segment))
 }
 
 /// `arn:aws:kinesisvideo:REGION:ACCOUNT:stream/NAME/CREATION` → `NAME`.
@@ -389,6 +426,15 @@ impl Config {
                 ))
             }
             _ => {}
+        }
+        if !safe_prefix(&self.destination.prefix) {
+            return Err(invalid(
+                "destination.prefix",
+                format!(
+                    "must be a relative path of plain folder names, without . or .. or control characters (got {:?})",
+                    self.destination.prefix
+                ),
+            ));
         }
         if self.destination.part_size < 5 * 1024 * 1024 {
             return Err(invalid(
@@ -522,6 +568,12 @@ impl Config {
                 }
                 _ => {}
             }
+            if !safe_path_segment(&s.label()) {
+                return Err(invalid(
+                    format!("streams[{i}]"),
+                    format!("the stream name {:?} cannot name a folder: it must not be . or .. nor hold / or control characters", s.label()),
+                ));
+            }
             if let Some(schedule) = &s.schedule {
                 if !valid_cron(schedule) {
                     return Err(invalid(
@@ -546,6 +598,14 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The settle window of a stream (see `daemon.settle`).
+    pub fn settle(&self, stream: &StreamConfig) -> Duration {
+        stream.settle.unwrap_or(match stream.timestamp_source {
+            crate::domain::TimestampSource::Server => self.daemon.settle,
+            crate::domain::TimestampSource::Producer => self.daemon.producer_settle,
+        })
     }
 
     pub fn stream(&self, label: &str) -> Option<&StreamConfig> {

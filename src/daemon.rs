@@ -9,8 +9,8 @@
 use crate::config::StreamConfig;
 use crate::domain::EpochMs;
 use crate::error::{Error, Result};
+use crate::ledger::StreamProgress;
 use crate::shutdown::Shutdown;
-use crate::store::StreamProgress;
 use crate::telemetry::Progress;
 use crate::worker::{Archiver, RunSummary};
 use futures_util::future::BoxFuture;
@@ -103,25 +103,20 @@ pub async fn archive_stream(
     let clip = config.archive.clip_duration.as_millis() as i64;
     // Only closed clip windows: objects match a backfill's, and no tiny tails.
     let end = (now - lag).div_euclid(clip) * clip - 1;
-    let edge = now - retention_ms;
     let window_start = now - window_ms;
     let progress = archiver.ledger.progress(&label, source).await?;
-    let plan_from = progress
-        .planned_through_ms
-        .map_or(window_start, |through| (through + 1).max(window_start));
-    let mut report = PassReport {
-        expired_fragments: archiver.ledger.expire_before(&label, source, edge).await?,
-        ..PassReport::default()
-    };
-    if report.expired_fragments > 0 {
-        tracing::error!(stream = %label, fragments = report.expired_fragments, "fragments expired in KVS before they were archived");
-        crate::metrics::fragments_expired(&label, report.expired_fragments);
-    }
+    // Each pass lists its settle window again: fragments that reached KVS after their
+    // time was planned (producer timestamps, delayed uploads) are archived too.
+    let settle = config.settle(&stream).as_millis() as i64;
+    let plan_from = progress.planned_through_ms.map_or(window_start, |through| {
+        (through + 1 - settle).max(window_start)
+    });
+    let mut report = PassReport::default();
     if plan_from <= end {
         let plan = archiver
             .plan_range(&stream, plan_from, end, false, &Progress::hidden())
             .await?;
-        tracing::info!(stream = %label, new_chunks = plan.chunks.len(), fragments = plan.fragments, "planned");
+        tracing::info!(stream = %label, new_chunks = plan.chunks.len(), fragments = plan.fragments, late = plan.late, "planned");
         archiver
             .ledger
             .update_progress(
@@ -135,13 +130,26 @@ pub async fn archive_stream(
             )
             .await?;
     }
+    // Chunks other processes hold are theirs to finish: the pass ends in bounded time.
     let fetched = archiver
-        .fetch_pending(&stream, i64::MIN, end, &Progress::hidden(), &shutdown)
+        .fetch_pending(
+            &stream,
+            window_start,
+            end,
+            &Progress::hidden(),
+            &shutdown,
+            false,
+        )
         .await;
     let (summary, error) = match fetched {
         Ok(summary) => (summary, None),
         Err(e) => (RunSummary::default(), Some(e)),
     };
+    report.expired_fragments = summary
+        .expired
+        .iter()
+        .map(|c| u64::from(c.plan.fragment_count))
+        .sum();
     report.summary = summary;
 
     // Data at risk: how long until KVS deletes the oldest fragment not yet archived.
@@ -189,11 +197,7 @@ pub async fn archive_stream(
 /// Whether a pass left work undone (failed or expired chunks).
 pub fn pass_failed(outcome: &Result<PassReport>) -> bool {
     match outcome {
-        Ok(report) => {
-            !report.summary.failed.is_empty()
-                || !report.summary.expired.is_empty()
-                || report.expired_fragments > 0
-        }
+        Ok(report) => !report.summary.failed.is_empty() || !report.summary.expired.is_empty(),
         Err(_) => true,
     }
 }

@@ -63,11 +63,10 @@ pub async fn run(output: &Path, shutdown: &Shutdown) -> Result<PathBuf> {
     eprintln!("demo: {}", crate::app::describe_run(&summary));
     let chunks = archiver
         .ledger
-        .chunks_in(CAMERA, TimestampSource::Server, start - 60_000, end)
+        .done_in(CAMERA, TimestampSource::Server, start - 60_000, end)
         .await?;
     let first = chunks
-        .iter()
-        .find(|c| c.state == "done")
+        .first()
         .map(|c| archive.join(&c.object_key))
         .ok_or_else(|| Error::Usage("demo: nothing was archived".into()))?;
     println!(

@@ -50,6 +50,8 @@ pub struct Fragment {
     pub number: String,
     /// Start timestamp of the stream's timestamp source.
     pub start_ms: EpochMs,
+    /// When KVS received it: retention deletes by this clock, whatever the stream's source.
+    pub server_ms: EpochMs,
     pub duration_ms: u64,
     pub size_bytes: u64,
 }
@@ -70,11 +72,54 @@ impl Fragment {
     }
 }
 
+/// How a chunk's media is fetched, and so what its object is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ChunkKind {
+    /// A GetClip range of its own: consecutive fragments, one MP4.
+    #[default]
+    Clip,
+    /// One fragment listed after the range around it was archived, alone in a GetClip
+    /// range that selects no archived fragment: one MP4.
+    Late,
+    /// Fragments GetClip cannot select or package alone (an equal producer timestamp,
+    /// media GetClip refuses), fetched by number with GetMediaForFragmentList: Matroska.
+    Mkv,
+}
+
+impl ChunkKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChunkKind::Clip => "clip",
+            ChunkKind::Late => "late",
+            ChunkKind::Mkv => "mkv",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "clip" => Some(ChunkKind::Clip),
+            "late" => Some(ChunkKind::Late),
+            "mkv" => Some(ChunkKind::Mkv),
+            _ => None,
+        }
+    }
+
+    /// The object's file extension and content type.
+    pub fn container(self) -> (&'static str, &'static str) {
+        match self {
+            ChunkKind::Clip | ChunkKind::Late => ("mp4", "video/mp4"),
+            ChunkKind::Mkv => ("mkv", "video/x-matroska"),
+        }
+    }
+}
+
 /// A run of consecutive fragments fetched with one GetClip: the unit of work and of the
 /// ledger. GetClip selects fragments whose start lies in `[start_ms, end_ms]`, both
 /// inclusive, so chunks that do not overlap never share a fragment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ChunkPlan {
+    pub kind: ChunkKind,
     /// Start of the first fragment.
     pub start_ms: EpochMs,
     /// Start of the last fragment.
@@ -86,9 +131,29 @@ pub struct ChunkPlan {
     pub duration_ms: u64,
     pub first_fragment: String,
     pub last_fragment: String,
+    /// The fragments the chunk holds, as listed when it was planned.
+    #[serde(skip)]
+    pub fragments: Vec<Fragment>,
 }
 
 impl ChunkPlan {
+    /// A chunk of the given fragments (sorted, non-empty).
+    pub fn of(kind: ChunkKind, fragments: Vec<Fragment>) -> ChunkPlan {
+        let first = fragments.first();
+        let last = fragments.last();
+        ChunkPlan {
+            kind,
+            start_ms: first.map_or(0, |f| f.start_ms),
+            end_ms: last.map_or(0, |f| f.start_ms),
+            fragment_count: fragments.len() as u32,
+            bytes: fragments.iter().map(|f| f.size_bytes).sum(),
+            duration_ms: fragments.iter().map(|f| f.duration_ms).sum(),
+            first_fragment: first.map(|f| f.number.clone()).unwrap_or_default(),
+            last_fragment: last.map(|f| f.number.clone()).unwrap_or_default(),
+            fragments,
+        }
+    }
+
     /// GetClip's range. It must end after it starts, so a chunk of one timestamp asks for
     /// one millisecond more; fragments are at least a second apart (KVS's minimum
     /// fragment duration), so that millisecond holds no other fragment.
@@ -114,16 +179,25 @@ fn compact_time(ms: EpochMs) -> String {
 /// so a re-upload after a crash lands on the same key, and `backfill` and `run` agree.
 ///
 /// `{prefix}{stream}/{YYYY}/{MM}/{DD}/{stream}_{start}_{end}.mp4`, times in UTC; the date
-/// is the first fragment's.
+/// is the first fragment's. A late or Matroska chunk lies inside an archived range, so its
+/// key also names its first fragment: `{stream}_{start}_f{number}.mp4` or `.mkv`.
 pub fn object_key(prefix: &str, stream: &str, chunk: &ChunkPlan) -> String {
     let date = DateTime::<Utc>::from_timestamp_millis(chunk.start_ms)
         .map(|t| t.format("%Y/%m/%d").to_string())
         .unwrap_or_else(|| "invalid-date".to_string());
-    format!(
-        "{prefix}{stream}/{date}/{stream}_{}_{}.mp4",
-        compact_time(chunk.start_ms),
-        compact_time(chunk.end_ms)
-    )
+    let (extension, _) = chunk.kind.container();
+    match chunk.kind {
+        ChunkKind::Clip => format!(
+            "{prefix}{stream}/{date}/{stream}_{}_{}.{extension}",
+            compact_time(chunk.start_ms),
+            compact_time(chunk.end_ms)
+        ),
+        ChunkKind::Late | ChunkKind::Mkv => format!(
+            "{prefix}{stream}/{date}/{stream}_{}_f{}.{extension}",
+            compact_time(chunk.start_ms),
+            chunk.first_fragment
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -146,6 +220,8 @@ mod tests {
     #[test]
     fn object_keys_name_stream_date_and_range() {
         let chunk = ChunkPlan {
+            kind: ChunkKind::Clip,
+            fragments: Vec::new(),
             start_ms: 1_795_564_800_000,
             end_ms: 1_795_565_398_000,
             fragment_count: 300,

@@ -1,9 +1,29 @@
 //! The library's error type. Each variant knows whether a retry can help
-//! ([`Error::retryability`]); messages read "operation target: cause" and say what the
-//! operator can do.
+//! ([`Error::retryability`]), decided from its type, status and error code, never from
+//! message text; messages read "operation target: cause" and say what the operator can do.
 
 use crate::config::ConfigError;
-use crate::retry::Retryability;
+
+/// Whether repeating an operation can succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retryability {
+    /// Repeating at once cannot help: bad input, a missing permission, media KVS cannot
+    /// package. A chunk that fails so is still tried again on a later pass (the operator
+    /// may fix the cause), after a longer pause.
+    Permanent,
+    /// Network failure, 5xx, a body cut off, a timeout, expired credentials, clock skew:
+    /// try again after a pause.
+    Transient,
+    /// A quota was hit (KVS `ClientLimitExceededException`, S3 `SlowDown`): back off
+    /// longer. The AWS SDK does not retry KVS throttling by itself.
+    Throttled,
+}
+
+impl Retryability {
+    pub fn can_retry(self) -> bool {
+        !matches!(self, Retryability::Permanent)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -13,6 +33,8 @@ pub enum Error {
         stream: String,
         /// The AWS error code, when the service answered.
         code: Option<String>,
+        /// The HTTP status, when the service answered.
+        status: Option<u16>,
         message: String,
         retry: Retryability,
     },
@@ -23,6 +45,12 @@ pub enum Error {
         message: String,
         retry: Retryability,
     },
+    /// The store forgot a multipart upload (S3 `NoSuchUpload`): it was aborted by someone
+    /// else or expired. The chunk's upload starts over; this is not a failure of the chunk.
+    #[error(
+        "{op} {target}: the multipart upload is gone (NoSuchUpload); starting the upload again"
+    )]
+    UploadLost { op: &'static str, target: String },
     /// GetClip returned fewer fragments than planned (a cap bound): split and refetch.
     #[error("clip {key}: truncated: plays {got_ms} ms of the {planned_ms} ms planned")]
     Truncated {
@@ -36,9 +64,14 @@ pub enum Error {
         message: String,
         retry: Retryability,
     },
-    /// The fragments were deleted by KVS (retention) before they were archived.
+    /// The fragments were deleted by KVS (retention) before they were archived; recorded
+    /// only when KVS itself confirms it.
     #[error("clip {key}: expired: {message}")]
     Expired { key: String, message: String },
+    /// This process no longer holds the chunk (its lease was taken over): it must stop
+    /// working on it and never record an outcome.
+    #[error("chunk {chunk}: lease lost (generation {generation} is no longer current): another process took the chunk over")]
+    LeaseLost { chunk: i64, generation: i64 },
     #[error("ledger {op}: {source}")]
     Store {
         op: &'static str,
@@ -61,15 +94,21 @@ impl Error {
             Error::Kvs { retry, .. } | Error::Sink { retry, .. } | Error::Clip { retry, .. } => {
                 *retry
             }
-            Error::Truncated { .. } => Retryability::Transient,
+            Error::Truncated { .. } | Error::UploadLost { .. } => Retryability::Transient,
             Error::Store { source, .. } => match source {
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => Retryability::Transient,
-                sqlx::Error::Database(db) if db.message().contains("locked") => {
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
                     Retryability::Transient
                 }
+                // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes: another
+                // process holds the file for longer than the busy timeout.
+                sqlx::Error::Database(db) => match db.code().and_then(|c| c.parse::<i32>().ok()) {
+                    Some(code) if matches!(code & 0xff, 5 | 6) => Retryability::Transient,
+                    _ => Retryability::Permanent,
+                },
                 _ => Retryability::Permanent,
             },
             Error::Expired { .. }
+            | Error::LeaseLost { .. }
             | Error::Migrate(_)
             | Error::Config(_)
             | Error::Usage(_)
@@ -81,18 +120,63 @@ impl Error {
         move |source| Error::Store { op, source }
     }
 
-    /// A short label stored with a failed chunk.
+    /// A short, stable label of the failure's kind, stored with a failed chunk and used as
+    /// a metric label.
     pub fn kind(&self) -> &'static str {
         match self {
+            Error::Kvs {
+                retry: Retryability::Throttled,
+                ..
+            } => "kvs-throttled",
+            Error::Kvs {
+                status: Some(401 | 403),
+                ..
+            } => "kvs-denied",
             Error::Kvs { .. } => "kvs",
-            Error::Sink { .. } => "sink",
+            Error::Sink {
+                retry: Retryability::Throttled,
+                ..
+            } => "destination-throttled",
+            Error::Sink { .. } => "destination",
+            Error::UploadLost { .. } => "upload-lost",
             Error::Truncated { .. } => "truncated",
             Error::Clip { .. } => "clip",
             Error::Expired { .. } => "expired",
+            Error::LeaseLost { .. } => "lease-lost",
             Error::Store { .. } | Error::Migrate(_) => "ledger",
             Error::Config(_) | Error::Usage(_) => "config",
             Error::Interrupted => "interrupted",
         }
+    }
+
+    /// GetClip found no media in a range we listed fragments for: KVS answers 404
+    /// (`ResourceNotFoundException`), or 400 `InvalidArgumentException` for a range that
+    /// is valid by construction (under 24 h, ending after it starts, in the past) and so
+    /// can only be outside retention. Whether the media is gone is then confirmed by
+    /// listing the range again.
+    pub fn means_no_media(&self) -> bool {
+        matches!(
+            self,
+            Error::Kvs { op: "GetClip" | "GetMediaForFragmentList", code: Some(code), .. }
+                if code == "ResourceNotFoundException" || code == "InvalidArgumentException"
+        )
+    }
+
+    /// GetClip refusals that concern the media of some fragments in the range, not the
+    /// request: the codec private data changes inside it (a camera switched resolution), a
+    /// fragment lacks it, a frame is bad, or the media type is not one GetClip packages.
+    /// Splitting the range isolates the cause; a single fragment goes to Matroska.
+    pub fn means_unpackageable(&self) -> bool {
+        matches!(
+            self,
+            Error::Kvs { op: "GetClip", code: Some(code), .. } if matches!(
+                code.as_str(),
+                "InvalidCodecPrivateDataException"
+                    | "MissingCodecPrivateDataException"
+                    | "InvalidMediaFrameException"
+                    | "UnsupportedStreamMediaTypeException"
+            )
+        )
     }
 }
 

@@ -9,11 +9,13 @@
 //! - [`source::kvs`]: the KVS adapter (DescribeStream, GetDataEndpoint, ListFragments,
 //!   GetClip); the only module that knows the KVS SDK.
 //! - [`sink`]: S3 ([`sink::s3`], multipart, checksummed) or a directory ([`sink::dir`]).
-//! - [`store`]: the SQLite ledger of chunks and their states; the only module with SQL.
+//! - [`ledger`]: the ledger of chunks, their states and fragments behind one trait;
+//!   [`ledger::sqlite`] is the only module with SQL.
 //! - [`mp4`]: reads a clip's header to tell whether GetClip cut it short.
-//! - [`worker`]: plans a range into the ledger, then fetches and stores each chunk.
-//! - [`retry`]: the one classification of errors (permanent, transient, throttled) and
-//!   the backoff policy; [`error`]: the error type.
+//! - [`worker`]: the policy: [`worker::planning`] plans a range into the ledger (late
+//!   fragments included), [`worker::transfer`] moves one claimed chunk to the sink.
+//! - [`error`]: the error type, which classifies itself ([`error::Retryability`]);
+//!   [`retry`]: the backoff policy. Imports run retry → metrics → error, one way.
 //! - [`quota`]: token buckets that pace each stream under KVS's quotas.
 //! - [`daemon`]: `run`; [`schedule`] turns cron firings into queued passes; [`shutdown`]:
 //!   the two-stage stop; [`metrics`]: Prometheus metrics and their listener.
@@ -32,6 +34,7 @@ pub mod daemon;
 pub mod demo;
 pub mod domain;
 pub mod error;
+pub mod ledger;
 pub mod metrics;
 pub mod mp4;
 pub mod plan;
@@ -41,6 +44,5 @@ pub mod schedule;
 pub mod shutdown;
 pub mod sink;
 pub mod source;
-pub mod store;
 pub mod telemetry;
 pub mod worker;

@@ -118,7 +118,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json } => {
-            let ledger = kvs_archiver::store::Ledger::open(&config.state.database_url).await?;
+            let ledger = kvs_archiver::ledger::open(&config.state.database_url).await?;
             let status = ledger.status().await?;
             if json {
                 println!(
@@ -159,8 +159,26 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                         );
                     }
                     println!();
-                    if let Some(error) = s.last_error {
-                        println!("  last error: {error}");
+                    if s.late_fragments > 0 {
+                        println!(
+                            "  {} fragments archived late (listed after their range), {} of them as Matroska",
+                            s.late_fragments, s.mkv_fragments
+                        );
+                    }
+                    for f in &s.failures {
+                        println!(
+                            "  failed {} [{}] after {} attempts: {}{}",
+                            f.object_key,
+                            f.kind,
+                            f.attempts,
+                            f.reason,
+                            f.next_attempt_ms
+                                .map(|t| format!(
+                                    " (next try {})",
+                                    kvs_archiver::domain::rfc3339(t)
+                                ))
+                                .unwrap_or_default()
+                        );
                     }
                     if let Some(error) = s.last_run_error {
                         println!("  last run error: {error}");

@@ -2,8 +2,8 @@
 //! `daemon.metrics_listen` is set; loopback only). Without an installed recorder (the
 //! `backfill` command), recording is a no-op.
 
-use crate::error::{Error, Result};
-use crate::retry::Retryability;
+use crate::domain::ChunkKind;
+use crate::error::{Error, Result, Retryability};
 use axum::routing::get;
 use axum::Router;
 use metrics::{counter, gauge, histogram};
@@ -11,8 +11,12 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub fn clip_archived(stream: &str, bytes: u64, took: Duration) {
+pub fn clip_archived(stream: &str, kind: ChunkKind, bytes: u64, fragments: u64, took: Duration) {
     let stream = stream.to_string();
+    if kind == ChunkKind::Mkv {
+        counter!("kvs_archiver_mkv_fragments_archived_total", "stream" => stream.clone())
+            .increment(fragments);
+    }
     counter!("kvs_archiver_clips_archived_total", "stream" => stream.clone()).increment(1);
     counter!("kvs_archiver_bytes_archived_total", "stream" => stream.clone()).increment(bytes);
     histogram!("kvs_archiver_clip_seconds", "stream" => stream).record(took.as_secs_f64());
@@ -52,6 +56,11 @@ pub fn getclip_latency(stream: &str, took: Duration) {
 pub fn upload_latency(stream: &str, took: Duration) {
     histogram!("kvs_archiver_upload_finish_seconds", "stream" => stream.to_string())
         .record(took.as_secs_f64());
+}
+
+/// Fragments listed after the range around them was planned or archived.
+pub fn late_fragments(stream: &str, count: u64) {
+    counter!("kvs_archiver_late_fragments_total", "stream" => stream.to_string()).increment(count);
 }
 
 pub fn fragments_expired(stream: &str, count: u64) {

@@ -5,7 +5,7 @@
 //! Fragments are fed in ascending order, one window of a ListFragments listing at a time,
 //! so memory holds one window and the open chunk, not the whole range.
 
-use crate::domain::{ChunkPlan, EpochMs, Fragment};
+use crate::domain::{ChunkKind, ChunkPlan, EpochMs, Fragment};
 
 /// GetClip's hard caps and our own limits for one clip.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,25 +38,14 @@ impl ChunkLimits {
 #[derive(Debug)]
 struct OpenChunk {
     start_ms: EpochMs,
-    end_ms: EpochMs,
     count: u32,
     bytes: u64,
-    duration_ms: u64,
-    first: String,
-    last: String,
+    fragments: Vec<Fragment>,
 }
 
 impl OpenChunk {
     fn close(self) -> ChunkPlan {
-        ChunkPlan {
-            start_ms: self.start_ms,
-            end_ms: self.end_ms,
-            fragment_count: self.count,
-            bytes: self.bytes,
-            duration_ms: self.duration_ms,
-            first_fragment: self.first,
-            last_fragment: self.last,
-        }
+        ChunkPlan::of(ChunkKind::Clip, self.fragments)
     }
 }
 
@@ -67,6 +56,11 @@ pub struct Packer {
     open: Option<OpenChunk>,
     /// Fragments sharing the start timestamp of the group being collected.
     group: Vec<Fragment>,
+    /// GetClip keeps one fragment of those sharing a producer timestamp (the oldest
+    /// ingested): the others go to a Matroska chunk of their own.
+    separate_equal_timestamps: bool,
+    /// Number of the last fragment pushed: a repeated listing is skipped.
+    last_number: Option<String>,
 }
 
 impl Packer {
@@ -75,24 +69,31 @@ impl Packer {
             limits,
             open: None,
             group: Vec::new(),
+            separate_equal_timestamps: false,
+            last_number: None,
         }
+    }
+
+    /// For producer timestamps, which GetClip de-duplicates.
+    pub fn separating_equal_timestamps(mut self, separate: bool) -> Self {
+        self.separate_equal_timestamps = separate;
+        self
     }
 
     /// Adds the next fragment; `out` receives any chunk this closes. Fragments must come
     /// in [`Fragment::order`]; a fragment equal to the previous one (same number) is a
     /// duplicate listing and is skipped.
     pub fn push(&mut self, fragment: Fragment, out: &mut Vec<ChunkPlan>) {
-        if let Some(last) = self.group.last() {
-            if last.number == fragment.number {
-                return;
-            }
-            if last.start_ms != fragment.start_ms {
-                self.flush_group(out);
-            }
-        } else if let Some(open) = &self.open {
-            if open.last == fragment.number {
-                return;
-            }
+        if self.last_number.as_deref() == Some(fragment.number.as_str()) {
+            return;
+        }
+        self.last_number = Some(fragment.number.clone());
+        if self
+            .group
+            .last()
+            .is_some_and(|last| last.start_ms != fragment.start_ms)
+        {
+            self.flush_group(out);
         }
         self.group.push(fragment);
     }
@@ -115,7 +116,12 @@ impl Packer {
         if self.group.is_empty() {
             return;
         }
-        let group = std::mem::take(&mut self.group);
+        let mut group = std::mem::take(&mut self.group);
+        if self.separate_equal_timestamps && group.len() > 1 {
+            // Listed in ingestion order within the group: the first is what GetClip keeps.
+            let rest = group.split_off(1);
+            out.push(ChunkPlan::of(ChunkKind::Mkv, rest));
+        }
         if let Some(open) = &self.open {
             if !self.limits.admits(open, &group) {
                 if let Some(done) = self.open.take() {
@@ -125,21 +131,96 @@ impl Packer {
         }
         let open = self.open.get_or_insert_with(|| OpenChunk {
             start_ms: group[0].start_ms,
-            end_ms: group[0].start_ms,
             count: 0,
             bytes: 0,
-            duration_ms: 0,
-            first: group[0].number.clone(),
-            last: String::new(),
+            fragments: Vec::new(),
         });
         for f in group {
-            open.end_ms = f.start_ms;
             open.count += 1;
             open.bytes += f.size_bytes;
-            open.duration_ms += f.duration_ms;
-            open.last = f.number;
+            open.fragments.push(f);
         }
     }
+}
+
+/// What the ledger already holds around a window being planned.
+#[derive(Debug, Default, Clone)]
+pub struct Holdings {
+    /// Fragment numbers some chunk holds.
+    pub held: std::collections::HashSet<String>,
+    /// GetClip ranges of clip chunks reaching into the window: `(start, end, archived)`.
+    pub ranges: Vec<(EpochMs, EpochMs, bool)>,
+    /// Ranges of chunks planned before fragments were recorded: everything in them counts
+    /// as held.
+    pub legacy: Vec<(EpochMs, EpochMs)>,
+}
+
+impl Holdings {
+    fn range_of(&self, ms: EpochMs) -> Option<(EpochMs, EpochMs, bool)> {
+        self.ranges
+            .iter()
+            .copied()
+            .find(|(a, b, _)| *a <= ms && ms <= *b)
+    }
+}
+
+/// What [`plan_window`] did with each listed fragment.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WindowCounts {
+    /// Already in a chunk.
+    pub held: u64,
+    /// Inside the range of a chunk not archived yet: its GetClip will take them.
+    pub left_to_their_range: u64,
+    /// Listed after the range around them was archived: late chunks of their own.
+    pub late: u64,
+}
+
+/// Plans one window of sorted, de-duplicated fragments around what the ledger holds.
+///
+/// Every listed fragment that no chunk holds ends up in exactly one new chunk, or is left
+/// to the not-yet-fetched chunk whose GetClip range contains it: new clip chunks never
+/// reach over a held fragment or into another chunk's range; a fragment inside an archived
+/// range becomes a late chunk whose one-millisecond GetClip range selects it alone, or a
+/// Matroska chunk when another fragment shares that millisecond.
+pub fn plan_window(
+    packer: &mut Packer,
+    fragments: &[Fragment],
+    holdings: &Holdings,
+    out: &mut Vec<ChunkPlan>,
+) -> WindowCounts {
+    let mut counts = WindowCounts::default();
+    for (i, f) in fragments.iter().enumerate() {
+        let in_legacy = holdings
+            .legacy
+            .iter()
+            .any(|(a, b)| *a <= f.start_ms && f.start_ms <= *b);
+        if holdings.held.contains(&f.number) || in_legacy {
+            counts.held += 1;
+            packer.cut(out);
+            continue;
+        }
+        match holdings.range_of(f.start_ms) {
+            None => packer.push(f.clone(), out),
+            Some((_, _, false)) => {
+                counts.left_to_their_range += 1;
+                packer.cut(out);
+            }
+            Some((_, _, true)) => {
+                counts.late += 1;
+                packer.cut(out);
+                let shares_its_millisecond = fragments.iter().enumerate().any(|(j, g)| {
+                    j != i && g.start_ms >= f.start_ms && g.start_ms <= f.start_ms + 1
+                });
+                let kind = if shares_its_millisecond {
+                    ChunkKind::Mkv
+                } else {
+                    ChunkKind::Late
+                };
+                out.push(ChunkPlan::of(kind, vec![f.clone()]));
+            }
+        }
+    }
+    counts
 }
 
 /// Plans a whole sorted list at once (tests, and re-planning one chunk).
@@ -168,6 +249,7 @@ mod tests {
         Fragment {
             number: format!("9{i:046}"),
             start_ms,
+            server_ms: start_ms,
             duration_ms: 2000,
             size_bytes: size,
         }
@@ -265,5 +347,112 @@ mod tests {
                 prop_assert!(pair[0].clip_range().1 < pair[1].start_ms, "chunks are disjoint and ordered");
             }
         }
+    }
+
+    /// Plans `visible` first (all archived), then everything, as a daemon pass does after
+    /// late fragments were listed. Returns all chunks of both rounds.
+    fn two_rounds(
+        all: &[Fragment],
+        late: &[bool],
+        limits: ChunkLimits,
+        producer: bool,
+    ) -> (Vec<ChunkPlan>, Vec<ChunkPlan>) {
+        let visible: Vec<Fragment> = all
+            .iter()
+            .zip(late)
+            .filter(|(_, l)| !**l)
+            .map(|(f, _)| f.clone())
+            .collect();
+        let mut first = Vec::new();
+        let mut packer = Packer::new(limits).separating_equal_timestamps(producer);
+        plan_window(&mut packer, &visible, &Holdings::default(), &mut first);
+        packer.finish(&mut first);
+        let holdings = Holdings {
+            held: first
+                .iter()
+                .flat_map(|c| c.fragments.iter().map(|f| f.number.clone()))
+                .collect(),
+            ranges: first
+                .iter()
+                .filter(|c| c.kind == ChunkKind::Clip)
+                .map(|c| {
+                    let (a, b) = c.clip_range();
+                    (a, b, true)
+                })
+                .collect(),
+            legacy: Vec::new(),
+        };
+        let mut second = Vec::new();
+        let mut packer = Packer::new(limits).separating_equal_timestamps(producer);
+        plan_window(&mut packer, all, &holdings, &mut second);
+        packer.finish(&mut second);
+        (first, second)
+    }
+
+    proptest! {
+        #[test]
+        fn late_fragments_among_archived_ones_land_in_exactly_one_object(
+            frags in arb_fragments(),
+            late_mask in proptest::collection::vec(proptest::bool::weighted(0.2), 700),
+            producer in proptest::bool::ANY,
+            max_fragments in 1u32..=200,
+        ) {
+            let limits = ChunkLimits { max_fragments, max_bytes: 90_000_000, clip_duration_ms: 600_000 };
+            let late = &late_mask[..frags.len()];
+            // Fragment numbers grow with ingestion: a late fragment's is above all others.
+            let mut frags = frags;
+            for (i, (f, l)) in frags.iter_mut().zip(late).enumerate() {
+                if *l {
+                    f.number = format!("9{:046}", 1_000_000 + i);
+                }
+            }
+            let mut sorted = frags.clone();
+            sorted.sort_by(Fragment::order);
+            let first_late = format!("9{:046}", 1_000_000);
+            let late_sorted: Vec<bool> = sorted.iter().map(|f| f.number >= first_late).collect();
+            let frags = sorted;
+            let (first, second) = two_rounds(&frags, &late_sorted, limits, producer);
+            let visible: Vec<Fragment> = frags.iter().zip(&late_sorted).filter(|(_, l)| !**l).map(|(f, _)| f.clone()).collect();
+            let chunks: Vec<ChunkPlan> = first.iter().chain(&second).cloned().collect();
+            for f in &frags {
+                let holders = chunks.iter().filter(|c| c.fragments.iter().any(|g| g.number == f.number)).count();
+                prop_assert_eq!(holders, 1, "fragment {} held by {} chunks", &f.number, holders);
+            }
+            // What each GetClip returns, when it is fetched, is exactly the chunk's fragments:
+            // its range selects no other chunk's fragment (KVS keeps the oldest of equal
+            // producer timestamps). First-round chunks are fetched before the late media.
+            let fetched = first.iter().map(|c| (c, &visible)).chain(second.iter().map(|c| (c, &frags)));
+            for (c, frags) in fetched.filter(|(c, _)| c.kind != ChunkKind::Mkv) {
+                let (a, b) = c.clip_range();
+                let mut selected: Vec<&Fragment> = frags.iter().filter(|f| a <= f.start_ms && f.start_ms <= b).collect();
+                if producer {
+                    selected.dedup_by(|x, y| x.start_ms == y.start_ms);
+                }
+                let mut got: Vec<&str> = selected.iter().map(|f| f.number.as_str()).collect();
+                let mut want: Vec<&str> = c.fragments.iter().map(|f| f.number.as_str()).collect();
+                got.sort_unstable();
+                want.sort_unstable();
+                prop_assert_eq!(got, want, "{:?} chunk at {}", c.kind, c.start_ms);
+            }
+        }
+    }
+
+    #[test]
+    fn a_late_fragment_inside_a_range_not_archived_yet_is_left_to_that_range() {
+        let all: Vec<_> = (0..5).map(|i| frag(i, i as i64 * 2000, 1)).collect();
+        let holdings = Holdings {
+            held: ["0", "1", "3", "4"]
+                .iter()
+                .map(|i| all[i.parse::<usize>().unwrap_or(0)].number.clone())
+                .collect(),
+            ranges: vec![(0, 8000, false)],
+            legacy: Vec::new(),
+        };
+        let mut out = Vec::new();
+        let mut packer = Packer::new(LIMITS);
+        let counts = plan_window(&mut packer, &all, &holdings, &mut out);
+        packer.finish(&mut out);
+        assert!(out.is_empty(), "no new chunk: {out:?}");
+        assert_eq!(counts.left_to_their_range, 1);
     }
 }

@@ -1,26 +1,9 @@
 //! The one place retry decisions are made: every error says whether a retry can help
 //! ([`Retryability`]), and [`RetryPolicy`] says how long to wait before the next attempt.
 
+pub use crate::error::Retryability;
 use rand::Rng;
 use std::time::Duration;
-
-/// Whether repeating an operation can succeed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Retryability {
-    /// Repeating cannot help: bad input, missing permission, media KVS cannot package.
-    Permanent,
-    /// Network failure, 5xx, a body cut off, a timeout: try again after a pause.
-    Transient,
-    /// A quota was hit (KVS `ClientLimitExceededException`, S3 `SlowDown`): back off
-    /// longer. The AWS SDK does not retry KVS throttling by itself.
-    Throttled,
-}
-
-impl Retryability {
-    pub fn can_retry(self) -> bool {
-        !matches!(self, Retryability::Permanent)
-    }
-}
 
 /// Capped exponential backoff with full jitter.
 #[derive(Debug, Clone, Copy)]

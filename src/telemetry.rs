@@ -2,7 +2,7 @@
 //! ETA). Otherwise (systemd, cron, CI): JSON logs, one line per event, progress included.
 
 use crate::error::Error;
-use crate::store::Chunk;
+use crate::ledger::Chunk;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,10 +63,10 @@ impl Progress {
         }
     }
 
-    pub fn set_totals(&self, chunks: &[Chunk]) {
+    pub fn set_totals(&self, chunks: usize, done: usize) {
         if let Some(bar) = &self.bar {
-            bar.set_length(chunks.len() as u64);
-            bar.set_position(chunks.iter().filter(|c| c.state == "done").count() as u64);
+            bar.set_length(chunks as u64);
+            bar.set_position(done as u64);
         }
     }
 

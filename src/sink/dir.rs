@@ -1,10 +1,11 @@
 //! A local directory as the destination: the clip is written to `KEY.partial`, synced,
-//! then renamed to `KEY`, so a file under its final name is always whole. Metadata goes
-//! to `KEY.json` beside it.
+//! then renamed to `KEY` and the directory synced, so a file under its final name is
+//! always whole and survives a power cut once the ledger says done. Metadata goes to
+//! `KEY.json` beside it.
 
-use super::ObjectMeta;
-use crate::error::{Error, Result};
-use crate::retry::Retryability;
+use super::{Crc32c, ObjectMeta};
+use crate::error::{Error, Result, Retryability};
+use crate::ledger::Archived;
 use bytes::Bytes;
 use std::path::{Path, PathBuf};
 use tokio::io::AsyncWriteExt;
@@ -19,6 +20,7 @@ pub struct DirUpload {
     meta: ObjectMeta,
     file: tokio::fs::File,
     written: u64,
+    crc: Crc32c,
 }
 
 fn io_error(op: &'static str, path: &Path, e: std::io::Error) -> Error {
@@ -80,20 +82,31 @@ impl DirSink {
             meta,
             file,
             written: 0,
+            crc: Crc32c::default(),
         })
     }
 
-    /// Removes `.partial` files a killed process left under `prefix`.
-    pub fn sweep_orphans(&self, prefix: &str) -> usize {
-        fn walk(dir: &Path, removed: &mut usize) {
+    /// Removes `.partial` files under `prefix` untouched for `min_age`: a live upload
+    /// writes to its file all the time, so only a killed process's file gets that old.
+    pub fn sweep_orphans(&self, prefix: &str, min_age: std::time::Duration) -> usize {
+        fn walk(dir: &Path, min_age: std::time::Duration, removed: &mut usize) {
             let Ok(entries) = std::fs::read_dir(dir) else {
                 return;
             };
             for entry in entries.flatten() {
                 let path = entry.path();
                 if path.is_dir() {
-                    walk(&path, removed);
-                } else if path.extension().is_some_and(|e| e == "partial")
+                    walk(&path, min_age, removed);
+                    continue;
+                }
+                let stale = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > min_age);
+                if path.extension().is_some_and(|e| e == "partial")
+                    && stale
                     && std::fs::remove_file(&path).is_ok()
                 {
                     *removed += 1;
@@ -101,7 +114,7 @@ impl DirSink {
             }
         }
         let mut removed = 0;
-        walk(&self.root.join(prefix), &mut removed);
+        walk(&self.root.join(prefix), min_age, &mut removed);
         removed
     }
 }
@@ -109,13 +122,14 @@ impl DirSink {
 impl DirUpload {
     pub async fn write(&mut self, bytes: Bytes) -> Result<()> {
         self.written += bytes.len() as u64;
+        self.crc.update(&bytes);
         self.file
             .write_all(&bytes)
             .await
             .map_err(|e| io_error("write", &self.partial, e))
     }
 
-    pub async fn finish(mut self) -> Result<u64> {
+    pub async fn finish(mut self) -> Result<Archived> {
         self.file
             .flush()
             .await
@@ -138,7 +152,19 @@ impl DirUpload {
         tokio::fs::rename(&self.partial, &self.target)
             .await
             .map_err(|e| io_error("rename", &self.target, e))?;
-        Ok(self.written)
+        // The rename is durable only once the directory is synced.
+        if let Some(parent) = self.target.parent() {
+            let dir = tokio::fs::File::open(parent)
+                .await
+                .map_err(|e| io_error("open directory", parent, e))?;
+            dir.sync_all()
+                .await
+                .map_err(|e| io_error("sync directory", parent, e))?;
+        }
+        Ok(Archived {
+            bytes: self.written,
+            crc32c: self.crc.hex(),
+        })
     }
 
     pub async fn abort(self) {

@@ -6,7 +6,28 @@ pub mod dir;
 pub mod s3;
 
 use crate::error::Result;
+use crate::ledger::Archived;
 use bytes::Bytes;
+use std::time::Duration;
+
+/// A partial upload no ledger row names is removed only once it is this old: a live
+/// process records its upload within its first part, so only a process killed between
+/// creating an upload and recording it leaves one behind, and none that lives is touched.
+pub const ORPHAN_AGE: Duration = Duration::from_secs(6 * 3600);
+
+/// Running CRC32C of an object's bytes, as written.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Crc32c(u32);
+
+impl Crc32c {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0 = crc32c::crc32c_append(self.0, bytes);
+    }
+
+    pub fn hex(self) -> String {
+        format!("{:08x}", self.0)
+    }
+}
 
 /// Object metadata: what a user needs to find a clip without the ledger.
 #[derive(Debug, Clone)]
@@ -34,9 +55,14 @@ impl Sink {
     }
 
     /// Starts an upload to `key`. Nothing is visible at `key` until [`Upload::finish`].
-    pub async fn begin(&self, key: &str, meta: ObjectMeta) -> Result<Upload> {
+    pub async fn begin(
+        &self,
+        key: &str,
+        meta: ObjectMeta,
+        content_type: &'static str,
+    ) -> Result<Upload> {
         match self {
-            Sink::S3(s) => Ok(Upload::S3(s.begin(key, meta))),
+            Sink::S3(s) => Ok(Upload::S3(s.begin(key, meta, content_type))),
             Sink::Dir(d) => Ok(Upload::Dir(d.begin(key, meta).await?)),
         }
     }
@@ -49,12 +75,13 @@ impl Sink {
         }
     }
 
-    /// Aborts multipart uploads under `prefix` that no ledger row names (a crash between
-    /// creating an upload and recording it). Best effort: some stores cannot list them.
-    pub async fn sweep_orphans(&self, prefix: &str, known: &[String]) -> usize {
+    /// Aborts partial uploads under `prefix` that no in-flight chunk records (`live`) and
+    /// that are older than [`ORPHAN_AGE`] (a crash between creating an upload and
+    /// recording it). Best effort: some stores cannot list them.
+    pub async fn sweep_orphans(&self, prefix: &str, live: &[String]) -> usize {
         match self {
-            Sink::S3(s) => s.sweep_orphans(prefix, known).await,
-            Sink::Dir(d) => d.sweep_orphans(prefix),
+            Sink::S3(s) => s.sweep_orphans(prefix, live, ORPHAN_AGE).await,
+            Sink::Dir(d) => d.sweep_orphans(prefix, ORPHAN_AGE),
         }
     }
 
@@ -83,8 +110,8 @@ impl Upload {
         }
     }
 
-    /// Makes the object visible; returns its size.
-    pub async fn finish(self) -> Result<u64> {
+    /// Makes the object visible; returns its size and checksum.
+    pub async fn finish(self) -> Result<Archived> {
         match self {
             Upload::S3(u) => u.finish().await,
             Upload::Dir(u) => u.finish().await,

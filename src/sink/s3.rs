@@ -6,9 +6,10 @@
 //! checksum S3 verifies. A failed request is retried from the part still in memory, so
 //! an S3 hiccup never costs a second GetClip (KVS bills every byte it sends).
 
-use super::ObjectMeta;
-use crate::error::{Error, Result};
-use crate::retry::{with_retry, RetryPolicy, Retryability};
+use super::{Crc32c, ObjectMeta};
+use crate::error::{Error, Result, Retryability};
+use crate::ledger::Archived;
+use crate::retry::{with_retry, RetryPolicy};
 use aws_sdk_s3 as s3;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
@@ -32,6 +33,8 @@ pub struct S3Upload {
     inner: Arc<Inner>,
     key: String,
     meta: ObjectMeta,
+    content_type: &'static str,
+    crc: Crc32c,
     buffer: BytesMut,
     upload_id: Option<String>,
     parts: Vec<CompletedPart>,
@@ -70,10 +73,29 @@ where
                         .unwrap_or_default()
                 ),
             };
+            if code == "NoSuchUpload" {
+                return Error::UploadLost {
+                    op,
+                    target: target.to_string(),
+                };
+            }
             let retry = match code {
-                "SlowDown" | "RequestLimitExceeded" | "Throttling" => Retryability::Throttled,
-                "RequestTimeout" | "InternalError" => Retryability::Transient,
-                _ if status >= 500 => Retryability::Transient,
+                "SlowDown" | "RequestLimitExceeded" | "Throttling" | "ThrottlingException" => {
+                    Retryability::Throttled
+                }
+                // Expired or refreshed credentials, a clock that drifted, a body damaged on
+                // the way: the next attempt (new signature, new body) can succeed.
+                "RequestTimeout"
+                | "InternalError"
+                | "ExpiredToken"
+                | "TokenRefreshRequired"
+                | "RequestTimeTooSkewed"
+                | "BadDigest"
+                | "IncompleteBody"
+                | "XAmzContentSHA256Mismatch"
+                | "OperationAborted" => Retryability::Transient,
+                _ if status == 503 => Retryability::Throttled,
+                _ if status >= 500 || status == 408 => Retryability::Transient,
                 _ => Retryability::Permanent,
             };
             let hint = match code {
@@ -141,11 +163,13 @@ impl S3Sink {
         .await
     }
 
-    pub fn begin(&self, key: &str, meta: ObjectMeta) -> S3Upload {
+    pub fn begin(&self, key: &str, meta: ObjectMeta, content_type: &'static str) -> S3Upload {
         S3Upload {
             inner: self.inner.clone(),
             key: key.to_string(),
             meta,
+            content_type,
+            crc: Crc32c::default(),
             buffer: BytesMut::with_capacity(self.inner.part_size),
             upload_id: None,
             parts: Vec::new(),
@@ -159,33 +183,60 @@ impl S3Sink {
         abort(&self.inner, key, upload_id).await
     }
 
-    pub async fn sweep_orphans(&self, prefix: &str, known: &[String]) -> usize {
-        let listed = self
-            .inner
-            .client
-            .list_multipart_uploads()
-            .bucket(&self.inner.bucket)
-            .prefix(prefix)
-            .send()
-            .await;
-        let Ok(listed) = listed else {
-            tracing::debug!("the store cannot list multipart uploads; relying on the ledger");
-            return 0;
-        };
+    pub async fn sweep_orphans(
+        &self,
+        prefix: &str,
+        live: &[String],
+        min_age: std::time::Duration,
+    ) -> usize {
+        let oldest_allowed = std::time::SystemTime::now() - min_age;
+        let mut key_marker: Option<String> = None;
+        let mut upload_marker: Option<String> = None;
         let mut aborted = 0;
-        for upload in listed.uploads() {
-            let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) else {
-                continue;
+        loop {
+            let listed = self
+                .inner
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.inner.bucket)
+                .prefix(prefix)
+                .set_key_marker(key_marker.clone())
+                .set_upload_id_marker(upload_marker.clone())
+                .send()
+                .await;
+            let Ok(listed) = listed else {
+                tracing::debug!("the store cannot list multipart uploads; relying on the ledger");
+                return aborted;
             };
-            if known.iter().any(|k| k == id) {
-                continue;
+            for upload in listed.uploads() {
+                let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) else {
+                    continue;
+                };
+                if live.iter().any(|k| k == id) {
+                    continue;
+                }
+                // Without a start time the upload's age is unknown: leave it.
+                let old_enough = upload
+                    .initiated()
+                    .and_then(|t| std::time::SystemTime::try_from(*t).ok())
+                    .is_some_and(|t| t < oldest_allowed);
+                if !old_enough {
+                    continue;
+                }
+                if abort(&self.inner, key, id).await.is_ok() {
+                    tracing::info!(key, "aborted an orphaned multipart upload");
+                    aborted += 1;
+                }
             }
-            if abort(&self.inner, key, id).await.is_ok() {
-                tracing::info!(key, "aborted an orphaned multipart upload");
-                aborted += 1;
+            if listed.is_truncated() != Some(true) {
+                return aborted;
+            }
+            key_marker = listed.next_key_marker().map(str::to_string);
+            upload_marker = listed.next_upload_id_marker().map(str::to_string);
+            if key_marker.is_none() && upload_marker.is_none() {
+                return aborted;
             }
         }
-        aborted
     }
 }
 
@@ -206,7 +257,8 @@ async fn abort(inner: &Inner, key: &str, upload_id: &str) -> Result<()> {
     .await;
     match result {
         // Already completed or aborted: nothing is left behind either way.
-        Err(Error::Sink {
+        Err(Error::UploadLost { .. })
+        | Err(Error::Sink {
             retry: Retryability::Permanent,
             ..
         }) => Ok(()),
@@ -255,6 +307,7 @@ impl S3Upload {
 
     pub async fn write(&mut self, bytes: Bytes) -> Result<()> {
         self.total += bytes.len() as u64;
+        self.crc.update(&bytes);
         self.buffer.extend_from_slice(&bytes);
         while self.buffer.len() >= self.inner.part_size {
             let part = self.buffer.split_to(self.inner.part_size).freeze();
@@ -282,13 +335,14 @@ impl S3Upload {
             let inner = self.inner.clone();
             let meta = self.meta.clone();
             let key = self.key.clone();
+            let content_type = self.content_type;
             let out = with_retry(&inner.policy, "CreateMultipartUpload", || async {
                 let mut request = inner
                     .client
                     .create_multipart_upload()
                     .bucket(&inner.bucket)
                     .key(&key)
-                    .content_type("video/mp4")
+                    .content_type(content_type)
                     .checksum_algorithm(ChecksumAlgorithm::Crc32C);
                 for (k, v) in &meta.pairs {
                     request = request.metadata(*k, v);
@@ -316,7 +370,11 @@ impl S3Upload {
         Ok(())
     }
 
-    pub async fn finish(mut self) -> Result<u64> {
+    pub async fn finish(mut self) -> Result<Archived> {
+        let archived = Archived {
+            bytes: self.total,
+            crc32c: self.crc.hex(),
+        };
         let target = self.target();
         let Some(upload_id) = self.upload_id.clone() else {
             let body = std::mem::take(&mut self.buffer).freeze();
@@ -327,7 +385,7 @@ impl S3Upload {
                     .put_object()
                     .bucket(&inner.bucket)
                     .key(&self.key)
-                    .content_type("video/mp4")
+                    .content_type(self.content_type)
                     .checksum_algorithm(ChecksumAlgorithm::Crc32C)
                     .body(ByteStream::from(body.clone()));
                 for (k, v) in &self.meta.pairs {
@@ -340,7 +398,7 @@ impl S3Upload {
                     .map_err(|e| s3_error("PutObject", &target, e))
             })
             .await?;
-            return Ok(self.total);
+            return Ok(archived);
         };
         if !self.buffer.is_empty() {
             let last = std::mem::take(&mut self.buffer).freeze();
@@ -374,7 +432,7 @@ impl S3Upload {
         })
         .await;
         match result {
-            Ok(()) => Ok(self.total),
+            Ok(()) => Ok(archived),
             Err(e) => {
                 self.abort().await;
                 Err(e)

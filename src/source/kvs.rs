@@ -8,9 +8,9 @@
 
 use crate::config::StreamConfig;
 use crate::domain::{EpochMs, Fragment, TimestampSource};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Retryability};
 use crate::quota::TokenBucket;
-use crate::retry::{with_retry, RetryPolicy, Retryability};
+use crate::retry::{with_retry, RetryPolicy};
 use aws_sdk_kinesisvideo as kv;
 use aws_sdk_kinesisvideoarchivedmedia as am;
 use aws_sdk_kinesisvideoarchivedmedia::error::{
@@ -41,6 +41,7 @@ pub struct StreamDescription {
 enum Api {
     ListFragments,
     GetClip,
+    GetMediaForFragmentList,
 }
 
 /// Per-second point rates the source keeps each stream under.
@@ -67,6 +68,8 @@ pub struct KvsSource {
     account_control: TokenBucket,
     pacing: Pacing,
     policy: RetryPolicy,
+    /// Each stream's retention as DescribeStream last said, in ms.
+    retention: Mutex<HashMap<String, i64>>,
 }
 
 /// Epoch seconds arrive as JSON numbers: 0.567 s parses as 0.56699…, so round to the
@@ -84,7 +87,7 @@ fn kvs_error<E>(
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    let (code, message, retry) = match &err {
+    let (code, status, message, retry) = match &err {
         SdkError::ServiceError(ctx) => {
             let code = ctx.err().code().map(str::to_string);
             let status = ctx.raw().status().as_u16();
@@ -93,7 +96,16 @@ where
                 Some("ClientLimitExceededException" | "ThrottlingException") => {
                     Retryability::Throttled
                 }
-                _ if status >= 500 => Retryability::Transient,
+                // Credentials that expired mid-pass are refreshed by the provider; a clock
+                // that drifted is corrected by the SDK's skew detection on the next attempt.
+                Some(
+                    "ExpiredTokenException"
+                    | "ExpiredToken"
+                    | "RequestExpired"
+                    | "RequestTimeTooSkewed"
+                    | "InvalidSignatureException",
+                ) => Retryability::Transient,
+                _ if status >= 500 || status == 408 => Retryability::Transient,
                 _ => Retryability::Permanent,
             };
             let hint = match code.as_deref() {
@@ -114,16 +126,19 @@ where
             };
             (
                 code.clone(),
+                Some(status),
                 format!("{}: {message}{hint}", code.as_deref().unwrap_or("error")),
                 retry,
             )
         }
         SdkError::ConstructionFailure(_) => (
             None,
+            None,
             format!("{}", DisplayErrorContext(&err)),
             Retryability::Permanent,
         ),
         _ => (
+            None,
             None,
             format!(
                 "{} (endpoint unreachable or connection lost)",
@@ -136,39 +151,9 @@ where
         op,
         stream: stream.to_string(),
         code,
+        status,
         message,
         retry,
-    }
-}
-
-/// GetClip refusals that concern the media of some fragments in the range, not the
-/// request: the codec private data changes inside it (a camera switched resolution), a
-/// fragment lacks it, or a frame is bad. Splitting the range isolates the cause.
-pub fn means_unpackageable(error: &Error) -> bool {
-    matches!(
-        error,
-        Error::Kvs { op: "GetClip", code: Some(code), .. } if matches!(
-            code.as_str(),
-            "InvalidCodecPrivateDataException" | "MissingCodecPrivateDataException" | "InvalidMediaFrameException"
-        )
-    )
-}
-
-/// GetClip refusals that mean the media is gone (retention), not that the request is
-/// wrong: a 404 "No fragments found" for fragments we listed, or an end timestamp past
-/// retention.
-pub fn means_expired(error: &Error) -> bool {
-    match error {
-        Error::Kvs {
-            op: "GetClip",
-            code: Some(code),
-            message,
-            ..
-        } => {
-            code == "ResourceNotFoundException" && message.contains("No fragments found")
-                || code == "InvalidArgumentException" && message.contains("retention period")
-        }
-        _ => false,
     }
 }
 
@@ -191,6 +176,21 @@ impl KvsSource {
             account_control: TokenBucket::new(pacing.control_calls_per_second),
             pacing,
             policy,
+            retention: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The stream's retention in ms, as DescribeStream last said (asked now if never).
+    pub async fn retention_ms(&self, stream: &StreamConfig) -> Result<i64> {
+        let known = self
+            .retention
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&stream.label())
+            .copied();
+        match known {
+            Some(ms) => Ok(ms),
+            None => Ok(i64::from(self.describe(stream).await?.retention_hours) * 3_600_000),
         }
     }
 
@@ -219,7 +219,7 @@ impl KvsSource {
 
     pub async fn describe(&self, stream: &StreamConfig) -> Result<StreamDescription> {
         let label = stream.label();
-        with_retry(&self.policy, "DescribeStream", || async {
+        let described = with_retry(&self.policy, "DescribeStream", || async {
             self.pace_control_call(stream).await;
             let out = self
                 .control
@@ -233,6 +233,7 @@ impl KvsSource {
                 op: "DescribeStream",
                 stream: label.clone(),
                 code: None,
+                status: None,
                 message: "response has no StreamInfo".into(),
                 retry: Retryability::Transient,
             })?;
@@ -243,7 +244,12 @@ impl KvsSource {
                 media_type: info.media_type().unwrap_or_default().to_string(),
             })
         })
-        .await
+        .await?;
+        self.retention
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(label, i64::from(described.retention_hours) * 3_600_000);
+        Ok(described)
     }
 
     async fn media_client(&self, stream: &StreamConfig, api: Api) -> Result<am::Client> {
@@ -254,6 +260,7 @@ impl KvsSource {
         let api_name = match api {
             Api::ListFragments => kv::types::ApiName::ListFragments,
             Api::GetClip => kv::types::ApiName::GetClip,
+            Api::GetMediaForFragmentList => kv::types::ApiName::GetMediaForFragmentList,
         };
         let endpoint = with_retry(&self.policy, "GetDataEndpoint", || async {
             self.pace_control_call(stream).await;
@@ -272,6 +279,7 @@ impl KvsSource {
                     op: "GetDataEndpoint",
                     stream: label.clone(),
                     code: None,
+                    status: None,
                     message: "response has no DataEndpoint".into(),
                     retry: Retryability::Transient,
                 })
@@ -351,9 +359,11 @@ impl KvsSource {
                 let (Some(number), Some(ts)) = (f.fragment_number(), timestamp) else {
                     continue;
                 };
+                let server_ms = f.server_timestamp().map_or(to_ms(ts), to_ms);
                 fragments.push(Fragment {
                     number: number.to_string(),
                     start_ms: to_ms(ts),
+                    server_ms,
                     duration_ms: f.fragment_length_in_milliseconds().max(0) as u64,
                     size_bytes: f.fragment_size_in_bytes().max(0) as u64,
                 });
@@ -413,6 +423,40 @@ impl KvsSource {
             payload: out.payload,
         })
     }
+
+    /// Starts a GetMediaForFragmentList for the given fragments (Matroska). One attempt.
+    pub async fn get_media_for_fragment_list(
+        &self,
+        stream: &StreamConfig,
+        numbers: &[String],
+    ) -> Result<ClipBody> {
+        let label = stream.label();
+        let client = self
+            .media_client(stream, Api::GetMediaForFragmentList)
+            .await?;
+        self.buckets(stream)
+            .media
+            .acquire(numbers.len() as f64)
+            .await;
+        let out = client
+            .get_media_for_fragment_list()
+            .set_stream_name(stream.name.clone())
+            .set_stream_arn(stream.arn.clone())
+            .set_fragments(Some(numbers.to_vec()))
+            .send()
+            .await
+            .map_err(|e| {
+                let error = kvs_error("GetMediaForFragmentList", &label, e);
+                if error.retryability() == Retryability::Transient {
+                    self.forget_endpoint(stream, Api::GetMediaForFragmentList);
+                }
+                error
+            })?;
+        Ok(ClipBody {
+            stream: label,
+            payload: out.payload,
+        })
+    }
 }
 
 /// A GetClip response body being received.
@@ -428,6 +472,7 @@ impl ClipBody {
             op: "GetClip",
             stream: self.stream.clone(),
             code: None,
+            status: None,
             message: format!("body broke off: {}", DisplayErrorContext(&e)),
             retry: Retryability::Transient,
         })

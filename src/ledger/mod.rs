@@ -1,0 +1,367 @@
+//! The ledger: every chunk, its state and the fragments it holds, behind one narrow
+//! trait ([`Ledger`]) so that the worker's policy never depends on a database. The
+//! SQLite implementation is [`sqlite::SqliteLedger`]; `tests/ledger_conformance.rs` is the
+//! contract every implementation passes.
+//!
+//! A chunk moves `planned → fetching → uploading → done`, or to `failed` (tried again
+//! from `next_attempt_ms`) or `expired` (KVS confirmed its media is gone). A claim takes a
+//! lease and increments the chunk's generation, the fencing token: every later transition
+//! names the [`Lease`] it holds and succeeds only if the chunk is still held under exactly
+//! that generation, else it fails with [`Error::LeaseLost`] and changes nothing.
+
+pub mod sqlite;
+
+use crate::domain::{ChunkKind, ChunkPlan, EpochMs, Fragment, TimestampSource};
+use crate::error::{Error, Result};
+use crate::plan::Holdings;
+use serde::Serialize;
+use std::fmt;
+
+/// Where a chunk is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChunkState {
+    /// Recorded, waiting for a worker.
+    Planned,
+    /// Claimed; GetClip (or GetMediaForFragmentList) under way.
+    Fetching,
+    /// Bytes are going to the destination (the multipart upload id is recorded).
+    Uploading,
+    /// The object exists, whole.
+    Done,
+    /// The last attempt failed; tried again from `next_attempt_ms`.
+    Failed,
+    /// KVS confirmed that the media was deleted before it was archived.
+    Expired,
+}
+
+impl ChunkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChunkState::Planned => "planned",
+            ChunkState::Fetching => "fetching",
+            ChunkState::Uploading => "uploading",
+            ChunkState::Done => "done",
+            ChunkState::Failed => "failed",
+            ChunkState::Expired => "expired",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<ChunkState> {
+        Some(match text {
+            "planned" => ChunkState::Planned,
+            "fetching" => ChunkState::Fetching,
+            "uploading" => ChunkState::Uploading,
+            "done" => ChunkState::Done,
+            "failed" => ChunkState::Failed,
+            "expired" => ChunkState::Expired,
+            _ => return None,
+        })
+    }
+
+    /// Held by a worker under a lease.
+    pub fn in_flight(self) -> bool {
+        matches!(self, ChunkState::Fetching | ChunkState::Uploading)
+    }
+}
+
+impl fmt::Display for ChunkState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A chunk row.
+#[derive(Debug, Clone, Serialize)]
+pub struct Chunk {
+    pub id: i64,
+    pub stream: String,
+    pub timestamp_source: TimestampSource,
+    /// Range, counts and kind; `plan.fragments` is empty here (see
+    /// [`Ledger::fragments_of`]).
+    pub plan: ChunkPlan,
+    pub object_key: String,
+    pub state: ChunkState,
+    /// Claims so far.
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    /// [`Error::kind`] of the last failure.
+    pub error_kind: Option<String>,
+    /// A failed chunk is claimable from this time on (`None`: at once).
+    pub next_attempt_ms: Option<EpochMs>,
+    pub archived_bytes: Option<u64>,
+    /// CRC32C of the whole object (hex), as written.
+    pub archived_crc32c: Option<String>,
+    /// The multipart upload of the current claim, once created.
+    pub upload_id: Option<String>,
+    pub owner: Option<String>,
+    /// The fencing token of the current (or last) claim.
+    pub generation: i64,
+    pub lease_until_ms: Option<EpochMs>,
+}
+
+/// A claim on a chunk: the fencing token every transition must present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Lease {
+    pub chunk: i64,
+    pub generation: i64,
+}
+
+/// What a finished upload wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Archived {
+    pub bytes: u64,
+    /// CRC32C of the whole object, hex.
+    pub crc32c: String,
+}
+
+/// A failed attempt, as the worker's policy decided to record it.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// [`Error::kind`].
+    pub kind: &'static str,
+    pub message: String,
+    /// When a later pass may claim the chunk again.
+    pub next_attempt_ms: EpochMs,
+}
+
+impl Failure {
+    pub fn of(error: &Error, next_attempt_ms: EpochMs) -> Failure {
+        Failure {
+            kind: error.kind(),
+            message: error.to_string(),
+            next_attempt_ms,
+        }
+    }
+}
+
+/// Chunks of a range by state, for a run's summary.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct RangeSummary {
+    pub chunks: usize,
+    pub done: usize,
+    pub pending: usize,
+    /// Held under a live lease, by this process or another.
+    pub in_flight: usize,
+    pub failed: Vec<Chunk>,
+    pub expired: Vec<Chunk>,
+    pub archived_bytes: u64,
+}
+
+/// Per-stream totals for `status`.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct StreamStatus {
+    pub stream: String,
+    pub done: u64,
+    pub pending: u64,
+    pub in_flight: u64,
+    pub failed: u64,
+    pub expired: u64,
+    pub archived_bytes: u64,
+    pub archived_fragments: u64,
+    /// Fragments archived alone after their range was (late chunks and Matroska).
+    pub late_fragments: u64,
+    /// Fragments archived as Matroska (GetMediaForFragmentList).
+    pub mkv_fragments: u64,
+    /// Start of the last fragment of the newest archived chunk.
+    pub archived_through_ms: Option<EpochMs>,
+    pub last_error: Option<String>,
+    /// Failed chunks: kind, reason and next retry of each (newest first, at most 20).
+    pub failures: Vec<FailureView>,
+    /// Start of the oldest chunk not archived (nor expired) yet.
+    pub oldest_unarchived_ms: Option<EpochMs>,
+    /// The daemon's view (`run`), when it has run.
+    pub retention_ms: Option<i64>,
+    pub next_run_ms: Option<EpochMs>,
+    pub last_run_ms: Option<EpochMs>,
+    pub last_run_error: Option<String>,
+}
+
+/// One failed chunk as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailureView {
+    pub object_key: String,
+    pub start_ms: EpochMs,
+    pub kind: String,
+    pub reason: String,
+    pub attempts: u32,
+    pub next_attempt_ms: Option<EpochMs>,
+}
+
+/// The daemon's per-stream memory (`stream_progress`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StreamProgress {
+    pub planned_through_ms: Option<EpochMs>,
+    pub retention_ms: Option<i64>,
+    pub next_run_ms: Option<EpochMs>,
+    pub last_run_ms: Option<EpochMs>,
+    pub last_run_error: Option<String>,
+}
+
+/// The store of chunk state. Every method is one transaction; every transition that names
+/// a [`Lease`] changes exactly one row or fails with [`Error::LeaseLost`] and changes
+/// nothing.
+#[async_trait::async_trait]
+pub trait Ledger: Send + Sync {
+    /// This process's name in claims.
+    fn owner(&self) -> &str;
+
+    /// Records a planned chunk and the fragments it holds. Returns false, recording
+    /// nothing, when any of its fragments is held already or when (for a clip chunk) its
+    /// GetClip range overlaps another clip chunk's: whoever plans, no fragment is ever in
+    /// two chunks.
+    async fn insert_planned(
+        &self,
+        stream: &str,
+        source: TimestampSource,
+        plan: &ChunkPlan,
+        object_key: &str,
+    ) -> Result<bool>;
+
+    /// What the ledger holds in `[from, to]`: fragment numbers and clip ranges (with
+    /// whether each is archived) reaching into it.
+    async fn holdings(
+        &self,
+        stream: &str,
+        source: TimestampSource,
+        from: EpochMs,
+        to: EpochMs,
+    ) -> Result<Holdings>;
+
+    /// The fragments a chunk holds, sorted; empty for a chunk planned before fragments
+    /// were recorded.
+    async fn fragments_of(&self, chunk: i64) -> Result<Vec<Fragment>>;
+
+    /// Chunks reaching into `[from, to]` that may be claimed at `now`: planned, or failed
+    /// with their next attempt due; by start.
+    async fn claimable(
+        &self,
+        stream: &str,
+        source: TimestampSource,
+        from: EpochMs,
+        to: EpochMs,
+        now: EpochMs,
+    ) -> Result<Vec<Chunk>>;
+
+    /// Chunks reaching into `[from, to]` by state.
+    async fn range_summary(
+        &self,
+        stream: &str,
+        source: TimestampSource,
+        from: EpochMs,
+        to: EpochMs,
+    ) -> Result<RangeSummary>;
+
+    /// Claims a planned chunk, or a failed one whose next attempt is due at `now`, for
+    /// `lease_ms`. `None` if it is held, finished or not due.
+    async fn claim(&self, id: i64, now: EpochMs, lease_ms: i64) -> Result<Option<Lease>>;
+
+    /// In-flight chunks whose claim is dead at `now`: the lease ran out, the owner is a
+    /// process known to be gone, or the owner is this process and the chunk is not in
+    /// `active` (its worker returned without recording an outcome).
+    async fn abandoned(&self, now: EpochMs, active: &[i64]) -> Result<Vec<Chunk>>;
+
+    /// Takes over an abandoned chunk as [`Ledger::abandoned`] returned it (same
+    /// generation, still in flight). The caller aborts its recorded upload, then releases.
+    async fn take_over(&self, chunk: &Chunk, now: EpochMs, lease_ms: i64) -> Result<Option<Lease>>;
+
+    /// Bytes go to the destination now, under this multipart upload (once there is one).
+    async fn mark_uploading(&self, lease: &Lease, upload_id: Option<&str>) -> Result<()>;
+
+    /// Extends the lease to `until`.
+    async fn renew(&self, lease: &Lease, until: EpochMs) -> Result<()>;
+
+    /// Adds fragments listed in the chunk's range after it was planned (GetClip will
+    /// return them); fragments held by any chunk are skipped. Returns the chunk's
+    /// fragments now.
+    async fn attach_fragments(
+        &self,
+        lease: &Lease,
+        fragments: &[Fragment],
+    ) -> Result<Vec<Fragment>>;
+
+    /// The object is stored, whole: the chunk is done and the lease ends.
+    async fn mark_done(&self, lease: &Lease, archived: &Archived) -> Result<()>;
+
+    /// The attempt failed: the chunk waits until `failure.next_attempt_ms`.
+    async fn mark_failed(&self, lease: &Lease, failure: &Failure) -> Result<()>;
+
+    /// KVS confirmed the chunk's media is gone.
+    async fn mark_expired(&self, lease: &Lease, reason: &str) -> Result<()>;
+
+    /// Gives the chunk back (shutdown, a restarted upload): planned again.
+    async fn release(&self, lease: &Lease) -> Result<()>;
+
+    /// Replaces the chunk by `parts` (with their fragments) and, when some of its
+    /// fragments are confirmed gone, an `expired` record of them.
+    async fn split(
+        &self,
+        lease: &Lease,
+        parts: &[(ChunkPlan, String)],
+        expired: Option<(&ChunkPlan, &str)>,
+    ) -> Result<()>;
+
+    /// Turns the chunk into another kind (GetClip cannot package it: Matroska), planned.
+    async fn convert(&self, lease: &Lease, kind: ChunkKind, object_key: &str) -> Result<()>;
+
+    /// Makes the failed chunks reaching into `[from, to]` claimable at once; returns how
+    /// many.
+    async fn requeue_failed(
+        &self,
+        stream: &str,
+        source: TimestampSource,
+        from: EpochMs,
+        to: EpochMs,
+    ) -> Result<u64>;
+
+    /// Plans a done or failed chunk again (verify found its object missing or wrong).
+    async fn requeue_chunk(&self, id: i64) -> Result<bool>;
+
+    /// Upload ids recorded by in-flight chunks: the sweep never touches them.
+    async fn live_upload_ids(&self) -> Result<Vec<String>>;
+
+    /// Done chunks reaching into `[from, to]`, by start.
+    async fn done_in(
+        &self,
+        stream: &str,
+        source: TimestampSource,
+        from: EpochMs,
+        to: EpochMs,
+    ) -> Result<Vec<Chunk>>;
+
+    /// Every object key the ledger knows under a stream (any state), for verify.
+    async fn object_keys(&self, stream: &str) -> Result<Vec<String>>;
+
+    async fn chunk(&self, id: i64) -> Result<Option<Chunk>>;
+
+    async fn status(&self) -> Result<Vec<StreamStatus>>;
+
+    /// Start of the oldest chunk of the stream not archived yet (nor expired).
+    async fn oldest_unarchived(
+        &self,
+        stream: &str,
+        source: TimestampSource,
+    ) -> Result<Option<EpochMs>>;
+
+    /// Chunk counts by state for one stream, for the metrics.
+    async fn counts(&self, stream: &str) -> Result<Vec<(String, i64)>>;
+
+    async fn progress(&self, stream: &str, source: TimestampSource) -> Result<StreamProgress>;
+
+    /// Stores what the daemon learned in a pass; `None` keeps the stored value.
+    async fn update_progress(
+        &self,
+        stream: &str,
+        source: TimestampSource,
+        update: &StreamProgress,
+    ) -> Result<()>;
+
+    async fn close(&self);
+}
+
+/// Opens the ledger `database_url` names.
+pub async fn open(database_url: &str) -> Result<std::sync::Arc<dyn Ledger>> {
+    Ok(std::sync::Arc::new(
+        sqlite::SqliteLedger::open(database_url).await?,
+    ))
+}

@@ -1,0 +1,419 @@
+//! The archiver: plans a range into chunks ([`planning`]), then claims each chunk and
+//! moves its media from KVS to the destination ([`transfer`]), recording every outcome in
+//! the ledger under the chunk's lease.
+//!
+//! Policy lives here, SQL in the ledger: which failure is retried now, which waits for a
+//! later pass (every failure does, with a backoff stored in the ledger), and what a lost
+//! lease means (stop, record nothing).
+
+pub mod planning;
+pub mod transfer;
+
+use crate::config::{Config, StreamConfig};
+use crate::domain::{object_key, ChunkPlan, EpochMs};
+use crate::error::{Error, Result};
+use crate::ledger::{Chunk, Failure, Lease, Ledger, RangeSummary};
+use crate::retry::RetryPolicy;
+use crate::shutdown::Shutdown;
+use crate::sink::Sink;
+use crate::source::kvs::KvsSource;
+use crate::telemetry::Progress;
+use futures_util::StreamExt;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use transfer::Transferred;
+
+pub use planning::PlanSummary;
+
+/// How long a claim holds without renewal; a live worker renews it every
+/// [`LEASE_RENEWAL`] while a clip streams.
+pub const LEASE: Duration = Duration::from_secs(15 * 60);
+/// How often a clip still streaming renews its claim.
+pub const LEASE_RENEWAL: Duration = Duration::from_secs(60);
+/// How often to look again when another process holds chunks of our range.
+const FOREIGN_WAIT: Duration = Duration::from_secs(2);
+/// The first pause before a later pass retries a chunk that failed; it doubles with each
+/// claim of the chunk up to [`PASS_RETRY_MAX`], so a chunk that cannot succeed yet costs a
+/// few requests an hour, and one that can heals within the hour.
+const PASS_RETRY_FIRST: Duration = Duration::from_secs(30);
+const PASS_RETRY_MAX: Duration = Duration::from_secs(3600);
+/// A store that forgets an upload (NoSuchUpload) gets this many fresh starts per claim.
+const UPLOAD_RESTARTS: u32 = 3;
+
+/// The outcome of a range.
+pub type RunSummary = RangeSummary;
+
+impl RangeSummary {
+    /// Every chunk of the range is archived.
+    pub fn complete(&self) -> bool {
+        self.failed.is_empty()
+            && self.expired.is_empty()
+            && self.pending == 0
+            && self.in_flight == 0
+    }
+}
+
+pub struct Archiver {
+    pub source: Arc<KvsSource>,
+    pub sink: Arc<Sink>,
+    pub ledger: Arc<dyn Ledger>,
+    pub config: Arc<Config>,
+    pub policy: RetryPolicy,
+    /// Clips in flight across all streams (the daemon's global limit); `None`: no limit
+    /// beyond `archive.concurrency` per range.
+    pub in_flight: Option<Arc<Semaphore>>,
+    /// Chunks this process's workers hold now: an in-flight chunk of ours that is not here
+    /// was left behind by a worker that returned early, and is taken back.
+    pub active: Arc<Mutex<HashSet<i64>>>,
+}
+
+/// Removes a chunk from [`Archiver::active`] however its worker returns.
+struct ActiveClaim {
+    active: Arc<Mutex<HashSet<i64>>>,
+    chunk: i64,
+}
+
+impl Drop for ActiveClaim {
+    fn drop(&mut self) {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.chunk);
+    }
+}
+
+pub(crate) fn now_ms() -> EpochMs {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// How a claimed chunk ended for this process.
+enum ChunkOutcome {
+    Done,
+    /// Replaced by other chunks, turned into Matroska, or expired: look at the range again.
+    Changed,
+    /// Held elsewhere, finished, or not due.
+    Skipped,
+}
+
+/// When a later pass may try a chunk that has been claimed `attempts` times.
+pub fn next_pass_attempt(now: EpochMs, attempts: u32) -> EpochMs {
+    let factor = 1u32 << attempts.saturating_sub(1).min(10);
+    now + PASS_RETRY_FIRST
+        .saturating_mul(factor)
+        .min(PASS_RETRY_MAX)
+        .as_millis() as i64
+}
+
+impl Archiver {
+    pub fn new(
+        source: Arc<KvsSource>,
+        sink: Arc<Sink>,
+        ledger: Arc<dyn Ledger>,
+        config: Arc<Config>,
+        policy: RetryPolicy,
+    ) -> Archiver {
+        Archiver {
+            source,
+            sink,
+            ledger,
+            config,
+            policy,
+            in_flight: None,
+            active: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+
+    pub(crate) fn key(&self, stream: &StreamConfig, plan: &ChunkPlan) -> String {
+        object_key(&self.config.destination.prefix, &stream.label(), plan)
+    }
+
+    fn active_ids(&self) -> Vec<i64> {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// Takes back chunks whose claim is dead (a killed process, an expired lease, a
+    /// worker of ours that returned early): aborts the upload each recorded and makes it
+    /// pending again. Never touches a chunk under a live lease.
+    pub async fn recover_abandoned(&self) -> Result<usize> {
+        let abandoned = self.ledger.abandoned(now_ms(), &self.active_ids()).await?;
+        let mut recovered = 0;
+        for chunk in &abandoned {
+            let Some(lease) = self
+                .ledger
+                .take_over(chunk, now_ms(), LEASE.as_millis() as i64)
+                .await?
+            else {
+                continue;
+            };
+            if let Some(upload_id) = &chunk.upload_id {
+                self.sink
+                    .abort_abandoned(&chunk.object_key, upload_id)
+                    .await?;
+            }
+            self.ledger.release(&lease).await?;
+            recovered += 1;
+            tracing::info!(key = %chunk.object_key, owner = chunk.owner.as_deref().unwrap_or("none"), "took back a chunk a stopped worker left in {}", chunk.state);
+        }
+        Ok(recovered)
+    }
+
+    /// At start: takes back abandoned chunks, then removes uploads no ledger row names
+    /// that are older than the sink's safety age (a crash between creating an upload and
+    /// recording it). Uploads that any in-flight chunk records are never touched.
+    pub async fn recover(&self) -> Result<usize> {
+        let recovered = self.recover_abandoned().await?;
+        let live = self.ledger.live_upload_ids().await?;
+        let swept = self
+            .sink
+            .sweep_orphans(&self.config.destination.prefix, &live)
+            .await;
+        if swept > 0 {
+            tracing::info!(swept, "removed orphaned partial uploads");
+        }
+        Ok(recovered)
+    }
+
+    /// Archives every fragment of `[start, end]`: re-queues the range's failed chunks,
+    /// plans, then fetches all chunks that are not done, `archive.concurrency` at a time.
+    pub async fn archive_range(
+        &self,
+        stream: &StreamConfig,
+        start: EpochMs,
+        end: EpochMs,
+        progress: &Progress,
+        shutdown: &Shutdown,
+    ) -> Result<RunSummary> {
+        self.recover().await?;
+        let requeued = self
+            .ledger
+            .requeue_failed(&stream.label(), stream.timestamp_source, start, end)
+            .await?;
+        if requeued > 0 {
+            tracing::info!(stream = %stream.label(), requeued, "failed chunks of the range are tried again");
+        }
+        let plan = self.plan_range(stream, start, end, false, progress).await?;
+        tracing::info!(
+            stream = %stream.label(),
+            fragments = plan.fragments,
+            already_archived = plan.already_covered,
+            late = plan.late,
+            new_chunks = plan.chunks.len(),
+            "planned"
+        );
+        self.fetch_pending(stream, start, end, progress, shutdown, true)
+            .await
+    }
+
+    /// Fetches every claimable chunk reaching into `[start, end]`. With
+    /// `wait_for_others`, waits for chunks other processes hold (a backfill reports on the
+    /// whole range); without, leaves them to their holders (a daemon pass ends in bounded
+    /// time).
+    pub async fn fetch_pending(
+        &self,
+        stream: &StreamConfig,
+        start: EpochMs,
+        end: EpochMs,
+        progress: &Progress,
+        shutdown: &Shutdown,
+        wait_for_others: bool,
+    ) -> Result<RunSummary> {
+        let label = stream.label();
+        let source = stream.timestamp_source;
+        // Each chunk gets one round of attempts per run; ids are never reused.
+        let mut attempted: HashSet<i64> = HashSet::new();
+        loop {
+            if shutdown.soft.is_cancelled() {
+                return Err(Error::Interrupted);
+            }
+            let summary = self
+                .ledger
+                .range_summary(&label, source, start, end)
+                .await?;
+            progress.set_totals(summary.chunks, summary.done);
+            let todo: Vec<Chunk> = self
+                .ledger
+                .claimable(&label, source, start, end, now_ms())
+                .await?
+                .into_iter()
+                .filter(|c| !attempted.contains(&c.id))
+                .collect();
+            if todo.is_empty() {
+                if summary.in_flight > 0 && wait_for_others {
+                    tokio::select! {
+                        _ = tokio::time::sleep(FOREIGN_WAIT) => {}
+                        _ = shutdown.soft.cancelled() => return Err(Error::Interrupted),
+                    }
+                    self.recover_abandoned().await?;
+                    continue;
+                }
+                return Ok(summary);
+            }
+            let results: Vec<(i64, Result<ChunkOutcome>)> = futures_util::stream::iter(todo)
+                .map(|chunk| async move {
+                    let id = chunk.id;
+                    (
+                        id,
+                        self.archive_chunk(stream, chunk, progress, shutdown).await,
+                    )
+                })
+                .buffer_unordered(self.config.archive.concurrency)
+                .collect()
+                .await;
+            for (id, result) in results {
+                match result {
+                    Ok(ChunkOutcome::Done) => {
+                        attempted.insert(id);
+                    }
+                    // Its replacements are new chunks; a converted chunk is tried again.
+                    Ok(ChunkOutcome::Changed) => {}
+                    // Another process holds it: it may fail there, so look again later.
+                    Ok(ChunkOutcome::Skipped) => {
+                        tracing::debug!(id, "chunk held elsewhere or finished")
+                    }
+                    Err(Error::Interrupted) => return Err(Error::Interrupted),
+                    Err(Error::Store { op, source }) => return Err(Error::Store { op, source }),
+                    // Recorded on the chunk; the summary reports it.
+                    Err(_) => {
+                        attempted.insert(id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One chunk, with retries: returns after it is done, changed, given up for this
+    /// pass, or taken by another process.
+    async fn archive_chunk(
+        &self,
+        stream: &StreamConfig,
+        chunk: Chunk,
+        progress: &Progress,
+        shutdown: &Shutdown,
+    ) -> Result<ChunkOutcome> {
+        let mut attempt = 0;
+        let mut restarts = 0;
+        loop {
+            if shutdown.soft.is_cancelled() {
+                return Err(Error::Interrupted);
+            }
+            let _permit = match &self.in_flight {
+                Some(limit) => tokio::select! {
+                    permit = limit.clone().acquire_owned() => permit.ok(),
+                    _ = shutdown.soft.cancelled() => return Err(Error::Interrupted),
+                },
+                None => None,
+            };
+            let Some(lease) = self
+                .ledger
+                .claim(chunk.id, now_ms(), LEASE.as_millis() as i64)
+                .await?
+            else {
+                return Ok(ChunkOutcome::Skipped);
+            };
+            self.active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(chunk.id);
+            let _claim = ActiveClaim {
+                active: self.active.clone(),
+                chunk: chunk.id,
+            };
+            // Kind and key may have changed since the chunk was listed (converted).
+            let Some(current) = self.ledger.chunk(chunk.id).await? else {
+                return Ok(ChunkOutcome::Skipped);
+            };
+            attempt += 1;
+            let span = tracing::info_span!("chunk", stream = %current.stream, key = %current.object_key, attempt);
+            let started = std::time::Instant::now();
+            let result = tracing::Instrument::instrument(
+                self.transfer(stream, &current, &lease, &shutdown.hard),
+                span,
+            )
+            .await;
+            let error = match result {
+                Ok(Transferred::Archived(archived)) => {
+                    return match self.ledger.mark_done(&lease, &archived).await {
+                        Ok(()) => {
+                            crate::metrics::clip_archived(
+                                &current.stream,
+                                current.plan.kind,
+                                archived.bytes,
+                                u64::from(current.plan.fragment_count),
+                                started.elapsed(),
+                            );
+                            progress.chunk_done(archived.bytes, &current);
+                            Ok(ChunkOutcome::Done)
+                        }
+                        Err(Error::LeaseLost { .. }) => {
+                            tracing::warn!(key = %current.object_key, "lease lost before the chunk was recorded done; its new holder finishes it");
+                            Ok(ChunkOutcome::Skipped)
+                        }
+                        Err(e) => Err(e),
+                    };
+                }
+                Ok(Transferred::Changed) => return Ok(ChunkOutcome::Changed),
+                Err(Error::LeaseLost { .. }) => {
+                    tracing::warn!(key = %current.object_key, "lease lost mid-transfer: stopped, nothing recorded");
+                    return Ok(ChunkOutcome::Skipped);
+                }
+                Err(Error::Interrupted) => {
+                    // The upload was aborted; the chunk waits for the next start.
+                    self.ledger.release(&lease).await?;
+                    tracing::info!(key = %current.object_key, "stopped mid-clip; the chunk is pending again");
+                    return Err(Error::Interrupted);
+                }
+                Err(Error::UploadLost { .. }) if restarts < UPLOAD_RESTARTS => {
+                    restarts += 1;
+                    tracing::warn!(key = %current.object_key, restarts, "the store forgot the upload; starting it again");
+                    self.ledger.release(&lease).await?;
+                    attempt -= 1;
+                    continue;
+                }
+                Err(error) => error,
+            };
+            let retry = error.retryability();
+            crate::metrics::clip_failed(&current.stream, &error);
+            let retry_now = self.policy.allows(attempt, retry) && !shutdown.soft.is_cancelled();
+            let delay = self.policy.delay(attempt, retry);
+            let next_attempt = if retry_now {
+                now_ms() + delay.as_millis() as i64
+            } else {
+                next_pass_attempt(now_ms(), current.attempts + 1)
+            };
+            match self
+                .ledger
+                .mark_failed(&lease, &Failure::of(&error, next_attempt))
+                .await
+            {
+                Err(Error::LeaseLost { .. }) => return Ok(ChunkOutcome::Skipped),
+                other => other?,
+            }
+            if !retry_now {
+                tracing::error!(key = %current.object_key, attempt, kind = error.kind(), next_attempt = %crate::domain::rfc3339(next_attempt), %error, "chunk failed; a later pass tries again");
+                progress.chunk_failed(&current, &error);
+                return Err(error);
+            }
+            tracing::warn!(key = %current.object_key, attempt, ?retry, delay_ms = delay.as_millis() as u64, %error, "chunk failed; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.soft.cancelled() => return Err(Error::Interrupted),
+            }
+        }
+    }
+
+    /// The lease's renewal deadline from now.
+    pub(crate) fn lease_until(&self) -> EpochMs {
+        now_ms() + LEASE.as_millis() as i64
+    }
+
+    pub(crate) async fn renew(&self, lease: &Lease) -> Result<()> {
+        self.ledger.renew(lease, self.lease_until()).await
+    }
+}

@@ -1,0 +1,514 @@
+//! One claimed chunk from KVS to the destination: list its range again (late fragments
+//! join it, expired ones are confirmed), GetClip (or GetMediaForFragmentList for
+//! Matroska), check the clip's header against the ledger's fragments, stream it into the
+//! sink under the lease. The upload finishes before the ledger says done, so a crash in
+//! between re-uploads the same bytes to the same key.
+
+use super::{now_ms, Archiver, LEASE_RENEWAL};
+use crate::config::StreamConfig;
+use crate::domain::{rfc3339, ChunkKind, ChunkPlan, Fragment, TimestampSource};
+use crate::error::{Error, Result, Retryability};
+use crate::ledger::{Archived, Chunk, Lease};
+use crate::mp4;
+use crate::plan::{plan_all, sort_and_dedup, ChunkLimits};
+use crate::sink::ObjectMeta;
+use crate::source::kvs::ClipBody;
+use std::collections::HashSet;
+
+/// A clip may play this much shorter or longer than its fragments' summed durations
+/// before it counts as cut or as holding media the ledger does not know: less than KVS's
+/// minimum fragment duration (1 s), so one fragment more or less is always noticed, yet
+/// above per-fragment rounding.
+const DURATION_TOLERANCE_MS: u64 = 500;
+/// The most header bytes read while looking for `moov` before giving up.
+const MAX_HEADER_BYTES: usize = 16 * 1024 * 1024;
+/// A fragment missing from a listing counts as deleted by retention only once its server
+/// timestamp is this far past KVS's retention edge; nearer the edge it is tried again.
+const EXPIRY_MARGIN_MS: i64 = 60_000;
+/// Matroska's EBML magic: every GetMediaForFragmentList body starts with it.
+const EBML_MAGIC: [u8; 4] = [0x1a, 0x45, 0xdf, 0xa3];
+
+/// What a transfer did besides failing.
+pub(crate) enum Transferred {
+    /// The object is stored, whole.
+    Archived(Archived),
+    /// The chunk was split, converted to Matroska, or recorded expired: nothing to mark.
+    Changed,
+}
+
+impl Archiver {
+    /// One attempt for a claimed chunk.
+    pub(crate) async fn transfer(
+        &self,
+        stream: &StreamConfig,
+        chunk: &Chunk,
+        lease: &Lease,
+        hard: &tokio_util::sync::CancellationToken,
+    ) -> Result<Transferred> {
+        let mine = self.ledger.fragments_of(chunk.id).await?;
+        if chunk.plan.kind == ChunkKind::Mkv {
+            return self.transfer_mkv(stream, chunk, lease, &mine, hard).await;
+        }
+        let (start, end) = chunk.plan.clip_range();
+        let mut listed = self.source.list(stream, start, end).await?;
+        sort_and_dedup(&mut listed);
+        let expected = if mine.is_empty() {
+            // Planned before fragments were recorded: the plan's duration is all we know.
+            chunk.plan.duration_ms
+        } else {
+            let mine = match self.reconcile(stream, chunk, lease, mine, &listed).await? {
+                Reconciled::Fragments(mine) => mine,
+                Reconciled::Changed => return Ok(Transferred::Changed),
+            };
+            mine.iter().map(|f| f.duration_ms).sum()
+        };
+        let body = match self
+            .source
+            .get_clip(stream, start, end, chunk.plan.fragment_count)
+            .await
+        {
+            Ok(body) => body,
+            Err(e) if e.means_unpackageable() => {
+                return self.isolate_unpackageable(stream, chunk, lease, &e).await;
+            }
+            // We just listed the fragments: KVS's listing and GetClip disagree for a moment
+            // (eventual consistency). Retried; expiry is decided by listing, above.
+            Err(e) if e.means_no_media() => {
+                return Err(Error::Clip {
+                    key: chunk.object_key.clone(),
+                    message: format!(
+                        "GetClip found no media although ListFragments lists it ({e})"
+                    ),
+                    retry: Retryability::Transient,
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        self.store_clip(stream, chunk, lease, body, expected, hard)
+            .await
+    }
+
+    /// Brings the chunk's fragments in line with a fresh listing of its range: attaches
+    /// fragments listed late that its GetClip will return, and confirms any that KVS no
+    /// longer lists as expired (splitting them off), or fails for a later pass when they
+    /// are not past retention yet.
+    async fn reconcile(
+        &self,
+        stream: &StreamConfig,
+        chunk: &Chunk,
+        lease: &Lease,
+        mine: Vec<Fragment>,
+        listed: &[Fragment],
+    ) -> Result<Reconciled> {
+        let mine_numbers: HashSet<&str> = mine.iter().map(|f| f.number.as_str()).collect();
+        if chunk.plan.kind == ChunkKind::Late
+            && listed
+                .iter()
+                .any(|f| !mine_numbers.contains(f.number.as_str()))
+        {
+            // Another fragment shares the late fragment's millisecond now: GetClip cannot
+            // select it alone.
+            let mut plan = chunk.plan.clone();
+            plan.kind = ChunkKind::Mkv;
+            let key = self.key(stream, &plan);
+            self.ledger.convert(lease, ChunkKind::Mkv, &key).await?;
+            return Ok(Reconciled::Changed);
+        }
+        let mut mine = mine;
+        if chunk.plan.kind == ChunkKind::Clip {
+            let holdings = self
+                .ledger
+                .holdings(
+                    &chunk.stream,
+                    chunk.timestamp_source,
+                    chunk.plan.start_ms,
+                    chunk.plan.end_ms.max(chunk.plan.start_ms + 1),
+                )
+                .await?;
+            let producer = chunk.timestamp_source == TimestampSource::Producer;
+            // GetClip keeps the oldest ingested of fragments sharing a producer timestamp.
+            let newcomers: Vec<Fragment> = listed
+                .iter()
+                .enumerate()
+                .filter(|(i, f)| {
+                    !holdings.held.contains(&f.number)
+                        && !(producer && *i > 0 && listed[i - 1].start_ms == f.start_ms)
+                })
+                .map(|(_, f)| f.clone())
+                .collect();
+            if !newcomers.is_empty() {
+                tracing::info!(key = %chunk.object_key, fragments = newcomers.len(), "fragments listed late inside the chunk's range join it");
+                crate::metrics::late_fragments(&chunk.stream, newcomers.len() as u64);
+                mine = self.ledger.attach_fragments(lease, &newcomers).await?;
+            }
+        }
+        let listed_numbers: HashSet<&str> = listed.iter().map(|f| f.number.as_str()).collect();
+        let (present, missing): (Vec<Fragment>, Vec<Fragment>) = mine
+            .into_iter()
+            .partition(|f| listed_numbers.contains(f.number.as_str()));
+        if missing.is_empty() {
+            return Ok(Reconciled::Fragments(present));
+        }
+        let retention_ms = self.source.retention_ms(stream).await?;
+        let edge = now_ms() - retention_ms - EXPIRY_MARGIN_MS;
+        if missing.iter().any(|f| f.server_ms >= edge) {
+            return Err(Error::Kvs {
+                op: "ListFragments",
+                stream: chunk.stream.clone(),
+                code: None,
+                status: None,
+                message: format!(
+                    "{} of the chunk's fragments are not listed although KVS should still hold them (oldest received {}); trying again later",
+                    missing.len(),
+                    rfc3339(missing.iter().map(|f| f.server_ms).min().unwrap_or_default())
+                ),
+                retry: Retryability::Transient,
+            });
+        }
+        tracing::error!(key = %chunk.object_key, fragments = missing.len(), "fragments expired in KVS before they were archived");
+        crate::metrics::fragments_expired(&chunk.stream, missing.len() as u64);
+        let reason = "deleted by KVS retention before it was archived (confirmed by ListFragments)";
+        if present.is_empty() {
+            self.ledger.mark_expired(lease, reason).await?;
+            return Ok(Reconciled::Changed);
+        }
+        let gone = ChunkPlan::of(ChunkKind::Clip, missing);
+        let parts = self.replan(stream, &present, self.config.archive.limits());
+        self.ledger
+            .split(lease, &parts, Some((&gone, reason)))
+            .await?;
+        Ok(Reconciled::Changed)
+    }
+
+    /// Chunks for `fragments` within `limits`, with their keys.
+    fn replan(
+        &self,
+        stream: &StreamConfig,
+        fragments: &[Fragment],
+        limits: ChunkLimits,
+    ) -> Vec<(ChunkPlan, String)> {
+        let producer = stream.timestamp_source == TimestampSource::Producer;
+        let mut packer = crate::plan::Packer::new(limits).separating_equal_timestamps(producer);
+        let mut plans = Vec::new();
+        for f in fragments {
+            packer.push(f.clone(), &mut plans);
+        }
+        packer.finish(&mut plans);
+        plans
+            .into_iter()
+            .map(|p| {
+                let key = self.key(stream, &p);
+                (p, key)
+            })
+            .collect()
+    }
+
+    /// Splits a chunk in halves (GetClip cut it short, or refused part of its media).
+    async fn split_in_halves(
+        &self,
+        stream: &StreamConfig,
+        chunk: &Chunk,
+        lease: &Lease,
+    ) -> Result<Transferred> {
+        let fragments = self.ledger.fragments_of(chunk.id).await?;
+        let fragments = if fragments.is_empty() {
+            let (start, end) = chunk.plan.clip_range();
+            let mut listed = self.source.list(stream, start, end).await?;
+            sort_and_dedup(&mut listed);
+            listed
+        } else {
+            fragments
+        };
+        let halved = ChunkLimits {
+            max_fragments: (chunk.plan.fragment_count / 2).max(1),
+            max_bytes: (chunk.plan.bytes / 2).max(1),
+            ..self.config.archive.limits()
+        };
+        let parts = if fragments.len() > 1 {
+            plan_all(&fragments, halved)
+        } else {
+            Vec::new()
+        };
+        if parts.len() < 2 {
+            // One fragment, or one group sharing a timestamp: GetClip cannot take it apart.
+            return self.to_matroska(stream, chunk, lease).await;
+        }
+        let parts: Vec<(ChunkPlan, String)> = parts
+            .into_iter()
+            .map(|p| {
+                let key = self.key(stream, &p);
+                (p, key)
+            })
+            .collect();
+        self.ledger.split(lease, &parts, None).await?;
+        Ok(Transferred::Changed)
+    }
+
+    async fn to_matroska(
+        &self,
+        stream: &StreamConfig,
+        chunk: &Chunk,
+        lease: &Lease,
+    ) -> Result<Transferred> {
+        let mut plan = chunk.plan.clone();
+        plan.kind = ChunkKind::Mkv;
+        let key = self.key(stream, &plan);
+        tracing::warn!(key = %chunk.object_key, mkv = %key, "GetClip cannot package these fragments: fetching them by number as Matroska");
+        self.ledger.convert(lease, ChunkKind::Mkv, &key).await?;
+        Ok(Transferred::Changed)
+    }
+
+    async fn isolate_unpackageable(
+        &self,
+        stream: &StreamConfig,
+        chunk: &Chunk,
+        lease: &Lease,
+        error: &Error,
+    ) -> Result<Transferred> {
+        tracing::warn!(key = %chunk.object_key, %error, "KVS cannot package this range as one MP4: splitting the chunk");
+        self.split_in_halves(stream, chunk, lease).await
+    }
+
+    /// GetClip's body: header check, then the upload.
+    async fn store_clip(
+        &self,
+        stream: &StreamConfig,
+        chunk: &Chunk,
+        lease: &Lease,
+        mut body: ClipBody,
+        expected_ms: u64,
+        hard: &tokio_util::sync::CancellationToken,
+    ) -> Result<Transferred> {
+        let key = chunk.object_key.clone();
+        let (head, header) = read_header(&mut body, &key).await?;
+        if header.duration_ms + DURATION_TOLERANCE_MS < expected_ms {
+            tracing::warn!(%key, got_ms = header.duration_ms, planned_ms = expected_ms, "GetClip cut the clip short: splitting the chunk");
+            return self.split_in_halves(stream, chunk, lease).await;
+        }
+        if header.duration_ms > expected_ms + DURATION_TOLERANCE_MS {
+            // A fragment arrived between our listing and GetClip: the ledger must know every
+            // fragment an object holds, so list again first.
+            return Err(Error::Clip {
+                key,
+                message: format!(
+                    "clip plays {} ms, the ledger's fragments {} ms: media arrived since the listing; listing again",
+                    header.duration_ms, expected_ms
+                ),
+                retry: Retryability::Transient,
+            });
+        }
+        let meta = object_meta(stream, chunk, Some(header.duration_ms));
+        let archived = self
+            .stream_body(chunk, lease, body, head, meta, Some(header.total_len), hard)
+            .await?;
+        Ok(Transferred::Archived(archived))
+    }
+
+    async fn transfer_mkv(
+        &self,
+        stream: &StreamConfig,
+        chunk: &Chunk,
+        lease: &Lease,
+        mine: &[Fragment],
+        hard: &tokio_util::sync::CancellationToken,
+    ) -> Result<Transferred> {
+        let numbers: Vec<String> = mine.iter().map(|f| f.number.clone()).collect();
+        if numbers.is_empty() {
+            return Err(Error::Clip {
+                key: chunk.object_key.clone(),
+                message: "a Matroska chunk without recorded fragments cannot be fetched".into(),
+                retry: Retryability::Permanent,
+            });
+        }
+        let mut body = match self
+            .source
+            .get_media_for_fragment_list(stream, &numbers)
+            .await
+        {
+            Ok(body) => body,
+            Err(e) if e.means_no_media() => {
+                // Gone for good only if the listing agrees (reconcile confirms expiry).
+                let (start, end) = (mine[0].start_ms, mine[mine.len() - 1].start_ms + 1);
+                let mut listed = self.source.list(stream, start, end).await?;
+                sort_and_dedup(&mut listed);
+                return match self
+                    .reconcile(stream, chunk, lease, mine.to_vec(), &listed)
+                    .await?
+                {
+                    Reconciled::Changed => Ok(Transferred::Changed),
+                    Reconciled::Fragments(_) => Err(e),
+                };
+            }
+            Err(e) => return Err(e),
+        };
+        let mut head = Vec::new();
+        while head.len() < EBML_MAGIC.len() {
+            match body.next().await? {
+                Some(bytes) => head.extend_from_slice(&bytes),
+                None => break,
+            }
+        }
+        if !head.starts_with(&EBML_MAGIC) {
+            return Err(Error::Clip {
+                key: chunk.object_key.clone(),
+                message: format!(
+                    "GetMediaForFragmentList returned no Matroska ({} bytes)",
+                    head.len()
+                ),
+                retry: Retryability::Transient,
+            });
+        }
+        let meta = object_meta(stream, chunk, None);
+        let archived = self
+            .stream_body(chunk, lease, body, head, meta, None, hard)
+            .await?;
+        Ok(Transferred::Archived(archived))
+    }
+
+    /// Streams `head` and the rest of `body` into the sink, renewing the lease; checks the
+    /// length against `expected_len` when the container says it.
+    #[allow(clippy::too_many_arguments)]
+    async fn stream_body(
+        &self,
+        chunk: &Chunk,
+        lease: &Lease,
+        mut body: ClipBody,
+        head: Vec<u8>,
+        meta: ObjectMeta,
+        expected_len: Option<u64>,
+        hard: &tokio_util::sync::CancellationToken,
+    ) -> Result<Archived> {
+        let key = chunk.object_key.clone();
+        let (_, content_type) = chunk.plan.kind.container();
+        let mut upload = self.sink.begin(&key, meta, content_type).await?;
+        if let Err(e) = self.ledger.mark_uploading(lease, None).await {
+            upload.abort().await;
+            return Err(e);
+        }
+        let mut received = head.len() as u64;
+        let mut recorded_upload = false;
+        let mut renewed = std::time::Instant::now();
+        let mut next = Some(bytes::Bytes::from(head));
+        loop {
+            if let Some(bytes) = next.take() {
+                if let Err(e) = upload.write(bytes).await {
+                    upload.abort().await;
+                    return Err(e);
+                }
+                crate::crashpoint::hit("mid-body");
+                if renewed.elapsed() > LEASE_RENEWAL {
+                    if let Err(e) = self.renew(lease).await {
+                        upload.abort().await;
+                        return Err(e);
+                    }
+                    renewed = std::time::Instant::now();
+                }
+                if !recorded_upload {
+                    if let Some(id) = upload.upload_id() {
+                        if let Err(e) = self.ledger.mark_uploading(lease, Some(id)).await {
+                            upload.abort().await;
+                            return Err(e);
+                        }
+                        recorded_upload = true;
+                        crate::crashpoint::hit("mid-upload");
+                    }
+                }
+            }
+            let piece = tokio::select! {
+                piece = body.next() => piece,
+                _ = hard.cancelled() => {
+                    upload.abort().await;
+                    return Err(Error::Interrupted);
+                }
+            };
+            match piece {
+                Ok(Some(bytes)) => {
+                    received += bytes.len() as u64;
+                    next = Some(bytes);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    upload.abort().await;
+                    return Err(e);
+                }
+            }
+        }
+        if let Some(expected) = expected_len {
+            if received != expected {
+                upload.abort().await;
+                return Err(Error::Clip {
+                    key,
+                    message: format!("body has {received} bytes, the MP4 header says {expected}"),
+                    retry: Retryability::Transient,
+                });
+            }
+        }
+        // The last lease check before the object becomes visible: a worker that lost its
+        // lease never completes an upload the new holder may be writing too.
+        if let Err(e) = self.renew(lease).await {
+            upload.abort().await;
+            return Err(e);
+        }
+        let finishing = std::time::Instant::now();
+        let archived = upload.finish().await?;
+        crate::metrics::upload_latency(&chunk.stream, finishing.elapsed());
+        crate::crashpoint::hit("after-upload");
+        Ok(archived)
+    }
+}
+
+enum Reconciled {
+    Fragments(Vec<Fragment>),
+    Changed,
+}
+
+/// Reads the body until the MP4 header (`moov`) is complete.
+async fn read_header(body: &mut ClipBody, key: &str) -> Result<(Vec<u8>, mp4::ClipHeader)> {
+    let mut head = Vec::new();
+    let header = loop {
+        match body.next().await? {
+            Some(bytes) => head.extend_from_slice(&bytes),
+            None => break mp4::parse_header(&head).ok().flatten(),
+        }
+        match mp4::parse_header(&head) {
+            Ok(Some(header)) => break Some(header),
+            Ok(None) if head.len() < MAX_HEADER_BYTES => continue,
+            Ok(None) => break None,
+            Err(e) => {
+                return Err(Error::Clip {
+                    key: key.to_string(),
+                    message: format!("GetClip returned no playable MP4: {e}"),
+                    retry: Retryability::Transient,
+                })
+            }
+        }
+    };
+    match header {
+        Some(header) => Ok((head, header)),
+        None => Err(Error::Clip {
+            key: key.to_string(),
+            message: format!(
+                "GetClip body ended after {} bytes without an MP4 header",
+                head.len()
+            ),
+            retry: Retryability::Transient,
+        }),
+    }
+}
+
+fn object_meta(stream: &StreamConfig, chunk: &Chunk, duration_ms: Option<u64>) -> ObjectMeta {
+    let mut pairs = vec![
+        ("kvs-stream", stream.label()),
+        ("kvs-timestamp-source", stream.timestamp_source.to_string()),
+        ("kvs-start", rfc3339(chunk.plan.start_ms)),
+        ("kvs-end", rfc3339(chunk.plan.end_ms)),
+        ("kvs-fragment-count", chunk.plan.fragment_count.to_string()),
+        ("kvs-first-fragment", chunk.plan.first_fragment.clone()),
+        ("kvs-last-fragment", chunk.plan.last_fragment.clone()),
+        ("kvs-chunk-kind", chunk.plan.kind.as_str().to_string()),
+    ];
+    if let Some(ms) = duration_ms {
+        pairs.push(("kvs-duration-ms", ms.to_string()));
+    }
+    ObjectMeta { pairs }
+}
