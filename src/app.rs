@@ -178,6 +178,32 @@ pub async fn plan(
 }
 
 /// Human summary of a run, for the terminal.
+/// `verify`: the stream's archive over `[start, end]` (default: KVS's retention window).
+pub async fn verify(
+    archiver: &Archiver,
+    label: &str,
+    start: Option<&str>,
+    end: Option<&str>,
+    repair: bool,
+    shutdown: &Shutdown,
+) -> Result<crate::verify::VerifyReport> {
+    let stream = configured_stream(&archiver.config, label)?;
+    let described = archiver.source.describe(&stream).await?;
+    let now = chrono::Utc::now().timestamp_millis();
+    let start = match start {
+        Some(t) => parse_time(t, "--start")?,
+        None => now - i64::from(described.retention_hours) * 3_600_000,
+    };
+    let end = match end {
+        Some(t) => parse_time(t, "--end")?,
+        None => now - 1,
+    }
+    .min(now - 1);
+    check_range(start, end)?;
+    archiver.sink.check().await?;
+    crate::verify::verify(archiver, &stream, start, end, repair, shutdown).await
+}
+
 pub fn describe_run(summary: &RunSummary) -> String {
     let mut text = format!(
         "{} chunks: {} archived, {} failed, {} expired, {} pending",

@@ -45,4 +45,5 @@ pub mod shutdown;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
+pub mod verify;
 pub mod worker;

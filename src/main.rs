@@ -48,6 +48,27 @@ impl RangeArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Check a stream's archive: every done chunk's object against the ledger (size,
+    /// checksum, metadata), KVS's fragments against the ledger, and objects the ledger
+    /// does not know. Exit status 1 on any discrepancy.
+    Verify {
+        /// A stream listed under [[streams]] in the configuration.
+        #[arg(long)]
+        stream: String,
+        /// RFC 3339; default: KVS's retention edge.
+        #[arg(long)]
+        start: Option<String>,
+        /// RFC 3339; default: now.
+        #[arg(long)]
+        end: Option<String>,
+        /// Plan missing or damaged chunks again and archive them now (extra objects are
+        /// only reported).
+        #[arg(long)]
+        repair: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Archive every fragment of a stream whose start lies in [start, end]; resumable.
     Backfill {
         #[command(flatten)]
@@ -216,6 +237,39 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 );
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify {
+            stream,
+            start,
+            end,
+            repair,
+            json,
+        } => {
+            let sdk = app::sdk_config(&config.aws).await;
+            let archiver = app::build(config, &sdk).await?;
+            let report = app::verify(
+                &archiver,
+                &stream,
+                start.as_deref(),
+                end.as_deref(),
+                repair,
+                &shutdown,
+            )
+            .await?;
+            archiver.ledger.close().await;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                println!("{}", report.describe());
+            }
+            Ok(if report.clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Backfill { range } => {
             let (start, end) = range.parse()?;

@@ -313,7 +313,8 @@ fn assert_playable(objects: &BTreeMap<String, Vec<u8>>) {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     for (key, bytes) in objects {
-        let path = dir.path().join("clip.mp4");
+        let extension = key.rsplit('.').next().unwrap_or("mp4");
+        let path = dir.path().join(format!("clip.{extension}"));
         std::fs::write(&path, bytes).expect("written");
         let out = std::process::Command::new("ffmpeg")
             .args(["-v", "error", "-xerror", "-i"])
@@ -1270,4 +1271,460 @@ async fn a_backfill_and_the_daemon_share_one_ledger_without_double_work() {
         world.fragment_numbers("cam", start, end).len(),
         "no fragment fetched twice"
     );
+}
+
+/// Fragment numbers of every object, with the keys holding each.
+fn holders(objects: &BTreeMap<String, Vec<u8>>) -> HashMap<String, Vec<String>> {
+    let mut seen: HashMap<String, Vec<String>> = HashMap::new();
+    for (key, bytes) in objects {
+        for number in scan_markers(bytes) {
+            seen.entry(number).or_default().push(key.clone());
+        }
+    }
+    seen
+}
+
+/// Every fragment whose producer timestamp lies between the first and the last archived
+/// one is archived, exactly once: no hole where late media was skipped.
+fn assert_contiguous_by_producer_time(
+    world: &World,
+    stream: &str,
+    objects: &BTreeMap<String, Vec<u8>>,
+) -> (i64, i64) {
+    let seen = holders(objects);
+    let doubled: Vec<_> = seen.iter().filter(|(_, k)| k.len() > 1).take(5).collect();
+    assert!(doubled.is_empty(), "fragments stored twice: {doubled:?}");
+    let mut all = world.emu.fragments(stream);
+    all.sort_by_key(|f| (f.producer_ms, f.number.clone()));
+    let archived: Vec<_> = all
+        .iter()
+        .filter(|f| seen.contains_key(&f.number))
+        .collect();
+    let (first, last) = (
+        archived.first().expect("something archived").producer_ms,
+        archived.last().expect("something archived").producer_ms,
+    );
+    let holes: Vec<_> = all
+        .iter()
+        .filter(|f| {
+            f.producer_ms >= first && f.producer_ms <= last && !seen.contains_key(&f.number)
+        })
+        .map(|f| (rfc3339(f.producer_ms), f.number.clone()))
+        .collect();
+    assert!(
+        holes.is_empty(),
+        "{} fragments never archived, e.g. {:?}",
+        holes.len(),
+        &holes[..holes.len().min(5)]
+    );
+    (first, last)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_stream_delivered_late_is_archived_exactly_once_by_later_passes() {
+    let mut spec = StreamSpec::live("late-cam");
+    spec.backlog = Duration::from_secs(240);
+    // Media reaches KVS 30 s after the camera recorded it (batch uploads).
+    spec.producer_offset_ms = 30_000;
+    let world = World::with_sections(
+        vec![spec],
+        "clip_duration = \"20s\"",
+        "[daemon]\nlag = \"5s\"\n",
+        &|_| "timestamp_source = \"producer\"\nretention_window = \"3m\"\nsettle = \"2m\"".into(),
+    )
+    .await;
+    let first = world.run(&["run", "--once"]).await;
+    assert!(first.status.success(), "{}", text(&first));
+    let planned_through = (Utc::now().timestamp_millis() - 5_000).div_euclid(20_000) * 20_000 - 1;
+    let (_, first_last) =
+        assert_contiguous_by_producer_time(&world, "late-cam", &world.objects().await);
+    assert!(
+        first_last < planned_through - 4_000,
+        "the first pass could not see the last {} s it planned",
+        (planned_through - first_last) / 1000
+    );
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let second = world.run(&["run", "--once"]).await;
+    assert!(second.status.success(), "{}", text(&second));
+    let objects = world.objects().await;
+    let (_, last) = assert_contiguous_by_producer_time(&world, "late-cam", &objects);
+    assert!(
+        last > planned_through,
+        "the second pass archived what reached KVS after the first planned it (through {}, archived through {})",
+        rfc3339(planned_through),
+        rfc3339(last)
+    );
+    let status = world.run(&["status", "--json"]).await;
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    assert_eq!(status[0]["failed"], 0, "{status}");
+    assert_eq!(status[0]["pending"], 0, "{status}");
+    assert_playable(&objects);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fragment_listed_after_its_window_was_archived_is_archived_alone() {
+    let mut spec = StreamSpec::live("cell-cam");
+    spec.backlog = Duration::from_secs(120);
+    // Ingested about 10 s from now, but recorded 61 s before that: inside a window the
+    // first pass archives.
+    spec.late_fragments_at = vec![65];
+    spec.late_by = Duration::from_secs(61);
+    let world = World::with_sections(
+        vec![spec],
+        "clip_duration = \"20s\"",
+        "[daemon]\nlag = \"5s\"\n",
+        &|_| "timestamp_source = \"producer\"\nretention_window = \"3m\"".into(),
+    )
+    .await;
+    let first = world.run(&["run", "--once"]).await;
+    assert!(first.status.success(), "{}", text(&first));
+    let before = world.objects().await;
+    let late = loop {
+        let late = world
+            .emu
+            .fragments("cell-cam")
+            .into_iter()
+            .find(|f| f.server_ms - f.producer_ms > 60_000);
+        if let Some(late) = late {
+            break late;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let second = world.run(&["run", "--once"]).await;
+    assert!(second.status.success(), "{}", text(&second));
+    let after = world.objects().await;
+    for (key, bytes) in &before {
+        assert_eq!(
+            after.get(key),
+            Some(bytes),
+            "{key} was rewritten: its neighbours stay as they were"
+        );
+    }
+    let seen = holders(&after);
+    let keys = seen
+        .get(&late.number)
+        .expect("the late fragment is archived");
+    assert_eq!(keys.len(), 1, "archived once: {keys:?}");
+    assert!(
+        keys[0].contains("_f"),
+        "a late object of its own: {}",
+        keys[0]
+    );
+    assert_eq!(
+        scan_markers(&after[&keys[0]]),
+        vec![late.number.clone()],
+        "alone in its object"
+    );
+    assert_contiguous_by_producer_time(&world, "cell-cam", &after);
+    let status = world.run(&["status", "--json"]).await;
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    assert_eq!(status[0]["late_fragments"], 1, "{status}");
+    assert_playable(&after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragments_getclip_cannot_select_or_package_are_archived_as_matroska() {
+    let (start, end) = recent(0.05);
+    let mut spec = historical("dup-cam", start, end, 2000, 0);
+    // Fragment 10 repeats fragment 9's producer timestamp (GetClip keeps only 9);
+    // fragment 30 has no codec private data (GetClip refuses any range holding it).
+    spec.duplicate_producer_timestamp_at = vec![10];
+    spec.missing_codec_private_data_at = vec![30];
+    let world = World::with_sections(vec![spec], "", "", &|_| {
+        "timestamp_source = \"producer\"".into()
+    })
+    .await;
+    let out = world.backfill("dup-cam", start, end).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let objects = world.objects().await;
+    assert_exactly_once(&objects, &world.fragment_numbers("dup-cam", start, end));
+    let all = world.emu.fragments("dup-cam");
+    let mkv: Vec<_> = objects
+        .iter()
+        .filter(|(k, _)| k.ends_with(".mkv"))
+        .collect();
+    assert_eq!(
+        mkv.len(),
+        2,
+        "two Matroska objects: {:?}",
+        objects.keys().collect::<Vec<_>>()
+    );
+    for (_, bytes) in &mkv {
+        let numbers = scan_markers(bytes);
+        assert!(
+            numbers == vec![all[10].number.clone()] || numbers == vec![all[30].number.clone()],
+            "{numbers:?}"
+        );
+    }
+    let status = world.run(&["status", "--json"]).await;
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    assert_eq!(status[0]["mkv_fragments"], 2, "{status}");
+    assert_playable(&objects);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_deleted_corrupted_and_extra_objects_and_unarchived_fragments_and_repair_fixes_them(
+) {
+    let (start, end) = recent(0.25);
+    let world = World::new(
+        vec![historical("vcam", start, end, 2000, 20_000)],
+        "clip_duration = \"2m\"",
+    )
+    .await;
+    let out = world.backfill("vcam", start, end).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let objects = world.objects().await;
+    let keys: Vec<&String> = objects.keys().collect();
+    assert!(keys.len() >= 6, "{keys:?}");
+    let client = s3_client(&world.s3_url);
+    // Deleted behind the archiver's back.
+    client
+        .delete_object()
+        .bucket(BUCKET)
+        .key(keys[0])
+        .send()
+        .await
+        .expect("deleted");
+    // Corrupted: same size, other bytes.
+    let mut damaged = objects[keys[1]].clone();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0xff;
+    client
+        .put_object()
+        .bucket(BUCKET)
+        .key(keys[1])
+        .body(damaged.into())
+        .send()
+        .await
+        .expect("overwritten");
+    // An object the ledger does not know.
+    let extra = "kvs/vcam/2026/01/01/stray.mp4";
+    client
+        .put_object()
+        .bucket(BUCKET)
+        .key(extra)
+        .body(b"stray".to_vec().into())
+        .send()
+        .await
+        .expect("put");
+    // A chunk the ledger forgot, with its object: KVS still holds fragments no object has.
+    let forgotten = keys[2].clone();
+    let forgotten_fragments = scan_markers(&objects[&forgotten]).len();
+    client
+        .delete_object()
+        .bucket(BUCKET)
+        .key(&forgotten)
+        .send()
+        .await
+        .expect("deleted");
+    {
+        use sqlx::ConnectOptions;
+        let mut db = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(world.work.path().join("state.db"))
+            .foreign_keys(true)
+            .connect()
+            .await
+            .expect("ledger opens");
+        sqlx::query("DELETE FROM chunks WHERE object_key = ?")
+            .bind(&forgotten)
+            .execute(&mut db)
+            .await
+            .expect("row deleted");
+    }
+    let (a, b) = (rfc3339(start), rfc3339(end));
+    let range = ["--stream", "vcam", "--start", &a, "--end", &b];
+    let check = world
+        .run(&[&["verify", "--json"][..], &range[..]].concat())
+        .await;
+    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
+    let report: serde_json::Value = serde_json::from_slice(&check.stdout).expect("json report");
+    let damaged: Vec<(String, String)> = report["damaged"]
+        .as_array()
+        .expect("damaged")
+        .iter()
+        .map(|d| {
+            (
+                d["object_key"].as_str().unwrap_or("").to_string(),
+                d["problem"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(damaged.len(), 2, "{report}");
+    assert!(
+        damaged.iter().any(|(k, p)| k == keys[0] && p == "missing"),
+        "{report}"
+    );
+    assert!(
+        damaged
+            .iter()
+            .any(|(k, p)| k == keys[1] && p.starts_with("checksum")),
+        "{report}"
+    );
+    assert_eq!(
+        report["unarchived"].as_array().map(Vec::len),
+        Some(forgotten_fragments),
+        "{report}"
+    );
+    assert_eq!(
+        report["extra_objects"],
+        serde_json::json!([extra]),
+        "{report}"
+    );
+    let human = world.run(&[&["verify"][..], &range[..]].concat()).await;
+    let said = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        said.contains("missing: ")
+            && said.contains("extra object: ")
+            && said.contains("not archived: "),
+        "{said}"
+    );
+
+    let repair = world
+        .run(&[&["verify", "--repair"][..], &range[..]].concat())
+        .await;
+    assert_eq!(
+        repair.status.code(),
+        Some(1),
+        "the extra object is only reported: {}",
+        text(&repair)
+    );
+    let mut after = world.objects().await;
+    assert!(
+        after.remove(extra).is_some(),
+        "extra objects are never deleted"
+    );
+    assert_exactly_once(&after, &world.fragment_numbers("vcam", start, end));
+    assert_playable(&after);
+    client
+        .delete_object()
+        .bucket(BUCKET)
+        .key(extra)
+        .send()
+        .await
+        .expect("deleted");
+    let clean = world.run(&[&["verify"][..], &range[..]].concat()).await;
+    assert!(clean.status.success(), "{}", text(&clean));
+}
+
+fn upload_id_of(line: &str) -> Option<&str> {
+    line.split(['?', '&'])
+        .find_map(|p| p.strip_prefix("uploadId="))
+}
+
+/// AbortMultipartUpload requests for an upload that was used again afterwards: an abort
+/// that hit an upload a live process owned.
+fn aborts_of_live_uploads(log: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    for (i, line) in log.iter().enumerate() {
+        let Some(id) = line
+            .starts_with("DELETE ")
+            .then(|| upload_id_of(line))
+            .flatten()
+        else {
+            continue;
+        };
+        if log[i + 1..]
+            .iter()
+            .any(|later| !later.starts_with("DELETE ") && upload_id_of(later) == Some(id))
+        {
+            found.push(line.clone());
+        }
+    }
+    found
+}
+
+fn count_env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// SIGKILL at seeded random moments (planning, fetching, uploading, committing), with one,
+/// two or three processes on one ledger; `KVS_TEST_TORTURE_KILLS` rounds (20 by default,
+/// more for a soak), `KVS_TEST_TORTURE_SEED` to replay a run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_torture_with_several_processes_loses_doubles_and_leaves_nothing() {
+    let rounds = count_env("KVS_TEST_TORTURE_KILLS", 20);
+    let seed = count_env("KVS_TEST_TORTURE_SEED", 20_261_126);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let (start, end) = recent(0.4);
+    let mut spec = historical("cam", start, end, 4000, 1_500_000);
+    spec.faults.bandwidth_bytes_per_sec = Some(10_000_000);
+    let world = World::new(vec![spec], "concurrency = 2").await;
+    let expected = world.fragment_numbers("cam", start, end);
+    let (a, b) = (rfc3339(start), rfc3339(end));
+    let spawn = || {
+        world
+            .command(&["backfill", "--stream", "cam", "--start", &a, "--end", &b])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawned")
+    };
+    for round in 0..rounds {
+        let processes = match round % 5 {
+            2 => 2,
+            4 => 3,
+            _ => 1,
+        };
+        let mut children: Vec<_> = (0..processes).map(|_| spawn()).collect();
+        for child in &mut children {
+            tokio::time::sleep(Duration::from_millis(rng.u64(50..1500))).await;
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+    }
+    let resumed = world.backfill("cam", start, end).await;
+    assert!(resumed.status.success(), "seed {seed}: {}", text(&resumed));
+    let objects = world.objects().await;
+    assert_exactly_once(&objects, &expected);
+    let s3 = world.s3.as_ref().expect("s3s");
+    let live_aborts = aborts_of_live_uploads(&s3.requests());
+    assert!(
+        live_aborts.is_empty(),
+        "seed {seed}: aborted uploads still in use: {live_aborts:?}"
+    );
+    assert!(
+        world.open_multipart_uploads().is_empty(),
+        "seed {seed}: left open: {:?}",
+        world.open_multipart_uploads()
+    );
+    let check = world
+        .run(&["verify", "--stream", "cam", "--start", &a, "--end", &b])
+        .await;
+    assert!(check.status.success(), "seed {seed}: {}", text(&check));
+    assert_playable(&objects);
+}
+
+/// Two backfills of one range on one ledger, with multipart-sized clips, both running to
+/// the end: every fragment once, and neither ever aborts the other's live upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_with_multipart_clips_never_abort_each_others_uploads() {
+    let (start, end) = recent(0.15);
+    let mut spec = historical("cam", start, end, 4000, 1_500_000);
+    spec.faults.bandwidth_bytes_per_sec = Some(30_000_000);
+    let world = World::new(vec![spec], "concurrency = 2").await;
+    let (a, b) = (rfc3339(start), rfc3339(end));
+    let args = ["backfill", "--stream", "cam", "--start", &a, "--end", &b];
+    let (first, second) = tokio::join!(world.run(&args), world.run(&args));
+    assert!(first.status.success(), "{}", text(&first));
+    assert!(second.status.success(), "{}", text(&second));
+    assert_exactly_once(
+        &world.objects().await,
+        &world.fragment_numbers("cam", start, end),
+    );
+    let log = world.s3.as_ref().expect("s3s").requests();
+    assert!(
+        log.iter().any(|l| l.contains("partNumber=")),
+        "clips went up in parts"
+    );
+    assert_eq!(aborts_of_live_uploads(&log), Vec::<String>::new());
+    assert!(
+        !log.iter()
+            .any(|l| l.starts_with("DELETE ") && l.contains("uploadId=")),
+        "no upload aborted at all: nothing failed"
+    );
+    assert!(world.open_multipart_uploads().is_empty());
 }

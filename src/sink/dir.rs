@@ -10,6 +10,9 @@ use bytes::Bytes;
 use std::path::{Path, PathBuf};
 use tokio::io::AsyncWriteExt;
 
+/// Numbers this process's uploads, for their partial files' names.
+static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 pub struct DirSink {
     root: PathBuf,
 }
@@ -67,7 +70,14 @@ impl DirSink {
 
     pub async fn begin(&self, key: &str, meta: ObjectMeta) -> Result<DirUpload> {
         let target = self.root.join(key);
-        let partial = PathBuf::from(format!("{}.partial", target.display()));
+        // Each upload writes a file of its own: a worker that lost its lease can never
+        // write into, or remove, the file of the chunk's new holder.
+        let token = format!(
+            "{}-{}",
+            std::process::id(),
+            UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let partial = PathBuf::from(format!("{}.{token}.partial", target.display()));
         if let Some(parent) = target.parent() {
             tokio::fs::create_dir_all(parent)
                 .await
@@ -116,6 +126,91 @@ impl DirSink {
         let mut removed = 0;
         walk(&self.root.join(prefix), min_age, &mut removed);
         removed
+    }
+}
+
+impl DirSink {
+    pub async fn inspect(&self, key: &str) -> Result<Option<super::StoredObject>> {
+        use tokio::io::AsyncReadExt;
+        let path = self.root.join(key);
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error("open", &path, e)),
+        };
+        let mut crc = Crc32c::default();
+        let mut size = 0u64;
+        let mut buffer = vec![0u8; 1 << 20];
+        loop {
+            let n = file
+                .read(&mut buffer)
+                .await
+                .map_err(|e| io_error("read", &path, e))?;
+            if n == 0 {
+                break;
+            }
+            size += n as u64;
+            crc.update(&buffer[..n]);
+        }
+        let sidecar = PathBuf::from(format!("{}.json", path.display()));
+        let meta = tokio::fs::read(&sidecar)
+            .await
+            .ok()
+            .and_then(|text| serde_json::from_slice(&text).ok())
+            .unwrap_or_default();
+        Ok(Some(super::StoredObject {
+            size,
+            crc32c: crc.hex(),
+            meta,
+        }))
+    }
+
+    pub async fn abort_partial(&self, key: &str) -> Result<usize> {
+        let target = self.root.join(key);
+        let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
+            return Ok(0);
+        };
+        let stem = format!("{}.", name.to_string_lossy());
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Ok(0);
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if file.starts_with(&stem) && file.ends_with(".partial") {
+                let path = entry.path();
+                match tokio::fs::remove_file(&path).await {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_error("remove", &path, e)),
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    pub fn list_keys(&self, prefix: &str) -> Result<Vec<String>> {
+        fn walk(root: &Path, dir: &Path, keys: &mut Vec<String>) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(root, &path, keys);
+                } else if !path
+                    .extension()
+                    .is_some_and(|e| e == "json" || e == "partial")
+                {
+                    if let Ok(relative) = path.strip_prefix(root) {
+                        keys.push(relative.to_string_lossy().into_owned());
+                    }
+                }
+            }
+        }
+        let mut keys = Vec::new();
+        walk(&self.root, &self.root.join(prefix), &mut keys);
+        Ok(keys)
     }
 }
 

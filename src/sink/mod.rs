@@ -75,6 +75,16 @@ impl Sink {
         }
     }
 
+    /// Aborts every partial upload of `key`: called for a chunk just taken over from a
+    /// dead claim, whose process may have created an upload and died before recording it.
+    /// Any upload of the key belongs to an earlier claim of that chunk, fenced off now.
+    pub async fn abort_uploads_of(&self, key: &str) -> Result<usize> {
+        match self {
+            Sink::S3(s) => s.abort_uploads_of(key).await,
+            Sink::Dir(d) => d.abort_partial(key).await,
+        }
+    }
+
     /// Aborts partial uploads under `prefix` that no in-flight chunk records (`live`) and
     /// that are older than [`ORPHAN_AGE`] (a crash between creating an upload and
     /// recording it). Best effort: some stores cannot list them.
@@ -91,6 +101,32 @@ impl Sink {
             Sink::Dir(d) => d.describe(),
         }
     }
+
+    /// The object at `key` as stored now: size, CRC32C of its bytes (read whole) and
+    /// metadata; `None` if there is no object.
+    pub async fn inspect(&self, key: &str) -> Result<Option<StoredObject>> {
+        match self {
+            Sink::S3(s) => s.inspect(key).await,
+            Sink::Dir(d) => d.inspect(key).await,
+        }
+    }
+
+    /// Every object key under `prefix` (metadata side files excluded), all pages.
+    pub async fn list_keys(&self, prefix: &str) -> Result<Vec<String>> {
+        match self {
+            Sink::S3(s) => s.list_keys(prefix).await,
+            Sink::Dir(d) => d.list_keys(prefix),
+        }
+    }
+}
+
+/// An object as `verify` reads it back.
+#[derive(Debug, Clone)]
+pub struct StoredObject {
+    pub size: u64,
+    /// CRC32C of the whole object, hex.
+    pub crc32c: String,
+    pub meta: std::collections::BTreeMap<String, String>,
 }
 
 impl Upload {

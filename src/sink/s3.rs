@@ -240,6 +240,113 @@ impl S3Sink {
     }
 }
 
+impl S3Sink {
+    pub async fn inspect(&self, key: &str) -> Result<Option<super::StoredObject>> {
+        let target = format!("s3://{}/{key}", self.inner.bucket);
+        let got = self
+            .inner
+            .client
+            .get_object()
+            .bucket(&self.inner.bucket)
+            .key(key)
+            .send()
+            .await;
+        let mut out = match got {
+            Ok(out) => out,
+            Err(SdkError::ServiceError(ctx)) if ctx.raw().status().as_u16() == 404 => {
+                return Ok(None)
+            }
+            Err(e) => return Err(s3_error("GetObject", &target, e)),
+        };
+        let meta = out
+            .metadata()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        let mut crc = Crc32c::default();
+        let mut size = 0u64;
+        while let Some(bytes) = out.body.try_next().await.map_err(|e| Error::Sink {
+            op: "GetObject",
+            target: target.clone(),
+            message: format!("body broke off: {e}"),
+            retry: Retryability::Transient,
+        })? {
+            size += bytes.len() as u64;
+            crc.update(&bytes);
+        }
+        Ok(Some(super::StoredObject {
+            size,
+            crc32c: crc.hex(),
+            meta,
+        }))
+    }
+
+    pub async fn abort_uploads_of(&self, key: &str) -> Result<usize> {
+        let mut key_marker: Option<String> = None;
+        let mut upload_marker: Option<String> = None;
+        let mut aborted = 0;
+        loop {
+            let Ok(listed) = self
+                .inner
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.inner.bucket)
+                .prefix(key)
+                .set_key_marker(key_marker.clone())
+                .set_upload_id_marker(upload_marker.clone())
+                .send()
+                .await
+            else {
+                // A store that cannot list uploads: only the recorded id can be aborted.
+                return Ok(aborted);
+            };
+            for upload in listed.uploads() {
+                if let (Some(k), Some(id)) = (upload.key(), upload.upload_id()) {
+                    if k == key {
+                        abort(&self.inner, key, id).await?;
+                        tracing::info!(key, "aborted an upload a stopped worker left unrecorded");
+                        aborted += 1;
+                    }
+                }
+            }
+            if listed.is_truncated() != Some(true) {
+                return Ok(aborted);
+            }
+            key_marker = listed.next_key_marker().map(str::to_string);
+            upload_marker = listed.next_upload_id_marker().map(str::to_string);
+            if key_marker.is_none() && upload_marker.is_none() {
+                return Ok(aborted);
+            }
+        }
+    }
+
+    pub async fn list_keys(&self, prefix: &str) -> Result<Vec<String>> {
+        let target = self.describe();
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .inner
+                .client
+                .list_objects_v2()
+                .bucket(&self.inner.bucket)
+                .prefix(prefix)
+                .set_continuation_token(token.clone())
+                .send()
+                .await
+                .map_err(|e| s3_error("ListObjectsV2", &target, e))?;
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_string)),
+            );
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => return Ok(keys),
+            }
+        }
+    }
+}
+
 async fn abort(inner: &Inner, key: &str, upload_id: &str) -> Result<()> {
     let target = format!("s3://{}/{key}", inner.bucket);
     let result = with_retry(&inner.policy, "AbortMultipartUpload", || async {

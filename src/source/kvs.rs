@@ -307,6 +307,19 @@ impl KvsSource {
         start: EpochMs,
         end: EpochMs,
     ) -> Result<Vec<Fragment>> {
+        self.list_paged(stream, start, end, LIST_PAGE).await
+    }
+
+    /// [`KvsSource::list`] with pages of `page` fragments: each request costs `page`
+    /// metadata points, so a range of known size is listed with a page to match.
+    pub async fn list_paged(
+        &self,
+        stream: &StreamConfig,
+        start: EpochMs,
+        end: EpochMs,
+        page: i64,
+    ) -> Result<Vec<Fragment>> {
+        let page_size = page.clamp(1, LIST_PAGE);
         let label = stream.label();
         let kind = match stream.timestamp_source {
             TimestampSource::Server => FragmentSelectorType::ServerTimestamp,
@@ -329,14 +342,14 @@ impl KvsSource {
             let page = with_retry(&self.policy, "ListFragments", || async {
                 self.buckets(stream)
                     .metadata
-                    .acquire(LIST_PAGE as f64)
+                    .acquire(page_size as f64)
                     .await;
                 let client = self.media_client(stream, Api::ListFragments).await?;
                 let mut request = client
                     .list_fragments()
                     .set_stream_name(stream.name.clone())
                     .set_stream_arn(stream.arn.clone())
-                    .max_results(LIST_PAGE);
+                    .max_results(page_size);
                 request = match &token {
                     Some(t) => request.next_token(t),
                     None => request.fragment_selector(selector.clone()),

@@ -37,7 +37,7 @@ const FOREIGN_WAIT: Duration = Duration::from_secs(2);
 /// The first pause before a later pass retries a chunk that failed; it doubles with each
 /// claim of the chunk up to [`PASS_RETRY_MAX`], so a chunk that cannot succeed yet costs a
 /// few requests an hour, and one that can heals within the hour.
-const PASS_RETRY_FIRST: Duration = Duration::from_secs(30);
+const PASS_RETRY_FIRST: Duration = Duration::from_secs(15);
 const PASS_RETRY_MAX: Duration = Duration::from_secs(3600);
 /// A store that forgets an upload (NoSuchUpload) gets this many fresh starts per claim.
 const UPLOAD_RESTARTS: u32 = 3;
@@ -157,6 +157,7 @@ impl Archiver {
                     .abort_abandoned(&chunk.object_key, upload_id)
                     .await?;
             }
+            self.sink.abort_uploads_of(&chunk.object_key).await?;
             self.ledger.release(&lease).await?;
             recovered += 1;
             tracing::info!(key = %chunk.object_key, owner = chunk.owner.as_deref().unwrap_or("none"), "took back a chunk a stopped worker left in {}", chunk.state);
@@ -288,8 +289,9 @@ impl Archiver {
         }
     }
 
-    /// One chunk, with retries: returns after it is done, changed, given up for this
-    /// pass, or taken by another process.
+    /// One chunk, with retries under one claim: returns after it is done, changed, given
+    /// up for this pass (recorded failed, with the time a later pass tries again), or
+    /// taken by another process.
     async fn archive_chunk(
         &self,
         stream: &StreamConfig,
@@ -297,34 +299,61 @@ impl Archiver {
         progress: &Progress,
         shutdown: &Shutdown,
     ) -> Result<ChunkOutcome> {
+        if shutdown.soft.is_cancelled() {
+            return Err(Error::Interrupted);
+        }
+        let _permit = match &self.in_flight {
+            Some(limit) => tokio::select! {
+                permit = limit.clone().acquire_owned() => permit.ok(),
+                _ = shutdown.soft.cancelled() => return Err(Error::Interrupted),
+            },
+            None => None,
+        };
+        let Some(lease) = self
+            .ledger
+            .claim(chunk.id, now_ms(), LEASE.as_millis() as i64)
+            .await?
+        else {
+            return Ok(ChunkOutcome::Skipped);
+        };
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(chunk.id);
+        let _claim = ActiveClaim {
+            active: self.active.clone(),
+            chunk: chunk.id,
+        };
+        let outcome = self
+            .attempts(stream, &chunk, &lease, progress, shutdown)
+            .await;
+        match outcome {
+            Err(Error::LeaseLost { .. }) => {
+                tracing::warn!(key = %chunk.object_key, "lease lost: stopped, nothing recorded; its new holder finishes the chunk");
+                Ok(ChunkOutcome::Skipped)
+            }
+            Err(Error::Interrupted) => {
+                // The upload was aborted; the chunk waits for the next start.
+                self.ledger.release(&lease).await?;
+                tracing::info!(key = %chunk.object_key, "stopped mid-clip; the chunk is pending again");
+                Err(Error::Interrupted)
+            }
+            other => other,
+        }
+    }
+
+    /// The attempts of one claim.
+    async fn attempts(
+        &self,
+        stream: &StreamConfig,
+        chunk: &Chunk,
+        lease: &Lease,
+        progress: &Progress,
+        shutdown: &Shutdown,
+    ) -> Result<ChunkOutcome> {
         let mut attempt = 0;
         let mut restarts = 0;
         loop {
-            if shutdown.soft.is_cancelled() {
-                return Err(Error::Interrupted);
-            }
-            let _permit = match &self.in_flight {
-                Some(limit) => tokio::select! {
-                    permit = limit.clone().acquire_owned() => permit.ok(),
-                    _ = shutdown.soft.cancelled() => return Err(Error::Interrupted),
-                },
-                None => None,
-            };
-            let Some(lease) = self
-                .ledger
-                .claim(chunk.id, now_ms(), LEASE.as_millis() as i64)
-                .await?
-            else {
-                return Ok(ChunkOutcome::Skipped);
-            };
-            self.active
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(chunk.id);
-            let _claim = ActiveClaim {
-                active: self.active.clone(),
-                chunk: chunk.id,
-            };
             // Kind and key may have changed since the chunk was listed (converted).
             let Some(current) = self.ledger.chunk(chunk.id).await? else {
                 return Ok(ChunkOutcome::Skipped);
@@ -333,78 +362,54 @@ impl Archiver {
             let span = tracing::info_span!("chunk", stream = %current.stream, key = %current.object_key, attempt);
             let started = std::time::Instant::now();
             let result = tracing::Instrument::instrument(
-                self.transfer(stream, &current, &lease, &shutdown.hard),
+                self.transfer(stream, &current, lease, &shutdown.hard),
                 span,
             )
             .await;
             let error = match result {
                 Ok(Transferred::Archived(archived)) => {
-                    return match self.ledger.mark_done(&lease, &archived).await {
-                        Ok(()) => {
-                            crate::metrics::clip_archived(
-                                &current.stream,
-                                current.plan.kind,
-                                archived.bytes,
-                                u64::from(current.plan.fragment_count),
-                                started.elapsed(),
-                            );
-                            progress.chunk_done(archived.bytes, &current);
-                            Ok(ChunkOutcome::Done)
-                        }
-                        Err(Error::LeaseLost { .. }) => {
-                            tracing::warn!(key = %current.object_key, "lease lost before the chunk was recorded done; its new holder finishes it");
-                            Ok(ChunkOutcome::Skipped)
-                        }
-                        Err(e) => Err(e),
-                    };
+                    self.ledger.mark_done(lease, &archived).await?;
+                    crate::metrics::clip_archived(
+                        &current.stream,
+                        current.plan.kind,
+                        archived.bytes,
+                        u64::from(current.plan.fragment_count),
+                        started.elapsed(),
+                    );
+                    progress.chunk_done(archived.bytes, &current);
+                    return Ok(ChunkOutcome::Done);
                 }
                 Ok(Transferred::Changed) => return Ok(ChunkOutcome::Changed),
-                Err(Error::LeaseLost { .. }) => {
-                    tracing::warn!(key = %current.object_key, "lease lost mid-transfer: stopped, nothing recorded");
-                    return Ok(ChunkOutcome::Skipped);
-                }
-                Err(Error::Interrupted) => {
-                    // The upload was aborted; the chunk waits for the next start.
-                    self.ledger.release(&lease).await?;
-                    tracing::info!(key = %current.object_key, "stopped mid-clip; the chunk is pending again");
-                    return Err(Error::Interrupted);
-                }
                 Err(Error::UploadLost { .. }) if restarts < UPLOAD_RESTARTS => {
                     restarts += 1;
-                    tracing::warn!(key = %current.object_key, restarts, "the store forgot the upload; starting it again");
-                    self.ledger.release(&lease).await?;
                     attempt -= 1;
+                    tracing::warn!(key = %current.object_key, restarts, "the store forgot the upload; starting it again");
                     continue;
                 }
+                Err(e @ (Error::LeaseLost { .. } | Error::Interrupted)) => return Err(e),
                 Err(error) => error,
             };
             let retry = error.retryability();
             crate::metrics::clip_failed(&current.stream, &error);
-            let retry_now = self.policy.allows(attempt, retry) && !shutdown.soft.is_cancelled();
-            let delay = self.policy.delay(attempt, retry);
-            let next_attempt = if retry_now {
-                now_ms() + delay.as_millis() as i64
-            } else {
-                next_pass_attempt(now_ms(), current.attempts + 1)
-            };
-            match self
-                .ledger
-                .mark_failed(&lease, &Failure::of(&error, next_attempt))
-                .await
-            {
-                Err(Error::LeaseLost { .. }) => return Ok(ChunkOutcome::Skipped),
-                other => other?,
+            if self.policy.allows(attempt, retry) && !shutdown.soft.is_cancelled() {
+                let delay = self.policy.delay(attempt, retry);
+                tracing::warn!(key = %current.object_key, attempt, ?retry, delay_ms = delay.as_millis() as u64, %error, "chunk failed; retrying");
+                // The claim is kept while waiting: no other process takes the chunk, and
+                // no summary counts it failed meanwhile.
+                self.renew(lease).await?;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.soft.cancelled() => return Err(Error::Interrupted),
+                }
+                continue;
             }
-            if !retry_now {
-                tracing::error!(key = %current.object_key, attempt, kind = error.kind(), next_attempt = %crate::domain::rfc3339(next_attempt), %error, "chunk failed; a later pass tries again");
-                progress.chunk_failed(&current, &error);
-                return Err(error);
-            }
-            tracing::warn!(key = %current.object_key, attempt, ?retry, delay_ms = delay.as_millis() as u64, %error, "chunk failed; retrying");
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.soft.cancelled() => return Err(Error::Interrupted),
-            }
+            let next_attempt = next_pass_attempt(now_ms(), current.attempts);
+            self.ledger
+                .mark_failed(lease, &Failure::of(&error, next_attempt))
+                .await?;
+            tracing::error!(key = %current.object_key, attempt, kind = error.kind(), next_attempt = %crate::domain::rfc3339(next_attempt), %error, "chunk failed; a later pass tries again");
+            progress.chunk_failed(&current, &error);
+            return Err(error);
         }
     }
 

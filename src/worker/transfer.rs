@@ -22,8 +22,10 @@ use std::collections::HashSet;
 const DURATION_TOLERANCE_MS: u64 = 500;
 /// The most header bytes read while looking for `moov` before giving up.
 const MAX_HEADER_BYTES: usize = 16 * 1024 * 1024;
-/// A fragment missing from a listing counts as deleted by retention only once its server
-/// timestamp is this far past KVS's retention edge; nearer the edge it is tried again.
+/// A fragment missing from a listing counts as deleted by retention when its server
+/// timestamp lies behind KVS's retention edge by our clock, give or take this much skew
+/// between our clock and KVS's. Old fragments do not vanish from listings for any other
+/// reason; a missing fragment well inside retention is a transient failure, tried again.
 const EXPIRY_MARGIN_MS: i64 = 60_000;
 /// Matroska's EBML magic: every GetMediaForFragmentList body starts with it.
 const EBML_MAGIC: [u8; 4] = [0x1a, 0x45, 0xdf, 0xa3];
@@ -50,7 +52,9 @@ impl Archiver {
             return self.transfer_mkv(stream, chunk, lease, &mine, hard).await;
         }
         let (start, end) = chunk.plan.clip_range();
-        let mut listed = self.source.list(stream, start, end).await?;
+        // A page a little larger than the chunk: ListFragments costs its page size.
+        let page = i64::from(chunk.plan.fragment_count) * 5 / 4 + 20;
+        let mut listed = self.source.list_paged(stream, start, end, page).await?;
         sort_and_dedup(&mut listed);
         let expected = if mine.is_empty() {
             // Planned before fragments were recorded: the plan's duration is all we know.
@@ -131,8 +135,8 @@ impl Archiver {
                 .iter()
                 .enumerate()
                 .filter(|(i, f)| {
-                    !holdings.held.contains(&f.number)
-                        && !(producer && *i > 0 && listed[i - 1].start_ms == f.start_ms)
+                    let shadowed = producer && *i > 0 && listed[i - 1].start_ms == f.start_ms;
+                    !shadowed && !holdings.held.contains(&f.number)
                 })
                 .map(|(_, f)| f.clone())
                 .collect();
@@ -150,7 +154,7 @@ impl Archiver {
             return Ok(Reconciled::Fragments(present));
         }
         let retention_ms = self.source.retention_ms(stream).await?;
-        let edge = now_ms() - retention_ms - EXPIRY_MARGIN_MS;
+        let edge = now_ms() - retention_ms + EXPIRY_MARGIN_MS;
         if missing.iter().any(|f| f.server_ms >= edge) {
             return Err(Error::Kvs {
                 op: "ListFragments",

@@ -7,12 +7,89 @@
 
 use aws_sdk_s3 as s3;
 use kvs_emulator::config::{DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
-/// s3s-fs serving a temporary directory on loopback.
+/// s3s-fs serving a temporary directory on loopback, with a log of every request it
+/// received and faults a test can switch on.
 pub struct S3Server {
     pub url: String,
     pub root: tempfile::TempDir,
+    /// "METHOD /path?query" of every request, in arrival order.
+    pub log: Arc<Mutex<Vec<String>>>,
+    pub faults: Arc<S3Faults>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// A multipart upload the server created: s3s-fs keeps only its id, so the log keeps
+/// the key and time too, to answer ListMultipartUploads as AWS does.
+#[derive(Clone)]
+struct Created {
+    bucket: String,
+    key: String,
+    id: String,
+    initiated: chrono::DateTime<chrono::Utc>,
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&text[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+/// ListMultipartUploads (s3s-fs answers 501): the uploads created here whose registration
+/// s3s-fs still holds, filtered by prefix; one page.
+fn list_uploads(root: &std::path::Path, created: &[Created], bucket: &str, prefix: &str) -> String {
+    let mut xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListMultipartUploadsResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Bucket>{bucket}</Bucket><KeyMarker></KeyMarker><UploadIdMarker></UploadIdMarker><MaxUploads>1000</MaxUploads><IsTruncated>false</IsTruncated>"
+    );
+    for c in created {
+        let open = root.join(format!(".upload-{}.json", c.id)).exists();
+        if c.bucket == bucket && c.key.starts_with(prefix) && open {
+            xml.push_str(&format!(
+                "<Upload><Key>{}</Key><UploadId>{}</UploadId><Initiated>{}</Initiated><StorageClass>STANDARD</StorageClass></Upload>",
+                c.key,
+                c.id,
+                c.initiated.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            ));
+        }
+    }
+    xml.push_str("</ListMultipartUploadsResult>");
+    xml
+}
+
+/// Faults the test server injects.
+#[derive(Default)]
+pub struct S3Faults {
+    /// The next this many UploadPart and PutObject requests are answered 503 SlowDown.
+    pub slow_down_next: AtomicU32,
+    /// While set, connections are closed as soon as they are accepted: the endpoint is down.
+    pub down: AtomicBool,
+}
+
+impl S3Server {
+    pub fn requests(&self) -> Vec<String> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 impl Drop for S3Server {
@@ -36,19 +113,114 @@ pub async fn start_s3s() -> S3Server {
         .await
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let log: Arc<Mutex<Vec<String>>> = Arc::default();
+    let faults: Arc<S3Faults> = Arc::default();
+    let (task_log, task_faults) = (log.clone(), faults.clone());
+    let created: Arc<Mutex<Vec<Created>>> = Arc::default();
+    let root_path = root.path().to_path_buf();
     let task = tokio::spawn(async move {
         loop {
             let Ok((socket, _)) = listener.accept().await else {
                 continue;
             };
-            let service = service.clone();
+            if task_faults.down.load(Ordering::SeqCst) {
+                drop(socket);
+                continue;
+            }
+            let (service, log, faults) = (service.clone(), task_log.clone(), task_faults.clone());
+            let (created, root_path) = (created.clone(), root_path.clone());
+            let logged = hyper::service::service_fn(
+                move |req: hyper::Request<hyper::body::Incoming>| {
+                    let service = service.clone();
+                    let (created, root_path) = (created.clone(), root_path.clone());
+                    let path = percent_decode(req.uri().path());
+                    let query = req.uri().query().unwrap_or("").to_string();
+                    let (bucket, key) = path
+                        .trim_start_matches('/')
+                        .split_once('/')
+                        .map(|(b, k)| (b.to_string(), k.to_string()))
+                        .unwrap_or_else(|| (path.trim_matches('/').to_string(), String::new()));
+                    let has = |name: &str| {
+                        query
+                            .split('&')
+                            .any(|p| p == name || p.starts_with(&format!("{name}=")))
+                    };
+                    let listing_uploads =
+                        req.method() == hyper::Method::GET && key.is_empty() && has("uploads");
+                    let creating_upload = req.method() == hyper::Method::POST && has("uploads");
+                    let line = format!(
+                        "{} {}",
+                        req.method(),
+                        req.uri()
+                            .path_and_query()
+                            .map(|p| p.as_str())
+                            .unwrap_or("/")
+                    );
+                    log.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                    let is_put = req.method() == hyper::Method::PUT;
+                    let slow_down = is_put
+                        && faults
+                            .slow_down_next
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok();
+                    async move {
+                        if listing_uploads {
+                            let prefix = query_param(&query, "prefix").unwrap_or_default();
+                            let all = created.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                            let xml = list_uploads(&root_path, &all, &bucket, &prefix);
+                            return Ok(hyper::Response::builder()
+                                .status(200)
+                                .header("content-type", "application/xml")
+                                .body(s3s::Body::from(xml))
+                                .expect("response"));
+                        }
+                        if creating_upload {
+                            let response = hyper::service::Service::call(&service, req).await?;
+                            let (parts, mut body) = response.into_parts();
+                            let bytes = body.store_all_limited(1 << 20).await.unwrap_or_default();
+                            let text = String::from_utf8_lossy(&bytes);
+                            if let Some(id) = text
+                                .split_once("<UploadId>")
+                                .and_then(|(_, rest)| rest.split_once("</UploadId>"))
+                                .map(|(id, _)| id.to_string())
+                            {
+                                created
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .push(Created {
+                                        bucket,
+                                        key,
+                                        id,
+                                        initiated: chrono::Utc::now(),
+                                    });
+                            }
+                            return Ok(hyper::Response::from_parts(parts, s3s::Body::from(bytes)));
+                        }
+                        if slow_down {
+                            let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+                            return Ok(hyper::Response::builder()
+                                .status(503)
+                                .header("content-type", "application/xml")
+                                .body(s3s::Body::from(body.to_string()))
+                                .expect("response"));
+                        }
+                        hyper::service::Service::call(&service, req).await
+                    }
+                },
+            );
             tokio::spawn(async move {
                 let conn = Builder::new(TokioExecutor::new());
-                let _ = conn.serve_connection(TokioIo::new(socket), service).await;
+                let _ = conn.serve_connection(TokioIo::new(socket), logged).await;
             });
         }
     });
-    S3Server { url, root, task }
+    S3Server {
+        url,
+        root,
+        log,
+        faults,
+        task,
+    }
 }
 
 pub fn s3_client(url: &str) -> s3::Client {

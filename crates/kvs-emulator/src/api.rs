@@ -184,6 +184,7 @@ pub async fn handle(shared: &Arc<Shared>, op: &str, body: &[u8]) -> Handled {
         "CreateStream" => create_stream(shared, body, &mut record),
         "ListFragments" => list_fragments(shared, body, &mut record),
         "GetClip" => get_clip(shared, body, &mut record).await,
+        "GetMediaForFragmentList" => get_media_for_fragment_list(shared, body, &mut record),
         _ => Err(ApiError::unknown_operation()),
     };
     let response = match result {
@@ -590,7 +591,17 @@ async fn get_clip(
         }
         stream.advance(now);
         check_retention(stream, selector.kind, selector.end_ms, now)?;
-        let selected = stream.select(selector.kind, selector.start_ms, selector.end_ms);
+        let mut selected = stream.select(selector.kind, selector.start_ms, selector.end_ms);
+        if selector.kind == TimestampKind::Producer {
+            // "Duplicate producer timestamps are deduplicated ... only the oldest ingested
+            // collection of fragments are returned" (ClipFragmentSelector).
+            selected.sort_by(|a, b| {
+                a.producer_ms
+                    .cmp(&b.producer_ms)
+                    .then_with(|| a.number.cmp(&b.number))
+            });
+            selected.dedup_by(|later, first| later.producer_ms == first.producer_ms);
+        }
         let faults = stream.faults.clone();
         // Over the caps, KVS returns "the first 100 MB or the first 200 fragments" with
         // HTTP 200 and no sign of the cut: whole fragments from the start, up to the caps.
@@ -670,6 +681,65 @@ async fn get_clip(
     let mut response = Response::new(Body::from_stream(body));
     let headers = response.headers_mut();
     headers.insert("content-type", HeaderValue::from_static("video/mp4"));
+    headers.insert("content-length", HeaderValue::from(total));
+    Ok(response)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct GetMediaForFragmentListInput {
+    #[serde(flatten)]
+    stream: StreamRef,
+    fragments: Option<Vec<String>>,
+}
+
+/// GetMediaForFragmentList: the named fragments as Matroska, in the order asked.
+fn get_media_for_fragment_list(
+    shared: &Arc<Shared>,
+    body: &[u8],
+    record: &mut RequestRecord,
+) -> Result<Response, ApiError> {
+    let input: GetMediaForFragmentListInput = parse(body)?;
+    let name = stream_key(shared, &input.stream)?;
+    record.stream = Some(name.clone());
+    authorize(shared, &name, "GetMediaForFragmentList")?;
+    let numbers = input
+        .fragments
+        .filter(|f| !f.is_empty() && f.len() <= 1000)
+        .ok_or_else(|| {
+            ApiError::invalid_argument("Fragments must list 1 to 1000 fragment numbers.")
+        })?;
+    let now = shared.now_ms();
+    let fragments = {
+        let mut streams = shared.lock_streams();
+        let stream = streams
+            .get_mut(&name)
+            .ok_or_else(ApiError::stream_not_found)?;
+        stream.advance(now);
+        let mut found = Vec::with_capacity(numbers.len());
+        for number in &numbers {
+            match stream.by_number(number) {
+                Some(f) => found.push(f),
+                None => {
+                    return Err(ApiError::resource_not_found(format!(
+                        "Fragment {number} was not found in the stream."
+                    )))
+                }
+            }
+        }
+        found
+    };
+    shared.inject_internal_failure(&name)?;
+    let chunks = crate::mkv::media_bytes(gop(), &fragments);
+    let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+    record.fragments = fragments.len();
+    record.first_fragment = fragments.first().map(|f| f.number.clone());
+    record.last_fragment = fragments.last().map(|f| f.number.clone());
+    record.bytes = total;
+    let body = crate::body::clip_body(chunks, None, None);
+    let mut response = Response::new(Body::from_stream(body));
+    let headers = response.headers_mut();
+    headers.insert("content-type", HeaderValue::from_static("video/webm"));
     headers.insert("content-length", HeaderValue::from(total));
     Ok(response)
 }

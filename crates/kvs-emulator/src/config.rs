@@ -125,6 +125,15 @@ pub struct StreamSpec {
     /// Server timestamp minus producer timestamp, in milliseconds.
     #[serde(default)]
     pub producer_offset_ms: i64,
+    /// Fragments (by ingest index) whose producer timestamp lies `late_by` further back:
+    /// a camera that delivered them late, after the media around them was archived.
+    #[serde(default)]
+    pub late_fragments_at: Vec<u64>,
+    #[serde(default, with = "humantime_serde")]
+    pub late_by: std::time::Duration,
+    /// Fragments (by ingest index) that repeat the previous fragment's producer timestamp.
+    #[serde(default)]
+    pub duplicate_producer_timestamp_at: Vec<u64>,
     /// Fragment indexes (0-based) at which the codec private data changes, like a camera
     /// that switched resolution. A clip may not span such a change.
     #[serde(default)]
@@ -154,6 +163,9 @@ impl StreamSpec {
             fragment_size: 0,
             gaps: Vec::new(),
             producer_offset_ms: 0,
+            late_fragments_at: Vec::new(),
+            late_by: std::time::Duration::ZERO,
+            duplicate_producer_timestamp_at: Vec::new(),
             codec_changes_at: Vec::new(),
             missing_codec_private_data_at: Vec::new(),
             invalid_frames_at: Vec::new(),

@@ -21,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod log;
 pub mod media;
+pub mod mkv;
 pub mod mp4;
 pub mod server;
 pub mod sigv4;

@@ -272,6 +272,7 @@ fn operation(path: &str) -> Option<&'static str> {
         "/createStream" => "CreateStream",
         "/listFragments" => "ListFragments",
         "/getClip" => "GetClip",
+        "/getMediaForFragmentList" => "GetMediaForFragmentList",
         _ => return None,
     })
 }

@@ -92,6 +92,8 @@ pub struct StreamState {
     next_start_ms: i64,
     next_index: u64,
     fragments: VecDeque<Fragment>,
+    /// Producer timestamp of the last fragment ingested.
+    last_producer_ms: Option<i64>,
     layouts: HashMap<u32, Arc<FragmentLayout>>,
     pub media_points: Bucket,
     pub metadata_points: Bucket,
@@ -132,6 +134,7 @@ impl StreamState {
             next_start_ms: start_ms,
             next_index: 0,
             fragments: VecDeque::new(),
+            last_producer_ms: None,
             layouts: HashMap::new(),
             media_points: Bucket::new(MEDIA_POINTS_PER_SEC, now_ms),
             metadata_points: Bucket::new(METADATA_POINTS_PER_SEC, now_ms),
@@ -178,7 +181,7 @@ impl StreamState {
                     width = COUNTER_DIGITS
                 ),
                 server_ms: start,
-                producer_ms: start - self.spec.producer_offset_ms,
+                producer_ms: self.producer_ms(start),
                 duration_ms: duration,
                 layout,
                 codec_generation,
@@ -188,6 +191,7 @@ impl StreamState {
                     .contains(&self.next_index),
                 invalid_frame: self.spec.invalid_frames_at.contains(&self.next_index),
             });
+            self.last_producer_ms = self.fragments.back().map(|f| f.producer_ms);
             self.next_index += 1;
             self.next_start_ms = start + i64::from(duration);
         }
@@ -201,6 +205,23 @@ impl StreamState {
         }
     }
 
+    /// The producer timestamp of the fragment ingested at `server_ms` as
+    /// `next_index`: the camera's clock, a late delivery, or a repeated timestamp.
+    fn producer_ms(&self, server_ms: i64) -> i64 {
+        let index = self.next_index;
+        if self.spec.duplicate_producer_timestamp_at.contains(&index) {
+            if let Some(previous) = self.last_producer_ms {
+                return previous;
+            }
+        }
+        let late = if self.spec.late_fragments_at.contains(&index) {
+            self.spec.late_by.as_millis() as i64
+        } else {
+            0
+        };
+        server_ms - self.spec.producer_offset_ms - late
+    }
+
     fn layout(&mut self, duration_ms: u32) -> Arc<FragmentLayout> {
         let size = self.spec.fragment_size;
         self.layouts
@@ -209,13 +230,33 @@ impl StreamState {
             .clone()
     }
 
+    /// The fragment with this number, if KVS still holds it.
+    pub fn by_number(&self, number: &str) -> Option<Fragment> {
+        self.fragments.iter().find(|f| f.number == number).cloned()
+    }
+
     /// Fragments whose `kind` timestamp lies in `[start_ms, end_ms]`, oldest first.
     pub fn select(&self, kind: TimestampKind, start_ms: i64, end_ms: i64) -> Vec<Fragment> {
+        if kind == TimestampKind::Producer && self.producer_out_of_order() {
+            // Late fragments break the order by producer time: look at every fragment.
+            let mut found: Vec<Fragment> = self
+                .fragments
+                .iter()
+                .filter(|f| f.producer_ms >= start_ms && f.producer_ms <= end_ms)
+                .cloned()
+                .collect();
+            found.sort_by_key(|f| f.producer_ms);
+            return found;
+        }
         // Both timestamps grow with the ingest order here, so the deque is sorted by either.
         let (a, b) = self.fragments.as_slices();
         let lo = partition(a, b, |f| f.timestamp(kind) < start_ms);
         let hi = partition(a, b, |f| f.timestamp(kind) <= end_ms);
         self.fragments.range(lo..hi.max(lo)).cloned().collect()
+    }
+
+    fn producer_out_of_order(&self) -> bool {
+        !self.spec.late_fragments_at.is_empty()
     }
 
     pub fn oldest_server_ms(&self) -> Option<i64> {
