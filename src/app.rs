@@ -343,7 +343,16 @@ pub async fn run_daemon(
             Box::pin(async move {
                 let stream =
                     stream.ok_or_else(|| Error::Usage(format!("unknown stream {label}")))?;
-                let outcome = archive_stream(archiver, stream, shutdown).await;
+                let limit = archiver.config.daemon.pass_timeout;
+                let outcome = match tokio::time::timeout(limit, archive_stream(archiver.clone(), stream, shutdown)).await {
+                    Ok(outcome) => outcome,
+                    // The pass's workers were dropped: their chunks are no longer active
+                    // here, so the next pass takes them back and aborts their uploads.
+                    Err(_) => Err(Error::Usage(format!(
+                        "pass over {label} took longer than daemon.pass_timeout ({}): stopped; the next pass continues",
+                        humantime::format_duration(limit)
+                    ))),
+                };
                 match &outcome {
                     Ok(report) => tracing::info!(
                         stream = %label,

@@ -54,6 +54,10 @@ pub struct DaemonConfig {
     /// upload in batches (the KVS Edge Agent, cellular links) deliver minutes late.
     #[serde(with = "humantime_serde")]
     pub producer_settle: Duration,
+    /// A pass over one stream stops after this long (its chunks in flight are taken back
+    /// and finished by the next pass), so one stuck stream never holds the others' work.
+    #[serde(with = "humantime_serde")]
+    pub pass_timeout: Duration,
     /// Clips in flight across all streams.
     pub max_clips_in_flight: usize,
     /// On SIGTERM/SIGINT, how long clips in flight may take to finish before they are
@@ -81,6 +85,7 @@ impl Default for DaemonConfig {
             lag: Duration::from_secs(120),
             settle: Duration::from_secs(10 * 60),
             producer_settle: Duration::from_secs(3600),
+            pass_timeout: Duration::from_secs(30 * 60),
             max_clips_in_flight: 8,
             shutdown_grace: Duration::from_secs(30),
             retention_alarm: Duration::from_secs(3600),

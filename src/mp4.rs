@@ -38,29 +38,35 @@ pub fn parse_header(prefix: &[u8]) -> Result<Option<ClipHeader>, Mp4Error> {
                 String::from_utf8_lossy(&kind)
             )));
         }
+        // A hostile size (up to 2^64) must not overflow: it only means "more bytes".
+        let end = usize::try_from(size)
+            .ok()
+            .and_then(|size| pos.checked_add(size));
         match &kind {
             b"moov" => {
-                let end = pos + size as usize;
-                if end > prefix.len() {
+                let Some(end) = end.filter(|end| *end <= prefix.len()) else {
                     return Ok(None);
-                }
+                };
                 moov = Some(parse_moov(&prefix[pos + header_len..end])?);
             }
             b"mdat" => {
                 let Some((duration_ms, video_samples)) = moov else {
                     return Err(Mp4Error::NotProgressive);
                 };
+                let total_len = (pos as u64)
+                    .checked_add(size)
+                    .ok_or_else(|| Mp4Error::Malformed(format!("mdat size {size} overflows")))?;
                 return Ok(Some(ClipHeader {
                     duration_ms,
                     video_samples,
-                    total_len: pos as u64 + size,
+                    total_len,
                 }));
             }
             _ => {}
         }
-        pos += size as usize;
-        if pos > prefix.len() {
-            return Ok(None);
+        match end {
+            Some(end) if end <= prefix.len() => pos = end,
+            _ => return Ok(None),
         }
     }
     Ok(None)
@@ -215,5 +221,58 @@ mod tests {
         assert_eq!(header.total_len, bytes.len() as u64);
         assert_eq!(parse_header(&bytes[..100]), Ok(None), "needs more bytes");
         assert!(parse_header(b"<html>not found</html>").is_err());
+    }
+
+    fn real_header() -> &'static [u8] {
+        static CLIP: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        CLIP.get_or_init(|| {
+            let bytes = clip();
+            let header = parse_header(&bytes)
+                .ok()
+                .flatten()
+                .map_or(0, |h| h.total_len);
+            // The header and a little media: what the check ever sees.
+            let moov_end = bytes.len().min(64 * 1024).min(header as usize);
+            bytes[..moov_end].to_vec()
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096)) {
+            let _ = parse_header(&bytes);
+        }
+
+        #[test]
+        fn hostile_sizes_and_damaged_headers_never_panic(
+            flips in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 0..8),
+            size_at in proptest::prelude::any::<usize>(),
+            size in proptest::prelude::prop_oneof![
+                proptest::prelude::Just(u64::MAX),
+                proptest::prelude::Just(u64::from(u32::MAX)),
+                proptest::prelude::Just(0u64),
+                proptest::prelude::Just(1u64),
+                proptest::prelude::any::<u64>(),
+            ],
+            cut in proptest::prelude::any::<usize>(),
+        ) {
+            let mut bytes = real_header().to_vec();
+            for (at, value) in flips {
+                let at = at % bytes.len();
+                bytes[at] ^= value;
+            }
+            // A 64-bit box size (size field 1, then the size) at a random offset.
+            let at = size_at % bytes.len().saturating_sub(16).max(1);
+            if at + 16 <= bytes.len() {
+                bytes[at..at + 4].copy_from_slice(&1u32.to_be_bytes());
+                bytes[at + 8..at + 16].copy_from_slice(&size.to_be_bytes());
+            }
+            bytes.truncate(cut % (bytes.len() + 1));
+            if let Ok(Some(header)) = parse_header(&bytes) {
+                proptest::prop_assert!(header.total_len >= 8);
+            }
+        }
     }
 }

@@ -527,6 +527,8 @@ async fn throttling_server_errors_and_broken_bodies_are_retried_to_exactly_once(
     spec.faults.quota_scale = 0.5;
     spec.faults.internal_failure_rate = 0.2;
     spec.faults.reset_rate = 0.2;
+    // At least one for certain, whatever the random draws.
+    spec.faults.resets_next = 1;
     spec.faults.reset_after_bytes = 500_000;
     let world = World::new(vec![spec], "concurrency = 4").await;
     let expected = world.fragment_numbers("flaky", start, end);
@@ -1727,4 +1729,182 @@ async fn two_processes_with_multipart_clips_never_abort_each_others_uploads() {
         "no upload aborted at all: nothing failed"
     );
     assert!(world.open_multipart_uploads().is_empty());
+}
+
+/// GetClip requests that succeeded, and how many fragments they carried in all: equal to
+/// the fragments of the range when nothing was fetched from KVS twice.
+fn fragments_fetched(emu: &Emulator) -> usize {
+    emu.requests()
+        .iter()
+        .filter(|r| r.op == "GetClip" && r.status == 200 && !r.reset)
+        .map(|r| r.fragments)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_slowdown_and_an_outage_are_waited_out_without_fetching_anything_twice() {
+    let outage = Duration::from_secs(count_env("KVS_TEST_S3_OUTAGE_SECS", 10));
+    let (start, end) = recent(0.15);
+    let mut spec = historical("cam", start, end, 4000, 1_500_000);
+    spec.faults.bandwidth_bytes_per_sec = Some(30_000_000);
+    let world = World::new(vec![spec], "concurrency = 2").await;
+    let expected = world.fragment_numbers("cam", start, end);
+    let s3 = world.s3.as_ref().expect("s3s");
+    s3.faults
+        .slow_down_next
+        .store(6, std::sync::atomic::Ordering::SeqCst);
+    let faults = s3.faults.clone();
+    // Patience for the outage: parts are retried from memory, never fetched again.
+    let backfill = world.backfill_with(
+        "cam",
+        start,
+        end,
+        &[
+            ("KVS_ARCHIVER_ARCHIVE__MAX_ATTEMPTS", "30"),
+            ("KVS_ARCHIVER_ARCHIVE__RETRY_MAX_DELAY", "3s"),
+        ],
+    );
+    let outage_task = async {
+        // Down once the first clip is on its way.
+        wait_for_a_streaming_clip(&world).await;
+        faults.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(outage).await;
+        faults
+            .down
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    };
+    let (out, ()) = tokio::join!(backfill, outage_task);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_exactly_once(&world.objects().await, &expected);
+    let log = s3.requests();
+    assert_eq!(
+        s3.faults
+            .slow_down_next
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "SlowDown was answered"
+    );
+    assert!(log.iter().filter(|l| l.starts_with("PUT ")).count() > 6);
+    assert_eq!(
+        fragments_fetched(&world.emu),
+        expected.len(),
+        "nothing fetched from KVS twice"
+    );
+    assert!(world.open_multipart_uploads().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_mix_of_kvs_and_s3_faults_archives_everything_exactly_once() {
+    let seed = count_env("KVS_TEST_FAULT_SEED", 7);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let (start, end) = recent(0.5);
+    let mut spec = historical("mixed", start, end, 2000, 200_000);
+    spec.faults.quota_scale = [1.0, 0.5, 0.25][rng.usize(0..3)];
+    spec.faults.internal_failure_rate = rng.f64() * 0.2;
+    spec.faults.reset_rate = rng.f64() * 0.2;
+    spec.faults.reset_after_bytes = rng.u64(1000..2_000_000);
+    spec.faults.first_byte_delay_ms = rng.u64(0..200);
+    let world = World::new(vec![spec], "concurrency = 3").await;
+    let expected = world.fragment_numbers("mixed", start, end);
+    let s3 = world.s3.as_ref().expect("s3s");
+    s3.faults
+        .slow_down_next
+        .store(rng.u32(0..8), std::sync::atomic::Ordering::SeqCst);
+    let faults = s3.faults.clone();
+    let (blip_after, blip) = (rng.u64(200..3000), rng.u64(500..3000));
+    let backfill = world.backfill_with(
+        "mixed",
+        start,
+        end,
+        &[("KVS_ARCHIVER_ARCHIVE__MAX_ATTEMPTS", "20")],
+    );
+    let blip_task = async {
+        tokio::time::sleep(Duration::from_millis(blip_after)).await;
+        faults.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(blip)).await;
+        faults
+            .down
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    };
+    let (out, ()) = tokio::join!(backfill, blip_task);
+    assert!(out.status.success(), "seed {seed}: {}", text(&out));
+    assert_exactly_once(&world.objects().await, &expected);
+    assert!(world.open_multipart_uploads().is_empty(), "seed {seed}");
+    assert_eq!(
+        aborts_of_live_uploads(&s3.requests()),
+        Vec::<String>::new(),
+        "seed {seed}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_locked_by_another_process_for_a_while_only_delays_the_backfill() {
+    let (start, end) = recent(0.2);
+    let world = World::new(vec![historical("cam", start, end, 2000, 20_000)], "").await;
+    // Create the ledger first, then hold its write lock from outside for five seconds.
+    let plan = world
+        .run(&[
+            "plan",
+            "--stream",
+            "cam",
+            "--start",
+            &rfc3339(start),
+            "--end",
+            &rfc3339(end),
+        ])
+        .await;
+    assert!(plan.status.success(), "{}", text(&plan));
+    use sqlx::{ConnectOptions, Connection};
+    let mut db = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(world.work.path().join("state.db"))
+        .connect()
+        .await
+        .expect("ledger opens");
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut db)
+        .await
+        .expect("locked");
+    let backfill = world.backfill("cam", start, end);
+    let hold = async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        sqlx::query("COMMIT")
+            .execute(&mut db)
+            .await
+            .expect("unlocked");
+    };
+    let (out, ()) = tokio::join!(backfill, hold);
+    let _ = db.close().await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_exactly_once(
+        &world.objects().await,
+        &world.fragment_numbers("cam", start, end),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_credential_reaches_the_output_even_at_trace_level() {
+    const TOKEN: &str = "FwoGZXIvYXdzEXAMPLESESSIONTOKENkvsArchiverTest0123456789";
+    let (start, end) = recent(0.05);
+    let world = World::new(vec![historical("cam", start, end, 2000, 20_000)], "").await;
+    let (a, b) = (rfc3339(start), rfc3339(end));
+    let out = world
+        .command(&["backfill", "--stream", "cam", "--start", &a, "--end", &b])
+        .env("KVS_ARCHIVER_LOG", "trace")
+        .env("AWS_SESSION_TOKEN", TOKEN)
+        .output()
+        .await
+        .expect("runs");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        all.len() > 10_000,
+        "trace logging is on: {} bytes",
+        all.len()
+    );
+    for secret in [DEFAULT_SECRET_ACCESS_KEY, TOKEN, &TOKEN[..24]] {
+        assert!(!all.contains(secret), "a secret is in the output: {secret}");
+    }
 }

@@ -256,9 +256,9 @@ pub trait Ledger: Send + Sync {
     /// `lease_ms`. `None` if it is held, finished or not due.
     async fn claim(&self, id: i64, now: EpochMs, lease_ms: i64) -> Result<Option<Lease>>;
 
-    /// In-flight chunks whose claim is dead at `now`: the lease ran out, the owner is a
-    /// process known to be gone, or the owner is this process and the chunk is not in
-    /// `active` (its worker returned without recording an outcome).
+    /// In-flight chunks whose claim is dead at `now`: the lease ran out (whoever holds
+    /// it), the owner is a process known to be gone, or the owner is this process and the
+    /// chunk is not in `active` (its worker returned without recording an outcome).
     async fn abandoned(&self, now: EpochMs, active: &[i64]) -> Result<Vec<Chunk>>;
 
     /// Takes over an abandoned chunk as [`Ledger::abandoned`] returned it (same

@@ -487,10 +487,13 @@ impl Ledger for SqliteLedger {
         let host = self.owner.rsplit_once(':').map_or("", |(h, _)| h);
         Ok(in_flight
             .into_iter()
-            .filter(|c| match c.owner.as_deref() {
-                Some(o) if o == self.owner => !active.contains(&c.id),
-                Some(o) => owner_is_gone(o, host) || c.lease_until_ms.is_none_or(|l| l < now),
-                None => true,
+            .filter(|c| {
+                let expired = c.lease_until_ms.is_none_or(|l| l < now);
+                match c.owner.as_deref() {
+                    Some(o) if o == self.owner => expired || !active.contains(&c.id),
+                    Some(o) => expired || owner_is_gone(o, host),
+                    None => true,
+                }
             })
             .collect())
     }
