@@ -115,6 +115,8 @@ fn fenced(done: sqlx::sqlite::SqliteQueryResult, lease: &Lease) -> Result<()> {
 const HELD: &str =
     "id = ?1 AND owner = ?2 AND generation = ?3 AND state IN ('fetching', 'uploading')";
 
+type Update<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
 }
@@ -251,6 +253,29 @@ impl SqliteLedger {
             Err(e) if is_unique_violation(&e) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// One fenced transition: `UPDATE chunks SET {set}, updated_ms = ?4 WHERE` the lease
+    /// holds; `bind` adds the parameters from `?5` on. Exactly one row changes, or none and
+    /// [`Error::LeaseLost`].
+    async fn transition(
+        &self,
+        op: &'static str,
+        set: &str,
+        lease: &Lease,
+        bind: impl for<'q> FnOnce(Update<'q>) -> Update<'q>,
+    ) -> Result<()> {
+        let sql = format!("UPDATE chunks SET {set}, updated_ms = ?4 WHERE {HELD}");
+        let query = sqlx::query(&sql)
+            .bind(lease.chunk)
+            .bind(self.owner.as_str())
+            .bind(lease.generation)
+            .bind(now_ms());
+        let done = bind(query)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::store(op))?;
+        fenced(done, lease)
     }
 
     async fn chunks_where(
@@ -520,34 +545,21 @@ impl Ledger for SqliteLedger {
     }
 
     async fn mark_uploading(&self, lease: &Lease, upload_id: Option<&str>) -> Result<()> {
-        let done = sqlx::query(&format!(
-            "UPDATE chunks SET state = 'uploading', upload_id = COALESCE(?4, upload_id),
-                 updated_ms = ?5 WHERE {HELD}"
-        ))
-        .bind(lease.chunk)
-        .bind(&self.owner)
-        .bind(lease.generation)
-        .bind(upload_id)
-        .bind(now_ms())
-        .execute(&self.pool)
+        let upload_id = upload_id.map(str::to_string);
+        self.transition(
+            "mark uploading",
+            "state = 'uploading', upload_id = COALESCE(?5, upload_id)",
+            lease,
+            |q| q.bind(upload_id),
+        )
         .await
-        .map_err(Error::store("mark uploading"))?;
-        fenced(done, lease)
     }
 
     async fn renew(&self, lease: &Lease, until: EpochMs) -> Result<()> {
-        let done = sqlx::query(&format!(
-            "UPDATE chunks SET lease_until_ms = ?4, updated_ms = ?5 WHERE {HELD}"
-        ))
-        .bind(lease.chunk)
-        .bind(&self.owner)
-        .bind(lease.generation)
-        .bind(until)
-        .bind(now_ms())
-        .execute(&self.pool)
+        self.transition("renew claim", "lease_until_ms = ?5", lease, |q| {
+            q.bind(until)
+        })
         .await
-        .map_err(Error::store("renew claim"))?;
-        fenced(done, lease)
     }
 
     async fn attach_fragments(
@@ -609,72 +621,50 @@ impl Ledger for SqliteLedger {
     }
 
     async fn mark_done(&self, lease: &Lease, archived: &Archived) -> Result<()> {
-        let done = sqlx::query(&format!(
-            "UPDATE chunks SET state = 'done', archived_bytes = ?4, archived_crc32c = ?5,
-                 upload_id = NULL, owner = NULL, lease_until_ms = NULL, last_error = NULL,
-                 error_kind = NULL, next_attempt_ms = NULL, updated_ms = ?6 WHERE {HELD}"
-        ))
-        .bind(lease.chunk)
-        .bind(&self.owner)
-        .bind(lease.generation)
-        .bind(archived.bytes as i64)
-        .bind(&archived.crc32c)
-        .bind(now_ms())
-        .execute(&self.pool)
+        let (bytes, crc) = (archived.bytes as i64, archived.crc32c.clone());
+        self.transition(
+            "mark done",
+            "state = 'done', archived_bytes = ?5, archived_crc32c = ?6, upload_id = NULL,
+             owner = NULL, lease_until_ms = NULL, last_error = NULL, error_kind = NULL,
+             next_attempt_ms = NULL",
+            lease,
+            |q| q.bind(bytes).bind(crc),
+        )
         .await
-        .map_err(Error::store("mark done"))?;
-        fenced(done, lease)
     }
 
     async fn mark_failed(&self, lease: &Lease, failure: &Failure) -> Result<()> {
-        let done = sqlx::query(&format!(
-            "UPDATE chunks SET state = 'failed', last_error = ?4, error_kind = ?5,
-                 next_attempt_ms = ?6, upload_id = NULL, owner = NULL, lease_until_ms = NULL,
-                 updated_ms = ?7 WHERE {HELD}"
-        ))
-        .bind(lease.chunk)
-        .bind(&self.owner)
-        .bind(lease.generation)
-        .bind(&failure.message)
-        .bind(failure.kind)
-        .bind(failure.next_attempt_ms)
-        .bind(now_ms())
-        .execute(&self.pool)
+        let f = failure.clone();
+        self.transition(
+            "mark failed",
+            "state = 'failed', last_error = ?5, error_kind = ?6, next_attempt_ms = ?7,
+             upload_id = NULL, owner = NULL, lease_until_ms = NULL",
+            lease,
+            |q| q.bind(f.message).bind(f.kind).bind(f.next_attempt_ms),
+        )
         .await
-        .map_err(Error::store("mark failed"))?;
-        fenced(done, lease)
     }
 
     async fn mark_expired(&self, lease: &Lease, reason: &str) -> Result<()> {
-        let done = sqlx::query(&format!(
-            "UPDATE chunks SET state = 'expired', last_error = ?4, error_kind = 'expired',
-                 next_attempt_ms = NULL, upload_id = NULL, owner = NULL, lease_until_ms = NULL,
-                 updated_ms = ?5 WHERE {HELD}"
-        ))
-        .bind(lease.chunk)
-        .bind(&self.owner)
-        .bind(lease.generation)
-        .bind(reason)
-        .bind(now_ms())
-        .execute(&self.pool)
+        let reason = reason.to_string();
+        self.transition(
+            "mark expired",
+            "state = 'expired', last_error = ?5, error_kind = 'expired', next_attempt_ms = NULL,
+             upload_id = NULL, owner = NULL, lease_until_ms = NULL",
+            lease,
+            |q| q.bind(reason),
+        )
         .await
-        .map_err(Error::store("mark expired"))?;
-        fenced(done, lease)
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
-        let done = sqlx::query(&format!(
-            "UPDATE chunks SET state = 'planned', upload_id = NULL, owner = NULL,
-                 lease_until_ms = NULL, updated_ms = ?4 WHERE {HELD}"
-        ))
-        .bind(lease.chunk)
-        .bind(&self.owner)
-        .bind(lease.generation)
-        .bind(now_ms())
-        .execute(&self.pool)
+        self.transition(
+            "release chunk",
+            "state = 'planned', upload_id = NULL, owner = NULL, lease_until_ms = NULL",
+            lease,
+            |q| q,
+        )
         .await
-        .map_err(Error::store("release chunk"))?;
-        fenced(done, lease)
     }
 
     async fn split(
@@ -726,20 +716,15 @@ impl Ledger for SqliteLedger {
     }
 
     async fn convert(&self, lease: &Lease, kind: ChunkKind, object_key: &str) -> Result<()> {
-        let done = sqlx::query(&format!(
-            "UPDATE chunks SET kind = ?4, object_key = ?5, state = 'planned', upload_id = NULL,
-                 owner = NULL, lease_until_ms = NULL, updated_ms = ?6 WHERE {HELD}"
-        ))
-        .bind(lease.chunk)
-        .bind(&self.owner)
-        .bind(lease.generation)
-        .bind(kind.as_str())
-        .bind(object_key)
-        .bind(now_ms())
-        .execute(&self.pool)
+        let key = object_key.to_string();
+        self.transition(
+            "convert chunk",
+            "kind = ?5, object_key = ?6, state = 'planned', upload_id = NULL, owner = NULL,
+             lease_until_ms = NULL",
+            lease,
+            |q| q.bind(kind.as_str()).bind(key),
+        )
         .await
-        .map_err(Error::store("convert chunk"))?;
-        fenced(done, lease)
     }
 
     async fn requeue_failed(
