@@ -715,6 +715,39 @@ mod tests {
     }
 
     #[test]
+    fn names_and_prefixes_that_could_write_outside_the_destination_are_refused() {
+        let base = || {
+            let mut config = Config::default();
+            config.destination.directory = Some("/tmp/x".into());
+            config
+        };
+        for name in [".", ".."] {
+            let mut config = base();
+            config.streams.push(StreamConfig::named(name));
+            let err = config.validate().unwrap_err().to_string();
+            assert!(
+                err.contains("streams[0]") && err.contains("cannot name a folder"),
+                "{err}"
+            );
+        }
+        let mut config = base();
+        let mut from_arn = StreamConfig::named("x");
+        from_arn.name = None;
+        from_arn.arn = Some("arn:aws:kinesisvideo:us-east-1:123456789012:stream/../1".into());
+        config.streams.push(from_arn);
+        assert!(config.validate().is_err(), "an ARN naming .. is refused");
+        for prefix in ["/etc/", "../up/", "a/../../b/", "a/\u{7}/"] {
+            let mut config = base();
+            config.destination.prefix = prefix.into();
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("destination.prefix"), "{prefix:?}: {err}");
+        }
+        let mut config = base();
+        config.destination.prefix = "archive/kvs/".into();
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
     fn the_example_configuration_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kvs-archiver.example.toml");
         let config = Config::load(Some(&path)).expect("the example validates");

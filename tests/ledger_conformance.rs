@@ -357,3 +357,21 @@ async fn fragments_listed_late_join_a_chunk_not_fetched_yet() {
         assert_eq!(chunk.plan.duration_ms, 12_000, "{kind}");
     }
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_sqlite_ledger_file_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ledger.db");
+    let ledger = kvs_archiver::ledger::open(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("opens");
+    ledger.close().await;
+    let mode = std::fs::metadata(&path)
+        .expect("exists")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+}
