@@ -88,6 +88,8 @@ pub async fn archive_stream(
     let label = stream.label();
     let source = stream.timestamp_source;
     let described = archiver.source.describe(&stream).await?;
+    // Dead claims are taken back every pass; unrecorded uploads are swept now and then.
+    archiver.recover().await?;
     // KVS's retention says what is deleted when; the window says how far back to archive.
     let retention_ms = i64::from(described.retention_hours) * 3_600_000;
     let window_ms = stream

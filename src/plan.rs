@@ -98,6 +98,16 @@ impl Packer {
         self.group.push(fragment);
     }
 
+    /// Start of the last fragment pushed and not yet closed into a chunk.
+    pub fn last_start(&self) -> Option<EpochMs> {
+        self.group.last().map(|f| f.start_ms).or_else(|| {
+            self.open
+                .as_ref()
+                .and_then(|o| o.fragments.last())
+                .map(|f| f.start_ms)
+        })
+    }
+
     /// Closes the open chunk before a fragment that must not join it (one that is
     /// already archived): the chunk's range must not reach over it.
     pub fn cut(&mut self, out: &mut Vec<ChunkPlan>) {
@@ -200,7 +210,19 @@ pub fn plan_window(
             continue;
         }
         match holdings.range_of(f.start_ms) {
-            None => packer.push(f.clone(), out),
+            None => {
+                // A new chunk never reaches over another chunk's range, even one whose
+                // fragments are no longer listed (expired).
+                if let Some(last) = packer.last_start() {
+                    let between = |a: EpochMs| last < a && a <= f.start_ms;
+                    if holdings.ranges.iter().any(|(a, _, _)| between(*a))
+                        || holdings.legacy.iter().any(|(a, _)| between(*a))
+                    {
+                        packer.cut(out);
+                    }
+                }
+                packer.push(f.clone(), out)
+            }
             Some((_, _, false)) => {
                 counts.left_to_their_range += 1;
                 packer.cut(out);

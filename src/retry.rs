@@ -73,6 +73,9 @@ where
                 }
                 return Ok(value);
             }
+            // A forgotten upload is not helped by repeating the request: the chunk's upload
+            // starts over (or, for an abort, there is nothing left to abort).
+            Err(error @ crate::error::Error::UploadLost { .. }) => return Err(error),
             Err(error) => {
                 let retry = error.retryability();
                 if !policy.allows(attempt, retry) {

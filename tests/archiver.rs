@@ -1908,3 +1908,52 @@ async fn no_credential_reaches_the_output_even_at_trace_level() {
         assert!(!all.contains(secret), "a secret is in the output: {secret}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_kvs_answers_get_clear_errors_and_never_a_chunk_marked_done() {
+    let (start, end) = recent(0.5);
+    let mut spec = historical("odd", start, end, 2000, 20_000);
+    // Cut-off JSON and empty 200s to the first listings, every page listed twice.
+    spec.faults.malformed_listings_next = 4;
+    spec.faults.duplicate_listings = true;
+    let world = World::new(vec![spec], "").await;
+    let expected = world.fragment_numbers("odd", start, end);
+    let out = world.backfill("odd", start, end).await;
+    assert!(out.status.success(), "retried past them: {}", text(&out));
+    assert_exactly_once(&world.objects().await, &expected);
+    let refused: Vec<_> = world
+        .emu
+        .requests()
+        .into_iter()
+        .filter(|r| r.op == "ListFragments")
+        .collect();
+    assert!(
+        refused.len() > 4,
+        "the malformed answers were sent and retried"
+    );
+
+    // A NextToken longer than the API allows ends the run with a clear error, and nothing
+    // of the listing it came from is planned or archived.
+    let (start2, end2) = (start - 3_600_000, start - 1);
+    let mut later = historical("odd-token", start2, end2, 2000, 20_000);
+    later.faults.huge_next_token = true;
+    world.emu.add_stream(later).expect("stream added");
+    let mut config = std::fs::read_to_string(&world.config).expect("config");
+    config.push_str("[[streams]]\nname = \"odd-token\"\n");
+    std::fs::write(&world.config, config).expect("config written");
+    let refused = world.backfill("odd-token", start2, end2).await;
+    assert_fails_with(&refused, 1, "NextToken of 5000 characters");
+    assert!(
+        world.objects_under("kvs/odd-token/").await.is_empty(),
+        "nothing archived from it"
+    );
+    world
+        .emu
+        .update_faults("odd-token", |f| f.huge_next_token = false);
+    let healed = world.backfill("odd-token", start2, end2).await;
+    assert!(healed.status.success(), "{}", text(&healed));
+    assert_exactly_once(
+        &world.objects_under("kvs/odd-token/").await,
+        &world.fragment_numbers("odd-token", start2, end2),
+    );
+}

@@ -375,3 +375,60 @@ async fn the_sqlite_ledger_file_is_readable_by_its_owner_only() {
         & 0o777;
     assert_eq!(mode, 0o600, "{mode:o}");
 }
+
+/// A second process on the same ledger: its own owner name, the same rows.
+async fn second_instance(dir: &tempfile::TempDir) -> Arc<dyn Ledger> {
+    let url = format!("sqlite://{}/ledger.db", dir.path().display());
+    kvs_archiver::ledger::open(&url)
+        .await
+        .expect("second instance")
+}
+
+#[tokio::test]
+async fn another_process_neither_claims_nor_takes_over_a_live_lease() {
+    for (kind, a, dir) in ledgers().await {
+        let b = second_instance(&dir).await;
+        assert_ne!(a.owner(), b.owner(), "{kind}: owners differ");
+        insert(&*a, &clip(0..10)).await;
+        let id = only_chunk_id(&*a).await;
+        let held = a
+            .claim(id, T0, LEASE_MS)
+            .await
+            .expect("claim")
+            .expect("claimed");
+        assert!(
+            b.claim(id, T0, LEASE_MS).await.expect("claim").is_none(),
+            "{kind}"
+        );
+        assert!(
+            b.abandoned(T0 + 1000, &[])
+                .await
+                .expect("abandoned")
+                .is_empty(),
+            "{kind}: live"
+        );
+        // B sees the lease run out; A renews before B acts: B must not take it.
+        let seen = b
+            .abandoned(T0 + LEASE_MS + 1, &[])
+            .await
+            .expect("abandoned");
+        assert_eq!(seen.len(), 1, "{kind}");
+        a.renew(&held, T0 + 3 * LEASE_MS).await.expect("renewed");
+        assert!(
+            b.take_over(&seen[0], T0 + LEASE_MS + 1, LEASE_MS)
+                .await
+                .expect("take over")
+                .is_none(),
+            "{kind}: a renewed lease is not taken over"
+        );
+        // B's view of A's lease is fenced too: B cannot finish what A holds.
+        assert!(
+            matches!(
+                b.mark_done(&held, &archived()).await,
+                Err(Error::LeaseLost { .. })
+            ),
+            "{kind}"
+        );
+        a.mark_done(&held, &archived()).await.expect("A finishes");
+    }
+}

@@ -159,7 +159,8 @@ pub struct StreamStatus {
     pub expired: u64,
     pub archived_bytes: u64,
     pub archived_fragments: u64,
-    /// Fragments archived alone after their range was (late chunks and Matroska).
+    /// Fragments archived alone because they were listed after their range was archived
+    /// (late chunks; a late fragment GetClip cannot select alone counts as Matroska).
     pub late_fragments: u64,
     /// Fragments archived as Matroska (GetMediaForFragmentList).
     pub mkv_fragments: u64,
@@ -283,13 +284,15 @@ pub trait Ledger: Send + Sync {
     /// The object is stored, whole: the chunk is done and the lease ends.
     async fn mark_done(&self, lease: &Lease, archived: &Archived) -> Result<()>;
 
-    /// The attempt failed: the chunk waits until `failure.next_attempt_ms`.
+    /// The attempt failed: the chunk waits until `failure.next_attempt_ms`. The upload id
+    /// stays recorded, so the next claim aborts that upload if it is still open.
     async fn mark_failed(&self, lease: &Lease, failure: &Failure) -> Result<()>;
 
     /// KVS confirmed the chunk's media is gone.
     async fn mark_expired(&self, lease: &Lease, reason: &str) -> Result<()>;
 
-    /// Gives the chunk back (shutdown, a restarted upload): planned again.
+    /// Gives the chunk back (shutdown, a restarted upload): planned again. The upload id
+    /// stays recorded, so the next claim aborts that upload if it is still open.
     async fn release(&self, lease: &Lease) -> Result<()>;
 
     /// Replaces the chunk by `parts` (with their fragments) and, when some of its

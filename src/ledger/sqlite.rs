@@ -87,13 +87,21 @@ fn process_owner() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".to_string());
-    format!("{host}:{}", std::process::id())
+    // The random part tells apart processes that share a host name and a pid (two
+    // containers, each its own pid 1).
+    format!(
+        "{host}:{}:{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 /// Whether `owner` is a process of this host that no longer runs. SQLite is one host's
 /// database: a killed process's chunks are taken over at once instead of after its lease.
 fn owner_is_gone(owner: &str, this_host: &str) -> bool {
-    let Some((host, pid)) = owner.rsplit_once(':') else {
+    let mut parts = owner.rsplitn(3, ':');
+    let (_nonce, pid, host) = (parts.next(), parts.next(), parts.next());
+    let (Some(pid), Some(host)) = (pid, host) else {
         return false;
     };
     host == this_host && !std::path::Path::new(&format!("/proc/{pid}")).exists()
@@ -382,7 +390,9 @@ impl Ledger for SqliteLedger {
             if row.get::<i64, _>("fragments_known") == 0 {
                 holdings.legacy.push(range);
             } else {
-                let done = row.get::<String, _>("state") == "done";
+                // An expired range is fetched no more: what is listed inside it now is late.
+                let state = row.get::<String, _>("state");
+                let done = state == "done" || state == "expired";
                 holdings.ranges.push((range.0, range.1, done));
             }
         }
@@ -480,7 +490,7 @@ impl Ledger for SqliteLedger {
     async fn claim(&self, id: i64, now: EpochMs, lease_ms: i64) -> Result<Option<Lease>> {
         let generation: Option<i64> = sqlx::query_scalar(
             "UPDATE chunks SET state = 'fetching', attempts = attempts + 1, owner = ?1,
-                 generation = generation + 1, lease_until_ms = ?2, upload_id = NULL, updated_ms = ?3
+                 generation = generation + 1, lease_until_ms = ?2, updated_ms = ?3
              WHERE id = ?4 AND (state = 'planned'
                  OR (state = 'failed' AND COALESCE(next_attempt_ms, 0) <= ?3))
              RETURNING generation",
@@ -509,7 +519,7 @@ impl Ledger for SqliteLedger {
                 },
             )
             .await?;
-        let host = self.owner.rsplit_once(':').map_or("", |(h, _)| h);
+        let host = self.owner.rsplitn(3, ':').nth(2).unwrap_or("");
         Ok(in_flight
             .into_iter()
             .filter(|c| {
@@ -527,7 +537,8 @@ impl Ledger for SqliteLedger {
         let generation: Option<i64> = sqlx::query_scalar(
             "UPDATE chunks SET owner = ?1, generation = generation + 1, lease_until_ms = ?2,
                  updated_ms = ?3
-             WHERE id = ?4 AND generation = ?5 AND state IN ('fetching', 'uploading')
+             WHERE id = ?4 AND generation = ?5 AND lease_until_ms IS ?6
+               AND state IN ('fetching', 'uploading')
              RETURNING generation",
         )
         .bind(&self.owner)
@@ -535,6 +546,8 @@ impl Ledger for SqliteLedger {
         .bind(now)
         .bind(chunk.id)
         .bind(chunk.generation)
+        // A holder that renewed since it was seen as dead keeps its chunk.
+        .bind(chunk.lease_until_ms)
         .fetch_optional(&self.pool)
         .await
         .map_err(Error::store("take over chunk"))?;
@@ -638,7 +651,7 @@ impl Ledger for SqliteLedger {
         self.transition(
             "mark failed",
             "state = 'failed', last_error = ?5, error_kind = ?6, next_attempt_ms = ?7,
-             upload_id = NULL, owner = NULL, lease_until_ms = NULL",
+             owner = NULL, lease_until_ms = NULL",
             lease,
             |q| q.bind(f.message).bind(f.kind).bind(f.next_attempt_ms),
         )
@@ -660,7 +673,7 @@ impl Ledger for SqliteLedger {
     async fn release(&self, lease: &Lease) -> Result<()> {
         self.transition(
             "release chunk",
-            "state = 'planned', upload_id = NULL, owner = NULL, lease_until_ms = NULL",
+            "state = 'planned', owner = NULL, lease_until_ms = NULL",
             lease,
             |q| q,
         )
@@ -815,7 +828,7 @@ impl Ledger for SqliteLedger {
         let rows = sqlx::query(
             "SELECT stream, state, COUNT(*) AS n, COALESCE(SUM(archived_bytes), 0) AS bytes,
                     COALESCE(SUM(fragment_count), 0) AS fragments, MAX(end_ms) AS through,
-                    COALESCE(SUM(CASE WHEN kind <> 'clip' THEN fragment_count END), 0) AS late,
+                    COALESCE(SUM(CASE WHEN kind = 'late' THEN fragment_count END), 0) AS late,
                     COALESCE(SUM(CASE WHEN kind = 'mkv' THEN fragment_count END), 0) AS mkv
              FROM chunks GROUP BY stream, state ORDER BY stream",
         )

@@ -7,6 +7,7 @@ use super::{Crc32c, ObjectMeta};
 use crate::error::{Error, Result, Retryability};
 use crate::ledger::Archived;
 use bytes::Bytes;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use tokio::io::AsyncWriteExt;
 
@@ -83,7 +84,13 @@ impl DirSink {
                 .await
                 .map_err(|e| io_error("create directory", parent, e))?;
         }
-        let file = tokio::fs::File::create(&partial)
+        // Owner-only while partial; the finished object gets the usual mode (umask).
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&partial)
             .await
             .map_err(|e| io_error("create", &partial, e))?;
         Ok(DirUpload {
@@ -241,9 +248,19 @@ impl DirUpload {
             .collect();
         let sidecar = PathBuf::from(format!("{}.json", self.target.display()));
         let text = serde_json::to_string_pretty(&meta).unwrap_or_default();
-        tokio::fs::write(&sidecar, text)
+        let mut side = tokio::fs::File::create(&sidecar)
+            .await
+            .map_err(|e| io_error("create", &sidecar, e))?;
+        side.write_all(text.as_bytes())
             .await
             .map_err(|e| io_error("write", &sidecar, e))?;
+        side.sync_all()
+            .await
+            .map_err(|e| io_error("sync", &sidecar, e))?;
+        let mode = std::fs::Permissions::from_mode(0o644);
+        tokio::fs::set_permissions(&self.partial, mode)
+            .await
+            .map_err(|e| io_error("set permissions", &self.partial, e))?;
         tokio::fs::rename(&self.partial, &self.target)
             .await
             .map_err(|e| io_error("rename", &self.target, e))?;

@@ -27,6 +27,8 @@ use std::sync::{Arc, Mutex};
 
 /// ListFragments page size: the model's maximum, so the fewest calls per window.
 const LIST_PAGE: i64 = 1000;
+/// The longest NextToken the API model admits.
+const MAX_NEXT_TOKEN: usize = 4096;
 
 /// What DescribeStream says of a stream.
 #[derive(Debug, Clone)]
@@ -106,6 +108,9 @@ where
                     | "InvalidSignatureException",
                 ) => Retryability::Transient,
                 _ if status >= 500 || status == 408 => Retryability::Transient,
+                // A 2xx the SDK could not read as the operation's output (a body cut off
+                // or garbled on the way): not a refusal, so worth another attempt.
+                _ if status < 300 => Retryability::Transient,
                 _ => Retryability::Permanent,
             };
             let hint = match code.as_deref() {
@@ -124,10 +129,14 @@ where
                 }
                 _ => "",
             };
+            let what = match code.as_deref() {
+                Some(code) => code.to_string(),
+                None => format!("HTTP {status}, unreadable answer"),
+            };
             (
                 code.clone(),
                 Some(status),
-                format!("{}: {message}{hint}", code.as_deref().unwrap_or("error")),
+                format!("{what}: {message}{hint}"),
                 retry,
             )
         }
@@ -136,6 +145,16 @@ where
             None,
             format!("{}", DisplayErrorContext(&err)),
             Retryability::Permanent,
+        ),
+        SdkError::ResponseError(ctx) => (
+            None,
+            Some(ctx.raw().status().as_u16()),
+            format!(
+                "KVS answered HTTP {} with a body that is not the API's JSON: {}",
+                ctx.raw().status().as_u16(),
+                DisplayErrorContext(&err)
+            ),
+            Retryability::Transient,
         ),
         _ => (
             None,
@@ -355,13 +374,28 @@ impl KvsSource {
                     None => request.fragment_selector(selector.clone()),
                 };
                 let result = request.send().await;
-                result.map_err(|e| {
+                let page = result.map_err(|e| {
                     let error = kvs_error("ListFragments", &label, e);
                     if error.retryability() == Retryability::Transient {
                         self.forget_endpoint(stream, Api::ListFragments);
                     }
                     error
-                })
+                })?;
+                // KVS always names the list, even empty: without it, the answer is not one
+                // (an empty or cut-off 200), and taking it for "no fragments" would lose
+                // media.
+                if page.fragments.is_none() {
+                    return Err(Error::Kvs {
+                        op: "ListFragments",
+                        stream: label.clone(),
+                        code: None,
+                        status: Some(200),
+                        message: "answer without a Fragments list: not a ListFragments response"
+                            .into(),
+                        retry: Retryability::Transient,
+                    });
+                }
+                Ok(page)
             })
             .await?;
             for f in page.fragments() {
@@ -382,6 +416,21 @@ impl KvsSource {
                 });
             }
             match page.next_token() {
+                // The model allows 1-4096 characters of base64; anything else cannot be a
+                // token KVS would take back, and following it would end the listing early.
+                Some(t) if t.len() > MAX_NEXT_TOKEN => {
+                    return Err(Error::Kvs {
+                        op: "ListFragments",
+                        stream: label.clone(),
+                        code: None,
+                        status: Some(200),
+                        message: format!(
+                            "answer with a NextToken of {} characters (the API allows {MAX_NEXT_TOKEN}): the listing cannot continue; nothing was planned from it",
+                            t.len()
+                        ),
+                        retry: Retryability::Permanent,
+                    })
+                }
                 Some(t) if !t.is_empty() => token = Some(t.to_string()),
                 _ => return Ok(fragments),
             }

@@ -67,7 +67,13 @@ pub struct Archiver {
     /// Chunks this process's workers hold now: an in-flight chunk of ours that is not here
     /// was left behind by a worker that returned early, and is taken back.
     pub active: Arc<Mutex<HashSet<i64>>>,
+    /// When the sweep of unrecorded uploads last ran: the daemon sweeps every
+    /// [`SWEEP_INTERVAL`], not every pass.
+    last_sweep: Mutex<Option<std::time::Instant>>,
 }
+
+/// How often a long-running process looks for unrecorded partial uploads.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(15 * 60);
 
 /// Removes a chunk from [`Archiver::active`] however its worker returns.
 struct ActiveClaim {
@@ -122,6 +128,7 @@ impl Archiver {
             policy,
             in_flight: None,
             active: Arc::new(Mutex::new(HashSet::new())),
+            last_sweep: Mutex::new(None),
         }
     }
 
@@ -170,6 +177,13 @@ impl Archiver {
     /// recording it). Uploads that any in-flight chunk records are never touched.
     pub async fn recover(&self) -> Result<usize> {
         let recovered = self.recover_abandoned().await?;
+        {
+            let mut last = self.last_sweep.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|at| at.elapsed() < SWEEP_INTERVAL) {
+                return Ok(recovered);
+            }
+            *last = Some(std::time::Instant::now());
+        }
         let live = self.ledger.live_upload_ids().await?;
         let swept = self
             .sink
@@ -227,6 +241,9 @@ impl Archiver {
     ) -> Result<RunSummary> {
         let label = stream.label();
         let source = stream.timestamp_source;
+        // Chunks a dead or stalled claim left in flight (another process's, or a worker of
+        // ours that returned early or whose pass timed out) are taken back first.
+        self.recover_abandoned().await?;
         // Each chunk gets one round of attempts per run; ids are never reused.
         let mut attempted: HashSet<i64> = HashSet::new();
         loop {
@@ -309,13 +326,8 @@ impl Archiver {
             },
             None => None,
         };
-        let Some(lease) = self
-            .ledger
-            .claim(chunk.id, now_ms(), LEASE.as_millis() as i64)
-            .await?
-        else {
-            return Ok(ChunkOutcome::Skipped);
-        };
+        // Marked active before the claim, so that no recovery running beside it (another
+        // stream's pass) sees the claim without its worker.
         self.active
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -324,6 +336,20 @@ impl Archiver {
             active: self.active.clone(),
             chunk: chunk.id,
         };
+        let Some(lease) = self
+            .ledger
+            .claim(chunk.id, now_ms(), LEASE.as_millis() as i64)
+            .await?
+        else {
+            return Ok(ChunkOutcome::Skipped);
+        };
+        // An upload an earlier claim of this chunk recorded and could not abort (the store
+        // was down, the process stopped) is dead now: abort it before starting anew.
+        if let Some(upload_id) = &chunk.upload_id {
+            self.sink
+                .abort_abandoned(&chunk.object_key, upload_id)
+                .await?;
+        }
         let outcome = self
             .attempts(stream, &chunk, &lease, progress, shutdown)
             .await;
@@ -383,6 +409,8 @@ impl Archiver {
                 Err(Error::UploadLost { .. }) if restarts < UPLOAD_RESTARTS => {
                     restarts += 1;
                     attempt -= 1;
+                    // Someone aborted the upload: make sure it was not our lease's successor.
+                    self.renew(lease).await?;
                     tracing::warn!(key = %current.object_key, restarts, "the store forgot the upload; starting it again");
                     continue;
                 }

@@ -56,16 +56,12 @@ impl Archiver {
         let page = i64::from(chunk.plan.fragment_count) * 5 / 4 + 20;
         let mut listed = self.source.list_paged(stream, start, end, page).await?;
         sort_and_dedup(&mut listed);
-        let expected = if mine.is_empty() {
-            // Planned before fragments were recorded: the plan's duration is all we know.
-            chunk.plan.duration_ms
-        } else {
-            let mine = match self.reconcile(stream, chunk, lease, mine, &listed).await? {
-                Reconciled::Fragments(mine) => mine,
-                Reconciled::Changed => return Ok(Transferred::Changed),
-            };
-            mine.iter().map(|f| f.duration_ms).sum()
+        // A chunk planned before fragments were recorded takes what its range lists now.
+        let mine = match self.reconcile(stream, chunk, lease, mine, &listed).await? {
+            Reconciled::Fragments(mine) => mine,
+            Reconciled::Changed => return Ok(Transferred::Changed),
         };
+        let expected = mine.iter().map(|f| f.duration_ms).sum();
         let body = match self
             .source
             .get_clip(stream, start, end, chunk.plan.fragment_count)
@@ -74,6 +70,11 @@ impl Archiver {
             Ok(body) => body,
             Err(e) if e.means_unpackageable() => {
                 return self.isolate_unpackageable(stream, chunk, lease, &e).await;
+            }
+            // KVS de-duplicates producer timestamps by "the oldest ingested collection":
+            // a late fragment GetClip will not return is fetched by number.
+            Err(e) if e.means_no_media() && chunk.plan.kind == ChunkKind::Late => {
+                return self.to_matroska(stream, chunk, lease).await;
             }
             // We just listed the fragments: KVS's listing and GetClip disagree for a moment
             // (eventual consistency). Retried; expiry is decided by listing, above.
@@ -104,11 +105,9 @@ impl Archiver {
         mine: Vec<Fragment>,
         listed: &[Fragment],
     ) -> Result<Reconciled> {
-        let mine_numbers: HashSet<&str> = mine.iter().map(|f| f.number.as_str()).collect();
+        let mine_numbers: HashSet<String> = mine.iter().map(|f| f.number.clone()).collect();
         if chunk.plan.kind == ChunkKind::Late
-            && listed
-                .iter()
-                .any(|f| !mine_numbers.contains(f.number.as_str()))
+            && listed.iter().any(|f| !mine_numbers.contains(&f.number))
         {
             // Another fragment shares the late fragment's millisecond now: GetClip cannot
             // select it alone.
@@ -130,6 +129,16 @@ impl Archiver {
                 )
                 .await?;
             let producer = chunk.timestamp_source == TimestampSource::Producer;
+            // Fragments of other chunks inside the range (late ones, archived alone while
+            // this chunk waited, or before `verify --repair` queued it again) would be in
+            // its clip too: split it around them.
+            let foreign = listed.iter().enumerate().any(|(i, f)| {
+                let shadowed = producer && i > 0 && listed[i - 1].start_ms == f.start_ms;
+                !shadowed && holdings.held.contains(&f.number) && !mine_numbers.contains(&f.number)
+            });
+            if foreign && !mine.is_empty() {
+                return self.split_around(stream, chunk, lease, &mine, listed).await;
+            }
             // GetClip keeps the oldest ingested of fragments sharing a producer timestamp.
             let newcomers: Vec<Fragment> = listed
                 .iter()
@@ -176,11 +185,50 @@ impl Archiver {
             self.ledger.mark_expired(lease, reason).await?;
             return Ok(Reconciled::Changed);
         }
-        let gone = ChunkPlan::of(ChunkKind::Clip, missing);
+        // The record of what is gone holds its fragments but claims no GetClip range (a
+        // Matroska-kind row): with producer timestamps, gone and present fragments may
+        // interleave, and a range would overlap the parts.
+        let gone = ChunkPlan::of(ChunkKind::Mkv, missing);
         let parts = self.replan(stream, &present, self.config.archive.limits());
         self.ledger
             .split(lease, &parts, Some((&gone, reason)))
             .await?;
+        Ok(Reconciled::Changed)
+    }
+
+    /// Replaces the chunk by parts of its own fragments whose ranges reach over no
+    /// fragment of another chunk.
+    async fn split_around(
+        &self,
+        stream: &StreamConfig,
+        chunk: &Chunk,
+        lease: &Lease,
+        mine: &[Fragment],
+        listed: &[Fragment],
+    ) -> Result<Reconciled> {
+        let producer = stream.timestamp_source == TimestampSource::Producer;
+        let numbers: HashSet<&str> = mine.iter().map(|f| f.number.as_str()).collect();
+        let mut packer = crate::plan::Packer::new(self.config.archive.limits())
+            .separating_equal_timestamps(producer);
+        let mut plans = Vec::new();
+        for (i, f) in listed.iter().enumerate() {
+            let shadowed = producer && i > 0 && listed[i - 1].start_ms == f.start_ms;
+            if numbers.contains(f.number.as_str()) {
+                packer.push(f.clone(), &mut plans);
+            } else if !shadowed {
+                packer.cut(&mut plans);
+            }
+        }
+        packer.finish(&mut plans);
+        let parts: Vec<(ChunkPlan, String)> = plans
+            .into_iter()
+            .map(|p| {
+                let key = self.key(stream, &p);
+                (p, key)
+            })
+            .collect();
+        tracing::info!(key = %chunk.object_key, parts = parts.len(), "other chunks hold fragments inside this range: split around them");
+        self.ledger.split(lease, &parts, None).await?;
         Ok(Reconciled::Changed)
     }
 
@@ -290,16 +338,11 @@ impl Archiver {
             return self.split_in_halves(stream, chunk, lease).await;
         }
         if header.duration_ms > expected_ms + DURATION_TOLERANCE_MS {
-            // A fragment arrived between our listing and GetClip: the ledger must know every
-            // fragment an object holds, so list again first.
-            return Err(Error::Clip {
-                key,
-                message: format!(
-                    "clip plays {} ms, the ledger's fragments {} ms: media arrived since the listing; listing again",
-                    header.duration_ms, expected_ms
-                ),
-                retry: Retryability::Transient,
-            });
+            // Either the clip's timeline keeps gaps between fragments, or a fragment arrived
+            // between our listing and GetClip. Refusing would stall the chunk for good in
+            // the first case; in the second, the fragment is archived again later as a late
+            // one: twice at worst, never lost.
+            tracing::info!(%key, got_ms = header.duration_ms, planned_ms = expected_ms, "clip plays longer than its listed fragments");
         }
         let meta = object_meta(stream, chunk, Some(header.duration_ms));
         let archived = self

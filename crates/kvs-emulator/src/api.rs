@@ -448,6 +448,16 @@ fn list_fragments(
             )));
         }
     }
+    let malformed = if stream.faults.malformed_listings_next > 0 {
+        stream.faults.malformed_listings_next -= 1;
+        Some(stream.faults.malformed_listings_next)
+    } else {
+        None
+    };
+    let (duplicate, huge_token) = (
+        stream.faults.duplicate_listings,
+        stream.faults.huge_next_token,
+    );
     let listing_delay = stream.faults.listing_delay_ms as i64;
     let mut matched: Vec<Fragment> = stream
         .select(kind, start_ms, end_ms)
@@ -478,15 +488,39 @@ fn list_fragments(
         })
         .collect();
     let next = offset + page.len();
+    if let Some(left) = malformed {
+        let body = if left % 2 == 0 {
+            "{\"Fragments\": [{\"FragmentNumber\": "
+        } else {
+            ""
+        };
+        let mut response = Response::new(Body::from(body));
+        response
+            .headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/json"));
+        return Ok(response);
+    }
+    let fragments = if duplicate {
+        fragments
+            .iter()
+            .flat_map(|f| [f.clone(), f.clone()])
+            .collect()
+    } else {
+        fragments
+    };
     let mut out = json!({ "Fragments": fragments });
     if next < matched.len() {
-        out["NextToken"] = json!(encode_token(&ListingToken {
-            stream: name,
-            kind: label.to_string(),
-            start_ms,
-            end_ms,
-            offset: next,
-        }));
+        out["NextToken"] = json!(if huge_token {
+            "A".repeat(5000)
+        } else {
+            encode_token(&ListingToken {
+                stream: name,
+                kind: label.to_string(),
+                start_ms,
+                end_ms,
+                offset: next,
+            })
+        });
     }
     Ok(json_response(out))
 }

@@ -264,6 +264,14 @@ pub struct Faults {
     pub listing_delay_ms: u64,
     /// IAM denies every action on this stream: NotAuthorizedException (401).
     pub deny_access: bool,
+    /// The next this many ListFragments answers are HTTP 200 with a body that is not the
+    /// model's JSON: cut-off JSON, then an empty body, alternating.
+    pub malformed_listings_next: u32,
+    /// Every ListFragments page lists each of its fragments twice.
+    pub duplicate_listings: bool,
+    /// A page that has a next page carries a NextToken of 5000 characters (the model
+    /// allows 4096).
+    pub huge_next_token: bool,
 }
 
 impl Default for Faults {
@@ -282,6 +290,9 @@ impl Default for Faults {
             max_clip_bytes: 100_000_000,
             listing_delay_ms: 0,
             deny_access: false,
+            malformed_listings_next: 0,
+            duplicate_listings: false,
+            huge_next_token: false,
         }
     }
 }
