@@ -1743,7 +1743,7 @@ fn fragments_fetched(emu: &Emulator) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_slowdown_and_an_outage_are_waited_out_without_fetching_anything_twice() {
-    let outage = Duration::from_secs(count_env("KVS_TEST_S3_OUTAGE_SECS", 10));
+    let outage = Duration::from_secs(count_env("KVS_TEST_S3_OUTAGE_SECS", 120));
     let (start, end) = recent(0.15);
     let mut spec = historical("cam", start, end, 4000, 1_500_000);
     spec.faults.bandwidth_bytes_per_sec = Some(30_000_000);
@@ -1760,8 +1760,9 @@ async fn s3_slowdown_and_an_outage_are_waited_out_without_fetching_anything_twic
         start,
         end,
         &[
-            ("KVS_ARCHIVER_ARCHIVE__MAX_ATTEMPTS", "30"),
-            ("KVS_ARCHIVER_ARCHIVE__RETRY_MAX_DELAY", "3s"),
+            // Over three minutes of patience for a two-minute outage.
+            ("KVS_ARCHIVER_ARCHIVE__MAX_ATTEMPTS", "45"),
+            ("KVS_ARCHIVER_ARCHIVE__RETRY_MAX_DELAY", "5s"),
         ],
     );
     let outage_task = async {
@@ -1956,4 +1957,40 @@ async fn malformed_kvs_answers_get_clear_errors_and_never_a_chunk_marked_done() 
         &world.objects_under("kvs/odd-token/").await,
         &world.fragment_numbers("odd-token", start2, end2),
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_that_expire_mid_pass_and_a_stalled_body_are_retried_to_exactly_once() {
+    let (start, end) = recent(0.3);
+    let mut spec = historical("cam", start, end, 2000, 100_000);
+    spec.faults.expired_tokens_next = 3;
+    spec.faults.stalls_next = 1;
+    spec.faults.reset_after_bytes = 300_000;
+    let world = World::new(vec![spec], "").await;
+    let expected = world.fragment_numbers("cam", start, end);
+    // A read that waits two seconds for the next byte gives up: the stalled clip is
+    // fetched again.
+    let out = world
+        .backfill_with(
+            "cam",
+            start,
+            end,
+            &[("KVS_ARCHIVER_AWS__READ_TIMEOUT", "2s")],
+        )
+        .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_exactly_once(&world.objects().await, &expected);
+    let log = world.emu.requests();
+    assert_eq!(
+        log.iter()
+            .filter(|r| r.error.as_deref() == Some("ExpiredTokenException"))
+            .count(),
+        3,
+        "expired credentials were answered"
+    );
+    assert!(
+        log.iter().any(|r| r.op == "GetClip" && r.reset),
+        "a body stalled"
+    );
+    assert!(world.open_multipart_uploads().is_empty());
 }

@@ -705,13 +705,19 @@ async fn get_clip(
     record.first_fragment = fragments.first().map(|f| f.number.clone());
     record.last_fragment = fragments.last().map(|f| f.number.clone());
     record.bytes = total;
-    let reset_at = shared.take_reset(&name).then_some(faults.reset_after_bytes);
+    let stall = shared.take_stall(&name);
+    let reset_at = (stall || shared.take_reset(&name)).then_some(faults.reset_after_bytes);
     record.reset = reset_at.is_some();
 
     if faults.first_byte_delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.first_byte_delay_ms)).await;
     }
-    let body = crate::body::clip_body(chunks, reset_at, faults.bandwidth_bytes_per_sec);
+    let cut = if stall {
+        crate::body::Cut::Stall
+    } else {
+        crate::body::Cut::Reset
+    };
+    let body = crate::body::cut_body(chunks, reset_at, cut, faults.bandwidth_bytes_per_sec);
     let mut response = Response::new(Body::from_stream(body));
     let headers = response.headers_mut();
     headers.insert("content-type", HeaderValue::from_static("video/mp4"));

@@ -12,10 +12,18 @@ const PACED_PIECE: usize = 64 * 1024;
 /// Pause before an injected reset, long enough for hyper to flush what was sent.
 const RESET_AFTER_FLUSH: Duration = Duration::from_millis(50);
 
+/// Whether a cut-off body resets the connection or stalls with it open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    Reset,
+    Stall,
+}
+
 struct BodyState {
     chunks: VecDeque<Bytes>,
     sent: u64,
     reset_at: Option<u64>,
+    cut: Cut,
     bandwidth: Option<u64>,
     started: Option<Instant>,
 }
@@ -27,16 +35,33 @@ pub fn clip_body(
     reset_at: Option<u64>,
     bandwidth: Option<u64>,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    cut_body(chunks, reset_at, Cut::Reset, bandwidth)
+}
+
+/// [`clip_body`], cut at `cut_at` bytes the way `cut` says.
+pub fn cut_body(
+    chunks: Vec<Bytes>,
+    cut_at: Option<u64>,
+    cut: Cut,
+    bandwidth: Option<u64>,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
     let state = BodyState {
         chunks: chunks.into(),
         sent: 0,
-        reset_at,
+        reset_at: cut_at,
+        cut,
         bandwidth,
         started: None,
     };
     futures_util::stream::unfold(state, |mut state| async move {
         let mut chunk = state.chunks.pop_front()?;
         if let Some(limit) = state.reset_at {
+            if state.sent >= limit && state.cut == Cut::Stall {
+                // The connection stays open and silent: only the client's read timeout
+                // ends it. An hour is longer than any test.
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                return None;
+            }
             if state.sent >= limit {
                 state.chunks.clear();
                 // Let the bytes so far reach the client before the connection drops, as a

@@ -267,6 +267,12 @@ pub struct Faults {
     /// The next this many ListFragments answers are HTTP 200 with a body that is not the
     /// model's JSON: cut-off JSON, then an empty body, alternating.
     pub malformed_listings_next: u32,
+    /// The next this many data-plane requests are refused as signed with expired
+    /// temporary credentials (ExpiredTokenException, 403).
+    pub expired_tokens_next: u32,
+    /// The next this many GetClip bodies stop sending after `reset_after_bytes` and never
+    /// resume (the connection stays open): a stalled body.
+    pub stalls_next: u32,
     /// Every ListFragments page lists each of its fragments twice.
     pub duplicate_listings: bool,
     /// A page that has a next page carries a NextToken of 5000 characters (the model
@@ -291,6 +297,8 @@ impl Default for Faults {
             listing_delay_ms: 0,
             deny_access: false,
             malformed_listings_next: 0,
+            expired_tokens_next: 0,
+            stalls_next: 0,
             duplicate_listings: false,
             huge_next_token: false,
         }

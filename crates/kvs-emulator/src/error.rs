@@ -98,6 +98,15 @@ impl ApiError {
         )
     }
 
+    /// Temporary credentials that ran out (403), as any AWS service answers them.
+    pub fn expired_token() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "ExpiredTokenException",
+            "The security token included in the request is expired",
+        )
+    }
+
     pub fn internal_failure() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -80,6 +80,10 @@ impl Shared {
         let Some(stream) = streams.get_mut(name) else {
             return Ok(());
         };
+        if stream.faults.expired_tokens_next > 0 {
+            stream.faults.expired_tokens_next -= 1;
+            return Err(ApiError::expired_token());
+        }
         if stream.faults.internal_failures_next > 0 {
             stream.faults.internal_failures_next -= 1;
             return Err(ApiError::internal_failure());
@@ -88,6 +92,18 @@ impl Shared {
             return Err(ApiError::internal_failure());
         }
         Ok(())
+    }
+
+    /// Whether this GetClip body is to stall part-way.
+    pub fn take_stall(&self, name: &str) -> bool {
+        let mut streams = self.lock_streams();
+        match streams.get_mut(name) {
+            Some(stream) if stream.faults.stalls_next > 0 => {
+                stream.faults.stalls_next -= 1;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Whether this GetClip body is to be cut off.
