@@ -1994,3 +1994,132 @@ async fn credentials_that_expire_mid_pass_and_a_stalled_body_are_retried_to_exac
     );
     assert!(world.open_multipart_uploads().is_empty());
 }
+
+/// A small filesystem of its own (tmpfs), unmounted when dropped; `None` when this
+/// machine does not let the test mount one (not root), which CI must.
+struct SmallDisk {
+    path: PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: PathBuf, size: &str) -> Option<SmallDisk> {
+        std::fs::create_dir_all(&path).expect("mount point");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "could not mount a tmpfs: CI runs the suite as root so that the disk-full test can"
+            );
+            eprintln!("cannot mount a tmpfs here (needs root): disk-full test skipped");
+            return None;
+        }
+        Some(SmallDisk { path })
+    }
+
+    fn resize(&self, size: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.path)
+            .status()
+            .expect("remount runs");
+        assert!(status.success(), "remounted");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// Every file under `dir` (metadata side files and partial files apart), with its bytes.
+fn files_under(dir: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else if path
+                .extension()
+                .is_some_and(|e| e == "mp4" || e == "mkv" || e == "partial")
+            {
+                let key = path
+                    .strip_prefix(root)
+                    .expect("under root")
+                    .display()
+                    .to_string();
+                out.insert(key, std::fs::read(&path).expect("readable"));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_destination_disk_gets_a_clear_error_corrupts_nothing_and_resumes_when_space_returns(
+) {
+    let (start, end) = recent(0.1);
+    let world = World::new(vec![historical("cam", start, end, 2000, 100_000)], "").await;
+    let Some(disk) = SmallDisk::mount(world.work.path().join("archive"), "6m") else {
+        return;
+    };
+    // The same configuration, with the small disk as the destination.
+    let config = std::fs::read_to_string(&world.config)
+        .expect("config")
+        .replace(
+            &format!("bucket = \"{BUCKET}\""),
+            &format!("directory = \"{}\"", disk.path.display()),
+        );
+    let dir_config = world.work.path().join("dir.toml");
+    std::fs::write(&dir_config, config).expect("written");
+    let (a, b) = (rfc3339(start), rfc3339(end));
+    let backfill = || {
+        let mut command =
+            world.command(&["backfill", "--stream", "cam", "--start", &a, "--end", &b]);
+        command
+            .env("KVS_ARCHIVER_CONFIG", &dir_config)
+            .env("KVS_ARCHIVER_ARCHIVE__MAX_ATTEMPTS", "2");
+        command
+    };
+    let full = backfill().output().await.expect("runs");
+    assert_fails_with(&full, 1, "the disk is full");
+    let stored = files_under(&disk.path);
+    assert!(
+        !stored.keys().any(|k| k.ends_with(".partial")),
+        "no partial file is left: {:?}",
+        stored.keys().collect::<Vec<_>>()
+    );
+    // What was stored is whole and recorded; nothing else is.
+    assert_playable(&stored);
+    let status = world
+        .command(&["status", "--json"])
+        .env("KVS_ARCHIVER_CONFIG", &dir_config)
+        .output()
+        .await
+        .expect("status");
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    assert_eq!(
+        status[0]["done"].as_u64(),
+        Some(stored.len() as u64),
+        "{status}"
+    );
+    assert!(status[0]["failed"].as_u64() > Some(0), "{status}");
+
+    disk.resize("64m");
+    let resumed = backfill().output().await.expect("runs");
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    let archived = files_under(&disk.path);
+    for (key, bytes) in &stored {
+        assert_eq!(archived.get(key), Some(bytes), "{key} kept as it was");
+    }
+    assert_exactly_once(&archived, &world.fragment_numbers("cam", start, end));
+    assert_playable(&archived);
+}
