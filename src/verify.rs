@@ -46,8 +46,10 @@ pub struct VerifyReport {
     pub damaged: Vec<Damaged>,
     pub unarchived: Vec<Unarchived>,
     pub extra_objects: Vec<String>,
-    /// Chunks planned again by `--repair`.
+    /// Damaged chunks planned again by `--repair`.
     pub requeued: usize,
+    /// `--repair` ran: damaged chunks and fragments no object held were archived again.
+    pub repaired: bool,
 }
 
 impl VerifyReport {
@@ -85,10 +87,11 @@ impl VerifyReport {
         for key in self.extra_objects.iter().take(20) {
             text.push_str(&format!("\n  extra object: {key}"));
         }
-        if self.requeued > 0 {
+        if self.repaired {
             text.push_str(&format!(
-                "\n  repaired: {} chunks archived again",
-                self.requeued
+                "\n  repaired: {} damaged chunks and {} fragments no object held were archived again (run verify again to check)",
+                self.requeued,
+                self.unarchived.len()
             ));
         }
         text
@@ -208,17 +211,11 @@ pub async fn verify(
                 report.requeued += 1;
             }
         }
-        archiver.recover().await?;
-        archiver
-            .ledger
-            .requeue_failed(&label, source, start, end)
-            .await?;
-        let planned = archiver
-            .plan_range(stream, start, end, false, &Progress::hidden())
-            .await?;
-        report.requeued += planned.chunks.len();
+        // Fragments no object holds are planned, and everything queued archived, as a
+        // backfill of the range does.
+        report.repaired = true;
         let summary = archiver
-            .fetch_pending(stream, start, end, &Progress::hidden(), shutdown, true)
+            .archive_range(stream, start, end, &Progress::hidden(), shutdown)
             .await?;
         tracing::info!(stream = %label, archived = summary.done, failed = summary.failed.len(), "repair finished");
     }

@@ -1325,14 +1325,15 @@ fn assert_contiguous_by_producer_time(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_stream_delivered_late_is_archived_exactly_once_by_later_passes() {
     let mut spec = StreamSpec::live("late-cam");
-    spec.backlog = Duration::from_secs(240);
-    // Media reaches KVS 30 s after the camera recorded it (batch uploads).
-    spec.producer_offset_ms = 30_000;
+    spec.backlog = Duration::from_secs(420);
+    // Media reaches KVS two and a half minutes after the camera recorded it (batch
+    // uploads), as in the report that opened this work.
+    spec.producer_offset_ms = 150_000;
     let world = World::with_sections(
         vec![spec],
         "clip_duration = \"20s\"",
         "[daemon]\nlag = \"5s\"\n",
-        &|_| "timestamp_source = \"producer\"\nretention_window = \"3m\"\nsettle = \"2m\"".into(),
+        &|_| "timestamp_source = \"producer\"\nretention_window = \"6m\"\nsettle = \"5m\"".into(),
     )
     .await;
     let first = world.run(&["run", "--once"]).await;
@@ -1345,7 +1346,7 @@ async fn a_producer_stream_delivered_late_is_archived_exactly_once_by_later_pass
         "the first pass could not see the last {} s it planned",
         (planned_through - first_last) / 1000
     );
-    tokio::time::sleep(Duration::from_secs(40)).await;
+    tokio::time::sleep(Duration::from_secs(160)).await;
     let second = world.run(&["run", "--once"]).await;
     assert!(second.status.success(), "{}", text(&second));
     let objects = world.objects().await;

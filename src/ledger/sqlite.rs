@@ -286,6 +286,33 @@ impl SqliteLedger {
         fenced(done, lease)
     }
 
+    /// Inside `tx`: checks the lease holds (touching the row, so the transaction owns it
+    /// from here) and returns the chunk's stream and timestamp source.
+    async fn hold_in(
+        &self,
+        tx: &mut sqlx::SqliteConnection,
+        op: &'static str,
+        lease: &Lease,
+    ) -> Result<(String, String)> {
+        let row = sqlx::query(&format!(
+            "UPDATE chunks SET updated_ms = ?4 WHERE {HELD} RETURNING stream, timestamp_source"
+        ))
+        .bind(lease.chunk)
+        .bind(&self.owner)
+        .bind(lease.generation)
+        .bind(now_ms())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(Error::store(op))?;
+        match row {
+            Some(row) => Ok((row.get("stream"), row.get("timestamp_source"))),
+            None => Err(Error::LeaseLost {
+                chunk: lease.chunk,
+                generation: lease.generation,
+            }),
+        }
+    }
+
     async fn chunks_where(
         &self,
         op: &'static str,
@@ -582,24 +609,7 @@ impl Ledger for SqliteLedger {
     ) -> Result<Vec<Fragment>> {
         let op = "attach fragments";
         let mut tx = self.pool.begin().await.map_err(Error::store(op))?;
-        let row = sqlx::query(&format!(
-            "UPDATE chunks SET updated_ms = ?4 WHERE {HELD} RETURNING stream, timestamp_source"
-        ))
-        .bind(lease.chunk)
-        .bind(&self.owner)
-        .bind(lease.generation)
-        .bind(now_ms())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(Error::store(op))?;
-        let Some(row) = row else {
-            return Err(Error::LeaseLost {
-                chunk: lease.chunk,
-                generation: lease.generation,
-            });
-        };
-        let stream: String = row.get("stream");
-        let source: String = row.get("timestamp_source");
+        let (stream, source) = self.hold_in(&mut tx, op, lease).await?;
         let added = Self::insert_fragments(&mut tx, &stream, &source, lease.chunk, fragments, true)
             .await
             .map_err(Error::store(op))?;
@@ -688,23 +698,12 @@ impl Ledger for SqliteLedger {
     ) -> Result<()> {
         let op = "split chunk";
         let mut tx = self.pool.begin().await.map_err(Error::store(op))?;
-        let row = sqlx::query(&format!(
-            "DELETE FROM chunks WHERE {HELD} RETURNING stream, timestamp_source"
-        ))
-        .bind(lease.chunk)
-        .bind(&self.owner)
-        .bind(lease.generation)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(Error::store(op))?;
-        let Some(row) = row else {
-            return Err(Error::LeaseLost {
-                chunk: lease.chunk,
-                generation: lease.generation,
-            });
-        };
-        let stream: String = row.get("stream");
-        let source: String = row.get("timestamp_source");
+        let (stream, source) = self.hold_in(&mut tx, op, lease).await?;
+        sqlx::query("DELETE FROM chunks WHERE id = ?")
+            .bind(lease.chunk)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::store(op))?;
         if let Some((plan, reason)) = expired {
             Self::insert_chunk(&mut tx, &stream, &source, plan, "", Some(reason))
                 .await

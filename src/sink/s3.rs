@@ -183,16 +183,12 @@ impl S3Sink {
         abort(&self.inner, key, upload_id).await
     }
 
-    pub async fn sweep_orphans(
-        &self,
-        prefix: &str,
-        live: &[String],
-        min_age: std::time::Duration,
-    ) -> usize {
-        let oldest_allowed = std::time::SystemTime::now() - min_age;
+    /// Multipart uploads open under `prefix`, all pages: key, upload id, start time.
+    /// `None` when the store cannot list them (s3s-fs answers 501).
+    async fn open_uploads(&self, prefix: &str) -> Option<Vec<OpenUpload>> {
+        let mut found = Vec::new();
         let mut key_marker: Option<String> = None;
         let mut upload_marker: Option<String> = None;
-        let mut aborted = 0;
         loop {
             let listed = self
                 .inner
@@ -203,41 +199,71 @@ impl S3Sink {
                 .set_key_marker(key_marker.clone())
                 .set_upload_id_marker(upload_marker.clone())
                 .send()
-                .await;
-            let Ok(listed) = listed else {
-                tracing::debug!("the store cannot list multipart uploads; relying on the ledger");
-                return aborted;
-            };
-            for upload in listed.uploads() {
-                let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) else {
-                    continue;
-                };
-                if live.iter().any(|k| k == id) {
-                    continue;
-                }
-                // Without a start time the upload's age is unknown: leave it.
-                let old_enough = upload
-                    .initiated()
-                    .and_then(|t| std::time::SystemTime::try_from(*t).ok())
-                    .is_some_and(|t| t < oldest_allowed);
-                if !old_enough {
-                    continue;
-                }
-                if abort(&self.inner, key, id).await.is_ok() {
-                    tracing::info!(key, "aborted an orphaned multipart upload");
-                    aborted += 1;
-                }
-            }
-            if listed.is_truncated() != Some(true) {
-                return aborted;
-            }
+                .await
+                .ok()?;
+            found.extend(listed.uploads().iter().filter_map(|u| {
+                Some(OpenUpload {
+                    key: u.key()?.to_string(),
+                    id: u.upload_id()?.to_string(),
+                    initiated: u
+                        .initiated()
+                        .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+                })
+            }));
             key_marker = listed.next_key_marker().map(str::to_string);
             upload_marker = listed.next_upload_id_marker().map(str::to_string);
-            if key_marker.is_none() && upload_marker.is_none() {
-                return aborted;
+            if listed.is_truncated() != Some(true)
+                || (key_marker.is_none() && upload_marker.is_none())
+            {
+                return Some(found);
             }
         }
     }
+
+    pub async fn sweep_orphans(
+        &self,
+        prefix: &str,
+        live: &[String],
+        min_age: std::time::Duration,
+    ) -> usize {
+        let oldest_allowed = std::time::SystemTime::now() - min_age;
+        let Some(uploads) = self.open_uploads(prefix).await else {
+            tracing::debug!("the store cannot list multipart uploads; relying on the ledger");
+            return 0;
+        };
+        let mut aborted = 0;
+        for upload in uploads {
+            // Without a start time the upload's age is unknown: leave it.
+            let old_enough = upload.initiated.is_some_and(|t| t < oldest_allowed);
+            if live.contains(&upload.id) || !old_enough {
+                continue;
+            }
+            if abort(&self.inner, &upload.key, &upload.id).await.is_ok() {
+                tracing::info!(key = %upload.key, "aborted an orphaned multipart upload");
+                aborted += 1;
+            }
+        }
+        aborted
+    }
+
+    pub async fn abort_uploads_of(&self, key: &str) -> Result<usize> {
+        // A store that cannot list uploads: only the recorded id can be aborted.
+        let uploads = self.open_uploads(key).await.unwrap_or_default();
+        let mut aborted = 0;
+        for upload in uploads.iter().filter(|u| u.key == key) {
+            abort(&self.inner, key, &upload.id).await?;
+            tracing::info!(key, "aborted an upload a stopped worker left unrecorded");
+            aborted += 1;
+        }
+        Ok(aborted)
+    }
+}
+
+/// One multipart upload a listing shows.
+struct OpenUpload {
+    key: String,
+    id: String,
+    initiated: Option<std::time::SystemTime>,
 }
 
 impl S3Sink {
@@ -278,45 +304,6 @@ impl S3Sink {
             crc32c: crc.hex(),
             meta,
         }))
-    }
-
-    pub async fn abort_uploads_of(&self, key: &str) -> Result<usize> {
-        let mut key_marker: Option<String> = None;
-        let mut upload_marker: Option<String> = None;
-        let mut aborted = 0;
-        loop {
-            let Ok(listed) = self
-                .inner
-                .client
-                .list_multipart_uploads()
-                .bucket(&self.inner.bucket)
-                .prefix(key)
-                .set_key_marker(key_marker.clone())
-                .set_upload_id_marker(upload_marker.clone())
-                .send()
-                .await
-            else {
-                // A store that cannot list uploads: only the recorded id can be aborted.
-                return Ok(aborted);
-            };
-            for upload in listed.uploads() {
-                if let (Some(k), Some(id)) = (upload.key(), upload.upload_id()) {
-                    if k == key {
-                        abort(&self.inner, key, id).await?;
-                        tracing::info!(key, "aborted an upload a stopped worker left unrecorded");
-                        aborted += 1;
-                    }
-                }
-            }
-            if listed.is_truncated() != Some(true) {
-                return Ok(aborted);
-            }
-            key_marker = listed.next_key_marker().map(str::to_string);
-            upload_marker = listed.next_upload_id_marker().map(str::to_string);
-            if key_marker.is_none() && upload_marker.is_none() {
-                return Ok(aborted);
-            }
-        }
     }
 
     pub async fn list_keys(&self, prefix: &str) -> Result<Vec<String>> {

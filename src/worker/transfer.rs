@@ -111,10 +111,7 @@ impl Archiver {
         {
             // Another fragment shares the late fragment's millisecond now: GetClip cannot
             // select it alone.
-            let mut plan = chunk.plan.clone();
-            plan.kind = ChunkKind::Mkv;
-            let key = self.key(stream, &plan);
-            self.ledger.convert(lease, ChunkKind::Mkv, &key).await?;
+            self.to_matroska(stream, chunk, lease).await?;
             return Ok(Reconciled::Changed);
         }
         let mut mine = mine;
@@ -133,19 +130,18 @@ impl Archiver {
             // this chunk waited, or before `verify --repair` queued it again) would be in
             // its clip too: split it around them.
             let foreign = listed.iter().enumerate().any(|(i, f)| {
-                let shadowed = producer && i > 0 && listed[i - 1].start_ms == f.start_ms;
-                !shadowed && holdings.held.contains(&f.number) && !mine_numbers.contains(&f.number)
+                getclip_returns(listed, i, producer)
+                    && holdings.held.contains(&f.number)
+                    && !mine_numbers.contains(&f.number)
             });
             if foreign && !mine.is_empty() {
                 return self.split_around(stream, chunk, lease, &mine, listed).await;
             }
-            // GetClip keeps the oldest ingested of fragments sharing a producer timestamp.
             let newcomers: Vec<Fragment> = listed
                 .iter()
                 .enumerate()
                 .filter(|(i, f)| {
-                    let shadowed = producer && *i > 0 && listed[i - 1].start_ms == f.start_ms;
-                    !shadowed && !holdings.held.contains(&f.number)
+                    getclip_returns(listed, *i, producer) && !holdings.held.contains(&f.number)
                 })
                 .map(|(_, f)| f.clone())
                 .collect();
@@ -212,21 +208,14 @@ impl Archiver {
             .separating_equal_timestamps(producer);
         let mut plans = Vec::new();
         for (i, f) in listed.iter().enumerate() {
-            let shadowed = producer && i > 0 && listed[i - 1].start_ms == f.start_ms;
             if numbers.contains(f.number.as_str()) {
                 packer.push(f.clone(), &mut plans);
-            } else if !shadowed {
+            } else if getclip_returns(listed, i, producer) {
                 packer.cut(&mut plans);
             }
         }
         packer.finish(&mut plans);
-        let parts: Vec<(ChunkPlan, String)> = plans
-            .into_iter()
-            .map(|p| {
-                let key = self.key(stream, &p);
-                (p, key)
-            })
-            .collect();
+        let parts = self.with_keys(stream, plans);
         tracing::info!(key = %chunk.object_key, parts = parts.len(), "other chunks hold fragments inside this range: split around them");
         self.ledger.split(lease, &parts, None).await?;
         Ok(Reconciled::Changed)
@@ -246,6 +235,11 @@ impl Archiver {
             packer.push(f.clone(), &mut plans);
         }
         packer.finish(&mut plans);
+        self.with_keys(stream, plans)
+    }
+
+    /// Each plan with its object key.
+    fn with_keys(&self, stream: &StreamConfig, plans: Vec<ChunkPlan>) -> Vec<(ChunkPlan, String)> {
         plans
             .into_iter()
             .map(|p| {
@@ -285,13 +279,7 @@ impl Archiver {
             // One fragment, or one group sharing a timestamp: GetClip cannot take it apart.
             return self.to_matroska(stream, chunk, lease).await;
         }
-        let parts: Vec<(ChunkPlan, String)> = parts
-            .into_iter()
-            .map(|p| {
-                let key = self.key(stream, &p);
-                (p, key)
-            })
-            .collect();
+        let parts = self.with_keys(stream, parts);
         self.ledger.split(lease, &parts, None).await?;
         Ok(Transferred::Changed)
     }
@@ -502,6 +490,12 @@ impl Archiver {
         crate::crashpoint::hit("after-upload");
         Ok(archived)
     }
+}
+
+/// Whether GetClip returns the `i`th of `listed` (sorted): KVS keeps only the oldest
+/// ingested of fragments sharing a producer timestamp.
+fn getclip_returns(listed: &[Fragment], i: usize, producer: bool) -> bool {
+    !(producer && i > 0 && listed[i - 1].start_ms == listed[i].start_ms)
 }
 
 enum Reconciled {
