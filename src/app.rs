@@ -4,6 +4,7 @@
 use crate::config::{AwsConfig, Config, StreamConfig};
 use crate::domain::{rfc3339, EpochMs};
 use crate::error::{Error, Result};
+use crate::ledger::{Identity, Role};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::sink::{dir::DirSink, s3::S3Sink, Sink};
@@ -40,10 +41,17 @@ pub fn retry_policy(config: &Config) -> RetryPolicy {
     }
 }
 
-/// Builds the archiver: opens (and migrates) the ledger, creates the clients.
-pub async fn build(config: Config, sdk: &SdkConfig) -> Result<Archiver> {
+/// This process's identity in the ledger.
+pub fn identity(config: &Config, role: Role) -> Result<Identity> {
+    let instance = config.state.resolve_instance_id()?;
+    Ok(Identity::new(&instance, role))
+}
+
+/// Builds the archiver: opens (and migrates) the ledger, creates the clients, and
+/// (unless `role` only reads) registers this process and starts its heartbeat.
+pub async fn build(config: Config, sdk: &SdkConfig, role: Role) -> Result<Archiver> {
     let policy = retry_policy(&config);
-    let ledger = crate::ledger::open(&config.state.database_url).await?;
+    let ledger = crate::ledger::open(&config.state.database_url, identity(&config, role)?).await?;
     let pacing = Pacing {
         media_points_per_second: config.archive.media_points_per_second,
         metadata_points_per_second: config.archive.metadata_points_per_second,
@@ -85,13 +93,17 @@ pub async fn build(config: Config, sdk: &SdkConfig) -> Result<Archiver> {
             ))
         }
     };
-    Ok(Archiver::new(
+    let archiver = Archiver::new(
         Arc::new(source),
         Arc::new(sink),
         ledger,
         Arc::new(config),
         policy,
-    ))
+    );
+    if role != Role::Reader {
+        archiver.register().await?;
+    }
+    Ok(archiver)
 }
 
 /// Parses a command-line timestamp (RFC 3339) for `flag`.
@@ -153,11 +165,14 @@ pub async fn backfill(
     archiver.sink.check().await?;
     // SERVER_TIMESTAMP ranges may not end in the future.
     let end = end.min(chrono::Utc::now().timestamp_millis() - 1);
+    // One process works a stream at a time: KVS's per-stream quota is shared.
+    archiver.hold_stream(&stream, true, shutdown).await?;
     let progress = Progress::new(label);
     let result = archiver
         .archive_range(&stream, start, end, &progress, shutdown)
         .await;
     progress.finish();
+    archiver.release_stream(&stream).await;
     result
 }
 
@@ -201,7 +216,14 @@ pub async fn verify(
     .min(now - 1);
     check_range(start, end)?;
     archiver.sink.check().await?;
-    crate::verify::verify(archiver, &stream, start, end, repair, shutdown).await
+    if !repair {
+        return crate::verify::verify(archiver, &stream, start, end, repair, shutdown).await;
+    }
+    // A repair archives: it takes the stream like a backfill.
+    archiver.hold_stream(&stream, true, shutdown).await?;
+    let report = crate::verify::verify(archiver, &stream, start, end, repair, shutdown).await;
+    archiver.release_stream(&stream).await;
+    report
 }
 
 pub fn describe_run(summary: &RunSummary) -> String {
@@ -244,13 +266,14 @@ pub async fn run_daemon(
             "run: no [[streams]] configured: nothing to archive".into(),
         ));
     }
+    let role = if once { Role::Once } else { Role::Daemon };
     if let Some(addr) = config.daemon.metrics_listen {
-        crate::metrics::serve(addr).await?;
+        crate::metrics::serve(addr, &identity(&config, role)?.instance).await?;
     }
     let offset = config.daemon.offset()?;
     let default_schedule = config.daemon.schedule.clone();
     let max_in_flight = config.daemon.max_clips_in_flight;
-    let mut archiver = build(config, sdk).await?;
+    let mut archiver = build(config, sdk, role).await?;
     archiver.in_flight = Some(Arc::new(tokio::sync::Semaphore::new(max_in_flight)));
     let archiver = Arc::new(archiver);
     archiver.sink.check().await?;
@@ -344,7 +367,7 @@ pub async fn run_daemon(
                 let stream =
                     stream.ok_or_else(|| Error::Usage(format!("unknown stream {label}")))?;
                 let limit = archiver.config.daemon.pass_timeout;
-                let outcome = match tokio::time::timeout(limit, archive_stream(archiver.clone(), stream, shutdown)).await {
+                let outcome = match tokio::time::timeout(limit, archive_stream(archiver.clone(), stream.clone(), shutdown)).await {
                     Ok(outcome) => outcome,
                     // The pass's workers were dropped: their chunks are no longer active
                     // here, so the next pass takes them back and aborts their uploads.
@@ -367,6 +390,11 @@ pub async fn run_daemon(
                     }
                     Err(error) => tracing::error!(stream = %label, %error, "pass failed"),
                 }
+                // The stream goes back after every pass: any live daemon may take it at
+                // its next firing (one that timed out or failed too).
+                if !matches!(&outcome, Ok(report) if report.skipped.is_some()) {
+                    archiver.release_stream(&stream).await;
+                }
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&format!(
                     "last pass: {label}"
                 ))]);
@@ -381,7 +409,7 @@ pub async fn run_daemon(
     if let Some(task) = firings {
         let _ = task.await;
     }
-    archiver.ledger.close().await;
+    archiver.close().await;
     // A daemon stopped by a signal has done its job; `--once` reports its passes.
     Ok(!once
         || !outcomes

@@ -161,16 +161,124 @@ impl Default for AwsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
-    /// The SQLite ledger of progress (`sqlite://PATH`); created if missing.
+    /// The ledger of progress: `sqlite://PATH` (one host; created if missing) or
+    /// `postgres://USER:PASSWORD@HOST:PORT/DB` (several instances share one fleet).
     pub database_url: String,
+    /// This instance's id in a shared ledger (letters, digits, `.`, `_`, `-`). Unset: one
+    /// is generated at the first start and kept in `instance-id` in the state directory
+    /// ($STATE_DIRECTORY under systemd, else the SQLite file's directory, else
+    /// /var/lib/kvs-archiver), so a restart is the same instance.
+    pub instance_id: Option<String>,
+    /// How long a claim on a chunk or a stream holds without a heartbeat: an instance
+    /// that dies loses its work to the others after this long. Heartbeats come every
+    /// third of it.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
 }
 
 impl Default for StateConfig {
     fn default() -> Self {
         StateConfig {
             database_url: "sqlite:///var/lib/kvs-archiver/state.db".to_string(),
+            instance_id: None,
+            lease: Duration::from_secs(60),
         }
     }
+}
+
+impl StateConfig {
+    /// The configured instance id, or the one kept in the state directory (generated
+    /// and stored there at the first start).
+    pub fn resolve_instance_id(&self) -> Result<String, ConfigError> {
+        if let Some(id) = &self.instance_id {
+            return Ok(id.clone());
+        }
+        let dir = std::env::var_os("STATE_DIRECTORY")
+            // systemd may pass several, colon-separated: the first is ours.
+            .and_then(|d| {
+                d.to_str()
+                    .and_then(|d| d.split(':').next())
+                    .map(PathBuf::from)
+            })
+            .or_else(|| {
+                self.database_url
+                    .strip_prefix("sqlite://")
+                    .or_else(|| self.database_url.strip_prefix("sqlite:"))
+                    .map(|p| p.split('?').next().unwrap_or(p))
+                    .and_then(|p| Path::new(p).parent().map(Path::to_path_buf))
+                    .filter(|p| !p.as_os_str().is_empty())
+            })
+            .unwrap_or_else(|| PathBuf::from("/var/lib/kvs-archiver"));
+        let path = dir.join("instance-id");
+        let cannot = |e: std::io::Error| {
+            invalid(
+                "state.instance_id",
+                format!(
+                    "not set, and {} cannot be read or written ({e}): set state.instance_id (or KVS_ARCHIVER_STATE__INSTANCE_ID) to a name unique to this instance",
+                    path.display()
+                ),
+            )
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) if valid_instance_id(text.trim()) => return Ok(text.trim().to_string()),
+            Ok(_) => {
+                return Err(invalid(
+                    "state.instance_id",
+                    format!(
+                        "{} holds no valid instance id: delete it or set state.instance_id",
+                        path.display()
+                    ),
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(cannot(e)),
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| {
+                h.trim()
+                    .chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                    .take(40)
+                    .collect::<String>()
+            })
+            .unwrap_or_default();
+        let host = if host.is_empty() {
+            "kvs-archiver".to_string()
+        } else {
+            host
+        };
+        let id = format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff);
+        std::fs::create_dir_all(&dir).map_err(cannot)?;
+        // Written whole or not at all: two processes starting together keep one id.
+        let tmp = dir.join(format!(".instance-id.{}", std::process::id()));
+        std::fs::write(&tmp, format!("{id}\n")).map_err(cannot)?;
+        match std::fs::hard_link(&tmp, &path) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&tmp);
+                Ok(id)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let _ = std::fs::remove_file(&tmp);
+                std::fs::read_to_string(&path)
+                    .map(|t| t.trim().to_string())
+                    .map_err(cannot)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(cannot(e))
+            }
+        }
+    }
+}
+
+/// An instance id: 1 to 64 letters, digits, `.`, `_` or `-` (it is part of owner names
+/// and metric labels).
+pub fn valid_instance_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -405,10 +513,33 @@ impl Config {
                 }
             }
         }
-        if !self.state.database_url.starts_with("sqlite:") {
+        if !self.state.database_url.starts_with("sqlite:")
+            && !crate::ledger::is_postgres(&self.state.database_url)
+        {
             return Err(invalid(
                 "state.database_url",
-                format!("must be a sqlite: URL such as sqlite:///var/lib/kvs-archiver/state.db (got {:?})", self.state.database_url),
+                format!(
+                    "must be a sqlite: URL such as sqlite:///var/lib/kvs-archiver/state.db or a postgres:// URL such as postgres://archiver@db.example/kvs_archiver (got {:?})",
+                    redact_userinfo(&self.state.database_url)
+                ),
+            ));
+        }
+        if let Some(id) = &self.state.instance_id {
+            if !valid_instance_id(id) {
+                return Err(invalid(
+                    "state.instance_id",
+                    format!("{id:?}: use 1 to 64 letters, digits, '.', '_' or '-'"),
+                ));
+            }
+        }
+        if self.state.lease < Duration::from_secs(3) || self.state.lease > Duration::from_secs(3600)
+        {
+            return Err(invalid(
+                "state.lease",
+                format!(
+                    "{} is out of range: use 3 s to 1 h (60 s: a dead instance's work moves within a minute)",
+                    humantime::format_duration(self.state.lease)
+                ),
             ));
         }
         match (&self.destination.bucket, &self.destination.directory) {
@@ -630,12 +761,14 @@ impl Config {
         {
             *url = redact_userinfo(url);
         }
+        shown.state.database_url = redact_userinfo(&shown.state.database_url);
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
 }
 
-fn redact_userinfo(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
+/// `url` without its user and password, for messages and `check-config`.
+pub fn redact_userinfo(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             format!("{}://REDACTED@{}", &url[..scheme_end], &url[at + 1..])
         }

@@ -7,12 +7,11 @@
 //! unarchived fragment is to KVS's retention edge.
 
 use crate::config::StreamConfig;
-use crate::domain::EpochMs;
 use crate::error::{Error, Result};
 use crate::ledger::StreamProgress;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Progress;
-use crate::worker::{Archiver, RunSummary};
+use crate::worker::{now_ms, Archiver, RunSummary};
 use futures_util::future::BoxFuture;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -25,6 +24,9 @@ pub struct PassReport {
     pub summary: RunSummary,
     pub expired_fragments: u64,
     pub at_risk: bool,
+    /// The pass did not run: another process works the stream, or this daemon already
+    /// works its share of the streams.
+    pub skipped: Option<String>,
 }
 
 /// Runs queued passes: one at a time per stream, firings for a busy stream coalesced.
@@ -73,8 +75,52 @@ where
     }
 }
 
-fn now_ms() -> EpochMs {
-    chrono::Utc::now().timestamp_millis()
+/// Whether this process may work `stream` now, and takes its lease if so. One process
+/// works a stream at a time (KVS's per-stream quotas hold across instances); a daemon
+/// takes at most its share, ceil(streams / live daemons), so that every live daemon gets
+/// streams and a new one picks up work at its next firing. `None`: take it; else why not.
+pub async fn take_stream(
+    archiver: &Archiver,
+    stream: &StreamConfig,
+    shutdown: &Shutdown,
+) -> Result<Option<String>> {
+    let ledger = &archiver.ledger;
+    let me = ledger.identity().clone();
+    let label = stream.label();
+    if me.role == crate::ledger::Role::Daemon {
+        let now = now_ms();
+        let alive_since = now - archiver.lease_ms();
+        let daemons: HashSet<String> = ledger
+            .instances()
+            .await?
+            .into_iter()
+            .filter(|i| i.role == "daemon" && i.last_seen_ms >= alive_since)
+            .map(|i| i.instance)
+            .chain(std::iter::once(me.instance.clone()))
+            .collect();
+        let streams = archiver.config.streams.len();
+        let share = streams.div_ceil(daemons.len().max(1));
+        let holders = ledger.stream_holders(now).await?;
+        let mine = holders.iter().filter(|h| h.owner == me.owner).count();
+        let already_mine = holders
+            .iter()
+            .any(|h| h.owner == me.owner && h.stream == label);
+        if !already_mine && mine >= share {
+            return Ok(Some(format!(
+                "this daemon works its share ({mine} of {streams} streams, {} daemons alive)",
+                daemons.len()
+            )));
+        }
+    }
+    Ok(archiver
+        .hold_stream(stream, false, shutdown)
+        .await?
+        .map(|holder| {
+            format!(
+                "held by instance {} ({}, {})",
+                holder.instance, holder.role, holder.owner
+            )
+        }))
 }
 
 /// One pass over one stream: archive everything from KVS's retention edge (or the
@@ -87,6 +133,13 @@ pub async fn archive_stream(
     let config = &archiver.config;
     let label = stream.label();
     let source = stream.timestamp_source;
+    if let Some(why) = take_stream(&archiver, &stream, &shutdown).await? {
+        tracing::info!(stream = %label, why = %why, "pass skipped");
+        return Ok(PassReport {
+            skipped: Some(why),
+            ..PassReport::default()
+        });
+    }
     let described = archiver.source.describe(&stream).await?;
     // Dead claims are taken back every pass; unrecorded uploads are swept now and then.
     archiver.recover().await?;

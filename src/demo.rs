@@ -50,7 +50,7 @@ pub async fn run(output: &Path, shutdown: &Shutdown) -> Result<PathBuf> {
         .credentials_provider(credentials)
         .load()
         .await;
-    let archiver = crate::app::build(config, &sdk).await?;
+    let archiver = crate::app::build(config, &sdk, crate::ledger::Role::Backfill).await?;
     let now = chrono::Utc::now().timestamp_millis();
     let (start, end) = (now - 11 * 60_000, now - 60_000);
     eprintln!(
@@ -83,7 +83,7 @@ pub async fn run(output: &Path, shutdown: &Shutdown) -> Result<PathBuf> {
         "Ledger:     kvs-archiver status (with state.database_url = sqlite://{})",
         output.join("state.db").display()
     );
-    archiver.ledger.close().await;
+    archiver.close().await;
     if summary.complete() {
         Ok(first)
     } else {

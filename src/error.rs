@@ -78,6 +78,12 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+    #[error("cannot reach the ledger at {url}: {source}; check state.database_url and that the database server is running and accepts this user")]
+    LedgerUnreachable {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
     #[error("ledger migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(transparent)]
@@ -94,17 +100,33 @@ impl Error {
             Error::Kvs { retry, .. } | Error::Sink { retry, .. } | Error::Clip { retry, .. } => {
                 *retry
             }
-            Error::Truncated { .. } | Error::UploadLost { .. } => Retryability::Transient,
+            Error::Truncated { .. }
+            | Error::UploadLost { .. }
+            | Error::LedgerUnreachable { .. } => Retryability::Transient,
             Error::Store { source, .. } => match source {
                 sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
                     Retryability::Transient
                 }
                 // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes: another
                 // process holds the file for longer than the busy timeout.
-                sqlx::Error::Database(db) => match db.code().and_then(|c| c.parse::<i32>().ok()) {
-                    Some(code) if matches!(code & 0xff, 5 | 6) => Retryability::Transient,
-                    _ => Retryability::Permanent,
-                },
+                sqlx::Error::Database(db) => {
+                    let code = db.code().unwrap_or_default();
+                    match code.parse::<i32>() {
+                        Ok(code) if matches!(code & 0xff, 5 | 6) => Retryability::Transient,
+                        Ok(_) => Retryability::Permanent,
+                        // PostgreSQL: connection exceptions (08), a server shutting down or
+                        // starting (57P), serialization failures and deadlocks (40), out
+                        // of resources (53).
+                        Err(_)
+                            if ["08", "57P", "40", "53"]
+                                .iter()
+                                .any(|p| code.starts_with(p)) =>
+                        {
+                            Retryability::Transient
+                        }
+                        Err(_) => Retryability::Permanent,
+                    }
+                }
                 _ => Retryability::Permanent,
             },
             Error::Expired { .. }
@@ -143,7 +165,7 @@ impl Error {
             Error::Clip { .. } => "clip",
             Error::Expired { .. } => "expired",
             Error::LeaseLost { .. } => "lease-lost",
-            Error::Store { .. } | Error::Migrate(_) => "ledger",
+            Error::Store { .. } | Error::Migrate(_) | Error::LedgerUnreachable { .. } => "ledger",
             Error::Config(_) | Error::Usage(_) => "config",
             Error::Interrupted => "interrupted",
         }

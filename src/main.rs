@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use kvs_archiver::app;
 use kvs_archiver::config::Config;
 use kvs_archiver::error::Error;
+use kvs_archiver::ledger::Role;
 use kvs_archiver::shutdown::Shutdown;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -139,12 +140,17 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json } => {
-            let ledger = kvs_archiver::ledger::open(&config.state.database_url).await?;
+            let identity = app::identity(&config, Role::Reader)?;
+            let ledger = kvs_archiver::ledger::open(&config.state.database_url, identity).await?;
             let status = ledger.status().await?;
+            let instances = ledger.instances().await?;
+            ledger.close().await;
+            let now = chrono::Utc::now().timestamp_millis();
             if json {
+                let shown = serde_json::json!({ "streams": status, "instances": instances });
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&status).unwrap_or_default()
+                    serde_json::to_string_pretty(&shown).unwrap_or_default()
                 );
             } else if status.is_empty() {
                 println!("nothing archived yet");
@@ -204,6 +210,48 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                     if let Some(error) = s.last_run_error {
                         println!("  last run error: {error}");
                     }
+                    if let Some(holder) = &s.held_by {
+                        println!(
+                            "  worked by instance {} ({}, {}) since {}",
+                            holder.instance,
+                            holder.role,
+                            holder.owner,
+                            kvs_archiver::domain::rfc3339(holder.acquired_ms)
+                        );
+                    }
+                    for chunk in &s.in_flight_chunks {
+                        println!(
+                            "  {} {} held by instance {} ({}){}",
+                            chunk.state,
+                            chunk.object_key,
+                            chunk.instance,
+                            chunk.owner,
+                            chunk
+                                .lease_until_ms
+                                .map(|t| format!(
+                                    ", lease until {}",
+                                    kvs_archiver::domain::rfc3339(t)
+                                ))
+                                .unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            if !json && !instances.is_empty() {
+                println!("instances:");
+                for i in &instances {
+                    let ago = (now - i.last_seen_ms).max(0) as f64 / 1000.0;
+                    let alive = ago * 1000.0 <= config.state.lease.as_millis() as f64;
+                    println!(
+                        "  {} ({}) {} on {} pid {}: last seen {} ({ago:.0} s ago){}",
+                        i.instance,
+                        i.role,
+                        i.owner,
+                        i.host,
+                        i.pid,
+                        kvs_archiver::domain::rfc3339(i.last_seen_ms),
+                        if alive { "" } else { ", not alive" }
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -211,7 +259,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Plan { range, json } => {
             let (start, end) = range.parse()?;
             let sdk = app::sdk_config(&config.aws).await;
-            let archiver = app::build(config, &sdk).await?;
+            let archiver = app::build(config, &sdk, Role::Reader).await?;
             let plan = app::plan(&archiver, &range.stream, start, end).await?;
             if json {
                 println!(
@@ -246,7 +294,8 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             json,
         } => {
             let sdk = app::sdk_config(&config.aws).await;
-            let archiver = app::build(config, &sdk).await?;
+            let role = if repair { Role::Verify } else { Role::Reader };
+            let archiver = app::build(config, &sdk, role).await?;
             let report = app::verify(
                 &archiver,
                 &stream,
@@ -255,8 +304,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 repair,
                 &shutdown,
             )
-            .await?;
-            archiver.ledger.close().await;
+            .await;
+            archiver.close().await;
+            let report = report?;
             if json {
                 println!(
                     "{}",
@@ -275,10 +325,11 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             let (start, end) = range.parse()?;
             let stream = range.stream;
             let sdk = app::sdk_config(&config.aws).await;
-            let archiver = app::build(config, &sdk).await?;
-            let summary = app::backfill(&archiver, &stream, start, end, &shutdown).await?;
+            let archiver = app::build(config, &sdk, Role::Backfill).await?;
+            let summary = app::backfill(&archiver, &stream, start, end, &shutdown).await;
+            archiver.close().await;
+            let summary = summary?;
             let text = app::describe_run(&summary);
-            archiver.ledger.close().await;
             if summary.complete() {
                 eprintln!("backfill {stream}: complete: {text}");
                 Ok(ExitCode::SUCCESS)

@@ -1,7 +1,13 @@
 //! The ledger: every chunk, its state and the fragments it holds, behind one narrow
-//! trait ([`Ledger`]) so that the worker's policy never depends on a database. The
-//! SQLite implementation is [`sqlite::SqliteLedger`]; `tests/ledger_conformance.rs` is the
-//! contract every implementation passes.
+//! trait ([`Ledger`]) so that the worker's policy never depends on a database. SQLite
+//! ([`sqlite::SqliteLedger`]) is the embedded default; PostgreSQL
+//! ([`postgres::PgLedger`]) lets several instances on several hosts share one fleet.
+//! `tests/ledger_conformance.rs` is the contract every implementation passes.
+//!
+//! Processes sharing a ledger know each other through it alone: each registers as an
+//! [`Identity`] and heartbeats ([`Ledger::heartbeat`]); one process works a stream at a
+//! time under a stream lease ([`Ledger::acquire_stream`]), and a process that dies loses
+//! its stream and chunk leases when they lapse.
 //!
 //! A chunk moves `planned → fetching → uploading → done`, or to `failed` (tried again
 //! from `next_attempt_ms`) or `expired` (KVS confirmed its media is gone). A claim takes a
@@ -9,6 +15,7 @@
 //! names the [`Lease`] it holds and succeeds only if the chunk is still held under exactly
 //! that generation, else it fails with [`Error::LeaseLost`] and changes nothing.
 
+pub mod postgres;
 pub mod sqlite;
 
 use crate::domain::{ChunkKind, ChunkPlan, EpochMs, Fragment, TimestampSource};
@@ -16,6 +23,120 @@ use crate::error::{Error, Result};
 use crate::plan::Holdings;
 use serde::Serialize;
 use std::fmt;
+
+/// What a process does with the ledger; daemons share the streams among themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// `run`: the service.
+    Daemon,
+    /// `run --once`.
+    Once,
+    Backfill,
+    Verify,
+    /// Reads only (`status`, `plan`): never registers nor claims.
+    Reader,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Daemon => "daemon",
+            Role::Once => "once",
+            Role::Backfill => "backfill",
+            Role::Verify => "verify",
+            Role::Reader => "reader",
+        }
+    }
+}
+
+/// Who this process is in the ledger.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The instance's stable id (`state.instance_id`, or generated once and kept).
+    pub instance: String,
+    pub role: Role,
+    /// This process: `instance@host:pid:nonce`. Claims and leases name it; the random
+    /// part tells apart two processes that share an instance id, a host name and a pid
+    /// (two containers, each its own pid 1).
+    pub owner: String,
+    pub host: String,
+    pub pid: u32,
+}
+
+impl Identity {
+    pub fn new(instance: &str, role: Role) -> Identity {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".to_string());
+        let pid = std::process::id();
+        Identity {
+            instance: instance.to_string(),
+            role,
+            owner: format!("{instance}@{host}:{pid}:{:08x}", rand::random::<u32>()),
+            host,
+            pid,
+        }
+    }
+
+    /// The instance id an owner name carries.
+    pub fn instance_of(owner: &str) -> &str {
+        owner
+            .rsplit_once('@')
+            .map_or(owner, |(instance, _)| instance)
+    }
+}
+
+/// A process registered with the ledger, as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceView {
+    pub owner: String,
+    pub instance: String,
+    pub role: String,
+    pub host: String,
+    pub pid: i64,
+    pub started_ms: EpochMs,
+    pub last_seen_ms: EpochMs,
+}
+
+/// Who works a stream now.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamHolder {
+    pub stream: String,
+    pub timestamp_source: TimestampSource,
+    pub owner: String,
+    pub instance: String,
+    pub role: String,
+    pub acquired_ms: EpochMs,
+    pub lease_until_ms: EpochMs,
+}
+
+/// The outcome of [`Ledger::acquire_stream`].
+#[derive(Debug, Clone)]
+pub enum StreamClaim {
+    /// This process works the stream until it releases it or its lease lapses.
+    Acquired,
+    /// Another live process works it.
+    HeldBy(StreamHolder),
+}
+
+/// The outcome of [`Ledger::register`].
+#[derive(Debug, Clone)]
+pub enum Registration {
+    Registered,
+    /// Another live daemon runs under the same instance id.
+    InstanceInUse(InstanceView),
+}
+
+/// An in-flight chunk and who holds it, for `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeldChunk {
+    pub object_key: String,
+    pub state: ChunkState,
+    pub instance: String,
+    pub owner: String,
+    pub lease_until_ms: Option<EpochMs>,
+}
 
 /// Where a chunk is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -176,6 +297,10 @@ pub struct StreamStatus {
     pub next_run_ms: Option<EpochMs>,
     pub last_run_ms: Option<EpochMs>,
     pub last_run_error: Option<String>,
+    /// The process working the stream now, if any.
+    pub held_by: Option<StreamHolder>,
+    /// In-flight chunks and their holders (at most 50).
+    pub in_flight_chunks: Vec<HeldChunk>,
 }
 
 /// One failed chunk as `status` shows it.
@@ -205,7 +330,55 @@ pub struct StreamProgress {
 #[async_trait::async_trait]
 pub trait Ledger: Send + Sync {
     /// This process's name in claims.
-    fn owner(&self) -> &str;
+    fn owner(&self) -> &str {
+        &self.identity().owner
+    }
+
+    fn identity(&self) -> &Identity;
+
+    /// Records this process as alive. A daemon is refused while another live daemon
+    /// runs under the same instance id.
+    async fn register(&self, now: EpochMs, lease_ms: i64) -> Result<Registration>;
+
+    /// This process is alive: renews its registration, its stream leases and the leases
+    /// of its chunks in `active` (chunks whose worker still runs) until `now + lease_ms`.
+    async fn heartbeat(&self, now: EpochMs, lease_ms: i64, active: &[i64]) -> Result<()>;
+
+    /// A clean stop: the registration and every stream lease of this process end now.
+    async fn unregister(&self) -> Result<()>;
+
+    /// Registered processes, most recently seen first.
+    async fn instances(&self) -> Result<Vec<InstanceView>>;
+
+    /// Takes the stream's lease unless another live process holds it.
+    async fn acquire_stream(
+        &self,
+        stream: &str,
+        source: TimestampSource,
+        now: EpochMs,
+        lease_ms: i64,
+    ) -> Result<StreamClaim>;
+
+    /// Gives the stream's lease back (if this process holds it).
+    async fn release_stream(&self, stream: &str, source: TimestampSource) -> Result<()>;
+
+    /// Live stream leases (unexpired at `now`).
+    async fn stream_holders(&self, now: EpochMs) -> Result<Vec<StreamHolder>>;
+
+    /// Claims the next chunk reaching into `[from, to]` that is claimable at `now` (as
+    /// [`Ledger::claimable`] lists them, minus `skip`), by start; concurrent claimers
+    /// never block on each other's rows nor get the same chunk.
+    #[allow(clippy::too_many_arguments)]
+    async fn claim_next(
+        &self,
+        stream: &str,
+        source: TimestampSource,
+        from: EpochMs,
+        to: EpochMs,
+        now: EpochMs,
+        lease_ms: i64,
+        skip: &[i64],
+    ) -> Result<Option<(Chunk, Lease)>>;
 
     /// Records a planned chunk and the fragments it holds. Returns false, recording
     /// nothing, when any of its fragments is held already or when (for a clip chunk) its
@@ -362,9 +535,20 @@ pub trait Ledger: Send + Sync {
     async fn close(&self);
 }
 
-/// Opens the ledger `database_url` names.
-pub async fn open(database_url: &str) -> Result<std::sync::Arc<dyn Ledger>> {
-    Ok(std::sync::Arc::new(
-        sqlite::SqliteLedger::open(database_url).await?,
-    ))
+/// Opens the ledger `database_url` names: `sqlite:` or `postgres:`/`postgresql:`.
+pub async fn open(database_url: &str, identity: Identity) -> Result<std::sync::Arc<dyn Ledger>> {
+    if is_postgres(database_url) {
+        Ok(std::sync::Arc::new(
+            postgres::PgLedger::open(database_url, identity).await?,
+        ))
+    } else {
+        Ok(std::sync::Arc::new(
+            sqlite::SqliteLedger::open(database_url, identity).await?,
+        ))
+    }
+}
+
+/// Whether `database_url` names a PostgreSQL ledger.
+pub fn is_postgres(database_url: &str) -> bool {
+    database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")
 }

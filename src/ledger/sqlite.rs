@@ -1,7 +1,8 @@
 //! The ledger in SQLite: the embedded default. The only module with SQL for it.
 
 use super::{
-    Archived, Chunk, ChunkState, Failure, FailureView, Lease, Ledger, RangeSummary, StreamProgress,
+    Archived, Chunk, ChunkState, Failure, FailureView, HeldChunk, Identity, InstanceView, Lease,
+    Ledger, RangeSummary, Registration, Role, StreamClaim, StreamHolder, StreamProgress,
     StreamStatus,
 };
 use crate::domain::{ChunkKind, ChunkPlan, EpochMs, Fragment, TimestampSource};
@@ -18,7 +19,7 @@ use std::time::Duration;
 /// Writers wait this long for each other (daemon and backfill share one file).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// The columns of a chunk row, in [`row_to_chunk`]'s order.
 const CHUNK_COLUMNS: &str = "id, stream, timestamp_source, start_ms, end_ms, fragment_count,
@@ -28,7 +29,7 @@ const CHUNK_COLUMNS: &str = "id, stream, timestamp_source, start_ms, end_ms, fra
 
 pub struct SqliteLedger {
     pool: SqlitePool,
-    owner: String,
+    identity: Identity,
 }
 
 fn now_ms() -> EpochMs {
@@ -82,29 +83,49 @@ fn row_to_fragment(row: &SqliteRow) -> Fragment {
     }
 }
 
-/// This process's name in `owner`: host and pid.
-fn process_owner() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".to_string());
-    // The random part tells apart processes that share a host name and a pid (two
-    // containers, each its own pid 1).
-    format!(
-        "{host}:{}:{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    )
-}
-
 /// Whether `owner` is a process of this host that no longer runs. SQLite is one host's
-/// database: a killed process's chunks are taken over at once instead of after its lease.
+/// database: a killed process's chunks and stream are taken over at once instead of
+/// after its lease. (The PostgreSQL ledger, shared by hosts, relies on leases alone.)
 fn owner_is_gone(owner: &str, this_host: &str) -> bool {
     let mut parts = owner.rsplitn(3, ':');
     let (_nonce, pid, host) = (parts.next(), parts.next(), parts.next());
     let (Some(pid), Some(host)) = (pid, host) else {
         return false;
     };
+    let host = host.rsplit_once('@').map_or(host, |(_, host)| host);
     host == this_host && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The active chunk ids as a JSON array, for `json_each`.
+fn id_list(ids: &[i64]) -> String {
+    serde_json::to_string(ids).unwrap_or_else(|_| "[]".to_string())
+}
+
+fn row_to_instance(row: &SqliteRow) -> InstanceView {
+    InstanceView {
+        owner: row.get("owner"),
+        instance: row.get("instance"),
+        role: row.get("role"),
+        host: row.get("host"),
+        pid: row.get("pid"),
+        started_ms: row.get("started_ms"),
+        last_seen_ms: row.get("last_seen_ms"),
+    }
+}
+
+fn row_to_holder(row: &SqliteRow) -> StreamHolder {
+    let source: String = row.get("timestamp_source");
+    StreamHolder {
+        stream: row.get("stream"),
+        timestamp_source: TimestampSource::parse(&source).unwrap_or_default(),
+        owner: row.get::<Option<String>, _>("owner").unwrap_or_default(),
+        instance: row.get::<Option<String>, _>("instance").unwrap_or_default(),
+        role: row.get::<Option<String>, _>("role").unwrap_or_default(),
+        acquired_ms: row.get::<Option<i64>, _>("acquired_ms").unwrap_or_default(),
+        lease_until_ms: row
+            .get::<Option<i64>, _>("lease_until_ms")
+            .unwrap_or_default(),
+    }
 }
 
 /// Fails with [`Error::LeaseLost`] unless exactly one row changed.
@@ -131,7 +152,7 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 
 impl SqliteLedger {
     /// Opens (creating if missing, owner-only) the database and applies the migrations.
-    pub async fn open(database_url: &str) -> Result<SqliteLedger> {
+    pub async fn open(database_url: &str, identity: Identity) -> Result<SqliteLedger> {
         let options = SqliteConnectOptions::from_str(database_url)
             .map_err(Error::store("open"))?
             .create_if_missing(true)
@@ -172,10 +193,7 @@ impl SqliteLedger {
         let migrated = MIGRATOR.run(&pool).await;
         drop(lock);
         migrated?;
-        Ok(SqliteLedger {
-            pool,
-            owner: process_owner(),
-        })
+        Ok(SqliteLedger { pool, identity })
     }
 
     async fn insert_fragments(
@@ -276,7 +294,7 @@ impl SqliteLedger {
         let sql = format!("UPDATE chunks SET {set}, updated_ms = ?4 WHERE {HELD}");
         let query = sqlx::query(&sql)
             .bind(lease.chunk)
-            .bind(self.owner.as_str())
+            .bind(self.identity.owner.as_str())
             .bind(lease.generation)
             .bind(now_ms());
         let done = bind(query)
@@ -298,7 +316,7 @@ impl SqliteLedger {
             "UPDATE chunks SET updated_ms = ?4 WHERE {HELD} RETURNING stream, timestamp_source"
         ))
         .bind(lease.chunk)
-        .bind(&self.owner)
+        .bind(&self.identity.owner)
         .bind(lease.generation)
         .bind(now_ms())
         .fetch_optional(&mut *tx)
@@ -353,8 +371,261 @@ fn owner_only() -> std::fs::OpenOptions {
 
 #[async_trait::async_trait]
 impl Ledger for SqliteLedger {
-    fn owner(&self) -> &str {
-        &self.owner
+    fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    async fn register(&self, now: EpochMs, lease_ms: i64) -> Result<Registration> {
+        let op = "register instance";
+        let me = &self.identity;
+        if me.role == Role::Daemon {
+            let rows = sqlx::query(
+                "SELECT * FROM instances WHERE instance = ?1 AND role = 'daemon' AND owner <> ?2
+                   AND last_seen_ms >= ?3 ORDER BY last_seen_ms DESC",
+            )
+            .bind(&me.instance)
+            .bind(&me.owner)
+            .bind(now - lease_ms)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::store(op))?;
+            if let Some(other) = rows
+                .iter()
+                .map(row_to_instance)
+                .find(|other| !owner_is_gone(&other.owner, &me.host))
+            {
+                return Ok(Registration::InstanceInUse(other));
+            }
+        }
+        // Processes not seen for a day are history.
+        sqlx::query("DELETE FROM instances WHERE last_seen_ms < ?")
+            .bind(now - 86_400_000)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::store(op))?;
+        sqlx::query(
+            "INSERT INTO instances (owner, instance, role, host, pid, started_ms, last_seen_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+             ON CONFLICT (owner) DO UPDATE SET last_seen_ms = ?6",
+        )
+        .bind(&me.owner)
+        .bind(&me.instance)
+        .bind(me.role.as_str())
+        .bind(&me.host)
+        .bind(i64::from(me.pid))
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::store(op))?;
+        Ok(Registration::Registered)
+    }
+
+    async fn heartbeat(&self, now: EpochMs, lease_ms: i64, active: &[i64]) -> Result<()> {
+        let op = "heartbeat";
+        let me = &self.identity;
+        let mut tx = self.pool.begin().await.map_err(Error::store(op))?;
+        sqlx::query(
+            "INSERT INTO instances (owner, instance, role, host, pid, started_ms, last_seen_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+             ON CONFLICT (owner) DO UPDATE SET last_seen_ms = ?6",
+        )
+        .bind(&me.owner)
+        .bind(&me.instance)
+        .bind(me.role.as_str())
+        .bind(&me.host)
+        .bind(i64::from(me.pid))
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::store(op))?;
+        sqlx::query("UPDATE stream_leases SET lease_until_ms = ?2 WHERE owner = ?1")
+            .bind(&me.owner)
+            .bind(now + lease_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::store(op))?;
+        sqlx::query(
+            "UPDATE chunks SET lease_until_ms = MAX(COALESCE(lease_until_ms, 0), ?2)
+             WHERE owner = ?1 AND state IN ('fetching', 'uploading')
+               AND id IN (SELECT value FROM json_each(?3))",
+        )
+        .bind(&me.owner)
+        .bind(now + lease_ms)
+        .bind(id_list(active))
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::store(op))?;
+        tx.commit().await.map_err(Error::store(op))
+    }
+
+    async fn unregister(&self) -> Result<()> {
+        let op = "unregister";
+        sqlx::query(
+            "UPDATE stream_leases SET owner = NULL, instance = NULL, role = NULL,
+                 lease_until_ms = NULL WHERE owner = ?",
+        )
+        .bind(&self.identity.owner)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::store(op))?;
+        sqlx::query("DELETE FROM instances WHERE owner = ?")
+            .bind(&self.identity.owner)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::store(op))?;
+        Ok(())
+    }
+
+    async fn instances(&self) -> Result<Vec<InstanceView>> {
+        let rows = sqlx::query("SELECT * FROM instances ORDER BY last_seen_ms DESC, owner")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::store("list instances"))?;
+        Ok(rows.iter().map(row_to_instance).collect())
+    }
+
+    async fn acquire_stream(
+        &self,
+        stream: &str,
+        source: TimestampSource,
+        now: EpochMs,
+        lease_ms: i64,
+    ) -> Result<StreamClaim> {
+        let op = "acquire stream";
+        let me = &self.identity;
+        let current =
+            sqlx::query("SELECT * FROM stream_leases WHERE stream = ? AND timestamp_source = ?")
+                .bind(stream)
+                .bind(source.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(Error::store(op))?
+                .map(|row| row_to_holder(&row));
+        // A holder of this host that no longer runs gives the stream up at once.
+        let gone = current
+            .as_ref()
+            .filter(|h| !h.owner.is_empty() && owner_is_gone(&h.owner, &me.host))
+            .map(|h| h.owner.clone());
+        let acquired: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO stream_leases (stream, timestamp_source, owner, instance, role,
+                 acquired_ms, lease_until_ms, generation)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1)
+             ON CONFLICT (stream, timestamp_source) DO UPDATE SET
+                 owner = excluded.owner, instance = excluded.instance, role = excluded.role,
+                 acquired_ms = CASE WHEN stream_leases.owner IS excluded.owner
+                     THEN stream_leases.acquired_ms ELSE excluded.acquired_ms END,
+                 lease_until_ms = excluded.lease_until_ms,
+                 generation = stream_leases.generation + 1
+             WHERE stream_leases.owner IS NULL OR stream_leases.owner = excluded.owner
+                OR stream_leases.lease_until_ms IS NULL OR stream_leases.lease_until_ms < ?6
+                OR stream_leases.owner IS ?8
+             RETURNING generation",
+        )
+        .bind(stream)
+        .bind(source.as_str())
+        .bind(&me.owner)
+        .bind(&me.instance)
+        .bind(me.role.as_str())
+        .bind(now)
+        .bind(now + lease_ms)
+        .bind(gone)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(Error::store(op))?;
+        if acquired.is_some() {
+            return Ok(StreamClaim::Acquired);
+        }
+        let holder =
+            sqlx::query("SELECT * FROM stream_leases WHERE stream = ? AND timestamp_source = ?")
+                .bind(stream)
+                .bind(source.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(Error::store(op))?
+                .map(|row| row_to_holder(&row));
+        match holder {
+            Some(holder) => Ok(StreamClaim::HeldBy(holder)),
+            // Released between the two statements: try again next time.
+            None => Ok(StreamClaim::HeldBy(StreamHolder {
+                stream: stream.to_string(),
+                timestamp_source: source,
+                owner: String::new(),
+                instance: String::new(),
+                role: String::new(),
+                acquired_ms: now,
+                lease_until_ms: now,
+            })),
+        }
+    }
+
+    async fn release_stream(&self, stream: &str, source: TimestampSource) -> Result<()> {
+        sqlx::query(
+            "UPDATE stream_leases SET owner = NULL, instance = NULL, role = NULL,
+                 lease_until_ms = NULL
+             WHERE stream = ?1 AND timestamp_source = ?2 AND owner = ?3",
+        )
+        .bind(stream)
+        .bind(source.as_str())
+        .bind(&self.identity.owner)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::store("release stream"))?;
+        Ok(())
+    }
+
+    async fn stream_holders(&self, now: EpochMs) -> Result<Vec<StreamHolder>> {
+        let rows = sqlx::query(
+            "SELECT * FROM stream_leases WHERE owner IS NOT NULL AND lease_until_ms >= ?
+             ORDER BY stream, timestamp_source",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::store("list stream leases"))?;
+        Ok(rows.iter().map(row_to_holder).collect())
+    }
+
+    async fn claim_next(
+        &self,
+        stream: &str,
+        source: TimestampSource,
+        from: EpochMs,
+        to: EpochMs,
+        now: EpochMs,
+        lease_ms: i64,
+        skip: &[i64],
+    ) -> Result<Option<(Chunk, Lease)>> {
+        // SQLite has one writer: the UPDATE selects and claims in one step.
+        let row = sqlx::query(&format!(
+            "UPDATE chunks SET state = 'fetching', attempts = attempts + 1, owner = ?1,
+                 generation = generation + 1, lease_until_ms = ?2, updated_ms = ?3
+             WHERE id = (
+                 SELECT id FROM chunks
+                 WHERE stream = ?4 AND timestamp_source = ?5 AND end_ms >= ?6 AND start_ms <= ?7
+                   AND (state = 'planned' OR (state = 'failed' AND COALESCE(next_attempt_ms, 0) <= ?3))
+                   AND id NOT IN (SELECT value FROM json_each(?8))
+                 ORDER BY start_ms, id LIMIT 1)
+             RETURNING {CHUNK_COLUMNS}"
+        ))
+        .bind(&self.identity.owner)
+        .bind(now + lease_ms)
+        .bind(now)
+        .bind(stream)
+        .bind(source.as_str())
+        .bind(from)
+        .bind(to)
+        .bind(id_list(skip))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(Error::store("claim next chunk"))?;
+        Ok(row.map(|row| {
+            let chunk = row_to_chunk(&row);
+            let lease = Lease {
+                chunk: chunk.id,
+                generation: chunk.generation,
+            };
+            (chunk, lease)
+        }))
     }
 
     async fn insert_planned(
@@ -522,7 +793,7 @@ impl Ledger for SqliteLedger {
                  OR (state = 'failed' AND COALESCE(next_attempt_ms, 0) <= ?3))
              RETURNING generation",
         )
-        .bind(&self.owner)
+        .bind(&self.identity.owner)
         .bind(now + lease_ms)
         .bind(now)
         .bind(id)
@@ -546,14 +817,14 @@ impl Ledger for SqliteLedger {
                 },
             )
             .await?;
-        let host = self.owner.rsplitn(3, ':').nth(2).unwrap_or("");
+        let me = &self.identity;
         Ok(in_flight
             .into_iter()
             .filter(|c| {
                 let expired = c.lease_until_ms.is_none_or(|l| l < now);
                 match c.owner.as_deref() {
-                    Some(o) if o == self.owner => expired || !active.contains(&c.id),
-                    Some(o) => expired || owner_is_gone(o, host),
+                    Some(o) if o == me.owner => expired || !active.contains(&c.id),
+                    Some(o) => expired || owner_is_gone(o, &me.host),
                     None => true,
                 }
             })
@@ -568,7 +839,7 @@ impl Ledger for SqliteLedger {
                AND state IN ('fetching', 'uploading')
              RETURNING generation",
         )
-        .bind(&self.owner)
+        .bind(&self.identity.owner)
         .bind(now + lease_ms)
         .bind(now)
         .bind(chunk.id)
@@ -834,6 +1105,7 @@ impl Ledger for SqliteLedger {
         .fetch_all(&self.pool)
         .await
         .map_err(Error::store(op))?;
+        let holders = self.stream_holders(now_ms()).await?;
         let mut out: Vec<StreamStatus> = Vec::new();
         for row in &rows {
             let stream: String = row.get("stream");
@@ -906,6 +1178,30 @@ impl Ledger for SqliteLedger {
                 })
                 .collect();
             s.last_error = s.failures.first().map(|f| f.reason.clone());
+            s.held_by = holders.iter().find(|h| h.stream == s.stream).cloned();
+            let held = sqlx::query(
+                "SELECT object_key, state, owner, lease_until_ms FROM chunks
+                 WHERE stream = ? AND state IN ('fetching', 'uploading') AND owner IS NOT NULL
+                 ORDER BY start_ms LIMIT 50",
+            )
+            .bind(&s.stream)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::store(op))?;
+            s.in_flight_chunks = held
+                .iter()
+                .map(|r| {
+                    let owner: String = r.get("owner");
+                    HeldChunk {
+                        object_key: r.get("object_key"),
+                        state: ChunkState::parse(&r.get::<String, _>("state"))
+                            .unwrap_or(ChunkState::Fetching),
+                        instance: Identity::instance_of(&owner).to_string(),
+                        owner,
+                        lease_until_ms: r.get("lease_until_ms"),
+                    }
+                })
+                .collect();
         }
         Ok(out)
     }

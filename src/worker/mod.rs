@@ -12,13 +12,12 @@ pub mod transfer;
 use crate::config::{Config, StreamConfig};
 use crate::domain::{object_key, ChunkPlan, EpochMs};
 use crate::error::{Error, Result};
-use crate::ledger::{Chunk, Failure, Lease, Ledger, RangeSummary};
+use crate::ledger::{Chunk, Failure, Lease, Ledger, RangeSummary, StreamClaim, StreamHolder};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::sink::Sink;
 use crate::source::kvs::KvsSource;
 use crate::telemetry::Progress;
-use futures_util::StreamExt;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,11 +26,6 @@ use transfer::Transferred;
 
 pub use planning::PlanSummary;
 
-/// How long a claim holds without renewal; a live worker renews it every
-/// [`LEASE_RENEWAL`] while a clip streams.
-pub const LEASE: Duration = Duration::from_secs(15 * 60);
-/// How often a clip still streaming renews its claim.
-pub const LEASE_RENEWAL: Duration = Duration::from_secs(60);
 /// How often to look again when another process holds chunks of our range.
 const FOREIGN_WAIT: Duration = Duration::from_secs(2);
 /// The first pause before a later pass retries a chunk that failed; it doubles with each
@@ -70,6 +64,11 @@ pub struct Archiver {
     /// When the sweep of unrecorded uploads last ran: the daemon sweeps every
     /// [`SWEEP_INTERVAL`], not every pass.
     last_sweep: Mutex<Option<std::time::Instant>>,
+    /// Claiming (read) and taking back dead claims (write) exclude each other, so that
+    /// a recovery never sees a claim of ours before its worker is in `active`.
+    claiming: tokio::sync::RwLock<()>,
+    /// Ends the heartbeat when the archiver is dropped.
+    heartbeat: Mutex<Option<tokio_util::sync::DropGuard>>,
 }
 
 /// How often a long-running process looks for unrecorded partial uploads.
@@ -129,6 +128,176 @@ impl Archiver {
             in_flight: None,
             active: Arc::new(Mutex::new(HashSet::new())),
             last_sweep: Mutex::new(None),
+            claiming: tokio::sync::RwLock::new(()),
+            heartbeat: Mutex::new(None),
+        }
+    }
+
+    /// How long a claim holds without a heartbeat (`state.lease`).
+    pub fn lease(&self) -> Duration {
+        self.config.state.lease
+    }
+
+    pub(crate) fn lease_ms(&self) -> i64 {
+        self.lease().as_millis() as i64
+    }
+
+    /// How often this process tells the ledger it is alive, and a streaming clip checks
+    /// its lease.
+    pub(crate) fn renewal_interval(&self) -> Duration {
+        self.lease() / 3
+    }
+
+    /// Registers this process with the ledger (a daemon waits, up to two leases, for a
+    /// dead predecessor under the same instance id to lapse) and starts its heartbeat,
+    /// which renews the registration, the stream leases and the leases of the chunks its
+    /// workers hold, until the archiver is dropped.
+    pub async fn register(&self) -> Result<()> {
+        let identity = self.ledger.identity().clone();
+        let waited_since = std::time::Instant::now();
+        let mut told = false;
+        loop {
+            match self.ledger.register(now_ms(), self.lease_ms()).await? {
+                crate::ledger::Registration::Registered => break,
+                crate::ledger::Registration::InstanceInUse(other) => {
+                    if waited_since.elapsed() > self.lease() * 2 {
+                        return Err(Error::Usage(format!(
+                            "instance id {:?} is in use by a running daemon ({} on {}, pid {}, seen {} ago): give each daemon its own state.instance_id",
+                            identity.instance,
+                            other.owner,
+                            other.host,
+                            other.pid,
+                            humantime::format_duration(Duration::from_secs(((now_ms() - other.last_seen_ms).max(0) / 1000) as u64)),
+                        )));
+                    }
+                    if !told {
+                        tracing::warn!(instance = %identity.instance, other = %other.owner, "another daemon was running under this instance id moments ago; waiting for its lease to lapse");
+                        told = true;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        let stop = tokio_util::sync::CancellationToken::new();
+        let ledger = self.ledger.clone();
+        let active = self.active.clone();
+        let (lease_ms, every) = (self.lease_ms(), self.renewal_interval());
+        let token = stop.clone();
+        tokio::spawn(async move {
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = token.cancelled() => return,
+                }
+                let ids: Vec<i64> = active
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .copied()
+                    .collect();
+                match ledger.heartbeat(now_ms(), lease_ms, &ids).await {
+                    Ok(()) if failing => {
+                        failing = false;
+                        tracing::info!("ledger reachable again: heartbeat renewed");
+                    }
+                    Ok(()) => {}
+                    Err(error) if !failing => {
+                        failing = true;
+                        tracing::error!(%error, "heartbeat failed: this instance's leases lapse unless the ledger answers again soon");
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+        *self.heartbeat.lock().unwrap_or_else(|p| p.into_inner()) = Some(stop.drop_guard());
+        Ok(())
+    }
+
+    /// A clean stop: ends the heartbeat, gives back stream leases, closes the ledger.
+    pub async fn close(&self) {
+        self.heartbeat
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if self.ledger.identity().role != crate::ledger::Role::Reader {
+            if let Err(error) = self.ledger.unregister().await {
+                tracing::warn!(%error, "could not unregister from the ledger; the registration lapses by itself");
+            }
+        }
+        self.ledger.close().await;
+    }
+
+    /// Takes the stream's lease: one process works a stream at a time, so KVS's
+    /// per-stream quotas hold across processes. With `wait`, waits while another live
+    /// process holds it; without, returns who holds it.
+    pub async fn hold_stream(
+        &self,
+        stream: &StreamConfig,
+        wait: bool,
+        shutdown: &Shutdown,
+    ) -> Result<Option<StreamHolder>> {
+        let mut told = false;
+        loop {
+            let claim = self
+                .ledger
+                .acquire_stream(
+                    &stream.label(),
+                    stream.timestamp_source,
+                    now_ms(),
+                    self.lease_ms(),
+                )
+                .await?;
+            match claim {
+                StreamClaim::Acquired => return Ok(None),
+                StreamClaim::HeldBy(holder) if !wait => return Ok(Some(holder)),
+                StreamClaim::HeldBy(holder) => {
+                    if !told {
+                        tracing::warn!(stream = %stream.label(), instance = %holder.instance, role = %holder.role, owner = %holder.owner, "another process is archiving this stream; waiting until it is done (KVS's per-stream quota is shared)");
+                        told = true;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(FOREIGN_WAIT) => {}
+                        _ = shutdown.soft.cancelled() => return Err(Error::Interrupted),
+                    }
+                }
+            }
+        }
+    }
+
+    pub async fn release_stream(&self, stream: &StreamConfig) {
+        if let Err(error) = self
+            .ledger
+            .release_stream(&stream.label(), stream.timestamp_source)
+            .await
+        {
+            tracing::warn!(stream = %stream.label(), %error, "could not release the stream's lease; it lapses by itself");
+        }
+    }
+
+    /// Runs a ledger write again while the database is unreachable (a restart, a
+    /// fail-over), for up to one lease: finished work is not thrown away for a blip.
+    /// Fencing keeps a late write from landing once another process took the chunk.
+    pub(crate) async fn ledger_write<T, F, Fut>(&self, what: &str, mut write: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let deadline = std::time::Instant::now() + self.lease();
+        let mut delay = Duration::from_millis(500);
+        loop {
+            match write().await {
+                Err(error)
+                    if matches!(error, Error::Store { .. })
+                        && error.retryability() != crate::error::Retryability::Permanent
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tracing::warn!(%error, what, "ledger unreachable; trying again");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                other => return other,
+            }
         }
     }
 
@@ -149,12 +318,13 @@ impl Archiver {
     /// worker of ours that returned early): aborts the upload each recorded and makes it
     /// pending again. Never touches a chunk under a live lease.
     pub async fn recover_abandoned(&self) -> Result<usize> {
+        let _exclusive = self.claiming.write().await;
         let abandoned = self.ledger.abandoned(now_ms(), &self.active_ids()).await?;
         let mut recovered = 0;
         for chunk in &abandoned {
             let Some(lease) = self
                 .ledger
-                .take_over(chunk, now_ms(), LEASE.as_millis() as i64)
+                .take_over(chunk, now_ms(), self.lease_ms())
                 .await?
             else {
                 continue;
@@ -245,7 +415,7 @@ impl Archiver {
         // ours that returned early or whose pass timed out) are taken back first.
         self.recover_abandoned().await?;
         // Each chunk gets one round of attempts per run; ids are never reused.
-        let mut attempted: HashSet<i64> = HashSet::new();
+        let attempted: Mutex<HashSet<i64>> = Mutex::new(HashSet::new());
         loop {
             if shutdown.soft.is_cancelled() {
                 return Err(Error::Interrupted);
@@ -255,94 +425,128 @@ impl Archiver {
                 .range_summary(&label, source, start, end)
                 .await?;
             progress.set_totals(summary.chunks, summary.done);
-            let todo: Vec<Chunk> = self
-                .ledger
-                .claimable(&label, source, start, end, now_ms())
-                .await?
-                .into_iter()
-                .filter(|c| !attempted.contains(&c.id))
-                .collect();
-            if todo.is_empty() {
-                if summary.in_flight > 0 && wait_for_others {
-                    tokio::select! {
-                        _ = tokio::time::sleep(FOREIGN_WAIT) => {}
-                        _ = shutdown.soft.cancelled() => return Err(Error::Interrupted),
-                    }
-                    self.recover_abandoned().await?;
-                    continue;
-                }
-                return Ok(summary);
+            // `archive.concurrency` workers, each claiming the next chunk until none is
+            // left; a chunk split or converted meanwhile is claimed in its new form.
+            let slots = (0..self.config.archive.concurrency.max(1))
+                .map(|_| self.work_slot(stream, start, end, &attempted, progress, shutdown));
+            let mut worked = 0;
+            for outcome in futures_util::future::join_all(slots).await {
+                worked += outcome?;
             }
-            let results: Vec<(i64, Result<ChunkOutcome>)> = futures_util::stream::iter(todo)
-                .map(|chunk| async move {
-                    let id = chunk.id;
-                    (
-                        id,
-                        self.archive_chunk(stream, chunk, progress, shutdown).await,
-                    )
-                })
-                .buffer_unordered(self.config.archive.concurrency)
-                .collect()
-                .await;
-            for (id, result) in results {
-                match result {
-                    Ok(ChunkOutcome::Done) => {
-                        attempted.insert(id);
-                    }
-                    // Its replacements are new chunks; a converted chunk is tried again.
-                    Ok(ChunkOutcome::Changed) => {}
-                    // Another process holds it: it may fail there, so look again later.
-                    Ok(ChunkOutcome::Skipped) => {
-                        tracing::debug!(id, "chunk held elsewhere or finished")
-                    }
-                    Err(Error::Interrupted) => return Err(Error::Interrupted),
-                    Err(Error::Store { op, source }) => return Err(Error::Store { op, source }),
-                    // Recorded on the chunk; the summary reports it.
-                    Err(_) => {
-                        attempted.insert(id);
-                    }
+            if worked > 0 {
+                continue;
+            }
+            if summary.in_flight > 0 && wait_for_others {
+                tokio::select! {
+                    _ = tokio::time::sleep(FOREIGN_WAIT) => {}
+                    _ = shutdown.soft.cancelled() => return Err(Error::Interrupted),
                 }
+                self.recover_abandoned().await?;
+                continue;
+            }
+            return Ok(summary);
+        }
+    }
+
+    /// One worker of a range: claims the next chunk and archives it, until nothing of the
+    /// range is claimable. Returns how many chunks it claimed.
+    async fn work_slot(
+        &self,
+        stream: &StreamConfig,
+        start: EpochMs,
+        end: EpochMs,
+        attempted: &Mutex<HashSet<i64>>,
+        progress: &Progress,
+        shutdown: &Shutdown,
+    ) -> Result<usize> {
+        let label = stream.label();
+        let mut claimed = 0;
+        loop {
+            if shutdown.soft.is_cancelled() {
+                return Err(Error::Interrupted);
+            }
+            // The daemon's limit of clips in flight across streams, taken before the
+            // claim so that no claim waits for it.
+            let _permit = match &self.in_flight {
+                Some(limit) => tokio::select! {
+                    permit = limit.clone().acquire_owned() => permit.ok(),
+                    _ = shutdown.soft.cancelled() => return Err(Error::Interrupted),
+                },
+                None => None,
+            };
+            let skip: Vec<i64> = attempted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .copied()
+                .collect();
+            let next = {
+                let _shared = self.claiming.read().await;
+                let next = self
+                    .ledger
+                    .claim_next(
+                        &label,
+                        stream.timestamp_source,
+                        start,
+                        end,
+                        now_ms(),
+                        self.lease_ms(),
+                        &skip,
+                    )
+                    .await?;
+                if let Some((chunk, _)) = &next {
+                    self.active
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(chunk.id);
+                }
+                next
+            };
+            let Some((chunk, lease)) = next else {
+                return Ok(claimed);
+            };
+            let _claim = ActiveClaim {
+                active: self.active.clone(),
+                chunk: chunk.id,
+            };
+            claimed += 1;
+            let id = chunk.id;
+            let finished = match self
+                .archive_claimed(stream, chunk, lease, progress, shutdown)
+                .await
+            {
+                Ok(ChunkOutcome::Done) => true,
+                // Its replacements are new chunks; a converted chunk is tried again.
+                Ok(ChunkOutcome::Changed) => false,
+                // Another process took it over: it may fail there, so look again later.
+                Ok(ChunkOutcome::Skipped) => {
+                    tracing::debug!(id, "chunk taken over by another process");
+                    false
+                }
+                Err(e @ (Error::Interrupted | Error::Store { .. })) => return Err(e),
+                // Recorded on the chunk; the summary reports it.
+                Err(_) => true,
+            };
+            if finished {
+                attempted
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id);
             }
         }
     }
 
-    /// One chunk, with retries under one claim: returns after it is done, changed, given
-    /// up for this pass (recorded failed, with the time a later pass tries again), or
-    /// taken by another process.
-    async fn archive_chunk(
+    /// One claimed chunk, with retries under its claim: returns after it is done,
+    /// changed, given up for this pass (recorded failed, with the time a later pass tries
+    /// again), or taken by another process.
+    async fn archive_claimed(
         &self,
         stream: &StreamConfig,
         chunk: Chunk,
+        lease: Lease,
         progress: &Progress,
         shutdown: &Shutdown,
     ) -> Result<ChunkOutcome> {
-        if shutdown.soft.is_cancelled() {
-            return Err(Error::Interrupted);
-        }
-        let _permit = match &self.in_flight {
-            Some(limit) => tokio::select! {
-                permit = limit.clone().acquire_owned() => permit.ok(),
-                _ = shutdown.soft.cancelled() => return Err(Error::Interrupted),
-            },
-            None => None,
-        };
-        // Marked active before the claim, so that no recovery running beside it (another
-        // stream's pass) sees the claim without its worker.
-        self.active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(chunk.id);
-        let _claim = ActiveClaim {
-            active: self.active.clone(),
-            chunk: chunk.id,
-        };
-        let Some(lease) = self
-            .ledger
-            .claim(chunk.id, now_ms(), LEASE.as_millis() as i64)
-            .await?
-        else {
-            return Ok(ChunkOutcome::Skipped);
-        };
         // An upload an earlier claim of this chunk recorded and could not abort (the store
         // was down, the process stopped) is dead now: abort it before starting anew.
         if let Some(upload_id) = &chunk.upload_id {
@@ -360,7 +564,8 @@ impl Archiver {
             }
             Err(Error::Interrupted) => {
                 // The upload was aborted; the chunk waits for the next start.
-                self.ledger.release(&lease).await?;
+                self.ledger_write("release", || self.ledger.release(&lease))
+                    .await?;
                 tracing::info!(key = %chunk.object_key, "stopped mid-clip; the chunk is pending again");
                 Err(Error::Interrupted)
             }
@@ -394,7 +599,8 @@ impl Archiver {
             .await;
             let error = match result {
                 Ok(Transferred::Archived(archived)) => {
-                    self.ledger.mark_done(lease, &archived).await?;
+                    self.ledger_write("mark done", || self.ledger.mark_done(lease, &archived))
+                        .await?;
                     crate::metrics::clip_archived(
                         &current.stream,
                         current.plan.kind,
@@ -432,8 +638,8 @@ impl Archiver {
                 continue;
             }
             let next_attempt = next_pass_attempt(now_ms(), current.attempts);
-            self.ledger
-                .mark_failed(lease, &Failure::of(&error, next_attempt))
+            let failure = Failure::of(&error, next_attempt);
+            self.ledger_write("mark failed", || self.ledger.mark_failed(lease, &failure))
                 .await?;
             tracing::error!(key = %current.object_key, attempt, kind = error.kind(), next_attempt = %crate::domain::rfc3339(next_attempt), %error, "chunk failed; a later pass tries again");
             progress.chunk_failed(&current, &error);
@@ -443,7 +649,7 @@ impl Archiver {
 
     /// The lease's renewal deadline from now.
     pub(crate) fn lease_until(&self) -> EpochMs {
-        now_ms() + LEASE.as_millis() as i64
+        now_ms() + self.lease_ms()
     }
 
     pub(crate) async fn renew(&self, lease: &Lease) -> Result<()> {

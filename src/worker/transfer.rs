@@ -4,7 +4,7 @@
 //! sink under the lease. The upload finishes before the ledger says done, so a crash in
 //! between re-uploads the same bytes to the same key.
 
-use super::{now_ms, Archiver, LEASE_RENEWAL};
+use super::{now_ms, Archiver};
 use crate::config::StreamConfig;
 use crate::domain::{rfc3339, ChunkKind, ChunkPlan, Fragment, TimestampSource};
 use crate::error::{Error, Result, Retryability};
@@ -431,12 +431,19 @@ impl Archiver {
                     return Err(e);
                 }
                 crate::crashpoint::hit("mid-body");
-                if renewed.elapsed() > LEASE_RENEWAL {
-                    if let Err(e) = self.renew(lease).await {
-                        upload.abort().await;
-                        return Err(e);
+                if renewed.elapsed() > self.renewal_interval() {
+                    match self.renew(lease).await {
+                        Ok(()) => renewed = std::time::Instant::now(),
+                        // The ledger is away for a moment: keep streaming; the check
+                        // before the object becomes visible decides.
+                        Err(e @ Error::Store { .. }) => {
+                            tracing::warn!(error = %e, "lease not renewed: the ledger does not answer");
+                        }
+                        Err(e) => {
+                            upload.abort().await;
+                            return Err(e);
+                        }
                     }
-                    renewed = std::time::Instant::now();
                 }
                 if !recorded_upload {
                     if let Some(id) = upload.upload_id() {
@@ -480,7 +487,7 @@ impl Archiver {
         }
         // The last lease check before the object becomes visible: a worker that lost its
         // lease never completes an upload the new holder may be writing too.
-        if let Err(e) = self.renew(lease).await {
+        if let Err(e) = self.ledger_write("renew", || self.renew(lease)).await {
             upload.abort().await;
             return Err(e);
         }
