@@ -1,25 +1,66 @@
 //! The ledger contract, run against every implementation of [`Ledger`]: claims, lease
-//! expiry, fencing, overlap, split, late chunks and retries across passes. A new ledger
-//! (PostgreSQL) gets the same suite by adding its constructor to `ledgers()`.
+//! expiry, fencing, overlap, split, late chunks, retries across passes, and several
+//! processes on one ledger (stream leases, registration, concurrent claims and plans).
+//! SQLite always; PostgreSQL on the server `.ci/postgres` starts (a fresh database per
+//! test).
 
 use kvs_archiver::domain::{ChunkKind, ChunkPlan, Fragment, TimestampSource};
 use kvs_archiver::error::Error;
-use kvs_archiver::ledger::{Archived, ChunkState, Failure, Ledger};
+use kvs_archiver::ledger::{
+    Archived, ChunkState, Failure, Identity, Ledger, Registration, Role, StreamClaim,
+};
 use std::sync::Arc;
+
+#[path = "support/postgres.rs"]
+mod postgres;
 
 const STREAM: &str = "cam";
 const SOURCE: TimestampSource = TimestampSource::Server;
 const LEASE_MS: i64 = 60_000;
 const T0: i64 = 1_795_564_800_000;
 
-/// Fresh, empty ledgers of every kind, each in its own temporary place.
-async fn ledgers() -> Vec<(String, Arc<dyn Ledger>, tempfile::TempDir)> {
+/// One ledger under test: its kind, a process on it, and what a second process needs.
+struct Under {
+    kind: &'static str,
+    ledger: Arc<dyn Ledger>,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Under {
+    /// Another process on the same ledger.
+    async fn another(&self, instance: &str, role: Role) -> Arc<dyn Ledger> {
+        kvs_archiver::ledger::open(&self.url, Identity::new(instance, role))
+            .await
+            .expect("second process")
+    }
+}
+
+async fn open(url: &str) -> Arc<dyn Ledger> {
+    kvs_archiver::ledger::open(url, Identity::new("test-a", Role::Backfill))
+        .await
+        .expect("ledger opens")
+}
+
+/// Fresh, empty ledgers of every kind.
+async fn ledgers() -> Vec<Under> {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}/ledger.db", dir.path().display());
-    let sqlite = kvs_archiver::ledger::open(&url)
-        .await
-        .expect("sqlite ledger");
-    vec![("sqlite".into(), sqlite, dir)]
+    let mut all = vec![Under {
+        kind: "sqlite",
+        ledger: open(&url).await,
+        url,
+        _dir: dir,
+    }];
+    if let Some(url) = postgres::fresh_database().await {
+        all.push(Under {
+            kind: "postgres",
+            ledger: open(&url).await,
+            url,
+            _dir: tempfile::tempdir().expect("tempdir"),
+        });
+    }
+    all
 }
 
 fn fragment(i: i64) -> Fragment {
@@ -62,7 +103,7 @@ async fn only_chunk_id(ledger: &dyn Ledger) -> i64 {
 
 #[tokio::test]
 async fn a_chunk_is_claimed_once_and_done_only_by_its_holder() {
-    for (kind, ledger, _dir) in ledgers().await {
+    for Under { kind, ledger, _dir: _keep, .. } in ledgers().await {
         assert!(insert(&*ledger, &clip(0..10)).await, "{kind}");
         let id = only_chunk_id(&*ledger).await;
         let lease = ledger
@@ -113,7 +154,7 @@ async fn a_chunk_is_claimed_once_and_done_only_by_its_holder() {
 
 #[tokio::test]
 async fn an_expired_lease_is_taken_over_and_fences_off_the_old_holder() {
-    for (kind, ledger, _dir) in ledgers().await {
+    for Under { kind, ledger, _dir: _keep, .. } in ledgers().await {
         insert(&*ledger, &clip(0..10)).await;
         let id = only_chunk_id(&*ledger).await;
         let old = ledger
@@ -177,7 +218,7 @@ async fn an_expired_lease_is_taken_over_and_fences_off_the_old_holder() {
 
 #[tokio::test]
 async fn this_process_takes_back_its_own_chunk_a_worker_left_behind() {
-    for (kind, ledger, _dir) in ledgers().await {
+    for Under { kind, ledger, _dir: _keep, .. } in ledgers().await {
         insert(&*ledger, &clip(0..10)).await;
         let id = only_chunk_id(&*ledger).await;
         ledger
@@ -203,7 +244,7 @@ async fn this_process_takes_back_its_own_chunk_a_worker_left_behind() {
 
 #[tokio::test]
 async fn no_fragment_is_ever_in_two_chunks_and_clip_ranges_never_overlap() {
-    for (kind, ledger, _dir) in ledgers().await {
+    for Under { kind, ledger, _dir: _keep, .. } in ledgers().await {
         assert!(insert(&*ledger, &clip(0..10)).await);
         assert!(
             !insert(&*ledger, &clip(5..15)).await,
@@ -248,7 +289,7 @@ async fn no_fragment_is_ever_in_two_chunks_and_clip_ranges_never_overlap() {
 
 #[tokio::test]
 async fn a_split_replaces_a_chunk_by_its_parts_and_records_what_expired() {
-    for (kind, ledger, _dir) in ledgers().await {
+    for Under { kind, ledger, _dir: _keep, .. } in ledgers().await {
         insert(&*ledger, &clip(0..10)).await;
         let id = only_chunk_id(&*ledger).await;
         let lease = ledger
@@ -288,7 +329,7 @@ async fn a_split_replaces_a_chunk_by_its_parts_and_records_what_expired() {
 
 #[tokio::test]
 async fn a_failed_chunk_waits_for_its_next_attempt_and_a_backfill_requeues_it() {
-    for (kind, ledger, _dir) in ledgers().await {
+    for Under { kind, ledger, _dir: _keep, .. } in ledgers().await {
         insert(&*ledger, &clip(0..10)).await;
         let id = only_chunk_id(&*ledger).await;
         let lease = ledger
@@ -332,7 +373,7 @@ async fn a_failed_chunk_waits_for_its_next_attempt_and_a_backfill_requeues_it() 
 
 #[tokio::test]
 async fn fragments_listed_late_join_a_chunk_not_fetched_yet() {
-    for (kind, ledger, _dir) in ledgers().await {
+    for Under { kind, ledger, _dir: _keep, .. } in ledgers().await {
         insert(&*ledger, &clip(0..5)).await;
         let id = only_chunk_id(&*ledger).await;
         let lease = ledger
@@ -364,9 +405,7 @@ async fn the_sqlite_ledger_file_is_readable_by_its_owner_only() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("ledger.db");
-    let ledger = kvs_archiver::ledger::open(&format!("sqlite://{}", path.display()))
-        .await
-        .expect("opens");
+    let ledger = open(&format!("sqlite://{}", path.display())).await;
     ledger.close().await;
     let mode = std::fs::metadata(&path)
         .expect("exists")
@@ -376,18 +415,11 @@ async fn the_sqlite_ledger_file_is_readable_by_its_owner_only() {
     assert_eq!(mode, 0o600, "{mode:o}");
 }
 
-/// A second process on the same ledger: its own owner name, the same rows.
-async fn second_instance(dir: &tempfile::TempDir) -> Arc<dyn Ledger> {
-    let url = format!("sqlite://{}/ledger.db", dir.path().display());
-    kvs_archiver::ledger::open(&url)
-        .await
-        .expect("second instance")
-}
-
 #[tokio::test]
 async fn another_process_neither_claims_nor_takes_over_a_live_lease() {
-    for (kind, a, dir) in ledgers().await {
-        let b = second_instance(&dir).await;
+    for under in ledgers().await {
+        let (kind, a) = (under.kind, under.ledger.clone());
+        let b = under.another("test-b", Role::Backfill).await;
         assert_ne!(a.owner(), b.owner(), "{kind}: owners differ");
         insert(&*a, &clip(0..10)).await;
         let id = only_chunk_id(&*a).await;
@@ -430,5 +462,206 @@ async fn another_process_neither_claims_nor_takes_over_a_live_lease() {
             "{kind}"
         );
         a.mark_done(&held, &archived()).await.expect("A finishes");
+    }
+}
+
+#[tokio::test]
+async fn one_process_works_a_stream_at_a_time_and_a_dead_ones_stream_moves_after_its_lease() {
+    for under in ledgers().await {
+        let (kind, a) = (under.kind, under.ledger.clone());
+        let b = under.another("test-b", Role::Daemon).await;
+        assert!(
+            matches!(
+                a.acquire_stream(STREAM, SOURCE, T0, LEASE_MS).await.expect("acquire"),
+                StreamClaim::Acquired
+            ),
+            "{kind}"
+        );
+        match b.acquire_stream(STREAM, SOURCE, T0 + 1, LEASE_MS).await.expect("acquire") {
+            StreamClaim::HeldBy(holder) => {
+                assert_eq!(holder.owner, a.owner(), "{kind}");
+                assert_eq!(holder.instance, "test-a", "{kind}");
+            }
+            StreamClaim::Acquired => panic!("{kind}: two processes hold one stream"),
+        }
+        // A heartbeat keeps it; its holder takes it again at will.
+        a.heartbeat(T0 + LEASE_MS / 2, LEASE_MS, &[]).await.expect("heartbeat");
+        assert!(
+            matches!(
+                b.acquire_stream(STREAM, SOURCE, T0 + LEASE_MS + 1, LEASE_MS).await.expect("acquire"),
+                StreamClaim::HeldBy(_)
+            ),
+            "{kind}: renewed by the heartbeat"
+        );
+        assert!(
+            matches!(
+                a.acquire_stream(STREAM, SOURCE, T0 + LEASE_MS + 2, LEASE_MS).await.expect("acquire"),
+                StreamClaim::Acquired
+            ),
+            "{kind}"
+        );
+        // A stops heartbeating: after its lease, B takes the stream.
+        let lapsed = T0 + 3 * LEASE_MS;
+        assert!(
+            matches!(
+                b.acquire_stream(STREAM, SOURCE, lapsed, LEASE_MS).await.expect("acquire"),
+                StreamClaim::Acquired
+            ),
+            "{kind}: a lapsed lease moves"
+        );
+        let holders = a.stream_holders(lapsed).await.expect("holders");
+        assert_eq!(holders.len(), 1, "{kind}");
+        assert_eq!(holders[0].owner, b.owner(), "{kind}");
+        // A release hands it on at once.
+        b.release_stream(STREAM, SOURCE).await.expect("release");
+        assert!(
+            matches!(
+                a.acquire_stream(STREAM, SOURCE, lapsed + 1, LEASE_MS).await.expect("acquire"),
+                StreamClaim::Acquired
+            ),
+            "{kind}: released"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_daemon_is_refused_while_another_live_daemon_has_its_instance_id() {
+    for under in ledgers().await {
+        let kind = under.kind;
+        let first = under.another("gate-1", Role::Daemon).await;
+        let twin = under.another("gate-1", Role::Daemon).await;
+        let backfill = under.another("gate-1", Role::Backfill).await;
+        let other = under.another("gate-2", Role::Daemon).await;
+        let now = chrono::Utc::now().timestamp_millis();
+        assert!(matches!(first.register(now, LEASE_MS).await.expect("register"), Registration::Registered), "{kind}");
+        assert!(
+            matches!(twin.register(now, LEASE_MS).await.expect("register"), Registration::InstanceInUse(ref i) if i.owner == first.owner()),
+            "{kind}: same id, both alive"
+        );
+        assert!(matches!(backfill.register(now, LEASE_MS).await.expect("register"), Registration::Registered), "{kind}: a backfill may share the id");
+        assert!(matches!(other.register(now, LEASE_MS).await.expect("register"), Registration::Registered), "{kind}");
+        // The first one stops cleanly: its twin may start.
+        first.unregister().await.expect("unregister");
+        assert!(matches!(twin.register(now, LEASE_MS).await.expect("register"), Registration::Registered), "{kind}");
+        let instances = other.instances().await.expect("instances");
+        let ids: Vec<&str> = instances.iter().map(|i| i.instance.as_str()).collect();
+        assert!(ids.contains(&"gate-2") && ids.contains(&"gate-1"), "{kind}: {ids:?}");
+        assert!(!instances.iter().any(|i| i.owner == first.owner()), "{kind}: unregistered");
+    }
+}
+
+#[tokio::test]
+async fn the_heartbeat_renews_only_the_chunks_whose_worker_still_runs() {
+    for Under { kind, ledger, _dir: _keep, .. } in ledgers().await {
+        insert(&*ledger, &clip(0..10)).await;
+        insert(&*ledger, &clip(10..20)).await;
+        let (kept, _) = ledger
+            .claim_next(STREAM, SOURCE, i64::MIN, i64::MAX, T0, LEASE_MS, &[])
+            .await
+            .expect("claim")
+            .expect("one");
+        let (left, _) = ledger
+            .claim_next(STREAM, SOURCE, i64::MIN, i64::MAX, T0, LEASE_MS, &[])
+            .await
+            .expect("claim")
+            .expect("two");
+        assert_ne!(kept.id, left.id, "{kind}");
+        ledger
+            .heartbeat(T0 + LEASE_MS - 1, LEASE_MS, &[kept.id])
+            .await
+            .expect("heartbeat");
+        let kept = ledger.chunk(kept.id).await.expect("read").expect("exists");
+        let left = ledger.chunk(left.id).await.expect("read").expect("exists");
+        assert_eq!(kept.lease_until_ms, Some(T0 + 2 * LEASE_MS - 1), "{kind}");
+        assert_eq!(left.lease_until_ms, Some(T0 + LEASE_MS), "{kind}");
+    }
+}
+
+/// Many claimers on one ledger at once, each a process of its own: every chunk is
+/// claimed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claimers_never_get_the_same_chunk() {
+    for under in ledgers().await {
+        let kind = under.kind;
+        for i in 0..40 {
+            assert!(insert(&*under.ledger, &clip(i * 10..i * 10 + 10)).await, "{kind}");
+        }
+        let mut claimers = Vec::new();
+        for c in 0..4 {
+            let ledger = under.another(&format!("claimer-{c}"), Role::Daemon).await;
+            claimers.push(tokio::spawn(async move {
+                let mut mine = Vec::new();
+                while let Some((chunk, _)) = ledger
+                    .claim_next(STREAM, SOURCE, i64::MIN, i64::MAX, T0, LEASE_MS, &[])
+                    .await
+                    .expect("claim")
+                {
+                    mine.push(chunk.id);
+                }
+                mine
+            }));
+        }
+        let mut all = Vec::new();
+        for claimer in claimers {
+            all.extend(claimer.await.expect("claimer"));
+        }
+        let claimed = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(claimed, 40, "{kind}: every chunk claimed");
+        assert_eq!(all.len(), 40, "{kind}: none twice");
+    }
+}
+
+/// Planners racing over one window: the database itself keeps clip ranges apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_planners_never_record_overlapping_chunks() {
+    for under in ledgers().await {
+        let kind = under.kind;
+        let mut planners = Vec::new();
+        for p in 0..4i64 {
+            let ledger = under.another(&format!("planner-{p}"), Role::Daemon).await;
+            planners.push(tokio::spawn(async move {
+                let mut won = 0;
+                // Each planner cuts the same fragments differently: offsets 0..3.
+                for i in 0..20i64 {
+                    let from = i * 10 + p;
+                    let plan = clip(from..from + 10);
+                    let key = format!("k/{p}/{i}");
+                    if ledger
+                        .insert_planned(STREAM, SOURCE, &plan, &key)
+                        .await
+                        .expect("insert")
+                    {
+                        won += 1;
+                    }
+                }
+                won
+            }));
+        }
+        let mut won = 0;
+        for planner in planners {
+            won += planner.await.expect("planner");
+        }
+        let chunks = under
+            .ledger
+            .claimable(STREAM, SOURCE, i64::MIN, i64::MAX, i64::MAX)
+            .await
+            .expect("chunks");
+        assert_eq!(chunks.len(), won, "{kind}");
+        let mut ranges: Vec<(i64, i64)> = chunks.iter().map(|c| c.plan.clip_range()).collect();
+        ranges.sort_unstable();
+        for pair in ranges.windows(2) {
+            assert!(pair[0].1 < pair[1].0, "{kind}: {pair:?} overlap");
+        }
+        let mut fragments = 0;
+        for chunk in &chunks {
+            fragments += under.ledger.fragments_of(chunk.id).await.expect("fragments").len();
+        }
+        assert_eq!(
+            fragments,
+            chunks.iter().map(|c| c.plan.fragment_count as usize).sum::<usize>(),
+            "{kind}"
+        );
     }
 }
