@@ -87,6 +87,7 @@ pub async fn take_stream(
     let ledger = &archiver.ledger;
     let me = ledger.identity().clone();
     let label = stream.label();
+    let _deciding = archiver.taking_stream.lock().await;
     if me.role == crate::ledger::Role::Daemon {
         let now = now_ms();
         let alive_since = now - archiver.lease_ms();

@@ -210,6 +210,14 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                     if let Some(error) = s.last_run_error {
                         println!("  last run error: {error}");
                     }
+                    if !s.archived_by_instance.is_empty() {
+                        let by: Vec<String> = s
+                            .archived_by_instance
+                            .iter()
+                            .map(|(instance, n)| format!("{instance} {n}"))
+                            .collect();
+                        println!("  chunks archived per instance: {}", by.join(", "));
+                    }
                     if let Some(holder) = &s.held_by {
                         println!(
                             "  worked by instance {} ({}, {}) since {}",

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 #[path = "support/local_s3.rs"]
 mod local_s3;
+#[path = "support/postgres.rs"]
+mod postgres;
 
 use local_s3::{s3_client, start_s3s, S3Server};
 
@@ -24,6 +26,26 @@ struct World {
     bucket: String,
     work: tempfile::TempDir,
     config: PathBuf,
+    /// The ledger's `state.database_url`: SQLite in the work directory, or a fresh
+    /// PostgreSQL database when KVS_TEST_LEDGER=postgres.
+    ledger_url: String,
+}
+
+/// Whether this run tests the PostgreSQL ledger (`KVS_TEST_LEDGER=postgres`).
+fn on_postgres() -> bool {
+    std::env::var("KVS_TEST_LEDGER").is_ok_and(|v| v == "postgres")
+}
+
+/// A new, empty ledger of the kind under test.
+async fn new_ledger_url(dir: &std::path::Path, name: &str) -> String {
+    if on_postgres() {
+        let server = std::env::var("KVS_TEST_POSTGRES_URL").expect(
+            "KVS_TEST_LEDGER=postgres needs KVS_TEST_POSTGRES_URL (eval \"$(.ci/postgres)\")",
+        );
+        postgres::fresh_database_on(&server).await
+    } else {
+        format!("sqlite://{}/{name}", dir.display())
+    }
 }
 
 impl World {
@@ -96,14 +118,15 @@ impl World {
             .expect("bucket created");
         let work = tempfile::tempdir().expect("tempdir");
         let config = work.path().join("kvs-archiver.toml");
+        let ledger_url = new_ledger_url(work.path(), "state.db").await;
+        // A short lease: a killed process's work moves within seconds on any ledger.
         let mut text = format!(
             "[aws]\nregion = \"us-east-1\"\nkinesis_video_endpoint_url = \"{}\"\ns3_endpoint_url = \"{}\"\ns3_force_path_style = true\n\
-             [state]\ndatabase_url = \"sqlite://{}/state.db\"\n\
+             [state]\ndatabase_url = \"{ledger_url}\"\nlease = \"10s\"\n\
              [destination]\nbucket = \"{bucket}\"\nprefix = \"kvs/\"\n\
              [archive]\nretry_base_delay = \"50ms\"\nretry_max_delay = \"2s\"\nmax_attempts = 10\n{archive_toml}\n{sections}\n",
             emu.base_url(),
             s3_url,
-            work.path().display()
         );
         for name in configured {
             text.push_str(&format!(
@@ -119,6 +142,39 @@ impl World {
             bucket: bucket.to_string(),
             work,
             config,
+            ledger_url,
+        }
+    }
+
+    /// Switches this world to a SQLite ledger (for tests of SQLite itself).
+    fn use_sqlite(&mut self) {
+        let sqlite = format!("sqlite://{}/state.db", self.work.path().display());
+        let text = std::fs::read_to_string(&self.config).expect("config");
+        std::fs::write(&self.config, text.replace(&self.ledger_url, &sqlite)).expect("config");
+        self.ledger_url = sqlite;
+    }
+
+    /// Runs one SQL statement with one text parameter on the ledger, whatever its kind.
+    async fn ledger_sql(&self, sql: &str, param: &str) {
+        use sqlx::Connection;
+        if self.ledger_url.starts_with("sqlite:") {
+            let mut db = sqlx::SqliteConnection::connect(&self.ledger_url)
+                .await
+                .expect("ledger opens");
+            sqlx::query(sql)
+                .bind(param)
+                .execute(&mut db)
+                .await
+                .expect("statement");
+        } else {
+            let mut db = sqlx::PgConnection::connect(&self.ledger_url)
+                .await
+                .expect("ledger opens");
+            sqlx::query(&sql.replace('?', "$1"))
+                .bind(param)
+                .execute(&mut db)
+                .await
+                .expect("statement");
         }
     }
 
@@ -248,6 +304,13 @@ fn assert_fails_with(output: &Output, code: i32, message: &str) {
         "expected {message:?}: {}",
         text(output)
     );
+}
+
+/// The per-stream part of `status --json`.
+fn streams_json(status: &Output) -> serde_json::Value {
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout)
+        .unwrap_or_else(|e| panic!("status json: {e}: {}", text(status)));
+    json["streams"].clone()
 }
 
 fn text(output: &Output) -> String {
@@ -400,7 +463,7 @@ async fn six_hour_backfill_with_a_gap_archives_every_fragment_exactly_once() {
 
     let status = world.run(&["status", "--json"]).await;
     assert!(status.status.success(), "{}", text(&status));
-    let json: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    let json = streams_json(&status);
     assert_eq!(json[0]["stream"], "front-door");
     assert_eq!(json[0]["archived_fragments"], expected.len() as u64);
     assert_eq!(json[0]["failed"], 0);
@@ -649,7 +712,7 @@ async fn bad_input_gets_a_clear_error_and_leaves_the_ledger_intact() {
     let world = World::new(vec![historical("cam", start, end, 2000, 20_000)], "").await;
     let ok = world.backfill("cam", start, end).await;
     assert!(ok.status.success(), "{}", text(&ok));
-    let before = world.run(&["status", "--json"]).await.stdout;
+    let before = streams_json(&world.run(&["status", "--json"]).await);
 
     let reversed = world.backfill("cam", end, start).await;
     assert_fails_with(&reversed, 2, "is not after --start");
@@ -729,7 +792,7 @@ async fn bad_input_gets_a_clear_error_and_leaves_the_ledger_intact() {
     assert_fails_with(&malformed, 2, "archive.max_attempts");
     std::fs::write(&world.config, &config).expect("restored");
 
-    let after = world.run(&["status", "--json"]).await.stdout;
+    let after = streams_json(&world.run(&["status", "--json"]).await);
     assert_eq!(before, after, "the ledger is unchanged by failed commands");
 }
 
@@ -1058,7 +1121,7 @@ async fn daemon_keeps_twenty_live_streams_archived_exactly_once() {
     assert!(started < stop);
 
     let status = world.run(&["status", "--json"]).await;
-    let json: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    let json = streams_json(&status);
     let short = json
         .as_array()
         .expect("streams")
@@ -1089,10 +1152,11 @@ async fn backfill_and_run_produce_the_same_objects() {
     .await;
     let config = std::fs::read_to_string(&world.config).expect("config");
     let second = world.work.path().join("run.toml");
+    let other_ledger = new_ledger_url(world.work.path(), "run-state.db").await;
     std::fs::write(
         &second,
         config
-            .replace("state.db", "run-state.db")
+            .replace(&world.ledger_url, &other_ledger)
             .replace("prefix = \"kvs/\"", "prefix = \"b/\""),
     )
     .expect("second config");
@@ -1358,7 +1422,7 @@ async fn a_producer_stream_delivered_late_is_archived_exactly_once_by_later_pass
         rfc3339(last)
     );
     let status = world.run(&["status", "--json"]).await;
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    let status = streams_json(&status);
     assert_eq!(status[0]["failed"], 0, "{status}");
     assert_eq!(status[0]["pending"], 0, "{status}");
     assert_playable(&objects);
@@ -1421,7 +1485,7 @@ async fn a_fragment_listed_after_its_window_was_archived_is_archived_alone() {
     );
     assert_contiguous_by_producer_time(&world, "cell-cam", &after);
     let status = world.run(&["status", "--json"]).await;
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    let status = streams_json(&status);
     assert_eq!(status[0]["late_fragments"], 1, "{status}");
     assert_playable(&after);
 }
@@ -1460,7 +1524,7 @@ async fn fragments_getclip_cannot_select_or_package_are_archived_as_matroska() {
     wanted.sort();
     assert_eq!(in_mkv, wanted, "{:?}", objects.keys().collect::<Vec<_>>());
     let status = world.run(&["status", "--json"]).await;
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    let status = streams_json(&status);
     assert_eq!(status[0]["mkv_fragments"], 3, "{status}");
     assert_playable(&objects);
 }
@@ -1520,20 +1584,9 @@ async fn verify_finds_deleted_corrupted_and_extra_objects_and_unarchived_fragmen
         .send()
         .await
         .expect("deleted");
-    {
-        use sqlx::ConnectOptions;
-        let mut db = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(world.work.path().join("state.db"))
-            .foreign_keys(true)
-            .connect()
-            .await
-            .expect("ledger opens");
-        sqlx::query("DELETE FROM chunks WHERE object_key = ?")
-            .bind(&forgotten)
-            .execute(&mut db)
-            .await
-            .expect("row deleted");
-    }
+    world
+        .ledger_sql("DELETE FROM chunks WHERE object_key = ?", &forgotten)
+        .await;
     let (a, b) = (rfc3339(start), rfc3339(end));
     let range = ["--stream", "vcam", "--start", &a, "--end", &b];
     let check = world
@@ -1841,7 +1894,9 @@ async fn a_seeded_mix_of_kvs_and_s3_faults_archives_everything_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ledger_locked_by_another_process_for_a_while_only_delays_the_backfill() {
     let (start, end) = recent(0.2);
-    let world = World::new(vec![historical("cam", start, end, 2000, 20_000)], "").await;
+    let mut world = World::new(vec![historical("cam", start, end, 2000, 20_000)], "").await;
+    // A lock on the file is SQLite's own matter (PostgreSQL has row locks).
+    world.use_sqlite();
     // Create the ledger first, then hold its write lock from outside for five seconds.
     let plan = world
         .run(&[
@@ -2105,7 +2160,7 @@ async fn a_full_destination_disk_gets_a_clear_error_corrupts_nothing_and_resumes
         .output()
         .await
         .expect("status");
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    let status = streams_json(&status);
     assert_eq!(
         status[0]["done"].as_u64(),
         Some(stored.len() as u64),
@@ -2122,4 +2177,279 @@ async fn a_full_destination_disk_gets_a_clear_error_corrupts_nothing_and_resumes
     }
     assert_exactly_once(&archived, &world.fragment_numbers("cam", start, end));
     assert_playable(&archived);
+}
+
+/// Starts `kvs-archiver run` as instance `id` with its own log file.
+fn spawn_daemon(world: &World, id: &str, env: &[(&str, &str)]) -> (tokio::process::Child, PathBuf) {
+    let log_path = world.work.path().join(format!("daemon-{id}.log"));
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut command = world.command(&["run"]);
+    command
+        .env("KVS_ARCHIVER_STATE__INSTANCE_ID", id)
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    (command.spawn().expect("daemon starts"), log_path)
+}
+
+fn tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text[text.len().saturating_sub(3000)..].to_string()
+}
+
+/// Every fragment of `streams` that started before `cutoff` is in exactly one object,
+/// and nothing is stored twice.
+fn assert_fleet_exactly_once(
+    world: &World,
+    objects: &BTreeMap<String, Vec<u8>>,
+    streams: &[String],
+    cutoff: i64,
+) {
+    for name in streams {
+        let stored: Vec<String> = objects
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("kvs/{name}/")))
+            .flat_map(|(_, b)| scan_markers(b))
+            .collect();
+        let unique: std::collections::HashSet<&String> = stored.iter().collect();
+        assert_eq!(
+            unique.len(),
+            stored.len(),
+            "{name}: a fragment stored twice"
+        );
+        for f in world
+            .emu
+            .fragments(name)
+            .iter()
+            .filter(|f| f.server_ms < cutoff)
+        {
+            assert!(
+                unique.contains(&f.number),
+                "{name}: fragment {} ({}) not archived",
+                f.number,
+                rfc3339(f.server_ms)
+            );
+        }
+    }
+}
+
+async fn fleet_world(streams: usize, ledger_url: &str, lease: &str) -> (World, Vec<String>) {
+    let mut specs = Vec::new();
+    for i in 0..streams {
+        let mut spec = StreamSpec::live(&format!("cam-{i:02}"));
+        spec.backlog = Duration::from_secs(120);
+        spec.fragment_durations_ms = vec![[1000, 2000][i % 2]];
+        spec.fragment_size = 5_000;
+        specs.push(spec);
+    }
+    let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+    let sections = "[daemon]\nschedule = \"*/5 * * * * *\"\nlag = \"5s\"\nmax_clips_in_flight = 4\nshutdown_grace = \"5s\"\n";
+    let mut world = World::with_sections(
+        specs,
+        "clip_duration = \"20s\"\nconcurrency = 2",
+        sections,
+        &|_| String::new(),
+    )
+    .await;
+    let text = std::fs::read_to_string(&world.config).expect("config");
+    let text = text
+        .replace(&world.ledger_url, ledger_url)
+        .replace("lease = \"10s\"", &format!("lease = \"{lease}\""));
+    std::fs::write(&world.config, text).expect("config");
+    world.ledger_url = ledger_url.to_string();
+    (world, names)
+}
+
+async fn pg_rows(url: &str, sql: &str) -> Vec<(String, i64)> {
+    use sqlx::{Connection, Row};
+    let mut db = sqlx::PgConnection::connect(url).await.expect("ledger");
+    sqlx::query(sql)
+        .fetch_all(&mut db)
+        .await
+        .expect("query")
+        .iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
+        .collect()
+}
+
+/// Three daemons, one PostgreSQL ledger, 30 live streams: the work is spread, every
+/// fragment archived once; one daemon killed half-way loses its streams and chunks to
+/// the other two within the lease, and no live upload is ever aborted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_three_daemons_share_thirty_streams_and_survive_a_sigkill() {
+    let Some(url) = postgres::fresh_database().await else {
+        return;
+    };
+    const LEASE_SECS: i64 = 8;
+    let (world, names) = fleet_world(30, &url, &format!("{LEASE_SECS}s")).await;
+    let run_secs = count_env("KVS_TEST_FLEET_SECS", 150);
+    let mut daemons: Vec<(String, tokio::process::Child, PathBuf)> =
+        ["fleet-a", "fleet-b", "fleet-c"]
+            .iter()
+            .map(|id| {
+                let (child, log) = spawn_daemon(&world, id, &[]);
+                (id.to_string(), child, log)
+            })
+            .collect();
+    tokio::time::sleep(Duration::from_secs(run_secs / 2)).await;
+    // Half-way: fleet-b dies without a word, at a moment it holds chunks in flight.
+    let mut held_by_b = Vec::new();
+    for _ in 0..300 {
+        held_by_b = pg_rows(&url, "SELECT object_key, generation FROM chunks WHERE owner LIKE 'fleet-b@%' AND state IN ('fetching', 'uploading')").await;
+        if !held_by_b.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    signal(&daemons[1].1, "KILL");
+    let _ = daemons[1].1.wait().await;
+    let killed_at = Utc::now().timestamp_millis();
+    assert!(
+        !held_by_b.is_empty(),
+        "fleet-b never held a chunk to die with: {}",
+        tail(&daemons[1].2)
+    );
+    // What it still held once dead (it may have finished one between the look and the kill).
+    let held_by_b = pg_rows(&url, "SELECT object_key, generation FROM chunks WHERE owner LIKE 'fleet-b@%' AND state IN ('fetching', 'uploading')").await;
+    eprintln!("fleet-b killed holding {held_by_b:?}");
+    // Within the lease (plus the next firing, every 5 s), nothing is held by it any more.
+    tokio::time::sleep(Duration::from_secs(LEASE_SECS as u64 + 10)).await;
+    let chunks_of_b = pg_rows(&url, "SELECT owner, COUNT(*) FROM chunks WHERE owner LIKE 'fleet-b@%' AND state IN ('fetching', 'uploading') GROUP BY owner").await;
+    let streams_of_b = pg_rows(&url, &format!("SELECT owner, COUNT(*) FROM stream_leases WHERE owner LIKE 'fleet-b@%' AND lease_until_ms >= {} GROUP BY owner", Utc::now().timestamp_millis())).await;
+    assert!(
+        chunks_of_b.is_empty(),
+        "chunks still held by the dead daemon {} s after: {chunks_of_b:?}",
+        (Utc::now().timestamp_millis() - killed_at) / 1000
+    );
+    assert!(
+        streams_of_b.is_empty(),
+        "streams still held by the dead daemon: {streams_of_b:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(run_secs - run_secs / 2)).await;
+    let stop = Utc::now().timestamp_millis();
+    for (id, child, log) in daemons.iter_mut().filter(|(id, ..)| id != "fleet-b") {
+        signal(child, "TERM");
+        let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{id} exits within the grace"))
+            .expect("status");
+        assert!(status.success(), "{id} exit {status:?}: {}", tail(log));
+    }
+
+    let objects = world.objects().await;
+    // Windows that closed before the last pass (lag 5 s, passes every 5 s, 20 s clips).
+    let cutoff = (stop - 10_000 - 5_000).div_euclid(20_000) * 20_000;
+    assert_fleet_exactly_once(&world, &objects, &names, cutoff);
+
+    let status = world.run(&["status", "--json"]).await;
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    let mut per_instance: BTreeMap<String, u64> = BTreeMap::new();
+    for stream in json["streams"].as_array().expect("streams") {
+        for (instance, n) in stream["archived_by_instance"]
+            .as_object()
+            .expect("by instance")
+        {
+            *per_instance.entry(instance.clone()).or_default() += n.as_u64().unwrap_or(0);
+        }
+    }
+    println!("chunks archived per instance: {per_instance:?}");
+    for id in ["fleet-a", "fleet-b", "fleet-c"] {
+        assert!(
+            per_instance.get(id).copied().unwrap_or(0) > 0,
+            "{id} archived nothing: {per_instance:?}"
+        );
+    }
+    let total: u64 = per_instance.values().sum();
+    for id in ["fleet-a", "fleet-c"] {
+        assert!(
+            per_instance[id] * 6 > total,
+            "{id} did under a sixth of the work: {per_instance:?}"
+        );
+    }
+    let aborted_live = aborts_of_live_uploads(&world.s3.as_ref().expect("s3s").requests());
+    assert!(
+        aborted_live.is_empty(),
+        "live uploads aborted: {aborted_live:?}"
+    );
+    // What fleet-b held when it died was finished by the others.
+    let keys: Vec<String> = held_by_b.iter().map(|(key, _)| key.clone()).collect();
+    let finished = pg_rows(&url, &format!(
+        "SELECT split_part(archived_by, '@', 1), COUNT(*) FROM chunks WHERE state = 'done' AND object_key IN ('{}') GROUP BY 1",
+        keys.join("', '")
+    ))
+    .await;
+    assert!(
+        finished.iter().all(|(by, _)| by != "fleet-b")
+            && finished.iter().map(|(_, n)| n).sum::<i64>() as usize == keys.len(),
+        "fleet-b's chunks {keys:?} were finished by {finished:?}"
+    );
+}
+
+/// The shared ledger stops for a minute under load: the daemons report it, keep
+/// running, and resume by themselves; nothing is lost or stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_a_postgresql_outage_is_waited_out_without_loss_or_doubles() {
+    let (Ok(server), Ok(cluster)) = (
+        std::env::var("KVS_TEST_PG_OUTAGE_URL"),
+        std::env::var("KVS_TEST_PG_OUTAGE_CLUSTER"),
+    ) else {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "KVS_TEST_PG_OUTAGE_URL/CLUSTER are not set: CI must run .ci/postgres"
+        );
+        eprintln!("note: no PostgreSQL cluster to stop (KVS_TEST_PG_OUTAGE_URL); run: eval \"$(.ci/postgres)\"");
+        return;
+    };
+    let outage_secs = count_env("KVS_TEST_PG_OUTAGE_SECS", 60);
+    let url = postgres::fresh_database_on(&server).await;
+    let (world, names) = fleet_world(6, &url, "10s").await;
+    let mut daemons: Vec<(String, tokio::process::Child, PathBuf)> = ["pg-a", "pg-b"]
+        .iter()
+        .map(|id| {
+            let (child, log) = spawn_daemon(&world, id, &[]);
+            (id.to_string(), child, log)
+        })
+        .collect();
+    let pg_ctl = |action: &str| {
+        let mut args: Vec<&str> = cluster.split_whitespace().collect();
+        args.push(action);
+        args.extend(["-m", "fast"].iter().filter(|_| action == "stop"));
+        let status = std::process::Command::new("pg_ctlcluster")
+            .args(&args)
+            .status()
+            .expect("pg_ctlcluster runs");
+        assert!(status.success(), "pg_ctlcluster {args:?}");
+    };
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    pg_ctl("stop");
+    tokio::time::sleep(Duration::from_secs(outage_secs)).await;
+    pg_ctl("start");
+    let back = Utc::now().timestamp_millis();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let stop = Utc::now().timestamp_millis();
+    for (id, child, log) in &mut daemons {
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "{id} exited during the outage: {}",
+            tail(log)
+        );
+        signal(child, "TERM");
+        let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{id} exits within the grace"))
+            .expect("status");
+        assert!(status.success(), "{id} exit {status:?}: {}", tail(log));
+        let log_text = std::fs::read_to_string(&*log).unwrap_or_default();
+        assert!(
+            log_text.contains("ledger"),
+            "{id} said nothing of the outage: {}",
+            tail(log)
+        );
+    }
+    let objects = world.objects().await;
+    let cutoff = (stop - 10_000 - 5_000).div_euclid(20_000) * 20_000;
+    assert!(cutoff > back, "the run went on after the ledger came back");
+    assert_fleet_exactly_once(&world, &objects, &names, cutoff);
 }

@@ -103,7 +103,13 @@ async fn only_chunk_id(ledger: &dyn Ledger) -> i64 {
 
 #[tokio::test]
 async fn a_chunk_is_claimed_once_and_done_only_by_its_holder() {
-    for Under { kind, ledger, _dir: _keep, .. } in ledgers().await {
+    for Under {
+        kind,
+        ledger,
+        _dir: _keep,
+        ..
+    } in ledgers().await
+    {
         assert!(insert(&*ledger, &clip(0..10)).await, "{kind}");
         let id = only_chunk_id(&*ledger).await;
         let lease = ledger
@@ -154,7 +160,13 @@ async fn a_chunk_is_claimed_once_and_done_only_by_its_holder() {
 
 #[tokio::test]
 async fn an_expired_lease_is_taken_over_and_fences_off_the_old_holder() {
-    for Under { kind, ledger, _dir: _keep, .. } in ledgers().await {
+    for Under {
+        kind,
+        ledger,
+        _dir: _keep,
+        ..
+    } in ledgers().await
+    {
         insert(&*ledger, &clip(0..10)).await;
         let id = only_chunk_id(&*ledger).await;
         let old = ledger
@@ -218,7 +230,13 @@ async fn an_expired_lease_is_taken_over_and_fences_off_the_old_holder() {
 
 #[tokio::test]
 async fn this_process_takes_back_its_own_chunk_a_worker_left_behind() {
-    for Under { kind, ledger, _dir: _keep, .. } in ledgers().await {
+    for Under {
+        kind,
+        ledger,
+        _dir: _keep,
+        ..
+    } in ledgers().await
+    {
         insert(&*ledger, &clip(0..10)).await;
         let id = only_chunk_id(&*ledger).await;
         ledger
@@ -244,7 +262,13 @@ async fn this_process_takes_back_its_own_chunk_a_worker_left_behind() {
 
 #[tokio::test]
 async fn no_fragment_is_ever_in_two_chunks_and_clip_ranges_never_overlap() {
-    for Under { kind, ledger, _dir: _keep, .. } in ledgers().await {
+    for Under {
+        kind,
+        ledger,
+        _dir: _keep,
+        ..
+    } in ledgers().await
+    {
         assert!(insert(&*ledger, &clip(0..10)).await);
         assert!(
             !insert(&*ledger, &clip(5..15)).await,
@@ -289,7 +313,13 @@ async fn no_fragment_is_ever_in_two_chunks_and_clip_ranges_never_overlap() {
 
 #[tokio::test]
 async fn a_split_replaces_a_chunk_by_its_parts_and_records_what_expired() {
-    for Under { kind, ledger, _dir: _keep, .. } in ledgers().await {
+    for Under {
+        kind,
+        ledger,
+        _dir: _keep,
+        ..
+    } in ledgers().await
+    {
         insert(&*ledger, &clip(0..10)).await;
         let id = only_chunk_id(&*ledger).await;
         let lease = ledger
@@ -329,7 +359,13 @@ async fn a_split_replaces_a_chunk_by_its_parts_and_records_what_expired() {
 
 #[tokio::test]
 async fn a_failed_chunk_waits_for_its_next_attempt_and_a_backfill_requeues_it() {
-    for Under { kind, ledger, _dir: _keep, .. } in ledgers().await {
+    for Under {
+        kind,
+        ledger,
+        _dir: _keep,
+        ..
+    } in ledgers().await
+    {
         insert(&*ledger, &clip(0..10)).await;
         let id = only_chunk_id(&*ledger).await;
         let lease = ledger
@@ -373,7 +409,13 @@ async fn a_failed_chunk_waits_for_its_next_attempt_and_a_backfill_requeues_it() 
 
 #[tokio::test]
 async fn fragments_listed_late_join_a_chunk_not_fetched_yet() {
-    for Under { kind, ledger, _dir: _keep, .. } in ledgers().await {
+    for Under {
+        kind,
+        ledger,
+        _dir: _keep,
+        ..
+    } in ledgers().await
+    {
         insert(&*ledger, &clip(0..5)).await;
         let id = only_chunk_id(&*ledger).await;
         let lease = ledger
@@ -472,12 +514,18 @@ async fn one_process_works_a_stream_at_a_time_and_a_dead_ones_stream_moves_after
         let b = under.another("test-b", Role::Daemon).await;
         assert!(
             matches!(
-                a.acquire_stream(STREAM, SOURCE, T0, LEASE_MS).await.expect("acquire"),
+                a.acquire_stream(STREAM, SOURCE, T0, LEASE_MS)
+                    .await
+                    .expect("acquire"),
                 StreamClaim::Acquired
             ),
             "{kind}"
         );
-        match b.acquire_stream(STREAM, SOURCE, T0 + 1, LEASE_MS).await.expect("acquire") {
+        match b
+            .acquire_stream(STREAM, SOURCE, T0 + 1, LEASE_MS)
+            .await
+            .expect("acquire")
+        {
             StreamClaim::HeldBy(holder) => {
                 assert_eq!(holder.owner, a.owner(), "{kind}");
                 assert_eq!(holder.instance, "test-a", "{kind}");
@@ -485,17 +533,23 @@ async fn one_process_works_a_stream_at_a_time_and_a_dead_ones_stream_moves_after
             StreamClaim::Acquired => panic!("{kind}: two processes hold one stream"),
         }
         // A heartbeat keeps it; its holder takes it again at will.
-        a.heartbeat(T0 + LEASE_MS / 2, LEASE_MS, &[]).await.expect("heartbeat");
+        a.heartbeat(T0 + LEASE_MS / 2, LEASE_MS, &[])
+            .await
+            .expect("heartbeat");
         assert!(
             matches!(
-                b.acquire_stream(STREAM, SOURCE, T0 + LEASE_MS + 1, LEASE_MS).await.expect("acquire"),
+                b.acquire_stream(STREAM, SOURCE, T0 + LEASE_MS + 1, LEASE_MS)
+                    .await
+                    .expect("acquire"),
                 StreamClaim::HeldBy(_)
             ),
             "{kind}: renewed by the heartbeat"
         );
         assert!(
             matches!(
-                a.acquire_stream(STREAM, SOURCE, T0 + LEASE_MS + 2, LEASE_MS).await.expect("acquire"),
+                a.acquire_stream(STREAM, SOURCE, T0 + LEASE_MS + 2, LEASE_MS)
+                    .await
+                    .expect("acquire"),
                 StreamClaim::Acquired
             ),
             "{kind}"
@@ -504,7 +558,9 @@ async fn one_process_works_a_stream_at_a_time_and_a_dead_ones_stream_moves_after
         let lapsed = T0 + 3 * LEASE_MS;
         assert!(
             matches!(
-                b.acquire_stream(STREAM, SOURCE, lapsed, LEASE_MS).await.expect("acquire"),
+                b.acquire_stream(STREAM, SOURCE, lapsed, LEASE_MS)
+                    .await
+                    .expect("acquire"),
                 StreamClaim::Acquired
             ),
             "{kind}: a lapsed lease moves"
@@ -516,7 +572,9 @@ async fn one_process_works_a_stream_at_a_time_and_a_dead_ones_stream_moves_after
         b.release_stream(STREAM, SOURCE).await.expect("release");
         assert!(
             matches!(
-                a.acquire_stream(STREAM, SOURCE, lapsed + 1, LEASE_MS).await.expect("acquire"),
+                a.acquire_stream(STREAM, SOURCE, lapsed + 1, LEASE_MS)
+                    .await
+                    .expect("acquire"),
                 StreamClaim::Acquired
             ),
             "{kind}: released"
@@ -533,26 +591,62 @@ async fn a_daemon_is_refused_while_another_live_daemon_has_its_instance_id() {
         let backfill = under.another("gate-1", Role::Backfill).await;
         let other = under.another("gate-2", Role::Daemon).await;
         let now = chrono::Utc::now().timestamp_millis();
-        assert!(matches!(first.register(now, LEASE_MS).await.expect("register"), Registration::Registered), "{kind}");
+        assert!(
+            matches!(
+                first.register(now, LEASE_MS).await.expect("register"),
+                Registration::Registered
+            ),
+            "{kind}"
+        );
         assert!(
             matches!(twin.register(now, LEASE_MS).await.expect("register"), Registration::InstanceInUse(ref i) if i.owner == first.owner()),
             "{kind}: same id, both alive"
         );
-        assert!(matches!(backfill.register(now, LEASE_MS).await.expect("register"), Registration::Registered), "{kind}: a backfill may share the id");
-        assert!(matches!(other.register(now, LEASE_MS).await.expect("register"), Registration::Registered), "{kind}");
+        assert!(
+            matches!(
+                backfill.register(now, LEASE_MS).await.expect("register"),
+                Registration::Registered
+            ),
+            "{kind}: a backfill may share the id"
+        );
+        assert!(
+            matches!(
+                other.register(now, LEASE_MS).await.expect("register"),
+                Registration::Registered
+            ),
+            "{kind}"
+        );
         // The first one stops cleanly: its twin may start.
         first.unregister().await.expect("unregister");
-        assert!(matches!(twin.register(now, LEASE_MS).await.expect("register"), Registration::Registered), "{kind}");
+        assert!(
+            matches!(
+                twin.register(now, LEASE_MS).await.expect("register"),
+                Registration::Registered
+            ),
+            "{kind}"
+        );
         let instances = other.instances().await.expect("instances");
         let ids: Vec<&str> = instances.iter().map(|i| i.instance.as_str()).collect();
-        assert!(ids.contains(&"gate-2") && ids.contains(&"gate-1"), "{kind}: {ids:?}");
-        assert!(!instances.iter().any(|i| i.owner == first.owner()), "{kind}: unregistered");
+        assert!(
+            ids.contains(&"gate-2") && ids.contains(&"gate-1"),
+            "{kind}: {ids:?}"
+        );
+        assert!(
+            !instances.iter().any(|i| i.owner == first.owner()),
+            "{kind}: unregistered"
+        );
     }
 }
 
 #[tokio::test]
 async fn the_heartbeat_renews_only_the_chunks_whose_worker_still_runs() {
-    for Under { kind, ledger, _dir: _keep, .. } in ledgers().await {
+    for Under {
+        kind,
+        ledger,
+        _dir: _keep,
+        ..
+    } in ledgers().await
+    {
         insert(&*ledger, &clip(0..10)).await;
         insert(&*ledger, &clip(10..20)).await;
         let (kept, _) = ledger
@@ -584,7 +678,10 @@ async fn concurrent_claimers_never_get_the_same_chunk() {
     for under in ledgers().await {
         let kind = under.kind;
         for i in 0..40 {
-            assert!(insert(&*under.ledger, &clip(i * 10..i * 10 + 10)).await, "{kind}");
+            assert!(
+                insert(&*under.ledger, &clip(i * 10..i * 10 + 10)).await,
+                "{kind}"
+            );
         }
         let mut claimers = Vec::new();
         for c in 0..4 {
@@ -656,11 +753,19 @@ async fn concurrent_planners_never_record_overlapping_chunks() {
         }
         let mut fragments = 0;
         for chunk in &chunks {
-            fragments += under.ledger.fragments_of(chunk.id).await.expect("fragments").len();
+            fragments += under
+                .ledger
+                .fragments_of(chunk.id)
+                .await
+                .expect("fragments")
+                .len();
         }
         assert_eq!(
             fragments,
-            chunks.iter().map(|c| c.plan.fragment_count as usize).sum::<usize>(),
+            chunks
+                .iter()
+                .map(|c| c.plan.fragment_count as usize)
+                .sum::<usize>(),
             "{kind}"
         );
     }

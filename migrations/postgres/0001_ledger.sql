@@ -31,6 +31,8 @@ CREATE TABLE chunks (
     -- Fencing token: every claim increments it; a transition names the generation it holds.
     generation          BIGINT  NOT NULL DEFAULT 0,
     lease_until_ms      BIGINT,
+    -- The process that archived the chunk (its owner at mark_done).
+    archived_by         TEXT,
     fragments_known     BIGINT  NOT NULL DEFAULT 1,
     created_ms          BIGINT  NOT NULL,
     updated_ms          BIGINT  NOT NULL,

@@ -30,3 +30,6 @@ CREATE TABLE stream_leases (
 );
 CREATE INDEX stream_leases_by_owner ON stream_leases (owner);
 CREATE INDEX chunks_by_owner ON chunks (owner) WHERE owner IS NOT NULL;
+
+-- Which process archived a chunk (its owner at mark_done), for status per instance.
+ALTER TABLE chunks ADD COLUMN archived_by TEXT;

@@ -299,6 +299,9 @@ pub struct StreamStatus {
     pub last_run_error: Option<String>,
     /// The process working the stream now, if any.
     pub held_by: Option<StreamHolder>,
+    /// Archived chunks by the instance that archived them (chunks archived before
+    /// instances were recorded are not counted).
+    pub archived_by_instance: std::collections::BTreeMap<String, u64>,
     /// In-flight chunks and their holders (at most 50).
     pub in_flight_chunks: Vec<HeldChunk>,
 }

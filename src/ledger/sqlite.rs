@@ -919,7 +919,7 @@ impl Ledger for SqliteLedger {
         self.transition(
             "mark done",
             "state = 'done', archived_bytes = ?5, archived_crc32c = ?6, upload_id = NULL,
-             owner = NULL, lease_until_ms = NULL, last_error = NULL, error_kind = NULL,
+             archived_by = owner, owner = NULL, lease_until_ms = NULL, last_error = NULL, error_kind = NULL,
              next_attempt_ms = NULL",
             lease,
             |q| q.bind(bytes).bind(crc),
@@ -1179,6 +1179,21 @@ impl Ledger for SqliteLedger {
                 .collect();
             s.last_error = s.failures.first().map(|f| f.reason.clone());
             s.held_by = holders.iter().find(|h| h.stream == s.stream).cloned();
+            let by = sqlx::query(
+                "SELECT archived_by, COUNT(*) AS n FROM chunks
+                 WHERE stream = ? AND state = 'done' AND archived_by IS NOT NULL
+                 GROUP BY archived_by",
+            )
+            .bind(&s.stream)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::store(op))?;
+            for row in &by {
+                let owner: String = row.get("archived_by");
+                *s.archived_by_instance
+                    .entry(Identity::instance_of(&owner).to_string())
+                    .or_default() += row.get::<i64, _>("n") as u64;
+            }
             let held = sqlx::query(
                 "SELECT object_key, state, owner, lease_until_ms FROM chunks
                  WHERE stream = ? AND state IN ('fetching', 'uploading') AND owner IS NOT NULL

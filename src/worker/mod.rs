@@ -69,6 +69,9 @@ pub struct Archiver {
     claiming: tokio::sync::RwLock<()>,
     /// Ends the heartbeat when the archiver is dropped.
     heartbeat: Mutex<Option<tokio_util::sync::DropGuard>>,
+    /// Serializes this process's decisions to take a stream, so that passes starting
+    /// together count each other against the daemon's share.
+    pub(crate) taking_stream: tokio::sync::Mutex<()>,
 }
 
 /// How often a long-running process looks for unrecorded partial uploads.
@@ -130,6 +133,7 @@ impl Archiver {
             last_sweep: Mutex::new(None),
             claiming: tokio::sync::RwLock::new(()),
             heartbeat: Mutex::new(None),
+            taking_stream: tokio::sync::Mutex::new(()),
         }
     }
 

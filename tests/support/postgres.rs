@@ -22,11 +22,7 @@ pub fn server_url() -> Option<String> {
 
 /// Creates an empty database on the server at `admin_url`; returns its URL.
 pub async fn fresh_database_on(admin_url: &str) -> String {
-    let name = format!(
-        "kvs_test_{}_{:08x}",
-        std::process::id(),
-        fastrand::u32(..)
-    );
+    let name = format!("kvs_test_{}_{:08x}", std::process::id(), fastrand::u32(..));
     let mut admin = sqlx::PgConnection::connect(admin_url)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to {admin_url}: {e}"));
