@@ -113,8 +113,11 @@ pub async fn take_stream(
             )));
         }
     }
+    // A daemon leaves a held stream to its holder; a one-shot pass waits for it, so that
+    // its exit status says whether the stream is archived.
+    let wait = me.role != crate::ledger::Role::Daemon;
     Ok(archiver
-        .hold_stream(stream, false, shutdown)
+        .hold_stream(stream, wait, shutdown)
         .await?
         .map(|holder| {
             format!(

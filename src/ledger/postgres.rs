@@ -119,6 +119,32 @@ fn row_to_holder(row: &PgRow) -> StreamHolder {
     }
 }
 
+/// The claim of the next chunk: `$1` owner, `$2` lease end, `$3` now, `$4` stream, `$5`
+/// timestamp source, `$6`..`$7` range, `$8` ids to skip.
+fn claim_next_sql() -> String {
+    // SKIP LOCKED: a row another claimer is taking is passed over, not waited for;
+    // FOR UPDATE re-checks the condition on the row it locks.
+    format!(
+        "UPDATE chunks SET state = 'fetching', attempts = attempts + 1, owner = $1,
+             generation = generation + 1, lease_until_ms = $2, updated_ms = $3
+         WHERE id = (
+             SELECT id FROM chunks
+             WHERE stream = $4 AND timestamp_source = $5 AND end_ms >= $6 AND start_ms <= $7
+               AND (state = 'planned' OR (state = 'failed' AND COALESCE(next_attempt_ms, 0) <= $3))
+               AND id <> ALL($8)
+             ORDER BY start_ms, id LIMIT 1
+             FOR UPDATE SKIP LOCKED)
+         RETURNING {CHUNK_COLUMNS}"
+    )
+}
+
+/// The planner's reads: fragments held, then clip ranges, in `[$3, $4]` of `$1`/`$2`.
+const HELD_FRAGMENTS_SQL: &str = "SELECT fragment_number FROM chunk_fragments
+     WHERE stream = $1 AND timestamp_source = $2 AND start_ms >= $3 AND start_ms <= $4";
+const CLIP_RANGES_SQL: &str = "SELECT start_ms, GREATEST(end_ms, start_ms + 1) AS clip_end, state
+     FROM chunks WHERE stream = $1 AND timestamp_source = $2 AND kind = 'clip'
+       AND end_ms >= $3 - 1 AND start_ms <= $4 ORDER BY start_ms";
+
 fn fenced(done: sqlx::postgres::PgQueryResult, lease: &Lease) -> Result<()> {
     if done.rows_affected() == 1 {
         Ok(())
@@ -347,6 +373,69 @@ impl PgLedger {
         Ok(rows.iter().map(row_to_chunk).collect())
     }
 
+    /// `EXPLAIN ANALYZE` of the hot queries (the next claim, the planner's two reads)
+    /// for one stream and range, rolled back: what the benchmark records.
+    pub async fn explain_hot_queries(
+        &self,
+        stream: &str,
+        from: EpochMs,
+        to: EpochMs,
+    ) -> Result<Vec<(&'static str, String)>> {
+        let op = "explain";
+        let mut tx = self.pool.begin().await.map_err(Error::store(op))?;
+        let mut out = Vec::new();
+        let claim = format!(
+            "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {}",
+            claim_next_sql()
+        );
+        let rows = sqlx::query(&claim)
+            .bind(&self.identity.owner)
+            .bind(now_ms() + 60_000)
+            .bind(now_ms())
+            .bind(stream)
+            .bind("server")
+            .bind(from)
+            .bind(to)
+            .bind(Vec::<i64>::new())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(Error::store(op))?;
+        out.push((
+            "claim next",
+            rows.iter()
+                .map(|r| r.get::<String, _>(0))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ));
+        for (name, sql) in [
+            ("planning: held fragments", HELD_FRAGMENTS_SQL),
+            ("planning: clip ranges", CLIP_RANGES_SQL),
+        ] {
+            let rows = sqlx::query(&format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {sql}"))
+                .bind(stream)
+                .bind("server")
+                .bind(from)
+                .bind(to)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(Error::store(op))?;
+            out.push((
+                name,
+                rows.iter()
+                    .map(|r| r.get::<String, _>(0))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ));
+        }
+        tx.rollback().await.map_err(Error::store(op))?;
+        Ok(out)
+    }
+
+    /// The pool, for benchmarks that load rows in bulk.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     async fn upsert_instance(&self, now: EpochMs, executor: &mut sqlx::PgConnection) -> Result<()> {
         let me = &self.identity;
         sqlx::query(
@@ -546,31 +635,18 @@ impl Ledger for PgLedger {
         lease_ms: i64,
         skip: &[i64],
     ) -> Result<Option<(Chunk, Lease)>> {
-        // SKIP LOCKED: a row another claimer is taking is passed over, not waited for;
-        // FOR UPDATE re-checks the condition on the row it locks.
-        let row = sqlx::query(&format!(
-            "UPDATE chunks SET state = 'fetching', attempts = attempts + 1, owner = $1,
-                 generation = generation + 1, lease_until_ms = $2, updated_ms = $3
-             WHERE id = (
-                 SELECT id FROM chunks
-                 WHERE stream = $4 AND timestamp_source = $5 AND end_ms >= $6 AND start_ms <= $7
-                   AND (state = 'planned' OR (state = 'failed' AND COALESCE(next_attempt_ms, 0) <= $3))
-                   AND id <> ALL($8)
-                 ORDER BY start_ms, id LIMIT 1
-                 FOR UPDATE SKIP LOCKED)
-             RETURNING {CHUNK_COLUMNS}"
-        ))
-        .bind(&self.identity.owner)
-        .bind(now + lease_ms)
-        .bind(now)
-        .bind(stream)
-        .bind(source.as_str())
-        .bind(from)
-        .bind(to)
-        .bind(skip)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(Error::store("claim next chunk"))?;
+        let row = sqlx::query(&claim_next_sql())
+            .bind(&self.identity.owner)
+            .bind(now + lease_ms)
+            .bind(now)
+            .bind(stream)
+            .bind(source.as_str())
+            .bind(from)
+            .bind(to)
+            .bind(skip)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(Error::store("claim next chunk"))?;
         Ok(row.map(|row| {
             let chunk = row_to_chunk(&row);
             let lease = Lease {
@@ -609,29 +685,22 @@ impl Ledger for PgLedger {
         to: EpochMs,
     ) -> Result<Holdings> {
         let op = "read holdings";
-        let numbers: Vec<String> = sqlx::query_scalar(
-            "SELECT fragment_number FROM chunk_fragments
-             WHERE stream = $1 AND timestamp_source = $2 AND start_ms >= $3 AND start_ms <= $4",
-        )
-        .bind(stream)
-        .bind(source.as_str())
-        .bind(from)
-        .bind(to)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(Error::store(op))?;
-        let rows = sqlx::query(
-            "SELECT start_ms, GREATEST(end_ms, start_ms + 1) AS clip_end, state
-             FROM chunks WHERE stream = $1 AND timestamp_source = $2 AND kind = 'clip'
-               AND end_ms >= $3 - 1 AND start_ms <= $4 ORDER BY start_ms",
-        )
-        .bind(stream)
-        .bind(source.as_str())
-        .bind(from)
-        .bind(to)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(Error::store(op))?;
+        let numbers: Vec<String> = sqlx::query_scalar(HELD_FRAGMENTS_SQL)
+            .bind(stream)
+            .bind(source.as_str())
+            .bind(from)
+            .bind(to)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::store(op))?;
+        let rows = sqlx::query(CLIP_RANGES_SQL)
+            .bind(stream)
+            .bind(source.as_str())
+            .bind(from)
+            .bind(to)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::store(op))?;
         let mut holdings = Holdings {
             held: numbers.into_iter().collect(),
             ..Holdings::default()
