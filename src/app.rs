@@ -43,7 +43,13 @@ pub fn retry_policy(config: &Config) -> RetryPolicy {
 
 /// This process's identity in the ledger.
 pub fn identity(config: &Config, role: Role) -> Result<Identity> {
-    let instance = config.state.resolve_instance_id()?;
+    // A reader never claims: it needs no id of its own, nor write access to the state
+    // directory.
+    let instance = match (role, &config.state.instance_id) {
+        (Role::Reader, Some(id)) => id.clone(),
+        (Role::Reader, None) => "reader".to_string(),
+        _ => config.state.resolve_instance_id()?,
+    };
     Ok(Identity::new(&instance, role))
 }
 

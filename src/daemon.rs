@@ -87,37 +87,39 @@ pub async fn take_stream(
     let ledger = &archiver.ledger;
     let me = ledger.identity().clone();
     let label = stream.label();
-    let _deciding = archiver.taking_stream.lock().await;
-    if me.role == crate::ledger::Role::Daemon {
-        let now = now_ms();
-        let alive_since = now - archiver.lease_ms();
-        let daemons: HashSet<String> = ledger
-            .instances()
-            .await?
-            .into_iter()
-            .filter(|i| i.role == "daemon" && i.last_seen_ms >= alive_since)
-            .map(|i| i.instance)
-            .chain(std::iter::once(me.instance.clone()))
-            .collect();
-        let streams = archiver.config.streams.len();
-        let share = streams.div_ceil(daemons.len().max(1));
-        let holders = ledger.stream_holders(now).await?;
-        let mine = holders.iter().filter(|h| h.owner == me.owner).count();
-        let already_mine = holders
-            .iter()
-            .any(|h| h.owner == me.owner && h.stream == label);
-        if !already_mine && mine >= share {
-            return Ok(Some(format!(
-                "this daemon works its share ({mine} of {streams} streams, {} daemons alive)",
-                daemons.len()
-            )));
-        }
+    if me.role != crate::ledger::Role::Daemon {
+        // A one-shot pass waits for a stream another process holds, so that its exit
+        // status says whether the stream is archived.
+        archiver.hold_stream(stream, true, shutdown).await?;
+        return Ok(None);
     }
-    // A daemon leaves a held stream to its holder; a one-shot pass waits for it, so that
-    // its exit status says whether the stream is archived.
-    let wait = me.role != crate::ledger::Role::Daemon;
+    let _deciding = archiver.taking_stream.lock().await;
+    let now = now_ms();
+    let alive_since = now - archiver.lease_ms();
+    let daemons: HashSet<String> = ledger
+        .instances()
+        .await?
+        .into_iter()
+        .filter(|i| i.role == "daemon" && i.last_seen_ms >= alive_since)
+        .map(|i| i.instance)
+        .chain(std::iter::once(me.instance.clone()))
+        .collect();
+    let streams = archiver.config.streams.len();
+    let share = streams.div_ceil(daemons.len().max(1));
+    let holders = ledger.stream_holders(now).await?;
+    let mine = holders.iter().filter(|h| h.owner == me.owner).count();
+    let already_mine = holders
+        .iter()
+        .any(|h| h.owner == me.owner && h.stream == label);
+    if !already_mine && mine >= share {
+        return Ok(Some(format!(
+            "this daemon works its share ({mine} of {streams} streams, {} daemons alive)",
+            daemons.len()
+        )));
+    }
+    // A daemon leaves a held stream to its holder.
     Ok(archiver
-        .hold_stream(stream, wait, shutdown)
+        .hold_stream(stream, false, shutdown)
         .await?
         .map(|holder| {
             format!(
@@ -224,13 +226,7 @@ pub async fn archive_stream(
             "data at risk: the oldest unarchived fragment is close to KVS's retention edge"
         );
     }
-    let through = archiver
-        .ledger
-        .status()
-        .await?
-        .into_iter()
-        .find(|s| s.stream == label)
-        .and_then(|s| s.archived_through_ms);
+    let through = archiver.ledger.archived_through(&label).await?;
     let lag_secs = through.map(|t| (now - t) as f64 / 1000.0);
     crate::metrics::stream_health(&label, lag_secs, expiry_secs, report.at_risk);
     crate::metrics::chunks_by_state(&label, &archiver.ledger.counts(&label).await?);

@@ -72,7 +72,7 @@ pub enum Error {
     /// working on it and never record an outcome.
     #[error("chunk {chunk}: lease lost (generation {generation} is no longer current): another process took the chunk over")]
     LeaseLost { chunk: i64, generation: i64 },
-    #[error("ledger {op}: {source}")]
+    #[error("ledger {op}: {source}{}", unreachable_hint(source))]
     Store {
         op: &'static str,
         #[source]
@@ -94,6 +94,16 @@ pub enum Error {
     Interrupted,
 }
 
+/// What to do when the ledger's database does not answer.
+fn unreachable_hint(source: &sqlx::Error) -> &'static str {
+    match source {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => {
+            " (the ledger's database does not answer: check that it is running and reachable at state.database_url; work resumes by itself when it is back)"
+        }
+        _ => "",
+    }
+}
+
 impl Error {
     pub fn retryability(&self) -> Retryability {
         match self {
@@ -111,20 +121,29 @@ impl Error {
                 // process holds the file for longer than the busy timeout.
                 sqlx::Error::Database(db) => {
                     let code = db.code().unwrap_or_default();
-                    match code.parse::<i32>() {
-                        Ok(code) if matches!(code & 0xff, 5 | 6) => Retryability::Transient,
-                        Ok(_) => Retryability::Permanent,
+                    if db
+                        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                        .is_some()
+                    {
                         // PostgreSQL: connection exceptions (08), a server shutting down or
                         // starting (57P), serialization failures and deadlocks (40), out
                         // of resources (53).
-                        Err(_)
-                            if ["08", "57P", "40", "53"]
-                                .iter()
-                                .any(|p| code.starts_with(p)) =>
+                        if ["08", "57P", "40", "53"]
+                            .iter()
+                            .any(|p| code.starts_with(p))
                         {
                             Retryability::Transient
+                        } else {
+                            Retryability::Permanent
                         }
-                        Err(_) => Retryability::Permanent,
+                    } else {
+                        // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended
+                        // codes: another process holds the file for longer than the busy
+                        // timeout.
+                        match code.parse::<i32>() {
+                            Ok(code) if matches!(code & 0xff, 5 | 6) => Retryability::Transient,
+                            _ => Retryability::Permanent,
+                        }
                     }
                 }
                 _ => Retryability::Permanent,

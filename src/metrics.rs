@@ -103,10 +103,11 @@ pub fn stream_health(stream: &str, lag_secs: Option<f64>, expiry_secs: Option<f6
 }
 
 /// Installs the Prometheus recorder and serves it on `addr`.
-/// Every series carries `instance`: several daemons share one fleet.
+/// Every series carries `archiver_instance` (the instance id; Prometheus keeps
+/// `instance` for the scrape target): several daemons share one fleet.
 pub async fn serve(addr: SocketAddr, instance: &str) -> Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
-        .add_global_label("instance", instance)
+        .add_global_label("archiver_instance", instance)
         .install_recorder()
         .map_err(|e| Error::Usage(format!("metrics: cannot install the recorder: {e}")))?;
     let listener = tokio::net::TcpListener::bind(addr)

@@ -522,6 +522,9 @@ pub trait Ledger: Send + Sync {
         source: TimestampSource,
     ) -> Result<Option<EpochMs>>;
 
+    /// End of the newest archived chunk of the stream (the daemon's lag metric).
+    async fn archived_through(&self, stream: &str) -> Result<Option<EpochMs>>;
+
     /// Chunk counts by state for one stream, for the metrics.
     async fn counts(&self, stream: &str) -> Result<Vec<(String, i64)>>;
 

@@ -1265,6 +1265,14 @@ impl Ledger for PgLedger {
         .map_err(Error::store("oldest unarchived"))
     }
 
+    async fn archived_through(&self, stream: &str) -> Result<Option<EpochMs>> {
+        sqlx::query_scalar("SELECT MAX(end_ms) FROM chunks WHERE stream = $1 AND state = 'done'")
+            .bind(stream)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Error::store("archived through"))
+    }
+
     async fn counts(&self, stream: &str) -> Result<Vec<(String, i64)>> {
         let rows =
             sqlx::query("SELECT state, COUNT(*) AS n FROM chunks WHERE stream = $1 GROUP BY state")

@@ -1237,6 +1237,14 @@ impl Ledger for SqliteLedger {
         .map_err(Error::store("oldest unarchived"))
     }
 
+    async fn archived_through(&self, stream: &str) -> Result<Option<EpochMs>> {
+        sqlx::query_scalar("SELECT MAX(end_ms) FROM chunks WHERE stream = ? AND state = 'done'")
+            .bind(stream)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Error::store("archived through"))
+    }
+
     async fn counts(&self, stream: &str) -> Result<Vec<(String, i64)>> {
         let rows =
             sqlx::query("SELECT state, COUNT(*) AS n FROM chunks WHERE stream = ? GROUP BY state")
@@ -1277,7 +1285,8 @@ impl Ledger for SqliteLedger {
                  retention_ms, next_run_ms, last_run_ms, last_run_error)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (stream, timestamp_source) DO UPDATE SET
-                 planned_through_ms = COALESCE(?3, planned_through_ms),
+                 planned_through_ms = MAX(COALESCE(?3, planned_through_ms),
+                                          COALESCE(planned_through_ms, ?3)),
                  retention_ms = COALESCE(?4, retention_ms),
                  next_run_ms = COALESCE(?5, next_run_ms),
                  last_run_ms = COALESCE(?6, last_run_ms),

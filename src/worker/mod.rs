@@ -72,6 +72,10 @@ pub struct Archiver {
     /// Serializes this process's decisions to take a stream, so that passes starting
     /// together count each other against the daemon's share.
     pub(crate) taking_stream: tokio::sync::Mutex<()>,
+    /// When the heartbeat last got through again after failing (epoch ms): for one lease
+    /// after, other processes' lapsed claims are left alone, since they too may only have
+    /// lost the database for a while.
+    ledger_back_at: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// How often a long-running process looks for unrecorded partial uploads.
@@ -134,6 +138,7 @@ impl Archiver {
             claiming: tokio::sync::RwLock::new(()),
             heartbeat: Mutex::new(None),
             taking_stream: tokio::sync::Mutex::new(()),
+            ledger_back_at: Arc::new(std::sync::atomic::AtomicI64::new(0)),
         }
     }
 
@@ -187,11 +192,19 @@ impl Archiver {
         let active = self.active.clone();
         let (lease_ms, every) = (self.lease_ms(), self.renewal_interval());
         let token = stop.clone();
+        let back_at = self.ledger_back_at.clone();
         tokio::spawn(async move {
             let mut failing = false;
             loop {
+                // While the ledger does not answer, try every second: the leases lapse
+                // one lease after the last heartbeat that got through.
+                let pause = if failing {
+                    Duration::from_secs(1)
+                } else {
+                    every
+                };
                 tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = token.cancelled() => return,
                 }
                 let ids: Vec<i64> = active
@@ -203,6 +216,7 @@ impl Archiver {
                 match ledger.heartbeat(now_ms(), lease_ms, &ids).await {
                     Ok(()) if failing => {
                         failing = false;
+                        back_at.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
                         tracing::info!("ledger reachable again: heartbeat renewed");
                     }
                     Ok(()) => {}
@@ -322,6 +336,15 @@ impl Archiver {
     /// worker of ours that returned early): aborts the upload each recorded and makes it
     /// pending again. Never touches a chunk under a live lease.
     pub async fn recover_abandoned(&self) -> Result<usize> {
+        let back_at = self
+            .ledger_back_at
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if now_ms() - back_at < self.lease_ms() {
+            tracing::debug!(
+                "the ledger was away moments ago: lapsed claims get one lease to be renewed first"
+            );
+            return Ok(0);
+        }
         let _exclusive = self.claiming.write().await;
         let abandoned = self.ledger.abandoned(now_ms(), &self.active_ids()).await?;
         let mut recovered = 0;
@@ -478,6 +501,16 @@ impl Archiver {
                 },
                 None => None,
             };
+            // The stream's lease still ours: a pass whose lease lapsed (the ledger was away
+            // longer than a lease) and went to another process stops here.
+            if let StreamClaim::HeldBy(holder) = self
+                .ledger
+                .acquire_stream(&label, stream.timestamp_source, now_ms(), self.lease_ms())
+                .await?
+            {
+                tracing::warn!(stream = %label, instance = %holder.instance, "the stream went to another process; this pass stops");
+                return Ok(claimed);
+            }
             let skip: Vec<i64> = attempted
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

@@ -437,6 +437,7 @@ impl Archiver {
                         // The ledger is away for a moment: keep streaming; the check
                         // before the object becomes visible decides.
                         Err(e @ Error::Store { .. }) => {
+                            renewed = std::time::Instant::now();
                             tracing::warn!(error = %e, "lease not renewed: the ledger does not answer");
                         }
                         Err(e) => {
