@@ -348,8 +348,7 @@ impl PgLedger {
         condition: &str,
         stream: &str,
         source: TimestampSource,
-        from: EpochMs,
-        to: EpochMs,
+        (from, to): (EpochMs, EpochMs),
         now: Option<EpochMs>,
     ) -> Result<Vec<Chunk>> {
         let sql = format!(
@@ -746,8 +745,7 @@ impl Ledger for PgLedger {
             "(state = 'planned' OR (state = 'failed' AND COALESCE(next_attempt_ms, 0) <= $5))",
             stream,
             source,
-            from,
-            to,
+            (from, to),
             Some(now),
         )
         .await
@@ -794,8 +792,7 @@ impl Ledger for PgLedger {
                 "state IN ('failed', 'expired')",
                 stream,
                 source,
-                from,
-                to,
+                (from, to),
                 None,
             )
             .await?;
@@ -1094,8 +1091,7 @@ impl Ledger for PgLedger {
             "state = 'done'",
             stream,
             source,
-            from,
-            to,
+            (from, to),
             None,
         )
         .await
