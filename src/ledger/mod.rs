@@ -558,3 +558,84 @@ pub async fn open(database_url: &str, identity: Identity) -> Result<std::sync::A
 pub fn is_postgres(database_url: &str) -> bool {
     database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")
 }
+
+/// The row decoders of a backend (`$row`: its row type). Both dialects name and type
+/// their columns alike, so one definition serves both.
+macro_rules! row_decoders {
+    ($row:ty) => {
+        fn row_to_chunk(row: &$row) -> Chunk {
+            let source: String = row.get("timestamp_source");
+            let kind: String = row.get("kind");
+            let state: String = row.get("state");
+            Chunk {
+                id: row.get("id"),
+                stream: row.get("stream"),
+                // The schema's CHECK constraints admit only the values these parse.
+                timestamp_source: TimestampSource::parse(&source).unwrap_or_default(),
+                plan: ChunkPlan {
+                    kind: ChunkKind::parse(&kind).unwrap_or_default(),
+                    start_ms: row.get("start_ms"),
+                    end_ms: row.get("end_ms"),
+                    fragment_count: row.get::<i64, _>("fragment_count") as u32,
+                    bytes: row.get::<i64, _>("planned_bytes") as u64,
+                    duration_ms: row.get::<i64, _>("planned_duration_ms") as u64,
+                    first_fragment: row.get("first_fragment"),
+                    last_fragment: row.get("last_fragment"),
+                    fragments: Vec::new(),
+                },
+                object_key: row.get("object_key"),
+                state: ChunkState::parse(&state).unwrap_or(ChunkState::Failed),
+                attempts: row.get::<i64, _>("attempts") as u32,
+                last_error: row.get("last_error"),
+                error_kind: row.get("error_kind"),
+                next_attempt_ms: row.get("next_attempt_ms"),
+                archived_bytes: row
+                    .get::<Option<i64>, _>("archived_bytes")
+                    .map(|b| b as u64),
+                archived_crc32c: row.get("archived_crc32c"),
+                upload_id: row.get("upload_id"),
+                owner: row.get("owner"),
+                generation: row.get("generation"),
+                lease_until_ms: row.get("lease_until_ms"),
+            }
+        }
+
+        fn row_to_fragment(row: &$row) -> Fragment {
+            Fragment {
+                number: row.get("fragment_number"),
+                start_ms: row.get("start_ms"),
+                server_ms: row.get("server_ms"),
+                duration_ms: row.get::<i64, _>("duration_ms") as u64,
+                size_bytes: row.get::<i64, _>("size_bytes") as u64,
+            }
+        }
+
+        fn row_to_instance(row: &$row) -> InstanceView {
+            InstanceView {
+                owner: row.get("owner"),
+                instance: row.get("instance"),
+                role: row.get("role"),
+                host: row.get("host"),
+                pid: row.get("pid"),
+                started_ms: row.get("started_ms"),
+                last_seen_ms: row.get("last_seen_ms"),
+            }
+        }
+
+        fn row_to_holder(row: &$row) -> StreamHolder {
+            let source: String = row.get("timestamp_source");
+            StreamHolder {
+                stream: row.get("stream"),
+                timestamp_source: TimestampSource::parse(&source).unwrap_or_default(),
+                owner: row.get::<Option<String>, _>("owner").unwrap_or_default(),
+                instance: row.get::<Option<String>, _>("instance").unwrap_or_default(),
+                role: row.get::<Option<String>, _>("role").unwrap_or_default(),
+                acquired_ms: row.get::<Option<i64>, _>("acquired_ms").unwrap_or_default(),
+                lease_until_ms: row
+                    .get::<Option<i64>, _>("lease_until_ms")
+                    .unwrap_or_default(),
+            }
+        }
+    };
+}
+pub(crate) use row_decoders;
