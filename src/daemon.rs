@@ -76,9 +76,12 @@ where
 }
 
 /// Whether this process may work `stream` now, and takes its lease if so. One process
-/// works a stream at a time (KVS's per-stream quotas hold across instances); a daemon
-/// takes at most its share, ceil(streams / live daemons), so that every live daemon gets
-/// streams and a new one picks up work at its next firing. `None`: take it; else why not.
+/// works a stream at a time (KVS's per-stream quotas hold across instances). Each
+/// stream is assigned to one live daemon by rendezvous hashing of the stream's name
+/// with the live instance ids: every stream has exactly one daemon, each daemon gets an
+/// even share on average, and when a daemon comes or goes only its streams move (a new
+/// one gets its streams at its next firing, a dead one's move once its heartbeat is a
+/// lease old). `None`: take it; else why not.
 pub async fn take_stream(
     archiver: &Archiver,
     stream: &StreamConfig,
@@ -86,16 +89,13 @@ pub async fn take_stream(
 ) -> Result<Option<String>> {
     let ledger = &archiver.ledger;
     let me = ledger.identity().clone();
-    let label = stream.label();
     if me.role != crate::ledger::Role::Daemon {
         // A one-shot pass waits for a stream another process holds, so that its exit
         // status says whether the stream is archived.
         archiver.hold_stream(stream, true, shutdown).await?;
         return Ok(None);
     }
-    let _deciding = archiver.taking_stream.lock().await;
-    let now = now_ms();
-    let alive_since = now - archiver.lease_ms();
+    let alive_since = now_ms() - archiver.lease_ms();
     let daemons: HashSet<String> = ledger
         .instances()
         .await?
@@ -104,20 +104,19 @@ pub async fn take_stream(
         .map(|i| i.instance)
         .chain(std::iter::once(me.instance.clone()))
         .collect();
-    let streams = archiver.config.streams.len();
-    let share = streams.div_ceil(daemons.len().max(1));
-    let holders = ledger.stream_holders(now).await?;
-    let mine = holders.iter().filter(|h| h.owner == me.owner).count();
-    let already_mine = holders
+    let label = stream.label();
+    let assigned = daemons
         .iter()
-        .any(|h| h.owner == me.owner && h.stream == label);
-    if !already_mine && mine >= share {
+        .max_by_key(|instance| (rendezvous(instance, &label), instance.as_str()))
+        .map_or(me.instance.as_str(), String::as_str);
+    if assigned != me.instance {
         return Ok(Some(format!(
-            "this daemon works its share ({mine} of {streams} streams, {} daemons alive)",
+            "assigned to instance {assigned} ({} daemons alive)",
             daemons.len()
         )));
     }
-    // A daemon leaves a held stream to its holder.
+    // A stream still held by another process's pass (it was assigned there a moment
+    // ago) is left to it.
     Ok(archiver
         .hold_stream(stream, false, shutdown)
         .await?
@@ -127,6 +126,22 @@ pub async fn take_stream(
                 holder.instance, holder.role, holder.owner
             )
         }))
+}
+
+/// The weight of `instance` for `stream` in rendezvous hashing: FNV-1a 64 over both
+/// names, stable across builds and hosts (every daemon computes the same assignment).
+fn rendezvous(instance: &str, stream: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in instance.bytes().chain([0]).chain(stream.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    // FNV's low bits mix poorly on short keys: finish with a 64-bit avalanche.
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    hash ^ (hash >> 33)
 }
 
 /// One pass over one stream: archive everything from KVS's retention edge (or the
@@ -260,6 +275,34 @@ pub fn pass_failed(outcome: &Result<PassReport>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rendezvous_spreads_streams_evenly_and_moves_only_a_dead_daemons_streams() {
+        let streams: Vec<String> = (0..300).map(|i| format!("cam-{i:03}")).collect();
+        let assign = |daemons: &[&str]| -> Vec<String> {
+            streams
+                .iter()
+                .map(|s| {
+                    daemons
+                        .iter()
+                        .max_by_key(|d| (rendezvous(d, s), **d))
+                        .map(|d| d.to_string())
+                        .unwrap_or_default()
+                })
+                .collect()
+        };
+        let three = assign(&["fleet-a", "fleet-b", "fleet-c"]);
+        for d in ["fleet-a", "fleet-b", "fleet-c"] {
+            let n = three.iter().filter(|a| *a == d).count();
+            assert!((70..=130).contains(&n), "{d} gets {n} of 300");
+        }
+        let two = assign(&["fleet-a", "fleet-c"]);
+        for (before, after) in three.iter().zip(&two) {
+            if before != "fleet-b" {
+                assert_eq!(before, after, "only fleet-b's streams move");
+            }
+        }
+    }
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 

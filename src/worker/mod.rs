@@ -69,9 +69,6 @@ pub struct Archiver {
     claiming: tokio::sync::RwLock<()>,
     /// Ends the heartbeat when the archiver is dropped.
     heartbeat: Mutex<Option<tokio_util::sync::DropGuard>>,
-    /// Serializes this process's decisions to take a stream, so that passes starting
-    /// together count each other against the daemon's share.
-    pub(crate) taking_stream: tokio::sync::Mutex<()>,
     /// When the heartbeat last got through again after failing (epoch ms): for one lease
     /// after, other processes' lapsed claims are left alone, since they too may only have
     /// lost the database for a while.
@@ -137,7 +134,6 @@ impl Archiver {
             last_sweep: Mutex::new(None),
             claiming: tokio::sync::RwLock::new(()),
             heartbeat: Mutex::new(None),
-            taking_stream: tokio::sync::Mutex::new(()),
             ledger_back_at: Arc::new(std::sync::atomic::AtomicI64::new(0)),
         }
     }
