@@ -231,7 +231,18 @@ impl DirUpload {
             .map_err(|e| io_error("write", &self.partial, e))
     }
 
+    /// Makes the object visible, whole; on any failure (a full disk often shows only at
+    /// the flush) the partial file is removed, as by [`DirUpload::abort`].
     pub async fn finish(mut self) -> Result<Archived> {
+        let partial = self.partial.clone();
+        let finished = self.complete().await;
+        if finished.is_err() {
+            let _ = tokio::fs::remove_file(&partial).await;
+        }
+        finished
+    }
+
+    async fn complete(&mut self) -> Result<Archived> {
         self.file
             .flush()
             .await
