@@ -111,6 +111,22 @@ pub struct StreamHolder {
     pub lease_until_ms: EpochMs,
 }
 
+impl StreamHolder {
+    /// A lease released between a refused acquisition and the look at its holder: the
+    /// caller tries again later.
+    pub fn released(stream: &str, source: TimestampSource, now: EpochMs) -> StreamHolder {
+        StreamHolder {
+            stream: stream.to_string(),
+            timestamp_source: source,
+            owner: String::new(),
+            instance: String::new(),
+            role: String::new(),
+            acquired_ms: now,
+            lease_until_ms: now,
+        }
+    }
+}
+
 /// The outcome of [`Ledger::acquire_stream`].
 #[derive(Debug, Clone)]
 pub enum StreamClaim {
@@ -634,6 +650,33 @@ macro_rules! row_decoders {
                 lease_until_ms: row
                     .get::<Option<i64>, _>("lease_until_ms")
                     .unwrap_or_default(),
+            }
+        }
+
+        fn row_to_held_chunk(row: &$row) -> HeldChunk {
+            let owner: String = row.get("owner");
+            HeldChunk {
+                object_key: row.get("object_key"),
+                state: ChunkState::parse(&row.get::<String, _>("state"))
+                    .unwrap_or(ChunkState::Fetching),
+                instance: Identity::instance_of(&owner).to_string(),
+                owner,
+                lease_until_ms: row.get("lease_until_ms"),
+            }
+        }
+
+        fn row_to_failure(row: &$row) -> FailureView {
+            FailureView {
+                object_key: row.get("object_key"),
+                start_ms: row.get("start_ms"),
+                kind: row
+                    .get::<Option<String>, _>("error_kind")
+                    .unwrap_or_else(|| "unknown".into()),
+                reason: row
+                    .get::<Option<String>, _>("last_error")
+                    .unwrap_or_default(),
+                attempts: row.get::<i64, _>("attempts") as u32,
+                next_attempt_ms: row.get("next_attempt_ms"),
             }
         }
     };

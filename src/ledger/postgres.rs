@@ -514,14 +514,8 @@ impl Ledger for PgLedger {
                 .await
                 .map_err(Error::store(op))?
                 .map(|row| row_to_holder(&row));
-        Ok(StreamClaim::HeldBy(holder.unwrap_or(StreamHolder {
-            stream: stream.to_string(),
-            timestamp_source: source,
-            owner: String::new(),
-            instance: String::new(),
-            role: String::new(),
-            acquired_ms: now,
-            lease_until_ms: now,
+        Ok(StreamClaim::HeldBy(holder.unwrap_or_else(|| {
+            StreamHolder::released(stream, source, now)
         })))
     }
 
@@ -1116,19 +1110,7 @@ impl Ledger for PgLedger {
             .fetch_all(&self.pool)
             .await
             .map_err(Error::store(op))?;
-            s.failures = failed
-                .iter()
-                .map(|r| FailureView {
-                    object_key: r.get("object_key"),
-                    start_ms: r.get("start_ms"),
-                    kind: r
-                        .get::<Option<String>, _>("error_kind")
-                        .unwrap_or_else(|| "unknown".into()),
-                    reason: r.get::<Option<String>, _>("last_error").unwrap_or_default(),
-                    attempts: r.get::<i64, _>("attempts") as u32,
-                    next_attempt_ms: r.get("next_attempt_ms"),
-                })
-                .collect();
+            s.failures = failed.iter().map(row_to_failure).collect();
             s.last_error = s.failures.first().map(|f| f.reason.clone());
             s.held_by = holders.iter().find(|h| h.stream == s.stream).cloned();
             let by = sqlx::query(
@@ -1155,20 +1137,7 @@ impl Ledger for PgLedger {
             .fetch_all(&self.pool)
             .await
             .map_err(Error::store(op))?;
-            s.in_flight_chunks = held
-                .iter()
-                .map(|r| {
-                    let owner: String = r.get("owner");
-                    HeldChunk {
-                        object_key: r.get("object_key"),
-                        state: ChunkState::parse(&r.get::<String, _>("state"))
-                            .unwrap_or(ChunkState::Fetching),
-                        instance: Identity::instance_of(&owner).to_string(),
-                        owner,
-                        lease_until_ms: r.get("lease_until_ms"),
-                    }
-                })
-                .collect();
+            s.in_flight_chunks = held.iter().map(row_to_held_chunk).collect();
         }
         Ok(out)
     }

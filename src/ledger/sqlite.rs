@@ -259,6 +259,26 @@ impl SqliteLedger {
         }
     }
 
+    /// Records this process as seen at `now` (registering it if new).
+    async fn upsert_instance(&self, now: EpochMs, conn: &mut sqlx::SqliteConnection) -> Result<()> {
+        let me = &self.identity;
+        sqlx::query(
+            "INSERT INTO instances (owner, instance, role, host, pid, started_ms, last_seen_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+             ON CONFLICT (owner) DO UPDATE SET last_seen_ms = ?6",
+        )
+        .bind(&me.owner)
+        .bind(&me.instance)
+        .bind(me.role.as_str())
+        .bind(&me.host)
+        .bind(i64::from(me.pid))
+        .bind(now)
+        .execute(conn)
+        .await
+        .map_err(Error::store("register instance"))?;
+        Ok(())
+    }
+
     async fn chunks_where(
         &self,
         op: &'static str,
@@ -331,20 +351,8 @@ impl Ledger for SqliteLedger {
             .execute(&self.pool)
             .await
             .map_err(Error::store(op))?;
-        sqlx::query(
-            "INSERT INTO instances (owner, instance, role, host, pid, started_ms, last_seen_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
-             ON CONFLICT (owner) DO UPDATE SET last_seen_ms = ?6",
-        )
-        .bind(&me.owner)
-        .bind(&me.instance)
-        .bind(me.role.as_str())
-        .bind(&me.host)
-        .bind(i64::from(me.pid))
-        .bind(now)
-        .execute(&self.pool)
-        .await
-        .map_err(Error::store(op))?;
+        let mut conn = self.pool.acquire().await.map_err(Error::store(op))?;
+        self.upsert_instance(now, &mut conn).await?;
         Ok(Registration::Registered)
     }
 
@@ -352,20 +360,7 @@ impl Ledger for SqliteLedger {
         let op = "heartbeat";
         let me = &self.identity;
         let mut tx = self.pool.begin().await.map_err(Error::store(op))?;
-        sqlx::query(
-            "INSERT INTO instances (owner, instance, role, host, pid, started_ms, last_seen_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
-             ON CONFLICT (owner) DO UPDATE SET last_seen_ms = ?6",
-        )
-        .bind(&me.owner)
-        .bind(&me.instance)
-        .bind(me.role.as_str())
-        .bind(&me.host)
-        .bind(i64::from(me.pid))
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(Error::store(op))?;
+        self.upsert_instance(now, &mut tx).await?;
         sqlx::query("UPDATE stream_leases SET lease_until_ms = ?2 WHERE owner = ?1")
             .bind(&me.owner)
             .bind(now + lease_ms)
@@ -474,15 +469,9 @@ impl Ledger for SqliteLedger {
         match holder {
             Some(holder) => Ok(StreamClaim::HeldBy(holder)),
             // Released between the two statements: try again next time.
-            None => Ok(StreamClaim::HeldBy(StreamHolder {
-                stream: stream.to_string(),
-                timestamp_source: source,
-                owner: String::new(),
-                instance: String::new(),
-                role: String::new(),
-                acquired_ms: now,
-                lease_until_ms: now,
-            })),
+            None => Ok(StreamClaim::HeldBy(StreamHolder::released(
+                stream, source, now,
+            ))),
         }
     }
 
@@ -1092,19 +1081,7 @@ impl Ledger for SqliteLedger {
             .fetch_all(&self.pool)
             .await
             .map_err(Error::store(op))?;
-            s.failures = failed
-                .iter()
-                .map(|r| FailureView {
-                    object_key: r.get("object_key"),
-                    start_ms: r.get("start_ms"),
-                    kind: r
-                        .get::<Option<String>, _>("error_kind")
-                        .unwrap_or_else(|| "unknown".into()),
-                    reason: r.get::<Option<String>, _>("last_error").unwrap_or_default(),
-                    attempts: r.get::<i64, _>("attempts") as u32,
-                    next_attempt_ms: r.get("next_attempt_ms"),
-                })
-                .collect();
+            s.failures = failed.iter().map(row_to_failure).collect();
             s.last_error = s.failures.first().map(|f| f.reason.clone());
             s.held_by = holders.iter().find(|h| h.stream == s.stream).cloned();
             let by = sqlx::query(
@@ -1131,20 +1108,7 @@ impl Ledger for SqliteLedger {
             .fetch_all(&self.pool)
             .await
             .map_err(Error::store(op))?;
-            s.in_flight_chunks = held
-                .iter()
-                .map(|r| {
-                    let owner: String = r.get("owner");
-                    HeldChunk {
-                        object_key: r.get("object_key"),
-                        state: ChunkState::parse(&r.get::<String, _>("state"))
-                            .unwrap_or(ChunkState::Fetching),
-                        instance: Identity::instance_of(&owner).to_string(),
-                        owner,
-                        lease_until_ms: r.get("lease_until_ms"),
-                    }
-                })
-                .collect();
+            s.in_flight_chunks = held.iter().map(row_to_held_chunk).collect();
         }
         Ok(out)
     }
