@@ -89,6 +89,10 @@ pub async fn build(config: Config, sdk: &SdkConfig, role: Role) -> Result<Archiv
                 aws_sdk_s3::Client::from_conf(s3.build()),
                 bucket.clone(),
                 config.destination.part_size as usize,
+                config
+                    .destination
+                    .payload_signing
+                    .signs(config.aws.s3_endpoint_url.as_deref()),
                 policy,
             ))
         }

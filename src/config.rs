@@ -290,9 +290,36 @@ pub struct DestinationConfig {
     pub prefix: String,
     /// A local directory instead of a bucket.
     pub directory: Option<PathBuf>,
-    /// Multipart part size in bytes (S3: at least 5 MiB). A clip in flight holds about two
-    /// parts in memory.
+    /// Multipart part size in bytes (S3: at least 5 MiB). A clip in flight holds two
+    /// parts in memory: the one filling and the one uploading.
     pub part_size: u64,
+    /// Whether request bodies are covered by the SigV4 signature (a SHA-256 over every
+    /// byte). Every body carries a CRC32C that S3 verifies either way. `auto`: unsigned
+    /// over HTTPS, where TLS protects the body (what AWS recommends), signed over plain
+    /// HTTP.
+    pub payload_signing: PayloadSigning,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadSigning {
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+impl PayloadSigning {
+    /// Whether payloads sent to `endpoint` (None: AWS, always HTTPS) are signed.
+    pub fn signs(self, endpoint: Option<&str>) -> bool {
+        match self {
+            PayloadSigning::Always => true,
+            PayloadSigning::Never => false,
+            PayloadSigning::Auto => {
+                endpoint.is_some_and(|url| !url.to_ascii_lowercase().starts_with("https://"))
+            }
+        }
+    }
 }
 
 impl Default for DestinationConfig {
@@ -302,6 +329,7 @@ impl Default for DestinationConfig {
             prefix: "kvs/".to_string(),
             directory: None,
             part_size: 8 * 1024 * 1024,
+            payload_signing: PayloadSigning::Auto,
         }
     }
 }
@@ -342,8 +370,12 @@ impl Default for ArchiveConfig {
     fn default() -> Self {
         ArchiveConfig {
             clip_duration: Duration::from_secs(600),
-            max_fragments_per_clip: 190,
-            max_bytes_per_clip: 90_000_000,
+            // The fragment cap is exact ("the first 200 fragments"). The size cap counts
+            // the MP4 GetClip writes, which differs from the listed MKV fragment sizes by
+            // under 1 % (sample tables instead of block headers); 1 % headroom keeps
+            // clips whole, and a clip cut short anyway is detected and split.
+            max_fragments_per_clip: 200,
+            max_bytes_per_clip: 99_000_000,
             concurrency: 4,
             plan_window: Duration::from_secs(3600),
             max_attempts: 8,

@@ -31,6 +31,7 @@ pub mod app;
 pub mod config;
 pub mod crashpoint;
 pub mod daemon;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod domain;
 pub mod error;

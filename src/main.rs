@@ -123,13 +123,26 @@ async fn main() -> ExitCode {
     }
 }
 
+#[cfg(feature = "demo")]
+async fn demo(output: &std::path::Path) -> Result<ExitCode, Error> {
+    let shutdown = Shutdown::on_signals(std::time::Duration::from_secs(5));
+    std::fs::create_dir_all(output)
+        .map_err(|e| Error::Usage(format!("demo: cannot create {}: {e}", output.display())))?;
+    kvs_archiver::demo::run(output, &shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "demo"))]
+async fn demo(_output: &std::path::Path) -> Result<ExitCode, Error> {
+    Err(Error::Usage(
+        "demo: this build has no bundled KVS emulator; build with `--features demo` (on by default)"
+            .into(),
+    ))
+}
+
 async fn run(cli: Cli) -> Result<ExitCode, Error> {
     if let Command::Demo { output } = &cli.command {
-        let shutdown = Shutdown::on_signals(std::time::Duration::from_secs(5));
-        std::fs::create_dir_all(output)
-            .map_err(|e| Error::Usage(format!("demo: cannot create {}: {e}", output.display())))?;
-        kvs_archiver::demo::run(output, &shutdown).await?;
-        return Ok(ExitCode::SUCCESS);
+        return demo(output).await;
     }
     let config = Config::load(cli.config.as_deref())?;
     let shutdown = Shutdown::on_signals(config.daemon.shutdown_grace);

@@ -436,7 +436,7 @@ async fn six_hour_backfill_with_a_gap_archives_every_fragment_exactly_once() {
     assert_exactly_once(&objects, &expected);
     no_clip_was_truncated(&world.emu);
     assert!(
-        objects.len() >= expected.len() / 190,
+        objects.len() >= expected.len() / 200,
         "the 200-fragment cap split the clips"
     );
     let clips: Vec<_> = world
@@ -446,7 +446,7 @@ async fn six_hour_backfill_with_a_gap_archives_every_fragment_exactly_once() {
         .filter(|r| r.op == "GetClip" && r.status == 200)
         .collect();
     assert!(
-        clips.iter().all(|r| r.fragments <= 190),
+        clips.iter().all(|r| r.fragments <= 200),
         "chunks stay under the fragment cap"
     );
     assert_playable(&objects);
@@ -865,7 +865,7 @@ async fn plan_lists_chunks_without_fetching_and_check_config_prints_the_config()
     assert!(shown.status.success(), "{}", text(&shown));
     let stdout = String::from_utf8_lossy(&shown.stdout);
     assert!(
-        stdout.contains("bucket = \"archive\"") && stdout.contains("max_fragments_per_clip = 190")
+        stdout.contains("bucket = \"archive\"") && stdout.contains("max_fragments_per_clip = 200")
     );
     assert!(
         !stdout.contains(DEFAULT_SECRET_ACCESS_KEY),

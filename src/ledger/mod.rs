@@ -15,6 +15,7 @@
 //! names the [`Lease`] it holds and succeeds only if the chunk is still held under exactly
 //! that generation, else it fails with [`Error::LeaseLost`] and changes nothing.
 
+mod migrations;
 pub mod postgres;
 pub mod sqlite;
 

@@ -19,8 +19,6 @@ use sqlx::{PgPool, Row};
 use std::str::FromStr;
 use std::time::Duration;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
-
 /// A request waits this long for a connection: a database that is away fails the
 /// request (and the pass) quickly with a clear error instead of hanging.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -113,7 +111,7 @@ impl PgLedger {
             .connect_with(options)
             .await
             .map_err(unreachable)?;
-        MIGRATOR.run(&pool).await?;
+        super::migrations::postgres().await?.run(&pool).await?;
         Ok(PgLedger { pool, identity })
     }
 

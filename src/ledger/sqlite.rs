@@ -19,8 +19,6 @@ use std::time::Duration;
 /// Writers wait this long for each other (daemon and backfill share one file).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-
 /// The columns of a chunk row, in [`row_to_chunk`]'s order.
 const CHUNK_COLUMNS: &str = "id, stream, timestamp_source, start_ms, end_ms, fragment_count,
     planned_bytes, planned_duration_ms, first_fragment, last_fragment, object_key, kind, state,
@@ -118,7 +116,10 @@ impl SqliteLedger {
             .connect_with(options)
             .await
             .map_err(Error::store("open"))?;
-        let migrated = MIGRATOR.run(&pool).await;
+        let migrated = match super::migrations::sqlite().await {
+            Ok(migrator) => migrator.run(&pool).await,
+            Err(e) => Err(e),
+        };
         drop(lock);
         migrated?;
         Ok(SqliteLedger { pool, identity })

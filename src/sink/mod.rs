@@ -27,6 +27,22 @@ impl Crc32c {
     pub fn hex(self) -> String {
         format!("{:08x}", self.0)
     }
+
+    /// The CRC of `self`'s bytes followed by `next`'s `len` bytes, without reading them.
+    pub fn followed_by(self, next: Crc32c, len: usize) -> Crc32c {
+        Crc32c(crc32c::crc32c_combine(self.0, next.0, len))
+    }
+
+    /// Base64 of the big-endian value: the form of S3's `x-amz-checksum-crc32c`.
+    pub fn base64(self) -> String {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let n = u64::from(self.0) << 16; // 32 bits, padded to 48 = eight 6-bit digits
+        let digits: String = (0..6)
+            .map(|i| ALPHABET[((n >> (42 - 6 * i)) & 63) as usize] as char)
+            .collect();
+        digits + "=="
+    }
 }
 
 /// Object metadata: what a user needs to find a clip without the ledger.
@@ -160,5 +176,29 @@ impl Upload {
             Upload::S3(u) => u.abort().await,
             Upload::Dir(u) => u.abort().await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Crc32c;
+
+    #[test]
+    fn base64_is_the_big_endian_value() {
+        assert_eq!(Crc32c(0xdead_beef).base64(), "3q2+7w==");
+        assert_eq!(Crc32c(0).base64(), "AAAAAA==");
+        assert_eq!(Crc32c(u32::MAX).base64(), "/////w==");
+    }
+
+    #[test]
+    fn parts_combine_into_the_whole() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut whole = Crc32c::default();
+        whole.update(&data);
+        let (a, b) = data.split_at(31_337);
+        let (mut first, mut second) = (Crc32c::default(), Crc32c::default());
+        first.update(a);
+        second.update(b);
+        assert_eq!(first.followed_by(second, b.len()).hex(), whole.hex());
     }
 }

@@ -2,9 +2,12 @@
 //!
 //! A clip smaller than one part goes up with one PutObject; a larger one as a multipart
 //! upload whose parts are sent while the next part is still arriving from KVS. Memory per
-//! clip: the part being filled plus one part in flight. Every request carries a CRC32C
-//! checksum S3 verifies. A failed request is retried from the part still in memory, so
-//! an S3 hiccup never costs a second GetClip (KVS bills every byte it sends).
+//! clip: two part buffers, allocated once and swapped (one filling, one uploading); the
+//! bytes are copied once, from the GetClip body into the part. Every request carries the
+//! part's CRC32C, computed while it fills, which S3 verifies; the payload is signed only
+//! where the configuration asks (see `PayloadSigning`). A failed request is retried from
+//! the part still in memory, so an S3 hiccup never costs a second GetClip (KVS bills
+//! every byte it sends).
 
 use super::{Crc32c, ObjectMeta};
 use crate::error::{Error, Result, Retryability};
@@ -22,6 +25,7 @@ struct Inner {
     client: s3::Client,
     bucket: String,
     part_size: usize,
+    sign_payload: bool,
     policy: RetryPolicy,
 }
 
@@ -34,11 +38,16 @@ pub struct S3Upload {
     key: String,
     meta: ObjectMeta,
     content_type: &'static str,
-    crc: Crc32c,
+    /// CRC32C of the parts already sent; with `part_crc`, that of every byte written.
+    sent_crc: Crc32c,
+    part_crc: Crc32c,
+    /// The part being filled; never grows past `part_size`.
     buffer: BytesMut,
+    /// The other part buffer, back from its upload and ready to fill.
+    spare: Option<BytesMut>,
     upload_id: Option<String>,
     parts: Vec<CompletedPart>,
-    in_flight: Option<JoinHandle<Result<CompletedPart>>>,
+    in_flight: Option<JoinHandle<Result<(CompletedPart, Bytes)>>>,
     next_part: i32,
     total: u64,
 }
@@ -133,12 +142,19 @@ where
 }
 
 impl S3Sink {
-    pub fn new(client: s3::Client, bucket: String, part_size: usize, policy: RetryPolicy) -> Self {
+    pub fn new(
+        client: s3::Client,
+        bucket: String,
+        part_size: usize,
+        sign_payload: bool,
+        policy: RetryPolicy,
+    ) -> Self {
         S3Sink {
             inner: Arc::new(Inner {
                 client,
                 bucket,
                 part_size,
+                sign_payload,
                 policy,
             }),
         }
@@ -169,8 +185,10 @@ impl S3Sink {
             key: key.to_string(),
             meta,
             content_type,
-            crc: Crc32c::default(),
+            sent_crc: Crc32c::default(),
+            part_crc: Crc32c::default(),
             buffer: BytesMut::with_capacity(self.inner.part_size),
+            spare: None,
             upload_id: None,
             parts: Vec::new(),
             in_flight: None,
@@ -360,16 +378,19 @@ async fn abort(inner: &Inner, key: &str, upload_id: &str) -> Result<()> {
     }
 }
 
+/// Uploads one part; gives the part's buffer back with the result, for the next part.
 async fn upload_part(
     inner: Arc<Inner>,
     key: String,
     upload_id: String,
     number: i32,
     body: Bytes,
-) -> Result<CompletedPart> {
+    crc: Crc32c,
+) -> Result<(CompletedPart, Bytes)> {
     let target = format!("s3://{}/{key} part {number}", inner.bucket);
-    with_retry(&inner.policy, "UploadPart", || async {
-        let out = inner
+    let checksum = crc.base64();
+    let part = with_retry(&inner.policy, "UploadPart", || async {
+        let request = inner
             .client
             .upload_part()
             .bucket(&inner.bucket)
@@ -377,17 +398,22 @@ async fn upload_part(
             .upload_id(&upload_id)
             .part_number(number)
             .checksum_algorithm(ChecksumAlgorithm::Crc32C)
-            .body(ByteStream::from(body.clone()))
-            .send()
-            .await
-            .map_err(|e| s3_error("UploadPart", &target, e))?;
+            .checksum_crc32_c(&checksum)
+            .body(ByteStream::from(body.clone()));
+        let sent = if inner.sign_payload {
+            request.send().await
+        } else {
+            request.customize().disable_payload_signing().send().await
+        };
+        let out = sent.map_err(|e| s3_error("UploadPart", &target, e))?;
         Ok(CompletedPart::builder()
             .part_number(number)
             .set_e_tag(out.e_tag().map(str::to_string))
-            .set_checksum_crc32_c(out.checksum_crc32_c().map(str::to_string))
+            .checksum_crc32_c(out.checksum_crc32_c().unwrap_or(&checksum))
             .build())
     })
-    .await
+    .await?;
+    Ok((part, body))
 }
 
 impl S3Upload {
@@ -401,29 +427,45 @@ impl S3Upload {
 
     pub async fn write(&mut self, bytes: Bytes) -> Result<()> {
         self.total += bytes.len() as u64;
-        self.crc.update(&bytes);
-        self.buffer.extend_from_slice(&bytes);
-        while self.buffer.len() >= self.inner.part_size {
-            let part = self.buffer.split_to(self.inner.part_size).freeze();
-            self.send_part(part).await?;
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let room = self.inner.part_size - self.buffer.len();
+            let (now, later) = rest.split_at(room.min(rest.len()));
+            self.buffer.extend_from_slice(now);
+            self.part_crc.update(now);
+            rest = later;
+            if self.buffer.len() == self.inner.part_size {
+                self.send_part().await?;
+            }
         }
         Ok(())
     }
 
+    /// CRC32C of every byte written so far.
+    fn object_crc(&self) -> Crc32c {
+        self.sent_crc.followed_by(self.part_crc, self.buffer.len())
+    }
+
     async fn wait_in_flight(&mut self) -> Result<()> {
         if let Some(task) = self.in_flight.take() {
-            let part = task.await.map_err(|e| Error::Sink {
+            let (part, body) = task.await.map_err(|e| Error::Sink {
                 op: "UploadPart",
                 target: self.target(),
                 message: format!("upload task failed: {e}"),
                 retry: Retryability::Transient,
             })??;
             self.parts.push(part);
+            // The SDK has dropped its references: the buffer is ours again.
+            self.spare = body.try_into_mut().ok().map(|mut buffer| {
+                buffer.clear();
+                buffer
+            });
         }
         Ok(())
     }
 
-    async fn send_part(&mut self, part: Bytes) -> Result<()> {
+    /// Sends the buffer as the next part and starts filling the spare one.
+    async fn send_part(&mut self) -> Result<()> {
         if self.upload_id.is_none() {
             let target = self.target();
             let inner = self.inner.clone();
@@ -454,24 +496,34 @@ impl S3Upload {
         let number = self.next_part;
         self.next_part += 1;
         let upload_id = self.upload_id.clone().unwrap_or_default();
+        let next = self
+            .spare
+            .take()
+            .unwrap_or_else(|| BytesMut::with_capacity(self.inner.part_size));
+        let part = std::mem::replace(&mut self.buffer, next).freeze();
+        let crc = std::mem::take(&mut self.part_crc);
+        self.sent_crc = self.sent_crc.followed_by(crc, part.len());
         self.in_flight = Some(tokio::spawn(upload_part(
             self.inner.clone(),
             self.key.clone(),
             upload_id,
             number,
             part,
+            crc,
         )));
         Ok(())
     }
 
     pub async fn finish(mut self) -> Result<Archived> {
+        let crc = self.object_crc();
         let archived = Archived {
             bytes: self.total,
-            crc32c: self.crc.hex(),
+            crc32c: crc.hex(),
         };
         let target = self.target();
         let Some(upload_id) = self.upload_id.clone() else {
             let body = std::mem::take(&mut self.buffer).freeze();
+            let checksum = crc.base64();
             let inner = self.inner.clone();
             with_retry(&inner.policy, "PutObject", || async {
                 let mut request = inner
@@ -481,22 +533,24 @@ impl S3Upload {
                     .key(&self.key)
                     .content_type(self.content_type)
                     .checksum_algorithm(ChecksumAlgorithm::Crc32C)
+                    .checksum_crc32_c(&checksum)
                     .body(ByteStream::from(body.clone()));
                 for (k, v) in &self.meta.pairs {
                     request = request.metadata(*k, v);
                 }
-                request
-                    .send()
-                    .await
-                    .map(|_| ())
+                let sent = if inner.sign_payload {
+                    request.send().await
+                } else {
+                    request.customize().disable_payload_signing().send().await
+                };
+                sent.map(|_| ())
                     .map_err(|e| s3_error("PutObject", &target, e))
             })
             .await?;
             return Ok(archived);
         };
         if !self.buffer.is_empty() {
-            let last = std::mem::take(&mut self.buffer).freeze();
-            if let Err(e) = self.send_part(last).await {
+            if let Err(e) = self.send_part().await {
                 self.abort().await;
                 return Err(e);
             }
