@@ -328,7 +328,9 @@ impl Default for DestinationConfig {
             bucket: None,
             prefix: "kvs/".to_string(),
             directory: None,
-            part_size: 8 * 1024 * 1024,
+            // S3's minimum: two parts per clip in flight is most of the archiver's memory,
+            // and smaller parts cost no throughput (docs/PERFORMANCE.md).
+            part_size: 5 * 1024 * 1024,
             payload_signing: PayloadSigning::Auto,
         }
     }
@@ -359,7 +361,9 @@ pub struct ArchiveConfig {
     #[serde(with = "humantime_serde")]
     pub retry_max_delay: Duration,
     /// GetClip pacing per stream, in fragment-media points per second (KVS: 500; each
-    /// clip costs its fragment count). The default leaves 10 % for other consumers.
+    /// clip costs its fragment count). The default leaves 4 % for other consumers: a
+    /// viewer's HLS or DASH playback costs one point per fragment, and a backfill
+    /// should take no more than 5 % longer than the quota itself allows.
     pub media_points_per_second: f64,
     /// ListFragments and GetClip pacing per stream, in fragment-metadata points per
     /// second (KVS: 10,000; a listing costs its page size, 1,000).
@@ -381,7 +385,7 @@ impl Default for ArchiveConfig {
             max_attempts: 8,
             retry_base_delay: Duration::from_millis(250),
             retry_max_delay: Duration::from_secs(30),
-            media_points_per_second: 450.0,
+            media_points_per_second: 480.0,
             metadata_points_per_second: 9_000.0,
         }
     }
