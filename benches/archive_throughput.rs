@@ -32,11 +32,41 @@ struct Case {
 fn main() {
     let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let cases = [
-        Case { label: "1 clip in flight, 96 MB clips", range: chrono::Duration::minutes(20), fragment_ms: 2000, fragment_size: 4_000_000, concurrency: 1 },
-        Case { label: "4 clips in flight, 96 MB clips", range: chrono::Duration::minutes(20), fragment_ms: 2000, fragment_size: 4_000_000, concurrency: 4 },
-        Case { label: "16 clips in flight, 96 MB clips", range: chrono::Duration::minutes(20), fragment_ms: 2000, fragment_size: 4_000_000, concurrency: 16 },
-        Case { label: "1 hour range, 4 in flight", range: chrono::Duration::hours(1), fragment_ms: 10_000, fragment_size: 50_000, concurrency: 4 },
-        Case { label: "7 day range, 4 in flight", range: chrono::Duration::days(7), fragment_ms: 10_000, fragment_size: 50_000, concurrency: 4 },
+        Case {
+            label: "1 clip in flight, 96 MB clips",
+            range: chrono::Duration::minutes(20),
+            fragment_ms: 2000,
+            fragment_size: 4_000_000,
+            concurrency: 1,
+        },
+        Case {
+            label: "4 clips in flight, 96 MB clips",
+            range: chrono::Duration::minutes(20),
+            fragment_ms: 2000,
+            fragment_size: 4_000_000,
+            concurrency: 4,
+        },
+        Case {
+            label: "16 clips in flight, 96 MB clips",
+            range: chrono::Duration::minutes(20),
+            fragment_ms: 2000,
+            fragment_size: 4_000_000,
+            concurrency: 16,
+        },
+        Case {
+            label: "1 hour range, 4 in flight",
+            range: chrono::Duration::hours(1),
+            fragment_ms: 10_000,
+            fragment_size: 50_000,
+            concurrency: 4,
+        },
+        Case {
+            label: "7 day range, 4 in flight",
+            range: chrono::Duration::days(7),
+            fragment_ms: 10_000,
+            fragment_size: 50_000,
+            concurrency: 4,
+        },
     ];
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -44,7 +74,10 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        for case in cases.iter().filter(|c| only.as_deref().is_none_or(|o| c.label.contains(o))) {
+        for case in cases
+            .iter()
+            .filter(|c| only.as_deref().is_none_or(|o| c.label.contains(o)))
+        {
             run(case).await;
         }
     });

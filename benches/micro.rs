@@ -32,21 +32,24 @@ fn planner(c: &mut Criterion) {
     let fragments = day_of_fragments();
     let mut group = c.benchmark_group("planner");
     group.throughput(Throughput::Elements(fragments.len() as u64));
-    group.bench_function("sort_and_dedup a day of 1 s fragments (shuffled pages)", |b| {
-        b.iter_batched(
-            || {
-                // Pages arrive in any order and may repeat: reverse, and list a tenth twice.
-                let mut listed: Vec<Fragment> = fragments.iter().rev().cloned().collect();
-                listed.extend(fragments.iter().step_by(10).cloned());
-                listed
-            },
-            |mut listed| {
-                plan::sort_and_dedup(&mut listed);
-                listed
-            },
-            BatchSize::LargeInput,
-        )
-    });
+    group.bench_function(
+        "sort_and_dedup a day of 1 s fragments (shuffled pages)",
+        |b| {
+            b.iter_batched(
+                || {
+                    // Pages arrive in any order and may repeat: reverse, and list a tenth twice.
+                    let mut listed: Vec<Fragment> = fragments.iter().rev().cloned().collect();
+                    listed.extend(fragments.iter().step_by(10).cloned());
+                    listed
+                },
+                |mut listed| {
+                    plan::sort_and_dedup(&mut listed);
+                    listed
+                },
+                BatchSize::LargeInput,
+            )
+        },
+    );
     group.bench_function("plan_window over a day, nothing held", |b| {
         let holdings = Holdings::default();
         b.iter(|| {
