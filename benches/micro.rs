@@ -28,6 +28,18 @@ fn day_of_fragments() -> Vec<Fragment> {
         .collect()
 }
 
+/// One window planned around `holdings`, as a planning pass does.
+fn plan_all_of(
+    fragments: &[Fragment],
+    holdings: &Holdings,
+) -> Vec<kvs_archiver::domain::ChunkPlan> {
+    let mut packer = Packer::new(LIMITS);
+    let mut out = Vec::new();
+    plan::plan_window(&mut packer, fragments, holdings, &mut out);
+    packer.finish(&mut out);
+    out
+}
+
 fn planner(c: &mut Criterion) {
     let fragments = day_of_fragments();
     let mut group = c.benchmark_group("planner");
@@ -52,26 +64,14 @@ fn planner(c: &mut Criterion) {
     );
     group.bench_function("plan_window over a day, nothing held", |b| {
         let holdings = Holdings::default();
-        b.iter(|| {
-            let mut packer = Packer::new(LIMITS);
-            let mut out = Vec::new();
-            plan::plan_window(&mut packer, black_box(&fragments), &holdings, &mut out);
-            packer.finish(&mut out);
-            out
-        })
+        b.iter(|| plan_all_of(black_box(&fragments), &holdings))
     });
     group.bench_function("plan_window over a day, half of it held", |b| {
         let mut holdings = Holdings::default();
         for f in fragments.iter().take(fragments.len() / 2) {
             holdings.held.insert(f.number.clone());
         }
-        b.iter(|| {
-            let mut packer = Packer::new(LIMITS);
-            let mut out = Vec::new();
-            plan::plan_window(&mut packer, black_box(&fragments), &holdings, &mut out);
-            packer.finish(&mut out);
-            out
-        })
+        b.iter(|| plan_all_of(black_box(&fragments), &holdings))
     });
     group.finish();
 }
