@@ -1,5 +1,5 @@
-//! Cron firings become queued triggers. tokio-cron-scheduler fires each schedule; the
-//! callback only enqueues the names of the streams on it (never blocking the scheduler);
+//! Cron firings become queued triggers. tokio-cron-scheduler fires each stream's
+//! schedule; the callback only enqueues the stream's name (never blocking the scheduler);
 //! the daemon's runner does the work.
 
 use crate::domain::EpochMs;
@@ -24,43 +24,24 @@ impl Scheduler {
         let scheduler_error =
             |e: tokio_cron_scheduler::JobSchedulerError| Error::Usage(format!("scheduler: {e}"));
         let inner = JobScheduler::new().await.map_err(scheduler_error)?;
-        // One job per distinct schedule, firing all of its streams: the scheduler's
-        // tick walks every job, so a thousand streams on one schedule cost one job, not
-        // a thousand, while the daemon idles.
-        let mut by_cron: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
-        for (stream, cron) in streams {
-            by_cron
-                .entry(cron.as_str())
-                .or_default()
-                .push(stream.clone());
-        }
         let mut jobs = HashMap::new();
-        for (cron, labels) in by_cron {
-            let fired = std::sync::Arc::new(labels.clone());
+        for (stream, cron) in streams {
+            let label = stream.clone();
             let tx = tx.clone();
-            let job = Job::new_async_tz(cron, offset, move |_, _| {
-                let fired = fired.clone();
+            let job = Job::new_async_tz(cron.as_str(), offset, move |_, _| {
+                let label = label.clone();
                 let tx = tx.clone();
                 Box::pin(async move {
-                    for label in fired.iter() {
-                        // A full queue means this stream is already waiting: the firing
-                        // would be coalesced anyway.
-                        if tx.try_send(label.clone()).is_err() {
-                            tracing::debug!(stream = %label, "firing dropped: queue full or closed");
-                        }
+                    // A full queue means this stream is already waiting: the firing
+                    // would be coalesced anyway.
+                    if tx.try_send(label.clone()).is_err() {
+                        tracing::debug!(stream = %label, "firing dropped: queue full or closed");
                     }
                 })
             })
-            .map_err(|e| {
-                Error::Usage(format!(
-                    "schedule {cron:?} of stream {}: {e}",
-                    labels.join(", ")
-                ))
-            })?;
+            .map_err(|e| Error::Usage(format!("schedule {cron:?} of stream {stream}: {e}")))?;
             let id = inner.add(job).await.map_err(scheduler_error)?;
-            for label in labels {
-                jobs.insert(label, id);
-            }
+            jobs.insert(stream.clone(), id);
         }
         inner.start().await.map_err(scheduler_error)?;
         Ok(Scheduler { inner, jobs })
