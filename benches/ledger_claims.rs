@@ -1,16 +1,23 @@
-//! The PostgreSQL ledger under several instances: chunks claimed per second with 1, 2
-//! and 4 instances on one database, and the hot queries with a million chunk rows.
+//! The ledger at scale. SQLite (the default): the hot queries with a million chunk rows,
+//! and real daemon passes (`run --once`) with and without them. PostgreSQL, when
+//! `KVS_TEST_POSTGRES_URL` is set: chunks claimed per second with 1, 2 and 4 instances on
+//! one database, and the same million rows.
 //!
-//! `eval "$(.ci/postgres)"; cargo bench --bench ledger_claims` (reads
-//! `KVS_TEST_POSTGRES_URL`, creates a fresh database). Prints figures; never fails on a
-//! slow machine.
+//! `cargo bench --bench ledger_claims`, or with PostgreSQL
+//! `eval "$(.ci/postgres)"; cargo bench --bench ledger_claims` (creates fresh databases).
+//! Prints figures; never fails on a slow machine.
 
 use kvs_archiver::domain::{ChunkKind, ChunkPlan, Fragment, TimestampSource};
 use kvs_archiver::ledger::postgres::PgLedger;
+use kvs_archiver::ledger::sqlite::SqliteLedger;
 use kvs_archiver::ledger::{Archived, Identity, Ledger, Role};
 use std::sync::Arc;
+use kvs_emulator::config::{DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY};
+use kvs_emulator::{Emulator, EmulatorConfig, StreamSpec};
 use std::time::{Duration, Instant};
 
+#[path = "../tests/support/local_s3.rs"]
+mod local_s3;
 #[path = "../tests/support/postgres.rs"]
 mod postgres;
 
@@ -27,8 +34,11 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
+        million_sqlite().await;
         let Some(server) = postgres::server_url() else {
-            eprintln!("ledger_claims: set KVS_TEST_POSTGRES_URL (eval \"$(.ci/postgres)\")");
+            eprintln!(
+                "ledger_claims: PostgreSQL skipped; set KVS_TEST_POSTGRES_URL (eval \"$(.ci/postgres)\")"
+            );
             return;
         };
         println!("claims: {CHUNKS} chunks of 10 fragments, each claimed then marked done");
@@ -37,7 +47,7 @@ fn main() {
                 claims(&server, instances, shared).await;
             }
         }
-        million(&server).await;
+        million_postgres(&server).await;
     });
 }
 
@@ -128,46 +138,161 @@ async fn timed<T>(what: &str, runs: u32, mut f: impl AsyncFnMut() -> T) {
     );
 }
 
-/// A million chunk rows over 100 streams, one fragment row each; then the hot paths.
-async fn million(server: &str) {
+/// 100 streams × 10,000 chunks of 20 s (1 % still planned) and one fragment row each, as
+/// SQL that both SQLite and PostgreSQL run.
+fn million_rows_sql() -> [String; 2] {
+    let chunks = format!(
+        "WITH RECURSIVE s(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM s WHERE x < 99),
+             c(y) AS (SELECT 0 UNION ALL SELECT y + 1 FROM c WHERE y < 9999)
+         INSERT INTO chunks (stream, timestamp_source, start_ms, end_ms, fragment_count,
+             planned_bytes, planned_duration_ms, first_fragment, last_fragment, object_key,
+             kind, state, archived_bytes, created_ms, updated_ms)
+         SELECT 'cam-' || CAST(x AS TEXT), 'server', {T0} + y * 20000, {T0} + y * 20000 + 19000,
+             1, 1000, 20000, CAST(x AS TEXT) || '-' || CAST(y AS TEXT),
+             CAST(x AS TEXT) || '-' || CAST(y AS TEXT),
+             'k/' || CAST(x AS TEXT) || '/' || CAST(y AS TEXT), 'clip',
+             CASE WHEN y >= 9900 THEN 'planned' ELSE 'done' END,
+             CASE WHEN y >= 9900 THEN NULL ELSE 1000 END, 0, 0
+         FROM s, c"
+    );
+    let fragments = "INSERT INTO chunk_fragments (stream, timestamp_source, fragment_number,
+             start_ms, server_ms, duration_ms, size_bytes, chunk_id)
+         SELECT stream, timestamp_source, first_fragment, start_ms, start_ms, 20000, 1000, id
+         FROM chunks"
+        .to_string();
+    [chunks, fragments]
+}
+
+/// A million chunk rows in the default SQLite ledger: the hot paths, then real daemon
+/// passes (the release binary, `run --once`) beside an empty ledger's.
+async fn million_sqlite() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/state.db", work.path().display());
+    let sqlite = SqliteLedger::open(&url, Identity::new("million", Role::Daemon))
+        .await
+        .expect("ledger");
+    let started = Instant::now();
+    for sql in million_rows_sql() {
+        sqlx::query(&sql)
+            .execute(sqlite.pool())
+            .await
+            .expect("rows loaded");
+    }
+    sqlx::query("ANALYZE")
+        .execute(sqlite.pool())
+        .await
+        .expect("analyze");
+    println!(
+        "SQLite: a million chunk rows (100 streams x 10,000; 1 % planned), loaded in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    hot_paths(&sqlite).await;
+    sqlite.close().await;
+    let empty = tempfile::tempdir().expect("tempdir");
+    for (ledger, dir) in [("an empty ledger", empty.path()), ("a million rows", work.path())] {
+        daemon_passes(ledger, dir).await;
+    }
+}
+
+/// `run --once` twice for a stream of 6 hours of 2 s fragments: the first pass plans and
+/// archives it, the second finds nothing new (an hourly daemon's steady state). Wall time
+/// of the whole process, start-up included.
+async fn daemon_passes(ledger: &str, dir: &std::path::Path) {
+    let end = chrono::Utc::now() - chrono::Duration::minutes(5);
+    let mut spec = StreamSpec::historical("cam-live", end - chrono::Duration::hours(6), end);
+    spec.fragment_durations_ms = vec![2000];
+    spec.fragment_size = 20_000;
+    spec.data_retention_hours = 24;
+    spec.faults.throttling = false;
+    let emu = Emulator::start(EmulatorConfig {
+        streams: vec![spec],
+        ..Default::default()
+    })
+    .await
+    .expect("emulator");
+    let s3 = local_s3::start_s3s().await;
+    local_s3::s3_client(&s3.url)
+        .create_bucket()
+        .bucket("bench")
+        .send()
+        .await
+        .expect("bucket");
+    let config = dir.join("bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[aws]\nkinesis_video_endpoint_url = \"{}\"\ns3_endpoint_url = \"{}\"\ns3_force_path_style = true\n\
+             [state]\ndatabase_url = \"sqlite://{}/state.db\"\n[destination]\nbucket = \"bench\"\n\
+             [archive]\nmedia_points_per_second = 500\nmetadata_points_per_second = 10000\n\
+             [[streams]]\nname = \"cam-live\"\n",
+            emu.base_url(),
+            s3.url,
+            dir.display(),
+        ),
+    )
+    .expect("config");
+    for pass in ["first pass (plans and archives 6 h)", "next pass (nothing new)"] {
+        let requests_before = emu.requests().len();
+        let started = Instant::now();
+        let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvs-archiver"))
+            .arg("--config")
+            .arg(&config)
+            .args(["run", "--once"])
+            .env("AWS_ACCESS_KEY_ID", DEFAULT_ACCESS_KEY_ID)
+            .env("AWS_SECRET_ACCESS_KEY", DEFAULT_SECRET_ACCESS_KEY)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("KVS_ARCHIVER_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await
+            .expect("archiver runs");
+        assert!(status.success(), "run --once failed");
+        let elapsed = started.elapsed();
+        let requests = &emu.requests()[requests_before..];
+        let count = |op: &str| requests.iter().filter(|r| r.op == op).count();
+        println!(
+            "  daemon pass, {ledger}, {pass}: {:.0} ms (process start to exit); \
+             {} ListFragments, {} GetClip",
+            elapsed.as_secs_f64() * 1000.0,
+            count("ListFragments"),
+            count("GetClip"),
+        );
+    }
+}
+
+/// A million chunk rows in PostgreSQL: the hot paths and their query plans.
+async fn million_postgres(server: &str) {
     let url = postgres::fresh_database_on(server).await;
     let pg = PgLedger::open(&url, Identity::new("million", Role::Daemon))
         .await
         .expect("ledger");
     let started = Instant::now();
-    // Bulk load by SQL: 100 streams × 10,000 chunks of 20 s; 1 % still planned.
-    sqlx::query(
-        "INSERT INTO chunks (stream, timestamp_source, start_ms, end_ms, fragment_count,
-             planned_bytes, planned_duration_ms, first_fragment, last_fragment, object_key,
-             kind, state, archived_bytes, created_ms, updated_ms)
-         SELECT 'cam-' || s, 'server', $1 + c * 20000, $1 + c * 20000 + 19000, 1, 1000, 20000,
-             s || '-' || c, s || '-' || c, 'k/' || s || '/' || c, 'clip',
-             CASE WHEN c >= 9900 THEN 'planned' ELSE 'done' END,
-             CASE WHEN c >= 9900 THEN NULL ELSE 1000 END, 0, 0
-         FROM generate_series(0, 99) AS s, generate_series(0, 9999) AS c",
-    )
-    .bind(T0)
-    .execute(pg.pool())
-    .await
-    .expect("chunks loaded");
-    sqlx::query(
-        "INSERT INTO chunk_fragments (stream, timestamp_source, fragment_number, start_ms,
-             server_ms, duration_ms, size_bytes, chunk_id)
-         SELECT stream, timestamp_source, first_fragment, start_ms, start_ms, 20000, 1000, id
-         FROM chunks",
-    )
-    .execute(pg.pool())
-    .await
-    .expect("fragments loaded");
+    for sql in million_rows_sql() {
+        sqlx::query(&sql)
+            .execute(pg.pool())
+            .await
+            .expect("rows loaded");
+    }
     sqlx::query("ANALYZE")
         .execute(pg.pool())
         .await
         .expect("analyze");
     println!(
-        "a million chunk rows (100 streams x 10,000; 1 % planned), loaded in {:.1} s",
+        "PostgreSQL: a million chunk rows (100 streams x 10,000; 1 % planned), loaded in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let ledger: &dyn Ledger = &pg;
+    hot_paths(&pg).await;
+    for (name, plan) in pg
+        .explain_hot_queries("cam-42", T0, T0 + 200_000_000)
+        .await
+        .expect("explain")
+    {
+        println!("EXPLAIN {name}:\n{plan}");
+    }
+}
+
+/// The ledger's hot paths with a million rows, best of several runs each.
+async fn hot_paths(ledger: &dyn Ledger) {
     let hour = (T0 + 100_000_000, T0 + 103_600_000);
     timed("status (all 100 streams)", 3, async || {
         ledger.status().await.expect("status")
@@ -214,11 +339,4 @@ async fn million(server: &str) {
         ledger.abandoned(T0, &[]).await.expect("abandoned")
     })
     .await;
-    for (name, plan) in pg
-        .explain_hot_queries("cam-42", T0, T0 + 200_000_000)
-        .await
-        .expect("explain")
-    {
-        println!("EXPLAIN {name}:\n{plan}");
-    }
 }

@@ -31,6 +31,10 @@ const SQLITE: &[File] = &[
         "0004_instances_and_stream_leases.sql",
         include_str!("../../migrations/sqlite/0004_instances_and_stream_leases.sql"),
     ),
+    (
+        "0005_claimable_index.sql",
+        include_str!("../../migrations/sqlite/0005_claimable_index.sql"),
+    ),
 ];
 
 const POSTGRES: &[File] = &[(

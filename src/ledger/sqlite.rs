@@ -77,6 +77,11 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 }
 
 impl SqliteLedger {
+    /// The pool, for benchmarks that load rows in bulk.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     /// Opens (creating if missing, owner-only) the database and applies the migrations.
     pub async fn open(database_url: &str, identity: Identity) -> Result<SqliteLedger> {
         let options = SqliteConnectOptions::from_str(database_url)
@@ -520,6 +525,8 @@ impl Ledger for SqliteLedger {
              WHERE id = (
                  SELECT id FROM chunks
                  WHERE stream = ?4 AND timestamp_source = ?5 AND end_ms >= ?6 AND start_ms <= ?7
+                   -- The partial index chunks_claimable's own term, so SQLite uses it.
+                   AND state IN ('planned', 'failed')
                    AND (state = 'planned' OR (state = 'failed' AND COALESCE(next_attempt_ms, 0) <= ?3))
                    AND id NOT IN (SELECT value FROM json_each(?8))
                  ORDER BY start_ms, id LIMIT 1)
