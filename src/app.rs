@@ -12,6 +12,7 @@ use crate::source::kvs::{KvsSource, Pacing};
 use crate::telemetry::Progress;
 use crate::worker::{Archiver, PlanSummary, RunSummary};
 use aws_config::{BehaviorVersion, Region, SdkConfig};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// The AWS configuration from the default credential chain (environment, profile,
@@ -270,7 +271,6 @@ pub async fn run_daemon(
     shutdown: Shutdown,
 ) -> Result<bool> {
     use crate::daemon::{archive_stream, pass_failed, run_queue};
-    use std::collections::HashMap;
     if config.streams.is_empty() {
         return Err(Error::Usage(
             "run: no [[streams]] configured: nothing to archive".into(),
@@ -342,17 +342,28 @@ pub async fn run_daemon(
         let streams: Vec<StreamConfig> = streams.values().cloned().collect();
         let stop = shutdown.soft.clone();
         tokio::spawn(async move {
+            // Written only when it changes (after a firing): rewriting every stream's row
+            // every 5 s was most of an idle daemon's CPU with a thousand streams.
+            let mut written: HashMap<String, EpochMs> = HashMap::new();
             loop {
                 for s in &streams {
-                    if let Some(next) = scheduler.next_firing(&s.label()).await {
+                    let label = s.label();
+                    if let Some(next) = scheduler.next_firing(&label).await {
+                        if written.get(&label) == Some(&next) {
+                            continue;
+                        }
                         let update = crate::ledger::StreamProgress {
                             next_run_ms: Some(next),
                             ..Default::default()
                         };
-                        let _ = archiver
+                        if archiver
                             .ledger
-                            .update_progress(&s.label(), s.timestamp_source, &update)
-                            .await;
+                            .update_progress(&label, s.timestamp_source, &update)
+                            .await
+                            .is_ok()
+                        {
+                            written.insert(label, next);
+                        }
                     }
                 }
                 tokio::select! {
