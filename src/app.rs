@@ -95,6 +95,9 @@ pub async fn build(config: Config, sdk: &SdkConfig, role: Role) -> Result<Archiv
                     .payload_signing
                     .signs(config.aws.s3_endpoint_url.as_deref()),
                 policy,
+                // One upload in four overlaps sending and filling: the S3 server, not a
+                // clip's own pause, bounds throughput once a few clips are in flight.
+                config.archive.concurrency.div_ceil(4),
             ))
         }
         (None, Some(dir)) => Sink::Dir(DirSink::new(dir.clone())),

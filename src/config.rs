@@ -346,7 +346,8 @@ pub struct ArchiveConfig {
     /// Fragments per clip; GetClip returns at most 200.
     pub max_fragments_per_clip: u32,
     /// Sum of listed fragment sizes per clip; GetClip returns at most 100 MB, and MP4
-    /// packaging differs from the listed sizes, so the default keeps 10 % headroom.
+    /// packaging differs from the listed sizes (by well under 1 %), so the default keeps
+    /// 1 % headroom; a clip cut short anyway is detected and split.
     pub max_bytes_per_clip: u64,
     /// Clips fetched and uploaded at once.
     pub concurrency: usize,

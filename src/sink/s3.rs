@@ -19,6 +19,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 struct Inner {
@@ -27,6 +28,11 @@ struct Inner {
     part_size: usize,
     sign_payload: bool,
     policy: RetryPolicy,
+    /// Second part buffers, shared by every upload of the process: an upload holding one
+    /// fills its next part while the last one is sent; the others wait for their part to
+    /// be sent first (the GetClip socket holds the stream meanwhile). Each part buffer is
+    /// at least S3's 5 MiB minimum, so this is what bounds memory per clip in flight.
+    overlap: Arc<Semaphore>,
 }
 
 pub struct S3Sink {
@@ -45,6 +51,8 @@ pub struct S3Upload {
     buffer: BytesMut,
     /// The other part buffer, back from its upload and ready to fill.
     spare: Option<BytesMut>,
+    /// Held while this upload may own two part buffers.
+    overlap: Option<OwnedSemaphorePermit>,
     upload_id: Option<String>,
     parts: Vec<CompletedPart>,
     in_flight: Option<JoinHandle<Result<(CompletedPart, Bytes)>>>,
@@ -148,6 +156,7 @@ impl S3Sink {
         part_size: usize,
         sign_payload: bool,
         policy: RetryPolicy,
+        overlapping_uploads: usize,
     ) -> Self {
         S3Sink {
             inner: Arc::new(Inner {
@@ -156,6 +165,7 @@ impl S3Sink {
                 part_size,
                 sign_payload,
                 policy,
+                overlap: Arc::new(Semaphore::new(overlapping_uploads)),
             }),
         }
     }
@@ -189,6 +199,7 @@ impl S3Sink {
             part_crc: Crc32c::default(),
             buffer: BytesMut::with_capacity(self.inner.part_size),
             spare: None,
+            overlap: None,
             upload_id: None,
             parts: Vec::new(),
             in_flight: None,
@@ -464,7 +475,8 @@ impl S3Upload {
         Ok(())
     }
 
-    /// Sends the buffer as the next part and starts filling the spare one.
+    /// Sends the buffer as the next part, and either starts filling the spare one while
+    /// it goes (with an overlap permit) or waits for it and fills the same buffer again.
     async fn send_part(&mut self) -> Result<()> {
         if self.upload_id.is_none() {
             let target = self.target();
@@ -491,15 +503,20 @@ impl S3Upload {
             .await?;
             self.upload_id = Some(out.upload_id().unwrap_or_default().to_string());
         }
-        // One part in flight while the next fills: overlap with bounded memory.
+        // At most one part in flight per upload.
         self.wait_in_flight().await?;
         let number = self.next_part;
         self.next_part += 1;
         let upload_id = self.upload_id.clone().unwrap_or_default();
-        let next = self
-            .spare
-            .take()
-            .unwrap_or_else(|| BytesMut::with_capacity(self.inner.part_size));
+        if self.overlap.is_none() {
+            self.overlap = self.inner.overlap.clone().try_acquire_owned().ok();
+        }
+        let next = match (&self.overlap, self.spare.take()) {
+            (Some(_), Some(spare)) => spare,
+            (Some(_), None) => BytesMut::with_capacity(self.inner.part_size),
+            // Filled again once sent, below.
+            (None, _) => BytesMut::new(),
+        };
         let part = std::mem::replace(&mut self.buffer, next).freeze();
         let crc = std::mem::take(&mut self.part_crc);
         self.sent_crc = self.sent_crc.followed_by(crc, part.len());
@@ -511,6 +528,13 @@ impl S3Upload {
             part,
             crc,
         )));
+        if self.overlap.is_none() {
+            self.wait_in_flight().await?;
+            self.buffer = self
+                .spare
+                .take()
+                .unwrap_or_else(|| BytesMut::with_capacity(self.inner.part_size));
+        }
         Ok(())
     }
 
