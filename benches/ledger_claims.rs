@@ -11,9 +11,9 @@ use kvs_archiver::domain::{ChunkKind, ChunkPlan, Fragment, TimestampSource};
 use kvs_archiver::ledger::postgres::PgLedger;
 use kvs_archiver::ledger::sqlite::SqliteLedger;
 use kvs_archiver::ledger::{Archived, Identity, Ledger, Role};
-use std::sync::Arc;
 use kvs_emulator::config::{DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY};
 use kvs_emulator::{Emulator, EmulatorConfig, StreamSpec};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[path = "../tests/support/local_s3.rs"]
@@ -189,7 +189,10 @@ async fn million_sqlite() {
     hot_paths(&sqlite).await;
     sqlite.close().await;
     let empty = tempfile::tempdir().expect("tempdir");
-    for (ledger, dir) in [("an empty ledger", empty.path()), ("a million rows", work.path())] {
+    for (ledger, dir) in [
+        ("an empty ledger", empty.path()),
+        ("a million rows", work.path()),
+    ] {
         daemon_passes(ledger, dir).await;
     }
 }
@@ -231,7 +234,10 @@ async fn daemon_passes(ledger: &str, dir: &std::path::Path) {
         ),
     )
     .expect("config");
-    for pass in ["first pass (plans and archives 6 h)", "next pass (nothing new)"] {
+    for pass in [
+        "first pass (plans and archives 6 h)",
+        "next pass (nothing new)",
+    ] {
         let requests_before = emu.requests().len();
         let started = Instant::now();
         let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvs-archiver"))

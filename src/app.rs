@@ -176,7 +176,10 @@ pub async fn backfill(
             "stream {label} keeps no media (DataRetentionInHours is 0): nothing to archive"
         )));
     }
-    archiver.sink.check().await?;
+    archiver
+        .sink
+        .check(&archiver.config.destination.prefix)
+        .await?;
     // SERVER_TIMESTAMP ranges may not end in the future.
     let end = end.min(chrono::Utc::now().timestamp_millis() - 1);
     // One process works a stream at a time: KVS's per-stream quota is shared.
@@ -229,7 +232,10 @@ pub async fn verify(
     }
     .min(now - 1);
     check_range(start, end)?;
-    archiver.sink.check().await?;
+    archiver
+        .sink
+        .check(&archiver.config.destination.prefix)
+        .await?;
     if !repair {
         return crate::verify::verify(archiver, &stream, start, end, repair, shutdown).await;
     }
@@ -289,7 +295,10 @@ pub async fn run_daemon(
     let mut archiver = build(config, sdk, role).await?;
     archiver.in_flight = Some(Arc::new(tokio::sync::Semaphore::new(max_in_flight)));
     let archiver = Arc::new(archiver);
-    archiver.sink.check().await?;
+    archiver
+        .sink
+        .check(&archiver.config.destination.prefix)
+        .await?;
     archiver.recover().await?;
 
     let streams: HashMap<String, StreamConfig> = archiver

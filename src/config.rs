@@ -290,8 +290,9 @@ pub struct DestinationConfig {
     pub prefix: String,
     /// A local directory instead of a bucket.
     pub directory: Option<PathBuf>,
-    /// Multipart part size in bytes (S3: at least 5 MiB). A clip in flight holds two
-    /// parts in memory: the one filling and the one uploading.
+    /// Multipart part size in bytes (S3: at least 5 MiB). A clip in flight holds one
+    /// part in memory, and one upload in four a second one, to fill the next part while
+    /// the last is sent.
     pub part_size: u64,
     /// Whether request bodies are covered by the SigV4 signature (a SHA-256 over every
     /// byte). Every body carries a CRC32C that S3 verifies either way. `auto`: unsigned

@@ -35,6 +35,7 @@ pub mod daemon;
 pub mod demo;
 pub mod domain;
 pub mod error;
+pub mod iam;
 pub mod ledger;
 pub mod metrics;
 pub mod mp4;

@@ -96,6 +96,13 @@ enum Command {
     },
     /// Validate the configuration and print it.
     CheckConfig,
+    /// Print the least-privilege IAM policy (JSON) for the configured streams and
+    /// destination: exactly the actions this program calls.
+    IamPolicy {
+        /// The streams' AWS account id, for streams configured by name (default `*`).
+        #[arg(long)]
+        account: Option<String>,
+    },
     /// Archive ten minutes of a bundled emulated camera into ./demo-output.
     Demo {
         #[arg(long, default_value = "demo-output")]
@@ -150,6 +157,13 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::CheckConfig => {
             println!("# configuration is valid");
             print!("{}", config.to_redacted_toml());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::IamPolicy { account } => {
+            let policy = kvs_archiver::iam::policy(&config, account.as_deref());
+            let text = serde_json::to_string_pretty(&policy)
+                .map_err(|e| Error::Usage(format!("iam-policy: {e}")))?;
+            println!("{text}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json } => {

@@ -63,9 +63,9 @@ pub enum Upload {
 
 impl Sink {
     /// Checks the destination exists and is writable, with a clear error if not.
-    pub async fn check(&self) -> Result<()> {
+    pub async fn check(&self, prefix: &str) -> Result<()> {
         match self {
-            Sink::S3(s) => s.check().await,
+            Sink::S3(s) => s.check(prefix).await,
             Sink::Dir(d) => d.check().await,
         }
     }

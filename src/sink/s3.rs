@@ -116,14 +116,14 @@ where
                 _ => Retryability::Permanent,
             };
             let hint = match code {
-                "NoSuchBucket" | "NotFound" if op == "HeadBucket" => {
-                    " (the bucket does not exist: create it or fix destination.bucket)"
-                }
                 "NoSuchBucket" => {
                     " (the bucket does not exist: create it or fix destination.bucket)"
                 }
-                "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" => {
-                    " (check the AWS credentials and the bucket policy)"
+                "AccessDenied" => {
+                    " (the credentials lack a permission: `kvs-archiver iam-policy` prints the policy this configuration needs)"
+                }
+                "InvalidAccessKeyId" | "SignatureDoesNotMatch" => {
+                    " (check the AWS credentials)"
                 }
                 _ => "",
             };
@@ -174,17 +174,22 @@ impl S3Sink {
         format!("s3://{}", self.inner.bucket)
     }
 
-    pub async fn check(&self) -> Result<()> {
+    /// A listing of one key under `prefix`, not HeadBucket: HeadBucket needs
+    /// `s3:ListBucket` on the whole bucket, a prefix listing only under the prefix, so the
+    /// IAM policy can keep the program out of the rest of the bucket.
+    pub async fn check(&self, prefix: &str) -> Result<()> {
         let target = self.describe();
-        with_retry(&self.inner.policy, "HeadBucket", || async {
+        with_retry(&self.inner.policy, "ListObjectsV2", || async {
             self.inner
                 .client
-                .head_bucket()
+                .list_objects_v2()
                 .bucket(&self.inner.bucket)
+                .prefix(prefix)
+                .max_keys(1)
                 .send()
                 .await
                 .map(|_| ())
-                .map_err(|e| s3_error("HeadBucket", &target, e))
+                .map_err(|e| s3_error("ListObjectsV2", &target, e))
         })
         .await
     }

@@ -1,0 +1,156 @@
+//! The least-privilege IAM policy for a configuration: exactly the actions the program
+//! calls, on the configured streams and the destination's bucket and prefix.
+//!
+//! Which API call needs which IAM action (AWS's service authorization reference):
+//! - KVS: DescribeStream, GetDataEndpoint, ListFragments, GetClip and
+//!   GetMediaForFragmentList (fragments GetClip cannot package, archived as Matroska),
+//!   each its own action of the same name, on the stream's ARN.
+//! - S3: CreateMultipartUpload, UploadPart, CompleteMultipartUpload and PutObject all
+//!   need `s3:PutObject`; AbortMultipartUpload `s3:AbortMultipartUpload`; GetObject
+//!   (`verify` reads objects back) `s3:GetObject`; ListObjectsV2 (`verify`, and the
+//!   start-up check of the bucket) `s3:ListBucket`, limited to the prefix;
+//!   ListMultipartUploads (finding the program's own unfinished uploads after a crash)
+//!   `s3:ListBucketMultipartUploads`, which takes no prefix condition.
+//!
+//! tests/archiver.rs checks this list against the requests the program really sends.
+
+use crate::config::Config;
+use serde_json::{json, Value};
+
+/// The KVS actions, in the order a pass first calls them.
+pub const KVS_ACTIONS: [&str; 5] = [
+    "kinesisvideo:DescribeStream",
+    "kinesisvideo:GetDataEndpoint",
+    "kinesisvideo:ListFragments",
+    "kinesisvideo:GetClip",
+    "kinesisvideo:GetMediaForFragmentList",
+];
+
+/// The AWS partition of a region: its ARNs start `arn:<partition>:`.
+fn partition(region: &str) -> &'static str {
+    if region.starts_with("cn-") {
+        "aws-cn"
+    } else if region.starts_with("us-gov-") {
+        "aws-us-gov"
+    } else {
+        "aws"
+    }
+}
+
+/// The policy document for `config`. `account`: the streams' AWS account id, where
+/// streams are named rather than given by ARN (`*` otherwise).
+pub fn policy(config: &Config, account: Option<&str>) -> Value {
+    let region = &config.aws.region;
+    let partition = partition(region);
+    let account = account.unwrap_or("*");
+    // A stream's ARN ends in its creation time, which a name does not tell.
+    let streams: Vec<String> = config
+        .streams
+        .iter()
+        .map(|s| match &s.arn {
+            Some(arn) => arn.clone(),
+            None => format!(
+                "arn:{partition}:kinesisvideo:{region}:{account}:stream/{}/*",
+                s.label()
+            ),
+        })
+        .collect();
+    let mut statements = vec![json!({
+        "Sid": "ReadKinesisVideoStreams",
+        "Effect": "Allow",
+        "Action": KVS_ACTIONS,
+        "Resource": streams,
+    })];
+    if let Some(bucket) = &config.destination.bucket {
+        let prefix = &config.destination.prefix;
+        statements.push(json!({
+            "Sid": "WriteAndReadArchivedObjects",
+            "Effect": "Allow",
+            "Action": ["s3:PutObject", "s3:AbortMultipartUpload", "s3:GetObject"],
+            "Resource": format!("arn:{partition}:s3:::{bucket}/{prefix}*"),
+        }));
+        let mut list = json!({
+            "Sid": "ListArchivedObjects",
+            "Effect": "Allow",
+            "Action": ["s3:ListBucket"],
+            "Resource": format!("arn:{partition}:s3:::{bucket}"),
+        });
+        if !prefix.is_empty() {
+            list["Condition"] = json!({ "StringLike": { "s3:prefix": [format!("{prefix}*")] } });
+        }
+        statements.push(list);
+        statements.push(json!({
+            "Sid": "FindUnfinishedUploads",
+            "Effect": "Allow",
+            "Action": ["s3:ListBucketMultipartUploads"],
+            "Resource": format!("arn:{partition}:s3:::{bucket}"),
+        }));
+    }
+    json!({ "Version": "2012-10-17", "Statement": statements })
+}
+
+/// Every action the policy allows.
+pub fn actions(policy: &Value) -> Vec<String> {
+    policy["Statement"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["Action"].as_array().into_iter().flatten())
+        .filter_map(|a| a.as_str().map(str::to_string))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StreamConfig;
+
+    fn config(prefix: &str) -> Config {
+        let mut config = Config::default();
+        config.aws.region = "eu-west-1".into();
+        config.destination.bucket = Some("footage".into());
+        config.destination.prefix = prefix.into();
+        config.streams = vec![StreamConfig::named("dock-cam")];
+        config
+    }
+
+    #[test]
+    fn scopes_streams_and_the_prefix() {
+        let p = policy(&config("site-a/"), Some("123456789012"));
+        assert_eq!(
+            p["Statement"][0]["Resource"][0],
+            "arn:aws:kinesisvideo:eu-west-1:123456789012:stream/dock-cam/*"
+        );
+        assert_eq!(
+            p["Statement"][1]["Resource"],
+            "arn:aws:s3:::footage/site-a/*"
+        );
+        assert_eq!(
+            p["Statement"][2]["Condition"]["StringLike"]["s3:prefix"][0],
+            "site-a/*"
+        );
+        assert_eq!(actions(&p).len(), 10);
+    }
+
+    #[test]
+    fn no_prefix_no_condition_and_a_directory_needs_no_s3() {
+        let p = policy(&config(""), None);
+        assert!(p["Statement"][2].get("Condition").is_none());
+        let mut dir = config("");
+        dir.destination.bucket = None;
+        dir.destination.directory = Some("/srv/footage".into());
+        let p = policy(&dir, None);
+        assert_eq!(actions(&p), KVS_ACTIONS.map(str::to_string).to_vec());
+    }
+
+    #[test]
+    fn china_and_govcloud_partitions() {
+        let mut c = config("");
+        c.aws.region = "cn-north-1".into();
+        let p = policy(&c, None);
+        assert!(p["Statement"][1]["Resource"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("arn:aws-cn:s3:::")));
+        assert_eq!(partition("us-gov-west-1"), "aws-us-gov");
+    }
+}
