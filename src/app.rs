@@ -120,6 +120,37 @@ pub async fn build(config: Config, sdk: &SdkConfig, role: Role) -> Result<Archiv
     Ok(archiver)
 }
 
+/// `find`: what holds instant `t` of a stream, and a URL (or path) that plays the object
+/// holding it, valid for an hour.
+pub async fn find(
+    config: Config,
+    label: &str,
+    t: EpochMs,
+) -> Result<(crate::find::Finding, Option<String>)> {
+    let stream = configured_stream(&config, label)?;
+    let sdk = sdk_config(&config.aws).await;
+    let archiver = build(config, &sdk, Role::Reader).await?;
+    let finding = crate::find::find(
+        archiver.ledger.as_ref(),
+        &stream.label(),
+        stream.timestamp_source,
+        t,
+    )
+    .await;
+    let url = match &finding {
+        Ok(crate::find::Finding::Archived { object_key, .. }) => Some(
+            archiver
+                .sink
+                .playable_url(object_key, std::time::Duration::from_secs(3600))
+                .await,
+        )
+        .transpose(),
+        _ => Ok(None),
+    };
+    archiver.close().await;
+    Ok((finding?, url?))
+}
+
 /// Parses a command-line timestamp (RFC 3339) for `flag`.
 pub fn parse_time(text: &str, flag: &str) -> Result<EpochMs> {
     chrono::DateTime::parse_from_rfc3339(text.trim())

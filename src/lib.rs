@@ -35,6 +35,7 @@ pub mod daemon;
 pub mod demo;
 pub mod domain;
 pub mod error;
+pub mod find;
 pub mod iam;
 pub mod ledger;
 pub mod metrics;

@@ -5,7 +5,8 @@ use clap::{Parser, Subcommand};
 use kvs_archiver::app;
 use kvs_archiver::config::Config;
 use kvs_archiver::error::Error;
-use kvs_archiver::ledger::Role;
+use kvs_archiver::find::Finding;
+use kvs_archiver::ledger::{ChunkState, Role};
 use kvs_archiver::shutdown::Shutdown;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -94,6 +95,19 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Which archived object holds an instant, how far into it, and a command that plays
+    /// it from there; or why no object holds it. Exit status 1 when none does.
+    Find {
+        /// A stream listed under [[streams]] in the configuration.
+        #[arg(long)]
+        stream: String,
+        /// The instant, RFC 3339 (e.g. 2026-03-03T14:07:00Z or 2026-03-03T15:07:00+01:00).
+        #[arg(long)]
+        at: String,
+        /// Print the finding as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate the configuration and print it.
     CheckConfig,
     /// Print the least-privilege IAM policy (JSON) for the configured streams and
@@ -108,6 +122,64 @@ enum Command {
         #[arg(long, default_value = "demo-output")]
         output: PathBuf,
     },
+}
+
+fn print_finding(stream: &str, t: i64, finding: &Finding, url: Option<&str>, json: bool) {
+    use kvs_archiver::domain::rfc3339;
+    if json {
+        let shown = serde_json::json!({ "stream": stream, "at": rfc3339(t), "finding": finding, "url": url });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&shown).unwrap_or_default()
+        );
+        return;
+    }
+    let at = rfc3339(t);
+    match finding {
+        Finding::Archived {
+            object_key,
+            offset_ms,
+            ..
+        } => {
+            let seconds = *offset_ms as f64 / 1000.0;
+            println!("{stream} at {at}: {object_key}, {seconds:.3} s in");
+            if let Some(url) = url {
+                println!("play: ffplay -ss {seconds:.3} '{url}'");
+            }
+        }
+        Finding::NotArchived {
+            state,
+            object_key,
+            last_error,
+        } => {
+            let why = match state {
+                ChunkState::Failed => format!(
+                    "its chunk failed ({}); `kvs-archiver backfill` over this time tries again",
+                    last_error.as_deref().unwrap_or("no error recorded")
+                ),
+                ChunkState::Expired => {
+                    "KVS deleted the media (its retention ran out) before it was archived".into()
+                }
+                _ => format!("its chunk is {}: not archived yet", state.as_str()),
+            };
+            println!("{stream} at {at}: not archived: {why} (object {object_key})");
+        }
+        Finding::NotPlannedYet { planned_through_ms } => println!(
+            "{stream} at {at}: not archived yet: planning has reached {}",
+            planned_through_ms
+                .map(rfc3339)
+                .unwrap_or_else(|| "nothing of this stream".into())
+        ),
+        Finding::NoMedia { before, after } => {
+            println!("{stream} at {at}: KVS had no media then");
+            if let Some((end, key)) = before {
+                println!("  before: media ends at {} in {key}", rfc3339(*end));
+            }
+            if let Some((start, key)) = after {
+                println!("  after: media resumes at {} in {key}", rfc3339(*start));
+            }
+        }
+    }
 }
 
 fn exit_for(error: &Error) -> ExitCode {
@@ -165,6 +237,15 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 .map_err(|e| Error::Usage(format!("iam-policy: {e}")))?;
             println!("{text}");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Find { stream, at, json } => {
+            let t = app::parse_time(&at, "--at")?;
+            let (finding, url) = app::find(config, &stream, t).await?;
+            print_finding(&stream, t, &finding, url.as_deref(), json);
+            Ok(match finding {
+                Finding::Archived { .. } => ExitCode::SUCCESS,
+                _ => ExitCode::from(1),
+            })
         }
         Command::Status { json } => {
             let identity = app::identity(&config, Role::Reader)?;

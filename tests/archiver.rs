@@ -2638,3 +2638,129 @@ async fn iam_policy_allows_exactly_the_calls_the_program_makes() {
     let stream_arn = policy["Statement"][0]["Resource"][0].as_str().unwrap_or("");
     assert!(stream_arn.ends_with(":stream/dock-cam/*"), "{stream_arn}");
 }
+
+/// `find --json` for `stream` at `t`: the finding, the URL, and the exit status.
+async fn find_at(world: &World, stream: &str, t: i64) -> (serde_json::Value, bool) {
+    let out = world
+        .run(&["find", "--stream", stream, "--at", &rfc3339(t), "--json"])
+        .await;
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("find prints JSON ({e}): {}", text(&out)));
+    (shown, out.status.success())
+}
+
+/// `find` picks the object and the offset at object boundaries, explains a gap with the
+/// media on either side, says what is not archived yet, and its URL plays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_names_the_object_and_offset_at_boundaries_and_explains_gaps() {
+    let (start, end) = recent(0.75);
+    let mut spec = historical("dock-cam", start, end, 2000, 20_000);
+    spec.gaps = vec![GapSpec {
+        after: Duration::from_secs(20 * 60),
+        length: Duration::from_secs(7 * 60),
+    }];
+    let world = World::new(vec![spec], "clip_duration = \"10m\"").await;
+    let out = world.backfill("dock-cam", start, end).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let objects = world.objects().await;
+    let fragments = world.emu.fragments("dock-cam");
+    let by_number: HashMap<&str, &kvs_emulator::FragmentInfo> =
+        fragments.iter().map(|f| (f.number.as_str(), f)).collect();
+    // Each object's fragments, in time order, from the markers in its media.
+    let mut spans: Vec<(String, Vec<&kvs_emulator::FragmentInfo>)> = objects
+        .iter()
+        .map(|(key, bytes)| {
+            let mut held: Vec<_> = scan_markers(bytes)
+                .iter()
+                .map(|n| by_number[n.as_str()])
+                .collect();
+            held.sort_by_key(|f| f.server_ms);
+            (key.clone(), held)
+        })
+        .collect();
+    spans.sort_by_key(|(_, held)| held[0].server_ms);
+    assert!(spans.len() >= 4, "several objects: {:?}", objects.keys());
+
+    // A boundary: the first instant of the second object, and the last of the first.
+    let (first_key, first) = &spans[0];
+    let (second_key, second) = &spans[1];
+    let boundary = second[0].server_ms;
+    let (at, found) = find_at(&world, "dock-cam", boundary).await;
+    assert!(found, "{at}");
+    assert_eq!(at["finding"]["object_key"], second_key.as_str(), "{at}");
+    assert_eq!(at["finding"]["offset_ms"], 0, "{at}");
+    let (at, _) = find_at(&world, "dock-cam", boundary - 1).await;
+    let first_duration: u64 = first.iter().map(|f| u64::from(f.duration_ms)).sum();
+    assert_eq!(at["finding"]["object_key"], first_key.as_str(), "{at}");
+    assert_eq!(at["finding"]["offset_ms"], first_duration - 1, "{at}");
+    // Inside an object: 3.5 fragments in.
+    let t = second[3].server_ms + 500;
+    let (at, _) = find_at(&world, "dock-cam", t).await;
+    assert_eq!(at["finding"]["offset_ms"], 6_500, "{at}");
+    assert_eq!(at["finding"]["fragment"], second[3].number.as_str(), "{at}");
+
+    // Inside the gap: no media, with where it ends and resumes.
+    let gap = fragments
+        .windows(2)
+        .find(|w| w[1].server_ms - w[0].server_ms > 60_000)
+        .expect("the gap");
+    let gap_end_of_media = gap[0].server_ms + i64::from(gap[0].duration_ms);
+    let (at, found) = find_at(&world, "dock-cam", gap_end_of_media + 60_000).await;
+    assert!(!found, "nothing holds a gap: {at}");
+    assert_eq!(at["finding"]["found"], "no_media", "{at}");
+    assert_eq!(at["finding"]["before"][0], gap_end_of_media, "{at}");
+    assert_eq!(at["finding"]["after"][0], gap[1].server_ms, "{at}");
+    let out = world
+        .run(&[
+            "find",
+            "--stream",
+            "dock-cam",
+            "--at",
+            &rfc3339(gap_end_of_media + 60_000),
+        ])
+        .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or(""),
+        format!(
+            "dock-cam at {}: KVS had no media then",
+            rfc3339(gap_end_of_media + 60_000)
+        )
+    );
+
+    // After what was archived: not planned yet.
+    let (at, found) = find_at(&world, "dock-cam", end + 3_600_000).await;
+    assert!(!found);
+    assert_eq!(at["finding"]["found"], "not_planned_yet", "{at}");
+
+    // The URL plays from S3 (a presigned GET).
+    let (at, _) = find_at(&world, "dock-cam", t).await;
+    let url = at["url"].as_str().expect("a URL").to_string();
+    if ffmpeg_available() {
+        let out = std::process::Command::new("ffprobe")
+            .args([
+                "-v",
+                "error",
+                "-show_entries",
+                "format=duration",
+                "-of",
+                "csv=p=0",
+            ])
+            .arg(&url)
+            .output()
+            .expect("ffprobe runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let seconds: f64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("a duration");
+        let expected = second.iter().map(|f| f64::from(f.duration_ms)).sum::<f64>() / 1000.0;
+        assert!((seconds - expected).abs() < 0.1, "{seconds} vs {expected}");
+    }
+}

@@ -57,6 +57,11 @@ impl DirSink {
         self.root.display().to_string()
     }
 
+    /// The file that holds the object at `key`.
+    pub fn path_of(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
     pub async fn check(&self) -> Result<()> {
         tokio::fs::create_dir_all(&self.root)
             .await

@@ -127,6 +127,15 @@ impl Sink {
         }
     }
 
+    /// Where a player can open the object at `key`: a presigned GET URL valid for
+    /// `valid` (S3), or the file's path (a directory).
+    pub async fn playable_url(&self, key: &str, valid: std::time::Duration) -> Result<String> {
+        match self {
+            Sink::S3(s) => s.presigned_get(key, valid).await,
+            Sink::Dir(d) => Ok(d.path_of(key).display().to_string()),
+        }
+    }
+
     /// Every object key under `prefix` (metadata side files excluded), all pages.
     pub async fn list_keys(&self, prefix: &str) -> Result<Vec<String>> {
         match self {

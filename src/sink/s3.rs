@@ -174,6 +174,23 @@ impl S3Sink {
         format!("s3://{}", self.inner.bucket)
     }
 
+    /// A GET URL for `key` that works without credentials for `valid`.
+    pub async fn presigned_get(&self, key: &str, valid: std::time::Duration) -> Result<String> {
+        let target = format!("s3://{}/{key}", self.inner.bucket);
+        let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(valid)
+            .map_err(|e| Error::Usage(format!("presigned URL for {target}: {e}")))?;
+        let request = self
+            .inner
+            .client
+            .get_object()
+            .bucket(&self.inner.bucket)
+            .key(key)
+            .presigned(config)
+            .await
+            .map_err(|e| s3_error("GetObject (presign)", &target, e))?;
+        Ok(request.uri().to_string())
+    }
+
     /// A listing of one key under `prefix`, not HeadBucket: HeadBucket needs
     /// `s3:ListBucket` on the whole bucket, a prefix listing only under the prefix, so the
     /// IAM policy can keep the program out of the rest of the bucket.

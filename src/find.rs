@@ -1,0 +1,148 @@
+//! `find`: which archived object holds an instant of a stream, and where in it; or, when
+//! none does, why not.
+
+use crate::domain::{EpochMs, Fragment, TimestampSource};
+use crate::error::Result;
+use crate::ledger::{Chunk, ChunkState, Ledger};
+use serde::Serialize;
+
+/// Chunks are under 24 hours: any chunk holding an instant starts within a day before it.
+const DAY_MS: i64 = 86_400_000;
+
+/// What the archive holds at an instant.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "found", rename_all = "snake_case")]
+pub enum Finding {
+    /// An archived object holds it.
+    Archived {
+        object_key: String,
+        /// Into the object's timeline: GetClip's MP4 plays the chunk's fragments back to
+        /// back, so this is the durations of the fragments before plus the way into this
+        /// one.
+        offset_ms: u64,
+        fragment: String,
+        chunk_start_ms: EpochMs,
+    },
+    /// A chunk holds it but is not archived.
+    NotArchived {
+        state: ChunkState,
+        object_key: String,
+        last_error: Option<String>,
+    },
+    /// Planning has not reached it yet.
+    NotPlannedYet { planned_through_ms: Option<EpochMs> },
+    /// KVS had no media then: planning listed past it and found no fragment holding it.
+    NoMedia {
+        /// Where archived media before it ends, and its object.
+        before: Option<(EpochMs, String)>,
+        /// Where archived media after it starts, and its object.
+        after: Option<(EpochMs, String)>,
+    },
+}
+
+/// Where `t` falls among a chunk's fragments (sorted by start): the fragment holding it
+/// and the offset into the chunk's timeline.
+fn locate(fragments: &[Fragment], t: EpochMs) -> Option<(&Fragment, u64)> {
+    let mut before = 0u64;
+    for f in fragments {
+        let end = f.start_ms + f.duration_ms as i64;
+        if f.start_ms <= t && t < end {
+            return Some((f, before + (t - f.start_ms) as u64));
+        }
+        before += f.duration_ms;
+    }
+    None
+}
+
+/// Looks `t` up in the ledger for one stream.
+pub async fn find(
+    ledger: &dyn Ledger,
+    stream: &str,
+    source: TimestampSource,
+    t: EpochMs,
+) -> Result<Finding> {
+    let (from, to) = (t - DAY_MS, t + DAY_MS);
+    let mut before: Option<(EpochMs, String)> = None;
+    let mut after: Option<(EpochMs, String)> = None;
+    for chunk in ledger.done_in(stream, source, from, to).await? {
+        let fragments = ledger.fragments_of(chunk.id).await?;
+        if let Some((fragment, offset_ms)) = locate(&fragments, t) {
+            return Ok(Finding::Archived {
+                object_key: chunk.object_key,
+                offset_ms,
+                fragment: fragment.number.clone(),
+                chunk_start_ms: chunk.plan.start_ms,
+            });
+        }
+        for f in &fragments {
+            let end = f.start_ms + f.duration_ms as i64;
+            if end <= t && before.as_ref().is_none_or(|(b, _)| end > *b) {
+                before = Some((end, chunk.object_key.clone()));
+            }
+            if f.start_ms > t && after.as_ref().is_none_or(|(a, _)| f.start_ms < *a) {
+                after = Some((f.start_ms, chunk.object_key.clone()));
+            }
+        }
+    }
+    let summary = ledger.range_summary(stream, source, t, t).await?;
+    let unarchived: Vec<Chunk> = summary
+        .failed
+        .into_iter()
+        .chain(summary.expired)
+        .chain(ledger.claimable(stream, source, t, t, i64::MAX).await?)
+        .collect();
+    for chunk in unarchived {
+        let fragments = ledger.fragments_of(chunk.id).await?;
+        if locate(&fragments, t).is_some() {
+            return Ok(Finding::NotArchived {
+                state: chunk.state,
+                object_key: chunk.object_key,
+                last_error: chunk.last_error,
+            });
+        }
+    }
+    let planned_through_ms = ledger.progress(stream, source).await?.planned_through_ms;
+    if planned_through_ms.is_none_or(|through| through < t) && after.is_none() {
+        return Ok(Finding::NotPlannedYet { planned_through_ms });
+    }
+    Ok(Finding::NoMedia { before, after })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fragment(number: &str, start_ms: i64, duration_ms: u64) -> Fragment {
+        Fragment {
+            number: number.into(),
+            start_ms,
+            server_ms: start_ms,
+            duration_ms,
+            size_bytes: 1,
+        }
+    }
+
+    #[test]
+    fn offsets_run_back_to_back_across_a_gap_inside_a_chunk() {
+        let fragments = [
+            fragment("1", 1_000, 2_000),
+            fragment("2", 3_000, 2_000),
+            // A gap from 5,000 to 9,000: the MP4 plays 3 straight after 2.
+            fragment("3", 9_000, 2_000),
+        ];
+        assert_eq!(
+            locate(&fragments, 1_000).map(|(f, o)| (f.number.as_str(), o)),
+            Some(("1", 0))
+        );
+        assert_eq!(
+            locate(&fragments, 4_999).map(|(f, o)| (f.number.as_str(), o)),
+            Some(("2", 3_999))
+        );
+        assert!(locate(&fragments, 5_000).is_none());
+        assert_eq!(
+            locate(&fragments, 9_500).map(|(f, o)| (f.number.as_str(), o)),
+            Some(("3", 4_500))
+        );
+        assert!(locate(&fragments, 11_000).is_none());
+    }
+}
