@@ -4,7 +4,7 @@
 //! `cargo bench --bench archive_throughput` — prints, per case, the bytes archived, wall
 //! time, throughput, CPU seconds per GiB and the archiver's peak RSS. Two questions:
 //! - clips in flight: 1, 4 and 16 clips of about 96 MB (4 MB fragments, so the size cap
-//!   binds) at once; the peak should grow by two part buffers per clip, not by the clip;
+//!   binds) at once; the peak should grow by about one part buffer per clip, not by the clip;
 //! - range length: 1 hour and 7 days of a small stream with 4 clips in flight; the peak
 //!   should not grow with the range (memory is bounded per clip, not per range).
 //!

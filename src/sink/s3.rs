@@ -1,9 +1,10 @@
 //! S3 (or any S3-compatible store) as the destination.
 //!
 //! A clip smaller than one part goes up with one PutObject; a larger one as a multipart
-//! upload whose parts are sent while the next part is still arriving from KVS. Memory per
-//! clip: two part buffers, allocated once and swapped (one filling, one uploading); the
-//! bytes are copied once, from the GetClip body into the part. Every request carries the
+//! upload. Memory per clip: one part buffer, reused part after part; one upload in four
+//! (a budget shared by the process) holds a second, to fill the next part while the last
+//! is sent, where the others wait for their part with the GetClip socket holding the
+//! stream. The bytes are copied once, from the GetClip body into the part. Every request carries the
 //! part's CRC32C, computed while it fills, which S3 verifies; the payload is signed only
 //! where the configuration asks (see `PayloadSigning`). A failed request is retried from
 //! the part still in memory, so an S3 hiccup never costs a second GetClip (KVS bills
