@@ -58,6 +58,12 @@ pub fn identity(config: &Config, role: Role) -> Result<Identity> {
 /// (unless `role` only reads) registers this process and starts its heartbeat.
 pub async fn build(config: Config, sdk: &SdkConfig, role: Role) -> Result<Archiver> {
     let policy = retry_policy(&config);
+    // A pass of `run` has up to `max_clips_in_flight` clips in flight over all its
+    // streams; a backfill or verify `concurrency`.
+    let clips_in_flight = match role {
+        Role::Daemon | Role::Once => config.daemon.max_clips_in_flight,
+        Role::Backfill | Role::Verify | Role::Reader => config.archive.concurrency,
+    };
     let ledger = crate::ledger::open(&config.state.database_url, identity(&config, role)?).await?;
     let pacing = Pacing {
         media_points_per_second: config.archive.media_points_per_second,
@@ -97,7 +103,7 @@ pub async fn build(config: Config, sdk: &SdkConfig, role: Role) -> Result<Archiv
                 policy,
                 // One upload in four overlaps sending and filling: the S3 server, not a
                 // clip's own pause, bounds throughput once a few clips are in flight.
-                config.archive.concurrency.div_ceil(4),
+                clips_in_flight.div_ceil(4),
             ))
         }
         (None, Some(dir)) => Sink::Dir(DirSink::new(dir.clone())),
