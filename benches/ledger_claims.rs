@@ -163,6 +163,26 @@ fn million_rows_sql() -> [String; 2] {
     [chunks, fragments]
 }
 
+/// Loads [`million_rows_sql`] into either database and analyzes it.
+async fn load_million<DB: sqlx::Database>(name: &str, pool: &sqlx::Pool<DB>)
+where
+    for<'c> &'c sqlx::Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+{
+    let started = Instant::now();
+    for sql in million_rows_sql()
+        .iter()
+        .map(String::as_str)
+        .chain(["ANALYZE"])
+    {
+        sqlx::query(sql).execute(pool).await.expect("rows loaded");
+    }
+    println!(
+        "{name}: a million chunk rows (100 streams x 10,000; 1 % planned), loaded in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
 /// A million chunk rows in the default SQLite ledger: the hot paths, then real daemon
 /// passes (the release binary, `run --once`) beside an empty ledger's.
 async fn million_sqlite() {
@@ -171,21 +191,7 @@ async fn million_sqlite() {
     let sqlite = SqliteLedger::open(&url, Identity::new("million", Role::Daemon))
         .await
         .expect("ledger");
-    let started = Instant::now();
-    for sql in million_rows_sql() {
-        sqlx::query(&sql)
-            .execute(sqlite.pool())
-            .await
-            .expect("rows loaded");
-    }
-    sqlx::query("ANALYZE")
-        .execute(sqlite.pool())
-        .await
-        .expect("analyze");
-    println!(
-        "SQLite: a million chunk rows (100 streams x 10,000; 1 % planned), loaded in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    load_million("SQLite", sqlite.pool()).await;
     hot_paths(&sqlite).await;
     sqlite.close().await;
     let empty = tempfile::tempdir().expect("tempdir");
@@ -272,21 +278,7 @@ async fn million_postgres(server: &str) {
     let pg = PgLedger::open(&url, Identity::new("million", Role::Daemon))
         .await
         .expect("ledger");
-    let started = Instant::now();
-    for sql in million_rows_sql() {
-        sqlx::query(&sql)
-            .execute(pg.pool())
-            .await
-            .expect("rows loaded");
-    }
-    sqlx::query("ANALYZE")
-        .execute(pg.pool())
-        .await
-        .expect("analyze");
-    println!(
-        "PostgreSQL: a million chunk rows (100 streams x 10,000; 1 % planned), loaded in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    load_million("PostgreSQL", pg.pool()).await;
     hot_paths(&pg).await;
     for (name, plan) in pg
         .explain_hot_queries("cam-42", T0, T0 + 200_000_000)
