@@ -157,6 +157,65 @@ pub async fn find(
     Ok((finding?, url?))
 }
 
+/// `export`: `[start, end)` of a stream from the archive into one MP4 at `output`.
+pub async fn export(
+    config: Config,
+    label: &str,
+    start: EpochMs,
+    end: EpochMs,
+    gaps: crate::export::GapMode,
+    output: &std::path::Path,
+) -> Result<crate::export::ExportReport> {
+    if end <= start {
+        return Err(Error::Usage(format!(
+            "--end {} is not after --start {}: give a range that ends after it starts",
+            rfc3339(end),
+            rfc3339(start)
+        )));
+    }
+    if output.is_dir() {
+        return Err(Error::Usage(format!(
+            "-o {}: is a directory; name the MP4 file to write",
+            output.display()
+        )));
+    }
+    let stream = configured_stream(&config, label)?;
+    let sdk = sdk_config(&config.aws).await;
+    let archiver = build(config, &sdk, Role::Reader).await?;
+    let report = crate::export::export(
+        archiver.ledger.as_ref(),
+        &archiver.sink,
+        &stream.label(),
+        stream.timestamp_source,
+        start,
+        end,
+        gaps,
+        output,
+        &format!("export {label}"),
+    )
+    .await;
+    archiver.close().await;
+    report
+}
+
+/// `rebuild-ledger`: the ledger's chunks from the destination's objects (all configured
+/// streams, or `only`).
+pub async fn rebuild_ledger(
+    config: Config,
+    only: Option<&str>,
+    merge: bool,
+) -> Result<crate::rebuild::RebuildReport> {
+    let streams = match only {
+        Some(label) => vec![configured_stream(&config, label)?],
+        None => config.streams.clone(),
+    };
+    let sdk = sdk_config(&config.aws).await;
+    let archiver = build(config, &sdk, Role::Reader).await?;
+    let report = crate::rebuild::rebuild(&archiver, &streams, merge).await;
+    archiver.close().await;
+    report
+}
+
 /// Parses a command-line timestamp (RFC 3339) for `flag`.
 pub fn parse_time(text: &str, flag: &str) -> Result<EpochMs> {
     chrono::DateTime::parse_from_rfc3339(text.trim())

@@ -11,7 +11,9 @@
 //! - [`sink`]: S3 ([`sink::s3`], multipart, checksummed) or a directory ([`sink::dir`]).
 //! - [`ledger`]: the ledger of chunks, their states and fragments behind one trait;
 //!   [`ledger::sqlite`] is the only module with SQL.
-//! - [`mp4`]: reads a clip's header to tell whether GetClip cut it short.
+//! - [`mp4`]: reads a clip's header to tell whether GetClip cut it short; reads and
+//!   writes video tracks sample by sample for [`export`], which joins archived objects
+//!   into one MP4 of any range.
 //! - [`worker`]: the policy: [`worker::planning`] plans a range into the ledger (late
 //!   fragments included), [`worker::transfer`] moves one claimed chunk to the sink.
 //! - [`error`]: the error type, which classifies itself ([`error::Retryability`]);
@@ -19,6 +21,8 @@
 //! - [`quota`]: token buckets that pace each stream under KVS's quotas.
 //! - [`daemon`]: `run`; [`schedule`] turns cron firings into queued passes; [`shutdown`]:
 //!   the two-stage stop; [`metrics`]: Prometheus metrics and their listener.
+//! - [`find`], [`export`], [`rebuild`]: reading the archive back: the object at an
+//!   instant, one MP4 of a range, the ledger again from the destination's metadata.
 //! - [`app`]: the composition root behind each command; [`demo`]: the bundled example;
 //!   [`telemetry`]: logs and progress; [`crashpoint`]: named kill points for crash tests.
 //!
@@ -35,6 +39,7 @@ pub mod daemon;
 pub mod demo;
 pub mod domain;
 pub mod error;
+pub mod export;
 pub mod find;
 pub mod iam;
 pub mod ledger;
@@ -42,6 +47,7 @@ pub mod metrics;
 pub mod mp4;
 pub mod plan;
 pub mod quota;
+pub mod rebuild;
 pub mod retry;
 pub mod schedule;
 pub mod shutdown;

@@ -108,6 +108,37 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write one MP4 of [start, end) from the archive (S3 or the directory), not from
+    /// KVS: it spans as many objects as it needs, starts at the keyframe at or before
+    /// --start, and copies the video as it is (no re-encoding). Gaps and objects left out
+    /// are reported.
+    Export {
+        #[command(flatten)]
+        range: RangeArgs,
+        /// The MP4 file to write (written whole or not at all).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Where the archive has no media: `hold` keeps the frame before the gap on
+        /// screen, so output time t is wall time start + t; `join` plays on at once.
+        #[arg(long, value_enum, default_value = "hold")]
+        gaps: kvs_archiver::export::GapMode,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild the ledger from the destination after its database was lost: one listing
+    /// of the objects and their metadata, and one ListFragments per stream (no GetClip).
+    /// Refuses a ledger that already holds chunks unless --merge.
+    RebuildLedger {
+        /// Only this configured stream (default: all).
+        #[arg(long)]
+        stream: Option<String>,
+        /// Add the objects the ledger lacks to a ledger that already holds chunks.
+        #[arg(long)]
+        merge: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate the configuration and print it.
     CheckConfig,
     /// Print the least-privilege IAM policy (JSON) for the configured streams and
@@ -246,6 +277,40 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 Finding::Archived { .. } => ExitCode::SUCCESS,
                 _ => ExitCode::from(1),
             })
+        }
+        Command::Export {
+            range,
+            output,
+            gaps,
+            json,
+        } => {
+            let (start, end) = range.parse()?;
+            let report = app::export(config, &range.stream, start, end, gaps, &output).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                println!("{}", report.describe());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::RebuildLedger {
+            stream,
+            merge,
+            json,
+        } => {
+            let report = app::rebuild_ledger(config, stream.as_deref(), merge).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                println!("{}", report.describe());
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Status { json } => {
             let identity = app::identity(&config, Role::Reader)?;

@@ -2,6 +2,12 @@
 //! whole: how long it plays, how many video samples it has, and how many bytes the file
 //! must have. `moov` comes before `mdat` in such files, so the check happens before any
 //! byte is uploaded.
+//!
+//! [`track`] reads a video track sample by sample and [`writer`] writes one, for
+//! `export`, which joins archived objects without decoding them.
+
+pub mod track;
+pub mod writer;
 
 /// What the header says about the clip.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +79,7 @@ pub fn parse_header(prefix: &[u8]) -> Result<Option<ClipHeader>, Mp4Error> {
 }
 
 /// The box at `pos`: (type, header length, size). `None` if its header is not all there.
-fn box_at(data: &[u8], pos: usize) -> Result<Option<([u8; 4], usize, u64)>, Mp4Error> {
+pub(crate) fn box_at(data: &[u8], pos: usize) -> Result<Option<([u8; 4], usize, u64)>, Mp4Error> {
     if pos + 8 > data.len() {
         return Ok(None);
     }
@@ -105,9 +111,9 @@ fn box_at(data: &[u8], pos: usize) -> Result<Option<([u8; 4], usize, u64)>, Mp4E
 }
 
 /// A child box: its type and its body.
-type Child<'a> = ([u8; 4], &'a [u8]);
+pub(crate) type Child<'a> = ([u8; 4], &'a [u8]);
 
-fn children(data: &[u8]) -> Result<Vec<Child<'_>>, Mp4Error> {
+pub(crate) fn children(data: &[u8]) -> Result<Vec<Child<'_>>, Mp4Error> {
     let mut out = Vec::new();
     let mut pos = 0;
     while pos < data.len() {
@@ -124,13 +130,13 @@ fn children(data: &[u8]) -> Result<Vec<Child<'_>>, Mp4Error> {
     Ok(out)
 }
 
-fn be_u32(data: &[u8], at: usize) -> Result<u32, Mp4Error> {
+pub(crate) fn be_u32(data: &[u8], at: usize) -> Result<u32, Mp4Error> {
     data.get(at..at + 4)
         .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
         .ok_or_else(|| Mp4Error::Malformed("short box".into()))
 }
 
-fn be_u64(data: &[u8], at: usize) -> Result<u64, Mp4Error> {
+pub(crate) fn be_u64(data: &[u8], at: usize) -> Result<u64, Mp4Error> {
     Ok((u64::from(be_u32(data, at)?) << 32) | u64::from(be_u32(data, at + 4)?))
 }
 

@@ -99,3 +99,52 @@ impl Progress {
         }
     }
 }
+
+/// Progress of one transfer measured in bytes (`export`): a bar in a terminal, a log line
+/// every tenth otherwise.
+pub struct ByteProgress {
+    bar: Option<ProgressBar>,
+    total: u64,
+    done: AtomicU64,
+}
+
+impl ByteProgress {
+    pub fn new(label: &str, total: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total);
+            let style = ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} (ETA {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            bar.set_style(style);
+            bar.set_prefix(label.to_string());
+            bar
+        });
+        ByteProgress {
+            bar,
+            total,
+            done: AtomicU64::new(0),
+        }
+    }
+
+    pub fn advance(&self, bytes: u64) {
+        let before = self.done.fetch_add(bytes, Ordering::Relaxed);
+        let after = before + bytes;
+        match &self.bar {
+            Some(bar) => bar.set_position(after),
+            None => {
+                let tenth = self.total.max(10) / 10;
+                if before / tenth != after / tenth {
+                    tracing::info!(bytes = after, total = self.total, "exporting");
+                }
+            }
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -2764,3 +2764,256 @@ async fn find_names_the_object_and_offset_at_boundaries_and_explains_gaps() {
         assert!((seconds - expected).abs() < 0.1, "{seconds} vs {expected}");
     }
 }
+
+/// ffprobe's view of a file: (duration in seconds, decoded video frames), or its error.
+fn probe_frames(path: &std::path::Path) -> Result<(f64, u64), String> {
+    let out = std::process::Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-count_frames",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "format=duration:stream=nb_read_frames",
+            "-of",
+            "json",
+        ])
+        .arg(path)
+        .output()
+        .map_err(|e| format!("ffprobe runs: {e}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() || !stderr.trim().is_empty() {
+        return Err(format!("ffprobe: {stderr}"));
+    }
+    let shown: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("ffprobe JSON: {e}"))?;
+    let duration = shown["format"]["duration"]
+        .as_str()
+        .and_then(|d| d.parse().ok())
+        .ok_or("no duration")?;
+    let frames = shown["streams"][0]["nb_read_frames"]
+        .as_str()
+        .and_then(|d| d.parse().ok())
+        .ok_or("no frame count")?;
+    Ok((duration, frames))
+}
+
+/// `export` over a range spanning three objects and a gap: one MP4 that ffprobe reads
+/// without error, cut at the keyframe before the start and at the frame before the end,
+/// holding exactly the expected fragments; the gap is reported, held (the default) or
+/// joined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_spans_objects_and_a_gap_cut_at_keyframes() {
+    let (start, end) = recent(0.75);
+    let mut spec = historical("dock-cam", start, end, 2000, 20_000);
+    spec.gaps = vec![GapSpec {
+        after: Duration::from_secs(20 * 60),
+        length: Duration::from_secs(7 * 60),
+    }];
+    let world = World::new(vec![spec], "clip_duration = \"10m\"").await;
+    let out = world.backfill("dock-cam", start, end).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let fragments = world.emu.fragments("dock-cam");
+    let gap = fragments
+        .windows(2)
+        .find(|w| w[1].server_ms - w[0].server_ms > 60_000)
+        .expect("the gap")
+        .to_vec();
+    // From 0.7 s into a fragment ten minutes before the gap to 1.3 s into one five
+    // minutes after it: not on keyframes, and at least three objects.
+    let first = fragments
+        .iter()
+        .find(|f| f.server_ms >= gap[0].server_ms - 600_000)
+        .expect("a first fragment");
+    let last = fragments
+        .iter()
+        .find(|f| f.server_ms >= gap[1].server_ms + 300_000)
+        .expect("a last fragment");
+    let (from, to) = (first.server_ms + 700, last.server_ms + 1_300);
+    let expected: Vec<String> = fragments
+        .iter()
+        .filter(|f| f.server_ms >= first.server_ms && f.server_ms < to)
+        .map(|f| f.number.clone())
+        .collect();
+    // 100 ms frames: whole fragments, then the frames of the last that start before `to`.
+    let expected_frames: u64 = fragments
+        .iter()
+        .filter(|f| f.server_ms >= first.server_ms && f.server_ms < to)
+        .map(|f| {
+            (0..u64::from(f.duration_ms) / 100)
+                .filter(|k| f.server_ms + (*k as i64) * 100 < to)
+                .count() as u64
+        })
+        .sum();
+    let media_ms: i64 = fragments
+        .iter()
+        .filter(|f| f.server_ms >= first.server_ms && f.server_ms < last.server_ms)
+        .map(|f| i64::from(f.duration_ms))
+        .sum::<i64>()
+        + 1_300;
+
+    let export = |gaps: &'static str| {
+        let path = world.work.path().join(format!("export-{gaps}.mp4"));
+        let args = [
+            "export".to_string(),
+            "--stream".into(),
+            "dock-cam".into(),
+            "--start".into(),
+            rfc3339(from),
+            "--end".into(),
+            rfc3339(to),
+            "-o".into(),
+            path.display().to_string(),
+            "--gaps".into(),
+            gaps.into(),
+            "--json".into(),
+        ];
+        let world = &world;
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = world.run(&args).await;
+            assert!(out.status.success(), "export --gaps {gaps}: {}", text(&out));
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("export prints JSON ({e}): {}", text(&out)));
+            (path, report)
+        }
+    };
+    let (held, report) = export("hold").await;
+    assert_eq!(report["first_frame_ms"], first.server_ms, "{report}");
+    assert_eq!(report["last_frame_end_ms"], to, "{report}");
+    assert!(
+        report["objects"].as_array().map_or(0, Vec::len) >= 3,
+        "three objects or more: {report}"
+    );
+    let gaps = report["gaps"].as_array().expect("gaps");
+    assert_eq!(gaps.len(), 1, "{report}");
+    assert_eq!(
+        gaps[0]["from_ms"],
+        gap[0].server_ms + i64::from(gap[0].duration_ms),
+        "{report}"
+    );
+    assert_eq!(gaps[0]["to_ms"], gap[1].server_ms, "{report}");
+    assert_eq!(gaps[0]["why"], "KVS had no media then", "{report}");
+    let bytes = std::fs::read(&held).expect("the export");
+    assert_eq!(
+        scan_markers(&bytes),
+        expected,
+        "exactly the fragments of the range"
+    );
+    assert_eq!(report["frames"], expected_frames, "{report}");
+    assert!(
+        !world.work.path().join("export-hold.mp4.partial").exists(),
+        "no partial file is left"
+    );
+
+    let (joined, report) = export("join").await;
+    assert_eq!(report["duration_ms"], media_ms, "{report}");
+    assert_eq!(
+        scan_markers(&std::fs::read(&joined).expect("export")),
+        expected
+    );
+
+    if !ffmpeg_available() {
+        return;
+    }
+    let (seconds, frames) = probe_frames(&held).expect("ffprobe reads the held export");
+    assert_eq!(frames, expected_frames);
+    let wall = (to - first.server_ms) as f64 / 1000.0;
+    assert!(
+        (seconds - wall).abs() < 0.05,
+        "held: {seconds} s, wall time {wall} s"
+    );
+    let (seconds, frames) = probe_frames(&joined).expect("ffprobe reads the joined export");
+    assert_eq!(frames, expected_frames);
+    let media = media_ms as f64 / 1000.0;
+    assert!(
+        (seconds - media).abs() < 0.05,
+        "joined: {seconds} s, media {media} s"
+    );
+}
+
+fn media_requests(emu: &Emulator) -> usize {
+    emu.requests()
+        .iter()
+        .filter(|r| r.op == "GetClip" || r.op == "GetMediaForFragmentList")
+        .count()
+}
+
+/// The fields of `status` that describe the archive (not the processes that made it).
+fn archive_view(status: &serde_json::Value) -> Vec<serde_json::Value> {
+    status
+        .as_array()
+        .expect("streams")
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "stream": s["stream"], "done": s["done"], "pending": s["pending"],
+                "in_flight": s["in_flight"], "failed": s["failed"], "expired": s["expired"],
+                "archived_bytes": s["archived_bytes"], "archived_fragments": s["archived_fragments"],
+                "late_fragments": s["late_fragments"], "mkv_fragments": s["mkv_fragments"],
+                "archived_through_ms": s["archived_through_ms"],
+                "oldest_unarchived_ms": s["oldest_unarchived_ms"],
+            })
+        })
+        .collect()
+}
+
+/// Losing the ledger costs one listing: `rebuild-ledger` restores it from the objects'
+/// metadata and one ListFragments, the same backfill then fetches nothing (no GetClip),
+/// `status` shows what it showed before, and `verify` finds the archive whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_ledger_restores_the_archive_so_a_backfill_fetches_nothing_again() {
+    let (start, end) = recent(0.75);
+    let mut spec = historical("yard-cam", start, end, 2000, 20_000);
+    spec.gaps = vec![GapSpec {
+        after: Duration::from_secs(15 * 60),
+        length: Duration::from_secs(5 * 60),
+    }];
+    let mut world = World::new(vec![spec], "clip_duration = \"10m\"").await;
+    let out = world.backfill("yard-cam", start, end).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let before = archive_view(&streams_json(&world.run(&["status", "--json"]).await));
+    assert!(before[0]["done"].as_u64().unwrap_or(0) >= 5, "{before:?}");
+
+    // The ledger is lost: a new, empty one in its place.
+    let lost = world.ledger_url.clone();
+    if let Some(path) = lost.strip_prefix("sqlite://") {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{path}{suffix}"));
+        }
+    }
+    let fresh = new_ledger_url(world.work.path(), "rebuilt.db").await;
+    let config = std::fs::read_to_string(&world.config).expect("config");
+    std::fs::write(&world.config, config.replace(&lost, &fresh)).expect("config");
+    world.ledger_url = fresh;
+
+    let fetched = media_requests(&world.emu);
+    let out = world.run(&["rebuild-ledger", "--json"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(report["chunks_restored"], before[0]["done"], "{report}");
+    assert_eq!(
+        report["from_metadata_only"].as_array().map(Vec::len),
+        Some(0)
+    );
+    // A ledger that holds chunks is not rebuilt over.
+    let again = world.run(&["rebuild-ledger"]).await;
+    assert_fails_with(&again, 2, "already holds chunks");
+
+    let out = world.backfill("yard-cam", start, end).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        media_requests(&world.emu),
+        fetched,
+        "nothing was fetched from KVS again"
+    );
+    let after = archive_view(&streams_json(&world.run(&["status", "--json"]).await));
+    assert_eq!(after, before);
+    let out = world.run(&["verify", "--stream", "yard-cam"]).await;
+    assert!(
+        out.status.success(),
+        "verify after a rebuild: {}",
+        text(&out)
+    );
+}

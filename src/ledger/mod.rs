@@ -412,6 +412,18 @@ pub trait Ledger: Send + Sync {
         object_key: &str,
     ) -> Result<bool>;
 
+    /// Records a chunk whose object the destination already holds (`rebuild-ledger`):
+    /// done, with `bytes` as its size and its checksum unknown. `false` if a chunk of the
+    /// ledger already holds its range or one of its fragments.
+    async fn insert_archived(
+        &self,
+        stream: &str,
+        source: TimestampSource,
+        plan: &ChunkPlan,
+        object_key: &str,
+        bytes: u64,
+    ) -> Result<bool>;
+
     /// What the ledger holds in `[from, to]`: fragment numbers and clip ranges (with
     /// whether each is archived) reaching into it.
     async fn holdings(

@@ -573,6 +573,33 @@ impl Ledger for SqliteLedger {
         Ok(true)
     }
 
+    async fn insert_archived(
+        &self,
+        stream: &str,
+        source: TimestampSource,
+        plan: &ChunkPlan,
+        object_key: &str,
+        bytes: u64,
+    ) -> Result<bool> {
+        let op = "insert archived chunk";
+        let mut tx = self.pool.begin().await.map_err(Error::store(op))?;
+        let id = Self::insert_chunk(&mut tx, stream, source.as_str(), plan, object_key, None)
+            .await
+            .map_err(Error::store(op))?;
+        let Some(id) = id else {
+            tx.rollback().await.map_err(Error::store(op))?;
+            return Ok(false);
+        };
+        sqlx::query("UPDATE chunks SET state = 'done', archived_bytes = ?1 WHERE id = ?2")
+            .bind(bytes as i64)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::store(op))?;
+        tx.commit().await.map_err(Error::store(op))?;
+        Ok(true)
+    }
+
     async fn holdings(
         &self,
         stream: &str,

@@ -177,6 +177,39 @@ impl DirSink {
         }))
     }
 
+    /// `len` bytes of the file of `key` from byte `start`.
+    pub async fn read_range(&self, key: &str, start: u64, len: u64) -> Result<super::RangeBody> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let path = self.root.join(key);
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| io_error("open", &path, e))?;
+        file.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(|e| io_error("seek", &path, e))?;
+        Ok(super::RangeBody::Dir {
+            file: file.take(len),
+            path,
+        })
+    }
+
+    /// Size and metadata (its `.json` side file) of the file of `key`.
+    pub async fn head(&self, key: &str) -> Result<Option<super::ObjectHead>> {
+        let path = self.root.join(key);
+        let size = match tokio::fs::metadata(&path).await {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error("stat", &path, e)),
+        };
+        let sidecar = PathBuf::from(format!("{}.json", path.display()));
+        let meta = tokio::fs::read(&sidecar)
+            .await
+            .ok()
+            .and_then(|text| serde_json::from_slice(&text).ok())
+            .unwrap_or_default();
+        Ok(Some(super::ObjectHead { size, meta }))
+    }
+
     pub async fn abort_partial(&self, key: &str) -> Result<usize> {
         let target = self.root.join(key);
         let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {

@@ -136,6 +136,22 @@ impl Sink {
         }
     }
 
+    /// `len` bytes of the object at `key` from byte `start`, as they arrive.
+    pub async fn read_range(&self, key: &str, start: u64, len: u64) -> Result<RangeBody> {
+        match self {
+            Sink::S3(s) => s.read_range(key, start, len).await,
+            Sink::Dir(d) => d.read_range(key, start, len).await,
+        }
+    }
+
+    /// Size and metadata of the object at `key`, without its bytes.
+    pub async fn head(&self, key: &str) -> Result<Option<ObjectHead>> {
+        match self {
+            Sink::S3(s) => s.head(key).await,
+            Sink::Dir(d) => d.head(key).await,
+        }
+    }
+
     /// Every object key under `prefix` (metadata side files excluded), all pages.
     pub async fn list_keys(&self, prefix: &str) -> Result<Vec<String>> {
         match self {
@@ -152,6 +168,67 @@ pub struct StoredObject {
     /// CRC32C of the whole object, hex.
     pub crc32c: String,
     pub meta: std::collections::BTreeMap<String, String>,
+}
+
+/// An object's size and metadata.
+#[derive(Debug, Clone)]
+pub struct ObjectHead {
+    pub size: u64,
+    pub meta: std::collections::BTreeMap<String, String>,
+}
+
+/// A byte range of an object, read piece by piece.
+pub enum RangeBody {
+    S3 {
+        body: aws_sdk_s3::primitives::ByteStream,
+        target: String,
+    },
+    Dir {
+        file: tokio::io::Take<tokio::fs::File>,
+        path: std::path::PathBuf,
+    },
+}
+
+impl RangeBody {
+    /// The next bytes, `None` at the end of the range.
+    pub async fn next(&mut self) -> Result<Option<Bytes>> {
+        match self {
+            RangeBody::S3 { body, target } => {
+                body.try_next()
+                    .await
+                    .map_err(|e| crate::error::Error::Sink {
+                        op: "GetObject",
+                        target: target.clone(),
+                        message: format!("body broke off: {e}"),
+                        retry: crate::error::Retryability::Transient,
+                    })
+            }
+            RangeBody::Dir { file, path } => {
+                use tokio::io::AsyncReadExt;
+                let mut buffer = vec![0u8; 1 << 20];
+                let n = file
+                    .read(&mut buffer)
+                    .await
+                    .map_err(|e| crate::error::Error::Sink {
+                        op: "read",
+                        target: path.display().to_string(),
+                        message: e.to_string(),
+                        retry: crate::error::Retryability::Transient,
+                    })?;
+                buffer.truncate(n);
+                Ok((n > 0).then(|| Bytes::from(buffer)))
+            }
+        }
+    }
+
+    /// The whole range in memory (for headers: small).
+    pub async fn collect(mut self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some(bytes) = self.next().await? {
+            out.extend_from_slice(&bytes);
+        }
+        Ok(out)
+    }
 }
 
 impl Upload {

@@ -358,6 +358,56 @@ impl S3Sink {
         }))
     }
 
+    /// `len` bytes of the object at `key` from byte `start`, as the store sends them.
+    pub async fn read_range(&self, key: &str, start: u64, len: u64) -> Result<super::RangeBody> {
+        let target = format!("s3://{}/{key}", self.inner.bucket);
+        let last = start + len.max(1) - 1;
+        let out = with_retry(&self.inner.policy, "GetObject", || async {
+            self.inner
+                .client
+                .get_object()
+                .bucket(&self.inner.bucket)
+                .key(key)
+                .range(format!("bytes={start}-{last}"))
+                .send()
+                .await
+                .map_err(|e| s3_error("GetObject", &target, e))
+        })
+        .await?;
+        Ok(super::RangeBody::S3 {
+            body: out.body,
+            target,
+        })
+    }
+
+    /// Size and metadata of the object at `key` (HeadObject), `None` if there is none.
+    pub async fn head(&self, key: &str) -> Result<Option<super::ObjectHead>> {
+        let target = format!("s3://{}/{key}", self.inner.bucket);
+        let got = with_retry(&self.inner.policy, "HeadObject", || async {
+            match self
+                .inner
+                .client
+                .head_object()
+                .bucket(&self.inner.bucket)
+                .key(key)
+                .send()
+                .await
+            {
+                Ok(out) => Ok(Some(out)),
+                Err(SdkError::ServiceError(ctx)) if ctx.raw().status().as_u16() == 404 => Ok(None),
+                Err(e) => Err(s3_error("HeadObject", &target, e)),
+            }
+        })
+        .await?;
+        Ok(got.map(|out| super::ObjectHead {
+            size: out.content_length().unwrap_or(0).max(0) as u64,
+            meta: out
+                .metadata()
+                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                .unwrap_or_default(),
+        }))
+    }
+
     pub async fn list_keys(&self, prefix: &str) -> Result<Vec<String>> {
         let target = self.describe();
         let mut keys = Vec::new();

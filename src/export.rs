@@ -1,0 +1,541 @@
+//! `export`: one MP4 of any time range, taken from the archive (never from KVS, which may
+//! have deleted the media long ago).
+//!
+//! The samples of the range are copied out of the archived objects as they are (no
+//! decoding, no re-encoding): the output starts at the keyframe at or before the start,
+//! so it plays from its first frame, and ends with the last frame that starts before the
+//! end. Late fragments archived in objects of their own are put back in their place.
+//! Memory holds the sample tables (a few bytes per frame), never the media: the header is
+//! written first, then each run of samples is streamed from the store into the file.
+
+use crate::domain::ChunkKind;
+use crate::domain::{rfc3339, EpochMs, Fragment, TimestampSource};
+use crate::error::{Error, Result};
+use crate::find::Finding;
+use crate::ledger::{ChunkState, Ledger};
+use crate::mp4::track::{moov_extent, video_track, Sample, VideoTrack};
+use crate::mp4::writer::TrackTable;
+use crate::sink::Sink;
+use crate::telemetry::ByteProgress;
+use serde::Serialize;
+use std::path::Path;
+use tokio::io::AsyncWriteExt;
+
+/// A fragment lasts less than this: chunks starting this long before the range cannot
+/// reach into it.
+const LONGEST_FRAGMENT_MS: i64 = 3_600_000;
+/// Media missing for longer than this is reported as a gap (shorter ones are the jitter
+/// between fragments' timestamps).
+pub const GAP_REPORT_MS: i64 = 500;
+/// Bytes read first from an object: its `ftyp` and `moov` are almost always within them.
+const HEADER_PROBE: u64 = 256 * 1024;
+/// An object whose `moov` is larger than this is not one this program wrote.
+const MAX_MOOV: u64 = 64 << 20;
+
+/// What the output's timeline does where the archive has no media.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum GapMode {
+    /// The frame before a gap stays on screen for the gap's length: the output's time
+    /// `t` is always wall time `start + t`.
+    Hold,
+    /// Media on either side of a gap plays back to back, as GetClip's own MP4s do.
+    Join,
+}
+
+/// A span of the range with no media in the output, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Gap {
+    pub from_ms: EpochMs,
+    pub to_ms: EpochMs,
+    pub why: String,
+}
+
+/// An object holding media of the range that the output leaves out.
+#[derive(Debug, Clone, Serialize)]
+pub struct LeftOut {
+    pub object_key: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportReport {
+    pub output: String,
+    /// Wall time of the first frame (the keyframe at or before the requested start).
+    pub first_frame_ms: EpochMs,
+    /// Wall time where the last frame ends.
+    pub last_frame_end_ms: EpochMs,
+    /// How long the output plays.
+    pub duration_ms: u64,
+    pub frames: u32,
+    pub bytes: u64,
+    pub gap_mode: GapMode,
+    /// The archived objects the output's samples come from, in time order.
+    pub objects: Vec<String>,
+    /// The fragments whose samples the output holds, in time order.
+    pub fragments: Vec<String>,
+    pub gaps: Vec<Gap>,
+    pub left_out: Vec<LeftOut>,
+}
+
+impl ExportReport {
+    pub fn describe(&self) -> String {
+        let mut out = format!(
+            "wrote {}: {:.1} s, {} frames, {:.1} MB from {} objects ({} fragments), {} .. {}",
+            self.output,
+            self.duration_ms as f64 / 1000.0,
+            self.frames,
+            self.bytes as f64 / 1e6,
+            self.objects.len(),
+            self.fragments.len(),
+            rfc3339(self.first_frame_ms),
+            rfc3339(self.last_frame_end_ms),
+        );
+        for gap in &self.gaps {
+            out.push_str(&format!(
+                "\ngap {} .. {} ({:.1} s): {}{}",
+                rfc3339(gap.from_ms),
+                rfc3339(gap.to_ms),
+                (gap.to_ms - gap.from_ms) as f64 / 1000.0,
+                gap.why,
+                match self.gap_mode {
+                    GapMode::Hold => "; the frame before it stays on screen",
+                    GapMode::Join => "; joined: the media after it follows at once",
+                }
+            ));
+        }
+        for left in &self.left_out {
+            out.push_str(&format!("\nleft out {}: {}", left.object_key, left.reason));
+        }
+        out
+    }
+}
+
+/// One fragment's samples in one object.
+struct Piece {
+    object: usize,
+    fragment: String,
+    wall_start: EpochMs,
+    /// Track time of the fragment's first sample.
+    first_dts: u64,
+    samples: Vec<Sample>,
+}
+
+struct Object {
+    key: String,
+    track: VideoTrack,
+}
+
+/// Reads an object's `moov` (a range read of its first bytes) and its video track.
+async fn read_track(sink: &Sink, key: &str) -> Result<VideoTrack> {
+    let malformed = |e: crate::mp4::Mp4Error| Error::Clip {
+        key: key.to_string(),
+        message: format!("cannot read its MP4 header: {e}"),
+        retry: crate::error::Retryability::Permanent,
+    };
+    let mut prefix = sink
+        .read_range(key, 0, HEADER_PROBE)
+        .await?
+        .collect()
+        .await?;
+    let (start, end) = loop {
+        match moov_extent(&prefix).map_err(malformed)? {
+            Some((start, end)) if end <= prefix.len() => break (start, end),
+            Some((_, end)) if end as u64 <= MAX_MOOV => {
+                prefix = sink.read_range(key, 0, end as u64).await?.collect().await?;
+                if prefix.len() < end {
+                    return Err(malformed(crate::mp4::Mp4Error::Malformed(
+                        "the object ends inside its moov".into(),
+                    )));
+                }
+            }
+            _ => {
+                return Err(malformed(crate::mp4::Mp4Error::Malformed(
+                    "no moov box in its first bytes".into(),
+                )))
+            }
+        }
+    };
+    video_track(&prefix[start..end]).map_err(malformed)
+}
+
+/// Splits a track's samples among the chunk's fragments, which its MP4 plays back to
+/// back: fragment `i` starts at the keyframe nearest the sum of the durations before it
+/// (the listing's durations are whole milliseconds; the track's need not be).
+fn fragment_bounds(track: &VideoTrack, fragments: &[Fragment]) -> Vec<(usize, usize)> {
+    let samples = &track.samples;
+    let syncs: Vec<usize> = (0..samples.len()).filter(|&i| samples[i].sync).collect();
+    let mut starts = vec![0usize];
+    let mut elapsed = 0u64;
+    for f in fragments.iter().take(fragments.len().saturating_sub(1)) {
+        elapsed += f.duration_ms;
+        let previous = *starts.last().unwrap_or(&0);
+        let at = syncs.partition_point(|&i| track.ms(samples[i].dts) < elapsed);
+        let candidates = [at.checked_sub(1), Some(at)];
+        let nearest = candidates
+            .into_iter()
+            .flatten()
+            .filter_map(|k| syncs.get(k).copied())
+            .filter(|&i| i > previous)
+            .min_by_key(|&i| track.ms(samples[i].dts).abs_diff(elapsed));
+        starts.push(nearest.unwrap_or(samples.len()).max(previous));
+    }
+    let mut bounds: Vec<(usize, usize)> = starts.windows(2).map(|w| (w[0], w[1])).collect();
+    bounds.push((*starts.last().unwrap_or(&0), samples.len()));
+    bounds
+}
+
+/// Why the archive has nothing at `t`, in a few words.
+async fn why_missing(
+    ledger: &dyn Ledger,
+    stream: &str,
+    source: TimestampSource,
+    t: EpochMs,
+) -> Result<String> {
+    Ok(match crate::find::find(ledger, stream, source, t).await? {
+        Finding::NoMedia { .. } => "KVS had no media then".into(),
+        Finding::Archived { object_key, .. } => format!("in {object_key}, left out (see below)"),
+        Finding::NotArchived {
+            state: ChunkState::Failed,
+            last_error,
+            ..
+        } => format!(
+            "its chunk failed ({}); a backfill of this time tries again",
+            last_error.as_deref().unwrap_or("no error recorded")
+        ),
+        Finding::NotArchived {
+            state: ChunkState::Expired,
+            ..
+        } => "KVS deleted the media before it was archived".into(),
+        Finding::NotArchived { state, .. } => format!("not archived yet (chunk {state})"),
+        Finding::NotPlannedYet { .. } => "not archived yet".into(),
+    })
+}
+
+/// Writes `[start, end)` of `stream` from the archive to `output`.
+#[allow(clippy::too_many_arguments)]
+pub async fn export(
+    ledger: &dyn Ledger,
+    sink: &Sink,
+    stream: &str,
+    source: TimestampSource,
+    start: EpochMs,
+    end: EpochMs,
+    gap_mode: GapMode,
+    output: &Path,
+    label: &str,
+) -> Result<ExportReport> {
+    let mut objects: Vec<Object> = Vec::new();
+    let mut pieces: Vec<Piece> = Vec::new();
+    let mut left_out: Vec<LeftOut> = Vec::new();
+    for chunk in ledger
+        .done_in(stream, source, start - LONGEST_FRAGMENT_MS, end)
+        .await?
+    {
+        let fragments = ledger.fragments_of(chunk.id).await?;
+        let overlaps = |f: &Fragment| f.start_ms < end && f.start_ms + f.duration_ms as i64 > start;
+        if !fragments.iter().any(overlaps) {
+            continue;
+        }
+        if chunk.plan.kind == ChunkKind::Mkv {
+            left_out.push(LeftOut {
+                object_key: chunk.object_key.clone(),
+                reason: "stored as Matroska (KVS could not package it as MP4); play it on its own"
+                    .into(),
+            });
+            continue;
+        }
+        let track = read_track(sink, &chunk.object_key).await?;
+        if !track.other_tracks.is_empty() {
+            left_out.push(LeftOut {
+                object_key: chunk.object_key.clone(),
+                reason: format!(
+                    "its {} track(s) (export copies the video track only)",
+                    track.other_tracks.join(", ")
+                ),
+            });
+        }
+        let bounds = fragment_bounds(&track, &fragments);
+        for (fragment, (from, to)) in fragments.iter().zip(bounds) {
+            if !overlaps(fragment) || from >= to {
+                continue;
+            }
+            pieces.push(Piece {
+                object: objects.len(),
+                fragment: fragment.number.clone(),
+                wall_start: fragment.start_ms,
+                first_dts: track.samples[from].dts,
+                samples: track.samples[from..to].to_vec(),
+            });
+        }
+        objects.push(Object {
+            key: chunk.object_key,
+            track: VideoTrack {
+                samples: Vec::new(),
+                ..track
+            },
+        });
+    }
+    pieces.sort_by(|a, b| {
+        a.wall_start
+            .cmp(&b.wall_start)
+            .then_with(|| crate::domain::cmp_fragment_numbers(&a.fragment, &b.fragment))
+    });
+
+    // Every sample with its wall time; the output starts at the keyframe at or before
+    // `start` and ends before `end`.
+    let wall = |p: &Piece, s: &Sample| {
+        let track = &objects[p.object].track;
+        p.wall_start + track.ms(s.dts.saturating_sub(p.first_dts)) as i64
+    };
+    let mut flat: Vec<(usize, usize, EpochMs)> = Vec::new();
+    for (p, piece) in pieces.iter().enumerate() {
+        for (i, sample) in piece.samples.iter().enumerate() {
+            flat.push((p, i, wall(piece, sample)));
+        }
+    }
+    let is_sync = |&(p, i, _): &(usize, usize, EpochMs)| pieces[p].samples[i].sync;
+    let first = flat
+        .iter()
+        .rposition(|e| is_sync(e) && e.2 <= start)
+        .or_else(|| flat.iter().position(|e| is_sync(e) && e.2 > start));
+    let Some(first) = first.filter(|&k| flat[k].2 < end) else {
+        let why = why_missing(ledger, stream, source, start).await?;
+        return Err(Error::Usage(format!(
+            "export {stream}: the archive holds no video between {} and {} ({why}); `kvs-archiver find --stream {stream} --at T` tells what the archive holds at an instant",
+            rfc3339(start),
+            rfc3339(end)
+        )));
+    };
+    let selected: Vec<(usize, usize, EpochMs)> = flat[first..]
+        .iter()
+        .copied()
+        .take_while(|e| e.2 < end)
+        .collect();
+    drop(flat);
+
+    let reference = &objects[pieces[selected[0].0].object];
+    let mut table = TrackTable::new(
+        reference.track.timescale,
+        reference.track.width,
+        reference.track.height,
+        reference.track.sample_description.clone(),
+    );
+    // Runs of bytes to copy: (object, offset, length), one per output chunk.
+    let mut runs: Vec<(usize, u64, u64)> = Vec::new();
+    let mut gaps: Vec<Gap> = Vec::new();
+    let mut used_objects: Vec<usize> = Vec::new();
+    let mut fragments: Vec<String> = Vec::new();
+    let mut previous: Option<(usize, Sample, EpochMs)> = None;
+    for &(p, i, t) in &selected {
+        let piece = &pieces[p];
+        let object = &objects[piece.object];
+        let sample = piece.samples[i];
+        if object.track.sample_description != reference.track.sample_description
+            || object.track.timescale != reference.track.timescale
+        {
+            return Err(Error::Usage(format!(
+                "export {stream}: the codec or picture size changes at {} (object {}), which one MP4 track cannot hold; export [{}, {}) and [{}, {}] separately",
+                rfc3339(t),
+                object.key,
+                rfc3339(start),
+                rfc3339(t),
+                rfc3339(t),
+                rfc3339(end)
+            )));
+        }
+        if fragments.last() != Some(&piece.fragment) {
+            fragments.push(piece.fragment.clone());
+        }
+        if used_objects.last() != Some(&piece.object) && !used_objects.contains(&piece.object) {
+            used_objects.push(piece.object);
+        }
+        let mut new_chunk = true;
+        if let Some((previous_piece, previous_sample, previous_t)) = previous {
+            let expected = previous_t + object.track.ms(u64::from(previous_sample.duration)) as i64;
+            let missing = t - expected;
+            if missing > GAP_REPORT_MS {
+                gaps.push(Gap {
+                    from_ms: expected,
+                    to_ms: t,
+                    why: why_missing(ledger, stream, source, expected + missing / 2).await?,
+                });
+            }
+            if missing > 0 && gap_mode == GapMode::Hold {
+                let ticks = missing as u64 * u64::from(object.track.timescale) / 1000;
+                table.extend_last(u32::try_from(ticks).unwrap_or(u32::MAX));
+            }
+            let same_object = pieces[previous_piece].object == piece.object;
+            new_chunk = !(same_object
+                && previous_sample.offset + u64::from(previous_sample.size) == sample.offset);
+        }
+        table.push(
+            sample.size,
+            sample.duration,
+            sample.cts_offset,
+            sample.sync,
+            new_chunk,
+        );
+        match runs.last_mut() {
+            Some(run) if !new_chunk => run.2 += u64::from(sample.size),
+            _ => runs.push((piece.object, sample.offset, u64::from(sample.size))),
+        }
+        previous = Some((p, sample, t));
+    }
+    let first_frame_ms = selected[0].2;
+    let last_frame_end_ms = previous.map_or(first_frame_ms, |(p, s, t)| {
+        t + objects[pieces[p].object].track.ms(u64::from(s.duration)) as i64
+    });
+    if first_frame_ms - start > GAP_REPORT_MS {
+        gaps.insert(
+            0,
+            Gap {
+                from_ms: start,
+                to_ms: first_frame_ms,
+                why: why_missing(ledger, stream, source, start).await?,
+            },
+        );
+    }
+    if end - last_frame_end_ms > GAP_REPORT_MS {
+        gaps.push(Gap {
+            from_ms: last_frame_end_ms,
+            to_ms: end,
+            why: why_missing(ledger, stream, source, last_frame_end_ms + 1).await?,
+        });
+    }
+
+    let header = table.header();
+    let total = header.len() as u64 + table.media_bytes();
+    let progress = ByteProgress::new(label, total);
+    let partial = std::path::PathBuf::from(format!("{}.partial", output.display()));
+    let written = write_file(&partial, &header, &runs, &objects, sink, &progress).await;
+    progress.finish();
+    if let Err(e) = written.and_then(|()| {
+        std::fs::rename(&partial, output).map_err(|e| file_error("rename", output, e))
+    }) {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    Ok(ExportReport {
+        output: output.display().to_string(),
+        first_frame_ms,
+        last_frame_end_ms,
+        duration_ms: table.duration() * 1000 / u64::from(table.timescale),
+        frames: table.sample_count(),
+        bytes: total,
+        gap_mode,
+        objects: used_objects
+            .iter()
+            .map(|&o| objects[o].key.clone())
+            .collect(),
+        fragments,
+        gaps,
+        left_out,
+    })
+}
+
+fn file_error(op: &'static str, path: &Path, e: std::io::Error) -> Error {
+    let hint = if e.raw_os_error() == Some(28) {
+        " (the disk is full: free space or write the export elsewhere)"
+    } else {
+        ""
+    };
+    Error::Sink {
+        op,
+        target: path.display().to_string(),
+        message: format!("{e}{hint}"),
+        retry: crate::error::Retryability::Permanent,
+    }
+}
+
+async fn write_file(
+    path: &Path,
+    header: &[u8],
+    runs: &[(usize, u64, u64)],
+    objects: &[Object],
+    sink: &Sink,
+    progress: &ByteProgress,
+) -> Result<()> {
+    let mut file = tokio::fs::File::create(path)
+        .await
+        .map_err(|e| file_error("create", path, e))?;
+    file.write_all(header)
+        .await
+        .map_err(|e| file_error("write", path, e))?;
+    progress.advance(header.len() as u64);
+    for &(object, offset, len) in runs {
+        let key = &objects[object].key;
+        let mut body = sink.read_range(key, offset, len).await?;
+        let mut copied = 0u64;
+        while let Some(bytes) = body.next().await? {
+            let take = bytes.len().min((len - copied) as usize);
+            file.write_all(&bytes[..take])
+                .await
+                .map_err(|e| file_error("write", path, e))?;
+            copied += take as u64;
+            progress.advance(take as u64);
+        }
+        if copied != len {
+            return Err(Error::Clip {
+                key: key.clone(),
+                message: format!(
+                    "the object ends before its samples do (read {copied} of {len} bytes at {offset}): `kvs-archiver verify` checks it"
+                ),
+                retry: crate::error::Retryability::Permanent,
+            });
+        }
+    }
+    file.sync_all()
+        .await
+        .map_err(|e| file_error("sync", path, e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn track(frames_per_fragment: &[usize]) -> VideoTrack {
+        let mut samples = Vec::new();
+        let mut dts = 0;
+        for &n in frames_per_fragment {
+            for i in 0..n {
+                samples.push(Sample {
+                    offset: 0,
+                    size: 1,
+                    dts,
+                    duration: 9_000,
+                    cts_offset: 0,
+                    sync: i == 0,
+                });
+                dts += 9_000;
+            }
+        }
+        VideoTrack {
+            timescale: 90_000,
+            width: 0,
+            height: 0,
+            sample_description: Vec::new(),
+            samples,
+            other_tracks: Vec::new(),
+        }
+    }
+
+    fn fragment(duration_ms: u64) -> Fragment {
+        Fragment {
+            number: String::new(),
+            start_ms: 0,
+            server_ms: 0,
+            duration_ms,
+            size_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn fragments_start_at_the_keyframe_nearest_their_listed_start() {
+        // 100 ms frames; the listing rounds durations (2,001 and 999 ms).
+        let track = track(&[20, 10, 5]);
+        let bounds = fragment_bounds(&track, &[fragment(2_001), fragment(999), fragment(500)]);
+        assert_eq!(bounds, vec![(0, 20), (20, 30), (30, 35)]);
+    }
+}

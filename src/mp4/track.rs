@@ -1,0 +1,287 @@
+//! The video track of a progressive MP4, sample by sample: what `export` needs to copy
+//! samples out of archived objects without decoding them.
+
+use super::{be_u32, be_u64, box_at, children, Mp4Error};
+
+/// One video sample: where its bytes are and when it plays, in the track's timescale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    /// Byte offset in the file.
+    pub offset: u64,
+    pub size: u32,
+    /// Decode time from the start of the track.
+    pub dts: u64,
+    pub duration: u32,
+    /// Composition minus decode time (`ctts`; 0 without B-frames).
+    pub cts_offset: i32,
+    /// A keyframe (`stss`; every sample when the box is absent).
+    pub sync: bool,
+}
+
+/// The first video track of a file.
+#[derive(Debug, Clone)]
+pub struct VideoTrack {
+    pub timescale: u32,
+    pub width: u32,
+    pub height: u32,
+    /// The `stsd` box whole (header included): the codec and its parameter sets. Samples
+    /// of two tracks can share one output track only when these bytes are equal.
+    pub sample_description: Vec<u8>,
+    pub samples: Vec<Sample>,
+    /// Tracks other than this one (audio, metadata), which `export` leaves out.
+    pub other_tracks: Vec<String>,
+}
+
+impl VideoTrack {
+    /// Milliseconds of track time `t`.
+    pub fn ms(&self, t: u64) -> u64 {
+        t.saturating_mul(1000) / u64::from(self.timescale)
+    }
+}
+
+/// Where `moov` ends in a file whose first bytes are `prefix`: `Ok(None)` means more
+/// bytes are needed to know (the boxes before it are not all there).
+pub fn moov_extent(prefix: &[u8]) -> Result<Option<(usize, usize)>, Mp4Error> {
+    let mut pos = 0usize;
+    while let Some((kind, _, size)) = box_at(prefix, pos)? {
+        let end = usize::try_from(size)
+            .ok()
+            .and_then(|size| pos.checked_add(size))
+            .ok_or_else(|| Mp4Error::Malformed(format!("box size {size} at byte {pos}")))?;
+        match &kind {
+            b"moov" => return Ok(Some((pos, end))),
+            b"mdat" => return Err(Mp4Error::NotProgressive),
+            _ => pos = end,
+        }
+        if pos > prefix.len() {
+            return Ok(None);
+        }
+    }
+    Ok(None)
+}
+
+/// Reads the first video track out of a whole `moov` box (header included).
+pub fn video_track(moov_box: &[u8]) -> Result<VideoTrack, Mp4Error> {
+    let header_len = match box_at(moov_box, 0)? {
+        Some((kind, header_len, _)) if &kind == b"moov" => header_len,
+        _ => return Err(Mp4Error::Malformed("not a moov box".into())),
+    };
+    let mut found = None;
+    let mut other_tracks = Vec::new();
+    for (kind, trak) in children(&moov_box[header_len..])? {
+        if &kind != b"trak" {
+            continue;
+        }
+        match (found.is_none(), parse_trak(trak)?) {
+            (true, Parsed::Video(track)) => found = Some(track),
+            (_, Parsed::Video(_)) => other_tracks.push("vide".to_string()),
+            (_, Parsed::Other(handler)) => other_tracks.push(handler),
+        }
+    }
+    let mut track = found.ok_or_else(|| Mp4Error::Malformed("no video track".into()))?;
+    track.other_tracks = other_tracks;
+    Ok(track)
+}
+
+enum Parsed {
+    Video(VideoTrack),
+    Other(String),
+}
+
+fn find<'a>(boxes: &[super::Child<'a>], kind: &[u8; 4]) -> Option<&'a [u8]> {
+    boxes.iter().find(|(k, _)| k == kind).map(|(_, body)| *body)
+}
+
+fn need<'a>(boxes: &[super::Child<'a>], kind: &[u8; 4]) -> Result<&'a [u8], Mp4Error> {
+    find(boxes, kind)
+        .ok_or_else(|| Mp4Error::Malformed(format!("no {} box", String::from_utf8_lossy(kind))))
+}
+
+/// `count` entries of `width` bytes after a full box's version, flags and count.
+fn entries(body: &[u8], width: usize) -> Result<(u32, &[u8]), Mp4Error> {
+    let count = be_u32(body, 4)?;
+    let len = (count as usize)
+        .checked_mul(width)
+        .filter(|len| 8 + len <= body.len())
+        .ok_or_else(|| Mp4Error::Malformed(format!("{count} table entries overrun the box")))?;
+    Ok((count, &body[8..8 + len]))
+}
+
+fn parse_trak(trak: &[u8]) -> Result<Parsed, Mp4Error> {
+    let boxes = children(trak)?;
+    let mdia = children(need(&boxes, b"mdia")?)?;
+    let handler = need(&mdia, b"hdlr")?
+        .get(8..12)
+        .map(|h| String::from_utf8_lossy(h).into_owned())
+        .unwrap_or_default();
+    if handler != "vide" {
+        return Ok(Parsed::Other(handler));
+    }
+    let (width, height) = match find(&boxes, b"tkhd") {
+        Some(tkhd) => {
+            let at = if tkhd.first() == Some(&1) { 88 } else { 76 };
+            (be_u32(tkhd, at)? >> 16, be_u32(tkhd, at + 4)? >> 16)
+        }
+        None => (0, 0),
+    };
+    let mdhd = need(&mdia, b"mdhd")?;
+    let timescale = if mdhd.first() == Some(&1) {
+        be_u32(mdhd, 20)?
+    } else {
+        be_u32(mdhd, 12)?
+    };
+    if timescale == 0 {
+        return Err(Mp4Error::Malformed("mdhd timescale is 0".into()));
+    }
+    let minf = children(need(&mdia, b"minf")?)?;
+    let stbl_body = need(&minf, b"stbl")?;
+    let stbl = children(stbl_body)?;
+
+    // stsd whole, header included, found again by position inside stbl.
+    let sample_description = {
+        let mut pos = 0;
+        let mut whole = None;
+        while let Some((kind, _, size)) = box_at(stbl_body, pos)? {
+            let end = pos + size as usize;
+            if &kind == b"stsd" {
+                whole = stbl_body.get(pos..end).map(<[u8]>::to_vec);
+                break;
+            }
+            pos = end;
+        }
+        whole.ok_or_else(|| Mp4Error::Malformed("no stsd box".into()))?
+    };
+
+    let sizes = sample_sizes(&stbl)?;
+    let count = sizes.len();
+    let mut samples: Vec<Sample> = sizes
+        .into_iter()
+        .map(|size| Sample {
+            offset: 0,
+            size,
+            dts: 0,
+            duration: 0,
+            cts_offset: 0,
+            sync: true,
+        })
+        .collect();
+
+    // stts: decode durations.
+    let (n, table) = entries(need(&stbl, b"stts")?, 8)?;
+    let mut i = 0usize;
+    let mut dts = 0u64;
+    for e in 0..n as usize {
+        let run = be_u32(table, e * 8)? as usize;
+        let delta = be_u32(table, e * 8 + 4)?;
+        for _ in 0..run {
+            let Some(sample) = samples.get_mut(i) else {
+                break;
+            };
+            sample.dts = dts;
+            sample.duration = delta;
+            dts += u64::from(delta);
+            i += 1;
+        }
+    }
+    if i != count {
+        return Err(Mp4Error::Malformed(format!(
+            "stts covers {i} of {count} samples"
+        )));
+    }
+
+    if let Some(ctts) = find(&stbl, b"ctts") {
+        let (n, table) = entries(ctts, 8)?;
+        let mut i = 0usize;
+        for e in 0..n as usize {
+            let run = be_u32(table, e * 8)? as usize;
+            // Version 0 is unsigned, version 1 signed; both fit an i32 in practice.
+            let offset = be_u32(table, e * 8 + 4)? as i32;
+            for _ in 0..run {
+                if let Some(sample) = samples.get_mut(i) {
+                    sample.cts_offset = offset;
+                }
+                i += 1;
+            }
+        }
+    }
+
+    if let Some(stss) = find(&stbl, b"stss") {
+        samples.iter_mut().for_each(|s| s.sync = false);
+        let (n, table) = entries(stss, 4)?;
+        for e in 0..n as usize {
+            let number = be_u32(table, e * 4)? as usize;
+            if let Some(sample) = number.checked_sub(1).and_then(|i| samples.get_mut(i)) {
+                sample.sync = true;
+            }
+        }
+    }
+
+    // Chunk offsets (stco or co64), then stsc to lay the samples into the chunks.
+    let chunk_offsets: Vec<u64> = if let Some(co64) = find(&stbl, b"co64") {
+        let (n, table) = entries(co64, 8)?;
+        (0..n as usize)
+            .map(|e| be_u64(table, e * 8))
+            .collect::<Result<_, _>>()?
+    } else {
+        let (n, table) = entries(need(&stbl, b"stco")?, 4)?;
+        (0..n as usize)
+            .map(|e| be_u32(table, e * 4).map(u64::from))
+            .collect::<Result<_, _>>()?
+    };
+    let (n, table) = entries(need(&stbl, b"stsc")?, 12)?;
+    let runs: Vec<(u32, u32)> = (0..n as usize)
+        .map(|e| Ok((be_u32(table, e * 12)?, be_u32(table, e * 12 + 4)?)))
+        .collect::<Result<_, Mp4Error>>()?;
+    let mut i = 0usize;
+    for (chunk_index, chunk_offset) in chunk_offsets.iter().enumerate() {
+        let chunk_number = chunk_index as u32 + 1;
+        let per_chunk = runs
+            .iter()
+            .rev()
+            .find(|(first, _)| *first <= chunk_number)
+            .map_or(0, |(_, n)| *n);
+        let mut offset = *chunk_offset;
+        for _ in 0..per_chunk {
+            let Some(sample) = samples.get_mut(i) else {
+                break;
+            };
+            sample.offset = offset;
+            offset += u64::from(sample.size);
+            i += 1;
+        }
+    }
+    if i != count {
+        return Err(Mp4Error::Malformed(format!(
+            "stsc and chunk offsets place {i} of {count} samples"
+        )));
+    }
+
+    Ok(Parsed::Video(VideoTrack {
+        timescale,
+        width,
+        height,
+        sample_description,
+        samples,
+        other_tracks: Vec::new(),
+    }))
+}
+
+fn sample_sizes(stbl: &[super::Child<'_>]) -> Result<Vec<u32>, Mp4Error> {
+    if let Some(stsz) = find(stbl, b"stsz") {
+        let uniform = be_u32(stsz, 4)?;
+        let count = be_u32(stsz, 8)?;
+        if uniform != 0 {
+            return Ok(vec![uniform; count as usize]);
+        }
+        let len = (count as usize)
+            .checked_mul(4)
+            .filter(|len| 12 + len <= stsz.len())
+            .ok_or_else(|| Mp4Error::Malformed(format!("stsz: {count} sizes overrun the box")))?;
+        return (0..count as usize)
+            .map(|e| be_u32(&stsz[12..12 + len], e * 4))
+            .collect();
+    }
+    Err(Mp4Error::Malformed(
+        "no stsz box (stz2 is not supported)".into(),
+    ))
+}

@@ -1,0 +1,323 @@
+//! Writes the header of a progressive MP4 with one video track: `ftyp`, `moov` with the
+//! complete sample tables, and the `mdat` header. The media follows it unchanged, chunk by
+//! chunk, so the caller streams the samples from wherever they are.
+
+/// The samples of the output track, in decode order, and how they are grouped into
+/// chunks (runs of samples whose bytes follow each other in `mdat`).
+#[derive(Debug, Default)]
+pub struct TrackTable {
+    pub timescale: u32,
+    pub width: u32,
+    pub height: u32,
+    /// The `stsd` box whole, copied from the source.
+    pub sample_description: Vec<u8>,
+    sizes: Vec<u32>,
+    /// Decode durations as runs: (count, delta).
+    durations: Vec<(u32, u32)>,
+    /// Composition offsets as runs: (count, offset).
+    cts_offsets: Vec<(u32, i32)>,
+    /// 1-based numbers of the keyframes.
+    sync: Vec<u32>,
+    /// Samples per chunk, and bytes per chunk.
+    chunks: Vec<(u32, u64)>,
+}
+
+impl TrackTable {
+    pub fn new(timescale: u32, width: u32, height: u32, sample_description: Vec<u8>) -> Self {
+        TrackTable {
+            timescale,
+            width,
+            height,
+            sample_description,
+            ..TrackTable::default()
+        }
+    }
+
+    pub fn sample_count(&self) -> u32 {
+        self.sizes.len() as u32
+    }
+
+    /// Track duration in the track's timescale.
+    pub fn duration(&self) -> u64 {
+        self.durations
+            .iter()
+            .map(|(n, d)| u64::from(*n) * u64::from(*d))
+            .sum()
+    }
+
+    /// Bytes of media: what follows the header.
+    pub fn media_bytes(&self) -> u64 {
+        self.chunks.iter().map(|(_, bytes)| bytes).sum()
+    }
+
+    /// Appends a sample; `new_chunk` starts a chunk (the bytes are not contiguous with
+    /// the previous sample's in the source).
+    pub fn push(&mut self, size: u32, duration: u32, cts_offset: i32, sync: bool, new_chunk: bool) {
+        self.sizes.push(size);
+        push_run(&mut self.durations, duration);
+        push_run(&mut self.cts_offsets, cts_offset);
+        if sync {
+            self.sync.push(self.sizes.len() as u32);
+        }
+        match self.chunks.last_mut() {
+            Some((samples, bytes)) if !new_chunk => {
+                *samples += 1;
+                *bytes += u64::from(size);
+            }
+            _ => self.chunks.push((1, u64::from(size))),
+        }
+    }
+
+    /// Lengthens the last sample by `extra` (to hold its frame across a gap).
+    pub fn extend_last(&mut self, extra: u32) {
+        let Some((count, delta)) = self.durations.pop() else {
+            return;
+        };
+        if count > 1 {
+            self.durations.push((count - 1, delta));
+        }
+        self.durations.push((1, delta.saturating_add(extra)));
+    }
+
+    /// `ftyp`, `moov` and the `mdat` header: the media bytes follow, chunk by chunk.
+    pub fn header(&self) -> Vec<u8> {
+        // co64 has a fixed size, so a first pass with zero offsets gives the length.
+        let probe = self.write(0);
+        let header = self.write(probe.len() as u64);
+        debug_assert_eq!(probe.len(), header.len());
+        header
+    }
+
+    fn write(&self, data_start: u64) -> Vec<u8> {
+        let duration = self.duration();
+        let media = self.media_bytes();
+        let mut w = Boxes::default();
+        w.open(b"ftyp");
+        w.bytes(b"isom");
+        w.u32(0x200);
+        for brand in [b"isom", b"iso2", b"avc1", b"mp41"] {
+            w.bytes(brand);
+        }
+        w.close();
+
+        w.open(b"moov");
+        w.open_full(b"mvhd", 1, 0);
+        w.u64(0);
+        w.u64(0);
+        w.u32(self.timescale);
+        w.u64(duration);
+        w.u32(0x0001_0000);
+        w.u16(0x0100);
+        w.bytes(&[0; 10]);
+        w.matrix();
+        w.bytes(&[0; 24]);
+        w.u32(2);
+        w.close();
+
+        w.open(b"trak");
+        w.open_full(b"tkhd", 1, 3);
+        w.u64(0);
+        w.u64(0);
+        w.u32(1);
+        w.u32(0);
+        w.u64(duration);
+        w.bytes(&[0; 8]);
+        w.u32(0); // layer, alternate group
+        w.u32(0); // volume, reserved
+        w.matrix();
+        w.u32(self.width << 16);
+        w.u32(self.height << 16);
+        w.close();
+
+        w.open(b"mdia");
+        w.open_full(b"mdhd", 1, 0);
+        w.u64(0);
+        w.u64(0);
+        w.u32(self.timescale);
+        w.u64(duration);
+        w.u16(0x55c4); // "und"
+        w.u16(0);
+        w.close();
+        w.open_full(b"hdlr", 0, 0);
+        w.u32(0);
+        w.bytes(b"vide");
+        w.bytes(&[0; 12]);
+        w.bytes(b"VideoHandler\0");
+        w.close();
+        w.open(b"minf");
+        w.open_full(b"vmhd", 0, 1);
+        w.bytes(&[0; 8]);
+        w.close();
+        w.open(b"dinf");
+        w.open_full(b"dref", 0, 0);
+        w.u32(1);
+        w.open_full(b"url ", 0, 1);
+        w.close();
+        w.close();
+        w.close();
+
+        w.open(b"stbl");
+        w.bytes(&self.sample_description);
+        w.open_full(b"stts", 0, 0);
+        w.u32(self.durations.len() as u32);
+        for (count, delta) in &self.durations {
+            w.u32(*count);
+            w.u32(*delta);
+        }
+        w.close();
+        if self.cts_offsets.iter().any(|(_, offset)| *offset != 0) {
+            let signed = self.cts_offsets.iter().any(|(_, offset)| *offset < 0);
+            w.open_full(b"ctts", u8::from(signed), 0);
+            w.u32(self.cts_offsets.len() as u32);
+            for (count, offset) in &self.cts_offsets {
+                w.u32(*count);
+                w.u32(*offset as u32);
+            }
+            w.close();
+        }
+        if self.sync.len() != self.sizes.len() {
+            w.open_full(b"stss", 0, 0);
+            w.u32(self.sync.len() as u32);
+            for number in &self.sync {
+                w.u32(*number);
+            }
+            w.close();
+        }
+        w.open_full(b"stsc", 0, 0);
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        for (i, (samples, _)) in self.chunks.iter().enumerate() {
+            if runs.last().map(|(_, n)| *n) != Some(*samples) {
+                runs.push((i as u32 + 1, *samples));
+            }
+        }
+        w.u32(runs.len() as u32);
+        for (first, samples) in runs {
+            w.u32(first);
+            w.u32(samples);
+            w.u32(1);
+        }
+        w.close();
+        w.open_full(b"stsz", 0, 0);
+        w.u32(0);
+        w.u32(self.sizes.len() as u32);
+        for size in &self.sizes {
+            w.u32(*size);
+        }
+        w.close();
+        w.open_full(b"co64", 0, 0);
+        w.u32(self.chunks.len() as u32);
+        let mut offset = data_start;
+        for (_, bytes) in &self.chunks {
+            w.u64(offset);
+            offset += bytes;
+        }
+        w.close();
+        w.close(); // stbl
+        w.close(); // minf
+        w.close(); // mdia
+        w.close(); // trak
+        w.close(); // moov
+
+        // Always the 64-bit form, so the header length does not depend on the media size.
+        w.u32(1);
+        w.bytes(b"mdat");
+        w.u64(media + 16);
+        w.out
+    }
+}
+
+fn push_run<T: PartialEq + Copy>(runs: &mut Vec<(u32, T)>, value: T) {
+    match runs.last_mut() {
+        Some((count, v)) if *v == value => *count += 1,
+        _ => runs.push((1, value)),
+    }
+}
+
+#[derive(Default)]
+struct Boxes {
+    out: Vec<u8>,
+    open: Vec<usize>,
+}
+
+impl Boxes {
+    fn open(&mut self, kind: &[u8; 4]) {
+        self.open.push(self.out.len());
+        self.u32(0);
+        self.bytes(kind);
+    }
+
+    fn open_full(&mut self, kind: &[u8; 4], version: u8, flags: u32) {
+        self.open(kind);
+        self.u32((u32::from(version) << 24) | (flags & 0x00ff_ffff));
+    }
+
+    fn close(&mut self) {
+        // Opened and closed in pairs by this module only.
+        if let Some(start) = self.open.pop() {
+            let size = (self.out.len() - start) as u32;
+            self.out[start..start + 4].copy_from_slice(&size.to_be_bytes());
+        }
+    }
+
+    fn bytes(&mut self, b: &[u8]) {
+        self.out.extend_from_slice(b);
+    }
+
+    fn u16(&mut self, v: u16) {
+        self.bytes(&v.to_be_bytes());
+    }
+
+    fn u32(&mut self, v: u32) {
+        self.bytes(&v.to_be_bytes());
+    }
+
+    fn u64(&mut self, v: u64) {
+        self.bytes(&v.to_be_bytes());
+    }
+
+    fn matrix(&mut self) {
+        for v in [0x0001_0000u32, 0, 0, 0, 0x0001_0000, 0, 0, 0, 0x4000_0000] {
+            self.u32(v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::track::{moov_extent, video_track};
+    use super::*;
+
+    /// A table written and read back gives the same samples, laid out chunk by chunk.
+    #[test]
+    fn what_is_written_reads_back() {
+        let stsd = {
+            let mut b = Boxes::default();
+            b.open_full(b"stsd", 0, 0);
+            b.u32(0);
+            b.close();
+            b.out
+        };
+        let mut table = TrackTable::new(90_000, 320, 180, stsd);
+        for i in 0..10u32 {
+            table.push(100 + i, 9_000, 0, i % 5 == 0, i == 0 || i == 6);
+        }
+        table.extend_last(45_000);
+        let header = table.header();
+        let (start, end) = moov_extent(&header).expect("valid").expect("moov");
+        let track = video_track(&header[start..end]).expect("a video track");
+        assert_eq!(track.timescale, 90_000);
+        assert_eq!((track.width, track.height), (320, 180));
+        assert_eq!(track.samples.len(), 10);
+        let data = header.len() as u64;
+        assert_eq!(track.samples[0].offset, data);
+        let first_six: u64 = (0..6).map(|i| 100 + i).sum();
+        assert_eq!(track.samples[6].offset, data + first_six);
+        assert_eq!(track.samples[9].duration, 54_000);
+        assert_eq!(
+            track.samples.iter().filter(|s| s.sync).count(),
+            2,
+            "keyframes 1 and 6"
+        );
+        assert_eq!(table.media_bytes(), (0..10).map(|i| 100 + i).sum::<u64>());
+    }
+}

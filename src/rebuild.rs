@@ -1,0 +1,270 @@
+//! `rebuild-ledger`: the ledger again from the destination, after its file was lost.
+//!
+//! Every object carries metadata naming its stream, range, kind, first and last fragment
+//! and fragment count (see `worker::transfer`). That makes a chunk row; its fragment rows
+//! (the numbers the planner needs so that nothing is archived twice, and the timings
+//! `find` and `export` need) come from one ListFragments of the stream's archived range,
+//! never from GetClip. Objects whose fragments KVS no longer lists get one fragment row
+//! spanning the object, from the metadata alone: KVS cannot archive them again anyway.
+
+use crate::config::StreamConfig;
+use crate::domain::{cmp_fragment_numbers, ChunkKind, ChunkPlan, EpochMs, Fragment};
+use crate::error::{Error, Result};
+use crate::plan::sort_and_dedup;
+use crate::worker::Archiver;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashSet};
+
+/// What the rebuild found and recorded, per stream.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct RebuildReport {
+    pub objects_listed: usize,
+    pub chunks_restored: usize,
+    /// Objects whose fragments KVS no longer lists: restored from their metadata alone.
+    pub from_metadata_only: Vec<String>,
+    /// Objects a chunk of the ledger already held (with `--merge`).
+    pub already_known: usize,
+    /// Objects without this program's metadata, or of a stream not configured.
+    pub skipped: Vec<String>,
+}
+
+impl RebuildReport {
+    pub fn describe(&self) -> String {
+        let mut text = format!(
+            "rebuild-ledger: {} objects listed, {} chunks restored ({} from metadata only: KVS no longer lists their fragments), {} already in the ledger, {} skipped",
+            self.objects_listed,
+            self.chunks_restored,
+            self.from_metadata_only.len(),
+            self.already_known,
+            self.skipped.len()
+        );
+        for key in &self.skipped {
+            text.push_str(&format!(
+                "\n  skipped {key}: no kvs-archiver metadata for a configured stream"
+            ));
+        }
+        text
+    }
+}
+
+/// One object as its metadata describes it.
+struct Described {
+    key: String,
+    size: u64,
+    kind: ChunkKind,
+    start_ms: EpochMs,
+    end_ms: EpochMs,
+    count: usize,
+    first: String,
+    last: String,
+    duration_ms: Option<u64>,
+}
+
+fn describe(
+    key: &str,
+    size: u64,
+    meta: &BTreeMap<String, String>,
+    stream: &StreamConfig,
+) -> Option<Described> {
+    let time = |name: &str| {
+        meta.get(name)
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.timestamp_millis())
+    };
+    if meta.get("kvs-stream") != Some(&stream.label())
+        || meta.get("kvs-timestamp-source") != Some(&stream.timestamp_source.to_string())
+    {
+        return None;
+    }
+    Some(Described {
+        key: key.to_string(),
+        size,
+        kind: ChunkKind::parse(meta.get("kvs-chunk-kind")?)?,
+        start_ms: time("kvs-start")?,
+        end_ms: time("kvs-end")?,
+        count: meta.get("kvs-fragment-count")?.parse().ok()?,
+        first: meta.get("kvs-first-fragment")?.clone(),
+        last: meta.get("kvs-last-fragment")?.clone(),
+        duration_ms: meta.get("kvs-duration-ms").and_then(|d| d.parse().ok()),
+    })
+}
+
+/// The fragments of one object among those listed over its range.
+fn fragments_of(object: &Described, listed: &[Fragment], taken: &HashSet<String>) -> Vec<Fragment> {
+    let in_range: Vec<&Fragment> = listed
+        .iter()
+        .filter(|f| f.start_ms >= object.start_ms && f.start_ms <= object.end_ms)
+        .filter(|f| !taken.contains(&f.number))
+        .collect();
+    let mut chosen: Vec<Fragment> = match object.kind {
+        // Late: one fragment; Matroska: the fragments from the first to the last number.
+        ChunkKind::Late | ChunkKind::Mkv => in_range
+            .into_iter()
+            .filter(|f| {
+                cmp_fragment_numbers(&f.number, &object.first).is_ge()
+                    && cmp_fragment_numbers(&f.number, &object.last).is_le()
+            })
+            .cloned()
+            .collect(),
+        // A clip: what its range lists, less what arrived after it was archived (those
+        // came later, so they have the higher numbers).
+        ChunkKind::Clip => {
+            let mut by_number: Vec<&Fragment> = in_range;
+            by_number.sort_by(|a, b| cmp_fragment_numbers(&a.number, &b.number));
+            by_number.truncate(object.count);
+            by_number.into_iter().cloned().collect()
+        }
+    };
+    chosen.sort_by(Fragment::order);
+    chosen
+}
+
+/// Rebuilds the ledger's chunks of `streams` from the destination.
+pub async fn rebuild(
+    archiver: &Archiver,
+    streams: &[StreamConfig],
+    merge: bool,
+) -> Result<RebuildReport> {
+    if !merge {
+        let held: Vec<String> = archiver
+            .ledger
+            .status()
+            .await?
+            .into_iter()
+            .filter(|s| s.done + s.pending + s.failed + s.expired + s.in_flight > 0)
+            .map(|s| s.stream)
+            .collect();
+        if !held.is_empty() {
+            return Err(Error::Usage(format!(
+                "rebuild-ledger: the ledger at {} already holds chunks (streams: {}); give --merge to add only the objects it lacks, or point state.database_url at an empty ledger",
+                crate::config::redact_userinfo(&archiver.config.state.database_url),
+                held.join(", ")
+            )));
+        }
+    }
+    let prefix = &archiver.config.destination.prefix;
+    let mut report = RebuildReport::default();
+    for stream in streams {
+        let label = stream.label();
+        let keys = archiver
+            .sink
+            .list_keys(&format!("{prefix}{label}/"))
+            .await?;
+        report.objects_listed += keys.len();
+        let mut objects = Vec::new();
+        for key in keys {
+            let Some(head) = archiver.sink.head(&key).await? else {
+                continue;
+            };
+            match describe(&key, head.size, &head.meta, stream) {
+                Some(object) => objects.push(object),
+                None => report.skipped.push(key),
+            }
+        }
+        if objects.is_empty() {
+            continue;
+        }
+        // Late and Matroska objects first: their fragments lie inside clip ranges.
+        objects.sort_by_key(|o| (o.kind == ChunkKind::Clip, o.start_ms));
+        let from = objects.iter().map(|o| o.start_ms).min().unwrap_or(0);
+        let to = objects.iter().map(|o| o.end_ms).max().unwrap_or(0);
+        let mut listed = archiver.source.list(stream, from, to).await?;
+        sort_and_dedup(&mut listed);
+        let mut taken: HashSet<String> = HashSet::new();
+        for object in &objects {
+            let mut fragments = fragments_of(object, &listed, &taken);
+            if fragments.is_empty() {
+                // KVS deleted them: one row spanning the object keeps `find` and `export`
+                // working; nothing can fetch these fragments again.
+                fragments = vec![Fragment {
+                    number: object.first.clone(),
+                    start_ms: object.start_ms,
+                    server_ms: object.start_ms,
+                    duration_ms: object
+                        .duration_ms
+                        .unwrap_or((object.end_ms - object.start_ms).max(1) as u64),
+                    size_bytes: object.size,
+                }];
+                report.from_metadata_only.push(object.key.clone());
+            }
+            taken.extend(fragments.iter().map(|f| f.number.clone()));
+            let mut plan = ChunkPlan::of(object.kind, fragments);
+            // The object's own range and fragment names, as written.
+            plan.start_ms = object.start_ms;
+            plan.end_ms = object.end_ms;
+            plan.first_fragment = object.first.clone();
+            plan.last_fragment = object.last.clone();
+            let inserted = archiver
+                .ledger
+                .insert_archived(
+                    &label,
+                    stream.timestamp_source,
+                    &plan,
+                    &object.key,
+                    object.size,
+                )
+                .await?;
+            if inserted {
+                report.chunks_restored += 1;
+            } else {
+                report.already_known += 1;
+            }
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fragment(number: &str, start_ms: i64) -> Fragment {
+        Fragment {
+            number: number.into(),
+            start_ms,
+            server_ms: start_ms,
+            duration_ms: 1_000,
+            size_bytes: 1,
+        }
+    }
+
+    fn object(kind: ChunkKind, first: &str, last: &str, count: usize) -> Described {
+        Described {
+            key: "k".into(),
+            size: 1,
+            kind,
+            start_ms: 0,
+            end_ms: 3_000,
+            count,
+            first: first.into(),
+            last: last.into(),
+            duration_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_clip_leaves_out_the_late_fragments_listed_inside_its_range() {
+        // 9 and 10 were archived; 11 arrived later inside the range and is not the clip's.
+        let listed = [fragment("9", 0), fragment("11", 500), fragment("10", 1_000)];
+        let clip = fragments_of(
+            &object(ChunkKind::Clip, "9", "10", 2),
+            &listed,
+            &HashSet::new(),
+        );
+        let numbers: Vec<&str> = clip.iter().map(|f| f.number.as_str()).collect();
+        assert_eq!(numbers, ["9", "10"]);
+        let taken: HashSet<String> = ["11".to_string()].into();
+        let late = fragments_of(
+            &object(ChunkKind::Late, "11", "11", 1),
+            &listed,
+            &HashSet::new(),
+        );
+        assert_eq!(late.len(), 1);
+        let clip = fragments_of(&object(ChunkKind::Clip, "9", "10", 3), &listed, &taken);
+        assert_eq!(
+            clip.len(),
+            2,
+            "a late fragment taken by its own object is not the clip's"
+        );
+    }
+}
