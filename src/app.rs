@@ -216,6 +216,18 @@ pub async fn rebuild_ledger(
     report
 }
 
+/// `serve`: the archive's web page on `listen` until a signal.
+pub async fn serve(
+    config: Config,
+    listen: std::net::SocketAddr,
+    token: Option<String>,
+    shutdown: Shutdown,
+) -> Result<()> {
+    let sdk = sdk_config(&config.aws).await;
+    let archiver = build(config, &sdk, Role::Reader).await?;
+    crate::web::serve(archiver, listen, token, shutdown).await
+}
+
 /// Parses a command-line timestamp (RFC 3339) for `flag`.
 pub fn parse_time(text: &str, flag: &str) -> Result<EpochMs> {
     chrono::DateTime::parse_from_rfc3339(text.trim())

@@ -519,7 +519,7 @@ impl Config {
         };
         figment = figment.merge(
             Env::prefixed("KVS_ARCHIVER_")
-                .ignore(&["config", "log", "crashpoint"])
+                .ignore(&["config", "log", "crashpoint", "serve_token"])
                 .split("__"),
         );
         let config: Config = figment.extract().map_err(|e| ConfigError::Load {

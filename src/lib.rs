@@ -23,6 +23,7 @@
 //!   the two-stage stop; [`metrics`]: Prometheus metrics and their listener.
 //! - [`find`], [`export`], [`rebuild`]: reading the archive back: the object at an
 //!   instant, one MP4 of a range, the ledger again from the destination's metadata.
+//! - [`web`]: `serve`, the read-only page of the archive and its timeline.
 //! - [`app`]: the composition root behind each command; [`demo`]: the bundled example;
 //!   [`telemetry`]: logs and progress; [`crashpoint`]: named kill points for crash tests.
 //!
@@ -55,4 +56,5 @@ pub mod sink;
 pub mod source;
 pub mod telemetry;
 pub mod verify;
+pub mod web;
 pub mod worker;

@@ -139,6 +139,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve a read-only web page of the archive: a coverage timeline per stream
+    /// (archived, gaps, failed, expired, at risk, late and Matroska), and playback of
+    /// any object in the page. Loopback by default; elsewhere only with a token.
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// A file holding the bearer token (or set KVS_ARCHIVER_SERVE_TOKEN).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
     /// Validate the configuration and print it.
     CheckConfig,
     /// Print the least-privilege IAM policy (JSON) for the configured streams and
@@ -310,6 +320,20 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             } else {
                 println!("{}", report.describe());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve { listen, token_file } => {
+            let token = match token_file {
+                Some(path) => Some(
+                    std::fs::read_to_string(&path)
+                        .map_err(|e| Error::Usage(format!("--token-file {}: {e}", path.display())))?
+                        .trim()
+                        .to_string(),
+                ),
+                None => std::env::var("KVS_ARCHIVER_SERVE_TOKEN").ok(),
+            }
+            .filter(|t| !t.is_empty());
+            app::serve(config, listen, token, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json } => {

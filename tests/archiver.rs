@@ -3017,3 +3017,329 @@ async fn rebuild_ledger_restores_the_archive_so_a_backfill_fetches_nothing_again
         text(&out)
     );
 }
+
+/// A raw HTTP/1.1 GET on loopback: (status code, whole response).
+async fn http_request(port: u16, path: &str, headers: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("listener");
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{headers}\r\n");
+    tcp.write_all(request.as_bytes()).await.expect("sent");
+    let mut response = Vec::new();
+    tcp.read_to_end(&mut response).await.expect("read");
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let code = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, response)
+}
+
+/// Waits until something answers HTTP on `port`.
+async fn wait_for_http(port: u16, path: &str, child: &mut tokio::process::Child) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            let (code, _) = http_request(port, path, "").await;
+            if code != 0 {
+                return;
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the server on port {port} exited: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("nothing answers on port {port}");
+}
+
+/// Whether Chromium and its WebDriver are installed; under CI they must be.
+fn chromium_available() -> bool {
+    let found = ["chromium", "chromedriver"].iter().all(|tool| {
+        std::process::Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "chromium or chromedriver not found: CI must install them (.ci/run does: apt-get install -y chromium chromium-driver)"
+        );
+        eprintln!("chromium/chromedriver not installed: the page test is skipped (apt-get install -y chromium chromium-driver)");
+    }
+    found
+}
+
+/// The archive's page in a real headless Chromium, for a ledger a real backfill with
+/// injected faults built: the timeline shows every archived object, the failed chunks and
+/// the gap where KVS had no media; clicking an object plays it (the video's currentTime
+/// advances), streamed with range requests from a directory destination; a screenshot is
+/// left in target/. Beyond loopback the page needs a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_archive_page_shows_the_timeline_and_plays_a_clicked_object_in_chromium() {
+    if !chromium_available() {
+        return;
+    }
+    let (start, end) = recent(1.0);
+    let mut spec = historical("dock-cam", start, end, 2000, 20_000);
+    spec.gaps = vec![GapSpec {
+        after: Duration::from_secs(20 * 60),
+        length: Duration::from_secs(7 * 60),
+    }];
+    // Three GetClip bodies cut off, each chunk tried once: three failed chunks.
+    spec.faults.resets_next = 3;
+    let world = World::new(vec![spec], "clip_duration = \"10m\"\nconcurrency = 1").await;
+    let archive = world.work.path().join("archive");
+    std::fs::create_dir_all(&archive).expect("archive directory");
+    let config = std::fs::read_to_string(&world.config).expect("config");
+    std::fs::write(
+        &world.config,
+        config.replace(
+            &format!("bucket = \"{}\"", world.bucket),
+            &format!("directory = \"{}\"", archive.display()),
+        ),
+    )
+    .expect("config");
+    let out = world
+        .backfill_with(
+            "dock-cam",
+            start,
+            end,
+            &[("KVS_ARCHIVER_ARCHIVE__MAX_ATTEMPTS", "1")],
+        )
+        .await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "three chunks fail: {}",
+        text(&out)
+    );
+    let status = streams_json(&world.run(&["status", "--json"]).await);
+    let failed = status[0]["failed"].as_u64().expect("failed count");
+    assert!(failed >= 1, "{status}");
+    let objects: BTreeSet<String> = files_under(&archive)
+        .into_keys()
+        .filter(|k| k.ends_with(".mp4"))
+        .collect();
+    assert!(objects.len() >= 4, "{objects:?}");
+    let fragments = world.emu.fragments("dock-cam");
+    let gap = fragments
+        .windows(2)
+        .find(|w| w[1].server_ms - w[0].server_ms > 60_000)
+        .expect("the gap")
+        .to_vec();
+    let (gap_from, gap_to) = (
+        gap[0].server_ms + i64::from(gap[0].duration_ms),
+        gap[1].server_ms,
+    );
+
+    // Beyond loopback without a token: refused before listening.
+    let out = world.run(&["serve", "--listen", "0.0.0.0:0"]).await;
+    assert_fails_with(&out, 2, "needs a bearer token");
+
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut server = world
+        .command(&["serve", "--listen", &listen])
+        .env("KVS_ARCHIVER_SERVE_TOKEN", "s3cret-token")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("serve starts");
+    wait_for_http(port, "/", &mut server).await;
+    let (code, _) = http_request(port, "/streams/dock-cam", "").await;
+    assert_eq!(code, 401, "no token, no page");
+    let (code, page) = http_request(
+        port,
+        "/streams/dock-cam",
+        "Authorization: Bearer s3cret-token\r\n",
+    )
+    .await;
+    assert_eq!(code, 200, "{page}");
+    // A directory object is served with range requests, as video elements ask.
+    let key = objects.iter().next().expect("an object");
+    let (code, partial) = http_request(
+        port,
+        &format!("/media/{key}"),
+        "Authorization: Bearer s3cret-token\r\nRange: bytes=4-11\r\n",
+    )
+    .await;
+    assert_eq!(code, 206, "{partial}");
+    assert!(
+        partial.ends_with("ftypisom"),
+        "bytes 4-11 of an MP4: {partial}"
+    );
+
+    let driver_port = free_port();
+    let mut driver = tokio::process::Command::new("chromedriver")
+        .arg(format!("--port={driver_port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("chromedriver starts");
+    // chromedriver keeps connections open: a TCP connect is the readiness check.
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", driver_port))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            driver.try_wait().ok().flatten().is_none(),
+            "chromedriver exited"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut capabilities = serde_json::Map::new();
+    capabilities.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({ "args": [
+            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--window-size=1400,900", "--autoplay-policy=no-user-gesture-required",
+            "--no-first-run", "--no-proxy-server", "--disable-background-networking",
+        ]}),
+    );
+    let browser =
+        fantoccini::ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(capabilities)
+            .connect(&format!("http://127.0.0.1:{driver_port}"))
+            .await
+            .expect("a Chromium session");
+    let result = async {
+        use fantoccini::Locator;
+        // The token once in the URL; the cookie carries it to the page and the video.
+        browser
+            .goto(&format!(
+                "http://{listen}/streams/dock-cam?token=s3cret-token"
+            ))
+            .await
+            .expect("page opens");
+        let shown = |class: &'static str| {
+            let browser = &browser;
+            async move {
+                let mut spans = Vec::new();
+                for rect in browser
+                    .find_all(Locator::Css(&format!(
+                        "#timeline rect[data-class='{class}']"
+                    )))
+                    .await
+                    .expect("rects")
+                {
+                    let attr = |name: &'static str| {
+                        let rect = rect.clone();
+                        async move {
+                            rect.attr(name)
+                                .await
+                                .expect("attribute")
+                                .unwrap_or_default()
+                        }
+                    };
+                    let start: i64 = attr("data-start").await.parse().expect("start");
+                    let end: i64 = attr("data-end").await.parse().expect("end");
+                    spans.push((start, end, attr("data-key").await));
+                }
+                spans
+            }
+        };
+        let archived = shown("archived").await;
+        let keys: BTreeSet<String> = archived.iter().map(|(_, _, k)| k.clone()).collect();
+        assert_eq!(
+            keys, objects,
+            "every archived object, and only those, is drawn"
+        );
+        let failures = shown("failed").await;
+        assert_eq!(failures.len() as u64, failed, "every failed chunk is drawn");
+        for (start, end, key) in archived.iter().chain(&failures) {
+            assert!(
+                *end <= gap_from || *start >= gap_to,
+                "nothing is drawn inside the gap: {key} {start}..{end}, gap {gap_from}..{gap_to}"
+            );
+        }
+        let no_media = browser
+            .find(Locator::Css("#timeline rect[data-class='no-media']"))
+            .await
+            .expect("the no-media background");
+        assert!(no_media.attr("width").await.expect("width").is_some());
+
+        // Click an archived object: it plays in the page.
+        let (_, _, key) = archived.first().expect("an archived span").clone();
+        browser
+            .find(Locator::Css(&format!("#timeline rect[data-key='{key}']")))
+            .await
+            .expect("the span")
+            .click()
+            .await
+            .expect("clicked");
+        let mut played = 0.0;
+        for _ in 0..100 {
+            let state = browser
+                .execute(
+                    "var p = document.getElementById('player'); return [p.currentTime, p.error ? p.error.message || String(p.error.code) : null, p.dataset.key || null];",
+                    vec![],
+                )
+                .await
+                .expect("script runs");
+            assert!(state[1].is_null(), "the video fails: {state}");
+            played = state[0].as_f64().unwrap_or(0.0);
+            if played > 1.0 {
+                assert_eq!(state[2], key.as_str());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(played > 1.0, "the video's currentTime advances: {played}");
+        let png = browser.screenshot().await.expect("screenshot");
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
+        std::fs::create_dir_all(&dir).expect("screenshot directory");
+        std::fs::write(dir.join("timeline.png"), png).expect("screenshot written");
+
+        // Zooming in narrows the window the SVG draws.
+        let before: i64 = browser
+            .find(Locator::Id("timeline"))
+            .await
+            .expect("svg")
+            .attr("data-to")
+            .await
+            .expect("attr")
+            .unwrap_or_default()
+            .parse()
+            .unwrap_or(0);
+        browser
+            .find(Locator::Id("zoom-in"))
+            .await
+            .expect("zoom link")
+            .click()
+            .await
+            .expect("clicked");
+        let svg = browser.find(Locator::Id("timeline")).await.expect("svg");
+        let (from, to): (i64, i64) = (
+            svg.attr("data-from")
+                .await
+                .expect("a")
+                .unwrap_or_default()
+                .parse()
+                .unwrap_or(0),
+            svg.attr("data-to")
+                .await
+                .expect("a")
+                .unwrap_or_default()
+                .parse()
+                .unwrap_or(0),
+        );
+        assert!(to - from > 0 && to != before, "zoomed: {from}..{to}");
+    };
+    // A panic must not leave Chromium running.
+    let outcome = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(result)).await;
+    let _ = browser.close().await;
+    let _ = server.kill().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
