@@ -169,7 +169,7 @@ pub fn rfc3339(ms: EpochMs) -> String {
         .unwrap_or_else(|| format!("{ms}ms"))
 }
 
-fn compact_time(ms: EpochMs) -> String {
+pub fn compact_time(ms: EpochMs) -> String {
     DateTime::<Utc>::from_timestamp_millis(ms)
         .map(|t| t.format("%Y%m%dT%H%M%S%.3fZ").to_string())
         .unwrap_or_else(|| ms.to_string())

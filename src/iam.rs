@@ -6,9 +6,10 @@
 //!   GetMediaForFragmentList (fragments GetClip cannot package, archived as Matroska),
 //!   each its own action of the same name, on the stream's ARN.
 //! - S3: CreateMultipartUpload, UploadPart, CompleteMultipartUpload and PutObject all
-//!   need `s3:PutObject`; AbortMultipartUpload `s3:AbortMultipartUpload`; GetObject
-//!   (`verify` reads objects back) `s3:GetObject`; ListObjectsV2 (`verify`, and the
-//!   start-up check of the bucket) `s3:ListBucket`, limited to the prefix;
+//!   need `s3:PutObject`; AbortMultipartUpload `s3:AbortMultipartUpload`; GetObject and
+//!   HeadObject (`verify`, `export`, `rebuild-ledger`, `find` and `serve` read objects
+//!   back) `s3:GetObject`; ListObjectsV2 (`verify`, `rebuild-ledger`, and the start-up
+//!   check of the bucket) `s3:ListBucket`, limited to the prefix;
 //!   ListMultipartUploads (finding the program's own unfinished uploads after a crash)
 //!   `s3:ListBucketMultipartUploads`, which takes no prefix condition.
 //!

@@ -2548,8 +2548,8 @@ fn iam_action(op: &str) -> &'static str {
 
 /// `iam-policy` allows exactly the actions the program calls: every request the emulator
 /// and the S3 server saw from a backfill killed mid-upload and resumed (multipart, abort
-/// of the dead upload, the orphan sweep, Matroska fragments), `verify` and a daemon
-/// pass, and no action those runs did not need. Keys and listings stay under the prefix.
+/// of the dead upload, the orphan sweep, Matroska fragments), `verify`, a daemon pass,
+/// `export` and `rebuild-ledger`, and no action those runs did not need. Keys and listings stay under the prefix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn iam_policy_allows_exactly_the_calls_the_program_makes() {
     let (start, end) = recent(0.05);
@@ -2563,6 +2563,7 @@ async fn iam_policy_allows_exactly_the_calls_the_program_makes() {
     let s3_before = world.s3.as_ref().expect("s3s").requests().len();
     let kvs_before = world.emu.requests().len();
     let (a, b) = (rfc3339(start), rfc3339(end));
+    let exported = world.work.path().join("range.mp4").display().to_string();
     let crashed = world
         .command(&[
             "backfill", "--stream", "dock-cam", "--start", &a, "--end", &b,
@@ -2578,6 +2579,10 @@ async fn iam_policy_allows_exactly_the_calls_the_program_makes() {
         ],
         vec!["verify", "--stream", "dock-cam", "--start", &a, "--end", &b],
         vec!["run", "--once"],
+        vec![
+            "export", "--stream", "dock-cam", "--start", &a, "--end", &b, "-o", &exported,
+        ],
+        vec!["rebuild-ledger", "--merge"],
     ] {
         let out = world.run(&args).await;
         assert!(out.status.success(), "{args:?}: {}", text(&out));
@@ -3123,6 +3128,22 @@ async fn the_archive_page_shows_the_timeline_and_plays_a_clicked_object_in_chrom
     let status = streams_json(&world.run(&["status", "--json"]).await);
     let failed = status[0]["failed"].as_u64().expect("failed count");
     assert!(failed >= 1, "{status}");
+    // `find` says why a failed chunk's time is not archived.
+    let failed_at = status[0]["failures"][0]["object_key"]
+        .as_str()
+        .and_then(|key| {
+            world
+                .emu
+                .fragments("dock-cam")
+                .into_iter()
+                .find(|f| key.contains(&kvs_archiver::domain::compact_time(f.server_ms)))
+        })
+        .expect("a failed chunk's first fragment")
+        .server_ms;
+    let (at, found) = find_at(&world, "dock-cam", failed_at + 500).await;
+    assert!(!found, "{at}");
+    assert_eq!(at["finding"]["found"], "not_archived", "{at}");
+    assert_eq!(at["finding"]["state"], "failed", "{at}");
     let objects: BTreeSet<String> = files_under(&archive)
         .into_keys()
         .filter(|k| k.ends_with(".mp4"))
