@@ -7,6 +7,9 @@
 //!   binds) at once; the peak should grow by about one part buffer per clip, not by the clip;
 //! - range length: 1 hour and 7 days of a small stream with 4 clips in flight; the peak
 //!   should not grow with the range (memory is bounded per clip, not per range).
+//! - `export`: 10 minutes, 1 hour and 2 hours of an archived stream into one MP4; the peak
+//!   should stay flat (the media is streamed; only the sample tables, a few bytes per
+//!   frame, grow with the range). `cargo bench --bench archive_throughput export`.
 //!
 //! Quotas are off here (this measures the archiver, not KVS's pacing); benches/side-by-side
 //! runs under them.
@@ -80,6 +83,9 @@ fn main() {
         {
             run(case).await;
         }
+        if only.as_deref().is_none_or(|o| "export".contains(o)) {
+            export().await;
+        }
     });
 }
 
@@ -97,6 +103,129 @@ fn sample(pid: u32) -> Option<(u64, f64)> {
     let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     Some((hwm, ticks / CLK_TCK))
+}
+
+/// A world for one case: the emulator, s3s-fs with a bucket, and a configuration.
+struct Bench {
+    emu: Emulator,
+    _server: local_s3::S3Server,
+    work: tempfile::TempDir,
+    config: std::path::PathBuf,
+}
+
+/// Runs the archiver with `args` to the end: (wall seconds, peak RSS KiB, CPU seconds).
+async fn measured(config: &std::path::Path, args: &[&str]) -> (f64, u64, f64) {
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvs-archiver"))
+        .args(["--config"])
+        .arg(config)
+        .args(args)
+        .env("AWS_ACCESS_KEY_ID", DEFAULT_ACCESS_KEY_ID)
+        .env("AWS_SECRET_ACCESS_KEY", DEFAULT_SECRET_ACCESS_KEY)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("KVS_ARCHIVER_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("archiver starts");
+    let pid = child.id().expect("pid");
+    let (mut peak_kib, mut cpu) = (0, 0.0);
+    let status = loop {
+        if let Some((hwm, secs)) = sample(pid) {
+            peak_kib = peak_kib.max(hwm);
+            cpu = secs;
+        }
+        tokio::select! {
+            status = child.wait() => break status.expect("status"),
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    };
+    assert!(status.success(), "kvs-archiver {args:?} failed");
+    (started.elapsed().as_secs_f64(), peak_kib, cpu)
+}
+
+/// Exports of 10 minutes, 1 hour and 2 hours of a 2-hour archive (2 s fragments of
+/// 250 kB, 1 Mbit/s): wall time, throughput and peak RSS of each.
+async fn export() {
+    let end = chrono::Utc::now() - chrono::Duration::minutes(5);
+    let start = end - chrono::Duration::hours(2);
+    let bench = bench_world(start, end, 2000, 250_000, 4).await;
+    let (a, b) = (start.to_rfc3339(), end.to_rfc3339());
+    measured(
+        &bench.config,
+        &["backfill", "--stream", "bench", "--start", &a, "--end", &b],
+    )
+    .await;
+    for minutes in [10, 60, 120] {
+        let to = (start + chrono::Duration::minutes(minutes)).to_rfc3339();
+        let output = bench.work.path().join(format!("export-{minutes}.mp4"));
+        let output_text = output.display().to_string();
+        let (secs, peak_kib, cpu) = measured(
+            &bench.config,
+            &[
+                "export", "--stream", "bench", "--start", &a, "--end", &to, "-o", &output_text,
+            ],
+        )
+        .await;
+        let bytes = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
+        println!(
+            "archive_throughput: export of {minutes:>3} min: {:>7.1} MiB in {secs:>5.1} s = {:>4.0} MiB/s, CPU {cpu:.2} s, peak RSS {:.1} MiB",
+            bytes as f64 / (1u64 << 20) as f64,
+            bytes as f64 / (1u64 << 20) as f64 / secs,
+            peak_kib as f64 / 1024.0
+        );
+        let _ = std::fs::remove_file(&output);
+    }
+    drop(bench.emu);
+}
+
+async fn bench_world(
+    start: chrono::DateTime<chrono::Utc>,
+    end: chrono::DateTime<chrono::Utc>,
+    fragment_ms: u32,
+    fragment_size: u64,
+    concurrency: usize,
+) -> Bench {
+    let mut spec = StreamSpec::historical("bench", start, end);
+    spec.fragment_durations_ms = vec![fragment_ms];
+    spec.fragment_size = fragment_size;
+    spec.data_retention_hours = 24 * 30;
+    spec.faults.throttling = false;
+    let emu = Emulator::start(EmulatorConfig {
+        streams: vec![spec],
+        ..Default::default()
+    })
+    .await
+    .expect("emulator");
+    let server = local_s3::start_s3s().await;
+    let s3_url = server.url.clone();
+    let s3 = local_s3::s3_client(&s3_url);
+    s3.create_bucket()
+        .bucket("bench")
+        .send()
+        .await
+        .expect("bucket");
+    let work = tempfile::tempdir().expect("tempdir");
+    let config = work.path().join("bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[aws]\nkinesis_video_endpoint_url = \"{}\"\ns3_endpoint_url = \"{s3_url}\"\ns3_force_path_style = true\n\
+             [state]\ndatabase_url = \"sqlite://{}/state.db\"\n[destination]\nbucket = \"bench\"\n\
+             payload_signing = \"never\"\n\
+             [archive]\nconcurrency = {}\nmedia_points_per_second = 500\nmetadata_points_per_second = 10000\n\
+             [[streams]]\nname = \"bench\"\n",
+            emu.base_url(),
+            work.path().display(),
+            concurrency
+        ),
+    )
+    .expect("config");
+    Bench {
+        emu,
+        _server: server,
+        work,
+        config,
+    }
 }
 
 async fn run(case: &Case) {
