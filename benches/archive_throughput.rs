@@ -162,7 +162,15 @@ async fn export() {
         let (secs, peak_kib, cpu) = measured(
             &bench.config,
             &[
-                "export", "--stream", "bench", "--start", &a, "--end", &to, "-o", &output_text,
+                "export",
+                "--stream",
+                "bench",
+                "--start",
+                &a,
+                "--end",
+                &to,
+                "-o",
+                &output_text,
             ],
         )
         .await;

@@ -192,6 +192,7 @@ pub async fn export(
         gaps,
         output,
         &format!("export {label}"),
+        &retry_policy(&archiver.config),
     )
     .await;
     archiver.close().await;

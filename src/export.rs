@@ -15,6 +15,7 @@ use crate::find::Finding;
 use crate::ledger::{ChunkState, Ledger};
 use crate::mp4::track::{moov_extent, video_track, Sample, VideoTrack};
 use crate::mp4::writer::TrackTable;
+use crate::retry::RetryPolicy;
 use crate::sink::Sink;
 use crate::telemetry::ByteProgress;
 use serde::Serialize;
@@ -37,7 +38,8 @@ const MAX_MOOV: u64 = 64 << 20;
 #[serde(rename_all = "lowercase")]
 pub enum GapMode {
     /// The frame before a gap stays on screen for the gap's length: the output's time
-    /// `t` is always wall time `start + t`.
+    /// `t` is always wall time `first frame + t` (the first frame is the keyframe at or
+    /// before the requested start).
     Hold,
     /// Media on either side of a gap plays back to back, as GetClip's own MP4s do.
     Join,
@@ -49,6 +51,9 @@ pub struct Gap {
     pub from_ms: EpochMs,
     pub to_ms: EpochMs,
     pub why: String,
+    /// The frame before it stays on screen for its length (`--gaps hold`); otherwise the
+    /// media after it follows at once.
+    pub held: bool,
 }
 
 /// An object holding media of the range that the output leaves out.
@@ -98,9 +103,10 @@ impl ExportReport {
                 rfc3339(gap.to_ms),
                 (gap.to_ms - gap.from_ms) as f64 / 1000.0,
                 gap.why,
-                match self.gap_mode {
-                    GapMode::Hold => "; the frame before it stays on screen",
-                    GapMode::Join => "; joined: the media after it follows at once",
+                if gap.held {
+                    "; the frame before it stays on screen"
+                } else {
+                    ""
                 }
             ));
         }
@@ -166,10 +172,13 @@ fn fragment_bounds(track: &VideoTrack, fragments: &[Fragment]) -> Vec<(usize, us
     let samples = &track.samples;
     let syncs: Vec<usize> = (0..samples.len()).filter(|&i| samples[i].sync).collect();
     let mut starts = vec![0usize];
-    let mut elapsed = 0u64;
     for f in fragments.iter().take(fragments.len().saturating_sub(1)) {
-        elapsed += f.duration_ms;
         let previous = *starts.last().unwrap_or(&0);
+        // From the previous boundary, so the listing's rounding never adds up.
+        let elapsed = samples
+            .get(previous)
+            .map_or(u64::MAX, |s| track.ms(s.dts))
+            .saturating_add(f.duration_ms);
         let at = syncs.partition_point(|&i| track.ms(samples[i].dts) < elapsed);
         let candidates = [at.checked_sub(1), Some(at)];
         let nearest = candidates
@@ -224,6 +233,7 @@ pub async fn export(
     gap_mode: GapMode,
     output: &Path,
     label: &str,
+    policy: &RetryPolicy,
 ) -> Result<ExportReport> {
     let mut objects: Vec<Object> = Vec::new();
     let mut pieces: Vec<Piece> = Vec::new();
@@ -288,18 +298,23 @@ pub async fn export(
         let track = &objects[p.object].track;
         p.wall_start + track.ms(s.dts.saturating_sub(p.first_dts)) as i64
     };
-    let mut flat: Vec<(usize, usize, EpochMs)> = Vec::new();
-    for (p, piece) in pieces.iter().enumerate() {
+    // The keyframe at or before `start`, or the first one after it.
+    let mut first: Option<(usize, usize, EpochMs)> = None;
+    'scan: for (p, piece) in pieces.iter().enumerate() {
         for (i, sample) in piece.samples.iter().enumerate() {
-            flat.push((p, i, wall(piece, sample)));
+            if !sample.sync {
+                continue;
+            }
+            let t = wall(piece, sample);
+            if t <= start || first.is_none() {
+                first = Some((p, i, t));
+            }
+            if t > start {
+                break 'scan;
+            }
         }
     }
-    let is_sync = |&(p, i, _): &(usize, usize, EpochMs)| pieces[p].samples[i].sync;
-    let first = flat
-        .iter()
-        .rposition(|e| is_sync(e) && e.2 <= start)
-        .or_else(|| flat.iter().position(|e| is_sync(e) && e.2 > start));
-    let Some(first) = first.filter(|&k| flat[k].2 < end) else {
+    let Some((first_piece, first_sample, first_frame_ms)) = first.filter(|f| f.2 < end) else {
         let why = why_missing(ledger, stream, source, start).await?;
         return Err(Error::Usage(format!(
             "export {stream}: the archive holds no video between {} and {} ({why}); `kvs-archiver find --stream {stream} --at T` tells what the archive holds at an instant",
@@ -307,14 +322,24 @@ pub async fn export(
             rfc3339(end)
         )));
     };
-    let selected: Vec<(usize, usize, EpochMs)> = flat[first..]
+    // Every sample from there that starts before `end`, with its wall time.
+    let wall = &wall;
+    let selected = pieces
         .iter()
-        .copied()
-        .take_while(|e| e.2 < end)
-        .collect();
-    drop(flat);
+        .enumerate()
+        .skip(first_piece)
+        .flat_map(move |(p, piece)| {
+            let from = if p == first_piece { first_sample } else { 0 };
+            piece
+                .samples
+                .iter()
+                .enumerate()
+                .skip(from)
+                .map(move |(i, sample)| (p, i, wall(piece, sample)))
+        })
+        .take_while(|e| e.2 < end);
 
-    let reference = &objects[pieces[selected[0].0].object];
+    let reference = &objects[pieces[first_piece].object];
     let mut table = TrackTable::new(
         reference.track.timescale,
         reference.track.width,
@@ -327,7 +352,7 @@ pub async fn export(
     let mut used_objects: Vec<usize> = Vec::new();
     let mut fragments: Vec<String> = Vec::new();
     let mut previous: Option<(usize, Sample, EpochMs)> = None;
-    for &(p, i, t) in &selected {
+    for (p, i, t) in selected {
         let piece = &pieces[p];
         let object = &objects[piece.object];
         let sample = piece.samples[i];
@@ -354,16 +379,26 @@ pub async fn export(
         if let Some((previous_piece, previous_sample, previous_t)) = previous {
             let expected = previous_t + object.track.ms(u64::from(previous_sample.duration)) as i64;
             let missing = t - expected;
+            // A sample lasts at most 2^32 ticks (13 h at 90 kHz): a longer gap is joined.
+            let ticks =
+                u32::try_from(missing.max(0) as u64 * u64::from(object.track.timescale) / 1000)
+                    .ok()
+                    .and_then(|t| t.checked_add(previous_sample.duration).map(|_| t));
+            let held = gap_mode == GapMode::Hold && ticks.is_some();
             if missing > GAP_REPORT_MS {
+                let mut why = why_missing(ledger, stream, source, expected + missing / 2).await?;
+                if gap_mode == GapMode::Hold && !held {
+                    why.push_str("; too long to hold one frame over, so joined");
+                }
                 gaps.push(Gap {
                     from_ms: expected,
                     to_ms: t,
-                    why: why_missing(ledger, stream, source, expected + missing / 2).await?,
+                    why,
+                    held,
                 });
             }
-            if missing > 0 && gap_mode == GapMode::Hold {
-                let ticks = missing as u64 * u64::from(object.track.timescale) / 1000;
-                table.extend_last(u32::try_from(ticks).unwrap_or(u32::MAX));
+            if let (true, Some(ticks)) = (held, ticks) {
+                table.extend_last(ticks);
             }
             let same_object = pieces[previous_piece].object == piece.object;
             new_chunk = !(same_object
@@ -382,7 +417,6 @@ pub async fn export(
         }
         previous = Some((p, sample, t));
     }
-    let first_frame_ms = selected[0].2;
     let last_frame_end_ms = previous.map_or(first_frame_ms, |(p, s, t)| {
         t + objects[pieces[p].object].track.ms(u64::from(s.duration)) as i64
     });
@@ -393,6 +427,8 @@ pub async fn export(
                 from_ms: start,
                 to_ms: first_frame_ms,
                 why: why_missing(ledger, stream, source, start).await?,
+                // Before the first frame: the output starts with it.
+                held: false,
             },
         );
     }
@@ -401,6 +437,7 @@ pub async fn export(
             from_ms: last_frame_end_ms,
             to_ms: end,
             why: why_missing(ledger, stream, source, last_frame_end_ms + 1).await?,
+            held: false,
         });
     }
 
@@ -408,7 +445,7 @@ pub async fn export(
     let total = header.len() as u64 + table.media_bytes();
     let progress = ByteProgress::new(label, total);
     let partial = std::path::PathBuf::from(format!("{}.partial", output.display()));
-    let written = write_file(&partial, &header, &runs, &objects, sink, &progress).await;
+    let written = write_file(&partial, &header, &runs, &objects, sink, &progress, policy).await;
     progress.finish();
     if let Err(e) = written.and_then(|()| {
         std::fs::rename(&partial, output).map_err(|e| file_error("rename", output, e))
@@ -455,6 +492,7 @@ async fn write_file(
     objects: &[Object],
     sink: &Sink,
     progress: &ByteProgress,
+    policy: &RetryPolicy,
 ) -> Result<()> {
     let mut file = tokio::fs::File::create(path)
         .await
@@ -465,15 +503,38 @@ async fn write_file(
     progress.advance(header.len() as u64);
     for &(object, offset, len) in runs {
         let key = &objects[object].key;
-        let mut body = sink.read_range(key, offset, len).await?;
         let mut copied = 0u64;
-        while let Some(bytes) = body.next().await? {
-            let take = bytes.len().min((len - copied) as usize);
-            file.write_all(&bytes[..take])
-                .await
-                .map_err(|e| file_error("write", path, e))?;
-            copied += take as u64;
-            progress.advance(take as u64);
+        let mut attempt = 0u32;
+        // A body that breaks off is read again from where it stopped.
+        while copied < len {
+            let read = async {
+                let mut body = sink.read_range(key, offset + copied, len - copied).await?;
+                let mut got = 0u64;
+                while let Some(bytes) = body.next().await? {
+                    let take = bytes.len().min((len - copied) as usize);
+                    file.write_all(&bytes[..take])
+                        .await
+                        .map_err(|e| file_error("write", path, e))?;
+                    copied += take as u64;
+                    got += take as u64;
+                    progress.advance(take as u64);
+                    if copied == len {
+                        break;
+                    }
+                }
+                Ok::<u64, Error>(got)
+            }
+            .await;
+            match read {
+                Ok(0) => break,
+                Ok(_) => attempt = 0,
+                Err(e) if policy.allows(attempt, e.retryability()) => {
+                    attempt += 1;
+                    tracing::warn!(key = %key, error = %e, attempt, "export: reading again");
+                    tokio::time::sleep(policy.delay(attempt, e.retryability())).await;
+                }
+                Err(e) => return Err(e),
+            }
         }
         if copied != len {
             return Err(Error::Clip {
@@ -528,6 +589,22 @@ mod tests {
             server_ms: 0,
             duration_ms,
             size_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn rounded_listing_durations_do_not_add_up_over_a_long_clip() {
+        // 3,000 fragments of 20 frames of 9,004 ticks at 90 kHz (2,000.9 ms each), listed
+        // as 2,000 ms: summed from the clip's start, the error passes a GOP.
+        let mut track = track(&[20; 3_000]);
+        for (i, sample) in track.samples.iter_mut().enumerate() {
+            sample.dts = i as u64 * 9_004;
+            sample.duration = 9_004;
+        }
+        let fragments = vec![fragment(2_000); 3_000];
+        let bounds = fragment_bounds(&track, &fragments);
+        for (k, bound) in bounds.iter().enumerate() {
+            assert_eq!(*bound, (20 * k, 20 * k + 20), "fragment {k}");
         }
     }
 

@@ -126,8 +126,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Rebuild the ledger from the destination after its database was lost: one listing
-    /// of the objects and their metadata, and one ListFragments per stream (no GetClip).
+    /// Rebuild the ledger from the destination after its database was lost: a listing of
+    /// the objects, a HeadObject of each for its metadata, and one ListFragments per
+    /// stream (no GetClip).
     /// Refuses a ledger that already holds chunks unless --merge.
     RebuildLedger {
         /// Only this configured stream (default: all).
@@ -330,7 +331,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                         .trim()
                         .to_string(),
                 ),
-                None => std::env::var("KVS_ARCHIVER_SERVE_TOKEN").ok(),
+                None => std::env::var("KVS_ARCHIVER_SERVE_TOKEN")
+                    .ok()
+                    .map(|t| t.trim().to_string()),
             }
             .filter(|t| !t.is_empty());
             app::serve(config, listen, token, shutdown).await?;

@@ -12,8 +12,12 @@ use crate::domain::{cmp_fragment_numbers, ChunkKind, ChunkPlan, EpochMs, Fragmen
 use crate::error::{Error, Result};
 use crate::plan::sort_and_dedup;
 use crate::worker::Archiver;
+use futures_util::StreamExt;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
+
+/// HeadObject requests in flight at once.
+const HEADS_IN_FLIGHT: usize = 16;
 
 /// What the rebuild found and recorded, per stream.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -26,6 +30,9 @@ pub struct RebuildReport {
     pub already_known: usize,
     /// Objects without this program's metadata, or of a stream not configured.
     pub skipped: Vec<String>,
+    /// Objects the ledger could not take (with `--merge`): a chunk that is not done holds
+    /// their range or fragments, so they may be archived again; `verify` reports them.
+    pub refused: Vec<String>,
 }
 
 impl RebuildReport {
@@ -38,6 +45,9 @@ impl RebuildReport {
             self.already_known,
             self.skipped.len()
         );
+        for key in &self.refused {
+            text.push_str(&format!("\n  not restored {key}: a chunk of the ledger that is not done holds its range or fragments (`kvs-archiver verify` reports it)"));
+        }
         for key in &self.skipped {
             text.push_str(&format!(
                 "\n  skipped {key}: no kvs-archiver metadata for a configured stream"
@@ -151,9 +161,19 @@ pub async fn rebuild(
             .list_keys(&format!("{prefix}{label}/"))
             .await?;
         report.objects_listed += keys.len();
+        // One HeadObject per object, several at a time.
+        let heads: Vec<(String, Result<Option<crate::sink::ObjectHead>>)> =
+            futures_util::stream::iter(keys)
+                .map(|key| async move {
+                    let head = archiver.sink.head(&key).await;
+                    (key, head)
+                })
+                .buffer_unordered(HEADS_IN_FLIGHT)
+                .collect()
+                .await;
         let mut objects = Vec::new();
-        for key in keys {
-            let Some(head) = archiver.sink.head(&key).await? else {
+        for (key, head) in heads {
+            let Some(head) = head? else {
                 continue;
             };
             match describe(&key, head.size, &head.meta, stream) {
@@ -168,9 +188,25 @@ pub async fn rebuild(
         objects.sort_by_key(|o| (o.kind == ChunkKind::Clip, o.start_ms));
         let from = objects.iter().map(|o| o.start_ms).min().unwrap_or(0);
         let to = objects.iter().map(|o| o.end_ms).max().unwrap_or(0);
-        let mut listed = archiver.source.list(stream, from, to).await?;
+        // A stream KVS no longer has (or no longer lets us list) is restored from the
+        // metadata alone: its fragments cannot be fetched again anyway.
+        let mut listed = match archiver.source.list(stream, from, to).await {
+            Ok(listed) => listed,
+            Err(e) if !e.retryability().can_retry() => {
+                tracing::warn!(stream = %label, error = %e, "rebuild-ledger: cannot list the stream's fragments; restoring its objects from their metadata alone");
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        };
         sort_and_dedup(&mut listed);
         let mut taken: HashSet<String> = HashSet::new();
+        let known: HashSet<String> = archiver
+            .ledger
+            .done_in(&label, stream.timestamp_source, from - 86_400_000, to)
+            .await?
+            .into_iter()
+            .map(|c| c.object_key)
+            .collect();
         for object in &objects {
             let mut fragments = fragments_of(object, &listed, &taken);
             if fragments.is_empty() {
@@ -206,8 +242,10 @@ pub async fn rebuild(
                 .await?;
             if inserted {
                 report.chunks_restored += 1;
-            } else {
+            } else if known.contains(&object.key) {
                 report.already_known += 1;
+            } else {
+                report.refused.push(object.key.clone());
             }
         }
     }

@@ -770,3 +770,62 @@ async fn concurrent_planners_never_record_overlapping_chunks() {
         );
     }
 }
+
+/// `rebuild-ledger`'s insert: a chunk the destination holds is recorded done with its
+/// size and fragments; one over a held range or fragment is refused and changes nothing.
+#[tokio::test]
+async fn an_archived_chunk_is_restored_done_and_refused_over_what_is_held() {
+    for Under {
+        kind,
+        ledger,
+        _dir: _keep,
+        ..
+    } in ledgers().await
+    {
+        let restore = |plan: ChunkPlan, key: &'static str| {
+            let ledger = ledger.clone();
+            async move {
+                ledger
+                    .insert_archived(STREAM, SOURCE, &plan, key, 4242)
+                    .await
+                    .expect("insert archived")
+            }
+        };
+        assert!(restore(clip(0..10), "k0").await, "{kind}");
+        assert!(
+            !restore(clip(5..15), "k5").await,
+            "{kind}: overlapping range"
+        );
+        assert!(
+            !restore(ChunkPlan::of(ChunkKind::Late, vec![fragment(3)]), "k3").await,
+            "{kind}: held fragment"
+        );
+        let done = ledger
+            .done_in(STREAM, SOURCE, T0 - 1, T0 + 40_000)
+            .await
+            .expect("done");
+        assert_eq!(done.len(), 1, "{kind}");
+        assert_eq!(done[0].object_key, "k0", "{kind}");
+        assert_eq!(done[0].state, ChunkState::Done, "{kind}");
+        assert_eq!(done[0].archived_bytes, Some(4242), "{kind}");
+        assert_eq!(done[0].archived_crc32c, None, "{kind}: not known again");
+        assert_eq!(
+            ledger
+                .fragments_of(done[0].id)
+                .await
+                .expect("fragments")
+                .len(),
+            10,
+            "{kind}"
+        );
+        let holdings = ledger
+            .holdings(STREAM, SOURCE, T0, T0 + 40_000)
+            .await
+            .expect("holdings");
+        assert_eq!(
+            holdings.held.len(),
+            10,
+            "{kind}: the refused ones left nothing"
+        );
+    }
+}

@@ -197,9 +197,10 @@ fn parse_trak(trak: &[u8]) -> Result<Parsed, Mp4Error> {
             // Version 0 is unsigned, version 1 signed; both fit an i32 in practice.
             let offset = be_u32(table, e * 8 + 4)? as i32;
             for _ in 0..run {
-                if let Some(sample) = samples.get_mut(i) {
-                    sample.cts_offset = offset;
-                }
+                let Some(sample) = samples.get_mut(i) else {
+                    break;
+                };
+                sample.cts_offset = offset;
                 i += 1;
             }
         }
@@ -233,12 +234,18 @@ fn parse_trak(trak: &[u8]) -> Result<Parsed, Mp4Error> {
         .map(|e| Ok((be_u32(table, e * 12)?, be_u32(table, e * 12 + 4)?)))
         .collect::<Result<_, Mp4Error>>()?;
     let mut i = 0usize;
+    let mut run = 0usize;
     for (chunk_index, chunk_offset) in chunk_offsets.iter().enumerate() {
         let chunk_number = chunk_index as u32 + 1;
+        while runs
+            .get(run + 1)
+            .is_some_and(|(first, _)| *first <= chunk_number)
+        {
+            run += 1;
+        }
         let per_chunk = runs
-            .iter()
-            .rev()
-            .find(|(first, _)| *first <= chunk_number)
+            .get(run)
+            .filter(|(first, _)| *first <= chunk_number)
             .map_or(0, |(_, n)| *n);
         let mut offset = *chunk_offset;
         for _ in 0..per_chunk {
@@ -271,6 +278,10 @@ fn sample_sizes(stbl: &[super::Child<'_>]) -> Result<Vec<u32>, Mp4Error> {
         let uniform = be_u32(stsz, 4)?;
         let count = be_u32(stsz, 8)?;
         if uniform != 0 {
+            // No table bounds the count here: a day of 120 fps is 10 million samples.
+            if count > 16_000_000 {
+                return Err(Mp4Error::Malformed(format!("stsz: {count} samples")));
+            }
             return Ok(vec![uniform; count as usize]);
         }
         let len = (count as usize)

@@ -128,6 +128,19 @@ impl TrackTable {
         w.u32(self.width << 16);
         w.u32(self.height << 16);
         w.close();
+        // With B-frames the first frame is presented at its composition offset: an edit
+        // list starts the track there, so the output's time 0 is its first frame.
+        let first_offset = self.cts_offsets.first().map_or(0, |(_, offset)| *offset);
+        if first_offset > 0 {
+            w.open(b"edts");
+            w.open_full(b"elst", 1, 0);
+            w.u32(1);
+            w.u64(duration);
+            w.u64(first_offset as u64);
+            w.u32(0x0001_0000); // rate 1.0
+            w.close();
+            w.close();
+        }
 
         w.open(b"mdia");
         w.open_full(b"mdhd", 1, 0);

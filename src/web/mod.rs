@@ -102,8 +102,31 @@ fn same_token(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// Whether a request's `Host` names this machine's loopback: without a token, a page
+/// on another site must not reach the server through a name rebound to 127.0.0.1.
+fn loopback_host(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Some(token) = &state.token else {
+        if !loopback_host(request.headers()) {
+            return (
+                StatusCode::MISDIRECTED_REQUEST,
+                "without a token this page answers only to localhost and 127.0.0.1\n",
+            )
+                .into_response();
+        }
         return next.run(request).await;
     };
     let headers = request.headers();
@@ -129,19 +152,17 @@ async fn authorize(State(state): State<AppState>, request: Request, next: Next) 
     let query: HashMap<String, String> = request
         .uri()
         .query()
-        .and_then(|q| serde_urlencoded_pairs(q))
+        .and_then(|q| serde_urlencoded::from_str(q).ok())
         .unwrap_or_default();
     if query.get("token").is_some_and(|t| same_token(t, token)) {
         // Once: the cookie carries it from now on, and the URL loses it.
-        let rest: Vec<String> = query
+        let rest: Vec<(&String, &String)> = query
             .iter()
             .filter(|(k, _)| k.as_str() != "token")
-            .map(|(k, v)| format!("{k}={v}"))
             .collect();
-        let target = if rest.is_empty() {
-            request.uri().path().to_string()
-        } else {
-            format!("{}?{}", request.uri().path(), rest.join("&"))
+        let target = match serde_urlencoded::to_string(&rest) {
+            Ok(rest) if !rest.is_empty() => format!("{}?{rest}", request.uri().path()),
+            _ => request.uri().path().to_string(),
         };
         let mut response = Redirect::to(&target).into_response();
         if let Ok(value) = HeaderValue::from_str(&format!(
@@ -157,16 +178,6 @@ async fn authorize(State(state): State<AppState>, request: Request, next: Next) 
         "this page needs the token: open it with ?token=... or send Authorization: Bearer\n",
     )
         .into_response()
-}
-
-fn serde_urlencoded_pairs(query: &str) -> Option<HashMap<String, String>> {
-    Some(
-        query
-            .split('&')
-            .filter_map(|pair| pair.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    )
 }
 
 fn page(title: &str, body: &str) -> Html<String> {
@@ -228,7 +239,7 @@ async fn spans(
     stream: &StreamConfig,
     from: EpochMs,
     to: EpochMs,
-) -> Result<(Vec<Span>, Option<EpochMs>)> {
+) -> Result<(Vec<Span>, Option<(EpochMs, EpochMs)>)> {
     let ledger = archiver.ledger.as_ref();
     let label = stream.label();
     let source = stream.timestamp_source;
@@ -310,14 +321,12 @@ async fn spans(
                 .map(|e| format!("{}: {e}", chunk.object_key)),
         });
     }
-    let planned_through = progress.planned_through_ms.or_else(|| {
-        spans
-            .iter()
-            .filter(|s| s.class != SpanClass::Pending)
-            .map(|s| s.end_ms)
-            .max()
-    });
-    Ok((spans, planned_through))
+    // Planning covered from the first chunk to where the daemon's planning reached (or,
+    // for backfills only, the last chunk).
+    let first = spans.iter().map(|s| s.start_ms).min();
+    let last = spans.iter().map(|s| s.end_ms).max();
+    let planned = first.zip(progress.planned_through_ms.max(last));
+    Ok((spans, planned))
 }
 
 async fn stream_page(
@@ -333,9 +342,15 @@ async fn stream_page(
         );
     };
     let now = chrono::Utc::now().timestamp_millis();
-    let number = |k: &str| query.get(k).and_then(|v| v.parse::<EpochMs>().ok());
+    // Within years 1970..2200, so the zoom arithmetic cannot overflow.
+    let number = |k: &str| {
+        query
+            .get(k)
+            .and_then(|v| v.parse::<EpochMs>().ok())
+            .map(|t| t.clamp(0, 7_258_118_400_000))
+    };
     let (from, to) = match (number("from"), number("to")) {
-        (Some(from), Some(to)) if to > from => (from, to.min(from + WIDEST_MS)),
+        (Some(from), Some(to)) if to > from => (from, to.min(from + WIDEST_MS).max(from + 60_000)),
         _ => {
             // The archive's extent within the last 30 days, a little wider.
             match spans(archiver, &stream, now - WIDEST_MS, now).await {
@@ -350,7 +365,7 @@ async fn stream_page(
             }
         }
     };
-    let (spans, planned_through) = match spans(archiver, &stream, from, to).await {
+    let (spans, planned) = match spans(archiver, &stream, from, to).await {
         Ok(found) => found,
         Err(e) => return failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
@@ -434,7 +449,7 @@ async fn stream_page(
         zin = zoom(((to - from) / 4).max(60_000)),
         from_text = rfc3339(from),
         to_text = rfc3339(to),
-        svg = timeline::svg(spans, from, to, planned_through),
+        svg = timeline::svg(spans, from, to, planned),
     );
     page(&format!("{name}: kvs-archiver"), &body).into_response()
 }
@@ -448,7 +463,7 @@ async fn media(
 ) -> Response {
     let archiver = &state.archiver;
     let prefix = &archiver.config.destination.prefix;
-    if !key.starts_with(prefix.as_str()) || key.split('/').any(|part| part == "..") {
+    if !is_object_key(&key, prefix) {
         return failure(StatusCode::NOT_FOUND, format!("no object {key}"));
     }
     match archiver.sink.as_ref() {
@@ -466,6 +481,17 @@ async fn media(
             Err(e) => failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         },
     }
+}
+
+/// A key this program could have written: under the prefix, relative, with no `.`, `..`
+/// or empty component (a directory destination joins it to its root).
+fn is_object_key(key: &str, prefix: &str) -> bool {
+    key.starts_with(prefix)
+        && !key.starts_with('/')
+        && !key.contains('\\')
+        && key
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
 }
 
 /// `bytes=a-b`, `bytes=a-` or `bytes=-n` against a file of `size` bytes.
@@ -539,7 +565,30 @@ async fn ranged_file(sink: &Sink, key: &str, size: u64, headers: &HeaderMap) -> 
 
 #[cfg(test)]
 mod tests {
-    use super::parse_range;
+    use super::{is_object_key, loopback_host, parse_range};
+
+    #[test]
+    fn only_relative_keys_under_the_prefix_are_served() {
+        assert!(is_object_key("kvs/cam/2026/12/04/cam_1_2.mp4", "kvs/"));
+        assert!(!is_object_key("/etc/passwd", ""));
+        assert!(!is_object_key("kvs/../../etc/passwd", "kvs/"));
+        assert!(!is_object_key("kvs//x.mp4", "kvs/"));
+        assert!(!is_object_key("other/x.mp4", "kvs/"));
+    }
+
+    #[test]
+    fn without_a_token_only_loopback_names_are_answered() {
+        let with = |host: &str| {
+            let mut headers = axum::http::HeaderMap::new();
+            headers.insert(axum::http::header::HOST, host.parse().expect("header"));
+            loopback_host(&headers)
+        };
+        assert!(with("127.0.0.1:8080"));
+        assert!(with("localhost:8080"));
+        assert!(with("[::1]:8080"));
+        assert!(!with("evil.example:8080"));
+        assert!(!with("192.0.2.1"));
+    }
 
     #[test]
     fn ranges_as_browsers_send_them() {

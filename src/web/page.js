@@ -28,7 +28,7 @@
   function play(rect, at) {
     var key = rect.dataset.key;
     var offset = Number(rect.dataset.offset) + Math.max(at - Number(rect.dataset.start), 0);
-    player.src = "/media/" + key;
+    player.src = "/media/" + key.split("/").map(encodeURIComponent).join("/");
     player.dataset.key = key;
     playing.textContent = key + " from " + (offset / 1000).toFixed(1) + " s";
     player.addEventListener("loadedmetadata", function seek() {

@@ -139,13 +139,13 @@ fn tick_step(span_ms: i64) -> i64 {
         .unwrap_or(30 * 24 * 60 * MINUTE)
 }
 
-/// The SVG of `spans` over `[from, to]`; `planned_through`: where planning has reached
-/// (after it, "not archived yet" rather than "no media").
+/// The SVG of `spans` over `[from, to]`; `planned`: the span planning has covered
+/// (outside it, "not planned yet" rather than "no media").
 pub fn svg(
     spans: Vec<Span>,
     from: EpochMs,
     to: EpochMs,
-    planned_through: Option<EpochMs>,
+    planned: Option<(EpochMs, EpochMs)>,
 ) -> String {
     let range = (to - from).max(1) as f64;
     let ms_per_px = range / WIDTH;
@@ -155,21 +155,20 @@ pub fn svg(
         out,
         r#"<svg id="timeline" viewBox="0 0 {WIDTH} 110" preserveAspectRatio="none" data-from="{from}" data-to="{to}" role="img" aria-label="archive coverage">"#
     );
-    // Background: no media where planning has been, not planned yet after it.
-    let planned_end = planned_through.map_or(from, |t| t.clamp(from, to));
+    // Background: not planned yet outside what planning has covered, no media inside.
     let _ = write!(
         out,
-        r#"<rect class="no-media" data-class="no-media" x="0" y="{BAR_Y}" width="{:.2}" height="{BAR_HEIGHT}"><title>KVS had no media</title></rect>"#,
-        x(planned_end)
+        r#"<rect class="unplanned" data-class="unplanned" x="0" y="{BAR_Y}" width="{WIDTH}" height="{BAR_HEIGHT}"><title>not planned yet: nothing is known of this time</title></rect>"#
     );
-    if planned_end < to {
-        let _ = write!(
-            out,
-            r#"<rect class="unplanned" data-class="unplanned" x="{:.2}" y="{BAR_Y}" width="{:.2}" height="{BAR_HEIGHT}"><title>not archived yet (planning reached {})</title></rect>"#,
-            x(planned_end),
-            WIDTH - x(planned_end),
-            planned_through.map_or_else(|| "nothing".to_string(), rfc3339)
-        );
+    if let Some((planned_from, planned_to)) = planned.filter(|(a, b)| a < b) {
+        let (left, right) = (x(planned_from), x(planned_to));
+        if right > left {
+            let _ = write!(
+                out,
+                r#"<rect class="no-media" data-class="no-media" x="{left:.2}" y="{BAR_Y}" width="{:.2}" height="{BAR_HEIGHT}"><title>KVS had no media</title></rect>"#,
+                right - left
+            );
+        }
     }
     let step = tick_step(to - from);
     let mut tick = from.div_euclid(step) * step + step;
@@ -248,7 +247,7 @@ mod tests {
         let spans: Vec<Span> = (0..10_000)
             .map(|i| span(i * 600_000, i * 600_000 + 600_000, SpanClass::Archived))
             .collect();
-        let svg = svg(spans, 0, 30 * 86_400_000, Some(30 * 86_400_000));
+        let svg = svg(spans, 0, 30 * 86_400_000, Some((0, 30 * 86_400_000)));
         let rects = svg.matches("<rect class=\"span").count();
         assert!(rects <= 2 * WIDTH as usize, "{rects} rectangles");
         assert!(rects > 100, "spans are still told apart: {rects}");
@@ -260,7 +259,7 @@ mod tests {
             span(0, 60_000, SpanClass::Archived),
             span(120_000, 180_000, SpanClass::Failed),
         ];
-        let svg = svg(spans, 0, 600_000, Some(600_000));
+        let svg = svg(spans, 0, 600_000, Some((0, 600_000)));
         assert!(svg.contains(
             r#"data-class="archived" data-start="0" data-end="60000" data-count="1" data-key="k0""#
         ));
