@@ -54,9 +54,43 @@ pub fn identity(config: &Config, role: Role) -> Result<Identity> {
     Ok(Identity::new(&instance, role))
 }
 
+/// Loads the AWS credentials once, before any request: with none, every call would fail
+/// after its retries with an error about the request, not the cause.
+pub async fn check_credentials(sdk: &SdkConfig) -> Result<()> {
+    use aws_credential_types::provider::{error::CredentialsError, ProvideCredentials};
+    let Some(provider) = sdk.credentials_provider() else {
+        return Err(Error::Credentials(
+            "no AWS credential provider is configured".into(),
+        ));
+    };
+    let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
+    let loaded = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        provider.provide_credentials(),
+    )
+    .await;
+    match loaded {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(CredentialsError::CredentialsNotLoaded(_))) => Err(Error::Credentials(format!(
+            "no AWS credentials: none in the environment (AWS_ACCESS_KEY_ID), the profile {profile:?} (~/.aws/credentials, ~/.aws/config: keys, sso_session, credential_process, role_arn), web identity (AWS_WEB_IDENTITY_TOKEN_FILE), the ECS container or EC2 instance metadata; set one (for SSO: aws sso login --profile NAME, then AWS_PROFILE=NAME)"
+        ))),
+        Ok(Err(e)) => Err(Error::Credentials(format!(
+            "the AWS credentials of profile {profile:?} could not be loaded: {}; fix the source named there (an expired SSO session: aws sso login)",
+            crate::error::chain(&e)
+        ))),
+        Err(_) => Err(Error::Credentials(
+            "loading the AWS credentials took over 20 s (a credential_process, SSO portal or instance metadata endpoint that does not answer); check the credential source".into(),
+        )),
+    }
+}
+
 /// Builds the archiver: opens (and migrates) the ledger, creates the clients, and
 /// (unless `role` only reads) registers this process and starts its heartbeat.
 pub async fn build(config: Config, sdk: &SdkConfig, role: Role) -> Result<Archiver> {
+    // A reader of a directory destination calls no AWS API.
+    if role != Role::Reader || config.destination.bucket.is_some() {
+        check_credentials(sdk).await?;
+    }
     let policy = retry_policy(&config);
     // A pass of `run` has up to `max_clips_in_flight` clips in flight over all its
     // streams; a backfill or verify `concurrency`.
@@ -398,7 +432,7 @@ pub async fn run_daemon(
     if let Some(addr) = config.daemon.metrics_listen {
         crate::metrics::serve(addr, &identity(&config, role)?.instance).await?;
     }
-    let offset = config.daemon.offset()?;
+    let zone = config.daemon.zone()?;
     let default_schedule = config.daemon.schedule.clone();
     let max_in_flight = config.daemon.max_clips_in_flight;
     let mut archiver = build(config, sdk, role).await?;
@@ -438,7 +472,7 @@ pub async fn run_daemon(
                 )
             })
             .collect();
-        scheduler = Some(crate::schedule::Scheduler::start(&pairs, offset, tx).await?);
+        scheduler = Some(crate::schedule::Scheduler::start(&pairs, zone, tx).await?);
         let _ = sd_notify::notify(&[
             sd_notify::NotifyState::Ready,
             sd_notify::NotifyState::Status(&format!("archiving {} streams", streams.len())),

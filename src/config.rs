@@ -97,13 +97,13 @@ impl Default for DaemonConfig {
 }
 
 impl DaemonConfig {
-    /// The schedules' time zone as a fixed offset.
-    pub fn offset(&self) -> Result<chrono::FixedOffset, ConfigError> {
-        parse_time_zone(&self.time_zone).ok_or_else(|| {
+    /// The schedules' time zone.
+    pub fn zone(&self) -> Result<crate::schedule::Zone, ConfigError> {
+        crate::schedule::Zone::parse(&self.time_zone).ok_or_else(|| {
             invalid(
                 "daemon.time_zone",
                 format!(
-                    "must be \"UTC\", \"local\" or an offset like \"+01:00\" (got {:?})",
+                    "must be an IANA zone like \"Europe/Paris\", \"UTC\", \"local\" or an offset like \"+01:00\" (got {:?})",
                     self.time_zone
                 ),
             )
@@ -111,19 +111,9 @@ impl DaemonConfig {
     }
 }
 
-fn parse_time_zone(text: &str) -> Option<chrono::FixedOffset> {
-    match text {
-        "UTC" | "utc" | "Z" => chrono::FixedOffset::east_opt(0),
-        "local" => Some(*chrono::Local::now().offset()),
-        other => other.parse::<chrono::FixedOffset>().ok(),
-    }
-}
-
-/// Whether `schedule` is a cron expression with seconds that tokio-cron-scheduler takes.
+/// Whether `schedule` is a cron expression with seconds, as the daemon fires them.
 fn valid_cron(schedule: &str) -> bool {
-    let fields = schedule.split_whitespace().count();
-    (6..=7).contains(&fields)
-        && tokio_cron_scheduler::Job::new_async(schedule, |_, _| Box::pin(async {})).is_ok()
+    crate::schedule::parse_cron(schedule).is_some()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -490,6 +480,8 @@ pub enum ConfigError {
     Load { path: String, message: String },
     #[error("config: {field}: {message}")]
     Invalid { field: String, message: String },
+    #[error("no configuration: give --config FILE or set KVS_ARCHIVER_CONFIG (every key is in config/kvs-archiver.example.toml); `kvs-archiver demo` runs without one")]
+    Missing,
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -526,6 +518,13 @@ impl Config {
             path: source,
             message: describe_figment_error(e),
         })?;
+        // No file, and the environment names no destination: nothing was configured.
+        if path.is_none()
+            && config.destination.bucket.is_none()
+            && config.destination.directory.is_none()
+        {
+            return Err(ConfigError::Missing);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -690,7 +689,7 @@ impl Config {
                 ),
             ));
         }
-        d.offset()?;
+        d.zone()?;
         if d.lag < Duration::from_secs(1) {
             return Err(invalid(
                 "daemon.lag",

@@ -79,11 +79,30 @@ pub async fn run(output: &Path, shutdown: &Shutdown) -> Result<PathBuf> {
         "Check one:  ffprobe -v error -show_entries format=duration {}",
         first.display()
     );
-    println!(
-        "Ledger:     kvs-archiver status (with state.database_url = sqlite://{})",
-        output.join("state.db").display()
-    );
     archiver.close().await;
+    let config_path = write_config(output, &archive)?;
+    // As this process was started (`target/debug/kvs-archiver` under `cargo run`), so the
+    // commands work as printed.
+    let program = std::env::args()
+        .next()
+        .unwrap_or_else(|| "kvs-archiver".to_string());
+    let with = format!("{program} --config {}", config_path.display());
+    let middle = crate::domain::rfc3339(start + (end - start) / 2);
+    let export_end = crate::domain::rfc3339(start + (end - start) / 2 + 60_000);
+    println!(
+        "The demo left its configuration in {}; with it:",
+        config_path.display()
+    );
+    println!("  {with} status");
+    println!("  {with} find --stream {CAMERA} --at {middle}");
+    println!(
+        "  {with} export --stream {CAMERA} --start {middle} --end {export_end} -o {}",
+        output.join("one-minute.mp4").display()
+    );
+    println!("  {with} serve    # the archive's page on http://127.0.0.1:8080/");
+    println!(
+        "(the bundled KVS emulator stops with the demo: `plan`, `backfill` and `verify` need a KVS, so they are not listed)"
+    );
     if summary.complete() {
         Ok(first)
     } else {
@@ -92,4 +111,29 @@ pub async fn run(output: &Path, shutdown: &Shutdown) -> Result<PathBuf> {
             crate::app::describe_run(&summary)
         )))
     }
+}
+
+/// Writes the demo's configuration (its ledger and archive, with absolute paths) beside
+/// them, for the commands the demo prints.
+fn write_config(output: &Path, archive: &Path) -> Result<PathBuf> {
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let path = output.join("kvs-archiver.toml");
+    let text = format!(
+        "# Written by `kvs-archiver demo`: the demo's ledger and archive. The bundled KVS\n\
+         # emulator stopped with the demo, so `status`, `find`, `export` and `serve` work\n\
+         # from here; `plan`, `backfill` and `verify` need a KVS.\n\
+         [aws]\nregion = \"us-east-1\"\n\n\
+         [state]\ndatabase_url = \"sqlite://{}\"\n\n\
+         [destination]\ndirectory = \"{}\"\nprefix = \"\"\n\n\
+         [[streams]]\nname = \"{CAMERA}\"\n",
+        absolute(&output.join("state.db")).display(),
+        absolute(archive).display(),
+    );
+    std::fs::write(&path, text).map_err(|e| {
+        Error::Usage(format!(
+            "demo: cannot write {}: {e}; check that the directory is writable",
+            path.display()
+        ))
+    })?;
+    Ok(path)
 }

@@ -90,8 +90,26 @@ pub enum Error {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Usage(String),
+    /// No AWS credentials could be loaded: bad configuration, found before any request.
+    #[error("{0}")]
+    Credentials(String),
     #[error("interrupted: stopping at a signal")]
     Interrupted,
+}
+
+/// An error and its causes on one line, each said once ("dispatch failure: io error:
+/// Connection refused (os error 111)"), never a debug dump: what reaches a person.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut current: Option<&dyn std::error::Error> = Some(error);
+    while let Some(e) = current {
+        let text = e.to_string();
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        current = e.source();
+    }
+    parts.join(": ")
 }
 
 /// What to do when the ledger's database does not answer.
@@ -153,6 +171,7 @@ impl Error {
             | Error::Migrate(_)
             | Error::Config(_)
             | Error::Usage(_)
+            | Error::Credentials(_)
             | Error::Interrupted => Retryability::Permanent,
         }
     }
@@ -186,6 +205,7 @@ impl Error {
             Error::LeaseLost { .. } => "lease-lost",
             Error::Store { .. } | Error::Migrate(_) | Error::LedgerUnreachable { .. } => "ledger",
             Error::Config(_) | Error::Usage(_) => "config",
+            Error::Credentials(_) => "credentials",
             Error::Interrupted => "interrupted",
         }
     }

@@ -13,8 +13,10 @@ use std::process::ExitCode;
 
 #[derive(Parser)]
 #[command(
+    name = "kvs-archiver",
     version,
-    about = "Archives Kinesis Video Streams media to S3 as playable MP4 files"
+    about = "Archives Kinesis Video Streams media to S3 as playable MP4 files",
+    after_help = EXIT_STATUS
 )]
 struct Cli {
     /// Configuration file (TOML); KVS_ARCHIVER_* environment variables override it.
@@ -23,6 +25,8 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+const EXIT_STATUS: &str = "Exit status: 0 done; 1 the work failed (what failed is printed; run the same command again to retry); 2 bad input or configuration (the message says what to fix); 130 stopped at once by a second signal.";
 
 /// A stream and a time range, as `backfill` and `plan` take them.
 #[derive(clap::Args)]
@@ -159,6 +163,11 @@ enum Command {
         #[arg(long)]
         account: Option<String>,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell), e.g.
+    /// `kvs-archiver completions bash > /etc/bash_completion.d/kvs-archiver`.
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff), e.g. `kvs-archiver man | man -l -`.
+    Man,
     /// Archive ten minutes of a bundled emulated camera into ./demo-output.
     Demo {
         #[arg(long, default_value = "demo-output")]
@@ -224,9 +233,12 @@ fn print_finding(stream: &str, t: i64, finding: &Finding, url: Option<&str>, jso
     }
 }
 
+/// 2 for what the operator must fix (input, configuration, credentials, permissions),
+/// 1 for work that failed.
 fn exit_for(error: &Error) -> ExitCode {
     match error {
-        Error::Config(_) | Error::Usage(_) => ExitCode::from(2),
+        Error::Config(_) | Error::Usage(_) | Error::Credentials(_) => ExitCode::from(2),
+        e if e.kind() == "kvs-denied" => ExitCode::from(2),
         _ => ExitCode::from(1),
     }
 }
@@ -262,8 +274,20 @@ async fn demo(_output: &std::path::Path) -> Result<ExitCode, Error> {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, Error> {
-    if let Command::Demo { output } = &cli.command {
-        return demo(output).await;
+    match &cli.command {
+        Command::Demo { output } => return demo(output).await,
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "kvs-archiver", &mut std::io::stdout());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Man => {
+            let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+            page.render(&mut std::io::stdout())
+                .map_err(|e| Error::Usage(format!("man: cannot write the page: {e}")))?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
     }
     let config = Config::load(cli.config.as_deref())?;
     let shutdown = Shutdown::on_signals(config.daemon.shutdown_grace);
@@ -555,6 +579,6 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 ExitCode::from(1)
             })
         }
-        Command::Demo { .. } => Ok(ExitCode::SUCCESS),
+        Command::Demo { .. } | Command::Completions { .. } | Command::Man => Ok(ExitCode::SUCCESS),
     }
 }

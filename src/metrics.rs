@@ -7,7 +7,7 @@ use crate::error::{Error, Result, Retryability};
 use axum::routing::get;
 use axum::Router;
 use metrics::{counter, gauge, histogram};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -19,8 +19,36 @@ pub fn clip_archived(stream: &str, kind: ChunkKind, bytes: u64, fragments: u64, 
     }
     counter!("kvs_archiver_clips_archived_total", "stream" => stream.clone()).increment(1);
     counter!("kvs_archiver_bytes_archived_total", "stream" => stream.clone()).increment(bytes);
-    histogram!("kvs_archiver_clip_seconds", "stream" => stream).record(took.as_secs_f64());
+    histogram!("kvs_archiver_clip_seconds", "stream" => stream.clone()).record(took.as_secs_f64());
+    histogram!("kvs_archiver_clip_bytes", "stream" => stream).record(bytes as f64);
 }
+
+/// Histogram buckets, chosen per metric: without them the exporter writes summaries,
+/// which cannot be aggregated across streams or instances.
+const BUCKETS: [(&str, &[f64]); 4] = [
+    // Time to GetClip's first byte: tens of milliseconds, seconds when KVS is loaded.
+    (
+        "kvs_archiver_getclip_first_byte_seconds",
+        &[0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+    ),
+    // CompleteMultipartUpload or the last PutObject after the clip's last byte.
+    (
+        "kvs_archiver_upload_finish_seconds",
+        &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+    ),
+    // A whole clip, GetClip to the ledger: up to 100 MB at anything from 1 to 100 MB/s.
+    (
+        "kvs_archiver_clip_seconds",
+        &[
+            0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+        ],
+    ),
+    // Clip sizes, up to GetClip's 100 MB cap.
+    (
+        "kvs_archiver_clip_bytes",
+        &[1e5, 1e6, 5e6, 1e7, 2.5e7, 5e7, 7.5e7, 1e8],
+    ),
+];
 
 pub fn clip_failed(stream: &str, error: &Error) {
     let stream = stream.to_string();
@@ -106,8 +134,13 @@ pub fn stream_health(stream: &str, lag_secs: Option<f64>, expiry_secs: Option<f6
 /// Every series carries `archiver_instance` (the instance id; Prometheus keeps
 /// `instance` for the scrape target): several daemons share one fleet.
 pub async fn serve(addr: SocketAddr, instance: &str) -> Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new()
-        .add_global_label("archiver_instance", instance)
+    let mut builder = PrometheusBuilder::new().add_global_label("archiver_instance", instance);
+    for (name, buckets) in BUCKETS {
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)
+            .map_err(|e| Error::Usage(format!("metrics: buckets of {name}: {e}")))?;
+    }
+    let handle = builder
         .install_recorder()
         .map_err(|e| Error::Usage(format!("metrics: cannot install the recorder: {e}")))?;
     let listener = tokio::net::TcpListener::bind(addr)

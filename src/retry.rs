@@ -5,6 +5,9 @@ pub use crate::error::Retryability;
 use rand::Rng;
 use std::time::Duration;
 
+/// Retries logged at debug level before they are worth a warning.
+const ROUTINE_RETRIES: u32 = 3;
+
 /// Capped exponential backoff with full jitter.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
@@ -83,7 +86,13 @@ where
                 }
                 let delay = policy.delay(attempt, retry);
                 crate::metrics::operation_retried(what, retry);
-                tracing::warn!(what, attempt, ?retry, delay_ms = delay.as_millis() as u64, %error, "retrying");
+                // A first retry or two is routine (a blip, a throttle): a warning only
+                // once it persists; the metric counts every one.
+                if attempt >= ROUTINE_RETRIES {
+                    tracing::warn!(what, attempt, ?retry, delay_ms = delay.as_millis() as u64, %error, "retrying");
+                } else {
+                    tracing::debug!(what, attempt, ?retry, delay_ms = delay.as_millis() as u64, %error, "retrying");
+                }
                 tokio::time::sleep(delay).await;
             }
         }

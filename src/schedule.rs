@@ -1,66 +1,290 @@
-//! Cron firings become queued triggers. tokio-cron-scheduler fires each stream's
-//! schedule; the callback only enqueues the stream's name (never blocking the scheduler);
-//! the daemon's runner does the work.
+//! Cron firings become queued triggers: one task per stream sleeps until its schedule's
+//! next instant in `daemon.time_zone`, then enqueues the stream's name (never blocking:
+//! a full queue means the stream already waits); the daemon's runner does the work.
+//!
+//! The firing instants come from croner, the cron engine tokio-cron-scheduler itself
+//! uses, with the same dialect (seconds required, day-of-month and day-of-week both
+//! honoured). tokio-cron-scheduler is not used for the firing: it takes a zone's UTC
+//! offset once, when a job is created, and keeps it, so after a daylight-saving change
+//! every firing of an IANA zone was an hour off. Here each next instant is computed in
+//! the zone itself, so it follows the zone's rules (a firing in a skipped hour runs when
+//! the clocks have moved on; one in a repeated hour runs once), and time is read from a
+//! clock the tests can drive under paused tokio time.
 
 use crate::domain::EpochMs;
 use crate::error::{Error, Result};
+use chrono::{DateTime, FixedOffset, TimeZone, Utc};
+use croner::Cron;
 use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
-use tokio_cron_scheduler::{Job, JobScheduler};
-use uuid::Uuid;
+use tokio_util::sync::CancellationToken;
+
+/// Where the schedules' wall-clock times are read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Zone {
+    Fixed(FixedOffset),
+    /// An IANA zone (`Europe/Paris`), with its daylight-saving rules.
+    Named(chrono_tz::Tz),
+    /// The machine's zone (`TZ`, /etc/localtime), with its rules.
+    Local,
+}
+
+impl Zone {
+    /// `UTC`, `local`, an offset (`+01:00`) or an IANA name (`Europe/Paris`).
+    pub fn parse(text: &str) -> Option<Zone> {
+        match text {
+            "UTC" | "utc" | "Z" => FixedOffset::east_opt(0).map(Zone::Fixed),
+            "local" => Some(Zone::Local),
+            other => other
+                .parse::<FixedOffset>()
+                .ok()
+                .map(Zone::Fixed)
+                .or_else(|| chrono_tz::Tz::from_str(other).ok().map(Zone::Named)),
+        }
+    }
+}
+
+/// Parses a schedule in the daemon's dialect: cron with seconds.
+pub fn parse_cron(schedule: &str) -> Option<Cron> {
+    let fields = schedule.split_whitespace().count();
+    if !(6..=7).contains(&fields) {
+        return None;
+    }
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
+        .build()
+        .parse(schedule)
+        .ok()
+}
+
+fn next_in<Z: TimeZone>(cron: &Cron, zone: &Z, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    cron.find_next_occurrence(&after.with_timezone(zone), false)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// The first firing of `cron` strictly after `after`, read in `zone`.
+pub fn next_firing(cron: &Cron, zone: Zone, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    match zone {
+        Zone::Fixed(offset) => next_in(cron, &offset, after),
+        Zone::Named(tz) => next_in(cron, &tz, after),
+        Zone::Local => next_in(cron, &chrono::Local, after),
+    }
+}
+
+/// What time it is: the system's clock, or a test's.
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
 pub struct Scheduler {
-    inner: JobScheduler,
-    jobs: HashMap<String, Uuid>,
+    next: Arc<Mutex<HashMap<String, EpochMs>>>,
+    stop: CancellationToken,
 }
 
 impl Scheduler {
-    /// Registers `(stream, cron)` pairs in `offset`'s time zone and starts firing into `tx`.
+    /// Starts firing each `(stream, cron)` pair, read in `zone`, into `tx`.
     pub async fn start(
         streams: &[(String, String)],
-        offset: chrono::FixedOffset,
+        zone: Zone,
         tx: mpsc::Sender<String>,
     ) -> Result<Scheduler> {
-        let scheduler_error =
-            |e: tokio_cron_scheduler::JobSchedulerError| Error::Usage(format!("scheduler: {e}"));
-        let inner = JobScheduler::new().await.map_err(scheduler_error)?;
-        let mut jobs = HashMap::new();
-        for (stream, cron) in streams {
-            let label = stream.clone();
-            let tx = tx.clone();
-            let job = Job::new_async_tz(cron.as_str(), offset, move |_, _| {
-                let label = label.clone();
-                let tx = tx.clone();
-                Box::pin(async move {
-                    // A full queue means this stream is already waiting: the firing
-                    // would be coalesced anyway.
-                    if tx.try_send(label.clone()).is_err() {
-                        tracing::debug!(stream = %label, "firing dropped: queue full or closed");
-                    }
-                })
-            })
-            .map_err(|e| Error::Usage(format!("schedule {cron:?} of stream {stream}: {e}")))?;
-            let id = inner.add(job).await.map_err(scheduler_error)?;
-            jobs.insert(stream.clone(), id);
+        Self::start_with_clock(streams, zone, tx, Arc::new(Utc::now))
+    }
+
+    /// [`Scheduler::start`] with the time read from `clock`.
+    pub fn start_with_clock(
+        streams: &[(String, String)],
+        zone: Zone,
+        tx: mpsc::Sender<String>,
+        clock: Clock,
+    ) -> Result<Scheduler> {
+        let next: Arc<Mutex<HashMap<String, EpochMs>>> = Arc::default();
+        let stop = CancellationToken::new();
+        for (stream, schedule) in streams {
+            let cron = parse_cron(schedule).ok_or_else(|| {
+                Error::Usage(format!(
+                    "schedule {schedule:?} of stream {stream}: not a cron expression with seconds (e.g. \"0 */5 * * * *\")"
+                ))
+            })?;
+            tokio::spawn(fire(
+                stream.clone(),
+                cron,
+                zone,
+                tx.clone(),
+                clock.clone(),
+                next.clone(),
+                stop.clone(),
+            ));
         }
-        inner.start().await.map_err(scheduler_error)?;
-        Ok(Scheduler { inner, jobs })
+        Ok(Scheduler { next, stop })
     }
 
     /// When the stream's schedule fires next.
     pub async fn next_firing(&mut self, stream: &str) -> Option<EpochMs> {
-        let id = *self.jobs.get(stream)?;
-        self.inner
-            .next_tick_for_job(id)
-            .await
-            .ok()
-            .flatten()
-            .map(|t| t.timestamp_millis())
+        self.next.lock().ok()?.get(stream).copied()
     }
 
-    pub async fn stop(mut self) {
-        if let Err(error) = self.inner.shutdown().await {
-            tracing::warn!(%error, "scheduler did not stop cleanly");
+    pub async fn stop(self) {
+        self.stop.cancel();
+    }
+}
+
+async fn fire(
+    stream: String,
+    cron: Cron,
+    zone: Zone,
+    tx: mpsc::Sender<String>,
+    clock: Clock,
+    next_of: Arc<Mutex<HashMap<String, EpochMs>>>,
+    stop: CancellationToken,
+) {
+    let mut after = clock();
+    loop {
+        let Some(next) = next_firing(&cron, zone, after) else {
+            tracing::warn!(stream = %stream, "its schedule never fires again");
+            return;
+        };
+        if let Ok(mut map) = next_of.lock() {
+            map.insert(stream.clone(), next.timestamp_millis());
         }
+        // Sleep until the instant; waking early (a clock that moved) sleeps again.
+        loop {
+            let now = clock();
+            let Ok(wait) = (next - now).to_std() else {
+                break;
+            };
+            if wait.is_zero() {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+        // A full queue means the stream already waits: this firing would be coalesced.
+        if tx.try_send(stream.clone()).is_err() {
+            if tx.is_closed() {
+                return;
+            }
+            tracing::debug!(stream = %stream, "firing dropped: queue full");
+        }
+        // Firings missed while the process was stopped or stalled are not made up.
+        after = next.max(clock());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paris() -> Zone {
+        Zone::parse("Europe/Paris").expect("an IANA zone")
+    }
+
+    /// Wall time from the start of the test plus paused tokio time.
+    fn paused_clock(start: DateTime<Utc>) -> Clock {
+        let origin = tokio::time::Instant::now();
+        Arc::new(move || start + chrono::Duration::from_std(origin.elapsed()).unwrap_or_default())
+    }
+
+    #[test]
+    fn zones_are_names_offsets_utc_or_local() {
+        assert!(matches!(Zone::parse("Europe/Paris"), Some(Zone::Named(_))));
+        assert!(matches!(Zone::parse("+05:30"), Some(Zone::Fixed(_))));
+        assert!(matches!(Zone::parse("UTC"), Some(Zone::Fixed(_))));
+        assert_eq!(Zone::parse("local"), Some(Zone::Local));
+        assert_eq!(Zone::parse("Mars/Olympus"), None);
+    }
+
+    /// A daily 02:30 and an hourly firing in Paris across the spring-forward night
+    /// (2027-03-28: 02:00 CET becomes 03:00 CEST) and the fall-back night (2027-10-31:
+    /// 03:00 CEST becomes 02:00 CET), under paused time.
+    #[tokio::test(start_paused = true)]
+    async fn firings_follow_daylight_saving_changes_in_the_zone() {
+        let start = Utc
+            .with_ymd_and_hms(2027, 3, 26, 12, 0, 0)
+            .single()
+            .expect("t");
+        let (tx, mut rx) = mpsc::channel(16);
+        let streams = vec![("dock".to_string(), "0 30 9 * * *".to_string())];
+        let mut scheduler = Scheduler::start_with_clock(&streams, paris(), tx, paused_clock(start))
+            .expect("starts");
+        let clock = paused_clock(start);
+        let mut fired = Vec::new();
+        for _ in 0..4 {
+            rx.recv().await.expect("a firing");
+            fired.push(clock());
+        }
+        // 09:30 in Paris: 08:30 UTC in winter time, 07:30 UTC from the 28th on.
+        let utc = |d, h| {
+            Utc.with_ymd_and_hms(2027, 3, d, h, 30, 0)
+                .single()
+                .expect("t")
+        };
+        assert_eq!(fired, [utc(27, 8), utc(28, 7), utc(29, 7), utc(30, 7)]);
+        assert_eq!(
+            scheduler.next_firing("dock").await,
+            Some(utc(31, 7).timestamp_millis())
+        );
+        scheduler.stop().await;
+
+        // Autumn, an hourly schedule at minute 30 across 03:00 CEST -> 02:00 CET: 02:30
+        // happens twice on the wall clock and fires once (the first), then 03:30 CET
+        // comes two hours after 02:30 CEST; no firing lands on a wrong instant.
+        let start = Utc
+            .with_ymd_and_hms(2027, 10, 30, 23, 0, 0)
+            .single()
+            .expect("t");
+        let (tx, mut rx) = mpsc::channel(16);
+        let streams = vec![("dock".to_string(), "0 30 * * * *".to_string())];
+        let scheduler = Scheduler::start_with_clock(&streams, paris(), tx, paused_clock(start))
+            .expect("starts");
+        let clock = paused_clock(start);
+        let mut fired = Vec::new();
+        for _ in 0..4 {
+            rx.recv().await.expect("a firing");
+            fired.push(clock());
+        }
+        scheduler.stop().await;
+        let hours: Vec<String> = fired
+            .iter()
+            .map(|t| {
+                t.with_timezone(&chrono_tz::Europe::Paris)
+                    .format("%H:%M %Z")
+                    .to_string()
+            })
+            .collect();
+        assert!(
+            fired.windows(2).all(|w| w[0] < w[1]),
+            "strictly increasing: {hours:?}"
+        );
+        assert_eq!(
+            hours,
+            ["01:30 CEST", "02:30 CEST", "03:30 CET", "04:30 CET"]
+        );
+        let utc: Vec<String> = fired
+            .iter()
+            .map(|t| t.format("%d %H:%M").to_string())
+            .collect();
+        assert_eq!(utc, ["30 23:30", "31 00:30", "31 02:30", "31 03:30"]);
+    }
+
+    #[test]
+    fn a_fixed_offset_never_moves() {
+        let cron = parse_cron("0 30 9 * * *").expect("cron");
+        let zone = Zone::parse("+01:00").expect("offset");
+        let after = Utc
+            .with_ymd_and_hms(2027, 3, 28, 0, 0, 0)
+            .single()
+            .expect("t");
+        let next = next_firing(&cron, zone, after).expect("fires");
+        assert_eq!(
+            next,
+            Utc.with_ymd_and_hms(2027, 3, 28, 8, 30, 0)
+                .single()
+                .expect("t")
+        );
     }
 }

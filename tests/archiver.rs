@@ -1075,6 +1075,7 @@ async fn daemon_keeps_twenty_live_streams_archived_exactly_once() {
         "{metrics}"
     );
     assert!(metric(&metrics, "kvs_archiver_clips_archived_total", "cam-00").unwrap_or(0.0) > 0.0);
+    assert_real_histograms(&metrics);
 
     let objects = world.objects().await;
     let clip_ms = 20_000;
@@ -3362,5 +3363,70 @@ async fn the_archive_page_shows_the_timeline_and_plays_a_clicked_object_in_chrom
     let _ = server.kill().await;
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
+    }
+}
+
+/// An HTTP/1.1 chunked body, joined.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The scrape parses as Prometheus text, and the latency and size metrics are histograms
+/// (not summaries) whose buckets count up to their total, for cam-00.
+fn assert_real_histograms(text: &str) {
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or(("", text));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
+    for name in [
+        "kvs_archiver_getclip_first_byte_seconds",
+        "kvs_archiver_upload_finish_seconds",
+        "kvs_archiver_clip_seconds",
+        "kvs_archiver_clip_bytes",
+    ] {
+        let sample = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && s.labels.get("stream") == Some("cam-00"))
+            .unwrap_or_else(|| {
+                let lines: Vec<&str> = body.lines().filter(|l| l.contains(name)).take(6).collect();
+                let parsed: Vec<String> = scrape
+                    .samples
+                    .iter()
+                    .filter(|s| s.metric.contains(name))
+                    .take(3)
+                    .map(|s| format!("{} {:?}", s.metric, s.labels))
+                    .collect();
+                panic!("{name} for cam-00 in the scrape: {lines:#?} parsed {parsed:?}")
+            });
+        let prometheus_parse::Value::Histogram(buckets) = &sample.value else {
+            panic!("{name} is {:?}, not a histogram", sample.value);
+        };
+        assert!(buckets.len() >= 8, "{name}: {buckets:?}");
+        let counts: Vec<f64> = buckets.iter().map(|b| b.count).collect();
+        assert!(
+            counts.windows(2).all(|w| w[0] <= w[1]),
+            "{name}: cumulative {counts:?}"
+        );
+        assert!(
+            counts.last().copied().unwrap_or(0.0) > 0.0,
+            "{name}: observed"
+        );
     }
 }

@@ -15,7 +15,7 @@ use crate::error::{Error, Result, Retryability};
 use crate::ledger::Archived;
 use crate::retry::{with_retry, RetryPolicy};
 use aws_sdk_s3 as s3;
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 use bytes::{Bytes, BytesMut};
@@ -61,6 +61,19 @@ pub struct S3Upload {
     total: u64,
 }
 
+/// The IAM action an S3 operation needs (AWS's service authorization reference).
+fn s3_action(op: &str) -> &'static str {
+    match op {
+        "CreateMultipartUpload" | "UploadPart" | "CompleteMultipartUpload" | "PutObject" => {
+            "s3:PutObject"
+        }
+        "AbortMultipartUpload" => "s3:AbortMultipartUpload",
+        "ListMultipartUploads" => "s3:ListBucketMultipartUploads",
+        "ListObjectsV2" => "s3:ListBucket",
+        _ => "s3:GetObject",
+    }
+}
+
 /// Classifies an S3 SDK error: the one place S3 errors get their retryability.
 fn s3_error<E>(
     op: &'static str,
@@ -83,7 +96,7 @@ where
                 // No parsed message: show the whole error chain and what the store sent.
                 None => format!(
                     "{}; response body: {}",
-                    DisplayErrorContext(ctx.err()),
+                    crate::error::chain(ctx.err()),
                     ctx.raw()
                         .body()
                         .bytes()
@@ -116,28 +129,25 @@ where
                 _ if status >= 500 || status == 408 => Retryability::Transient,
                 _ => Retryability::Permanent,
             };
+            let denied = format!(
+                " (the credentials may not call {} here: `kvs-archiver iam-policy` prints the policy this configuration needs)",
+                s3_action(op)
+            );
             let hint = match code {
                 "NoSuchBucket" => {
                     " (the bucket does not exist: create it or fix destination.bucket)"
                 }
-                "AccessDenied" => {
-                    " (the credentials lack a permission: `kvs-archiver iam-policy` prints the policy this configuration needs)"
-                }
-                "InvalidAccessKeyId" | "SignatureDoesNotMatch" => {
-                    " (check the AWS credentials)"
-                }
+                "AccessDenied" => denied.as_str(),
+                "InvalidAccessKeyId" | "SignatureDoesNotMatch" => " (check the AWS credentials)",
                 _ => "",
             };
             (format!("{code} (HTTP {status}) {message}{hint}"), retry)
         }
-        SdkError::ConstructionFailure(_) => (
-            format!("{}", DisplayErrorContext(&err)),
-            Retryability::Permanent,
-        ),
+        SdkError::ConstructionFailure(_) => (crate::error::chain(&err), Retryability::Permanent),
         _ => (
             format!(
-                "{} (endpoint unreachable or connection lost)",
-                DisplayErrorContext(&err)
+                "cannot reach S3: {} (check aws.s3_endpoint_url and the network; retried)",
+                crate::error::chain(&err)
             ),
             Retryability::Transient,
         ),

@@ -13,9 +13,7 @@ use crate::quota::TokenBucket;
 use crate::retry::{with_retry, RetryPolicy};
 use aws_sdk_kinesisvideo as kv;
 use aws_sdk_kinesisvideoarchivedmedia as am;
-use aws_sdk_kinesisvideoarchivedmedia::error::{
-    DisplayErrorContext, ProvideErrorMetadata, SdkError,
-};
+use aws_sdk_kinesisvideoarchivedmedia::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesisvideoarchivedmedia::primitives::{ByteStream, DateTime};
 use aws_sdk_kinesisvideoarchivedmedia::types::{
     ClipFragmentSelector, ClipFragmentSelectorType, ClipTimestampRange, FragmentSelector,
@@ -65,7 +63,10 @@ struct StreamBuckets {
 pub struct KvsSource {
     control: kv::Client,
     media_config: am::Config,
-    endpoints: Mutex<HashMap<(String, Api), am::Client>>,
+    /// Data endpoints by stream and API: the client and its URL (for errors).
+    endpoints: Mutex<HashMap<(String, Api), (am::Client, String)>>,
+    /// The control plane's URL, for errors.
+    control_url: String,
     buckets: Mutex<HashMap<String, Arc<StreamBuckets>>>,
     account_control: TokenBucket,
     pacing: Pacing,
@@ -84,6 +85,7 @@ fn to_ms(t: &DateTime) -> EpochMs {
 fn kvs_error<E>(
     op: &'static str,
     stream: &str,
+    endpoint: &str,
     err: SdkError<E, am::config::http::HttpResponse>,
 ) -> Error
 where
@@ -114,13 +116,23 @@ where
                 _ => Retryability::Permanent,
             };
             let hint = match code.as_deref() {
+                Some("NotAuthorizedException" | "AccessDeniedException") => {
+                    return Error::Kvs {
+                        op,
+                        stream: stream.to_string(),
+                        code: code.clone(),
+                        status: Some(status),
+                        message: format!(
+                            "access denied: the credentials may not call kinesisvideo:{op} on this stream; `kvs-archiver iam-policy` prints the policy this configuration needs"
+                        ),
+                        retry,
+                    };
+                }
                 Some(
-                    "NotAuthorizedException"
-                    | "AccessDeniedException"
-                    | "UnrecognizedClientException"
+                    "UnrecognizedClientException"
                     | "InvalidSignatureException"
                     | "MissingAuthenticationTokenException",
-                ) => " (check the AWS credentials and the IAM policy of the archiver)",
+                ) => " (the AWS credentials are not valid for this account or region: check them and aws.region)",
                 Some("ResourceNotFoundException") if op != "GetClip" => {
                     " (check the stream name or ARN in the configuration)"
                 }
@@ -143,7 +155,7 @@ where
         SdkError::ConstructionFailure(_) => (
             None,
             None,
-            format!("{}", DisplayErrorContext(&err)),
+            crate::error::chain(&err),
             Retryability::Permanent,
         ),
         SdkError::ResponseError(ctx) => (
@@ -152,7 +164,7 @@ where
             format!(
                 "KVS answered HTTP {} with a body that is not the API's JSON: {}",
                 ctx.raw().status().as_u16(),
-                DisplayErrorContext(&err)
+                crate::error::chain(&err)
             ),
             Retryability::Transient,
         ),
@@ -160,8 +172,8 @@ where
             None,
             None,
             format!(
-                "{} (endpoint unreachable or connection lost)",
-                DisplayErrorContext(&err)
+                "cannot reach {endpoint}: {} (check the endpoint and the network; retried)",
+                crate::error::chain(&err)
             ),
             Retryability::Transient,
         ),
@@ -187,10 +199,17 @@ impl KvsSource {
         if let Some(url) = control_endpoint {
             control = control.endpoint_url(url);
         }
+        let region = shared
+            .region()
+            .map_or("us-east-1".to_string(), |r| r.to_string());
+        let control_url = control_endpoint
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("https://kinesisvideo.{region}.amazonaws.com"));
         KvsSource {
             control: kv::Client::from_conf(control.build()),
             media_config: am::config::Builder::from(shared).build(),
             endpoints: Mutex::new(HashMap::new()),
+            control_url,
             buckets: Mutex::new(HashMap::new()),
             account_control: TokenBucket::new(pacing.control_calls_per_second),
             pacing,
@@ -232,7 +251,9 @@ impl KvsSource {
         self.account_control.acquire(1.0).await;
     }
 
-    fn lock_endpoints(&self) -> std::sync::MutexGuard<'_, HashMap<(String, Api), am::Client>> {
+    fn lock_endpoints(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(String, Api), (am::Client, String)>> {
         self.endpoints.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -247,7 +268,7 @@ impl KvsSource {
                 .set_stream_arn(stream.arn.clone())
                 .send()
                 .await
-                .map_err(|e| kvs_error("DescribeStream", &label, e))?;
+                .map_err(|e| kvs_error("DescribeStream", &label, &self.control_url, e))?;
             let info = out.stream_info().ok_or_else(|| Error::Kvs {
                 op: "DescribeStream",
                 stream: label.clone(),
@@ -271,7 +292,8 @@ impl KvsSource {
         Ok(described)
     }
 
-    async fn media_client(&self, stream: &StreamConfig, api: Api) -> Result<am::Client> {
+    /// The archived-media client for `api` on the stream's data endpoint, and its URL.
+    async fn media_client(&self, stream: &StreamConfig, api: Api) -> Result<(am::Client, String)> {
         let label = stream.label();
         if let Some(client) = self.lock_endpoints().get(&(label.clone(), api)) {
             return Ok(client.clone());
@@ -291,7 +313,7 @@ impl KvsSource {
                 .api_name(api_name.clone())
                 .send()
                 .await
-                .map_err(|e| kvs_error("GetDataEndpoint", &label, e))?;
+                .map_err(|e| kvs_error("GetDataEndpoint", &label, &self.control_url, e))?;
             out.data_endpoint()
                 .map(str::to_string)
                 .ok_or_else(|| Error::Kvs {
@@ -307,11 +329,12 @@ impl KvsSource {
         let client = am::Client::from_conf(
             self.media_config
                 .to_builder()
-                .endpoint_url(endpoint)
+                .endpoint_url(&endpoint)
                 .build(),
         );
-        self.lock_endpoints().insert((label, api), client.clone());
-        Ok(client)
+        self.lock_endpoints()
+            .insert((label, api), (client.clone(), endpoint.clone()));
+        Ok((client, endpoint))
     }
 
     /// Drops a cached data endpoint after a failure, so the next call asks again.
@@ -363,7 +386,7 @@ impl KvsSource {
                     .metadata
                     .acquire(page_size as f64)
                     .await;
-                let client = self.media_client(stream, Api::ListFragments).await?;
+                let (client, endpoint) = self.media_client(stream, Api::ListFragments).await?;
                 let mut request = client
                     .list_fragments()
                     .set_stream_name(stream.name.clone())
@@ -375,7 +398,7 @@ impl KvsSource {
                 };
                 let result = request.send().await;
                 let page = result.map_err(|e| {
-                    let error = kvs_error("ListFragments", &label, e);
+                    let error = kvs_error("ListFragments", &label, &endpoint, e);
                     if error.retryability() == Retryability::Transient {
                         self.forget_endpoint(stream, Api::ListFragments);
                     }
@@ -462,7 +485,7 @@ impl KvsSource {
             )
             .build()
             .map_err(|e| Error::Usage(format!("clip selector: {e}")))?;
-        let client = self.media_client(stream, Api::GetClip).await?;
+        let (client, endpoint) = self.media_client(stream, Api::GetClip).await?;
         let buckets = self.buckets(stream);
         buckets.media.acquire(f64::from(fragments)).await;
         buckets.metadata.acquire(f64::from(fragments)).await;
@@ -474,7 +497,7 @@ impl KvsSource {
             .send()
             .await
             .map_err(|e| {
-                let error = kvs_error("GetClip", &label, e);
+                let error = kvs_error("GetClip", &label, &endpoint, e);
                 if error.retryability() == Retryability::Transient {
                     self.forget_endpoint(stream, Api::GetClip);
                 }
@@ -493,7 +516,7 @@ impl KvsSource {
         numbers: &[String],
     ) -> Result<ClipBody> {
         let label = stream.label();
-        let client = self
+        let (client, endpoint) = self
             .media_client(stream, Api::GetMediaForFragmentList)
             .await?;
         self.buckets(stream)
@@ -508,7 +531,7 @@ impl KvsSource {
             .send()
             .await
             .map_err(|e| {
-                let error = kvs_error("GetMediaForFragmentList", &label, e);
+                let error = kvs_error("GetMediaForFragmentList", &label, &endpoint, e);
                 if error.retryability() == Retryability::Transient {
                     self.forget_endpoint(stream, Api::GetMediaForFragmentList);
                 }
@@ -535,7 +558,7 @@ impl ClipBody {
             stream: self.stream.clone(),
             code: None,
             status: None,
-            message: format!("body broke off: {}", DisplayErrorContext(&e)),
+            message: format!("body broke off: {}", crate::error::chain(&e)),
             retry: Retryability::Transient,
         })
     }

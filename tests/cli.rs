@@ -1,0 +1,274 @@
+//! kvs-archiver as a new user meets it: the demo, and the commands it says to run next.
+
+use std::process::Command;
+
+fn archiver() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvs-archiver"));
+    cmd.env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_PROFILE")
+        .env_remove("KVS_ARCHIVER_CONFIG");
+    cmd
+}
+
+/// The demo archives into a directory, leaves a configuration beside it, and every
+/// command it prints works as printed (the page's `serve` is started and asked once).
+#[test]
+fn the_demo_leaves_a_configuration_and_its_printed_commands_work() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let output = work.path().join("demo-output");
+    let out = archiver()
+        .arg("demo")
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .expect("demo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "demo: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(output.join("kvs-archiver.toml").is_file(), "{stdout}");
+    let program = env!("CARGO_BIN_EXE_kvs-archiver");
+    let commands: Vec<Vec<String>> = stdout
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix(program))
+        .map(|rest| {
+            rest.split('#')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .map(str::to_string)
+                .collect()
+        })
+        .collect();
+    let names: Vec<&str> = commands
+        .iter()
+        .filter_map(|c| c.get(2).map(String::as_str))
+        .collect();
+    assert_eq!(names, ["status", "find", "export", "serve"], "{stdout}");
+    for command in commands.iter().filter(|c| c[2] != "serve") {
+        let out = archiver().args(command).output().expect("runs");
+        assert!(
+            out.status.success(),
+            "{command:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        output.join("one-minute.mp4").is_file(),
+        "the printed export wrote its file"
+    );
+}
+
+/// Completions and the manual page come from the command line's own definition.
+#[test]
+fn completions_and_the_manual_page_name_every_command() {
+    let bash = archiver()
+        .args(["completions", "bash"])
+        .output()
+        .expect("runs");
+    assert!(bash.status.success());
+    let script = String::from_utf8_lossy(&bash.stdout);
+    for command in ["backfill", "export", "rebuild-ledger", "serve", "find"] {
+        assert!(script.contains(command), "bash completion knows {command}");
+    }
+    let man = archiver().arg("man").output().expect("runs");
+    assert!(man.status.success());
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH kvs-archiver"),
+        "roff: {page:.200}"
+    );
+    assert!(
+        page.contains("Exit status"),
+        "the page documents exit statuses"
+    );
+}
+
+use kvs_emulator::config::{DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY};
+use std::time::{Duration, Instant};
+
+/// A configuration for stream `cam` against `kvs_url`, archiving into a directory.
+fn config_file(dir: &std::path::Path, kvs_url: &str) -> std::path::PathBuf {
+    let path = dir.join("kvs-archiver.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[aws]\nregion = \"us-east-1\"\nkinesis_video_endpoint_url = \"{kvs_url}\"\n\
+             [state]\ndatabase_url = \"sqlite://{0}/state.db\"\n\
+             [destination]\ndirectory = \"{0}/archive\"\n\
+             [archive]\nretry_base_delay = \"50ms\"\nretry_max_delay = \"100ms\"\nmax_attempts = 2\n\
+             [[streams]]\nname = \"cam\"\n",
+            dir.display()
+        ),
+    )
+    .expect("config written");
+    path
+}
+
+/// The user's credentials: none from this machine's files or environment.
+fn without_credentials(cmd: &mut Command, home: &std::path::Path) {
+    for name in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ] {
+        cmd.env_remove(name);
+    }
+    // Empty files: a user with no profiles (missing ones only add the SDK's warnings).
+    let (config, credentials) = (home.join("aws-config"), home.join("aws-credentials"));
+    std::fs::write(&config, "").expect("empty config");
+    std::fs::write(&credentials, "").expect("empty credentials");
+    cmd.env("HOME", home)
+        .env("AWS_CONFIG_FILE", config)
+        .env("AWS_SHARED_CREDENTIALS_FILE", credentials);
+}
+
+fn with_credentials(cmd: &mut Command) {
+    cmd.env("AWS_ACCESS_KEY_ID", DEFAULT_ACCESS_KEY_ID)
+        .env("AWS_SECRET_ACCESS_KEY", DEFAULT_SECRET_ACCESS_KEY)
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE");
+}
+
+fn range() -> [String; 6] {
+    let end = chrono::Utc::now() - chrono::Duration::minutes(5);
+    let start = end - chrono::Duration::minutes(10);
+    [
+        "--stream".into(),
+        "cam".into(),
+        "--start".into(),
+        start.to_rfc3339(),
+        "--end".into(),
+        end.to_rfc3339(),
+    ]
+}
+
+/// Runs `cmd`; checks the exit status, the first line of stderr, at most 3 lines, and
+/// (`fast`) that the answer came within 2 s. Returns stderr.
+fn assert_error(mut cmd: Command, code: i32, first_line: &str, fast: bool) -> String {
+    let started = Instant::now();
+    let out = cmd.output().expect("runs");
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.first().copied().unwrap_or(""), first_line, "{stderr}");
+    assert!(lines.len() <= 3, "at most 3 lines: {stderr}");
+    assert!(!stderr.contains(" { "), "no debug dump: {stderr}");
+    if fast {
+        assert!(took < Duration::from_secs(2), "{took:?}: no retry can help");
+    }
+    stderr
+}
+
+#[test]
+fn without_a_configuration_it_says_how_to_give_one() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut cmd = archiver();
+    cmd.arg("status").current_dir(work.path());
+    assert_error(
+        cmd,
+        2,
+        "kvs-archiver: no configuration: give --config FILE or set KVS_ARCHIVER_CONFIG (every key is in config/kvs-archiver.example.toml); `kvs-archiver demo` runs without one",
+        true,
+    );
+}
+
+#[test]
+fn an_unknown_stream_is_named_with_the_configured_ones() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let config = config_file(work.path(), "http://127.0.0.1:9");
+    let mut cmd = archiver();
+    with_credentials(&mut cmd);
+    let mut args = range();
+    args[1] = "front-door".into();
+    cmd.arg("--config").arg(&config).arg("backfill").args(&args);
+    assert_error(
+        cmd,
+        2,
+        "kvs-archiver: stream \"front-door\" is not in the configuration (configured: cam); add it under [[streams]]",
+        true,
+    );
+}
+
+#[test]
+fn without_credentials_it_says_which_sources_were_tried_at_once() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let config = config_file(work.path(), "http://127.0.0.1:9");
+    let mut cmd = archiver();
+    without_credentials(&mut cmd, work.path());
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("backfill")
+        .args(range());
+    assert_error(
+        cmd,
+        2,
+        "kvs-archiver: no AWS credentials: none in the environment (AWS_ACCESS_KEY_ID), the profile \"default\" (~/.aws/credentials, ~/.aws/config: keys, sso_session, credential_process, role_arn), web identity (AWS_WEB_IDENTITY_TOKEN_FILE), the ECS container or EC2 instance metadata; set one (for SSO: aws sso login --profile NAME, then AWS_PROFILE=NAME)",
+        true,
+    );
+}
+
+#[test]
+fn a_dead_endpoint_is_named_with_the_os_error() {
+    let work = tempfile::tempdir().expect("tempdir");
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let config = config_file(work.path(), &url);
+    let mut cmd = archiver();
+    with_credentials(&mut cmd);
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("backfill")
+        .args(range());
+    let stderr = assert_error(
+        cmd,
+        1,
+        &format!("kvs-archiver: kvs DescribeStream cam: cannot reach {url}: dispatch failure: io error: client error (Connect): tcp connect error: Connection refused (os error 111) (check the endpoint and the network; retried)"),
+        false,
+    );
+    assert!(stderr.contains("Connection refused"), "{stderr}");
+}
+
+#[test]
+fn a_denied_action_names_the_permission_and_the_policy_command() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let end = chrono::Utc::now() - chrono::Duration::minutes(1);
+    let mut spec =
+        kvs_emulator::StreamSpec::historical("cam", end - chrono::Duration::hours(1), end);
+    spec.faults.deny_access = true;
+    let emu = runtime
+        .block_on(kvs_emulator::Emulator::start(
+            kvs_emulator::EmulatorConfig {
+                streams: vec![spec],
+                ..Default::default()
+            },
+        ))
+        .expect("emulator");
+    let work = tempfile::tempdir().expect("tempdir");
+    let config = config_file(work.path(), emu.base_url());
+    let mut cmd = archiver();
+    with_credentials(&mut cmd);
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("backfill")
+        .args(range());
+    assert_error(
+        cmd,
+        2,
+        "kvs-archiver: kvs DescribeStream cam: access denied: the credentials may not call kinesisvideo:DescribeStream on this stream; `kvs-archiver iam-policy` prints the policy this configuration needs",
+        true,
+    );
+    drop(emu);
+}
