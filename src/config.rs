@@ -237,7 +237,7 @@ impl StateConfig {
         } else {
             host
         };
-        let id = format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff);
+        let id = format!("{host}-{:06x}", fastrand::u32(..) & 0xff_ffff);
         std::fs::create_dir_all(&dir).map_err(cannot)?;
         // Written whole or not at all: two processes starting together keep one id.
         let tmp = dir.join(format!(".instance-id.{}", std::process::id()));

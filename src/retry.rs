@@ -2,7 +2,6 @@
 //! ([`Retryability`]), and [`RetryPolicy`] says how long to wait before the next attempt.
 
 pub use crate::error::Retryability;
-use rand::Rng;
 use std::time::Duration;
 
 /// Retries logged at debug level before they are worth a warning.
@@ -33,7 +32,7 @@ impl RetryPolicy {
         // Full jitter spreads retries of many clips that failed together.
         let millis = ceiling.as_millis() as u64;
         let low = millis / 2;
-        Duration::from_millis(rand::thread_rng().gen_range(low..=millis.max(low)))
+        Duration::from_millis(fastrand::u64(low..=millis.max(low)))
     }
 
     /// Whether another attempt is allowed after `attempt` failures. Throttling says

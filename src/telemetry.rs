@@ -3,7 +3,7 @@
 
 use crate::error::Error;
 use crate::ledger::Chunk;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tracing_subscriber::EnvFilter;
@@ -16,9 +16,29 @@ pub fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if std::io::stderr().is_terminal() {
-        builder.with_target(false).init();
+        // Log lines go out between redraws of the progress bars, never through them.
+        builder.with_target(false).with_writer(|| BelowBars).init();
     } else {
         builder.json().flatten_event(true).init();
+    }
+}
+
+/// Every progress bar of the process, so that log lines can be printed around them.
+fn bars() -> &'static MultiProgress {
+    static BARS: std::sync::OnceLock<MultiProgress> = std::sync::OnceLock::new();
+    BARS.get_or_init(MultiProgress::new)
+}
+
+/// Standard error, written while the bars are hidden.
+struct BelowBars;
+
+impl std::io::Write for BelowBars {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        bars().suspend(|| std::io::stderr().write(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }
 
@@ -31,7 +51,7 @@ pub struct Progress {
 impl Progress {
     pub fn new(label: &str) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = ProgressBar::new(0);
+            let bar = bars().add(ProgressBar::new(0));
             let style = ProgressStyle::with_template(
                 "{prefix} [{bar:30}] {pos}/{len} chunks {msg} (ETA {eta})",
             )
@@ -111,7 +131,7 @@ pub struct ByteProgress {
 impl ByteProgress {
     pub fn new(label: &str, total: u64) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = ProgressBar::new(total);
+            let bar = bars().add(ProgressBar::new(total));
             let style = ProgressStyle::with_template(
                 "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} (ETA {eta})",
             )

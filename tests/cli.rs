@@ -272,3 +272,154 @@ fn a_denied_action_names_the_permission_and_the_policy_command() {
     );
     drop(emu);
 }
+
+/// An emulator with ten minutes of stream `cam`, on a runtime kept alive by the caller.
+fn emulator() -> (tokio::runtime::Runtime, kvs_emulator::Emulator) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let end = chrono::Utc::now() - chrono::Duration::minutes(1);
+    let spec =
+        kvs_emulator::StreamSpec::historical("cam", end - chrono::Duration::minutes(20), end);
+    let emu = runtime
+        .block_on(kvs_emulator::Emulator::start(
+            kvs_emulator::EmulatorConfig {
+                streams: vec![spec],
+                ..Default::default()
+            },
+        ))
+        .expect("emulator");
+    (runtime, emu)
+}
+
+/// `credential_process` from a profile: the program runs the script and signs with what
+/// it prints (the emulator checks every signature).
+#[test]
+fn credentials_from_a_credential_process_profile_are_used() {
+    let (_runtime, emu) = emulator();
+    let work = tempfile::tempdir().expect("tempdir");
+    let config = config_file(work.path(), emu.base_url());
+    let script = work.path().join("credentials.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho process-ran >> {0}/ran\nprintf '{{\"Version\": 1, \"AccessKeyId\": \"{DEFAULT_ACCESS_KEY_ID}\", \"SecretAccessKey\": \"{DEFAULT_SECRET_ACCESS_KEY}\"}}'\n",
+            work.path().display()
+        ),
+    )
+    .expect("script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("executable");
+    let mut cmd = archiver();
+    without_credentials(&mut cmd, work.path());
+    std::fs::write(
+        work.path().join("aws-config"),
+        format!(
+            "[profile archiver]\nregion = us-east-1\ncredential_process = {}\n",
+            script.display()
+        ),
+    )
+    .expect("profile");
+    cmd.env("AWS_PROFILE", "archiver")
+        .arg("--config")
+        .arg(&config)
+        .arg("backfill")
+        .args(range());
+    let out = cmd.output().expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        work.path().join("ran").exists(),
+        "the credential process ran"
+    );
+    assert!(
+        emu.requests()
+            .iter()
+            .any(|r| r.op == "GetClip" && r.status == 200),
+        "signed requests were accepted"
+    );
+}
+
+/// An IAM Identity Center (SSO) profile: the cached portal token is exchanged at a fake
+/// SSO portal on 127.0.0.1 (AWS_ENDPOINT_URL_SSO) for role credentials, which sign the
+/// requests.
+#[test]
+fn credentials_from_an_sso_profile_come_from_the_portal() {
+    let (_runtime, emu) = emulator();
+    let work = tempfile::tempdir().expect("tempdir");
+    let config = config_file(work.path(), emu.base_url());
+    const START_URL: &str = "https://kvs-archiver-test.awsapps.com/start";
+    // ~/.aws/sso/cache/<sha1 of the start URL>.json, as `aws sso login` leaves it.
+    let cache = work.path().join(".aws/sso/cache");
+    std::fs::create_dir_all(&cache).expect("cache dir");
+    std::fs::write(
+        cache.join("28550724b39741c4546148a3ea1203baf1333326.json"),
+        format!(
+            r#"{{"startUrl": "{START_URL}", "region": "us-east-1", "accessToken": "portal-token-42", "expiresAt": "2099-01-01T00:00:00Z"}}"#
+        ),
+    )
+    .expect("token");
+    // The portal: answers GetRoleCredentials, keeps what it was asked.
+    let portal = std::net::TcpListener::bind("127.0.0.1:0").expect("portal");
+    let port = portal.local_addr().expect("addr").port();
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let seen = asked.clone();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in portal.incoming().take(4) {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = vec![0u8; 8192];
+            let n = stream.read(&mut request).unwrap_or(0);
+            seen.lock()
+                .expect("lock")
+                .push_str(&String::from_utf8_lossy(&request[..n]));
+            let expiration = (chrono::Utc::now() + chrono::Duration::hours(1)).timestamp_millis();
+            let body = format!(
+                r#"{{"roleCredentials": {{"accessKeyId": "{DEFAULT_ACCESS_KEY_ID}", "secretAccessKey": "{DEFAULT_SECRET_ACCESS_KEY}", "sessionToken": "sso-session", "expiration": {expiration}}}}}"#
+            );
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let mut cmd = archiver();
+    without_credentials(&mut cmd, work.path());
+    std::fs::write(
+        work.path().join("aws-config"),
+        format!(
+            "[profile archiver]\nregion = us-east-1\nsso_start_url = {START_URL}\nsso_region = us-east-1\nsso_account_id = 123456789012\nsso_role_name = Archiver\n"
+        ),
+    )
+    .expect("profile");
+    cmd.env("AWS_PROFILE", "archiver")
+        .env("AWS_ENDPOINT_URL_SSO", format!("http://127.0.0.1:{port}"))
+        .arg("--config")
+        .arg(&config)
+        .arg("backfill")
+        .args(range());
+    let out = cmd.output().expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let asked = asked.lock().expect("lock").clone();
+    assert!(
+        asked.contains("/federation/credentials?") && asked.contains("account_id=123456789012"),
+        "{asked}"
+    );
+    assert!(asked.contains("role_name=Archiver"), "{asked}");
+    assert!(
+        asked
+            .to_ascii_lowercase()
+            .contains("x-amz-sso_bearer_token: portal-token-42"),
+        "{asked}"
+    );
+    assert!(emu
+        .requests()
+        .iter()
+        .any(|r| r.op == "GetClip" && r.status == 200));
+}

@@ -74,7 +74,7 @@ impl Identity {
         Identity {
             instance: instance.to_string(),
             role,
-            owner: format!("{instance}@{host}:{pid}:{:08x}", rand::random::<u32>()),
+            owner: format!("{instance}@{host}:{pid}:{:08x}", fastrand::u32(..)),
             host,
             pid,
         }

@@ -535,43 +535,16 @@ fn shuffle<T>(items: &mut [T], seed: u64) {
     }
 }
 
-const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
 fn encode_token(token: &ListingToken) -> String {
-    let data = serde_json::to_vec(token).unwrap_or_default();
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(BASE64[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(token).unwrap_or_default())
 }
 
 fn decode_token(token: &str) -> Option<ListingToken> {
-    let mut bits = 0u32;
-    let mut nbits = 0;
-    let mut data = Vec::new();
-    for c in token.trim_end_matches('=').bytes() {
-        let v = BASE64.iter().position(|b| *b == c)? as u32;
-        bits = (bits << 6) | v;
-        nbits += 6;
-        if nbits >= 8 {
-            nbits -= 8;
-            data.push((bits >> nbits) as u8);
-            bits &= (1 << nbits) - 1;
-        }
-    }
+    use base64::Engine;
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(token)
+        .ok()?;
     serde_json::from_slice(&data).ok()
 }
 
