@@ -63,7 +63,10 @@ pub async fn check_credentials(sdk: &SdkConfig) -> Result<()> {
             "no AWS credential provider is configured".into(),
         ));
     };
-    let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
+    let profile = match std::env::var("AWS_PROFILE") {
+        Ok(name) => format!("the profile {name:?}"),
+        Err(_) => "the default profile".to_string(),
+    };
     let loaded = tokio::time::timeout(
         std::time::Duration::from_secs(20),
         provider.provide_credentials(),
@@ -72,14 +75,24 @@ pub async fn check_credentials(sdk: &SdkConfig) -> Result<()> {
     match loaded {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(CredentialsError::CredentialsNotLoaded(_))) => Err(Error::Credentials(format!(
-            "no AWS credentials: none in the environment (AWS_ACCESS_KEY_ID), the profile {profile:?} (~/.aws/credentials, ~/.aws/config: keys, sso_session, credential_process, role_arn), web identity (AWS_WEB_IDENTITY_TOKEN_FILE), the ECS container or EC2 instance metadata; set one (for SSO: aws sso login --profile NAME, then AWS_PROFILE=NAME)"
+            "no AWS credentials: none in the environment (AWS_ACCESS_KEY_ID), {profile} (~/.aws/credentials, ~/.aws/config: keys, sso_session, credential_process, role_arn), web identity (AWS_WEB_IDENTITY_TOKEN_FILE), the ECS container or EC2 instance metadata; set one (for SSO: aws sso login --profile NAME, then AWS_PROFILE=NAME)"
         ))),
-        Ok(Err(e)) => Err(Error::Credentials(format!(
-            "the AWS credentials of profile {profile:?} could not be loaded: {}; fix the source named there (an expired SSO session: aws sso login)",
+        // A source that answered no (a failing credential_process, an expired SSO
+        // session): the operator must fix it.
+        Ok(Err(e @ (CredentialsError::InvalidConfiguration(_) | CredentialsError::ProviderError(_)))) => {
+            Err(Error::Credentials(format!(
+                "the AWS credentials could not be loaded: {}; fix the source named there (an expired SSO session: aws sso login)",
+                crate::error::chain(&e)
+            )))
+        }
+        // A source that did not answer (STS, the SSO portal, instance metadata): it may
+        // next time.
+        Ok(Err(e)) => Err(Error::CredentialsUnavailable(format!(
+            "loading the AWS credentials failed: {}; run again when the credential source answers",
             crate::error::chain(&e)
         ))),
-        Err(_) => Err(Error::Credentials(
-            "loading the AWS credentials took over 20 s (a credential_process, SSO portal or instance metadata endpoint that does not answer); check the credential source".into(),
+        Err(_) => Err(Error::CredentialsUnavailable(
+            "loading the AWS credentials took over 20 s (a credential_process, SSO portal or instance metadata endpoint that does not answer); check the credential source and run again".into(),
         )),
     }
 }
@@ -87,7 +100,8 @@ pub async fn check_credentials(sdk: &SdkConfig) -> Result<()> {
 /// Builds the archiver: opens (and migrates) the ledger, creates the clients, and
 /// (unless `role` only reads) registers this process and starts its heartbeat.
 pub async fn build(config: Config, sdk: &SdkConfig, role: Role) -> Result<Archiver> {
-    // A reader of a directory destination calls no AWS API.
+    // A reader of a directory destination calls no AWS API; readers that call KVS
+    // (`plan`, `verify`, `rebuild-ledger`) check for themselves.
     if role != Role::Reader || config.destination.bucket.is_some() {
         check_credentials(sdk).await?;
     }
@@ -245,6 +259,7 @@ pub async fn rebuild_ledger(
         None => config.streams.clone(),
     };
     let sdk = sdk_config(&config.aws).await;
+    check_credentials(&sdk).await?;
     let archiver = build(config, &sdk, Role::Reader).await?;
     let report = crate::rebuild::rebuild(&archiver, &streams, merge).await;
     archiver.close().await;

@@ -480,7 +480,7 @@ pub enum ConfigError {
     Load { path: String, message: String },
     #[error("config: {field}: {message}")]
     Invalid { field: String, message: String },
-    #[error("no configuration: give --config FILE or set KVS_ARCHIVER_CONFIG (every key is in config/kvs-archiver.example.toml); `kvs-archiver demo` runs without one")]
+    #[error("no configuration: give --config FILE or set KVS_ARCHIVER_CONFIG (every key is in config/kvs-archiver.example.toml, or /usr/share/doc/kvs-archiver/ from the package); `kvs-archiver demo` runs without one")]
     Missing,
 }
 

@@ -93,6 +93,9 @@ pub enum Error {
     /// No AWS credentials could be loaded: bad configuration, found before any request.
     #[error("{0}")]
     Credentials(String),
+    /// The credential source did not answer (a timeout, STS or the SSO portal down).
+    #[error("{0}")]
+    CredentialsUnavailable(String),
     #[error("interrupted: stopping at a signal")]
     Interrupted,
 }
@@ -130,7 +133,8 @@ impl Error {
             }
             Error::Truncated { .. }
             | Error::UploadLost { .. }
-            | Error::LedgerUnreachable { .. } => Retryability::Transient,
+            | Error::LedgerUnreachable { .. }
+            | Error::CredentialsUnavailable(_) => Retryability::Transient,
             Error::Store { source, .. } => match source {
                 sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
                     Retryability::Transient
@@ -205,9 +209,25 @@ impl Error {
             Error::LeaseLost { .. } => "lease-lost",
             Error::Store { .. } | Error::Migrate(_) | Error::LedgerUnreachable { .. } => "ledger",
             Error::Config(_) | Error::Usage(_) => "config",
-            Error::Credentials(_) => "credentials",
+            Error::Credentials(_) | Error::CredentialsUnavailable(_) => "credentials",
             Error::Interrupted => "interrupted",
         }
+    }
+
+    /// The service refused the caller: a missing permission or credentials it does not
+    /// accept. The operator must fix the IAM policy or the credentials.
+    pub fn is_denied(&self) -> bool {
+        matches!(
+            self,
+            Error::Kvs { code: Some(code), .. } if matches!(
+                code.as_str(),
+                "NotAuthorizedException"
+                    | "AccessDeniedException"
+                    | "UnrecognizedClientException"
+                    | "InvalidSignatureException"
+                    | "MissingAuthenticationTokenException"
+            )
+        )
     }
 
     /// GetClip found no media in a range we listed fragments for: KVS answers 404

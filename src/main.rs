@@ -238,7 +238,7 @@ fn print_finding(stream: &str, t: i64, finding: &Finding, url: Option<&str>, jso
 fn exit_for(error: &Error) -> ExitCode {
     match error {
         Error::Config(_) | Error::Usage(_) | Error::Credentials(_) => ExitCode::from(2),
-        e if e.kind() == "kvs-denied" => ExitCode::from(2),
+        e if e.is_denied() => ExitCode::from(2),
         _ => ExitCode::from(1),
     }
 }
@@ -250,6 +250,7 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(code) => code,
         Err(error) => {
+            tracing::debug!(?error, "the command failed");
             eprintln!("kvs-archiver: {error}");
             exit_for(&error)
         }
@@ -491,6 +492,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Plan { range, json } => {
             let (start, end) = range.parse()?;
             let sdk = app::sdk_config(&config.aws).await;
+            app::check_credentials(&sdk).await?;
             let archiver = app::build(config, &sdk, Role::Reader).await?;
             let plan = app::plan(&archiver, &range.stream, start, end).await?;
             if json {
@@ -526,6 +528,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             json,
         } => {
             let sdk = app::sdk_config(&config.aws).await;
+            app::check_credentials(&sdk).await?;
             let role = if repair { Role::Verify } else { Role::Reader };
             let archiver = app::build(config, &sdk, role).await?;
             let report = app::verify(

@@ -8,12 +8,12 @@
 //! offset once, when a job is created, and keeps it, so after a daylight-saving change
 //! every firing of an IANA zone was an hour off. Here each next instant is computed in
 //! the zone itself, so it follows the zone's rules (a firing in a skipped hour runs when
-//! the clocks have moved on; one in a repeated hour runs once), and time is read from a
-//! clock the tests can drive under paused tokio time.
+//! the clocks have moved on; a wall-clock time the fall-back repeats fires at both of its
+//! instants), and time is read from a clock the tests can drive under paused tokio time.
 
 use crate::domain::EpochMs;
 use crate::error::{Error, Result};
-use chrono::{DateTime, FixedOffset, TimeZone, Utc};
+use chrono::{DateTime, FixedOffset, Offset, TimeZone, Utc};
 use croner::Cron;
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -66,12 +66,43 @@ fn next_in<Z: TimeZone>(cron: &Cron, zone: &Z, after: DateTime<Utc>) -> Option<D
         .map(|t| t.with_timezone(&Utc))
 }
 
+/// The first firing after `after` in a zone with daylight-saving changes. Each of the
+/// zone's offsets near `after` is tried as a fixed offset, and an instant counts only if
+/// the zone really has that offset then: so a wall-clock time the fall-back repeats fires
+/// at both of its instants, in order, and none fires in the past. croner's own answer in
+/// the zone adds the case no offset covers: a time inside the spring-forward gap fires
+/// when the clocks have moved on, as cron does.
+fn next_in_zone<Z: TimeZone + Copy>(
+    cron: &Cron,
+    zone: Z,
+    after: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let offset_at = |t: DateTime<Utc>| zone.offset_from_utc_datetime(&t.naive_utc()).fix();
+    let mut candidates: Vec<DateTime<Utc>> = next_in(cron, &zone, after).into_iter().collect();
+    for probe in [after, after + chrono::Duration::hours(2)] {
+        let mut offset = offset_at(probe);
+        // A firing far away (a monthly schedule) may lie in the other offset: one more try.
+        for _ in 0..2 {
+            let Some(t) = next_in(cron, &offset, after) else {
+                break;
+            };
+            let actual = offset_at(t);
+            if actual == offset {
+                candidates.push(t);
+                break;
+            }
+            offset = actual;
+        }
+    }
+    candidates.into_iter().filter(|t| *t > after).min()
+}
+
 /// The first firing of `cron` strictly after `after`, read in `zone`.
 pub fn next_firing(cron: &Cron, zone: Zone, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
     match zone {
-        Zone::Fixed(offset) => next_in(cron, &offset, after),
-        Zone::Named(tz) => next_in(cron, &tz, after),
-        Zone::Local => next_in(cron, &chrono::Local, after),
+        Zone::Fixed(offset) => next_in(cron, &offset, after).filter(|t| *t > after),
+        Zone::Named(tz) => next_in_zone(cron, tz, after),
+        Zone::Local => next_in_zone(cron, chrono::Local, after),
     }
 }
 
@@ -198,9 +229,8 @@ mod tests {
         assert_eq!(Zone::parse("Mars/Olympus"), None);
     }
 
-    /// A daily 02:30 and an hourly firing in Paris across the spring-forward night
-    /// (2027-03-28: 02:00 CET becomes 03:00 CEST) and the fall-back night (2027-10-31:
-    /// 03:00 CEST becomes 02:00 CET), under paused time.
+    /// Firings in Paris across the spring-forward night (2027-03-28: 02:00 CET becomes
+    /// 03:00 CEST) and the fall-back night (2027-10-31: 03:00 CEST becomes 02:00 CET).
     #[tokio::test(start_paused = true)]
     async fn firings_follow_daylight_saving_changes_in_the_zone() {
         let start = Utc
@@ -230,25 +260,48 @@ mod tests {
         );
         scheduler.stop().await;
 
-        // Autumn, an hourly schedule at minute 30 across 03:00 CEST -> 02:00 CET: 02:30
-        // happens twice on the wall clock and fires once (the first), then 03:30 CET
-        // comes two hours after 02:30 CEST; no firing lands on a wrong instant.
-        let start = Utc
-            .with_ymd_and_hms(2027, 10, 30, 23, 0, 0)
+        // Spring forward, a daily 02:30, which does not exist on the 28th: it runs when
+        // the clocks have moved on (03:00 CEST), then at 02:30 CEST again.
+        let cron = parse_cron("0 30 2 * * *").expect("cron");
+        let after = Utc
+            .with_ymd_and_hms(2027, 3, 27, 12, 0, 0)
             .single()
             .expect("t");
-        let (tx, mut rx) = mpsc::channel(16);
-        let streams = vec![("dock".to_string(), "0 30 * * * *".to_string())];
+        let first = next_firing(&cron, paris(), after).expect("fires");
+        let second = next_firing(&cron, paris(), first).expect("fires");
+        let utc = |d, h, m| {
+            Utc.with_ymd_and_hms(2027, 3, d, h, m, 0)
+                .single()
+                .expect("t")
+        };
+        assert_eq!((first, second), (utc(28, 1, 0), utc(29, 0, 30)));
+
+        // Fall back, every 5 minutes across 03:00 CEST -> 02:00 CET, under paused time:
+        // the firings go on every 5 minutes of real time, the repeated hour included,
+        // never twice at one instant and never in the past.
+        let start = Utc
+            .with_ymd_and_hms(2027, 10, 31, 0, 40, 0)
+            .single()
+            .expect("t");
+        let (tx, mut rx) = mpsc::channel(64);
+        let streams = vec![("dock".to_string(), "0 */5 * * * *".to_string())];
         let scheduler = Scheduler::start_with_clock(&streams, paris(), tx, paused_clock(start))
             .expect("starts");
         let clock = paused_clock(start);
         let mut fired = Vec::new();
-        for _ in 0..4 {
+        for _ in 0..20 {
             rx.recv().await.expect("a firing");
             fired.push(clock());
         }
         scheduler.stop().await;
-        let hours: Vec<String> = fired
+        assert_eq!(fired[0], start + chrono::Duration::minutes(5));
+        assert!(
+            fired
+                .windows(2)
+                .all(|w| w[1] - w[0] == chrono::Duration::minutes(5)),
+            "every 5 minutes of real time: {fired:?}"
+        );
+        let local: Vec<String> = fired
             .iter()
             .map(|t| {
                 t.with_timezone(&chrono_tz::Europe::Paris)
@@ -256,19 +309,20 @@ mod tests {
                     .to_string()
             })
             .collect();
-        assert!(
-            fired.windows(2).all(|w| w[0] < w[1]),
-            "strictly increasing: {hours:?}"
-        );
-        assert_eq!(
-            hours,
-            ["01:30 CEST", "02:30 CEST", "03:30 CET", "04:30 CET"]
-        );
-        let utc: Vec<String> = fired
-            .iter()
-            .map(|t| t.format("%d %H:%M").to_string())
-            .collect();
-        assert_eq!(utc, ["30 23:30", "31 00:30", "31 02:30", "31 03:30"]);
+        assert!(local.contains(&"02:50 CEST".to_string()), "{local:?}");
+        assert!(local.contains(&"02:50 CET".to_string()), "{local:?}");
+    }
+
+    /// Started inside the repeated hour (the second 02:20), the next firing is ahead.
+    #[test]
+    fn a_start_inside_the_repeated_hour_never_fires_in_the_past() {
+        let cron = parse_cron("0 */5 * * * *").expect("cron");
+        let start = Utc
+            .with_ymd_and_hms(2027, 10, 31, 1, 20, 0)
+            .single()
+            .expect("t");
+        let next = next_firing(&cron, paris(), start).expect("fires");
+        assert_eq!(next, start + chrono::Duration::minutes(5));
     }
 
     #[test]

@@ -764,7 +764,9 @@ async fn bad_input_gets_a_clear_error_and_leaves_the_ledger_intact() {
             &[("AWS_SECRET_ACCESS_KEY", "not-the-secret")],
         )
         .await;
-    assert_fails_with(&wrong_keys, 1, "check the AWS credentials");
+    // Keys KVS does not accept: the operator must fix them (exit 2), once retries (a
+    // signature may fail from clock skew) are spent.
+    assert_fails_with(&wrong_keys, 2, "the AWS credentials are not valid");
     // KVS unreachable: a closed port on loopback.
     let closed = format!("http://127.0.0.1:{}", free_port());
     let dead = world
@@ -781,7 +783,7 @@ async fn bad_input_gets_a_clear_error_and_leaves_the_ledger_intact() {
             ],
         )
         .await;
-    assert_fails_with(&dead, 1, "endpoint unreachable");
+    assert_fails_with(&dead, 1, &format!("cannot reach {closed}"));
 
     std::fs::write(
         &world.config,

@@ -11,7 +11,8 @@ fn archiver() -> Command {
 }
 
 /// The demo archives into a directory, leaves a configuration beside it, and every
-/// command it prints works as printed (the page's `serve` is started and asked once).
+/// command it prints works as printed (`serve`, which runs until stopped, is left out:
+/// the page has its own test).
 #[test]
 fn the_demo_leaves_a_configuration_and_its_printed_commands_work() {
     let work = tempfile::tempdir().expect("tempdir");
@@ -176,7 +177,7 @@ fn without_a_configuration_it_says_how_to_give_one() {
     assert_error(
         cmd,
         2,
-        "kvs-archiver: no configuration: give --config FILE or set KVS_ARCHIVER_CONFIG (every key is in config/kvs-archiver.example.toml); `kvs-archiver demo` runs without one",
+        "kvs-archiver: no configuration: give --config FILE or set KVS_ARCHIVER_CONFIG (every key is in config/kvs-archiver.example.toml, or /usr/share/doc/kvs-archiver/ from the package); `kvs-archiver demo` runs without one",
         true,
     );
 }

@@ -83,6 +83,7 @@ fn s3_error<E>(
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
+    tracing::debug!(op, target, error = ?err, "S3 request failed");
     let (message, retry) = match &err {
         SdkError::ServiceError(ctx) => {
             let status = ctx.raw().status().as_u16();

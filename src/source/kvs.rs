@@ -91,6 +91,8 @@ fn kvs_error<E>(
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
+    // The whole error (request id, raw response) for whoever reads the debug log.
+    tracing::debug!(op, stream, error = ?err, "KVS request failed");
     let (code, status, message, retry) = match &err {
         SdkError::ServiceError(ctx) => {
             let code = ctx.err().code().map(str::to_string);
@@ -489,6 +491,7 @@ impl KvsSource {
         let buckets = self.buckets(stream);
         buckets.media.acquire(f64::from(fragments)).await;
         buckets.metadata.acquire(f64::from(fragments)).await;
+        let asked = std::time::Instant::now();
         let out = client
             .get_clip()
             .set_stream_name(stream.name.clone())
@@ -496,6 +499,8 @@ impl KvsSource {
             .clip_fragment_selector(selector)
             .send()
             .await
+            // The SDK answers once the response's head has arrived: the first byte.
+            .inspect(|_| crate::metrics::getclip_latency(&label, asked.elapsed()))
             .map_err(|e| {
                 let error = kvs_error("GetClip", &label, &endpoint, e);
                 if error.retryability() == Retryability::Transient {

@@ -62,17 +62,12 @@ impl Archiver {
             Reconciled::Changed => return Ok(Transferred::Changed),
         };
         let expected = mine.iter().map(|f| f.duration_ms).sum();
-        let asked = std::time::Instant::now();
         let body = match self
             .source
             .get_clip(stream, start, end, chunk.plan.fragment_count)
             .await
         {
-            // The SDK answers once the response's head has arrived: the first byte.
-            Ok(body) => {
-                crate::metrics::getclip_latency(&chunk.stream, asked.elapsed());
-                body
-            }
+            Ok(body) => body,
             Err(e) if e.means_unpackageable() => {
                 return self.isolate_unpackageable(stream, chunk, lease, &e).await;
             }
