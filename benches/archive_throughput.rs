@@ -239,76 +239,22 @@ async fn bench_world(
 async fn run(case: &Case) {
     let end = chrono::Utc::now() - chrono::Duration::minutes(5);
     let start = end - case.range;
-    let mut spec = StreamSpec::historical("bench", start, end);
-    spec.fragment_durations_ms = vec![case.fragment_ms];
-    spec.fragment_size = case.fragment_size;
-    spec.data_retention_hours = 24 * 30;
-    spec.faults.throttling = false;
-    let emu = Emulator::start(EmulatorConfig {
-        streams: vec![spec],
-        ..Default::default()
-    })
-    .await
-    .expect("emulator");
-    let server = local_s3::start_s3s().await;
-    let s3_url = server.url.clone();
-    let s3 = local_s3::s3_client(&s3_url);
-    s3.create_bucket()
-        .bucket("bench")
-        .send()
-        .await
-        .expect("bucket");
-    let work = tempfile::tempdir().expect("tempdir");
-    let config = work.path().join("bench.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[aws]\nkinesis_video_endpoint_url = \"{}\"\ns3_endpoint_url = \"{s3_url}\"\ns3_force_path_style = true\n\
-             [state]\ndatabase_url = \"sqlite://{}/state.db\"\n[destination]\nbucket = \"bench\"\n\
-             payload_signing = \"never\"\n\
-             [archive]\nconcurrency = {}\nmedia_points_per_second = 500\nmetadata_points_per_second = 10000\n\
-             [[streams]]\nname = \"bench\"\n",
-            emu.base_url(),
-            work.path().display(),
-            case.concurrency
-        ),
+    let bench = bench_world(
+        start,
+        end,
+        case.fragment_ms,
+        case.fragment_size,
+        case.concurrency,
     )
-    .expect("config");
-    let started = Instant::now();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvs-archiver"))
-        .args(["--config"])
-        .arg(&config)
-        .args([
-            "backfill",
-            "--stream",
-            "bench",
-            "--start",
-            &start.to_rfc3339(),
-            "--end",
-            &end.to_rfc3339(),
-        ])
-        .env("AWS_ACCESS_KEY_ID", DEFAULT_ACCESS_KEY_ID)
-        .env("AWS_SECRET_ACCESS_KEY", DEFAULT_SECRET_ACCESS_KEY)
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("KVS_ARCHIVER_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("archiver starts");
-    let pid = child.id().expect("pid");
-    let (mut peak_kib, mut cpu) = (0, 0.0);
-    let status = loop {
-        if let Some((hwm, secs)) = sample(pid) {
-            peak_kib = peak_kib.max(hwm);
-            cpu = secs;
-        }
-        tokio::select! {
-            status = child.wait() => break status.expect("status"),
-            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-        }
-    };
-    let secs = started.elapsed().as_secs_f64();
-    assert!(status.success(), "backfill failed");
-    let bytes: u64 = emu
+    .await;
+    let (a, b) = (start.to_rfc3339(), end.to_rfc3339());
+    let (secs, peak_kib, cpu) = measured(
+        &bench.config,
+        &["backfill", "--stream", "bench", "--start", &a, "--end", &b],
+    )
+    .await;
+    let bytes: u64 = bench
+        .emu
         .requests()
         .iter()
         .filter(|r| r.op == "GetClip" && r.status == 200)
