@@ -3292,8 +3292,12 @@ async fn the_archive_page_shows_the_timeline_and_plays_a_clicked_object_in_chrom
             .expect("the no-media background");
         assert!(no_media.attr("width").await.expect("width").is_some());
 
-        // Click an archived object: it plays in the page.
-        let (_, _, key) = archived.first().expect("an archived span").clone();
+        // Click an archived object (the widest span, as a person would): it plays.
+        let (_, _, key) = archived
+            .iter()
+            .max_by_key(|(start, end, _)| end - start)
+            .expect("an archived span")
+            .clone();
         browser
             .find(Locator::Css(&format!("#timeline rect[data-key='{key}']")))
             .await

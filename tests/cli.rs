@@ -212,7 +212,7 @@ fn without_credentials_it_says_which_sources_were_tried_at_once() {
     assert_error(
         cmd,
         2,
-        "kvs-archiver: no AWS credentials: none in the environment (AWS_ACCESS_KEY_ID), the profile \"default\" (~/.aws/credentials, ~/.aws/config: keys, sso_session, credential_process, role_arn), web identity (AWS_WEB_IDENTITY_TOKEN_FILE), the ECS container or EC2 instance metadata; set one (for SSO: aws sso login --profile NAME, then AWS_PROFILE=NAME)",
+        "kvs-archiver: no AWS credentials: none in the environment (AWS_ACCESS_KEY_ID), the default profile (~/.aws/credentials, ~/.aws/config: keys, sso_session, credential_process, role_arn), web identity (AWS_WEB_IDENTITY_TOKEN_FILE), the ECS container or EC2 instance metadata; set one (for SSO: aws sso login --profile NAME, then AWS_PROFILE=NAME)",
         true,
     );
 }

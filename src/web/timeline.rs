@@ -193,7 +193,8 @@ pub fn svg(
     for d in merge(spans, ms_per_px) {
         let (y, height) = d.class.lane();
         let left = x(d.start_ms);
-        let width = (x(d.end_ms) - left).max(1.0);
+        // At least two units wide, so that a short span can still be clicked.
+        let width = (x(d.end_ms) - left).max(2.0);
         let class = d.class.as_str();
         let mut title = format!("{class} {} .. {}", rfc3339(d.start_ms), rfc3339(d.end_ms));
         let mut attributes = format!(
