@@ -56,7 +56,11 @@ pub fn identity(config: &Config, role: Role) -> Result<Identity> {
 
 /// Loads the AWS credentials once, before any request: with none, every call would fail
 /// after its retries with an error about the request, not the cause.
-pub async fn check_credentials(sdk: &SdkConfig) -> Result<()> {
+///
+/// Returns the configuration to build the clients from: it hands them the credentials
+/// just loaded, so a `credential_process` (an MFA prompt, say) or an SSO portal is asked
+/// once, not once here and again by the clients.
+pub async fn check_credentials(sdk: &SdkConfig) -> Result<SdkConfig> {
     use aws_credential_types::provider::{error::CredentialsError, ProvideCredentials};
     let Some(provider) = sdk.credentials_provider() else {
         return Err(Error::Credentials(
@@ -73,7 +77,15 @@ pub async fn check_credentials(sdk: &SdkConfig) -> Result<()> {
     )
     .await;
     match loaded {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(credentials)) => Ok(sdk
+            .to_builder()
+            .credentials_provider(
+                aws_credential_types::provider::SharedCredentialsProvider::new(Preloaded {
+                    first: std::sync::Mutex::new(Some(credentials)),
+                    source: provider.clone(),
+                }),
+            )
+            .build()),
         Ok(Err(CredentialsError::CredentialsNotLoaded(_))) => Err(Error::Credentials(format!(
             "no AWS credentials: none in the environment (AWS_ACCESS_KEY_ID), {profile} (~/.aws/credentials, ~/.aws/config: keys, sso_session, credential_process, role_arn), web identity (AWS_WEB_IDENTITY_TOKEN_FILE), the ECS container or EC2 instance metadata; set one (for SSO: aws sso login --profile NAME, then AWS_PROFILE=NAME)"
         ))),
@@ -97,14 +109,58 @@ pub async fn check_credentials(sdk: &SdkConfig) -> Result<()> {
     }
 }
 
+/// The credentials [`check_credentials`] loaded, given out once; later (a refresh when
+/// they expire) the source is asked again.
+#[derive(Debug)]
+struct Preloaded {
+    first: std::sync::Mutex<Option<aws_credential_types::Credentials>>,
+    source: aws_credential_types::provider::SharedCredentialsProvider,
+}
+
+impl aws_credential_types::provider::ProvideCredentials for Preloaded {
+    fn provide_credentials<'a>(
+        &'a self,
+    ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        let first = self.first.lock().ok().and_then(|mut first| first.take());
+        match first {
+            Some(credentials) => {
+                aws_credential_types::provider::future::ProvideCredentials::ready(Ok(credentials))
+            }
+            None => self.source.provide_credentials(),
+        }
+    }
+}
+
 /// Builds the archiver: opens (and migrates) the ledger, creates the clients, and
 /// (unless `role` only reads) registers this process and starts its heartbeat.
 pub async fn build(config: Config, sdk: &SdkConfig, role: Role) -> Result<Archiver> {
-    // A reader of a directory destination calls no AWS API; readers that call KVS
-    // (`plan`, `verify`, `rebuild-ledger`) check for themselves.
-    if role != Role::Reader || config.destination.bucket.is_some() {
-        check_credentials(sdk).await?;
-    }
+    // A reader of a directory destination calls no AWS API.
+    let needs_aws = role != Role::Reader || config.destination.bucket.is_some();
+    build_with(config, sdk, role, needs_aws).await
+}
+
+/// [`build`] for a reader that calls KVS (`plan`, `verify`, `rebuild-ledger`), whatever
+/// the destination.
+pub async fn build_reading_kvs(config: Config, sdk: &SdkConfig) -> Result<Archiver> {
+    build_with(config, sdk, Role::Reader, true).await
+}
+
+async fn build_with(
+    config: Config,
+    sdk: &SdkConfig,
+    role: Role,
+    needs_aws: bool,
+) -> Result<Archiver> {
+    let checked;
+    let sdk = if needs_aws {
+        checked = check_credentials(sdk).await?;
+        &checked
+    } else {
+        sdk
+    };
     let policy = retry_policy(&config);
     // A pass of `run` has up to `max_clips_in_flight` clips in flight over all its
     // streams; a backfill or verify `concurrency`.
@@ -259,8 +315,7 @@ pub async fn rebuild_ledger(
         None => config.streams.clone(),
     };
     let sdk = sdk_config(&config.aws).await;
-    check_credentials(&sdk).await?;
-    let archiver = build(config, &sdk, Role::Reader).await?;
+    let archiver = build_reading_kvs(config, &sdk).await?;
     let report = crate::rebuild::rebuild(&archiver, &streams, merge).await;
     archiver.close().await;
     report

@@ -492,8 +492,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Plan { range, json } => {
             let (start, end) = range.parse()?;
             let sdk = app::sdk_config(&config.aws).await;
-            app::check_credentials(&sdk).await?;
-            let archiver = app::build(config, &sdk, Role::Reader).await?;
+            let archiver = app::build_reading_kvs(config, &sdk).await?;
             let plan = app::plan(&archiver, &range.stream, start, end).await?;
             if json {
                 println!(
@@ -528,9 +527,11 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             json,
         } => {
             let sdk = app::sdk_config(&config.aws).await;
-            app::check_credentials(&sdk).await?;
-            let role = if repair { Role::Verify } else { Role::Reader };
-            let archiver = app::build(config, &sdk, role).await?;
+            let archiver = if repair {
+                app::build(config, &sdk, Role::Verify).await?
+            } else {
+                app::build_reading_kvs(config, &sdk).await?
+            };
             let report = app::verify(
                 &archiver,
                 &stream,

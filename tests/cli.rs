@@ -330,9 +330,11 @@ fn credentials_from_a_credential_process_profile_are_used() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        work.path().join("ran").exists(),
-        "the credential process ran"
+    let ran = std::fs::read_to_string(work.path().join("ran")).unwrap_or_default();
+    assert_eq!(
+        ran.lines().count(),
+        1,
+        "the credential process ran once: {ran}"
     );
     assert!(
         emu.requests()
