@@ -175,14 +175,19 @@ enum Command {
     },
 }
 
+/// Prints `value` as pretty JSON on stdout (`--json`).
+fn print_json(value: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
 fn print_finding(stream: &str, t: i64, finding: &Finding, url: Option<&str>, json: bool) {
     use kvs_archiver::domain::rfc3339;
     if json {
         let shown = serde_json::json!({ "stream": stream, "at": rfc3339(t), "finding": finding, "url": url });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&shown).unwrap_or_default()
-        );
+        print_json(&shown);
         return;
     }
     let at = rfc3339(t);
@@ -323,10 +328,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             let (start, end) = range.parse()?;
             let report = app::export(config, &range.stream, start, end, gaps, &output).await?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
+                print_json(&report);
             } else {
                 println!("{}", report.describe());
             }
@@ -339,10 +341,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         } => {
             let report = app::rebuild_ledger(config, stream.as_deref(), merge).await?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
+                print_json(&report);
             } else {
                 println!("{}", report.describe());
             }
@@ -373,10 +372,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             let now = chrono::Utc::now().timestamp_millis();
             if json {
                 let shown = serde_json::json!({ "streams": status, "instances": instances });
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&shown).unwrap_or_default()
-                );
+                print_json(&shown);
             } else if status.is_empty() {
                 println!("nothing archived yet");
             } else {
@@ -495,10 +491,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             let archiver = app::build_reading_kvs(config, &sdk).await?;
             let plan = app::plan(&archiver, &range.stream, start, end).await?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&plan).unwrap_or_default()
-                );
+                print_json(&plan);
             } else {
                 for c in &plan.chunks {
                     println!(
@@ -544,10 +537,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             archiver.close().await;
             let report = report?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
+                print_json(&report);
             } else {
                 println!("{}", report.describe());
             }

@@ -2648,6 +2648,26 @@ async fn iam_policy_allows_exactly_the_calls_the_program_makes() {
 }
 
 /// `find --json` for `stream` at `t`: the finding, the URL, and the exit status.
+/// `dock-cam`: 2 s fragments of 20 kB over `[start, end]`, and 7 minutes without media
+/// after the first 20.
+fn dock_cam_with_a_gap(start: i64, end: i64) -> StreamSpec {
+    let mut spec = historical("dock-cam", start, end, 2000, 20_000);
+    spec.gaps = vec![GapSpec {
+        after: Duration::from_secs(20 * 60),
+        length: Duration::from_secs(7 * 60),
+    }];
+    spec
+}
+
+/// The fragments on either side of the first gap of more than a minute.
+fn the_gap(fragments: &[kvs_emulator::FragmentInfo]) -> [kvs_emulator::FragmentInfo; 2] {
+    fragments
+        .windows(2)
+        .find(|w| w[1].server_ms - w[0].server_ms > 60_000)
+        .map(|w| [w[0].clone(), w[1].clone()])
+        .expect("the gap")
+}
+
 async fn find_at(world: &World, stream: &str, t: i64) -> (serde_json::Value, bool) {
     let out = world
         .run(&["find", "--stream", stream, "--at", &rfc3339(t), "--json"])
@@ -2662,11 +2682,7 @@ async fn find_at(world: &World, stream: &str, t: i64) -> (serde_json::Value, boo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn find_names_the_object_and_offset_at_boundaries_and_explains_gaps() {
     let (start, end) = recent(0.75);
-    let mut spec = historical("dock-cam", start, end, 2000, 20_000);
-    spec.gaps = vec![GapSpec {
-        after: Duration::from_secs(20 * 60),
-        length: Duration::from_secs(7 * 60),
-    }];
+    let spec = dock_cam_with_a_gap(start, end);
     let world = World::new(vec![spec], "clip_duration = \"10m\"").await;
     let out = world.backfill("dock-cam", start, end).await;
     assert!(out.status.success(), "{}", text(&out));
@@ -2708,10 +2724,7 @@ async fn find_names_the_object_and_offset_at_boundaries_and_explains_gaps() {
     assert_eq!(at["finding"]["fragment"], second[3].number.as_str(), "{at}");
 
     // Inside the gap: no media, with where it ends and resumes.
-    let gap = fragments
-        .windows(2)
-        .find(|w| w[1].server_ms - w[0].server_ms > 60_000)
-        .expect("the gap");
+    let gap = the_gap(&fragments);
     let gap_end_of_media = gap[0].server_ms + i64::from(gap[0].duration_ms);
     let (at, found) = find_at(&world, "dock-cam", gap_end_of_media + 60_000).await;
     assert!(!found, "nothing holds a gap: {at}");
@@ -2814,20 +2827,12 @@ fn probe_frames(path: &std::path::Path) -> Result<(f64, u64), String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_spans_objects_and_a_gap_cut_at_keyframes() {
     let (start, end) = recent(0.75);
-    let mut spec = historical("dock-cam", start, end, 2000, 20_000);
-    spec.gaps = vec![GapSpec {
-        after: Duration::from_secs(20 * 60),
-        length: Duration::from_secs(7 * 60),
-    }];
+    let spec = dock_cam_with_a_gap(start, end);
     let world = World::new(vec![spec], "clip_duration = \"10m\"").await;
     let out = world.backfill("dock-cam", start, end).await;
     assert!(out.status.success(), "{}", text(&out));
     let fragments = world.emu.fragments("dock-cam");
-    let gap = fragments
-        .windows(2)
-        .find(|w| w[1].server_ms - w[0].server_ms > 60_000)
-        .expect("the gap")
-        .to_vec();
+    let gap = the_gap(&fragments);
     // From 0.7 s into a fragment ten minutes before the gap to 1.3 s into one five
     // minutes after it: not on keyframes, and at least three objects.
     let first = fragments
@@ -3095,11 +3100,7 @@ async fn the_archive_page_shows_the_timeline_and_plays_a_clicked_object_in_chrom
         return;
     }
     let (start, end) = recent(1.0);
-    let mut spec = historical("dock-cam", start, end, 2000, 20_000);
-    spec.gaps = vec![GapSpec {
-        after: Duration::from_secs(20 * 60),
-        length: Duration::from_secs(7 * 60),
-    }];
+    let mut spec = dock_cam_with_a_gap(start, end);
     // Three GetClip bodies cut off, each chunk tried once: three failed chunks.
     spec.faults.resets_next = 3;
     let world = World::new(vec![spec], "clip_duration = \"10m\"\nconcurrency = 1").await;
@@ -3153,11 +3154,7 @@ async fn the_archive_page_shows_the_timeline_and_plays_a_clicked_object_in_chrom
         .collect();
     assert!(objects.len() >= 4, "{objects:?}");
     let fragments = world.emu.fragments("dock-cam");
-    let gap = fragments
-        .windows(2)
-        .find(|w| w[1].server_ms - w[0].server_ms > 60_000)
-        .expect("the gap")
-        .to_vec();
+    let gap = the_gap(&fragments);
     let (gap_from, gap_to) = (
         gap[0].server_ms + i64::from(gap[0].duration_ms),
         gap[1].server_ms,

@@ -48,6 +48,16 @@ fn io_error(op: &'static str, path: &Path, e: std::io::Error) -> Error {
     }
 }
 
+/// The metadata side file (`KEY.json`) of the file at `path`; empty if it has none.
+async fn read_metadata(path: &Path) -> std::collections::BTreeMap<String, String> {
+    let sidecar = PathBuf::from(format!("{}.json", path.display()));
+    tokio::fs::read(&sidecar)
+        .await
+        .ok()
+        .and_then(|text| serde_json::from_slice(&text).ok())
+        .unwrap_or_default()
+}
+
 impl DirSink {
     pub fn new(root: PathBuf) -> Self {
         DirSink { root }
@@ -164,12 +174,7 @@ impl DirSink {
             size += n as u64;
             crc.update(&buffer[..n]);
         }
-        let sidecar = PathBuf::from(format!("{}.json", path.display()));
-        let meta = tokio::fs::read(&sidecar)
-            .await
-            .ok()
-            .and_then(|text| serde_json::from_slice(&text).ok())
-            .unwrap_or_default();
+        let meta = read_metadata(&path).await;
         Ok(Some(super::StoredObject {
             size,
             crc32c: crc.hex(),
@@ -201,12 +206,7 @@ impl DirSink {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_error("stat", &path, e)),
         };
-        let sidecar = PathBuf::from(format!("{}.json", path.display()));
-        let meta = tokio::fs::read(&sidecar)
-            .await
-            .ok()
-            .and_then(|text| serde_json::from_slice(&text).ok())
-            .unwrap_or_default();
+        let meta = read_metadata(&path).await;
         Ok(Some(super::ObjectHead { size, meta }))
     }
 

@@ -25,7 +25,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use timeline::{Span, SpanClass};
+use timeline::{escape, Span, SpanClass};
 
 const PAGE_JS: &str = include_str!("page.js");
 const PAGE_CSS: &str = include_str!("page.css");
@@ -195,13 +195,6 @@ fn failure(status: StatusCode, message: String) -> Response {
         ),
     )
         .into_response()
-}
-
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 async fn index(State(state): State<AppState>) -> Response {

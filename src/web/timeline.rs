@@ -108,7 +108,8 @@ fn merge(mut spans: Vec<Span>, ms_per_px: f64) -> Vec<Drawn> {
     drawn
 }
 
-fn escape(text: &str) -> String {
+/// Text for HTML and SVG, attributes included.
+pub(crate) fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
