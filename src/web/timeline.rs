@@ -88,10 +88,13 @@ fn merge(mut spans: Vec<Span>, ms_per_px: f64) -> Vec<Drawn> {
     let mut drawn: Vec<Drawn> = Vec::new();
     for span in spans {
         match drawn.last_mut() {
+            // Only spans too narrow to click on their own: a wide one after a narrow one
+            // keeps its own rectangle (and its object).
             Some(d)
                 if d.class == span.class
                     && ((span.start_ms - d.end_ms) as f64) < ms_per_px
-                    && ((d.end_ms - d.start_ms) as f64) < ms_per_px * 2.0 =>
+                    && ((d.end_ms - d.start_ms) as f64) < ms_per_px * 2.0
+                    && ((span.end_ms - span.start_ms) as f64) < ms_per_px =>
             {
                 d.end_ms = d.end_ms.max(span.end_ms);
                 d.count += 1;
@@ -253,6 +256,18 @@ mod tests {
         let rects = svg.matches("<rect class=\"span").count();
         assert!(rects <= 2 * WIDTH as usize, "{rects} rectangles");
         assert!(rects > 100, "spans are still told apart: {rects}");
+    }
+
+    #[test]
+    fn a_wide_object_after_a_narrow_one_keeps_its_own_rectangle() {
+        // One pixel is 500 ms here: a 200 ms object, then a 60 s one right after it.
+        let spans = vec![
+            span(0, 200, SpanClass::Archived),
+            span(200, 60_200, SpanClass::Archived),
+        ];
+        let svg = svg(spans, 0, 600_000, Some((0, 600_000)));
+        assert!(svg.contains(r#"data-key="k0""#), "{svg}");
+        assert!(svg.contains(r#"data-key="k200""#), "{svg}");
     }
 
     #[test]
