@@ -23,7 +23,20 @@ pub async fn sdk_config(aws: &AwsConfig) -> SdkConfig {
 
 /// The loader behind [`sdk_config`], for callers that supply their own credentials.
 pub fn sdk_loader(aws: &AwsConfig) -> aws_config::ConfigLoader {
-    aws_config::defaults(BehaviorVersion::latest())
+    let loader = aws_config::defaults(BehaviorVersion::latest());
+    // The bundled emulator is a sandbox with its own keys: the user's stay unused.
+    #[cfg(feature = "demo")]
+    let loader = match aws.bundled_emulator {
+        Some(_) => loader.credentials_provider(aws_sdk_kinesisvideo::config::Credentials::new(
+            kvs_emulator::config::DEFAULT_ACCESS_KEY_ID,
+            kvs_emulator::config::DEFAULT_SECRET_ACCESS_KEY,
+            None,
+            None,
+            "kvs-archiver-bundled-emulator",
+        )),
+        None => loader,
+    };
+    loader
         .region(Region::new(aws.region.clone()))
         .retry_config(aws_config::retry::RetryConfig::disabled())
         .timeout_config(
@@ -32,6 +45,43 @@ pub fn sdk_loader(aws: &AwsConfig) -> aws_config::ConfigLoader {
                 .read_timeout(aws.read_timeout)
                 .build(),
         )
+}
+
+/// With `aws.bundled_emulator`: starts the bundled KVS emulator from that file, with its
+/// default keys, and points the configuration at it. The emulator serves until the
+/// returned handle is dropped.
+#[cfg(feature = "demo")]
+pub async fn start_bundled_emulator(config: &mut Config) -> Result<Option<kvs_emulator::Emulator>> {
+    let Some(path) = config.aws.bundled_emulator.clone() else {
+        return Ok(None);
+    };
+    let mut emulator = kvs_emulator::EmulatorConfig::from_toml_file(&path).map_err(|e| {
+        Error::Usage(format!(
+            "aws.bundled_emulator: {e}; run `kvs-archiver demo` again to write it"
+        ))
+    })?;
+    emulator.access_key_id = kvs_emulator::config::DEFAULT_ACCESS_KEY_ID.to_string();
+    emulator.secret_access_key = kvs_emulator::config::DEFAULT_SECRET_ACCESS_KEY.to_string();
+    let emulator = kvs_emulator::Emulator::start(emulator).await.map_err(|e| {
+        Error::Usage(format!(
+            "aws.bundled_emulator {}: cannot start the bundled KVS emulator: {e}",
+            path.display()
+        ))
+    })?;
+    config.aws.kinesis_video_endpoint_url = Some(emulator.base_url().to_string());
+    Ok(Some(emulator))
+}
+
+/// Without the `demo` feature there is no emulator to start.
+#[cfg(not(feature = "demo"))]
+pub async fn start_bundled_emulator(config: &mut Config) -> Result<Option<()>> {
+    match &config.aws.bundled_emulator {
+        Some(path) => Err(Error::Usage(format!(
+            "aws.bundled_emulator = {:?}: this build has no bundled KVS emulator; build with `--features demo` (on by default) or remove the key",
+            path.display()
+        ))),
+        None => Ok(None),
+    }
 }
 
 pub fn retry_policy(config: &Config) -> RetryPolicy {
@@ -199,6 +249,7 @@ async fn build_with(
             Sink::S3(S3Sink::new(
                 aws_sdk_s3::Client::from_conf(s3.build()),
                 bucket.clone(),
+                config.aws.s3_endpoint_url.as_deref(),
                 config.destination.part_size as usize,
                 config
                     .destination
@@ -383,7 +434,7 @@ pub async fn backfill(
 ) -> Result<RunSummary> {
     check_range(start, end)?;
     let stream = configured_stream(&archiver.config, label)?;
-    let described = archiver.source.describe(&stream).await?;
+    let described = archiver.source.describe_first(&stream).await?;
     if described.retention_hours == 0 {
         return Err(Error::Usage(format!(
             "stream {label} keeps no media (DataRetentionInHours is 0): nothing to archive"
@@ -415,7 +466,7 @@ pub async fn plan(
 ) -> Result<PlanSummary> {
     check_range(start, end)?;
     let stream = configured_stream(&archiver.config, label)?;
-    archiver.source.describe(&stream).await?;
+    archiver.source.describe_first(&stream).await?;
     let end = end.min(chrono::Utc::now().timestamp_millis() - 1);
     archiver
         .plan_range(&stream, start, end, true, &Progress::hidden())
@@ -433,7 +484,7 @@ pub async fn verify(
     shutdown: &Shutdown,
 ) -> Result<crate::verify::VerifyReport> {
     let stream = configured_stream(&archiver.config, label)?;
-    let described = archiver.source.describe(&stream).await?;
+    let described = archiver.source.describe_first(&stream).await?;
     let now = chrono::Utc::now().timestamp_millis();
     let start = match start {
         Some(t) => parse_time(t, "--start")?,

@@ -133,6 +133,11 @@ pub struct AwsConfig {
     /// Longest silence on a response (first byte or between bytes) before it is retried.
     #[serde(with = "humantime_serde")]
     pub read_timeout: Duration,
+    /// KVS is the bundled emulator, started inside the process from this emulator
+    /// configuration (its streams), with the emulator's own keys: what `kvs-archiver demo`
+    /// writes, so that every command works on the demo's archive afterwards. Unset for a
+    /// real KVS; needs a build with the `demo` feature (the default).
+    pub bundled_emulator: Option<std::path::PathBuf>,
 }
 
 impl Default for AwsConfig {
@@ -144,6 +149,7 @@ impl Default for AwsConfig {
             s3_force_path_style: false,
             connect_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(60),
+            bundled_emulator: None,
         }
     }
 }
@@ -549,6 +555,12 @@ impl Config {
                     ));
                 }
             }
+        }
+        if self.aws.bundled_emulator.is_some() && self.aws.kinesis_video_endpoint_url.is_some() {
+            return Err(invalid(
+                "aws.bundled_emulator",
+                "names the KVS to use, as aws.kinesis_video_endpoint_url does: set only one",
+            ));
         }
         if !self.state.database_url.starts_with("sqlite:")
             && !crate::ledger::is_postgres(&self.state.database_url)

@@ -9,21 +9,25 @@ use crate::shutdown::Shutdown;
 use kvs_emulator::config::{DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY};
 use kvs_emulator::{Emulator, EmulatorConfig, StreamSpec};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 const CAMERA: &str = "demo-camera";
 
 pub async fn run(output: &Path, shutdown: &Shutdown) -> Result<PathBuf> {
-    let mut camera = StreamSpec::live(CAMERA);
-    camera.backlog = Duration::from_secs(15 * 60);
+    // A finished stretch of camera (not a live one): the emulator makes the same
+    // fragments from the same description, so the configuration the demo leaves starts
+    // it again for `plan`, `verify` and the rest, and they see what the demo archived.
+    let now = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 0);
+    let mut camera = StreamSpec::historical(CAMERA, now - chrono::Duration::minutes(15), now);
     camera.fragment_durations_ms = vec![2000];
     camera.fragment_size = 40_000;
-    let emulator = Emulator::start(EmulatorConfig {
+    let emulator_config = EmulatorConfig {
         streams: vec![camera],
         ..EmulatorConfig::default()
-    })
-    .await
-    .map_err(|e| Error::Usage(format!("demo: cannot start the bundled KVS emulator: {e}")))?;
+    };
+    let emulator_file = write_emulator_config(output, &emulator_config)?;
+    let emulator = Emulator::start(emulator_config)
+        .await
+        .map_err(|e| Error::Usage(format!("demo: cannot start the bundled KVS emulator: {e}")))?;
     eprintln!(
         "demo: bundled KVS emulator at {} with camera {CAMERA:?}",
         emulator.base_url()
@@ -51,7 +55,7 @@ pub async fn run(output: &Path, shutdown: &Shutdown) -> Result<PathBuf> {
         .load()
         .await;
     let archiver = crate::app::build(config, &sdk, crate::ledger::Role::Backfill).await?;
-    let now = chrono::Utc::now().timestamp_millis();
+    let now = now.timestamp_millis();
     let (start, end) = (now - 11 * 60_000, now - 60_000);
     eprintln!(
         "demo: archiving {} .. {} into {}",
@@ -80,29 +84,34 @@ pub async fn run(output: &Path, shutdown: &Shutdown) -> Result<PathBuf> {
         first.display()
     );
     archiver.close().await;
-    let config_path = write_config(output, &archive)?;
+    drop(emulator);
+    let config_path = write_config(output, &archive, &emulator_file)?;
     // As this process was started (`target/debug/kvs-archiver` under `cargo run`), so the
     // commands work as printed.
     let program = std::env::args()
         .next()
         .unwrap_or_else(|| "kvs-archiver".to_string());
     let with = format!("{program} --config {}", config_path.display());
+    let range = format!(
+        "--stream {CAMERA} --start {} --end {}",
+        crate::domain::rfc3339(start),
+        crate::domain::rfc3339(end)
+    );
     let middle = crate::domain::rfc3339(start + (end - start) / 2);
     let export_end = crate::domain::rfc3339(start + (end - start) / 2 + 60_000);
     println!(
-        "The demo left its configuration in {}; with it:",
+        "The demo left its configuration in {} (KVS: the bundled emulator, started by each command); with it:",
         config_path.display()
     );
     println!("  {with} status");
+    println!("  {with} plan {range}      # nothing left to fetch");
+    println!("  {with} verify {range}    # every fragment in an object, every object whole");
     println!("  {with} find --stream {CAMERA} --at {middle}");
     println!(
         "  {with} export --stream {CAMERA} --start {middle} --end {export_end} -o {}",
         output.join("one-minute.mp4").display()
     );
     println!("  {with} serve    # the archive's page on http://127.0.0.1:8080/");
-    println!(
-        "(the bundled KVS emulator stops with the demo: `plan`, `backfill` and `verify` need a KVS, so they are not listed)"
-    );
     if summary.complete() {
         Ok(first)
     } else {
@@ -113,27 +122,52 @@ pub async fn run(output: &Path, shutdown: &Shutdown) -> Result<PathBuf> {
     }
 }
 
-/// Writes the demo's configuration (its ledger and archive, with absolute paths) beside
-/// them, for the commands the demo prints.
-fn write_config(output: &Path, archive: &Path) -> Result<PathBuf> {
+/// Writes the bundled emulator's configuration (the demo camera) beside the archive.
+fn write_emulator_config(output: &Path, emulator: &EmulatorConfig) -> Result<PathBuf> {
+    let path = output.join("emulator.toml");
+    let text = toml::to_string(emulator)
+        .map_err(|e| Error::Usage(format!("demo: cannot describe the demo camera: {e}")))?;
+    let text = format!(
+        "# Written by `kvs-archiver demo`: the bundled KVS emulator's demo camera, started\n\
+         # again by every command run with kvs-archiver.toml beside this file.\n{text}"
+    );
+    write(&path, &text)?;
+    Ok(path)
+}
+
+/// Writes the demo's configuration (its ledger, archive and emulator, with absolute
+/// paths) beside them, for the commands the demo prints.
+fn write_config(output: &Path, archive: &Path, emulator: &Path) -> Result<PathBuf> {
     let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let path = output.join("kvs-archiver.toml");
     let text = format!(
-        "# Written by `kvs-archiver demo`: the demo's ledger and archive. The bundled KVS\n\
-         # emulator stopped with the demo, so `status`, `find`, `export` and `serve` work\n\
-         # from here; `plan`, `backfill` and `verify` need a KVS.\n\
-         [aws]\nregion = \"us-east-1\"\n\n\
-         [state]\ndatabase_url = \"sqlite://{}\"\n\n\
-         [destination]\ndirectory = \"{}\"\nprefix = \"\"\n\n\
+        "# Written by `kvs-archiver demo`: the demo's ledger and archive, and KVS as the\n\
+         # bundled emulator (started inside each command from emulator.toml).\n\
+         [aws]\nregion = \"us-east-1\"\nbundled_emulator = {}\n\n\
+         [state]\ndatabase_url = {}\n\n\
+         [destination]\ndirectory = {}\nprefix = \"\"\n\n\
          [[streams]]\nname = \"{CAMERA}\"\n",
-        absolute(&output.join("state.db")).display(),
-        absolute(archive).display(),
+        quoted(absolute(emulator).display().to_string()),
+        quoted(format!(
+            "sqlite://{}",
+            absolute(&output.join("state.db")).display()
+        )),
+        quoted(absolute(archive).display().to_string()),
     );
-    std::fs::write(&path, text).map_err(|e| {
+    write(&path, &text)?;
+    Ok(path)
+}
+
+/// `text` as a TOML string, escaped as TOML escapes.
+fn quoted(text: String) -> String {
+    toml::Value::String(text).to_string()
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(|e| {
         Error::Usage(format!(
             "demo: cannot write {}: {e}; check that the directory is writable",
             path.display()
         ))
-    })?;
-    Ok(path)
+    })
 }

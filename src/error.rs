@@ -17,6 +17,12 @@ pub enum Retryability {
     /// A quota was hit (KVS `ClientLimitExceededException`, S3 `SlowDown`): back off
     /// longer. The AWS SDK does not retry KVS throttling by itself.
     Throttled,
+    /// No answer at all: the connection was refused, the name did not resolve, the
+    /// request could not be sent. Retried like [`Retryability::Transient`] mid-run (a
+    /// network blip), but at a command's first request it almost always means a wrong
+    /// endpoint or no network, so [`crate::retry::RetryPolicy::first_contact`] gives up
+    /// after one more try.
+    Unreachable,
 }
 
 impl Retryability {

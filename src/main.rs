@@ -295,7 +295,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         }
         _ => {}
     }
-    let config = Config::load(cli.config.as_deref())?;
+    let mut config = Config::load(cli.config.as_deref())?;
+    // Serves for as long as the command runs.
+    let _bundled_emulator = app::start_bundled_emulator(&mut config).await?;
     let shutdown = Shutdown::on_signals(config.daemon.shutdown_grace);
     match cli.command {
         Command::CheckConfig => {

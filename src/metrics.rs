@@ -56,7 +56,7 @@ pub fn clip_failed(stream: &str, error: &Error) {
         Retryability::Throttled => {
             counter!("kvs_archiver_throttles_total", "stream" => stream.clone()).increment(1)
         }
-        Retryability::Transient => {
+        Retryability::Transient | Retryability::Unreachable => {
             counter!("kvs_archiver_retries_total", "stream" => stream.clone()).increment(1)
         }
         Retryability::Permanent => {}
@@ -70,6 +70,7 @@ pub fn operation_retried(operation: &str, why: Retryability) {
     let reason = match why {
         Retryability::Throttled => "throttled",
         Retryability::Transient => "transient",
+        Retryability::Unreachable => "unreachable",
         Retryability::Permanent => "permanent",
     };
     counter!("kvs_archiver_operation_retries_total", "operation" => operation.to_string(), "reason" => reason)

@@ -10,10 +10,17 @@ const ROUTINE_RETRIES: u32 = 3;
 /// Capped exponential backoff with full jitter.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
+    /// Attempts in all (the first included) for a transient or unreachable failure.
     pub max_attempts: u32,
+    /// The pause after the first failure, doubled after each further one.
     pub base_delay: Duration,
+    /// The longest pause between two attempts.
     pub max_delay: Duration,
 }
+
+/// Attempts at a command's first request to an endpoint that does not answer: one
+/// retry covers a blip; more only make a wrong endpoint slower to report.
+const FIRST_CONTACT_ATTEMPTS: u32 = 2;
 
 /// Throttling waits start this many times longer: quotas refill per second.
 const THROTTLE_FACTOR: u32 = 4;
@@ -35,13 +42,21 @@ impl RetryPolicy {
         Duration::from_millis(fastrand::u64(low..=millis.max(low)))
     }
 
+    /// The policy for a command's first request to an endpoint (DescribeStream, the
+    /// destination check): an endpoint that does not answer is reported at once, with
+    /// its URL and the operating system's error, instead of after the whole backoff.
+    /// Other failures keep this policy's patience.
+    pub fn first_contact(self) -> FirstContact {
+        FirstContact(self)
+    }
+
     /// Whether another attempt is allowed after `attempt` failures. Throttling says
     /// "later", not "broken" (another process may share the stream's quota), so it gets
     /// `THROTTLE_PATIENCE` times the attempts.
     pub fn allows(&self, attempt: u32, retryability: Retryability) -> bool {
         match retryability {
             Retryability::Permanent => false,
-            Retryability::Transient => attempt < self.max_attempts,
+            Retryability::Transient | Retryability::Unreachable => attempt < self.max_attempts,
             Retryability::Throttled => {
                 attempt < self.max_attempts.saturating_mul(THROTTLE_PATIENCE)
             }
@@ -49,10 +64,42 @@ impl RetryPolicy {
     }
 }
 
+/// [`RetryPolicy::first_contact`]: the same policy, but an unreachable endpoint gets
+/// [`FIRST_CONTACT_ATTEMPTS`].
+#[derive(Debug, Clone, Copy)]
+pub struct FirstContact(RetryPolicy);
+
+/// What [`with_retry`] needs of a policy.
+pub trait Backoff {
+    fn allows(&self, attempt: u32, retryability: Retryability) -> bool;
+    fn delay(&self, attempt: u32, retryability: Retryability) -> Duration;
+}
+
+impl Backoff for RetryPolicy {
+    fn allows(&self, attempt: u32, retryability: Retryability) -> bool {
+        RetryPolicy::allows(self, attempt, retryability)
+    }
+    fn delay(&self, attempt: u32, retryability: Retryability) -> Duration {
+        RetryPolicy::delay(self, attempt, retryability)
+    }
+}
+
+impl Backoff for FirstContact {
+    fn allows(&self, attempt: u32, retryability: Retryability) -> bool {
+        match retryability {
+            Retryability::Unreachable => attempt < FIRST_CONTACT_ATTEMPTS.min(self.0.max_attempts),
+            other => self.0.allows(attempt, other),
+        }
+    }
+    fn delay(&self, attempt: u32, retryability: Retryability) -> Duration {
+        self.0.delay(attempt, retryability)
+    }
+}
+
 /// Runs `op` until it succeeds, fails permanently, or the policy gives up; waits between
 /// attempts as the policy says. `what` names the operation in logs.
 pub async fn with_retry<T, F, Fut>(
-    policy: &RetryPolicy,
+    policy: &impl Backoff,
     what: &str,
     mut op: F,
 ) -> crate::error::Result<T>
@@ -130,5 +177,21 @@ mod tests {
             "throttling is waited out longer"
         );
         assert!(!POLICY.allows(20, Retryability::Throttled));
+    }
+
+    #[test]
+    fn an_unreachable_endpoint_gets_one_retry_at_first_contact_only() {
+        let first = POLICY.first_contact();
+        assert!(Backoff::allows(&first, 1, Retryability::Unreachable));
+        assert!(!Backoff::allows(&first, 2, Retryability::Unreachable));
+        assert!(
+            Backoff::allows(&first, 4, Retryability::Transient),
+            "a 5xx keeps the whole policy"
+        );
+        assert!(Backoff::allows(&first, 19, Retryability::Throttled));
+        assert!(
+            POLICY.allows(4, Retryability::Unreachable),
+            "mid-run, a lost connection is retried like any transient failure"
+        );
     }
 }

@@ -26,6 +26,8 @@ use tokio::task::JoinHandle;
 struct Inner {
     client: s3::Client,
     bucket: String,
+    /// The endpoint the client sends to, named when it cannot be reached.
+    endpoint: String,
     part_size: usize,
     sign_payload: bool,
     policy: RetryPolicy,
@@ -76,6 +78,7 @@ fn s3_action(op: &str) -> &'static str {
 
 /// Classifies an S3 SDK error: the one place S3 errors get their retryability.
 fn s3_error<E>(
+    inner: &Inner,
     op: &'static str,
     target: &str,
     err: SdkError<E, s3::config::http::HttpResponse>,
@@ -147,10 +150,14 @@ where
         SdkError::ConstructionFailure(_) => (crate::error::chain(&err), Retryability::Permanent),
         _ => (
             format!(
-                "cannot reach S3: {} (check aws.s3_endpoint_url and the network; retried)",
+                "cannot reach S3 at {}: {} (check aws.s3_endpoint_url and the network; retried)",
+                inner.endpoint,
                 crate::error::chain(&err)
             ),
-            Retryability::Transient,
+            match err {
+                SdkError::DispatchFailure(_) => Retryability::Unreachable,
+                _ => Retryability::Transient,
+            },
         ),
     };
     Error::Sink {
@@ -162,18 +169,29 @@ where
 }
 
 impl S3Sink {
+    /// `endpoint_url`: the configured endpoint, if any (named in errors).
     pub fn new(
         client: s3::Client,
         bucket: String,
+        endpoint_url: Option<&str>,
         part_size: usize,
         sign_payload: bool,
         policy: RetryPolicy,
         overlapping_uploads: usize,
     ) -> Self {
+        // Without an endpoint URL the SDK addresses the bucket as a virtual host.
+        let endpoint = match endpoint_url {
+            Some(url) => url.to_string(),
+            None => format!(
+                "https://{bucket}.s3.{}.amazonaws.com",
+                client.config().region().map_or("us-east-1", |r| r.as_ref())
+            ),
+        };
         S3Sink {
             inner: Arc::new(Inner {
                 client,
                 bucket,
+                endpoint,
                 part_size,
                 sign_payload,
                 policy,
@@ -199,7 +217,7 @@ impl S3Sink {
             .key(key)
             .presigned(config)
             .await
-            .map_err(|e| s3_error("GetObject (presign)", &target, e))?;
+            .map_err(|e| s3_error(&self.inner, "GetObject (presign)", &target, e))?;
         Ok(request.uri().to_string())
     }
 
@@ -208,18 +226,22 @@ impl S3Sink {
     /// IAM policy can keep the program out of the rest of the bucket.
     pub async fn check(&self, prefix: &str) -> Result<()> {
         let target = self.describe();
-        with_retry(&self.inner.policy, "ListObjectsV2", || async {
-            self.inner
-                .client
-                .list_objects_v2()
-                .bucket(&self.inner.bucket)
-                .prefix(prefix)
-                .max_keys(1)
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| s3_error("ListObjectsV2", &target, e))
-        })
+        with_retry(
+            &self.inner.policy.first_contact(),
+            "ListObjectsV2",
+            || async {
+                self.inner
+                    .client
+                    .list_objects_v2()
+                    .bucket(&self.inner.bucket)
+                    .prefix(prefix)
+                    .max_keys(1)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| s3_error(&self.inner, "ListObjectsV2", &target, e))
+            },
+        )
         .await
     }
 
@@ -345,7 +367,7 @@ impl S3Sink {
             Err(SdkError::ServiceError(ctx)) if ctx.raw().status().as_u16() == 404 => {
                 return Ok(None)
             }
-            Err(e) => return Err(s3_error("GetObject", &target, e)),
+            Err(e) => return Err(s3_error(&self.inner, "GetObject", &target, e)),
         };
         let meta = out
             .metadata()
@@ -382,7 +404,7 @@ impl S3Sink {
                 .range(format!("bytes={start}-{last}"))
                 .send()
                 .await
-                .map_err(|e| s3_error("GetObject", &target, e))
+                .map_err(|e| s3_error(&self.inner, "GetObject", &target, e))
         })
         .await?;
         Ok(super::RangeBody::S3 {
@@ -406,7 +428,7 @@ impl S3Sink {
             {
                 Ok(out) => Ok(Some(out)),
                 Err(SdkError::ServiceError(ctx)) if ctx.raw().status().as_u16() == 404 => Ok(None),
-                Err(e) => Err(s3_error("HeadObject", &target, e)),
+                Err(e) => Err(s3_error(&self.inner, "HeadObject", &target, e)),
             }
         })
         .await?;
@@ -433,7 +455,7 @@ impl S3Sink {
                 .set_continuation_token(token.clone())
                 .send()
                 .await
-                .map_err(|e| s3_error("ListObjectsV2", &target, e))?;
+                .map_err(|e| s3_error(&self.inner, "ListObjectsV2", &target, e))?;
             keys.extend(
                 page.contents()
                     .iter()
@@ -459,7 +481,7 @@ async fn abort(inner: &Inner, key: &str, upload_id: &str) -> Result<()> {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| s3_error("AbortMultipartUpload", &target, e))
+            .map_err(|e| s3_error(inner, "AbortMultipartUpload", &target, e))
     })
     .await;
     match result {
@@ -500,7 +522,7 @@ async fn upload_part(
         } else {
             request.customize().disable_payload_signing().send().await
         };
-        let out = sent.map_err(|e| s3_error("UploadPart", &target, e))?;
+        let out = sent.map_err(|e| s3_error(&inner, "UploadPart", &target, e))?;
         Ok(CompletedPart::builder()
             .part_number(number)
             .set_e_tag(out.e_tag().map(str::to_string))
@@ -582,7 +604,7 @@ impl S3Upload {
                 request
                     .send()
                     .await
-                    .map_err(|e| s3_error("CreateMultipartUpload", &target, e))
+                    .map_err(|e| s3_error(&self.inner, "CreateMultipartUpload", &target, e))
             })
             .await?;
             self.upload_id = Some(out.upload_id().unwrap_or_default().to_string());
@@ -652,7 +674,7 @@ impl S3Upload {
                     request.customize().disable_payload_signing().send().await
                 };
                 sent.map(|_| ())
-                    .map_err(|e| s3_error("PutObject", &target, e))
+                    .map_err(|e| s3_error(&self.inner, "PutObject", &target, e))
             })
             .await?;
             return Ok(archived);
@@ -684,7 +706,7 @@ impl S3Upload {
                 .send()
                 .await
                 .map(|_| ())
-                .map_err(|e| s3_error("CompleteMultipartUpload", &target, e))
+                .map_err(|e| s3_error(&self.inner, "CompleteMultipartUpload", &target, e))
         })
         .await;
         match result {

@@ -170,6 +170,7 @@ where
             ),
             Retryability::Transient,
         ),
+        // No answer: refused, unresolvable, or not sent; or no answer in time.
         _ => (
             None,
             None,
@@ -177,7 +178,10 @@ where
                 "cannot reach {endpoint}: {} (check the endpoint and the network; retried)",
                 crate::error::chain(&err)
             ),
-            Retryability::Transient,
+            match err {
+                SdkError::DispatchFailure(_) => Retryability::Unreachable,
+                _ => Retryability::Transient,
+            },
         ),
     };
     Error::Kvs {
@@ -260,8 +264,23 @@ impl KvsSource {
     }
 
     pub async fn describe(&self, stream: &StreamConfig) -> Result<StreamDescription> {
+        self.describe_with(stream, &self.policy).await
+    }
+
+    /// [`Self::describe`] as a command's first request: an endpoint that does not answer
+    /// is reported after one retry, not the whole backoff.
+    pub async fn describe_first(&self, stream: &StreamConfig) -> Result<StreamDescription> {
+        self.describe_with(stream, &self.policy.first_contact())
+            .await
+    }
+
+    async fn describe_with(
+        &self,
+        stream: &StreamConfig,
+        policy: &impl crate::retry::Backoff,
+    ) -> Result<StreamDescription> {
         let label = stream.label();
-        let described = with_retry(&self.policy, "DescribeStream", || async {
+        let described = with_retry(policy, "DescribeStream", || async {
             self.pace_control_call(stream).await;
             let out = self
                 .control
