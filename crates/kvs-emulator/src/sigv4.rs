@@ -5,7 +5,7 @@
 //! published algorithm. Refusals use the codes and messages AWS's JSON services send.
 
 use axum::http::{self, HeaderMap, Method, Uri};
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
