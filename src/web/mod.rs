@@ -342,23 +342,28 @@ async fn stream_page(
             .and_then(|v| v.parse::<EpochMs>().ok())
             .map(|t| t.clamp(0, 7_258_118_400_000))
     };
-    let (from, to) = match (number("from"), number("to")) {
-        (Some(from), Some(to)) if to > from => (from, to.min(from + WIDEST_MS).max(from + 60_000)),
+    let (from, to, found) = match (number("from"), number("to")) {
+        (Some(from), Some(to)) if to > from => {
+            let to = to.min(from + WIDEST_MS).max(from + 60_000);
+            (from, to, spans(archiver, &stream, from, to).await)
+        }
         _ => {
-            // The archive's extent within the last 30 days, a little wider.
-            match spans(archiver, &stream, now - WIDEST_MS, now).await {
+            // The archive's extent within the last 30 days, a little wider; its spans
+            // are the ones just read (one scan of the ledger, not two).
+            let found = spans(archiver, &stream, now - WIDEST_MS, now).await;
+            let (from, to) = match &found {
                 Ok((all, _)) if !all.is_empty() => {
                     let first = all.iter().map(|s| s.start_ms).min().unwrap_or(now - DAY_MS);
                     let last = all.iter().map(|s| s.end_ms).max().unwrap_or(now);
                     let pad = ((last - first) / 50).max(60_000);
                     (first - pad, last + pad)
                 }
-                Ok(_) => (now - DAY_MS, now),
-                Err(e) => return failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-            }
+                _ => (now - DAY_MS, now),
+            };
+            (from, to, found)
         }
     };
-    let (spans, planned) = match spans(archiver, &stream, from, to).await {
+    let (spans, planned) = match found {
         Ok(found) => found,
         Err(e) => return failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
