@@ -194,6 +194,7 @@ async fn million_sqlite() {
     load_million("SQLite", sqlite.pool()).await;
     hot_paths(&sqlite).await;
     sqlite.close().await;
+    page_of_ten_thousand_objects(work.path()).await;
     let empty = tempfile::tempdir().expect("tempdir");
     for (ledger, dir) in [
         ("an empty ledger", empty.path()),
@@ -201,6 +202,88 @@ async fn million_sqlite() {
     ] {
         daemon_passes(ledger, dir).await;
     }
+}
+
+/// `serve`'s page of one stream with its 10,000 chunks in view (9,900 objects, 100
+/// planned), beside 99 other such streams: the release binary, timed from request to the
+/// last byte, as a browser waits for it.
+async fn page_of_ten_thousand_objects(dir: &std::path::Path) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let config = dir.join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[state]\ndatabase_url = \"sqlite://{0}/state.db\"\n\
+             [destination]\ndirectory = \"{0}/archive\"\n[[streams]]\nname = \"cam-42\"\n",
+            dir.display()
+        ),
+    )
+    .expect("config");
+    std::fs::create_dir_all(dir.join("archive")).expect("archive directory");
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvs-archiver"))
+        .arg("--config")
+        .arg(&config)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("KVS_ARCHIVER_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("serve starts");
+    let get = async |path: &str| -> Vec<u8> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .expect("request");
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.expect("response");
+        assert!(
+            response.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&response[..response.len().min(300)])
+        );
+        response
+    };
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let all = format!("/streams/cam-42?from={T0}&to={}", T0 + 10_000 * 20_000);
+    let page = get(&all).await;
+    println!(
+        "serve: the page of a stream with 10,000 chunks in view: {} KiB of HTML and SVG, {} rectangles",
+        page.len() / 1024,
+        String::from_utf8_lossy(&page).matches("<rect").count()
+    );
+    timed("  all 10,000 in view (2.3 days)", 5, async || {
+        get(&all).await
+    })
+    .await;
+    let hour = format!(
+        "/streams/cam-42?from={}&to={}",
+        T0 + 100_000_000,
+        T0 + 103_600_000
+    );
+    timed(
+        "  one hour in view (180 objects, fragment detail)",
+        5,
+        async || get(&hour).await,
+    )
+    .await;
+    let _ = server.kill().await;
 }
 
 /// `run --once` twice for a stream of 6 hours of 2 s fragments: the first pass plans and
