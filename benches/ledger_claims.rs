@@ -205,8 +205,9 @@ async fn million_sqlite() {
 }
 
 /// `serve`'s page of one stream with its 10,000 chunks in view (9,900 objects, 100
-/// planned), beside 99 other such streams: the release binary, timed from request to the
-/// last byte, as a browser waits for it.
+/// planned), beside 99 other such streams: the binary of the bench's profile, timed from
+/// request to the last byte, as a browser waits for it. Explicit views (the default view
+/// depends on today's date; it reads the same chunks once).
 async fn page_of_ten_thousand_objects(dir: &std::path::Path) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

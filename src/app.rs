@@ -27,7 +27,7 @@ pub fn sdk_loader(aws: &AwsConfig) -> aws_config::ConfigLoader {
     // The bundled emulator is a sandbox with its own keys: the user's stay unused.
     #[cfg(feature = "demo")]
     let loader = match aws.bundled_emulator {
-        Some(_) => loader.credentials_provider(aws_sdk_kinesisvideo::config::Credentials::new(
+        Some(_) => loader.credentials_provider(aws_credential_types::Credentials::new(
             kvs_emulator::config::DEFAULT_ACCESS_KEY_ID,
             kvs_emulator::config::DEFAULT_SECRET_ACCESS_KEY,
             None,
@@ -442,7 +442,7 @@ pub async fn backfill(
     }
     archiver
         .sink
-        .check(&archiver.config.destination.prefix)
+        .check(&archiver.config.destination.prefix, true)
         .await?;
     // SERVER_TIMESTAMP ranges may not end in the future.
     let end = end.min(chrono::Utc::now().timestamp_millis() - 1);
@@ -498,7 +498,7 @@ pub async fn verify(
     check_range(start, end)?;
     archiver
         .sink
-        .check(&archiver.config.destination.prefix)
+        .check(&archiver.config.destination.prefix, true)
         .await?;
     if !repair {
         return crate::verify::verify(archiver, &stream, start, end, repair, shutdown).await;
@@ -561,7 +561,7 @@ pub async fn run_daemon(
     let archiver = Arc::new(archiver);
     archiver
         .sink
-        .check(&archiver.config.destination.prefix)
+        .check(&archiver.config.destination.prefix, false)
         .await?;
     archiver.recover().await?;
 

@@ -136,7 +136,8 @@ pub struct AwsConfig {
     /// KVS is the bundled emulator, started inside the process from this emulator
     /// configuration (its streams), with the emulator's own keys: what `kvs-archiver demo`
     /// writes, so that every command works on the demo's archive afterwards. Unset for a
-    /// real KVS; needs a build with the `demo` feature (the default).
+    /// real KVS; needs a build with the `demo` feature (the default). Its keys sign every
+    /// request, so it goes with a directory destination, as the demo's does.
     pub bundled_emulator: Option<std::path::PathBuf>,
 }
 

@@ -20,6 +20,10 @@ pub async fn run(output: &Path, shutdown: &Shutdown) -> Result<PathBuf> {
     let mut camera = StreamSpec::historical(CAMERA, now - chrono::Duration::minutes(15), now);
     camera.fragment_durations_ms = vec![2000];
     camera.fragment_size = 40_000;
+    // KVS's longest retention (10 years): the stream the emulator makes again later still
+    // holds what the demo archived, so `verify` checks it for as long as the demo's files
+    // are kept.
+    camera.data_retention_hours = 87_600;
     let emulator_config = EmulatorConfig {
         streams: vec![camera],
         ..EmulatorConfig::default()

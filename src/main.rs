@@ -296,8 +296,20 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         _ => {}
     }
     let mut config = Config::load(cli.config.as_deref())?;
-    // Serves for as long as the command runs.
-    let _bundled_emulator = app::start_bundled_emulator(&mut config).await?;
+    // Only the commands that ask KVS start it; it serves for as long as the command runs.
+    let asks_kvs = matches!(
+        cli.command,
+        Command::Backfill { .. }
+            | Command::Plan { .. }
+            | Command::Verify { .. }
+            | Command::Run { .. }
+            | Command::RebuildLedger { .. }
+    );
+    let _bundled_emulator = if asks_kvs {
+        app::start_bundled_emulator(&mut config).await?
+    } else {
+        None
+    };
     let shutdown = Shutdown::on_signals(config.daemon.shutdown_grace);
     match cli.command {
         Command::CheckConfig => {

@@ -63,9 +63,13 @@ pub enum Upload {
 
 impl Sink {
     /// Checks the destination exists and is writable, with a clear error if not.
-    pub async fn check(&self, prefix: &str) -> Result<()> {
+    /// Checks that the destination can be reached and written under `prefix`.
+    /// `first_contact`: a command's first request (an endpoint that does not answer is
+    /// reported after one retry); the daemon passes `false` and keeps its whole patience,
+    /// so a store still starting at boot does not stop it.
+    pub async fn check(&self, prefix: &str, first_contact: bool) -> Result<()> {
         match self {
-            Sink::S3(s) => s.check(prefix).await,
+            Sink::S3(s) => s.check(prefix, first_contact).await,
             Sink::Dir(d) => d.check().await,
         }
     }

@@ -224,25 +224,25 @@ impl S3Sink {
     /// A listing of one key under `prefix`, not HeadBucket: HeadBucket needs
     /// `s3:ListBucket` on the whole bucket, a prefix listing only under the prefix, so the
     /// IAM policy can keep the program out of the rest of the bucket.
-    pub async fn check(&self, prefix: &str) -> Result<()> {
+    pub async fn check(&self, prefix: &str, first_contact: bool) -> Result<()> {
         let target = self.describe();
-        with_retry(
-            &self.inner.policy.first_contact(),
-            "ListObjectsV2",
-            || async {
-                self.inner
-                    .client
-                    .list_objects_v2()
-                    .bucket(&self.inner.bucket)
-                    .prefix(prefix)
-                    .max_keys(1)
-                    .send()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| s3_error(&self.inner, "ListObjectsV2", &target, e))
-            },
-        )
-        .await
+        let list = || async {
+            self.inner
+                .client
+                .list_objects_v2()
+                .bucket(&self.inner.bucket)
+                .prefix(prefix)
+                .max_keys(1)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| s3_error(&self.inner, "ListObjectsV2", &target, e))
+        };
+        if first_contact {
+            with_retry(&self.inner.policy.first_contact(), "ListObjectsV2", list).await
+        } else {
+            with_retry(&self.inner.policy, "ListObjectsV2", list).await
+        }
     }
 
     pub fn begin(&self, key: &str, meta: ObjectMeta, content_type: &'static str) -> S3Upload {

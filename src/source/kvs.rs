@@ -82,6 +82,16 @@ fn to_ms(t: &DateTime) -> EpochMs {
 }
 
 /// Classifies an SDK error: the one place KVS errors get their retryability.
+/// Whether a failed data-plane request should ask GetDataEndpoint again before the next
+/// attempt: a data endpoint that does not answer, or answers 5xx, may have moved (the
+/// cached one would otherwise be tried until the process restarts).
+fn endpoint_may_have_moved(error: &Error) -> bool {
+    matches!(
+        error.retryability(),
+        Retryability::Transient | Retryability::Unreachable
+    )
+}
+
 fn kvs_error<E>(
     op: &'static str,
     stream: &str,
@@ -420,7 +430,7 @@ impl KvsSource {
                 let result = request.send().await;
                 let page = result.map_err(|e| {
                     let error = kvs_error("ListFragments", &label, &endpoint, e);
-                    if error.retryability() == Retryability::Transient {
+                    if endpoint_may_have_moved(&error) {
                         self.forget_endpoint(stream, Api::ListFragments);
                     }
                     error
@@ -522,7 +532,7 @@ impl KvsSource {
             .inspect(|_| crate::metrics::getclip_latency(&label, asked.elapsed()))
             .map_err(|e| {
                 let error = kvs_error("GetClip", &label, &endpoint, e);
-                if error.retryability() == Retryability::Transient {
+                if endpoint_may_have_moved(&error) {
                     self.forget_endpoint(stream, Api::GetClip);
                 }
                 error
@@ -556,7 +566,7 @@ impl KvsSource {
             .await
             .map_err(|e| {
                 let error = kvs_error("GetMediaForFragmentList", &label, &endpoint, e);
-                if error.retryability() == Retryability::Transient {
+                if endpoint_may_have_moved(&error) {
                     self.forget_endpoint(stream, Api::GetMediaForFragmentList);
                 }
                 error

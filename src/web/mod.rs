@@ -280,6 +280,9 @@ async fn spans(
         }
         spans.extend(run);
     }
+    // Objects are read from a day earlier (one may reach into the view); fragment runs
+    // that end before it are not the view's.
+    spans.retain(|s| s.end_ms >= from);
     let summary = ledger.range_summary(&label, source, from, to).await?;
     let progress = ledger.progress(&label, source).await?;
     let now = chrono::Utc::now().timestamp_millis();
