@@ -224,17 +224,22 @@ fn a_dead_endpoint_is_named_with_the_os_error() {
     let work = tempfile::tempdir().expect("tempdir");
     let url = dead_url();
     let config = config_file(work.path(), &url);
-    let mut cmd = archiver();
-    with_credentials(&mut cmd);
-    cmd.arg("--config")
-        .arg(&config)
-        .arg("backfill")
-        .args(range());
     assert_error(
-        cmd,
+        backfill(&config),
         1,
         &format!("kvs-archiver: kvs DescribeStream cam: cannot reach {url}: dispatch failure: io error: client error (Connect): tcp connect error: Connection refused (os error 111) (check the endpoint and the network; retried)"),
     );
+}
+
+/// `backfill` of the last minutes of `cam` with `config`, as a user with credentials runs it.
+fn backfill(config: &std::path::Path) -> Command {
+    let mut cmd = archiver();
+    with_credentials(&mut cmd);
+    cmd.arg("--config")
+        .arg(config)
+        .arg("backfill")
+        .args(range());
+    cmd
 }
 
 /// A port nothing listens on.
@@ -263,14 +268,8 @@ fn a_dead_s3_endpoint_is_named_with_the_os_error() {
             "bucket = \"footage\"",
         );
     std::fs::write(&config, text).expect("config rewritten");
-    let mut cmd = archiver();
-    with_credentials(&mut cmd);
-    cmd.arg("--config")
-        .arg(&config)
-        .arg("backfill")
-        .args(range());
     assert_error(
-        cmd,
+        backfill(&config),
         1,
         &format!("kvs-archiver: ListObjectsV2 s3://footage: cannot reach S3 at {url}: dispatch failure: io error: client error (Connect): tcp connect error: Connection refused (os error 111) (check aws.s3_endpoint_url and the network; retried)"),
     );
@@ -293,14 +292,8 @@ fn a_denied_action_names_the_permission_and_the_policy_command() {
         .expect("emulator");
     let work = tempfile::tempdir().expect("tempdir");
     let config = config_file(work.path(), emu.base_url());
-    let mut cmd = archiver();
-    with_credentials(&mut cmd);
-    cmd.arg("--config")
-        .arg(&config)
-        .arg("backfill")
-        .args(range());
     assert_error(
-        cmd,
+        backfill(&config),
         2,
         "kvs-archiver: kvs DescribeStream cam: access denied: the credentials may not call kinesisvideo:DescribeStream on this stream; `kvs-archiver iam-policy` prints the policy this configuration needs",
     );
