@@ -6,8 +6,7 @@ use crate::config::{Config, StreamConfig};
 use crate::domain::TimestampSource;
 use crate::error::{Error, Result};
 use crate::shutdown::Shutdown;
-use kvs_emulator::config::{DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY};
-use kvs_emulator::{Emulator, EmulatorConfig, StreamSpec};
+use kvs_emulator::{EmulatorConfig, StreamSpec};
 use std::path::{Path, PathBuf};
 
 const CAMERA: &str = "demo-camera";
@@ -29,35 +28,27 @@ pub async fn run(output: &Path, shutdown: &Shutdown) -> Result<PathBuf> {
         ..EmulatorConfig::default()
     };
     let emulator_file = write_emulator_config(output, &emulator_config)?;
-    let emulator = Emulator::start(emulator_config)
-        .await
-        .map_err(|e| Error::Usage(format!("demo: cannot start the bundled KVS emulator: {e}")))?;
-    eprintln!(
-        "demo: bundled KVS emulator at {} with camera {CAMERA:?}",
-        emulator.base_url()
-    );
 
+    // The same configuration the demo leaves behind, and the same start-up a user's
+    // command with it goes through: the bundled emulator, signed with its own keys.
     let archive = output.join("archive");
     let mut config = Config::default();
-    config.aws.kinesis_video_endpoint_url = Some(emulator.base_url().to_string());
+    config.aws.bundled_emulator = Some(emulator_file.clone());
     config.state.database_url = format!("sqlite://{}", output.join("state.db").display());
     config.destination.directory = Some(archive.clone());
     config.destination.prefix = String::new();
     config.streams = vec![StreamConfig::named(CAMERA)];
     config.validate()?;
-
-    // The emulator is a sandbox with its own keys: the user's AWS credentials stay unused.
-    let credentials = aws_sdk_kinesisvideo::config::Credentials::new(
-        DEFAULT_ACCESS_KEY_ID,
-        DEFAULT_SECRET_ACCESS_KEY,
-        None,
-        None,
-        "kvs-archiver-demo",
+    let emulator = crate::app::start_bundled_emulator(&mut config).await?;
+    eprintln!(
+        "demo: bundled KVS emulator at {} with camera {CAMERA:?}",
+        config
+            .aws
+            .kinesis_video_endpoint_url
+            .as_deref()
+            .unwrap_or_default()
     );
-    let sdk = crate::app::sdk_loader(&config.aws)
-        .credentials_provider(credentials)
-        .load()
-        .await;
+    let sdk = crate::app::sdk_config(&config.aws).await;
     let archiver = crate::app::build(config, &sdk, crate::ledger::Role::Backfill).await?;
     let now = now.timestamp_millis();
     let (start, end) = (now - 11 * 60_000, now - 60_000);

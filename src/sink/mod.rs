@@ -62,8 +62,8 @@ pub enum Upload {
 }
 
 impl Sink {
-    /// Checks the destination exists and is writable, with a clear error if not.
-    /// Checks that the destination can be reached and written under `prefix`.
+    /// Checks that the destination can be reached and written under `prefix`, with a
+    /// clear error if not.
     /// `first_contact`: a command's first request (an endpoint that does not answer is
     /// reported after one retry); the daemon passes `false` and keeps its whole patience,
     /// so a store still starting at boot does not stop it.
