@@ -3283,11 +3283,15 @@ async fn the_archive_page_shows_the_timeline_and_plays_a_clicked_object_in_chrom
                 "nothing is drawn inside the gap: {key} {start}..{end}, gap {gap_from}..{gap_to}"
             );
         }
-        let no_media = browser
-            .find(Locator::Css("#timeline rect[data-class='no-media']"))
-            .await
-            .expect("the no-media background");
-        assert!(no_media.attr("width").await.expect("width").is_some());
+        // The gap shows as "KVS had no media": the background under the spans covers it,
+        // and (above) no span is drawn over it.
+        let no_media = shown("no-media").await;
+        assert_eq!(no_media.len(), 1, "one no-media background: {no_media:?}");
+        let (covered_from, covered_to, _) = &no_media[0];
+        assert!(
+            *covered_from <= gap_from && *covered_to >= gap_to,
+            "the gap {gap_from}..{gap_to} lies in the no-media background {covered_from}..{covered_to}"
+        );
 
         // Click an archived object (the widest span, as a person would): it plays.
         let (_, _, key) = archived

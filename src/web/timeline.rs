@@ -169,7 +169,7 @@ pub fn svg(
         if right > left {
             let _ = write!(
                 out,
-                r#"<rect class="no-media" data-class="no-media" x="{left:.2}" y="{BAR_Y}" width="{:.2}" height="{BAR_HEIGHT}"><title>KVS had no media</title></rect>"#,
+                r#"<rect class="no-media" data-class="no-media" data-start="{planned_from}" data-end="{planned_to}" x="{left:.2}" y="{BAR_Y}" width="{:.2}" height="{BAR_HEIGHT}"><title>KVS had no media</title></rect>"#,
                 right - left
             );
         }
