@@ -1,13 +1,17 @@
 //! `kvs-archiver serve`: a read-only web page of the archive. One page per stream with a
 //! coverage timeline ([`timeline`]) from 30 days down to minutes; clicking an object plays
-//! it in the page: from S3 through a presigned URL (a redirect), from a directory
-//! destination streamed by this server with HTTP range requests.
+//! it in the page ([`media`]): from S3 through a presigned URL (a redirect), from a
+//! directory destination streamed by this server with HTTP range requests. Only objects
+//! the ledger records as done are served.
 //!
-//! It listens on loopback unless told otherwise, and elsewhere only with a bearer token
-//! (`Authorization: Bearer`, or `?token=` once, which sets a cookie so the video element,
-//! which cannot send headers, is let in too). Server-rendered HTML and SVG, a little plain
-//! JavaScript, everything embedded in the binary.
+//! It listens on loopback unless told otherwise; who may read it is [`auth`]'s business
+//! (a token of 32 bytes or more, generated beyond loopback when none is given; a session
+//! cookie; a limit on wrong guesses). Every answer carries headers that keep it out of
+//! frames, caches and other sites' referrers ([`security_headers`]). Server-rendered
+//! HTML and SVG, a little plain JavaScript, everything embedded in the binary.
 
+pub mod auth;
+mod media;
 pub mod timeline;
 
 use crate::config::StreamConfig;
@@ -17,11 +21,11 @@ use crate::export::GAP_REPORT_MS;
 use crate::ledger::ChunkState;
 use crate::sink::Sink;
 use crate::worker::Archiver;
-use axum::body::Body;
+use auth::{Access, Mode};
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{Html, IntoResponse, Response};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,37 +40,41 @@ const WIDEST_MS: i64 = 30 * DAY_MS;
 /// Below this many archived chunks in view, their fragments are read so that gaps
 /// inside an object show.
 const FRAGMENT_DETAIL_CHUNKS: usize = 200;
-const TOKEN_COOKIE: &str = "kvs_archiver_token";
 
 struct Shared {
     archiver: Archiver,
-    token: Option<String>,
+    access: Access,
+    /// The Content-Security-Policy of every answer ([`content_security_policy`]).
+    csp: HeaderValue,
 }
 
 type AppState = Arc<Shared>;
 
-/// Serves the page on `listen` until `shutdown` fires. Refuses to listen beyond
-/// loopback without a token.
+/// Serves the page on `listen` until `shutdown` fires. A token shorter than
+/// [`auth::MIN_TOKEN_BYTES`] is refused; beyond loopback without one, one is generated and
+/// printed once.
 pub async fn serve(
     archiver: Archiver,
     listen: SocketAddr,
     token: Option<String>,
     shutdown: crate::shutdown::Shutdown,
 ) -> Result<()> {
-    if !listen.ip().is_loopback() && token.is_none() {
-        return Err(Error::Usage(format!(
-            "serve --listen {listen}: beyond loopback the page needs a bearer token; set KVS_ARCHIVER_SERVE_TOKEN (or --token-file) or listen on 127.0.0.1"
-        )));
-    }
+    let access = Access::new(listen, token)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| Error::Usage(format!("serve --listen {listen}: cannot listen: {e}")))?;
     let bound = listener.local_addr().unwrap_or(listen);
-    let state: AppState = Arc::new(Shared { archiver, token });
+    let csp = content_security_policy(&archiver.sink).await;
+    say_how_it_is_guarded(&access, bound);
+    let state: AppState = Arc::new(Shared {
+        archiver,
+        access,
+        csp,
+    });
     let app = axum::Router::new()
         .route("/", axum::routing::get(index))
         .route("/streams/{name}", axum::routing::get(stream_page))
-        .route("/media/{*key}", axum::routing::get(media))
+        .route("/media/{*key}", axum::routing::get(media::media))
         .route(
             "/assets/page.js",
             axum::routing::get(|| async { asset(PAGE_JS, "text/javascript") }),
@@ -75,109 +83,113 @@ pub async fn serve(
             "/assets/page.css",
             axum::routing::get(|| async { asset(PAGE_CSS, "text/css") }),
         )
+        // A fallback of our own, so that unknown paths pass the same layers.
+        .fallback(|| async { failure(StatusCode::NOT_FOUND, "no such page".into()) })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            authorize,
+            auth::authorize,
+        ))
+        // Outermost, so refusals (401, 421, 429) carry the headers too.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            security_headers,
         ))
         .with_state(state);
     // Printed (not only logged) so a user, or a test, knows where to point a browser.
     println!("serving the archive on http://{bound}/");
     tracing::info!(%bound, "serving the archive page");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.soft.cancelled().await })
-        .await
-        .map_err(|e| Error::Usage(format!("serve: {e}")))
+    // The peer's address is what failed guesses are counted by.
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.soft.cancelled().await })
+    .await
+    .map_err(|e| Error::Usage(format!("serve: {e}")))
+}
+
+/// One line at start-up for how the page is guarded: a generated token is printed once
+/// (on standard error, not in the log: it is the operator's to copy, and the log may be
+/// kept and shipped); loopback without a token warns about proxies.
+fn say_how_it_is_guarded(access: &Access, bound: SocketAddr) {
+    match (access.mode(), access.token()) {
+        (Mode::Generated, Some(token)) => eprintln!(
+            "kvs-archiver serve: no token given (KVS_ARCHIVER_SERVE_TOKEN or --token-file), so this run made one; it changes at every start:\n  {token}\n  open http://{bound}/?token={token} once (with this server's name), or send Authorization: Bearer"
+        ),
+        (Mode::LoopbackOnly, _) => tracing::warn!(
+            %bound,
+            "serve: no token: anyone who can reach this port reads the whole archive, including through a reverse proxy on this machine; set KVS_ARCHIVER_SERVE_TOKEN (or --token-file) if anything forwards to it"
+        ),
+        _ => {}
+    }
+}
+
+/// The page's own script, styles and images from this server only; video from this
+/// server or, for S3, from the origin presigned URLs point at (the player follows the
+/// redirect); no frames, forms or base URLs.
+async fn content_security_policy(sink: &Sink) -> HeaderValue {
+    let media = match sink {
+        Sink::Dir(_) => "'self'".to_string(),
+        // Presigning is local (no request), so this is the origin the player will meet.
+        Sink::S3(_) => match sink
+            .playable_url(
+                "kvs-archiver-csp-probe.mp4",
+                std::time::Duration::from_secs(60),
+            )
+            .await
+            .ok()
+            .as_deref()
+            .and_then(origin_of)
+        {
+            Some(origin) => format!("'self' {origin}"),
+            None => "'self' https:".to_string(),
+        },
+    };
+    let policy = format!(
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; media-src {media}; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    );
+    HeaderValue::from_str(&policy).unwrap_or_else(|_| {
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; media-src 'self' https:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        )
+    })
+}
+
+/// `scheme://host[:port]` of a URL, if it is plain enough to put in a policy.
+fn origin_of(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+    };
+    (matches!(scheme, "http" | "https") && plain(authority))
+        .then(|| format!("{scheme}://{authority}"))
+}
+
+/// Every answer, refusals and media included: no MIME sniffing, no framing (CSP and the
+/// older X-Frame-Options), no caching of archive pages or video by browsers or proxies,
+/// no referrer leaving for another site.
+async fn security_headers(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::CONTENT_SECURITY_POLICY, state.csp.clone());
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    response
 }
 
 fn asset(body: &'static str, content_type: &'static str) -> Response {
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
-}
-
-/// Compares without an early exit, so the time taken says nothing about the token.
-fn same_token(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
-
-/// Whether a request's `Host` names this machine's loopback: without a token, a page
-/// on another site must not reach the server through a name rebound to 127.0.0.1.
-fn loopback_host(headers: &HeaderMap) -> bool {
-    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
-        return false;
-    };
-    let name = match host.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(""),
-        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
-    };
-    name.eq_ignore_ascii_case("localhost")
-        || name
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let Some(token) = &state.token else {
-        if !loopback_host(request.headers()) {
-            return (
-                StatusCode::MISDIRECTED_REQUEST,
-                "without a token this page answers only to localhost and 127.0.0.1\n",
-            )
-                .into_response();
-        }
-        return next.run(request).await;
-    };
-    let headers = request.headers();
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let cookie = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|c| {
-            c.trim()
-                .strip_prefix(&format!("{TOKEN_COOKIE}="))
-                .map(str::to_string)
-        })
-        .next();
-    if bearer.is_some_and(|b| same_token(b, token)) || cookie.is_some_and(|c| same_token(&c, token))
-    {
-        return next.run(request).await;
-    }
-    let query: HashMap<String, String> = request
-        .uri()
-        .query()
-        .and_then(|q| serde_urlencoded::from_str(q).ok())
-        .unwrap_or_default();
-    if query.get("token").is_some_and(|t| same_token(t, token)) {
-        // Once: the cookie carries it from now on, and the URL loses it.
-        let rest: Vec<(&String, &String)> = query
-            .iter()
-            .filter(|(k, _)| k.as_str() != "token")
-            .collect();
-        let target = match serde_urlencoded::to_string(&rest) {
-            Ok(rest) if !rest.is_empty() => format!("{}?{rest}", request.uri().path()),
-            _ => request.uri().path().to_string(),
-        };
-        let mut response = Redirect::to(&target).into_response();
-        if let Ok(value) = HeaderValue::from_str(&format!(
-            "{TOKEN_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"
-        )) {
-            response.headers_mut().insert(header::SET_COOKIE, value);
-        }
-        return response;
-    }
-    (
-        StatusCode::UNAUTHORIZED,
-        [(header::WWW_AUTHENTICATE, "Bearer")],
-        "this page needs the token: open it with ?token=... or send Authorization: Bearer\n",
-    )
-        .into_response()
 }
 
 fn page(title: &str, body: &str) -> Html<String> {
@@ -455,150 +467,22 @@ async fn stream_page(
     page(&format!("{name}: kvs-archiver"), &body).into_response()
 }
 
-/// An archived object: a redirect to a presigned URL (S3), or the file with range
-/// support (a directory).
-async fn media(
-    State(state): State<AppState>,
-    Path(key): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    let archiver = &state.archiver;
-    let prefix = &archiver.config.destination.prefix;
-    if !is_object_key(&key, prefix) {
-        return failure(StatusCode::NOT_FOUND, format!("no object {key}"));
-    }
-    match archiver.sink.as_ref() {
-        Sink::S3(_) => match archiver
-            .sink
-            .playable_url(&key, std::time::Duration::from_secs(3600))
-            .await
-        {
-            Ok(url) => Redirect::temporary(&url).into_response(),
-            Err(e) => failure(StatusCode::BAD_GATEWAY, e.to_string()),
-        },
-        Sink::Dir(_) => match archiver.sink.head(&key).await {
-            Ok(Some(head)) => ranged_file(&archiver.sink, &key, head.size, &headers).await,
-            Ok(None) => failure(StatusCode::NOT_FOUND, format!("no object {key}")),
-            Err(e) => failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        },
-    }
-}
-
-/// A key this program could have written: under the prefix, relative, with no `.`, `..`
-/// or empty component (a directory destination joins it to its root).
-fn is_object_key(key: &str, prefix: &str) -> bool {
-    key.starts_with(prefix)
-        && !key.starts_with('/')
-        && !key.contains('\\')
-        && key
-            .split('/')
-            .all(|part| !part.is_empty() && part != "." && part != "..")
-}
-
-/// `bytes=a-b`, `bytes=a-` or `bytes=-n` against a file of `size` bytes.
-fn parse_range(value: &str, size: u64) -> Option<(u64, u64)> {
-    let spec = value.strip_prefix("bytes=")?;
-    if spec.contains(',') {
-        return None;
-    }
-    let (first, last) = spec.split_once('-')?;
-    let (start, end) = match (first.trim(), last.trim()) {
-        ("", n) => {
-            let n: u64 = n.parse().ok()?;
-            (size.saturating_sub(n), size.checked_sub(1)?)
-        }
-        (a, "") => (a.parse().ok()?, size.checked_sub(1)?),
-        (a, b) => (
-            a.parse().ok()?,
-            b.parse::<u64>().ok()?.min(size.checked_sub(1)?),
-        ),
-    };
-    (start <= end && end < size).then_some((start, end))
-}
-
-async fn ranged_file(sink: &Sink, key: &str, size: u64, headers: &HeaderMap) -> Response {
-    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-    let (status, start, end) = match range {
-        None => (StatusCode::OK, 0, size.saturating_sub(1)),
-        Some(value) => match parse_range(value, size) {
-            Some((start, end)) => (StatusCode::PARTIAL_CONTENT, start, end),
-            None => {
-                return (
-                    StatusCode::RANGE_NOT_SATISFIABLE,
-                    [(header::CONTENT_RANGE, format!("bytes */{size}"))],
-                )
-                    .into_response()
-            }
-        },
-    };
-    let len = if size == 0 { 0 } else { end - start + 1 };
-    let body = match sink.read_range(key, start, len).await {
-        Ok(body) => body,
-        Err(e) => return failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    };
-    let stream = futures_util::stream::unfold(body, |mut body| async move {
-        match body.next().await {
-            Ok(Some(bytes)) => Some((Ok::<_, std::io::Error>(bytes), body)),
-            Ok(None) => None,
-            Err(e) => Some((Err(std::io::Error::other(e.to_string())), body)),
-        }
-    });
-    let content_type = if key.ends_with(".mkv") {
-        "video/x-matroska"
-    } else {
-        "video/mp4"
-    };
-    let mut response = Response::new(Body::from_stream(stream));
-    *response.status_mut() = status;
-    let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    if let Ok(v) = HeaderValue::from_str(&len.to_string()) {
-        h.insert(header::CONTENT_LENGTH, v);
-    }
-    if status == StatusCode::PARTIAL_CONTENT {
-        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{size}")) {
-            h.insert(header::CONTENT_RANGE, v);
-        }
-    }
-    response
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{is_object_key, loopback_host, parse_range};
+    use super::origin_of;
 
     #[test]
-    fn only_relative_keys_under_the_prefix_are_served() {
-        assert!(is_object_key("kvs/cam/2026/12/04/cam_1_2.mp4", "kvs/"));
-        assert!(!is_object_key("/etc/passwd", ""));
-        assert!(!is_object_key("kvs/../../etc/passwd", "kvs/"));
-        assert!(!is_object_key("kvs//x.mp4", "kvs/"));
-        assert!(!is_object_key("other/x.mp4", "kvs/"));
-    }
-
-    #[test]
-    fn without_a_token_only_loopback_names_are_answered() {
-        let with = |host: &str| {
-            let mut headers = axum::http::HeaderMap::new();
-            headers.insert(axum::http::header::HOST, host.parse().expect("header"));
-            loopback_host(&headers)
-        };
-        assert!(with("127.0.0.1:8080"));
-        assert!(with("localhost:8080"));
-        assert!(with("[::1]:8080"));
-        assert!(!with("evil.example:8080"));
-        assert!(!with("192.0.2.1"));
-    }
-
-    #[test]
-    fn ranges_as_browsers_send_them() {
-        assert_eq!(parse_range("bytes=0-", 100), Some((0, 99)));
-        assert_eq!(parse_range("bytes=10-19", 100), Some((10, 19)));
-        assert_eq!(parse_range("bytes=90-500", 100), Some((90, 99)));
-        assert_eq!(parse_range("bytes=-10", 100), Some((90, 99)));
-        assert_eq!(parse_range("bytes=100-", 100), None);
-        assert_eq!(parse_range("bytes=0-1,5-6", 100), None);
-        assert_eq!(parse_range("items=0-1", 100), None);
+    fn the_media_origin_is_taken_from_a_presigned_url() {
+        assert_eq!(
+            origin_of("https://b.s3.us-east-1.amazonaws.com/kvs/x.mp4?X-Amz-Signature=a"),
+            Some("https://b.s3.us-east-1.amazonaws.com".into())
+        );
+        assert_eq!(
+            origin_of("http://127.0.0.1:9000/bucket/x.mp4"),
+            Some("http://127.0.0.1:9000".into())
+        );
+        assert_eq!(origin_of("https://a b;c/x"), None);
+        assert_eq!(origin_of("javascript://x"), None);
+        assert_eq!(origin_of("/local/path.mp4"), None);
     }
 }
