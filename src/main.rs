@@ -146,11 +146,13 @@ enum Command {
     },
     /// Serve a read-only web page of the archive: a coverage timeline per stream
     /// (archived, gaps, failed, expired, at risk, late and Matroska), and playback of
-    /// any object in the page. Loopback by default; elsewhere only with a token.
+    /// any object in the page. Loopback by default; elsewhere only with a token (one is
+    /// made and printed once when none is given).
     Serve {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
-        /// A file holding the bearer token (or set KVS_ARCHIVER_SERVE_TOKEN).
+        /// A file holding the bearer token, at least 32 bytes (or set
+        /// KVS_ARCHIVER_SERVE_TOKEN).
         #[arg(long)]
         token_file: Option<PathBuf>,
     },
