@@ -56,6 +56,36 @@ pub struct Fragment {
     pub size_bytes: u64,
 }
 
+/// The longest fragment this program accepts from a listing. KVS's own limit is 20 s; the
+/// bound is looser so that it only refuses answers no KVS gives, and keeps sums of
+/// durations far from overflow.
+pub const MAX_FRAGMENT_MS: u64 = 3_600_000;
+/// The largest fragment this program accepts from a listing (KVS's limit is 50 MB).
+pub const MAX_FRAGMENT_BYTES: u64 = 1 << 30;
+
+/// The longest fragment number the API model admits (`FragmentNumber`, 1–128 digits).
+pub const MAX_FRAGMENT_NUMBER_LEN: usize = 128;
+
+/// Whether `text` is a fragment number as the API model defines it: 1–128 ASCII digits.
+/// Fragment numbers become parts of object keys and file names, so nothing else may pass.
+pub fn is_fragment_number(text: &str) -> bool {
+    (1..=MAX_FRAGMENT_NUMBER_LEN).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Whether `key` can name an object this program writes: relative, `/`-separated parts
+/// that are each non-empty, not `.` or `..`, free of backslashes and control characters,
+/// ending in `.mp4` or `.mkv`. Keys from the ledger, the bucket or a request pass this
+/// before they become a path or a request, so none can reach outside the destination.
+pub fn is_object_key(key: &str) -> bool {
+    const MAX_KEY_LEN: usize = 1024; // S3's own limit on a key, in bytes
+    key.len() <= MAX_KEY_LEN
+        && (key.ends_with(".mp4") || key.ends_with(".mkv"))
+        && key
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
+        && !key.chars().any(|c| c == '\\' || c.is_control())
+}
+
 /// Orders fragment numbers numerically: by length, then by digits.
 pub fn cmp_fragment_numbers(a: &str, b: &str) -> Ordering {
     let a = a.trim_start_matches('0');
@@ -203,6 +233,57 @@ pub fn object_key(prefix: &str, stream: &str, chunk: &ChunkPlan) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_digits_are_fragment_numbers() {
+        assert!(is_fragment_number(
+            "91343852336970796563495554524102405879022788815"
+        ));
+        assert!(is_fragment_number(&"9".repeat(128)));
+        assert!(!is_fragment_number(&"9".repeat(129)));
+        assert!(!is_fragment_number(""));
+        assert!(!is_fragment_number("1/../../tmp/escaped"));
+        assert!(!is_fragment_number("１２")); // full-width digits
+    }
+
+    #[test]
+    fn object_keys_stay_relative_and_inside() {
+        assert!(is_object_key("kvs/cam/2026/11/25/cam_1_2.mp4"));
+        assert!(is_object_key("cam/x_f1.mkv"));
+        for bad in [
+            "/etc/passwd.mp4",
+            "kvs/../../x.mp4",
+            "kvs/./x.mp4",
+            "kvs//x.mp4",
+            "kvs/x.mp4.json",
+            "kvs/x.mp4.1-2.partial",
+            "kvs\\..\\x.mp4",
+            "kvs/x\n.mp4",
+            "",
+        ] {
+            assert!(!is_object_key(bad), "{bad:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn an_accepted_key_never_leaves_the_root(key in "[a-z./\\\\\n-]{0,40}(\\.mp4|\\.mkv)?") {
+            if is_object_key(&key) {
+                let path = std::path::Path::new(&key);
+                proptest::prop_assert!(path.is_relative());
+                proptest::prop_assert!(path.components().all(|c| matches!(c, std::path::Component::Normal(_))));
+            }
+        }
+
+        #[test]
+        fn accepted_fragment_numbers_are_digits(number in "\\PC{0,130}") {
+            if is_fragment_number(&number) {
+                proptest::prop_assert!(number.bytes().all(|b| b.is_ascii_digit()) && number.len() <= 128);
+            }
+        }
+    }
 
     #[test]
     fn fragment_numbers_compare_numerically() {

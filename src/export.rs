@@ -13,7 +13,7 @@ use crate::domain::{rfc3339, EpochMs, Fragment, TimestampSource};
 use crate::error::{Error, Result};
 use crate::find::Finding;
 use crate::ledger::{ChunkState, Ledger};
-use crate::mp4::track::{moov_extent, video_track, Sample, VideoTrack};
+use crate::mp4::track::{moov_extent, video_track, Sample, TrackLimits, VideoTrack};
 use crate::mp4::writer::TrackTable;
 use crate::retry::RetryPolicy;
 use crate::sink::Sink;
@@ -24,7 +24,7 @@ use tokio::io::AsyncWriteExt;
 
 /// A fragment lasts less than this: chunks starting this long before the range cannot
 /// reach into it.
-const LONGEST_FRAGMENT_MS: i64 = 3_600_000;
+const LONGEST_FRAGMENT_MS: i64 = crate::domain::MAX_FRAGMENT_MS as i64;
 /// Media missing for longer than this is reported as a gap (shorter ones are the jitter
 /// between fragments' timestamps).
 pub const GAP_REPORT_MS: i64 = 500;
@@ -132,8 +132,17 @@ struct Object {
     track: VideoTrack,
 }
 
-/// Reads an object's `moov` (a range read of its first bytes) and its video track.
-async fn read_track(sink: &Sink, key: &str) -> Result<VideoTrack> {
+/// Bytes of `moov` per sample, at most: its sample tables (`stsz`, `stts`, `ctts`,
+/// `stss`, `co64`, `stsc`) take 44 bytes for a sample in the worst layout.
+const MOOV_BYTES_PER_SAMPLE: u64 = 64;
+
+/// Reads an object's `moov` (a range read of its first bytes) and its video track, which
+/// may claim no more than `limits` (from the ledger's record of the object).
+async fn read_track(sink: &Sink, key: &str, limits: TrackLimits) -> Result<VideoTrack> {
+    let max_moov = (limits.max_samples as u64)
+        .saturating_mul(MOOV_BYTES_PER_SAMPLE)
+        .saturating_add(HEADER_PROBE)
+        .min(MAX_MOOV);
     let malformed = |e: crate::mp4::Mp4Error| Error::Clip {
         key: key.to_string(),
         message: format!("cannot read its MP4 header: {e}"),
@@ -147,7 +156,7 @@ async fn read_track(sink: &Sink, key: &str) -> Result<VideoTrack> {
     let (start, end) = loop {
         match moov_extent(&prefix).map_err(malformed)? {
             Some((start, end)) if end <= prefix.len() => break (start, end),
-            Some((_, end)) if end as u64 <= MAX_MOOV => {
+            Some((_, end)) if end as u64 <= max_moov => {
                 prefix = sink.read_range(key, 0, end as u64).await?.collect().await?;
                 if prefix.len() < end {
                     return Err(malformed(crate::mp4::Mp4Error::Malformed(
@@ -162,7 +171,7 @@ async fn read_track(sink: &Sink, key: &str) -> Result<VideoTrack> {
             }
         }
     };
-    video_track(&prefix[start..end]).map_err(malformed)
+    video_track(&prefix[start..end], limits).map_err(malformed)
 }
 
 /// Splits a track's samples among the chunk's fragments, which its MP4 plays back to
@@ -255,7 +264,15 @@ pub async fn export(
             });
             continue;
         }
-        let track = read_track(sink, &chunk.object_key).await?;
+        let object_len = match chunk.archived_bytes {
+            Some(bytes) => bytes,
+            None => sink
+                .head(&chunk.object_key)
+                .await?
+                .map_or(0, |head| head.size),
+        };
+        let limits = TrackLimits::for_object(object_len, chunk.plan.duration_ms);
+        let track = read_track(sink, &chunk.object_key, limits).await?;
         if !track.other_tracks.is_empty() {
             left_out.push(LeftOut {
                 object_key: chunk.object_key.clone(),
@@ -444,7 +461,13 @@ pub async fn export(
     let header = table.header();
     let total = header.len() as u64 + table.media_bytes();
     let progress = ByteProgress::new(label, total);
-    let partial = std::path::PathBuf::from(format!("{}.partial", output.display()));
+    // A name of this process's own, created new: a file or link planted at a name known
+    // in advance is never written through.
+    let partial = std::path::PathBuf::from(format!(
+        "{}.{}.partial",
+        output.display(),
+        std::process::id()
+    ));
     let written = write_file(&partial, &header, &runs, &objects, sink, &progress, policy).await;
     progress.finish();
     if let Err(e) = written.and_then(|()| {
@@ -494,8 +517,14 @@ async fn write_file(
     progress: &ByteProgress,
     policy: &RetryPolicy,
 ) -> Result<()> {
-    let mut file = tokio::fs::File::create(path)
-        .await
+    use std::os::unix::fs::OpenOptionsExt;
+    // Mode 0666 before the umask, as any new file of the user's.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map(tokio::fs::File::from_std)
         .map_err(|e| file_error("create", path, e))?;
     file.write_all(header)
         .await
@@ -605,6 +634,35 @@ mod tests {
         let bounds = fragment_bounds(&track, &fragments);
         for (k, bound) in bounds.iter().enumerate() {
             assert_eq!(*bound, (20 * k, 20 * k + 20), "fragment {k}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1_000))]
+
+        /// Whatever a track's samples and a listing's durations, the bounds cover the
+        /// samples in order, one pair per fragment, each within the track.
+        #[test]
+        fn fragment_bounds_cover_the_track_in_order(
+            samples in proptest::collection::vec((0u32..200_000, proptest::bool::ANY), 0..300),
+            durations in proptest::collection::vec(0u64..=crate::domain::MAX_FRAGMENT_MS, 1..40),
+        ) {
+            let mut track = track(&[]);
+            let mut dts = 0u64;
+            for (duration, sync) in samples {
+                track.samples.push(Sample { offset: 0, size: 1, dts, duration, cts_offset: 0, sync });
+                dts += u64::from(duration);
+            }
+            let fragments: Vec<Fragment> = durations.into_iter().map(fragment).collect();
+            let bounds = fragment_bounds(&track, &fragments);
+            proptest::prop_assert_eq!(bounds.len(), fragments.len());
+            let mut previous_end = 0;
+            for (from, to) in bounds {
+                proptest::prop_assert!(from <= to && to <= track.samples.len());
+                proptest::prop_assert_eq!(from, previous_end);
+                previous_end = to;
+            }
+            proptest::prop_assert_eq!(previous_end, track.samples.len());
         }
     }
 

@@ -8,7 +8,11 @@
 //! spanning the object, from the metadata alone: KVS cannot archive them again anyway.
 
 use crate::config::StreamConfig;
-use crate::domain::{cmp_fragment_numbers, ChunkKind, ChunkPlan, EpochMs, Fragment};
+use crate::config::GET_CLIP_MAX_FRAGMENTS;
+use crate::domain::{
+    cmp_fragment_numbers, is_fragment_number, object_key, rfc3339, ChunkKind, ChunkPlan, EpochMs,
+    Fragment, MAX_FRAGMENT_MS,
+};
 use crate::error::{Error, Result};
 use crate::plan::sort_and_dedup;
 use crate::worker::Archiver;
@@ -30,6 +34,9 @@ pub struct RebuildReport {
     pub already_known: usize,
     /// Objects without this program's metadata, or of a stream not configured.
     pub skipped: Vec<String>,
+    /// Objects whose metadata names this stream but cannot describe a chunk this
+    /// program wrote (edited or corrupted): not restored.
+    pub untrusted: Vec<Untrusted>,
     /// Objects the ledger could not take (with `--merge`): a chunk that is not done holds
     /// their range or fragments, so they may be archived again; `verify` reports them.
     pub refused: Vec<String>,
@@ -48,6 +55,12 @@ impl RebuildReport {
         for key in &self.refused {
             text.push_str(&format!("\n  not restored {key}: a chunk of the ledger that is not done holds its range or fragments (`kvs-archiver verify` reports it)"));
         }
+        for object in &self.untrusted {
+            text.push_str(&format!(
+                "\n  not restored {}: its metadata cannot be this program's ({}); compare it with the object, or remove the object",
+                object.key, object.why
+            ));
+        }
         for key in &self.skipped {
             text.push_str(&format!(
                 "\n  skipped {key}: no kvs-archiver metadata for a configured stream"
@@ -56,6 +69,16 @@ impl RebuildReport {
         text
     }
 }
+
+/// An object whose metadata was refused, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Untrusted {
+    pub key: String,
+    pub why: String,
+}
+
+/// No chunk spans this long: GetClip's limit is under 24 h.
+const MAX_CLIP_SPAN_MS: EpochMs = 24 * 3_600_000;
 
 /// One object as its metadata describes it.
 struct Described {
@@ -70,33 +93,106 @@ struct Described {
     duration_ms: Option<u64>,
 }
 
+/// The object's metadata, checked as the bytes from outside they are (anyone who can
+/// write to the bucket can edit it): `Ok(None)` when it is not this stream's object;
+/// `Err` says why metadata of this stream cannot be a chunk this program wrote: its
+/// range runs backwards or past 24 h, its count is outside GetClip's caps, its fragment
+/// numbers or kind are not ones KVS or this program gives, or its key is not the key
+/// that range and kind imply.
 fn describe(
     key: &str,
     size: u64,
     meta: &BTreeMap<String, String>,
     stream: &StreamConfig,
-) -> Option<Described> {
-    let time = |name: &str| {
-        meta.get(name)
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-            .map(|t| t.timestamp_millis())
-    };
-    if meta.get("kvs-stream") != Some(&stream.label())
+    prefix: &str,
+) -> std::result::Result<Option<Described>, String> {
+    let label = stream.label();
+    if meta.get("kvs-stream") != Some(&label)
         || meta.get("kvs-timestamp-source") != Some(&stream.timestamp_source.to_string())
     {
-        return None;
+        return Ok(None);
     }
-    Some(Described {
+    let field = |name: &str| meta.get(name).ok_or(format!("no {name}"));
+    let time = |name: &str| {
+        field(name).and_then(|t| {
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map(|t| t.timestamp_millis())
+                .map_err(|_| format!("{name} {t:?} is not an RFC 3339 time"))
+        })
+    };
+    let kind_text = field("kvs-chunk-kind")?;
+    let kind =
+        ChunkKind::parse(kind_text).ok_or(format!("kvs-chunk-kind {kind_text:?} is not a kind"))?;
+    let (start_ms, end_ms) = (time("kvs-start")?, time("kvs-end")?);
+    if end_ms < start_ms || end_ms - start_ms >= MAX_CLIP_SPAN_MS {
+        return Err(format!(
+            "kvs-start {} .. kvs-end {} is not a range under 24 h",
+            rfc3339(start_ms),
+            rfc3339(end_ms)
+        ));
+    }
+    let count_text = field("kvs-fragment-count")?;
+    let count = count_text
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=GET_CLIP_MAX_FRAGMENTS as usize).contains(n))
+        .filter(|n| kind != ChunkKind::Late || *n == 1)
+        .ok_or(format!(
+            "kvs-fragment-count {count_text:?} is not 1-{GET_CLIP_MAX_FRAGMENTS} (1 for a late fragment)"
+        ))?;
+    let (first, last) = (field("kvs-first-fragment")?, field("kvs-last-fragment")?);
+    if !is_fragment_number(first)
+        || !is_fragment_number(last)
+        || cmp_fragment_numbers(first, last).is_gt()
+    {
+        return Err(format!(
+            "kvs-first-fragment and kvs-last-fragment are not fragment numbers in order ({:?}, {:?})",
+            first.chars().take(48).collect::<String>(),
+            last.chars().take(48).collect::<String>()
+        ));
+    }
+    let duration_ms = match meta.get("kvs-duration-ms") {
+        None => None,
+        Some(d) => Some(
+            d.parse::<u64>()
+                .ok()
+                .filter(|d| *d <= count as u64 * MAX_FRAGMENT_MS)
+                .ok_or(format!(
+                    "kvs-duration-ms {d:?} is not a duration its fragments can have"
+                ))?,
+        ),
+    };
+    let implied = object_key(
+        prefix,
+        &label,
+        &ChunkPlan {
+            kind,
+            start_ms,
+            end_ms,
+            fragment_count: count as u32,
+            bytes: size,
+            duration_ms: duration_ms.unwrap_or(0),
+            first_fragment: first.clone(),
+            last_fragment: last.clone(),
+            fragments: Vec::new(),
+        },
+    );
+    if implied != key {
+        return Err(format!(
+            "its metadata describes the object {implied}, not this one"
+        ));
+    }
+    Ok(Some(Described {
         key: key.to_string(),
         size,
-        kind: ChunkKind::parse(meta.get("kvs-chunk-kind")?)?,
-        start_ms: time("kvs-start")?,
-        end_ms: time("kvs-end")?,
-        count: meta.get("kvs-fragment-count")?.parse().ok()?,
-        first: meta.get("kvs-first-fragment")?.clone(),
-        last: meta.get("kvs-last-fragment")?.clone(),
-        duration_ms: meta.get("kvs-duration-ms").and_then(|d| d.parse().ok()),
-    })
+        kind,
+        start_ms,
+        end_ms,
+        count,
+        first: first.clone(),
+        last: last.clone(),
+        duration_ms,
+    }))
 }
 
 /// The fragments of one object among those listed over its range.
@@ -176,9 +272,13 @@ pub async fn rebuild(
             let Some(head) = head? else {
                 continue;
             };
-            match describe(&key, head.size, &head.meta, stream) {
-                Some(object) => objects.push(object),
-                None => report.skipped.push(key),
+            match describe(&key, head.size, &head.meta, stream, prefix) {
+                Ok(Some(object)) => objects.push(object),
+                Ok(None) => report.skipped.push(key),
+                Err(why) => {
+                    tracing::warn!(key = %key, why = %why, "rebuild-ledger: metadata refused");
+                    report.untrusted.push(Untrusted { key, why });
+                }
             }
         }
         if objects.is_empty() {

@@ -32,6 +32,36 @@ pub struct VideoTrack {
     pub other_tracks: Vec<String>,
 }
 
+/// What an object's sample tables may claim, from what the ledger recorded of the object:
+/// a table that claims more is refused before anything is allocated for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrackLimits {
+    /// The object's size in bytes: every sample lies inside it.
+    pub file_len: u64,
+    /// The most samples the object's media can hold (its duration at a frame rate no
+    /// camera reaches).
+    pub max_samples: usize,
+}
+
+impl TrackLimits {
+    /// A frame rate above any camera's: the samples an object's duration may hold.
+    pub const MAX_FRAMES_PER_SECOND: u64 = 300;
+
+    /// Limits for an object of `file_len` bytes holding `duration_ms` of media.
+    pub fn for_object(file_len: u64, duration_ms: u64) -> TrackLimits {
+        // One second more: the listing's durations are rounded, the track's are not.
+        let samples = (duration_ms / 1000 + 1).saturating_mul(Self::MAX_FRAMES_PER_SECOND);
+        TrackLimits {
+            file_len,
+            max_samples: usize::try_from(samples).unwrap_or(usize::MAX),
+        }
+    }
+}
+
+/// No track this program reads plays longer than this (GetClip's limit is 24 h): longer
+/// decode times would only come from hostile tables, and would overflow wall-time sums.
+const MAX_TRACK_MS: u64 = 48 * 3_600_000;
+
 impl VideoTrack {
     /// Milliseconds of track time `t`.
     pub fn ms(&self, t: u64) -> u64 {
@@ -60,8 +90,9 @@ pub fn moov_extent(prefix: &[u8]) -> Result<Option<(usize, usize)>, Mp4Error> {
     Ok(None)
 }
 
-/// Reads the first video track out of a whole `moov` box (header included).
-pub fn video_track(moov_box: &[u8]) -> Result<VideoTrack, Mp4Error> {
+/// Reads the first video track out of a whole `moov` box (header included), refusing
+/// tables that claim more than `limits` allow.
+pub fn video_track(moov_box: &[u8], limits: TrackLimits) -> Result<VideoTrack, Mp4Error> {
     let header_len = match box_at(moov_box, 0)? {
         Some((kind, header_len, _)) if &kind == b"moov" => header_len,
         _ => return Err(Mp4Error::Malformed("not a moov box".into())),
@@ -72,7 +103,7 @@ pub fn video_track(moov_box: &[u8]) -> Result<VideoTrack, Mp4Error> {
         if &kind != b"trak" {
             continue;
         }
-        match (found.is_none(), parse_trak(trak)?) {
+        match (found.is_none(), parse_trak(trak, limits)?) {
             (true, Parsed::Video(track)) => found = Some(track),
             (_, Parsed::Video(_)) => other_tracks.push("vide".to_string()),
             (_, Parsed::Other(handler)) => other_tracks.push(handler),
@@ -107,7 +138,7 @@ fn entries(body: &[u8], width: usize) -> Result<(u32, &[u8]), Mp4Error> {
     Ok((count, &body[8..8 + len]))
 }
 
-fn parse_trak(trak: &[u8]) -> Result<Parsed, Mp4Error> {
+fn parse_trak(trak: &[u8], limits: TrackLimits) -> Result<Parsed, Mp4Error> {
     let boxes = children(trak)?;
     let mdia = children(need(&boxes, b"mdia")?)?;
     let handler = need(&mdia, b"hdlr")?
@@ -142,7 +173,10 @@ fn parse_trak(trak: &[u8]) -> Result<Parsed, Mp4Error> {
         let mut pos = 0;
         let mut whole = None;
         while let Some((kind, _, size)) = box_at(stbl_body, pos)? {
-            let end = pos + size as usize;
+            let end = usize::try_from(size)
+                .ok()
+                .and_then(|size| pos.checked_add(size))
+                .ok_or_else(|| Mp4Error::Malformed(format!("box size {size} in stbl")))?;
             if &kind == b"stsd" {
                 whole = stbl_body.get(pos..end).map(<[u8]>::to_vec);
                 break;
@@ -152,7 +186,7 @@ fn parse_trak(trak: &[u8]) -> Result<Parsed, Mp4Error> {
         whole.ok_or_else(|| Mp4Error::Malformed("no stsd box".into()))?
     };
 
-    let sizes = sample_sizes(&stbl)?;
+    let sizes = sample_sizes(&stbl, limits)?;
     let count = sizes.len();
     let mut samples: Vec<Sample> = sizes
         .into_iter()
@@ -179,9 +213,15 @@ fn parse_trak(trak: &[u8]) -> Result<Parsed, Mp4Error> {
             };
             sample.dts = dts;
             sample.duration = delta;
-            dts += u64::from(delta);
+            dts = dts.saturating_add(u64::from(delta));
             i += 1;
         }
+    }
+    let track_ms = dts.saturating_mul(1000) / u64::from(timescale);
+    if track_ms > MAX_TRACK_MS {
+        return Err(Mp4Error::Malformed(format!(
+            "stts: the track plays {track_ms} ms, longer than any clip"
+        )));
     }
     if i != count {
         return Err(Mp4Error::Malformed(format!(
@@ -252,8 +292,20 @@ fn parse_trak(trak: &[u8]) -> Result<Parsed, Mp4Error> {
             let Some(sample) = samples.get_mut(i) else {
                 break;
             };
+            // Every sample lies inside the object: the copy reads exactly these bytes.
+            let end = offset
+                .checked_add(u64::from(sample.size))
+                .filter(|end| *end <= limits.file_len)
+                .ok_or_else(|| {
+                    Mp4Error::Malformed(format!(
+                        "sample {} at byte {offset} ({} bytes) lies outside the object's {} bytes",
+                        i + 1,
+                        sample.size,
+                        limits.file_len
+                    ))
+                })?;
             sample.offset = offset;
-            offset += u64::from(sample.size);
+            offset = end;
             i += 1;
         }
     }
@@ -273,14 +325,25 @@ fn parse_trak(trak: &[u8]) -> Result<Parsed, Mp4Error> {
     }))
 }
 
-fn sample_sizes(stbl: &[super::Child<'_>]) -> Result<Vec<u32>, Mp4Error> {
+fn sample_sizes(stbl: &[super::Child<'_>], limits: TrackLimits) -> Result<Vec<u32>, Mp4Error> {
     if let Some(stsz) = find(stbl, b"stsz") {
         let uniform = be_u32(stsz, 4)?;
         let count = be_u32(stsz, 8)?;
+        // Checked before anything is allocated: with one uniform size, 12 bytes of box
+        // could otherwise claim 4 billion samples.
+        if count as usize > limits.max_samples {
+            return Err(Mp4Error::Malformed(format!(
+                "stsz: {count} samples, more than the object's media can hold ({} at {} frames per second)",
+                limits.max_samples,
+                TrackLimits::MAX_FRAMES_PER_SECOND
+            )));
+        }
         if uniform != 0 {
-            // No table bounds the count here: a day of 120 fps is 10 million samples.
-            if count > 16_000_000 {
-                return Err(Mp4Error::Malformed(format!("stsz: {count} samples")));
+            if u64::from(count).saturating_mul(u64::from(uniform)) > limits.file_len {
+                return Err(Mp4Error::Malformed(format!(
+                    "stsz: {count} samples of {uniform} bytes do not fit the object's {} bytes",
+                    limits.file_len
+                )));
             }
             return Ok(vec![uniform; count as usize]);
         }

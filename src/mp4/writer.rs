@@ -297,8 +297,106 @@ impl Boxes {
 
 #[cfg(test)]
 mod tests {
-    use super::super::track::{moov_extent, video_track};
+    use super::super::track::{moov_extent, video_track, TrackLimits};
     use super::*;
+
+    fn sample_description() -> Vec<u8> {
+        let mut b = Boxes::default();
+        b.open_full(b"stsd", 0, 0);
+        b.u32(0);
+        b.close();
+        b.out
+    }
+
+    /// The header of ten samples, and the length of the file it heads.
+    fn ten_samples() -> (Vec<u8>, u64) {
+        let mut table = TrackTable::new(90_000, 320, 180, sample_description());
+        for i in 0..10u32 {
+            table.push(100 + i, 9_000, 0, i % 5 == 0, i == 0 || i == 6);
+        }
+        let header = table.header();
+        let len = header.len() as u64 + table.media_bytes();
+        (header, len)
+    }
+
+    fn limits(file_len: u64) -> TrackLimits {
+        TrackLimits::for_object(file_len, 1_000)
+    }
+
+    /// A `co64` offset of 2^64 - 10 (finding 8) is refused, not added up: no overflow in
+    /// any build, and the error says which sample lies where.
+    #[test]
+    fn a_chunk_offset_near_the_end_of_u64_is_refused() {
+        let (mut header, len) = ten_samples();
+        let at = header
+            .windows(4)
+            .position(|w| w == b"co64")
+            .expect("a co64 box");
+        // Type, version and flags, entry count: the first offset follows.
+        header[at + 12..at + 20].copy_from_slice(&(u64::MAX - 9).to_be_bytes());
+        let (start, end) = moov_extent(&header).expect("valid").expect("moov");
+        let refused = video_track(&header[start..end], limits(len)).expect_err("refused");
+        assert!(
+            refused.to_string().contains("lies outside the object"),
+            "{refused}"
+        );
+    }
+
+    /// A uniform `stsz` of 16 million samples (finding 2) is refused before anything is
+    /// allocated for it.
+    #[test]
+    fn a_uniform_sample_size_cannot_claim_millions_of_samples() {
+        let (mut header, len) = ten_samples();
+        let at = header
+            .windows(4)
+            .position(|w| w == b"stsz")
+            .expect("an stsz box");
+        header[at + 8..at + 12].copy_from_slice(&1u32.to_be_bytes());
+        header[at + 12..at + 16].copy_from_slice(&16_000_000u32.to_be_bytes());
+        let (start, end) = moov_extent(&header).expect("valid").expect("moov");
+        let refused = video_track(&header[start..end], limits(len)).expect_err("refused");
+        assert!(
+            refused.to_string().contains("stsz: 16000000 samples"),
+            "{refused}"
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+
+        /// Whatever bytes of a header are changed, reading it never panics, and a track
+        /// it accepts has every sample inside the file and no more samples than allowed.
+        #[test]
+        fn a_damaged_header_is_read_or_refused_never_trusted(
+            edits in proptest::collection::vec((0usize..4096, proptest::num::u8::ANY), 1..12),
+            cut in 0usize..4096,
+        ) {
+            let (mut header, len) = ten_samples();
+            for (at, byte) in edits {
+                let at = at % header.len();
+                header[at] = byte;
+            }
+            header.truncate(cut.max(8).min(header.len()));
+            if let Ok(Some((start, end))) = moov_extent(&header) {
+                if end <= header.len() {
+                    if let Ok(track) = video_track(&header[start..end], limits(len)) {
+                        proptest::prop_assert!(track.samples.len() <= limits(len).max_samples);
+                        for sample in &track.samples {
+                            proptest::prop_assert!(sample.offset + u64::from(sample.size) <= len);
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Random bytes are never a panic either.
+        #[test]
+        fn random_bytes_are_read_or_refused(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = moov_extent(&bytes);
+            let _ = video_track(&bytes, limits(1 << 20));
+            let _ = crate::mp4::parse_header(&bytes);
+        }
+    }
 
     /// A table written and read back gives the same samples, laid out chunk by chunk.
     #[test]
@@ -317,7 +415,11 @@ mod tests {
         table.extend_last(45_000);
         let header = table.header();
         let (start, end) = moov_extent(&header).expect("valid").expect("moov");
-        let track = video_track(&header[start..end]).expect("a video track");
+        let track = video_track(
+            &header[start..end],
+            TrackLimits::for_object(u64::MAX, 60_000),
+        )
+        .expect("a video track");
         assert_eq!(track.timescale, 90_000);
         assert_eq!((track.width, track.height), (320, 180));
         assert_eq!(track.samples.len(), 10);

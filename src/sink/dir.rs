@@ -1,18 +1,29 @@
-//! A local directory as the destination: the clip is written to `KEY.partial`, synced,
-//! then renamed to `KEY` and the directory synced, so a file under its final name is
-//! always whole and survives a power cut once the ledger says done. Metadata goes to
-//! `KEY.json` beside it.
+//! A local directory as the destination: the clip is written to `KEY.<upload>.partial`,
+//! synced, then renamed to `KEY` and the directory synced, so a file under its final name
+//! is always whole and survives a power cut once the ledger says done. Metadata goes to
+//! `KEY.json` beside it, written the same way.
+//!
+//! Everything under the root may have been planted by someone else: a key is used only
+//! if it is an object key ([`is_object_key`]), no directory on its way is a symbolic
+//! link, files are created new (`O_EXCL`) without following a link (`O_NOFOLLOW`) and
+//! read without following one, modes are set through the open handle, and walks never
+//! follow links (so a link loop cannot make them endless).
 
 use super::{Crc32c, ObjectMeta};
+use crate::domain::is_object_key;
 use crate::error::{Error, Result, Retryability};
 use crate::ledger::Archived;
 use bytes::Bytes;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
 use tokio::io::AsyncWriteExt;
 
 /// Numbers this process's uploads, for their partial files' names.
 static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A metadata side file holds a handful of short pairs; a larger one was not written by
+/// this program and is not read whole.
+const MAX_SIDECAR_BYTES: u64 = 64 * 1024;
 
 pub struct DirSink {
     root: PathBuf,
@@ -21,6 +32,7 @@ pub struct DirSink {
 pub struct DirUpload {
     partial: PathBuf,
     target: PathBuf,
+    token: String,
     meta: ObjectMeta,
     file: tokio::fs::File,
     written: u64,
@@ -35,10 +47,21 @@ fn io_error(op: &'static str, path: &Path, e: std::io::Error) -> Error {
         // A full disk may be freed by the operator; the chunk stays pending meanwhile.
         _ => Retryability::Transient,
     };
-    let hint = if e.raw_os_error() == Some(28) {
-        " (the disk is full: free space or point destination.directory elsewhere)"
+    let hint = match e.raw_os_error() {
+        Some(libc::ENOSPC) => {
+            " (the disk is full: free space or point destination.directory elsewhere)"
+        }
+        // O_NOFOLLOW on a link: ELOOP.
+        Some(libc::ELOOP) => {
+            " (a symbolic link stands where the file should be: the directory destination never follows links; remove it)"
+        }
+        Some(libc::EEXIST) => " (a file is already there: remove it if it is not an object this program wrote)",
+        _ => "",
+    };
+    let retry = if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::EEXIST)) {
+        Retryability::Permanent
     } else {
-        ""
+        retry
     };
     Error::Sink {
         op,
@@ -48,14 +71,90 @@ fn io_error(op: &'static str, path: &Path, e: std::io::Error) -> Error {
     }
 }
 
-/// The metadata side file (`KEY.json`) of the file at `path`; empty if it has none.
-async fn read_metadata(path: &Path) -> std::collections::BTreeMap<String, String> {
+fn refused(key: &str, why: &str) -> Error {
+    Error::Sink {
+        op: "resolve",
+        target: format!("{:?}", key.chars().take(160).collect::<String>()),
+        message: why.to_string(),
+        retry: Retryability::Permanent,
+    }
+}
+
+/// Opens `path` for reading without following a link at its last component.
+fn open_no_follow(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Creates `path`, which must not exist, owner-only, without following a link there.
+fn create_new(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// The mode a finished object gets: what `open(…, 0666)` would give under the process's
+/// umask (read from /proc, since setting the umask to learn it would race other threads).
+fn finished_mode() -> u32 {
+    static MODE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| {
+        let umask = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            })
+            // Without /proc, the most common umask: owner writes, everyone reads.
+            .unwrap_or(0o022);
+        0o666 & !umask
+    })
+}
+
+/// The metadata side file (`KEY.json`) of the file at `path`; empty if it has none or it
+/// is not a JSON object of strings.
+fn read_metadata(path: &Path) -> std::collections::BTreeMap<String, String> {
+    use std::io::Read;
     let sidecar = PathBuf::from(format!("{}.json", path.display()));
-    tokio::fs::read(&sidecar)
-        .await
-        .ok()
-        .and_then(|text| serde_json::from_slice(&text).ok())
-        .unwrap_or_default()
+    let mut text = Vec::new();
+    let read = open_no_follow(&sidecar)
+        .and_then(|file| file.take(MAX_SIDECAR_BYTES + 1).read_to_end(&mut text));
+    match read {
+        Ok(n) if n as u64 <= MAX_SIDECAR_BYTES => serde_json::from_slice(&text).unwrap_or_default(),
+        _ => Default::default(),
+    }
+}
+
+/// Every regular file under `start`, depth first, never through a link: `(path, size,
+/// modified)`. A missing start is an empty tree.
+fn walk_files(start: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
+    let mut files = Vec::new();
+    let mut dirs = vec![start.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            // The entry's own type (lstat): a link is neither a directory nor a file.
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                dirs.push(entry.path());
+            } else if kind.is_file() {
+                if let Ok(meta) = entry.metadata() {
+                    files.push((entry.path(), meta));
+                }
+            }
+        }
+    }
+    files
 }
 
 impl DirSink {
@@ -67,25 +166,69 @@ impl DirSink {
         self.root.display().to_string()
     }
 
-    /// The file that holds the object at `key`.
-    pub fn path_of(&self, key: &str) -> PathBuf {
-        self.root.join(key)
+    /// The file of `key`, once `key` is shown to be an object key and no directory
+    /// between the root and the file is a link. Directories not there yet are fine: they
+    /// are created as real directories.
+    pub fn path_of(&self, key: &str) -> Result<PathBuf> {
+        if !is_object_key(key) {
+            return Err(refused(
+                key,
+                "not an object key this program writes (relative parts, no `.` or `..`, ending in .mp4 or .mkv): refused before it became a path",
+            ));
+        }
+        self.no_links_below_root(Path::new(key).parent())?;
+        Ok(self.root.join(key))
+    }
+
+    /// Errs if a directory on the way from the root down `relative` is a symbolic link.
+    fn no_links_below_root(&self, relative: Option<&Path>) -> Result<()> {
+        let mut at = self.root.clone();
+        for part in relative.into_iter().flat_map(Path::components) {
+            let Component::Normal(part) = part else {
+                return Err(refused(
+                    &relative
+                        .map(|r| r.display().to_string())
+                        .unwrap_or_default(),
+                    "a path part that is not a name",
+                ));
+            };
+            at.push(part);
+            match std::fs::symlink_metadata(&at) {
+                Ok(meta) if meta.file_type().is_symlink() => {
+                    return Err(Error::Sink {
+                        op: "resolve",
+                        target: at.display().to_string(),
+                        message: "is a symbolic link: the directory destination never follows links below its root; replace it with a directory".into(),
+                        retry: Retryability::Permanent,
+                    })
+                }
+                Ok(_) => {}
+                // Not there yet: created later as a directory.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(io_error("stat", &at, e)),
+            }
+        }
+        Ok(())
     }
 
     pub async fn check(&self) -> Result<()> {
         tokio::fs::create_dir_all(&self.root)
             .await
             .map_err(|e| io_error("create directory", &self.root, e))?;
-        let probe = self.root.join(".kvs-archiver-write-test");
-        tokio::fs::write(&probe, b"ok")
-            .await
-            .map_err(|e| io_error("write", &probe, e))?;
-        let _ = tokio::fs::remove_file(&probe).await;
+        // A name of this process's own: a link planted at a fixed name is never written
+        // through (and create_new refuses it).
+        let probe = self.root.join(format!(
+            ".kvs-archiver-write-test.{}.partial",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&probe);
+        create_new(&probe).map_err(|e| io_error("create", &probe, e))?;
+        let _ = std::fs::remove_file(&probe);
         Ok(())
     }
 
     pub async fn begin(&self, key: &str, meta: ObjectMeta) -> Result<DirUpload> {
-        let target = self.root.join(key);
+        let target = self.path_of(key)?;
         // Each upload writes a file of its own: a worker that lost its lease can never
         // write into, or remove, the file of the chunk's new holder.
         let token = format!(
@@ -99,20 +242,16 @@ impl DirSink {
                 .await
                 .map_err(|e| io_error("create directory", parent, e))?;
         }
-        // Owner-only while partial; the finished object gets the usual mode (umask).
-        let file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&partial)
-            .await
-            .map_err(|e| io_error("create", &partial, e))?;
+        // A link swapped in while the directories were made is caught here.
+        self.no_links_below_root(Path::new(key).parent())?;
+        // Owner-only while partial; the finished object gets the umask's mode.
+        let file = create_new(&partial).map_err(|e| io_error("create", &partial, e))?;
         Ok(DirUpload {
             partial,
             target,
+            token,
             meta,
-            file,
+            file: tokio::fs::File::from_std(file),
             written: 0,
             crc: Crc32c::default(),
         })
@@ -120,20 +259,17 @@ impl DirSink {
 
     /// Removes `.partial` files under `prefix` untouched for `min_age`: a live upload
     /// writes to its file all the time, so only a killed process's file gets that old.
-    pub fn sweep_orphans(&self, prefix: &str, min_age: std::time::Duration) -> usize {
-        fn walk(dir: &Path, min_age: std::time::Duration, removed: &mut usize) {
-            let Ok(entries) = std::fs::read_dir(dir) else {
-                return;
-            };
-            for entry in entries.flatten() {
-                let path = entry.path();
-                if path.is_dir() {
-                    walk(&path, min_age, removed);
-                    continue;
-                }
-                let stale = entry
-                    .metadata()
-                    .and_then(|m| m.modified())
+    /// The walk runs on a blocking thread and never follows a link.
+    pub async fn sweep_orphans(&self, prefix: &str, min_age: std::time::Duration) -> usize {
+        if self.no_links_below_root(Some(Path::new(prefix))).is_err() {
+            return 0;
+        }
+        let start = self.root.join(prefix);
+        let walk = tokio::task::spawn_blocking(move || {
+            let mut removed = 0;
+            for (path, meta) in walk_files(&start) {
+                let stale = meta
+                    .modified()
                     .ok()
                     .and_then(|t| t.elapsed().ok())
                     .is_some_and(|age| age > min_age);
@@ -141,22 +277,19 @@ impl DirSink {
                     && stale
                     && std::fs::remove_file(&path).is_ok()
                 {
-                    *removed += 1;
+                    removed += 1;
                 }
             }
-        }
-        let mut removed = 0;
-        walk(&self.root.join(prefix), min_age, &mut removed);
-        removed
+            removed
+        });
+        walk.await.unwrap_or(0)
     }
-}
 
-impl DirSink {
     pub async fn inspect(&self, key: &str) -> Result<Option<super::StoredObject>> {
         use tokio::io::AsyncReadExt;
-        let path = self.root.join(key);
-        let mut file = match tokio::fs::File::open(&path).await {
-            Ok(file) => file,
+        let path = self.path_of(key)?;
+        let mut file = match open_no_follow(&path) {
+            Ok(file) => tokio::fs::File::from_std(file),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_error("open", &path, e)),
         };
@@ -174,7 +307,7 @@ impl DirSink {
             size += n as u64;
             crc.update(&buffer[..n]);
         }
-        let meta = read_metadata(&path).await;
+        let meta = read_metadata(&path);
         Ok(Some(super::StoredObject {
             size,
             crc32c: crc.hex(),
@@ -185,9 +318,9 @@ impl DirSink {
     /// `len` bytes of the file of `key` from byte `start`.
     pub async fn read_range(&self, key: &str, start: u64, len: u64) -> Result<super::RangeBody> {
         use tokio::io::{AsyncReadExt, AsyncSeekExt};
-        let path = self.root.join(key);
-        let mut file = tokio::fs::File::open(&path)
-            .await
+        let path = self.path_of(key)?;
+        let mut file = open_no_follow(&path)
+            .map(tokio::fs::File::from_std)
             .map_err(|e| io_error("open", &path, e))?;
         file.seek(std::io::SeekFrom::Start(start))
             .await
@@ -200,18 +333,26 @@ impl DirSink {
 
     /// Size and metadata (its `.json` side file) of the file of `key`.
     pub async fn head(&self, key: &str) -> Result<Option<super::ObjectHead>> {
-        let path = self.root.join(key);
-        let size = match tokio::fs::metadata(&path).await {
-            Ok(m) => m.len(),
+        let path = self.path_of(key)?;
+        let size = match open_no_follow(&path).and_then(|file| file.metadata()) {
+            Ok(m) if m.is_file() => m.len(),
+            Ok(_) => {
+                return Err(Error::Sink {
+                    op: "stat",
+                    target: path.display().to_string(),
+                    message: "is not a regular file".into(),
+                    retry: Retryability::Permanent,
+                })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_error("stat", &path, e)),
         };
-        let meta = read_metadata(&path).await;
+        let meta = read_metadata(&path);
         Ok(Some(super::ObjectHead { size, meta }))
     }
 
     pub async fn abort_partial(&self, key: &str) -> Result<usize> {
-        let target = self.root.join(key);
+        let target = self.path_of(key)?;
         let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
             return Ok(0);
         };
@@ -224,6 +365,7 @@ impl DirSink {
             let file = entry.file_name().to_string_lossy().into_owned();
             if file.starts_with(&stem) && file.ends_with(".partial") {
                 let path = entry.path();
+                // Unlinking never follows a link: a planted one is removed, not its target.
                 match tokio::fs::remove_file(&path).await {
                     Ok(()) => removed += 1,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -234,28 +376,27 @@ impl DirSink {
         Ok(removed)
     }
 
-    pub fn list_keys(&self, prefix: &str) -> Result<Vec<String>> {
-        fn walk(root: &Path, dir: &Path, keys: &mut Vec<String>) {
-            let Ok(entries) = std::fs::read_dir(dir) else {
-                return;
-            };
-            for entry in entries.flatten() {
-                let path = entry.path();
-                if path.is_dir() {
-                    walk(root, &path, keys);
-                } else if !path
-                    .extension()
-                    .is_some_and(|e| e == "json" || e == "partial")
-                {
-                    if let Ok(relative) = path.strip_prefix(root) {
-                        keys.push(relative.to_string_lossy().into_owned());
-                    }
-                }
-            }
-        }
-        let mut keys = Vec::new();
-        walk(&self.root, &self.root.join(prefix), &mut keys);
-        Ok(keys)
+    /// The object keys under `prefix`: regular files that are object keys, found by a
+    /// walk on a blocking thread that never follows a link.
+    pub async fn list_keys(&self, prefix: &str) -> Result<Vec<String>> {
+        self.no_links_below_root(Some(Path::new(prefix)))?;
+        let root = self.root.clone();
+        let start = self.root.join(prefix);
+        let walk = tokio::task::spawn_blocking(move || {
+            walk_files(&start)
+                .into_iter()
+                .filter_map(|(path, _)| {
+                    let relative = path.strip_prefix(&root).ok()?.to_str()?.to_string();
+                    is_object_key(&relative).then_some(relative)
+                })
+                .collect()
+        });
+        walk.await.map_err(|e| Error::Sink {
+            op: "list",
+            target: self.root.display().to_string(),
+            message: format!("the walk stopped: {e}"),
+            retry: Retryability::Transient,
+        })
     }
 }
 
@@ -281,6 +422,7 @@ impl DirUpload {
     }
 
     async fn complete(&mut self) -> Result<Archived> {
+        let mode = std::fs::Permissions::from_mode(finished_mode());
         self.file
             .flush()
             .await
@@ -289,27 +431,13 @@ impl DirUpload {
             .sync_all()
             .await
             .map_err(|e| io_error("sync", &self.partial, e))?;
-        let meta: serde_json::Map<String, serde_json::Value> = self
-            .meta
-            .pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone())))
-            .collect();
-        let sidecar = PathBuf::from(format!("{}.json", self.target.display()));
-        let text = serde_json::to_string_pretty(&meta).unwrap_or_default();
-        let mut side = tokio::fs::File::create(&sidecar)
-            .await
-            .map_err(|e| io_error("create", &sidecar, e))?;
-        side.write_all(text.as_bytes())
-            .await
-            .map_err(|e| io_error("write", &sidecar, e))?;
-        side.sync_all()
-            .await
-            .map_err(|e| io_error("sync", &sidecar, e))?;
-        let mode = std::fs::Permissions::from_mode(0o644);
-        tokio::fs::set_permissions(&self.partial, mode)
+        self.write_sidecar(&mode).await?;
+        // Through the handle: a link put in the partial file's place is never chmod-ed.
+        self.file
+            .set_permissions(mode)
             .await
             .map_err(|e| io_error("set permissions", &self.partial, e))?;
+        // rename replaces whatever is at the target, a link included; it never follows it.
         tokio::fs::rename(&self.partial, &self.target)
             .await
             .map_err(|e| io_error("rename", &self.target, e))?;
@@ -328,8 +456,113 @@ impl DirUpload {
         })
     }
 
+    /// `KEY.json`, written to a new file of this upload's own and renamed into place.
+    async fn write_sidecar(&self, mode: &std::fs::Permissions) -> Result<()> {
+        let meta: serde_json::Map<String, serde_json::Value> = self
+            .meta
+            .pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone())))
+            .collect();
+        let sidecar = PathBuf::from(format!("{}.json", self.target.display()));
+        let partial = PathBuf::from(format!("{}.{}.partial", sidecar.display(), self.token));
+        let text = serde_json::to_string_pretty(&meta).unwrap_or_default();
+        let mut side = create_new(&partial)
+            .map(tokio::fs::File::from_std)
+            .map_err(|e| io_error("create", &partial, e))?;
+        let written = async {
+            side.write_all(text.as_bytes()).await?;
+            side.sync_all().await?;
+            side.set_permissions(mode.clone()).await?;
+            tokio::fs::rename(&partial, &sidecar).await
+        }
+        .await;
+        if let Err(e) = written {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(io_error("write", &sidecar, e));
+        }
+        Ok(())
+    }
+
     pub async fn abort(self) {
         drop(self.file);
         let _ = tokio::fs::remove_file(&self.partial).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> ObjectMeta {
+        ObjectMeta { pairs: Vec::new() }
+    }
+
+    #[tokio::test]
+    async fn keys_that_climb_out_or_pass_through_links_are_refused() {
+        let work = tempfile::tempdir().expect("tempdir");
+        let root = work.path().join("root");
+        let outside = work.path().join("outside");
+        std::fs::create_dir_all(root.join("kvs")).expect("root");
+        std::fs::create_dir_all(&outside).expect("outside");
+        let sink = DirSink::new(root.clone());
+        for key in [
+            "kvs/../../outside/x.mp4",
+            "/tmp/x.mp4",
+            "kvs/x.json",
+            "kvs/x.mp4/..",
+        ] {
+            assert!(sink.begin(key, meta()).await.is_err(), "{key}");
+            assert!(sink.read_range(key, 0, 1).await.is_err(), "{key}");
+        }
+        // A directory on the way that is a link.
+        std::os::unix::fs::symlink(&outside, root.join("kvs/cam")).expect("link");
+        let refused = sink
+            .begin("kvs/cam/2026/x.mp4", meta())
+            .await
+            .err()
+            .expect("refused");
+        assert!(refused.to_string().contains("symbolic link"), "{refused}");
+        // A file that is a link is neither read nor counted.
+        std::fs::write(outside.join("secret"), b"secret").expect("secret");
+        std::os::unix::fs::symlink(outside.join("secret"), root.join("kvs/y.mp4")).expect("link");
+        assert!(sink.read_range("kvs/y.mp4", 0, 6).await.is_err());
+        assert!(sink.head("kvs/y.mp4").await.is_err());
+        assert_eq!(
+            sink.list_keys("kvs/").await.expect("listed"),
+            Vec::<String>::new()
+        );
+        assert!(std::fs::read_dir(&outside).expect("outside").count() == 1);
+    }
+
+    #[tokio::test]
+    async fn an_upload_lands_whole_under_its_key_and_nothing_else_is_listed() {
+        let work = tempfile::tempdir().expect("tempdir");
+        let sink = DirSink::new(work.path().to_path_buf());
+        let mut upload = sink
+            .begin(
+                "kvs/cam/x.mp4",
+                ObjectMeta {
+                    pairs: vec![("kvs-stream", "cam".into())],
+                },
+            )
+            .await
+            .expect("begun");
+        upload
+            .write(Bytes::from_static(b"video"))
+            .await
+            .expect("written");
+        let archived = upload.finish().await.expect("finished");
+        assert_eq!(archived.bytes, 5);
+        assert_eq!(
+            sink.list_keys("kvs/").await.expect("listed"),
+            vec!["kvs/cam/x.mp4"]
+        );
+        let head = sink
+            .head("kvs/cam/x.mp4")
+            .await
+            .expect("head")
+            .expect("there");
+        assert_eq!(head.meta.get("kvs-stream").map(String::as_str), Some("cam"));
     }
 }

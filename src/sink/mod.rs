@@ -111,7 +111,7 @@ impl Sink {
     pub async fn sweep_orphans(&self, prefix: &str, live: &[String]) -> usize {
         match self {
             Sink::S3(s) => s.sweep_orphans(prefix, live, ORPHAN_AGE).await,
-            Sink::Dir(d) => d.sweep_orphans(prefix, ORPHAN_AGE),
+            Sink::Dir(d) => d.sweep_orphans(prefix, ORPHAN_AGE).await,
         }
     }
 
@@ -136,7 +136,7 @@ impl Sink {
     pub async fn playable_url(&self, key: &str, valid: std::time::Duration) -> Result<String> {
         match self {
             Sink::S3(s) => s.presigned_get(key, valid).await,
-            Sink::Dir(d) => Ok(d.path_of(key).display().to_string()),
+            Sink::Dir(d) => Ok(d.path_of(key)?.display().to_string()),
         }
     }
 
@@ -160,7 +160,7 @@ impl Sink {
     pub async fn list_keys(&self, prefix: &str) -> Result<Vec<String>> {
         match self {
             Sink::S3(s) => s.list_keys(prefix).await,
-            Sink::Dir(d) => d.list_keys(prefix),
+            Sink::Dir(d) => d.list_keys(prefix).await,
         }
     }
 }

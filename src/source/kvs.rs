@@ -7,7 +7,10 @@
 //! by the SDK, so it is classified as [`Retryability::Throttled`] for our own backoff.
 
 use crate::config::StreamConfig;
-use crate::domain::{EpochMs, Fragment, TimestampSource};
+use crate::domain::{
+    is_fragment_number, rfc3339, EpochMs, Fragment, TimestampSource, MAX_FRAGMENT_BYTES,
+    MAX_FRAGMENT_MS, MAX_FRAGMENT_NUMBER_LEN,
+};
 use crate::error::{Error, Result, Retryability};
 use crate::quota::TokenBucket;
 use crate::retry::{with_retry, RetryPolicy};
@@ -79,6 +82,117 @@ pub struct KvsSource {
 /// nearest millisecond instead of truncating.
 fn to_ms(t: &DateTime) -> EpochMs {
     t.secs() * 1000 + (i64::from(t.subsec_nanos()) + 500_000) / 1_000_000
+}
+
+/// A listed timestamp may differ from the asked range by the answer's rounding: epoch
+/// seconds with three decimals, read back as the nearest millisecond.
+const LISTING_SLACK_MS: EpochMs = 1;
+/// No KVS timestamp lies past this (the year 3000): later ones would overflow the
+/// arithmetic of ranges and keys built from them.
+const LATEST_TIMESTAMP_MS: EpochMs = 32_503_680_000_000;
+
+/// The data endpoint GetDataEndpoint named, if it is one the signed requests may go to:
+/// an absolute `https://` URL with a host and nothing else (no user-info, path, query,
+/// spaces or control characters), or `http://` only when the control plane itself was
+/// configured as plain http (a local endpoint). Credentials sign every request sent there.
+fn checked_data_endpoint(endpoint: &str, control_url: &str) -> std::result::Result<String, String> {
+    const MAX_URL: usize = 2048;
+    let quoted = || format!("{:?}", endpoint.chars().take(80).collect::<String>());
+    let plain_http_allowed = control_url.starts_with("http://");
+    let rest = match endpoint.split_once("://") {
+        Some(("https", rest)) => rest,
+        Some(("http", rest)) if plain_http_allowed => rest,
+        _ => {
+            return Err(format!(
+                "{} (not an https:// URL{})",
+                quoted(),
+                if plain_http_allowed {
+                    " or http:// URL"
+                } else {
+                    ""
+                }
+            ))
+        }
+    };
+    let host = rest.strip_suffix('/').unwrap_or(rest);
+    let valid = endpoint.len() <= MAX_URL
+        && !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+    if valid {
+        Ok(endpoint.to_string())
+    } else {
+        Err(format!("{} (not a scheme and a host alone)", quoted()))
+    }
+}
+
+/// One ListFragments entry, checked: the number is what the API model says (it becomes
+/// part of object keys and file names), the timestamps lie in the asked range, and the
+/// duration and size are within [`MAX_FRAGMENT_MS`] and [`MAX_FRAGMENT_BYTES`]. `Err`
+/// says what is wrong, quoting at most a few dozen characters of the value.
+fn checked_fragment(
+    f: &am::types::Fragment,
+    source: TimestampSource,
+    start: EpochMs,
+    end: EpochMs,
+) -> std::result::Result<Fragment, String> {
+    let quoted = |text: &str| format!("{:?}", text.chars().take(48).collect::<String>());
+    let number = f
+        .fragment_number()
+        .ok_or("lists a fragment without a FragmentNumber")?;
+    if !is_fragment_number(number) {
+        return Err(format!(
+            "lists the fragment number {} ({} characters), which is not 1-{MAX_FRAGMENT_NUMBER_LEN} digits as the API defines FragmentNumber",
+            quoted(number),
+            number.len()
+        ));
+    }
+    let selected = match source {
+        TimestampSource::Server => f.server_timestamp(),
+        TimestampSource::Producer => f.producer_timestamp(),
+    }
+    .ok_or_else(|| format!("lists fragment {number} without its {source} timestamp"))?;
+    let start_ms = to_ms(selected);
+    if start_ms < start - LISTING_SLACK_MS || start_ms > end + LISTING_SLACK_MS {
+        return Err(format!(
+            "lists fragment {number} at {} ({start_ms} ms), outside the asked range {} .. {}",
+            rfc3339(start_ms),
+            rfc3339(start),
+            rfc3339(end)
+        ));
+    }
+    let server_ms = f.server_timestamp().map_or(start_ms, to_ms);
+    if !(0..=LATEST_TIMESTAMP_MS).contains(&server_ms) {
+        return Err(format!(
+            "lists fragment {number} with the server timestamp {server_ms} ms"
+        ));
+    }
+    let duration_ms = u64::try_from(f.fragment_length_in_milliseconds())
+        .ok()
+        .filter(|d| *d <= MAX_FRAGMENT_MS)
+        .ok_or_else(|| {
+            format!(
+                "lists fragment {number} lasting {} ms (KVS allows at most 20 s)",
+                f.fragment_length_in_milliseconds()
+            )
+        })?;
+    let size_bytes = u64::try_from(f.fragment_size_in_bytes())
+        .ok()
+        .filter(|s| *s <= MAX_FRAGMENT_BYTES)
+        .ok_or_else(|| {
+            format!(
+                "lists fragment {number} of {} bytes (KVS allows at most 50 MB)",
+                f.fragment_size_in_bytes()
+            )
+        })?;
+    Ok(Fragment {
+        number: number.to_string(),
+        start_ms,
+        server_ms,
+        duration_ms,
+        size_bytes,
+    })
 }
 
 /// Classifies an SDK error: the one place KVS errors get their retryability.
@@ -345,16 +459,25 @@ impl KvsSource {
                 .send()
                 .await
                 .map_err(|e| kvs_error("GetDataEndpoint", &label, &self.control_url, e))?;
-            out.data_endpoint()
-                .map(str::to_string)
-                .ok_or_else(|| Error::Kvs {
-                    op: "GetDataEndpoint",
-                    stream: label.clone(),
-                    code: None,
-                    status: None,
-                    message: "response has no DataEndpoint".into(),
-                    retry: Retryability::Transient,
-                })
+            let endpoint = out.data_endpoint().ok_or_else(|| Error::Kvs {
+                op: "GetDataEndpoint",
+                stream: label.clone(),
+                code: None,
+                status: None,
+                message: "response has no DataEndpoint".into(),
+                retry: Retryability::Transient,
+            })?;
+            checked_data_endpoint(endpoint, &self.control_url).map_err(|problem| Error::Kvs {
+                op: "GetDataEndpoint",
+                stream: label.clone(),
+                code: None,
+                status: Some(200),
+                message: format!(
+                    "the answer from {} names the data endpoint {problem}; no request was sent to it",
+                    self.control_url
+                ),
+                retry: Retryability::Permanent,
+            })
         })
         .await?;
         let client = am::Client::from_conf(
@@ -453,21 +576,22 @@ impl KvsSource {
             })
             .await?;
             for f in page.fragments() {
-                let timestamp = match stream.timestamp_source {
-                    TimestampSource::Server => f.server_timestamp(),
-                    TimestampSource::Producer => f.producer_timestamp(),
-                };
-                let (Some(number), Some(ts)) = (f.fragment_number(), timestamp) else {
-                    continue;
-                };
-                let server_ms = f.server_timestamp().map_or(to_ms(ts), to_ms);
-                fragments.push(Fragment {
-                    number: number.to_string(),
-                    start_ms: to_ms(ts),
-                    server_ms,
-                    duration_ms: f.fragment_length_in_milliseconds().max(0) as u64,
-                    size_bytes: f.fragment_size_in_bytes().max(0) as u64,
-                });
+                let fragment = checked_fragment(f, stream.timestamp_source, start, end)
+                    .map_err(|problem| Error::Kvs {
+                        op: "ListFragments",
+                        stream: label.clone(),
+                        code: None,
+                        status: Some(200),
+                        message: format!(
+                            "the answer from {} {problem}: not an answer KVS gives; nothing was planned from this listing",
+                            self.lock_endpoints()
+                                .get(&(label.clone(), Api::ListFragments))
+                                .map_or("the data endpoint", |(_, url)| url.as_str()),
+                        ),
+                        // The same endpoint answers the same way again.
+                        retry: Retryability::Permanent,
+                    })?;
+                fragments.push(fragment);
             }
             match page.next_token() {
                 // The model allows 1-4096 characters of base64; anything else cannot be a
@@ -595,5 +719,70 @@ impl ClipBody {
             message: format!("body broke off: {}", crate::error::chain(&e)),
             retry: Retryability::Transient,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_endpoints_are_a_scheme_and_a_host_alone() {
+        let aws = "https://kinesisvideo.us-east-1.amazonaws.com";
+        assert!(
+            checked_data_endpoint("https://b-1234.kinesisvideo.us-east-1.amazonaws.com", aws)
+                .is_ok()
+        );
+        assert!(checked_data_endpoint("http://127.0.0.1:4566", "http://127.0.0.1:4566").is_ok());
+        for bad in [
+            "http://b-1234.kinesisvideo.us-east-1.amazonaws.com",
+            "https://user:pw@evil.example",
+            "https://evil.example/path?x=1",
+            "file:///etc/passwd",
+            "https://",
+            "https://a b",
+        ] {
+            assert!(checked_data_endpoint(bad, aws).is_err(), "{bad}");
+        }
+    }
+
+    fn listed(number: &str, at_ms: i64, length_ms: i64, size: i64) -> am::types::Fragment {
+        am::types::Fragment::builder()
+            .fragment_number(number)
+            .server_timestamp(DateTime::from_millis(at_ms))
+            .producer_timestamp(DateTime::from_millis(at_ms))
+            .fragment_length_in_milliseconds(length_ms)
+            .fragment_size_in_bytes(size)
+            .build()
+    }
+
+    #[test]
+    fn a_listing_is_refused_for_any_value_no_kvs_gives() {
+        let ok = checked_fragment(
+            &listed("123", 5_000, 2_000, 1_000),
+            TimestampSource::Server,
+            0,
+            10_000,
+        );
+        assert_eq!(ok.map(|f| f.number), Ok("123".to_string()));
+        for (fragment, problem) in [
+            (
+                listed("1/../../tmp/escaped", 5_000, 2_000, 1),
+                "not 1-128 digits",
+            ),
+            (
+                listed(&"9".repeat(129), 5_000, 2_000, 1),
+                "not 1-128 digits",
+            ),
+            (listed("1", 50_000, 2_000, 1), "outside the asked range"),
+            (listed("1", 5_000, -1, 1), "lasting -1 ms"),
+            (listed("1", 5_000, i64::MAX, 1), "lasting"),
+            (listed("1", 5_000, 2_000, -5), "of -5 bytes"),
+            (listed("1", 5_000, 2_000, i64::MAX), "bytes"),
+        ] {
+            let refused = checked_fragment(&fragment, TimestampSource::Server, 0, 10_000)
+                .expect_err("refused");
+            assert!(refused.contains(problem), "{refused}");
+        }
     }
 }

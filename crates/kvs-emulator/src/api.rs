@@ -454,9 +454,10 @@ fn list_fragments(
     } else {
         None
     };
-    let (duplicate, huge_token) = (
+    let (duplicate, huge_token, forged_number) = (
         stream.faults.duplicate_listings,
         stream.faults.huge_next_token,
+        stream.faults.listed_fragment_number.clone(),
     );
     let listing_delay = stream.faults.listing_delay_ms as i64;
     let mut matched: Vec<Fragment> = stream
@@ -477,9 +478,10 @@ fn list_fragments(
     record.fragments = page.len();
     let fragments: Vec<serde_json::Value> = page
         .iter()
-        .map(|f| {
+        .enumerate()
+        .map(|(i, f)| {
             json!({
-                "FragmentNumber": f.number,
+                "FragmentNumber": forged_number.as_ref().filter(|_| i == 0).unwrap_or(&f.number),
                 "FragmentSizeInBytes": f.layout.reported_size(),
                 "ProducerTimestamp": ms_to_secs(f.producer_ms),
                 "ServerTimestamp": ms_to_secs(f.server_ms),

@@ -278,6 +278,9 @@ pub struct Faults {
     /// A page that has a next page carries a NextToken of 5000 characters (the model
     /// allows 4096).
     pub huge_next_token: bool,
+    /// ListFragments reports the first fragment of every page under this number instead
+    /// of its own: an endpoint (or a plain-http path) that answers with hostile values.
+    pub listed_fragment_number: Option<String>,
 }
 
 impl Default for Faults {
@@ -301,6 +304,7 @@ impl Default for Faults {
             stalls_next: 0,
             duplicate_listings: false,
             huge_next_token: false,
+            listed_fragment_number: None,
         }
     }
 }
