@@ -95,17 +95,7 @@ fn start_named_by(file: &str, stream: &str) -> Option<EpochMs> {
 /// file (not a `.json` sidecar or a `.partial` file). A directory destination joins it
 /// to its root.
 pub(super) fn is_object_key(key: &str, prefix: &str) -> bool {
-    // S3's own limit on a key, in bytes: nothing longer was ever written.
-    const MAX_KEY_BYTES: usize = 1024;
-    key.len() <= MAX_KEY_BYTES
-        && key.starts_with(prefix)
-        && !key.starts_with('/')
-        && !key.contains('\\')
-        && !key.chars().any(char::is_control)
-        && (key.ends_with(".mp4") || key.ends_with(".mkv"))
-        && key
-            .split('/')
-            .all(|part| !part.is_empty() && part != "." && part != "..")
+    key.starts_with(prefix) && crate::domain::is_object_key(key)
 }
 
 /// `bytes=a-b`, `bytes=a-` or `bytes=-n` against a file of `size` bytes: an inclusive
