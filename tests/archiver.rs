@@ -2,13 +2,15 @@
 //! real S3 server (s3s-fs in-process; moto when .ci/run starts it), on 127.0.0.1 only.
 
 use chrono::{Duration as ChronoDuration, Utc};
-use kvs_emulator::config::{DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY};
+use kvs_emulator::config::DEFAULT_SECRET_ACCESS_KEY;
 use kvs_emulator::{scan_markers, Emulator, EmulatorConfig, GapSpec, StreamSpec};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
+#[path = "support/command.rs"]
+mod command;
 #[path = "support/local_s3.rs"]
 mod local_s3;
 #[path = "support/postgres.rs"]
@@ -179,18 +181,7 @@ impl World {
     }
 
     fn command(&self, args: &[&str]) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvs-archiver"));
-        cmd.args(args)
-            .env("KVS_ARCHIVER_CONFIG", &self.config)
-            .env("AWS_ACCESS_KEY_ID", DEFAULT_ACCESS_KEY_ID)
-            .env("AWS_SECRET_ACCESS_KEY", DEFAULT_SECRET_ACCESS_KEY)
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env_remove("AWS_PROFILE")
-            .env_remove("AWS_SESSION_TOKEN")
-            .env_remove(kvs_archiver::crashpoint::ENV)
-            .kill_on_drop(true);
-        cmd
+        command::kvs_archiver(&self.config, args)
     }
 
     async fn run(&self, args: &[&str]) -> Output {
@@ -3165,7 +3156,10 @@ async fn the_archive_page_shows_the_timeline_and_plays_a_clicked_object_in_chrom
     let listen = format!("127.0.0.1:{port}");
     let mut server = world
         .command(&["serve", "--listen", &listen])
-        .env("KVS_ARCHIVER_SERVE_TOKEN", "s3cret-token-of-at-least-32-bytes")
+        .env(
+            "KVS_ARCHIVER_SERVE_TOKEN",
+            "s3cret-token-of-at-least-32-bytes",
+        )
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("serve starts");

@@ -6,13 +6,15 @@
 //! names the cause.
 
 use chrono::Utc;
-use kvs_emulator::config::{DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY};
 use kvs_emulator::{Emulator, EmulatorConfig, StreamSpec};
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
+
+#[path = "support/command.rs"]
+mod command;
 
 /// The emulator, a work directory with a SQLite ledger and a directory destination, and
 /// a directory beside it that nothing may ever write into.
@@ -63,18 +65,7 @@ impl Site {
     }
 
     fn command(&self, args: &[&str]) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvs-archiver"));
-        cmd.args(args)
-            .env("KVS_ARCHIVER_CONFIG", &self.config)
-            .env("AWS_ACCESS_KEY_ID", DEFAULT_ACCESS_KEY_ID)
-            .env("AWS_SECRET_ACCESS_KEY", DEFAULT_SECRET_ACCESS_KEY)
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env_remove("AWS_PROFILE")
-            .env_remove("AWS_SESSION_TOKEN")
-            .env_remove(kvs_archiver::crashpoint::ENV)
-            .kill_on_drop(true);
-        cmd
+        command::kvs_archiver(&self.config, args)
     }
 
     async fn run(&self, args: &[&str]) -> Output {
@@ -84,6 +75,21 @@ impl Site {
             .await
             .unwrap_or_else(|_| panic!("kvs-archiver {args:?} did not finish in 120 s"))
             .expect("kvs-archiver runs")
+    }
+
+    /// A camera archived whole: its objects, by key.
+    async fn archived(
+        spec: StreamSpec,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> (Site, BTreeMap<String, PathBuf>) {
+        let name = spec.name.clone();
+        let site = Site::new(spec).await;
+        let out = site.backfill(&name, start_ms, end_ms).await;
+        assert!(out.status.success(), "{}", text(&out));
+        let objects = site.objects();
+        assert!(objects.len() >= 3, "{objects:?}");
+        (site, objects)
     }
 
     async fn backfill(&self, stream: &str, start_ms: i64, end_ms: i64) -> Output {
@@ -244,11 +250,7 @@ fn stsz_at(bytes: &[u8]) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crafted_sample_table_is_refused_before_it_is_allocated() {
     let (spec, start, end) = camera("cam");
-    let site = Site::new(spec).await;
-    let out = site.backfill("cam", start, end).await;
-    assert!(out.status.success(), "{}", text(&out));
-    let objects = site.objects();
-    assert!(objects.len() >= 3, "{objects:?}");
+    let (site, objects) = Site::archived(spec, start, end).await;
     for path in objects.values() {
         let mut bytes = std::fs::read(path).expect("object");
         let at = stsz_at(&bytes);
@@ -293,11 +295,7 @@ async fn a_crafted_sample_table_is_refused_before_it_is_allocated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuild_ledger_refuses_metadata_that_cannot_be_its_own() {
     let (spec, start, end) = camera("cam");
-    let site = Site::new(spec).await;
-    let out = site.backfill("cam", start, end).await;
-    assert!(out.status.success(), "{}", text(&out));
-    let objects = site.objects();
-    assert!(objects.len() >= 3, "{objects:?}");
+    let (site, objects) = Site::archived(spec, start, end).await;
     let (edited_key, edited) = objects.iter().next().expect("an object");
     let sidecar = PathBuf::from(format!("{}.json", edited.display()));
     let mut meta: BTreeMap<String, String> =
@@ -341,10 +339,7 @@ async fn rebuild_ledger_refuses_metadata_that_cannot_be_its_own() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planted_links_are_replaced_not_written_through_and_the_umask_is_kept() {
     let (spec, start, end) = camera("cam");
-    let site = Site::new(spec).await;
-    let out = site.backfill("cam", start, end).await;
-    assert!(out.status.success(), "{}", text(&out));
-    let objects = site.objects();
+    let (site, objects) = Site::archived(spec, start, end).await;
     // Start over, with a link at every name the archive will write.
     std::fs::remove_dir_all(site.archive.join("kvs")).expect("archive emptied");
     std::fs::remove_file(site.work.path().join("state.db")).expect("ledger emptied");
@@ -356,33 +351,22 @@ async fn planted_links_are_replaced_not_written_through_and_the_umask_is_kept() 
         std::os::unix::fs::symlink(&victim, format!("{}.json", path.display()))
             .expect("link at the sidecar");
     }
-    let mut command = site.command(&[]);
-    let args = [
+    // Under the operator's umask 077, set by a shell as systemd's UMask= would set it.
+    let (start_at, end_at) = (rfc3339(start), rfc3339(end));
+    let mut command = tokio::process::Command::new("sh");
+    command::in_test_environment(&mut command, &site.config);
+    command.args([
+        "-c",
+        "umask 077; exec \"$0\" \"$@\"",
+        env!("CARGO_BIN_EXE_kvs-archiver"),
         "backfill",
         "--stream",
         "cam",
         "--start",
-        &rfc3339(start),
+        &start_at,
         "--end",
-        &rfc3339(end),
-    ];
-    // Under the operator's umask 077, through a shell as systemd's UMask= would set it.
-    let program = command.as_std().get_program().to_owned();
-    let mut shell = tokio::process::Command::new("sh");
-    shell
-        .arg("-c")
-        .arg("umask 077; exec \"$0\" \"$@\"")
-        .arg(program)
-        .args(args)
-        .envs(
-            command
-                .as_std()
-                .get_envs()
-                .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))),
-        )
-        .env_remove("AWS_PROFILE")
-        .env_remove("AWS_SESSION_TOKEN");
-    command = shell;
+        &end_at,
+    ]);
     let out = command.output().await.expect("backfill runs");
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(std::fs::read(&victim).expect("victim"), b"precious");
@@ -430,10 +414,7 @@ async fn planted_links_are_replaced_not_written_through_and_the_umask_is_kept() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn link_loops_end_and_the_sweep_never_reaches_outside() {
     let (spec, start, end) = camera("cam");
-    let site = Site::new(spec).await;
-    let out = site.backfill("cam", start, end).await;
-    assert!(out.status.success(), "{}", text(&out));
-    let objects = site.objects();
+    let (site, objects) = Site::archived(spec, start, end).await;
     let stream_dir = site.archive.join("kvs/cam");
     std::os::unix::fs::symlink(".", stream_dir.join("a")).expect("loop a");
     std::os::unix::fs::symlink(".", stream_dir.join("b")).expect("loop b");
