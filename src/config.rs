@@ -463,12 +463,14 @@ pub fn safe_path_segment(segment: &str) -> bool {
         && !segment.chars().any(char::is_control)
 }
 
-/// Whether a key prefix stays inside the destination: relative, every segment safe.
+/// Whether a key prefix stays inside the destination: relative, every segment safe (so
+/// no empty one: `a//b/` and `kvs//` are refused).
 pub fn safe_prefix(prefix: &str) -> bool {
     prefix.is_empty()
         || (!prefix.starts_with('/')
             && prefix
-                .trim_end_matches('/')
+                .strip_suffix('/')
+                .unwrap_or(prefix)
                 .split('/')
                 .all(safe_path_segment))
 }
@@ -487,9 +489,17 @@ pub enum ConfigError {
     Load { path: String, message: String },
     #[error("config: {field}: {message}")]
     Invalid { field: String, message: String },
-    #[error("no configuration: give --config FILE or set KVS_ARCHIVER_CONFIG (every key is in config/kvs-archiver.example.toml, or /usr/share/doc/kvs-archiver/ from the package); `kvs-archiver demo` runs without one")]
+    #[error("no configuration: give --config FILE or set KVS_ARCHIVER_CONFIG (every key is in config/kvs-archiver.example.toml, or /usr/share/doc/kvs-archiver/ from the package){}", DEMO_HINT)]
     Missing,
 }
+
+/// The end of [`ConfigError::Missing`]: the demo, where this build has it (the Debian
+/// package's has not).
+const DEMO_HINT: &str = if cfg!(feature = "demo") {
+    "; `kvs-archiver demo` runs without one"
+} else {
+    ""
+};
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -538,99 +548,9 @@ impl Config {
 
     /// Checks every value before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.aws.region.trim().is_empty() {
-            return Err(invalid("aws.region", "must not be empty"));
-        }
-        for (field, url) in [
-            (
-                "aws.kinesis_video_endpoint_url",
-                &self.aws.kinesis_video_endpoint_url,
-            ),
-            ("aws.s3_endpoint_url", &self.aws.s3_endpoint_url),
-        ] {
-            if let Some(url) = url {
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    return Err(invalid(
-                        field,
-                        format!("must be an http:// or https:// URL (got {url:?})"),
-                    ));
-                }
-            }
-        }
-        if self.aws.bundled_emulator.is_some() && self.aws.kinesis_video_endpoint_url.is_some() {
-            return Err(invalid(
-                "aws.bundled_emulator",
-                "names the KVS to use, as aws.kinesis_video_endpoint_url does: set only one",
-            ));
-        }
-        if !self.state.database_url.starts_with("sqlite:")
-            && !crate::ledger::is_postgres(&self.state.database_url)
-        {
-            return Err(invalid(
-                "state.database_url",
-                format!(
-                    "must be a sqlite: URL such as sqlite:///var/lib/kvs-archiver/state.db or a postgres:// URL such as postgres://archiver@db.example/kvs_archiver (got {:?})",
-                    redact_userinfo(&self.state.database_url)
-                ),
-            ));
-        }
-        if let Some(id) = &self.state.instance_id {
-            if !valid_instance_id(id) {
-                return Err(invalid(
-                    "state.instance_id",
-                    format!("{id:?}: use 1 to 64 letters, digits, '.', '_' or '-'"),
-                ));
-            }
-        }
-        if self.state.lease < Duration::from_secs(3) || self.state.lease > Duration::from_secs(3600)
-        {
-            return Err(invalid(
-                "state.lease",
-                format!(
-                    "{} is out of range: use 3 s to 1 h (60 s: a dead instance's work moves within a minute)",
-                    humantime::format_duration(self.state.lease)
-                ),
-            ));
-        }
-        match (&self.destination.bucket, &self.destination.directory) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    "destination",
-                    "set either bucket or directory, not both",
-                ))
-            }
-            (None, None) => {
-                return Err(invalid(
-                    "destination",
-                    "set bucket (S3) or directory (local files)",
-                ))
-            }
-            (Some(bucket), None) if bucket.len() < 3 || bucket.len() > 63 => {
-                return Err(invalid(
-                    "destination.bucket",
-                    format!("must be 3-63 characters (got {bucket:?})"),
-                ))
-            }
-            _ => {}
-        }
-        if !safe_prefix(&self.destination.prefix) {
-            return Err(invalid(
-                "destination.prefix",
-                format!(
-                    "must be a relative path of plain folder names, without . or .. or control characters (got {:?})",
-                    self.destination.prefix
-                ),
-            ));
-        }
-        if self.destination.part_size < 5 * 1024 * 1024 {
-            return Err(invalid(
-                "destination.part_size",
-                format!(
-                    "must be at least 5 MiB, S3's minimum part size (got {})",
-                    self.destination.part_size
-                ),
-            ));
-        }
+        self.validate_aws()?;
+        self.validate_state()?;
+        self.validate_destination()?;
         let a = &self.archive;
         if a.clip_duration < Duration::from_secs(1) || a.clip_duration >= DAY {
             return Err(invalid(
@@ -738,22 +658,7 @@ impl Config {
         }
         let mut seen = std::collections::HashSet::new();
         for (i, s) in self.streams.iter().enumerate() {
-            match (&s.name, &s.arn) {
-                (None, None) => return Err(invalid(format!("streams[{i}]"), "set name or arn")),
-                (Some(name), _) if !valid_stream_name(name) => {
-                    return Err(invalid(
-                        format!("streams[{i}].name"),
-                        format!("must be 1-256 characters of [a-zA-Z0-9_.-] (got {name:?})"),
-                    ))
-                }
-                (_, Some(arn)) if arn_stream_name(arn).is_none() => {
-                    return Err(invalid(
-                        format!("streams[{i}].arn"),
-                        format!("must look like arn:aws:kinesisvideo:REGION:ACCOUNT:stream/NAME/ID (got {arn:?})"),
-                    ))
-                }
-                _ => {}
-            }
+            validate_stream_identity(i, s)?;
             if !safe_path_segment(&s.label()) {
                 return Err(invalid(
                     format!("streams[{i}]"),
@@ -798,8 +703,8 @@ impl Config {
         self.streams.iter().find(|s| s.label() == label)
     }
 
-    /// The configuration as TOML, for `check-config`. It holds no secrets by design;
-    /// URLs are shown without any user-info part.
+    /// The configuration as TOML, for `check-config`. It holds no secrets by design, and
+    /// every URL is shown through [`redact_url`].
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
         for url in [
@@ -809,21 +714,529 @@ impl Config {
         .into_iter()
         .flatten()
         {
-            *url = redact_userinfo(url);
+            *url = redact_url(url);
         }
-        shown.state.database_url = redact_userinfo(&shown.state.database_url);
+        shown.state.database_url = redact_url(&shown.state.database_url);
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
 }
 
-/// `url` without its user and password, for messages and `check-config`.
-pub fn redact_userinfo(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}://REDACTED@{}", &url[..scheme_end], &url[at + 1..])
+impl Config {
+    /// `[aws]`: the region, the endpoints, and the bundled emulator.
+    fn validate_aws(&self) -> Result<(), ConfigError> {
+        if self.aws.region.trim().is_empty() {
+            return Err(invalid("aws.region", "must not be empty"));
         }
-        _ => url.to_string(),
+        for (field, url) in [
+            (
+                "aws.kinesis_video_endpoint_url",
+                &self.aws.kinesis_video_endpoint_url,
+            ),
+            ("aws.s3_endpoint_url", &self.aws.s3_endpoint_url),
+        ] {
+            let Some(url) = url else { continue };
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "must be an http:// or https:// URL (got {:?})",
+                        redact_url(url)
+                    ),
+                ));
+            }
+            // The credential chain signs every request; a user, password or token in
+            // the URL would authenticate nothing and be printed in every "cannot reach"
+            // error and log line.
+            if url.contains(['@', '?', '#']) {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "must hold only a scheme, host, port and path: remove the user, password, query or fragment (credentials come from the AWS credential chain) (got {:?})",
+                        redact_url(url)
+                    ),
+                ));
+            }
+        }
+        if self.aws.bundled_emulator.is_some() && self.aws.kinesis_video_endpoint_url.is_some() {
+            return Err(invalid(
+                "aws.bundled_emulator",
+                "names the KVS to use, as aws.kinesis_video_endpoint_url does: set only one",
+            ));
+        }
+        if self.aws.bundled_emulator.is_some() && self.destination.bucket.is_some() {
+            return Err(invalid(
+                "aws.bundled_emulator",
+                "goes only with destination.directory: with destination.bucket, S3 requests would be signed with the emulator's keys, which are public (in its source); archive the demo to a directory, or remove aws.bundled_emulator to read a real KVS with your own credentials",
+            ));
+        }
+        Ok(())
     }
+
+    /// `[state]`: the ledger's URL, the instance id and the lease.
+    fn validate_state(&self) -> Result<(), ConfigError> {
+        let url = &self.state.database_url;
+        if !url.starts_with("sqlite:") && !crate::ledger::is_postgres(url) {
+            return Err(invalid(
+                "state.database_url",
+                format!(
+                    "must be a sqlite: URL such as sqlite:///var/lib/kvs-archiver/state.db or a postgres:// URL such as postgres://archiver@db.example/kvs_archiver (got {:?})",
+                    redact_url(url)
+                ),
+            ));
+        }
+        if crate::ledger::is_postgres(url) {
+            check_postgres_url(url)?;
+        }
+        if let Some(id) = &self.state.instance_id {
+            if !valid_instance_id(id) {
+                return Err(invalid(
+                    "state.instance_id",
+                    format!("{id:?}: use 1 to 64 letters, digits, '.', '_' or '-'"),
+                ));
+            }
+        }
+        if self.state.lease < Duration::from_secs(3) || self.state.lease > Duration::from_secs(3600)
+        {
+            return Err(invalid(
+                "state.lease",
+                format!(
+                    "{} is out of range: use 3 s to 1 h (60 s: a dead instance's work moves within a minute)",
+                    humantime::format_duration(self.state.lease)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `[destination]`: one of bucket and directory, a bucket S3 could hold, a prefix that
+    /// stays inside it and that `iam-policy` grants alone.
+    fn validate_destination(&self) -> Result<(), ConfigError> {
+        match (&self.destination.bucket, &self.destination.directory) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "destination",
+                    "set either bucket or directory, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "destination",
+                    "set bucket (S3) or directory (local files)",
+                ))
+            }
+            (Some(bucket), None) => {
+                if let Some(problem) = bucket_name_problem(bucket) {
+                    return Err(invalid(
+                        "destination.bucket",
+                        format!("{problem} (got {})", shown(bucket)),
+                    ));
+                }
+            }
+            (None, Some(_)) => {}
+        }
+        let prefix = &self.destination.prefix;
+        // IAM reads `*` and `?` in a resource or an s3:prefix condition as wildcards, and
+        // `${…}` as a policy variable: the policy would grant other prefixes too.
+        if prefix.contains(['*', '?']) || prefix.contains("${") {
+            return Err(invalid(
+                "destination.prefix",
+                format!(
+                    "must not hold *, ? or ${{: iam-policy would grant them as wildcards over other prefixes; write the folder's plain name (got {})",
+                    shown(prefix)
+                ),
+            ));
+        }
+        if !safe_prefix(prefix) {
+            return Err(invalid(
+                "destination.prefix",
+                format!(
+                    "must be a relative path of plain folder names, without . or .. or control characters (got {})",
+                    shown(prefix)
+                ),
+            ));
+        }
+        if !prefix.is_empty() && !prefix.ends_with('/') {
+            return Err(invalid(
+                "destination.prefix",
+                format!(
+                    "must end with \"/\": write {:?} (got {}); without it, keys run on from it (\"{prefix}STREAM/…\"), and iam-policy's \"{prefix}*\" would also grant \"{prefix}-other/\"",
+                    format!("{prefix}/"),
+                    shown(prefix)
+                ),
+            ));
+        }
+        if self.destination.part_size < 5 * 1024 * 1024 {
+            return Err(invalid(
+                "destination.part_size",
+                format!(
+                    "must be at least 5 MiB, S3's minimum part size (got {})",
+                    self.destination.part_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `value` quoted for a message, cut at 80 characters: a 5,000-character value would
+/// bury the message.
+fn shown(value: &str) -> String {
+    const SHOWN: usize = 80;
+    let count = value.chars().count();
+    if count <= SHOWN {
+        format!("{value:?}")
+    } else {
+        let head: String = value.chars().take(SHOWN).collect();
+        format!("{head:?}… ({count} characters)")
+    }
+}
+
+/// A stream's `name` and `arn`: at least one, each as KVS writes it (StreamName and
+/// ResourceARN in KVS's API model), so that the name is safe in a key, a folder, a log
+/// line, the page and the IAM policy.
+fn validate_stream_identity(i: usize, stream: &StreamConfig) -> Result<(), ConfigError> {
+    if stream.name.is_none() && stream.arn.is_none() {
+        return Err(invalid(format!("streams[{i}]"), "set name or arn"));
+    }
+    if let Some(name) = &stream.name {
+        if !valid_stream_name(name) {
+            return Err(invalid(
+                format!("streams[{i}].name"),
+                format!(
+                    "must be 1-256 characters of [a-zA-Z0-9_.-], as KVS names streams (got {})",
+                    shown(name)
+                ),
+            ));
+        }
+    }
+    if let Some(arn) = &stream.arn {
+        if let Some(name) = arn_stream_name(arn).filter(|name| !valid_stream_name(name)) {
+            return Err(invalid(
+                format!("streams[{i}].arn"),
+                format!(
+                    "names the stream {}, which is not a KVS stream name (1-256 characters of [a-zA-Z0-9_.-]): copy the stream's ARN from `aws kinesisvideo describe-stream` (got {})",
+                    shown(name),
+                    shown(arn)
+                ),
+            ));
+        }
+        if !valid_stream_arn(arn) {
+            return Err(invalid(
+                format!("streams[{i}].arn"),
+                format!(
+                    "must look like arn:aws:kinesisvideo:REGION:ACCOUNT:stream/NAME/CREATION-TIME (got {})",
+                    shown(arn)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `arn` is a KVS stream ARN: ResourceARN's pattern in KVS's API model,
+/// `arn:[a-z\d-]+:kinesisvideo:[a-z0-9-]+:[0-9]+:[a-z]+/[a-zA-Z0-9_.-]+/[0-9]+`, at most
+/// 1,024 characters, with the resource type `stream`. `iam-policy` prints it as a
+/// resource, so it must hold no wildcard.
+fn valid_stream_arn(arn: &str) -> bool {
+    let lower_digits_dashes = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    let [arn_word, partition, service, region, account, resource] = parts[..] else {
+        return false;
+    };
+    let resource: Vec<&str> = resource.split('/').collect();
+    arn.len() <= 1024
+        && arn_word == "arn"
+        && lower_digits_dashes(partition)
+        && service == "kinesisvideo"
+        && lower_digits_dashes(region)
+        && digits(account)
+        && matches!(resource[..], ["stream", name, created] if valid_stream_name(name) && digits(created))
+}
+
+/// Why `bucket` cannot name an S3 general purpose bucket (AWS's bucket naming rules), or
+/// None. Besides refusing what S3 would, the rules keep IAM wildcards out of the policy
+/// `iam-policy` prints.
+fn bucket_name_problem(bucket: &str) -> Option<&'static str> {
+    const RESERVED_PREFIXES: [&str; 3] = ["xn--", "sthree-", "amzn-s3-demo-"];
+    const RESERVED_SUFFIXES: [&str; 5] = ["-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3"];
+    let bytes = bucket.as_bytes();
+    let ip_like = {
+        let parts: Vec<&str> = bucket.split('.').collect();
+        parts.len() == 4
+            && parts
+                .iter()
+                .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+    };
+    if bucket.contains(['*', '?']) {
+        Some("must name one bucket, without * or ?: iam-policy would grant the pattern over every bucket it matches")
+    } else if !(3..=63).contains(&bytes.len()) {
+        Some("must be 3-63 characters, as S3 bucket names are")
+    } else if !bytes
+        .iter()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-'))
+    {
+        Some("may hold only lowercase letters, digits, '.' and '-', as S3 bucket names do")
+    } else if !(bytes[0].is_ascii_alphanumeric() && bytes[bytes.len() - 1].is_ascii_alphanumeric())
+    {
+        Some("must begin and end with a letter or a digit, as S3 bucket names do")
+    } else if bucket.contains("..") {
+        Some("must not hold two adjacent dots, as S3 bucket names do not")
+    } else if ip_like {
+        Some("must not be formatted as an IP address, as S3 bucket names are not")
+    } else if RESERVED_PREFIXES.iter().any(|p| bucket.starts_with(p)) {
+        Some("must not begin with xn--, sthree- or amzn-s3-demo-, which S3 reserves")
+    } else if RESERVED_SUFFIXES.iter().any(|s| bucket.ends_with(s)) {
+        Some("must not end with -s3alias, --ol-s3, .mrap, --x-s3 or --table-s3, which S3 reserves for access points, Multi-Region Access Points, directory and table buckets: name a general purpose bucket")
+    } else {
+        None
+    }
+}
+
+/// Query parameters sqlx's PostgreSQL driver reads (`PgConnectOptions::parse_from_url`,
+/// sqlx-postgres 0.8), besides `options[NAME]`. It ignores any other with a warning that
+/// logs the value: a libpq `sslpassword`, or a misspelled `passwrod`, would reach the
+/// journal.
+const POSTGRES_URL_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// A PostgreSQL URL whose secrets can be told apart (see [`redact_url`]) and whose query
+/// holds only parameters the driver reads.
+fn check_postgres_url(url: &str) -> Result<(), ConfigError> {
+    let field = "state.database_url";
+    let (_, rest) = split_scheme(url);
+    if split_userinfo(rest).is_none() {
+        return Err(invalid(
+            field,
+            "holds an @ after the host's end: percent-encode /, ?, #, and @ in the user, password and query values (%2F, %3F, %23, %40); as written, the driver would read part of the password as the host or the path",
+        ));
+    }
+    for (key, _) in query_pairs(url) {
+        let name = decode_form(key);
+        if POSTGRES_URL_PARAMETERS.contains(&name.as_str()) || name.starts_with("options[") {
+            continue;
+        }
+        let what = if name.eq_ignore_ascii_case("sslpassword") {
+            "sslpassword, a libpq parameter the driver (sqlx) does not read: give sslkey a key file without a passphrase, readable only by the service, and remove sslpassword"
+        } else {
+            "a query parameter the driver (sqlx) does not read (shown as REDACTED): remove it; the driver reads sslmode, sslrootcert, sslcert, sslkey, host, hostaddr, port, dbname, user, password, application_name, options and statement-cache-capacity"
+        };
+        return Err(invalid(
+            field,
+            format!(
+                "{:?} holds {what}; the driver would ignore it and write its value to the log",
+                redact_url(url)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What stands in for a secret in a printed URL.
+const REDACTED: &str = "REDACTED";
+
+/// Query parameters [`redact_url`] shows with their value: the connect options of sqlx's
+/// PostgreSQL and SQLite drivers that hold no secret (`sslkey` is a file's path, not the
+/// key). Every other parameter is hidden whole: an allow-list, so that a secret under a
+/// name nobody foresaw (`Password`, `pass%77ord`, libpq's `sslpassword`, a misspelling)
+/// is hidden too.
+const PUBLIC_URL_PARAMETERS: &[&str] = &[
+    // PostgreSQL (see POSTGRES_URL_PARAMETERS; `options` may carry anything).
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "application_name",
+    // SQLite.
+    "mode",
+    "cache",
+    "immutable",
+    "vfs",
+];
+
+/// Query parameters [`redact_url`] names, with their value hidden, so that the reader
+/// sees a password was given (in any case or percent-encoding).
+const SECRET_URL_PARAMETERS: &[&str] = &["password", "sslpassword"];
+
+/// `url` with every secret in it replaced by `REDACTED`, for messages, logs and
+/// `check-config`: the user-info's password (the user stays: it says who connects),
+/// every query value but those of [`PUBLIC_URL_PARAMETERS`], and the fragment. It takes
+/// any text, not only a valid URL. Where the user-info cannot be told apart, an `@`
+/// after the host's end (a password with an unencoded `/`, `?` or `#`, or an `@` in the
+/// path, query or fragment), all after the scheme is hidden.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = split_scheme(url);
+    let Some((userinfo, rest)) = split_userinfo(rest) else {
+        return format!("{scheme}{REDACTED}");
+    };
+    let mut out = String::with_capacity(url.len() + REDACTED.len());
+    out.push_str(scheme);
+    if let Some(info) = userinfo {
+        match info.split_once(':') {
+            Some((user, _)) if plain(user) => {
+                out.push_str(user);
+                out.push(':');
+                out.push_str(REDACTED);
+            }
+            None if plain(info) => out.push_str(info),
+            _ => out.push_str(REDACTED),
+        }
+        out.push('@');
+    }
+    // As a URL parser reads it: the fragment from the first `#`, the query from the
+    // first `?` before it.
+    let (rest, fragment) = match rest.split_once('#') {
+        Some((rest, fragment)) => (rest, Some(fragment)),
+        None => (rest, None),
+    };
+    let (base, query) = match rest.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (rest, None),
+    };
+    out.push_str(base);
+    if let Some(query) = query {
+        out.push('?');
+        let pairs: Vec<String> = query.split('&').map(redact_query_pair).collect();
+        out.push_str(&pairs.join("&"));
+    }
+    match fragment {
+        Some("") => out.push('#'),
+        Some(_) => {
+            out.push('#');
+            out.push_str(REDACTED);
+        }
+        None => {}
+    }
+    out
+}
+
+/// The former name of [`redact_url`], which hides every secret of a URL, not only its
+/// user-info. Kept while its last caller (`rebuild.rs`) moves over.
+pub fn redact_userinfo(url: &str) -> String {
+    redact_url(url)
+}
+
+/// `url` split after its scheme's `://`: `("postgres://", rest)`, or `("", url)` when it
+/// has none (text before a `://` that is no scheme may be a secret: it stays in `rest`).
+fn split_scheme(url: &str) -> (&str, &str) {
+    let is_scheme = |s: &str| {
+        s.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+    };
+    match url.find("://") {
+        Some(end) if is_scheme(&url[..end]) => url.split_at(end + 3),
+        _ => ("", url),
+    }
+}
+
+/// `rest`, a URL after its scheme, split at the `@` that ends its user-info:
+/// `(Some(userinfo), after)`, or `(None, rest)` without one. None when an `@` comes after
+/// the host's end (the first `/`, `?`, `#` or `\`): a password with such a character
+/// unencoded and an `@` in the path, query or fragment cannot be told apart.
+fn split_userinfo(rest: &str) -> Option<(Option<&str>, &str)> {
+    let host_end = rest.find(['/', '?', '#', '\\']).unwrap_or(rest.len());
+    match rest.rfind('@') {
+        None => Some((None, rest)),
+        Some(at) if at < host_end => Some((Some(&rest[..at]), &rest[at + 1..])),
+        Some(_) => None,
+    }
+}
+
+/// The `key=value` pairs of `url`'s query, undecoded, as a URL parser splits them.
+fn query_pairs(url: &str) -> impl Iterator<Item = (&str, &str)> {
+    let before_fragment = url.split('#').next().unwrap_or_default();
+    before_fragment
+        .split_once('?')
+        .map(|(_, query)| query)
+        .unwrap_or_default()
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+}
+
+/// One `key=value` of a query as [`redact_url`] prints it.
+fn redact_query_pair(pair: &str) -> String {
+    let key = pair.split_once('=').map_or(pair, |(key, _)| key);
+    let name = decode_form(key);
+    if pair.is_empty() || PUBLIC_URL_PARAMETERS.contains(&name.as_str()) {
+        pair.to_string()
+    } else if pair.contains('=')
+        && plain(key)
+        && SECRET_URL_PARAMETERS
+            .iter()
+            .any(|secret| name.eq_ignore_ascii_case(secret))
+    {
+        format!("{key}={REDACTED}")
+    } else {
+        REDACTED.to_string()
+    }
+}
+
+/// Whether `text` holds only characters a user or parameter name is written with
+/// (unreserved, and `%` of an encoded one): anything else may be part of a secret.
+fn plain(text: &str) -> bool {
+    text.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-' | b'%' | b'+'))
+}
+
+/// `text` decoded as a query's keys are (`+` is a space, `%XX` a byte), as sqlx reads
+/// them.
+fn decode_form(text: &str) -> String {
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut rest = text.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        let hex = |i: usize| tail.get(i).and_then(|c| (*c as char).to_digit(16));
+        match (b, hex(0), hex(1)) {
+            (b'%', Some(high), Some(low)) => {
+                // Two hex digits make at most 0xff.
+                bytes.push((high * 16 + low) as u8);
+                rest = &tail[2..];
+            }
+            (b'+', _, _) => {
+                bytes.push(b' ');
+                rest = tail;
+            }
+            _ => {
+                bytes.push(b);
+                rest = tail;
+            }
+        }
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 fn valid_stream_name(name: &str) -> bool {
@@ -948,5 +1361,372 @@ mod tests {
             Some("cam-1")
         );
         assert_eq!(arn_stream_name("arn:aws:s3:::bucket"), None);
+    }
+
+    /// A configuration that validates: a directory destination, no stream.
+    fn valid() -> Config {
+        let mut config = Config::default();
+        config.destination.directory = Some("/tmp/x".into());
+        config
+    }
+
+    fn refusal(config: &Config) -> String {
+        match config.validate() {
+            Ok(()) => panic!("accepted: {config:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn the_issues_urls_print_no_secret() {
+        for (url, shown) in [
+            (
+                "postgres://u:pw@h/kvs?password=hunter2",
+                "postgres://u:REDACTED@h/kvs?password=REDACTED",
+            ),
+            (
+                "postgres://archiver@db.internal:5432/kvs?sslmode=verify-full&sslpassword=hunter2",
+                "postgres://archiver@db.internal:5432/kvs?sslmode=verify-full&sslpassword=REDACTED",
+            ),
+            (
+                "postgresql://h/kvs?application_name=a&Password=hunter2",
+                "postgresql://h/kvs?application_name=a&Password=REDACTED",
+            ),
+            (
+                "postgres://h/kvs?pass%77ord=hunter2",
+                "postgres://h/kvs?pass%77ord=REDACTED",
+            ),
+            (
+                "postgres://h/kvs?PASSWORD=hunter2",
+                "postgres://h/kvs?PASSWORD=REDACTED",
+            ),
+            // Names nobody foresaw are hidden whole, key and all.
+            (
+                "postgres://h/kvs?passwrod=hunter2",
+                "postgres://h/kvs?REDACTED",
+            ),
+            (
+                "postgres://h/kvs?options=-c%20x%3Dhunter2",
+                "postgres://h/kvs?REDACTED",
+            ),
+            ("postgres://h/kvs?hunter2", "postgres://h/kvs?REDACTED"),
+            ("postgres://h/kvs#hunter2", "postgres://h/kvs#REDACTED"),
+            (
+                "postgres://h/kvs?password=hun#ter2",
+                "postgres://h/kvs?password=REDACTED#REDACTED",
+            ),
+            ("postgres://:hunter2@h/kvs", "postgres://:REDACTED@h/kvs"),
+            ("postgres://u:hun@ter2@h/kvs", "postgres://u:REDACTED@h/kvs"),
+            (
+                "https://AKIA:hunter2@s3.example",
+                "https://AKIA:REDACTED@s3.example",
+            ),
+            // No scheme.
+            ("u:hunter2@h/kvs", "u:REDACTED@h/kvs"),
+            ("h/kvs?password=hunter2", "h/kvs?password=REDACTED"),
+            ("?password=hunter2://h", "?password=REDACTED"),
+            // An @ after the host's end: the password's end cannot be told, so all goes.
+            ("postgres://u:hun/ter2@h/kvs", "postgres://REDACTED"),
+            ("postgres://u:hun?ter2@h/kvs", "postgres://REDACTED"),
+            ("postgres://h/kvs?password=hun@ter2", "postgres://REDACTED"),
+            (
+                "postgres://hunter2:x@h/kvs",
+                "postgres://hunter2:REDACTED@h/kvs",
+            ),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn urls_without_secrets_print_as_written() {
+        for url in [
+            "sqlite:///var/lib/kvs-archiver/state.db",
+            "sqlite://state.db?mode=rwc",
+            "sqlite:state.db",
+            "postgres://archiver@db.internal:5432/kvs_archiver?sslmode=require&sslrootcert=/etc/ca.pem",
+            "http://127.0.0.1:9000",
+            "https://s3.eu-west-1.amazonaws.com/",
+            "",
+        ] {
+            assert_eq!(redact_url(url), url);
+        }
+    }
+
+    #[test]
+    fn check_config_prints_no_password_from_the_query() {
+        let mut config = valid();
+        config.state.database_url = "postgres://u:pw@h/kvs?password=hunter2".into();
+        config.validate().expect("valid");
+        let shown = config.to_redacted_toml();
+        assert!(
+            !shown.contains("hunter2") && !shown.contains(":pw@"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("postgres://u:REDACTED@h/kvs?password=REDACTED"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn postgres_parameters_the_driver_would_log_are_refused_without_their_value() {
+        for (url, names) in [
+            ("postgres://u@h/kvs?sslpassword=hunter2", "sslpassword"),
+            ("postgres://u@h/kvs?passwrod=hunter2", "does not read"),
+            ("postgres://u@h/kvs?Password=hunter2", "does not read"),
+            ("postgres://u:hun/ter2@h/kvs", "percent-encode"),
+        ] {
+            let mut config = valid();
+            config.state.database_url = url.into();
+            let err = refusal(&config);
+            assert!(
+                err.contains("state.database_url") && err.contains(names),
+                "{url}: {err}"
+            );
+            assert!(!err.contains("hunter2") && !err.contains("ter2"), "{err}");
+        }
+        for url in [
+            "postgres://u:pw@h:5432/kvs?password=x&sslmode=verify-full&sslrootcert=/ca.pem",
+            "postgresql://u@h/kvs?options[statement_timeout]=5s&application_name=a",
+        ] {
+            let mut config = valid();
+            config.state.database_url = url.into();
+            config.validate().expect(url);
+        }
+    }
+
+    #[test]
+    fn an_endpoint_with_credentials_is_refused_without_them() {
+        for url in [
+            "https://AKIA:hunter2@s3.example",
+            "http://127.0.0.1:9000/?token=hunter2",
+            "http://127.0.0.1:9000/#hunter2",
+        ] {
+            let mut config = valid();
+            config.aws.s3_endpoint_url = Some(url.into());
+            let err = refusal(&config);
+            assert!(
+                err.contains("aws.s3_endpoint_url") && err.contains("credential chain"),
+                "{err}"
+            );
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
+
+    #[test]
+    fn bucket_names_follow_s3s_rules() {
+        let long = "a".repeat(64);
+        for bucket in [
+            "my-b*",
+            "my-bucke?",
+            "ab",
+            long.as_str(),
+            "My-Archive",
+            "my_archive",
+            "-archive",
+            "archive-",
+            "my..archive",
+            "192.168.5.4",
+            "xn--archive",
+            "sthree-archive",
+            "amzn-s3-demo-archive",
+            "archive-s3alias",
+            "archive--ol-s3",
+            "archive.mrap",
+            "archive--use1-az4--x-s3",
+            "archive--table-s3",
+        ] {
+            let mut config = Config::default();
+            config.destination.bucket = Some(bucket.into());
+            let err = refusal(&config);
+            assert!(
+                err.starts_with("config: destination.bucket: ")
+                    && err.contains(&format!("{bucket:?}")),
+                "{bucket}: {err}"
+            );
+        }
+        // The examples' and the tests' buckets (moto's and s3s-fs's too).
+        for bucket in [
+            "my-camera-archive",
+            "archive",
+            "footage",
+            "bench",
+            "no-such-bucket",
+            "moto-4242",
+            "a.b.c",
+            "192.168.5.4.x",
+        ] {
+            let mut config = Config::default();
+            config.destination.bucket = Some(bucket.into());
+            config.validate().expect(bucket);
+        }
+    }
+
+    #[test]
+    fn prefixes_hold_no_wildcard_and_end_with_a_slash() {
+        for (prefix, says) in [
+            ("kvs*/", "wildcards"),
+            ("k?s/", "wildcards"),
+            ("${aws:username}/", "wildcards"),
+            ("kvs", "write \"kvs/\""),
+            ("site-a/kvs", "write \"site-a/kvs/\""),
+            ("kvs//", "plain folder names"),
+        ] {
+            let mut config = valid();
+            config.destination.prefix = prefix.into();
+            let err = refusal(&config);
+            assert!(
+                err.starts_with("config: destination.prefix: ") && err.contains(says),
+                "{prefix}: {err}"
+            );
+        }
+        for prefix in ["", "kvs/", "site-a/kvs/"] {
+            let mut config = valid();
+            config.destination.prefix = prefix.into();
+            config.validate().expect(prefix);
+        }
+    }
+
+    #[test]
+    fn a_stream_name_from_an_arn_is_a_kvs_stream_name() {
+        let arn = |name: &str| {
+            format!("arn:aws:kinesisvideo:us-east-1:123456789012:stream/{name}/1700000000000")
+        };
+        let long = "a".repeat(5000);
+        for (given, says) in [
+            (arn("<img src=x>"), "not a KVS stream name"),
+            (arn(&long), "not a KVS stream name"),
+            (arn("cam*"), "not a KVS stream name"),
+            (
+                "arn:aws:kinesisvideo:us-east-1:*:stream/cam/1".to_string(),
+                "must look like",
+            ),
+            (
+                "arn:aws:kinesisvideo:us-east-1:123456789012:stream/cam/*".to_string(),
+                "must look like",
+            ),
+            (
+                "arn:aws:kinesisvideo:us-east-1:123456789012:stream/cam".to_string(),
+                "must look like",
+            ),
+            (
+                "arn:aws:kinesisvideo:us-east-1:123456789012:channel/cam/1".to_string(),
+                "must look like",
+            ),
+            (
+                "arn:aws:s3:us-east-1:123456789012:stream/cam/1".to_string(),
+                "must look like",
+            ),
+        ] {
+            let mut config = valid();
+            let mut stream = StreamConfig::named("x");
+            stream.name = None;
+            stream.arn = Some(given.clone());
+            config.streams.push(stream);
+            let err = refusal(&config);
+            assert!(
+                err.starts_with("config: streams[0].arn: ") && err.contains(says),
+                "{err}"
+            );
+            assert!(
+                err.len() < 600,
+                "a long value is cut: {} characters",
+                err.len()
+            );
+        }
+        for given in [
+            arn("loading-dock"),
+            "arn:aws-cn:kinesisvideo:cn-north-1:123456789012:stream/Cam_1.a/1".to_string(),
+        ] {
+            let mut config = valid();
+            let mut stream = StreamConfig::named("x");
+            stream.name = None;
+            stream.arn = Some(given.clone());
+            config.streams.push(stream);
+            config.validate().expect(&given);
+        }
+    }
+
+    #[test]
+    fn the_bundled_emulator_goes_only_with_a_directory() {
+        let mut config = valid();
+        config.aws.bundled_emulator = Some("demo-output/emulator.toml".into());
+        config.validate().expect("with a directory");
+        config.destination.directory = None;
+        config.destination.bucket = Some("footage".into());
+        let err = refusal(&config);
+        assert!(
+            err.starts_with("config: aws.bundled_emulator: ")
+                && err.contains("destination.directory")
+                && err.contains("signed with the emulator's keys"),
+            "{err}"
+        );
+    }
+
+    /// `text` with every byte but letters and digits percent-encoded.
+    fn percent_encoded(text: &str) -> String {
+        text.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn redaction_never_panics(url in "\\PC{0,120}", bytes in "[:/?#@&=%+\\\\a-zA-Z0-9é]{0,60}") {
+            let _ = redact_url(&url);
+            let _ = redact_url(&bytes);
+        }
+
+        /// A secret written where a URL holds one (the user-info's password, a query
+        /// value under a secret's name in any case or encoding or an unknown name, the
+        /// fragment), percent-encoded or as typed, never shows in the printed URL.
+        #[test]
+        fn a_secret_never_shows(
+            scheme in "(|postgres://|postgresql://|https://|sqlite://)",
+            user in "[a-z]{0,6}",
+            host in "[a-z][a-z0-9.-]{0,15}(:[0-9]{1,5})?",
+            path in "(/[a-z0-9_]{0,8}){0,2}",
+            public in proptest::collection::vec("(sslmode|host|port|application_name|mode)=[a-z0-9]{0,6}", 0..3),
+            key in "(password|PASSWORD|Password|sslpassword|SSLPassword|pass%77ord|p%61ssword|passwrod|token|options|secret)",
+            secret in "[!-~]{8,24}",
+            place in 0..3usize,
+            encode in proptest::prelude::any::<bool>(),
+        ) {
+            let written = if encode { percent_encoded(&secret) } else { secret.clone() };
+            let query = public.join("&");
+            let build = |secret: &str| match place {
+                0 => format!("{scheme}{user}:{secret}@{host}{path}?{query}"),
+                1 => format!("{scheme}{user}@{host}{path}?{query}&{key}={secret}&{query}"),
+                _ => format!("{scheme}{host}{path}?{query}#{secret}"),
+            };
+            let skeleton = build("");
+            proptest::prop_assume!(!skeleton.contains(&secret) && !REDACTED.contains(&secret));
+            let shown = redact_url(&build(&written));
+            proptest::prop_assert!(!shown.contains(&secret), "{shown}");
+            proptest::prop_assert!(!shown.contains(&written), "{shown}");
+        }
+
+        /// What holds no secret prints as written.
+        #[test]
+        fn a_url_without_secrets_prints_as_written(
+            scheme in "(|postgres://|https://|sqlite://)",
+            user in "([a-z]{1,6}@)?",
+            host in "[a-z][a-z0-9.-]{0,15}(:[0-9]{1,5})?",
+            path in "(/[a-z0-9_]{0,8}){0,2}",
+            public in proptest::collection::vec("(sslmode|host|port|application_name|mode)=[a-z0-9]{0,6}", 0..3),
+        ) {
+            let query = if public.is_empty() { String::new() } else { format!("?{}", public.join("&")) };
+            let url = format!("{scheme}{user}{host}{path}{query}");
+            proptest::prop_assert_eq!(redact_url(&url), url);
+        }
     }
 }

@@ -275,6 +275,93 @@ fn a_dead_s3_endpoint_is_named_with_the_os_error() {
     );
 }
 
+/// `config` with its ledger at `database_url` (instead of its SQLite file).
+fn with_ledger(config: &std::path::Path, database_url: &str) {
+    let text = std::fs::read_to_string(config).expect("config");
+    let text: String = text
+        .lines()
+        .map(|line| {
+            if line.starts_with("database_url = ") {
+                format!("database_url = \"{database_url}\"\n")
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect();
+    std::fs::write(config, text).expect("config rewritten");
+}
+
+/// A PostgreSQL password given as `?password=` (or in the user-info) never reaches the
+/// terminal: `check-config` prints the URL with both redacted.
+#[test]
+fn check_config_prints_no_ledger_password() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let config = config_file(work.path(), "http://127.0.0.1:9");
+    with_ledger(&config, "postgres://u:pw@db.example/kvs?password=hunter2");
+    let out = archiver()
+        .arg("--config")
+        .arg(&config)
+        .arg("check-config")
+        .output()
+        .expect("check-config runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("postgres://u:REDACTED@db.example/kvs?password=REDACTED"),
+        "{stdout}"
+    );
+    assert!(!format!("{stdout}{stderr}").contains("hunter2") && !stdout.contains(":pw@"));
+}
+
+/// The error of a ledger that does not answer names it without its password, and a
+/// parameter the driver would log with its value (libpq's `sslpassword`) is refused
+/// before any connection.
+#[test]
+fn an_unreachable_ledger_is_named_without_its_password() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let config = config_file(work.path(), "http://127.0.0.1:9");
+    let port = dead_url().rsplit(':').next().expect("a port").to_string();
+    with_ledger(
+        &config,
+        &format!("postgres://archiver@127.0.0.1:{port}/kvs?password=hunter2"),
+    );
+    let out = archiver()
+        .arg("--config")
+        .arg(&config)
+        .arg("status")
+        .output()
+        .expect("status runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("kvs-archiver: cannot reach the ledger at postgres://archiver@127.0.0.1:{port}/kvs?password=REDACTED: ")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+
+    with_ledger(
+        &config,
+        &format!("postgres://archiver@127.0.0.1:{port}/kvs?sslpassword=hunter2"),
+    );
+    let out = archiver()
+        .arg("--config")
+        .arg(&config)
+        .arg("status")
+        .output()
+        .expect("status runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with("kvs-archiver: config: state.database_url: ")
+            && stderr.contains("sslpassword"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
 #[test]
 fn a_denied_action_names_the_permission_and_the_policy_command() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");

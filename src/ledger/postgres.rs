@@ -94,14 +94,14 @@ impl PgLedger {
     /// advisory lock, so instances may start together).
     pub async fn open(database_url: &str, identity: Identity) -> Result<PgLedger> {
         let unreachable = |source| Error::LedgerUnreachable {
-            url: crate::config::redact_userinfo(database_url),
+            url: crate::config::redact_url(database_url),
             source,
         };
         let options = PgConnectOptions::from_str(database_url)
             .map_err(|e| {
                 Error::Usage(format!(
                     "state.database_url {}: not a PostgreSQL URL ({e}); write it like postgres://archiver:PASSWORD@db.example:5432/kvs_archiver",
-                    crate::config::redact_userinfo(database_url)
+                    crate::config::redact_url(database_url)
                 ))
             })?
             .application_name("kvs-archiver");
