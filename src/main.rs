@@ -171,6 +171,8 @@ enum Command {
     /// Print the manual page (roff), e.g. `kvs-archiver man | man -l -`.
     Man,
     /// Archive ten minutes of a bundled emulated camera into ./demo-output.
+    // Only in builds with the emulator: the Debian package's binary has no `demo` to offer.
+    #[cfg(feature = "demo")]
     Demo {
         #[arg(long, default_value = "demo-output")]
         output: PathBuf,
@@ -273,16 +275,9 @@ async fn demo(output: &std::path::Path) -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
-#[cfg(not(feature = "demo"))]
-async fn demo(_output: &std::path::Path) -> Result<ExitCode, Error> {
-    Err(Error::Usage(
-        "demo: this build has no bundled KVS emulator; build with `--features demo` (on by default)"
-            .into(),
-    ))
-}
-
 async fn run(cli: Cli) -> Result<ExitCode, Error> {
     match &cli.command {
+        #[cfg(feature = "demo")]
         Command::Demo { output } => return demo(output).await,
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
@@ -589,6 +584,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 ExitCode::from(1)
             })
         }
-        Command::Demo { .. } | Command::Completions { .. } | Command::Man => Ok(ExitCode::SUCCESS),
+        // Answered before the configuration was read.
+        #[cfg(feature = "demo")]
+        Command::Demo { .. } => Ok(ExitCode::SUCCESS),
+        Command::Completions { .. } | Command::Man => Ok(ExitCode::SUCCESS),
     }
 }
