@@ -230,10 +230,9 @@ impl StateConfig {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(cannot(e)),
         }
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        let host = host_name()
             .map(|h| {
-                h.trim()
-                    .chars()
+                h.chars()
                     .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
                     .take(40)
                     .collect::<String>()
@@ -1143,10 +1142,21 @@ pub fn redact_url(url: &str) -> String {
     out
 }
 
-/// The former name of [`redact_url`], which hides every secret of a URL, not only its
-/// user-info. Kept while its last caller (`rebuild.rs`) moves over.
-pub fn redact_userinfo(url: &str) -> String {
-    redact_url(url)
+/// This machine's host name, from uname(2): `/proc/sys` is hidden under systemd's
+/// `ProcSubset=pid`.
+pub fn host_name() -> Option<String> {
+    // SAFETY: uname fills the struct it is given; its fields are NUL-terminated.
+    let name = unsafe {
+        let mut names: libc::utsname = std::mem::zeroed();
+        if libc::uname(&mut names) != 0 {
+            return None;
+        }
+        std::ffi::CStr::from_ptr(names.nodename.as_ptr())
+            .to_string_lossy()
+            .into_owned()
+    };
+    let name = name.trim().to_string();
+    (!name.is_empty()).then_some(name)
 }
 
 /// `url` split after its scheme's `://`: `("postgres://", rest)`, or `("", url)` when it

@@ -243,7 +243,7 @@ pub async fn rebuild(
         if !held.is_empty() {
             return Err(Error::Usage(format!(
                 "rebuild-ledger: the ledger at {} already holds chunks (streams: {}); give --merge to add only the objects it lacks, or point state.database_url at an empty ledger",
-                crate::config::redact_userinfo(&archiver.config.state.database_url),
+                crate::config::redact_url(&archiver.config.state.database_url),
                 held.join(", ")
             )));
         }

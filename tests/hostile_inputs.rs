@@ -438,6 +438,8 @@ async fn link_loops_end_and_the_sweep_never_reaches_outside() {
         stale.exists(),
         "the sweep followed a link out of the destination"
     );
+    let peak = children_peak_rss();
+    assert!(peak < 200 << 20, "a walk grew to {} MiB", peak >> 20);
     std::fs::remove_file(site.work.path().join("state.db")).expect("ledger lost");
     let out = site.run(&["rebuild-ledger"]).await;
     assert_no_panic(&out);

@@ -67,9 +67,7 @@ pub struct Identity {
 
 impl Identity {
     pub fn new(instance: &str, role: Role) -> Identity {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "localhost".to_string());
+        let host = crate::config::host_name().unwrap_or_else(|| "localhost".to_string());
         let pid = std::process::id();
         Identity {
             instance: instance.to_string(),

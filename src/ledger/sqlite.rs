@@ -46,7 +46,19 @@ fn owner_is_gone(owner: &str, this_host: &str) -> bool {
         return false;
     };
     let host = host.rsplit_once('@').map_or(host, |(_, host)| host);
-    host == this_host && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    let Ok(pid) = pid.parse::<libc::pid_t>() else {
+        return false;
+    };
+    host == this_host && pid > 0 && !process_exists(pid)
+}
+
+/// Whether a process `pid` exists, whoever owns it: signal 0 is checked, not sent, and
+/// EPERM means it lives under another user. (Not `/proc/PID`, which systemd's
+/// `ProtectProc=invisible` hides for other users' processes.)
+fn process_exists(pid: libc::pid_t) -> bool {
+    // SAFETY: kill with signal 0 sends nothing; it only reports whether pid exists.
+    let answer = unsafe { libc::kill(pid, 0) };
+    answer == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// The active chunk ids as a JSON array, for `json_each`.
