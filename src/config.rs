@@ -530,7 +530,7 @@ impl Config {
                 .ignore(&["config", "log", "crashpoint", "serve_token"])
                 .split("__"),
         );
-        let config: Config = figment.extract().map_err(|e| ConfigError::Load {
+        let mut config: Config = figment.extract().map_err(|e| ConfigError::Load {
             path: source,
             message: describe_figment_error(e),
         })?;
@@ -542,7 +542,33 @@ impl Config {
             return Err(ConfigError::Missing);
         }
         config.validate()?;
+        config.leave_out_unread_ledger_parameters();
         Ok(config)
+    }
+
+    /// `state.database_url` without the query parameters its driver does not read (see
+    /// [`postgres_url_for_driver`]), with a warning that names them, never their values.
+    /// The URL worked before with them ignored, and still does; the driver would log
+    /// their values.
+    fn leave_out_unread_ledger_parameters(&mut self) {
+        let (url, left_out) = postgres_url_for_driver(&self.state.database_url);
+        if left_out.is_empty() {
+            return;
+        }
+        let names = left_out.join(", ");
+        let hint = if left_out
+            .iter()
+            .any(|name| decode_form(name).eq_ignore_ascii_case("sslpassword"))
+        {
+            " (for sslpassword: give sslkey a key file without a passphrase, readable only by the service)"
+        } else {
+            ""
+        };
+        tracing::warn!(
+            parameters = %names,
+            "state.database_url: the PostgreSQL driver (sqlx) does not read the query parameters {names}; they are left out of the URL it is given, values unused and unlogged: remove them from the configuration{hint}; the driver reads sslmode, sslrootcert, sslcert, sslkey, host, hostaddr, port, dbname, user, password, application_name, options and statement-cache-capacity"
+        );
+        self.state.database_url = url;
     }
 
     /// Checks every value before anything starts.
@@ -824,7 +850,11 @@ impl Config {
                 ))
             }
             (Some(bucket), None) => {
-                if let Some(problem) = bucket_name_problem(bucket) {
+                // Buckets created in us-east-1 before March 2018 keep S3's legacy names,
+                // and S3-compatible stores set their own rules.
+                let legacy = self.aws.s3_endpoint_url.is_some()
+                    || self.aws.region.trim() == LEGACY_BUCKET_REGION;
+                if let Some(problem) = bucket_name_problem(bucket, legacy) {
                     return Err(invalid(
                         "destination.bucket",
                         format!("{problem} (got {})", shown(bucket)),
@@ -957,10 +987,60 @@ fn valid_stream_arn(arn: &str) -> bool {
         && matches!(resource[..], ["stream", name, created] if valid_stream_name(name) && digits(created))
 }
 
-/// Why `bucket` cannot name an S3 general purpose bucket (AWS's bucket naming rules), or
-/// None. Besides refusing what S3 would, the rules keep IAM wildcards out of the policy
-/// `iam-policy` prints.
-fn bucket_name_problem(bucket: &str) -> Option<&'static str> {
+/// The region whose buckets may have S3's legacy names (created before March 2018).
+const LEGACY_BUCKET_REGION: &str = "us-east-1";
+
+/// Why `bucket` cannot name the destination bucket, or None. Never a wildcard, `/`,
+/// whitespace or a control character: they would widen the policy `iam-policy` prints
+/// or are no bucket's name. `legacy` (us-east-1, or an S3-compatible store at
+/// aws.s3_endpoint_url): S3's legacy naming, 1-255 letters, digits, `.`, `-` and `_`.
+/// Otherwise AWS's current rules for general purpose buckets.
+fn bucket_name_problem(bucket: &str, legacy: bool) -> Option<String> {
+    if bucket.contains(['*', '?']) {
+        Some("must name one bucket, without * or ?: iam-policy would grant the pattern over every bucket it matches; write the bucket's own name".into())
+    } else if bucket.contains('/') {
+        Some("must name one bucket, without /: write the bucket's name alone, and the folder inside it as destination.prefix (ending in /)".into())
+    } else if bucket.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("must not hold whitespace or control characters, which no bucket's name holds: remove them (a space or newline pasted with the name?)".into())
+    } else if legacy {
+        legacy_bucket_name_problem(bucket)
+    } else {
+        general_purpose_bucket_name_problem(bucket).map(|problem| {
+            format!(
+                "{problem}, as AWS's current bucket naming rules require outside {LEGACY_BUCKET_REGION}; a bucket in {LEGACY_BUCKET_REGION} created under S3's legacy naming (uppercase letters, '_', up to 255 characters) is accepted with aws.region = \"{LEGACY_BUCKET_REGION}\", and a bucket on an S3-compatible store once aws.s3_endpoint_url names the store"
+            )
+        })
+    }
+}
+
+/// Why `bucket` breaks S3's legacy naming (us-east-1 before March 2018, and what
+/// S3-compatible stores accept), or None.
+fn legacy_bucket_name_problem(bucket: &str) -> Option<String> {
+    const RULES: &str = "S3's legacy naming, accepted in us-east-1 and with aws.s3_endpoint_url";
+    if !(1..=255).contains(&bucket.len()) {
+        Some(format!(
+            "must be 1-255 characters ({RULES}): write the bucket's name as `aws s3 ls` shows it"
+        ))
+    } else if !bucket
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+    {
+        Some(format!(
+            "may hold only letters, digits, '.', '-' and '_' ({RULES}): write the bucket's name as `aws s3 ls` shows it"
+        ))
+    } else if bucket.bytes().all(|b| b == b'.') {
+        // `.` and `..` are path segments in a path-style request, not a bucket.
+        Some(format!(
+            "must hold a letter or a digit ({RULES}): write the bucket's name"
+        ))
+    } else {
+        None
+    }
+}
+
+/// Why `bucket` cannot name an S3 general purpose bucket under AWS's current naming
+/// rules, or None.
+fn general_purpose_bucket_name_problem(bucket: &str) -> Option<&'static str> {
     const RESERVED_PREFIXES: [&str; 3] = ["xn--", "sthree-", "amzn-s3-demo-"];
     const RESERVED_SUFFIXES: [&str; 5] = ["-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3"];
     let bytes = bucket.as_bytes();
@@ -971,26 +1051,24 @@ fn bucket_name_problem(bucket: &str) -> Option<&'static str> {
                 .iter()
                 .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
     };
-    if bucket.contains(['*', '?']) {
-        Some("must name one bucket, without * or ?: iam-policy would grant the pattern over every bucket it matches")
-    } else if !(3..=63).contains(&bytes.len()) {
-        Some("must be 3-63 characters, as S3 bucket names are")
+    if !(3..=63).contains(&bytes.len()) {
+        Some("must be 3-63 characters")
     } else if !bytes
         .iter()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-'))
     {
-        Some("may hold only lowercase letters, digits, '.' and '-', as S3 bucket names do")
+        Some("may hold only lowercase letters, digits, '.' and '-'")
     } else if !(bytes[0].is_ascii_alphanumeric() && bytes[bytes.len() - 1].is_ascii_alphanumeric())
     {
-        Some("must begin and end with a letter or a digit, as S3 bucket names do")
+        Some("must begin and end with a letter or a digit")
     } else if bucket.contains("..") {
-        Some("must not hold two adjacent dots, as S3 bucket names do not")
+        Some("must not hold two adjacent dots")
     } else if ip_like {
-        Some("must not be formatted as an IP address, as S3 bucket names are not")
+        Some("must not be formatted as an IP address")
     } else if RESERVED_PREFIXES.iter().any(|p| bucket.starts_with(p)) {
         Some("must not begin with xn--, sthree- or amzn-s3-demo-, which S3 reserves")
     } else if RESERVED_SUFFIXES.iter().any(|s| bucket.ends_with(s)) {
-        Some("must not end with -s3alias, --ol-s3, .mrap, --x-s3 or --table-s3, which S3 reserves for access points, Multi-Region Access Points, directory and table buckets: name a general purpose bucket")
+        Some("must not end with -s3alias, --ol-s3, .mrap, --x-s3 or --table-s3, which S3 reserves for access points, Multi-Region Access Points, directory and table buckets (name a general purpose bucket)")
     } else {
         None
     }
@@ -998,8 +1076,8 @@ fn bucket_name_problem(bucket: &str) -> Option<&'static str> {
 
 /// Query parameters sqlx's PostgreSQL driver reads (`PgConnectOptions::parse_from_url`,
 /// sqlx-postgres 0.8), besides `options[NAME]`. It ignores any other with a warning that
-/// logs the value: a libpq `sslpassword`, or a misspelled `passwrod`, would reach the
-/// journal.
+/// logs the value (a libpq `sslpassword`, or a misspelled `passwrod`, would reach the
+/// journal), so [`postgres_url_for_driver`] leaves the others out of the URL it is given.
 const POSTGRES_URL_PARAMETERS: &[&str] = &[
     "sslmode",
     "ssl-mode",
@@ -1021,36 +1099,67 @@ const POSTGRES_URL_PARAMETERS: &[&str] = &[
     "options",
 ];
 
-/// A PostgreSQL URL whose secrets can be told apart (see [`redact_url`]) and whose query
-/// holds only parameters the driver reads.
+/// A PostgreSQL URL whose secrets can be told apart (see [`redact_url`]). Query
+/// parameters the driver does not read are not refused (libpq's `connect_timeout` or
+/// `target_session_attrs` worked before, ignored): [`Config::load`] leaves them out.
 fn check_postgres_url(url: &str) -> Result<(), ConfigError> {
-    let field = "state.database_url";
     let (_, rest) = split_scheme(url);
     if split_userinfo(rest).is_none() {
         return Err(invalid(
-            field,
+            "state.database_url",
             "holds an @ after the host's end: percent-encode /, ?, #, and @ in the user, password and query values (%2F, %3F, %23, %40); as written, the driver would read part of the password as the host or the path",
         ));
     }
-    for (key, _) in query_pairs(url) {
+    Ok(())
+}
+
+/// `url`, a PostgreSQL URL, as its driver (sqlx) is to be given it: without the query
+/// parameters it does not read, which it would log with their values. Also the names of
+/// those left out, for a warning: a name is shown only when written as one (`name=…`, of
+/// unreserved characters, at most 64), else as `REDACTED`, since a pair without `=` or
+/// with an odd key may be a pasted secret. Any other URL is returned as it is.
+pub fn postgres_url_for_driver(url: &str) -> (String, Vec<String>) {
+    if !crate::ledger::is_postgres(url) {
+        return (url.to_string(), Vec::new());
+    }
+    let (before_fragment, fragment) = match url.split_once('#') {
+        Some((before, fragment)) => (before, Some(fragment)),
+        None => (url, None),
+    };
+    let Some((base, query)) = before_fragment.split_once('?') else {
+        return (url.to_string(), Vec::new());
+    };
+    let mut kept = Vec::new();
+    let mut left_out: Vec<String> = Vec::new();
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let key = pair.split_once('=').map_or(pair, |(key, _)| key);
         let name = decode_form(key);
         if POSTGRES_URL_PARAMETERS.contains(&name.as_str()) || name.starts_with("options[") {
-            continue;
-        }
-        let what = if name.eq_ignore_ascii_case("sslpassword") {
-            "sslpassword, a libpq parameter the driver (sqlx) does not read: give sslkey a key file without a passphrase, readable only by the service, and remove sslpassword"
+            kept.push(pair);
         } else {
-            "a query parameter the driver (sqlx) does not read (shown as REDACTED): remove it; the driver reads sslmode, sslrootcert, sslcert, sslkey, host, hostaddr, port, dbname, user, password, application_name, options and statement-cache-capacity"
-        };
-        return Err(invalid(
-            field,
-            format!(
-                "{:?} holds {what}; the driver would ignore it and write its value to the log",
-                redact_url(url)
-            ),
-        ));
+            let shown = if pair.contains('=') && plain(key) && key.len() <= 64 {
+                key
+            } else {
+                REDACTED
+            };
+            if !left_out.iter().any(|name| name == shown) {
+                left_out.push(shown.to_string());
+            }
+        }
     }
-    Ok(())
+    if left_out.is_empty() {
+        return (url.to_string(), left_out);
+    }
+    let mut driven = base.to_string();
+    if !kept.is_empty() {
+        driven.push('?');
+        driven.push_str(&kept.join("&"));
+    }
+    if let Some(fragment) = fragment {
+        driven.push('#');
+        driven.push_str(fragment);
+    }
+    (driven, left_out)
 }
 
 /// What stands in for a secret in a printed URL.
@@ -1184,18 +1293,6 @@ fn split_userinfo(rest: &str) -> Option<(Option<&str>, &str)> {
         Some(at) if at < host_end => Some((Some(&rest[..at]), &rest[at + 1..])),
         Some(_) => None,
     }
-}
-
-/// The `key=value` pairs of `url`'s query, undecoded, as a URL parser splits them.
-fn query_pairs(url: &str) -> impl Iterator<Item = (&str, &str)> {
-    let before_fragment = url.split('#').next().unwrap_or_default();
-    before_fragment
-        .split_once('?')
-        .map(|(_, query)| query)
-        .unwrap_or_default()
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
 }
 
 /// One `key=value` of a query as [`redact_url`] prints it.
@@ -1480,23 +1577,13 @@ mod tests {
     }
 
     #[test]
-    fn postgres_parameters_the_driver_would_log_are_refused_without_their_value() {
-        for (url, names) in [
-            ("postgres://u@h/kvs?sslpassword=hunter2", "sslpassword"),
-            ("postgres://u@h/kvs?passwrod=hunter2", "does not read"),
-            ("postgres://u@h/kvs?Password=hunter2", "does not read"),
-            ("postgres://u:hun/ter2@h/kvs", "percent-encode"),
-        ] {
-            let mut config = valid();
-            config.state.database_url = url.into();
-            let err = refusal(&config);
-            assert!(
-                err.contains("state.database_url") && err.contains(names),
-                "{url}: {err}"
-            );
-            assert!(!err.contains("hunter2") && !err.contains("ter2"), "{err}");
-        }
+    fn postgres_parameters_the_driver_does_not_read_are_accepted() {
+        // Configurations that worked before issue 20 (the driver ignored these) still do.
         for url in [
+            "postgres://u@h/kvs?sslpassword=hunter2",
+            "postgres://u@h/kvs?passwrod=hunter2",
+            "postgres://u@h/kvs?Password=hunter2",
+            "postgres://u:pw@h/kvs?connect_timeout=10&target_session_attrs=read-write",
             "postgres://u:pw@h:5432/kvs?password=x&sslmode=verify-full&sslrootcert=/ca.pem",
             "postgresql://u@h/kvs?options[statement_timeout]=5s&application_name=a",
         ] {
@@ -1504,6 +1591,119 @@ mod tests {
             config.state.database_url = url.into();
             config.validate().expect(url);
         }
+        // Still refused: where the password ends cannot be told.
+        let mut config = valid();
+        config.state.database_url = "postgres://u:hun/ter2@h/kvs".into();
+        let err = refusal(&config);
+        assert!(
+            err.starts_with("config: state.database_url: ") && err.contains("percent-encode"),
+            "{err}"
+        );
+        assert!(!err.contains("ter2"), "{err}");
+    }
+
+    #[test]
+    fn the_driver_is_given_only_the_parameters_it_reads() {
+        for (url, driven, left_out) in [
+            (
+                "postgres://u@h/kvs?sslmode=verify-full&sslpassword=hunter2",
+                "postgres://u@h/kvs?sslmode=verify-full",
+                &["sslpassword"][..],
+            ),
+            (
+                "postgres://u:pw@h/kvs?connect_timeout=10&password=x&target_session_attrs=read-write",
+                "postgres://u:pw@h/kvs?password=x",
+                &["connect_timeout", "target_session_attrs"][..],
+            ),
+            (
+                "postgresql://h/kvs?passwrod=hunter2&Password=hunter2&pass%77ord=hunter2",
+                // `pass%77ord` is `password`, which the driver reads.
+                "postgresql://h/kvs?pass%77ord=hunter2",
+                &["passwrod", "Password"][..],
+            ),
+            (
+                "postgres://h/kvs?connect_timeout=1&connect_timeout=2",
+                "postgres://h/kvs",
+                &["connect_timeout"][..],
+            ),
+            // A pair without `=`, or an odd key, may be a pasted secret: not named.
+            (
+                "postgres://h/kvs?hunter2&sslmode=require",
+                "postgres://h/kvs?sslmode=require",
+                &["REDACTED"][..],
+            ),
+            (
+                "postgres://h/kvs?hun:ter2=x&app=1#frag",
+                "postgres://h/kvs#frag",
+                &["REDACTED", "app"][..],
+            ),
+        ] {
+            let (got, names) = postgres_url_for_driver(url);
+            assert_eq!(got, driven, "{url}");
+            assert_eq!(names, left_out, "{url}");
+        }
+        // What the driver reads, and any other ledger, is given as written.
+        for url in [
+            "postgres://u:pw@h:5432/kvs?password=x&sslmode=verify-full&sslrootcert=/ca.pem",
+            "postgresql://u@h/kvs?options[statement_timeout]=5s&application_name=a&options=-c%20x%3D1",
+            "postgres://u@h/kvs?ssl%6Dode=require",
+            "postgres://u@h/kvs",
+            "sqlite:///var/lib/kvs-archiver/state.db?mode=rwc&x=1",
+        ] {
+            assert_eq!(postgres_url_for_driver(url), (url.to_string(), vec![]));
+        }
+    }
+
+    /// Standard error of a process, for a test: what the fmt subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_loaded_ledger_url_leaves_out_what_the_driver_would_log_and_warns_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(
+            &dir,
+            "[state]\ndatabase_url = \"postgres://u:pw@h/kvs?connect_timeout=10&sslpassword=hunter2&sslmode=require\"\n[destination]\ndirectory = \"/tmp/x\"\n",
+        );
+        let log = Captured::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let config = tracing::subscriber::with_default(subscriber, || {
+            Config::load(Some(&path)).expect("loads")
+        });
+        let log = String::from_utf8(log.0.lock().expect("lock").clone()).expect("utf-8");
+        assert_eq!(
+            config.state.database_url,
+            "postgres://u:pw@h/kvs?sslmode=require"
+        );
+        assert!(
+            log.contains("WARN")
+                && log.contains("state.database_url")
+                && log.contains("connect_timeout, sslpassword")
+                && log.contains("sslkey a key file without a passphrase"),
+            "{log}"
+        );
+        assert!(!log.contains("hunter2") && !log.contains("=10"), "{log}");
+        assert_eq!(log.lines().count(), 1, "one warning: {log}");
+        // check-config shows what the driver is given, its password redacted.
+        let shown = config.to_redacted_toml();
+        assert!(
+            shown.contains("\"postgres://u:REDACTED@h/kvs?sslmode=require\""),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -1524,12 +1724,26 @@ mod tests {
         }
     }
 
+    /// A bucket destination in `region`, on AWS or (`endpoint`) an S3-compatible store.
+    fn with_bucket(bucket: &str, region: &str, endpoint: Option<&str>) -> Config {
+        let mut config = Config::default();
+        config.aws.region = region.into();
+        config.aws.s3_endpoint_url = endpoint.map(Into::into);
+        config.destination.bucket = Some(bucket.into());
+        config
+    }
+
+    /// Where buckets may have S3's legacy names: us-east-1, and any S3-compatible store.
+    const LEGACY_PLACES: [(&str, Option<&str>); 3] = [
+        ("us-east-1", None),
+        ("eu-west-1", Some("http://127.0.0.1:9000")),
+        ("us-east-1", Some("https://minio.example")),
+    ];
+
     #[test]
-    fn bucket_names_follow_s3s_rules() {
+    fn bucket_names_follow_s3s_current_rules_on_aws_outside_us_east_1() {
         let long = "a".repeat(64);
         for bucket in [
-            "my-b*",
-            "my-bucke?",
             "ab",
             long.as_str(),
             "My-Archive",
@@ -1547,12 +1761,12 @@ mod tests {
             "archive--use1-az4--x-s3",
             "archive--table-s3",
         ] {
-            let mut config = Config::default();
-            config.destination.bucket = Some(bucket.into());
-            let err = refusal(&config);
+            let err = refusal(&with_bucket(bucket, "eu-west-1", None));
             assert!(
                 err.starts_with("config: destination.bucket: ")
-                    && err.contains(&format!("{bucket:?}")),
+                    && err.contains(&format!("{bucket:?}"))
+                    && err.contains("aws.region = \"us-east-1\"")
+                    && err.contains("aws.s3_endpoint_url"),
                 "{bucket}: {err}"
             );
         }
@@ -1567,9 +1781,86 @@ mod tests {
             "a.b.c",
             "192.168.5.4.x",
         ] {
-            let mut config = Config::default();
-            config.destination.bucket = Some(bucket.into());
-            config.validate().expect(bucket);
+            with_bucket(bucket, "eu-west-1", None)
+                .validate()
+                .expect(bucket);
+            for (region, endpoint) in LEGACY_PLACES {
+                with_bucket(bucket, region, endpoint)
+                    .validate()
+                    .expect(bucket);
+            }
+        }
+    }
+
+    #[test]
+    fn legacy_bucket_names_are_accepted_in_us_east_1_and_on_s3_compatible_stores() {
+        // Created in us-east-1 before March 2018, or named so on a store of its own.
+        let longest = format!("Archive_{}", "x".repeat(247));
+        for bucket in [
+            "My-Archive",
+            "my_archive",
+            "CAMERAS",
+            "_archive_",
+            "-archive",
+            "archive-",
+            "my..archive",
+            "ab",
+            "a",
+            "192.168.5.4",
+            "xn--archive",
+            "archive--x-s3",
+            longest.as_str(),
+        ] {
+            for (region, endpoint) in LEGACY_PLACES {
+                with_bucket(bucket, region, endpoint)
+                    .validate()
+                    .unwrap_or_else(|e| panic!("{bucket} in {region} at {endpoint:?}: {e}"));
+            }
+        }
+        let too_long = "a".repeat(256);
+        for (bucket, says) in [
+            (too_long.as_str(), "1-255 characters"),
+            ("my+archive", "only letters, digits, '.', '-' and '_'"),
+            ("my:archive", "only letters, digits, '.', '-' and '_'"),
+            ("archivé", "only letters, digits, '.', '-' and '_'"),
+            (".", "a letter or a digit"),
+            ("..", "a letter or a digit"),
+        ] {
+            for (region, endpoint) in LEGACY_PLACES {
+                let err = refusal(&with_bucket(bucket, region, endpoint));
+                assert!(
+                    err.starts_with("config: destination.bucket: ")
+                        && err.contains(says)
+                        && err.contains("legacy naming"),
+                    "{bucket} in {region} at {endpoint:?}: {err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn no_bucket_name_holds_a_wildcard_a_slash_whitespace_or_a_control_character() {
+        for (bucket, says) in [
+            ("my-b*", "without * or ?"),
+            ("my-bucke?", "without * or ?"),
+            ("*", "without * or ?"),
+            ("my-archive/kvs", "destination.prefix"),
+            ("/my-archive", "destination.prefix"),
+            ("my archive", "whitespace or control characters"),
+            ("my-archive\n", "whitespace or control characters"),
+            ("my\tarchive", "whitespace or control characters"),
+            ("my\u{7f}archive", "whitespace or control characters"),
+            ("my\u{0}archive", "whitespace or control characters"),
+        ] {
+            for (region, endpoint) in LEGACY_PLACES.into_iter().chain([("eu-west-1", None)]) {
+                let err = refusal(&with_bucket(bucket, region, endpoint));
+                assert!(
+                    err.starts_with("config: destination.bucket: ")
+                        && err.contains(says)
+                        && err.contains(&format!("{bucket:?}")),
+                    "{bucket:?} in {region} at {endpoint:?}: {err}"
+                );
+            }
         }
     }
 
