@@ -261,7 +261,7 @@ async fn build_with(
                 clips_in_flight.div_ceil(4),
             ))
         }
-        (None, Some(dir)) => Sink::Dir(DirSink::new(dir.clone())),
+        (None, Some(dir)) => Sink::Dir(DirSink::new(dir.clone(), &config.destination.prefix)),
         (None, None) => {
             return Err(Error::Usage(
                 "destination: set bucket (S3) or directory (local files)".into(),

@@ -271,7 +271,10 @@ pub async fn export(
                 .await?
                 .map_or(0, |head| head.size),
         };
-        let limits = TrackLimits::for_object(object_len, chunk.plan.duration_ms);
+        // At least KVS's longest fragment (20 s) per fragment: a chunk restored from
+        // metadata alone may record less than its media plays.
+        let longest = u64::from(chunk.plan.fragment_count).saturating_mul(20_000);
+        let limits = TrackLimits::for_object(object_len, chunk.plan.duration_ms.max(longest));
         let track = read_track(sink, &chunk.object_key, limits).await?;
         if !track.other_tracks.is_empty() {
             left_out.push(LeftOut {
@@ -461,12 +464,12 @@ pub async fn export(
     let header = table.header();
     let total = header.len() as u64 + table.media_bytes();
     let progress = ByteProgress::new(label, total);
-    // A name of this process's own, created new: a file or link planted at a name known
-    // in advance is never written through.
+    // A name no one knows in advance, created new: a file or link planted beside the
+    // output is never written through.
     let partial = std::path::PathBuf::from(format!(
-        "{}.{}.partial",
+        "{}.{:016x}.partial",
         output.display(),
-        std::process::id()
+        fastrand::u64(..)
     ));
     let written = write_file(&partial, &header, &runs, &objects, sink, &progress, policy).await;
     progress.finish();

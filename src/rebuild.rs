@@ -53,15 +53,18 @@ impl RebuildReport {
             self.skipped.len()
         );
         for key in &self.refused {
+            let key = crate::domain::printable(key);
             text.push_str(&format!("\n  not restored {key}: a chunk of the ledger that is not done holds its range or fragments (`kvs-archiver verify` reports it)"));
         }
         for object in &self.untrusted {
             text.push_str(&format!(
                 "\n  not restored {}: its metadata cannot be this program's ({}); compare it with the object, or remove the object",
-                object.key, object.why
+                crate::domain::printable(&object.key),
+                object.why
             ));
         }
         for key in &self.skipped {
+            let key = crate::domain::printable(key);
             text.push_str(&format!(
                 "\n  skipped {key}: no kvs-archiver metadata for a configured stream"
             ));

@@ -85,7 +85,10 @@ impl VerifyReport {
             ));
         }
         for key in self.extra_objects.iter().take(20) {
-            text.push_str(&format!("\n  extra object: {key}"));
+            text.push_str(&format!(
+                "\n  extra object: {}",
+                crate::domain::printable(key)
+            ));
         }
         if self.repaired {
             text.push_str(&format!(
@@ -142,8 +145,15 @@ pub async fn verify(
     report.chunks_checked = done.len();
     let mut bad_chunks = Vec::new();
     for chunk in &done {
-        let stored = archiver.sink.inspect(&chunk.object_key).await?;
-        if let Some(problem) = check_object(chunk, stored.as_ref()) {
+        // An object the destination refuses to read (a link, a FIFO, a key it will not
+        // take) is a damaged object of the report, not the end of the check; a store that
+        // does not answer still is.
+        let problem = match archiver.sink.inspect(&chunk.object_key).await {
+            Ok(stored) => check_object(chunk, stored.as_ref()),
+            Err(e) if !e.retryability().can_retry() => Some(format!("cannot be read: {e}")),
+            Err(e) => return Err(e),
+        };
+        if let Some(problem) = problem {
             report.damaged.push(Damaged {
                 object_key: chunk.object_key.clone(),
                 chunk: chunk.id,

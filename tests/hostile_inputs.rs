@@ -384,7 +384,8 @@ async fn planted_links_are_replaced_not_written_through_and_the_umask_is_kept() 
         }
     }
 
-    // export: links at the old partial name and at the output are not written through.
+    // export: a link at the output is replaced, not written through (its partial file
+    // has a random name; the fixed name earlier versions used is left alone).
     let output = site.work.path().join("out.mp4");
     std::os::unix::fs::symlink(&victim, format!("{}.partial", output.display())).expect("link");
     std::os::unix::fs::symlink(&victim, &output).expect("link");
@@ -450,4 +451,27 @@ async fn link_loops_end_and_the_sweep_never_reaches_outside() {
         "{}",
         text(&out)
     );
+}
+
+/// Finding 7's neighbour: a FIFO planted where an object and a side file should be
+/// would block a plain open forever; `verify` reports the object instead, and finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_in_place_of_an_object_is_reported_not_waited_on() {
+    let (spec, start, end) = camera("cam");
+    let (site, objects) = Site::archived(spec, start, end).await;
+    let mut paths = objects.values();
+    let object = paths.next().expect("an object");
+    let sidecar_of = paths.next().expect("a second object");
+    let sidecar = PathBuf::from(format!("{}.json", sidecar_of.display()));
+    for path in [object, &sidecar] {
+        std::fs::remove_file(path).expect("removed");
+        let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: mkfifo reads the NUL-terminated path it is given.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0, "mkfifo");
+    }
+    let out = site.run(&["verify", "--stream", "cam"]).await;
+    assert_no_panic(&out);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("not a regular file"), "{}", text(&out));
 }

@@ -379,6 +379,13 @@ fn wrong_tokens_past_ten_a_minute_are_answered_429_with_retry_after() {
     let work = tempfile::tempdir().expect("tempdir");
     let server = Server::start(&empty_archive(work.path()), Some(TOKEN));
     let right = format!("Bearer {TOKEN}");
+    // A browser that signed in before the guessing began.
+    let opened = server.get(&format!("/?token={TOKEN}"), &[]);
+    let session = opened
+        .header("set-cookie")
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_string();
     for _ in 0..15 {
         assert_eq!(server.get("/", &[]).status, 401);
     }
@@ -403,6 +410,9 @@ fn wrong_tokens_past_ten_a_minute_are_answered_429_with_retry_after() {
         assert!((1..=60).contains(&wait), "{wait}");
         assert_security_headers(&reply);
     }
+    // Someone else's guesses (behind a proxy, every client's address is the proxy's)
+    // never lock out a browser already signed in.
+    assert_eq!(server.get("/", &[("Cookie", &session)]).status, 200);
     assert!(
         server.stderr().contains("wrong tokens within a minute"),
         "{}",

@@ -27,6 +27,9 @@ const MAX_SIDECAR_BYTES: u64 = 64 * 1024;
 
 pub struct DirSink {
     root: PathBuf,
+    /// `destination.prefix`: the root and the prefix are the operator's configuration,
+    /// where links are followed; below them, none is.
+    prefix: String,
 }
 
 pub struct DirUpload {
@@ -58,7 +61,9 @@ fn io_error(op: &'static str, path: &Path, e: std::io::Error) -> Error {
         Some(libc::EEXIST) => " (a file is already there: remove it if it is not an object this program wrote)",
         _ => "",
     };
-    let retry = if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::EEXIST)) {
+    let retry = if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::EEXIST))
+        || e.kind() == std::io::ErrorKind::InvalidInput
+    {
         Retryability::Permanent
     } else {
         retry
@@ -80,12 +85,23 @@ fn refused(key: &str, why: &str) -> Error {
     }
 }
 
-/// Opens `path` for reading without following a link at its last component.
+/// Opens the regular file at `path` for reading, without following a link at its last
+/// component. `O_NONBLOCK`: a FIFO planted there would otherwise block the open forever;
+/// it is refused, as is anything else that is not a regular file (for which the flag
+/// changes nothing).
 fn open_no_follow(path: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)?;
+    if file.metadata()?.is_file() {
+        Ok(file)
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a FIFO, device or directory stands where an object should be)",
+        ))
+    }
 }
 
 /// Creates `path`, which must not exist, owner-only, without following a link there.
@@ -132,9 +148,11 @@ fn read_metadata(path: &Path) -> std::collections::BTreeMap<String, String> {
 }
 
 /// Every regular file under `start`, depth first, never through a link: `(path, size,
-/// modified)`. A missing start is an empty tree.
+/// modified)`. A missing start is an empty tree. Links met on the way are logged, once
+/// per walk, so an archive spread by links is not silently half-read.
 fn walk_files(start: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
     let mut files = Vec::new();
+    let mut links = Vec::new();
     let mut dirs = vec![start.to_path_buf()];
     while let Some(dir) = dirs.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -147,6 +165,8 @@ fn walk_files(start: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
             };
             if kind.is_dir() {
                 dirs.push(entry.path());
+            } else if kind.is_symlink() {
+                links.push(entry.path());
             } else if kind.is_file() {
                 if let Ok(meta) = entry.metadata() {
                     files.push((entry.path(), meta));
@@ -154,12 +174,22 @@ fn walk_files(start: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
             }
         }
     }
+    if let Some(first) = links.first() {
+        tracing::warn!(
+            links = links.len(),
+            first = %first.display(),
+            "symbolic links in the directory destination were not followed (use directories, or bind mounts for other disks)"
+        );
+    }
     files
 }
 
 impl DirSink {
-    pub fn new(root: PathBuf) -> Self {
-        DirSink { root }
+    pub fn new(root: PathBuf, prefix: &str) -> Self {
+        DirSink {
+            root,
+            prefix: prefix.to_string(),
+        }
     }
 
     pub fn describe(&self) -> String {
@@ -170,19 +200,33 @@ impl DirSink {
     /// between the root and the file is a link. Directories not there yet are fine: they
     /// are created as real directories.
     pub fn path_of(&self, key: &str) -> Result<PathBuf> {
-        if !is_object_key(key) {
+        if !is_object_key(key) || !key.starts_with(&self.prefix) {
             return Err(refused(
                 key,
-                "not an object key this program writes (relative parts, no `.` or `..`, ending in .mp4 or .mkv): refused before it became a path",
+                "not an object key this program writes (under destination.prefix, relative parts, no `.` or `..`, ending in .mp4 or .mkv): refused before it became a path",
             ));
         }
-        self.no_links_below_root(Path::new(key).parent())?;
+        self.no_links_below_prefix(Path::new(&key[self.prefix.len()..]).parent())?;
         Ok(self.root.join(key))
     }
 
-    /// Errs if a directory on the way from the root down `relative` is a symbolic link.
-    fn no_links_below_root(&self, relative: Option<&Path>) -> Result<()> {
-        let mut at = self.root.clone();
+    /// Where a walk of `prefix` (the destination's prefix, or a folder below it) starts,
+    /// once no folder below the destination's prefix on the way is a link.
+    fn walk_start(&self, prefix: &str) -> Result<PathBuf> {
+        let below = prefix
+            .strip_prefix(&self.prefix)
+            .ok_or_else(|| refused(prefix, "not under destination.prefix: not walked"))?;
+        if below.split('/').any(|part| part == "..") {
+            return Err(refused(prefix, "a `..` part: not walked"));
+        }
+        self.no_links_below_prefix(Some(Path::new(below)))?;
+        Ok(self.root.join(prefix))
+    }
+
+    /// Errs if a directory on the way from the root and prefix (the operator's own
+    /// configuration, links allowed) down `relative` is a symbolic link.
+    fn no_links_below_prefix(&self, relative: Option<&Path>) -> Result<()> {
+        let mut at = self.root.join(&self.prefix);
         for part in relative.into_iter().flat_map(Path::components) {
             let Component::Normal(part) = part else {
                 return Err(refused(
@@ -198,7 +242,7 @@ impl DirSink {
                     return Err(Error::Sink {
                         op: "resolve",
                         target: at.display().to_string(),
-                        message: "is a symbolic link: the directory destination never follows links below its root; replace it with a directory".into(),
+                        message: "is a symbolic link: the directory destination never follows links below destination.directory and destination.prefix (anyone who can write there could point one anywhere); replace it with a directory, or a bind mount for another disk".into(),
                         retry: Retryability::Permanent,
                     })
                 }
@@ -224,6 +268,14 @@ impl DirSink {
         let _ = std::fs::remove_file(&probe);
         create_new(&probe).map_err(|e| io_error("create", &probe, e))?;
         let _ = std::fs::remove_file(&probe);
+        // A stream's folder that is a link (an archive spread over disks, say) would make
+        // every upload of the stream fail: said at start, not chunk by chunk.
+        let streams = self.root.join(&self.prefix);
+        for entry in std::fs::read_dir(&streams).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_symlink()) {
+                self.no_links_below_prefix(Some(Path::new(&entry.file_name())))?;
+            }
+        }
         Ok(())
     }
 
@@ -243,7 +295,7 @@ impl DirSink {
                 .map_err(|e| io_error("create directory", parent, e))?;
         }
         // A link swapped in while the directories were made is caught here.
-        self.no_links_below_root(Path::new(key).parent())?;
+        self.no_links_below_prefix(Path::new(&key[self.prefix.len()..]).parent())?;
         // Owner-only while partial; the finished object gets the umask's mode.
         let file = create_new(&partial).map_err(|e| io_error("create", &partial, e))?;
         Ok(DirUpload {
@@ -261,10 +313,9 @@ impl DirSink {
     /// writes to its file all the time, so only a killed process's file gets that old.
     /// The walk runs on a blocking thread and never follows a link.
     pub async fn sweep_orphans(&self, prefix: &str, min_age: std::time::Duration) -> usize {
-        if self.no_links_below_root(Some(Path::new(prefix))).is_err() {
+        let Ok(start) = self.walk_start(prefix) else {
             return 0;
-        }
-        let start = self.root.join(prefix);
+        };
         let walk = tokio::task::spawn_blocking(move || {
             let mut removed = 0;
             for (path, meta) in walk_files(&start) {
@@ -335,15 +386,7 @@ impl DirSink {
     pub async fn head(&self, key: &str) -> Result<Option<super::ObjectHead>> {
         let path = self.path_of(key)?;
         let size = match open_no_follow(&path).and_then(|file| file.metadata()) {
-            Ok(m) if m.is_file() => m.len(),
-            Ok(_) => {
-                return Err(Error::Sink {
-                    op: "stat",
-                    target: path.display().to_string(),
-                    message: "is not a regular file".into(),
-                    retry: Retryability::Permanent,
-                })
-            }
+            Ok(m) => m.len(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_error("stat", &path, e)),
         };
@@ -379,9 +422,8 @@ impl DirSink {
     /// The object keys under `prefix`: regular files that are object keys, found by a
     /// walk on a blocking thread that never follows a link.
     pub async fn list_keys(&self, prefix: &str) -> Result<Vec<String>> {
-        self.no_links_below_root(Some(Path::new(prefix)))?;
         let root = self.root.clone();
-        let start = self.root.join(prefix);
+        let start = self.walk_start(prefix)?;
         let walk = tokio::task::spawn_blocking(move || {
             walk_files(&start)
                 .into_iter()
@@ -505,7 +547,7 @@ mod tests {
         let outside = work.path().join("outside");
         std::fs::create_dir_all(root.join("kvs")).expect("root");
         std::fs::create_dir_all(&outside).expect("outside");
-        let sink = DirSink::new(root.clone());
+        let sink = DirSink::new(root.clone(), "kvs/");
         for key in [
             "kvs/../../outside/x.mp4",
             "/tmp/x.mp4",
@@ -538,7 +580,7 @@ mod tests {
     #[tokio::test]
     async fn an_upload_lands_whole_under_its_key_and_nothing_else_is_listed() {
         let work = tempfile::tempdir().expect("tempdir");
-        let sink = DirSink::new(work.path().to_path_buf());
+        let sink = DirSink::new(work.path().to_path_buf(), "kvs/");
         let mut upload = sink
             .begin(
                 "kvs/cam/x.mp4",

@@ -347,17 +347,25 @@ pub(super) async fn authorize(
             .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |c| c.0.ip()),
     );
     let now = Instant::now();
+    let headers = request.headers();
+    let cookie = session_cookie(headers);
+    let session = cookie.map(|c| access.check(c, now_unix()));
+    // A valid session passes before the limiter: its cookie is signed with a key no
+    // client knows, so it helps no guesser, and a browser already signed in is never
+    // locked out by someone else's wrong guesses (behind a proxy all share one address).
+    if session == Some(Session::Valid) {
+        return next.run(request).await;
+    }
+    // A token, even the right one, waits out the limit: answering the right guess during
+    // it would let guessing go on unlimited.
     if let Some(wait) = access.wait(client, now) {
         return too_many(wait);
     }
-    let headers = request.headers();
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let cookie = session_cookie(headers);
-    let session = cookie.map(|c| access.check(c, now_unix()));
-    if bearer.is_some_and(|b| same_token(b, token)) || session == Some(Session::Valid) {
+    if bearer.is_some_and(|b| same_token(b, token)) {
         return next.run(request).await;
     }
     let query: HashMap<String, String> = request

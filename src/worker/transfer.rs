@@ -420,6 +420,11 @@ impl Archiver {
             upload.abort().await;
             return Err(e);
         }
+        // No body is written past what it can hold: the MP4 header's length, or for
+        // Matroska twice the listed fragment sizes and 16 MiB (a body without end would
+        // otherwise fill the destination).
+        let most = expected_len
+            .unwrap_or_else(|| chunk.plan.bytes.saturating_mul(2).saturating_add(16 << 20));
         let mut received = head.len() as u64;
         let mut recorded_upload = false;
         let mut renewed = std::time::Instant::now();
@@ -467,6 +472,21 @@ impl Archiver {
             match piece {
                 Ok(Some(bytes)) => {
                     received += bytes.len() as u64;
+                    if received > most {
+                        upload.abort().await;
+                        return Err(Error::Clip {
+                            key,
+                            message: format!(
+                                "body runs past {most} bytes, more than {}: stopped, nothing kept",
+                                if expected_len.is_some() {
+                                    "the MP4 header says"
+                                } else {
+                                    "its fragments' listed sizes allow"
+                                }
+                            ),
+                            retry: Retryability::Transient,
+                        });
+                    }
                     next = Some(bytes);
                 }
                 Ok(None) => break,
