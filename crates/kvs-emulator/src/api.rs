@@ -6,7 +6,7 @@ use crate::error::ApiError;
 use crate::log::RequestRecord;
 use crate::media::gop;
 use crate::mp4::clip_header;
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::stream::{Fragment, StreamState, TimestampKind};
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode};

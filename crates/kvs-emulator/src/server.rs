@@ -5,8 +5,9 @@ use crate::api;
 use crate::config::{EmulatorConfig, Faults, StreamSpec};
 use crate::error::ApiError;
 use crate::log::RequestRecord;
-use crate::sigv4::{self, Credentials};
-use crate::stream::{Fragment, StreamState, TimestampKind};
+use crate::sigv4;
+use crate::state::Shared;
+use crate::stream::{Fragment, TimestampKind};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
@@ -14,112 +15,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Serialize;
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use tokio::sync::oneshot;
-
-/// State shared by every request.
-pub struct Shared {
-    pub base_url: String,
-    pub seed: u64,
-    credentials: Credentials,
-    region: String,
-    account_id: String,
-    streams: Mutex<HashMap<String, StreamState>>,
-    log: Mutex<Vec<RequestRecord>>,
-    rng: Mutex<u64>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock leaves plain data behind; keep serving it.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-impl Shared {
-    pub fn lock_streams(&self) -> MutexGuard<'_, HashMap<String, StreamState>> {
-        lock(&self.streams)
-    }
-
-    pub fn now_ms(&self) -> i64 {
-        chrono::Utc::now().timestamp_millis()
-    }
-
-    fn random(&self) -> f64 {
-        let mut state = lock(&self.rng);
-        *state ^= *state << 13;
-        *state ^= *state >> 7;
-        *state ^= *state << 17;
-        (*state >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    pub fn add_stream(&self, spec: StreamSpec) -> Result<String, ApiError> {
-        spec.validate().map_err(ApiError::invalid_argument)?;
-        let now = self.now_ms();
-        let mut streams = self.lock_streams();
-        if streams.contains_key(&spec.name) {
-            return Err(ApiError::resource_in_use(format!(
-                "The stream {} already exists.",
-                spec.name
-            )));
-        }
-        let name = spec.name.clone();
-        let mut stream = StreamState::new(spec, &self.region, &self.account_id, now);
-        stream.advance(now);
-        let arn = stream.arn.clone();
-        streams.insert(name, stream);
-        Ok(arn)
-    }
-
-    /// Fails a data-plane request when the stream's failure faults say so.
-    pub fn inject_internal_failure(&self, name: &str) -> Result<(), ApiError> {
-        let roll = self.random();
-        let mut streams = self.lock_streams();
-        let Some(stream) = streams.get_mut(name) else {
-            return Ok(());
-        };
-        if stream.faults.expired_tokens_next > 0 {
-            stream.faults.expired_tokens_next -= 1;
-            return Err(ApiError::expired_token());
-        }
-        if stream.faults.internal_failures_next > 0 {
-            stream.faults.internal_failures_next -= 1;
-            return Err(ApiError::internal_failure());
-        }
-        if roll < stream.faults.internal_failure_rate {
-            return Err(ApiError::internal_failure());
-        }
-        Ok(())
-    }
-
-    /// Whether this GetClip body is to stall part-way.
-    pub fn take_stall(&self, name: &str) -> bool {
-        let mut streams = self.lock_streams();
-        match streams.get_mut(name) {
-            Some(stream) if stream.faults.stalls_next > 0 => {
-                stream.faults.stalls_next -= 1;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Whether this GetClip body is to be cut off.
-    pub fn take_reset(&self, name: &str) -> bool {
-        let roll = self.random();
-        let mut streams = self.lock_streams();
-        let Some(stream) = streams.get_mut(name) else {
-            return false;
-        };
-        if stream.faults.resets_next > 0 {
-            stream.faults.resets_next -= 1;
-            return true;
-        }
-        roll < stream.faults.reset_rate
-    }
-}
 
 /// A fragment as tests see it: the ground truth to compare archives against.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -161,19 +59,7 @@ impl Emulator {
     pub async fn start_on(config: EmulatorConfig, addr: SocketAddr) -> std::io::Result<Emulator> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared {
-            base_url: format!("http://{addr}"),
-            seed: config.seed,
-            credentials: Credentials {
-                access_key_id: config.access_key_id.clone(),
-                secret_access_key: config.secret_access_key.clone(),
-            },
-            region: config.region.clone(),
-            account_id: config.account_id.clone(),
-            streams: Mutex::new(HashMap::new()),
-            log: Mutex::new(Vec::new()),
-            rng: Mutex::new(config.seed | 1),
-        });
+        let shared = Arc::new(Shared::new(&config, format!("http://{addr}")));
         for spec in config.streams {
             shared
                 .add_stream(spec)
@@ -223,11 +109,11 @@ impl Emulator {
 
     /// Every request served so far, oldest first.
     pub fn requests(&self) -> Vec<RequestRecord> {
-        lock(&self.shared.log).clone()
+        self.shared.requests()
     }
 
     pub fn clear_requests(&self) {
-        lock(&self.shared.log).clear();
+        self.shared.clear_requests();
     }
 
     /// The stream's fragments that exist now (within retention), oldest first.
@@ -338,7 +224,7 @@ async fn dispatch(
         truncated = record.truncated,
         "request"
     );
-    lock(&shared.log).push(record);
+    shared.record(record);
     response
 }
 
@@ -395,10 +281,10 @@ async fn admin_fragments(State(shared): State<Arc<Shared>>, Path(name): Path<Str
 }
 
 async fn admin_requests(State(shared): State<Arc<Shared>>) -> Response {
-    Json(lock(&shared.log).clone()).into_response()
+    Json(shared.requests()).into_response()
 }
 
 async fn admin_clear_requests(State(shared): State<Arc<Shared>>) -> Response {
-    lock(&shared.log).clear();
+    shared.clear_requests();
     StatusCode::NO_CONTENT.into_response()
 }
