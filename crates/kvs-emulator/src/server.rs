@@ -6,7 +6,7 @@ use crate::config::{EmulatorConfig, Faults, StreamSpec};
 use crate::error::ApiError;
 use crate::log::RequestRecord;
 use crate::sigv4;
-use crate::state::Shared;
+use crate::state::{wall_clock_ms, Shared};
 use crate::stream::{Fragment, TimestampKind};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -93,6 +93,21 @@ impl Emulator {
 
     pub fn add_stream(&self, spec: StreamSpec) -> Result<String, ApiError> {
         self.shared.add_stream(spec)
+    }
+
+    /// Stops the emulated clock at its current reading and returns it (epoch ms). A live
+    /// stream then grows only as [`Emulator::advance_clock`] moves the clock, so a test
+    /// decides exactly which fragments exist at each request. SigV4 keeps using the host's
+    /// clock.
+    pub fn freeze_clock(&self) -> i64 {
+        self.shared.freeze_clock()
+    }
+
+    /// Moves the emulated clock forward by `by` (stopping it first if it runs) and returns
+    /// the new reading (epoch ms). Fragments that end by then appear; old ones may expire.
+    pub fn advance_clock(&self, by: std::time::Duration) -> i64 {
+        self.shared
+            .advance_clock(i64::try_from(by.as_millis()).unwrap_or(i64::MAX))
     }
 
     /// Changes a stream's faults while the emulator runs.
@@ -198,7 +213,9 @@ async fn dispatch(
             &uri,
             &headers,
             &body,
-            shared.now_ms() / 1000,
+            // Clients sign with the host's clock, so signatures are checked against it
+            // even when a test has stopped or moved the emulated one.
+            wall_clock_ms() / 1000,
         )
         .err(),
         _ => Some(ApiError::unknown_operation()),

@@ -29,6 +29,8 @@ pub struct Shared {
     log: Mutex<Vec<RequestRecord>>,
     /// xorshift state behind the failure and reset rates.
     rng: Mutex<u64>,
+    /// Where the emulator's clock stands when a test has stopped it; `None`: the wall clock.
+    frozen_ms: Mutex<Option<i64>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -36,6 +38,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The host's clock, epoch milliseconds: what SDK clients sign their requests with.
+pub(crate) fn wall_clock_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
 }
 
 impl Shared {
@@ -54,6 +61,7 @@ impl Shared {
             log: Mutex::new(Vec::new()),
             // xorshift never leaves an all-zero state, so the seed is made odd.
             rng: Mutex::new(config.seed | 1),
+            frozen_ms: Mutex::new(None),
         }
     }
 
@@ -61,8 +69,23 @@ impl Shared {
         lock(&self.streams)
     }
 
+    /// The emulated service's clock, epoch milliseconds: the wall clock unless a test has
+    /// stopped it. Fragments appear, expire and are listed by this clock.
     pub fn now_ms(&self) -> i64 {
-        chrono::Utc::now().timestamp_millis()
+        lock(&self.frozen_ms).unwrap_or_else(wall_clock_ms)
+    }
+
+    /// Stops the clock at its current reading and returns it.
+    pub(crate) fn freeze_clock(&self) -> i64 {
+        *lock(&self.frozen_ms).get_or_insert_with(wall_clock_ms)
+    }
+
+    /// Moves the clock on by `by_ms`, stopping it first if it runs; returns the new reading.
+    pub(crate) fn advance_clock(&self, by_ms: i64) -> i64 {
+        let mut frozen = lock(&self.frozen_ms);
+        let now = frozen.unwrap_or_else(wall_clock_ms) + by_ms;
+        *frozen = Some(now);
+        now
     }
 
     /// Appends a served request to the log.
