@@ -363,6 +363,71 @@ async fn list_fragments_pages_2500_fragments_unordered_without_loss() {
 }
 
 #[tokio::test]
+async fn pages_of_a_growing_live_stream_list_each_fragment_once_and_miss_none() {
+    let emu = emulator(Vec::new()).await;
+    // The clock stops before the stream exists, so the test alone decides when fragments
+    // arrive: 30 s of 1 s fragments now, one more for every second the clock moves.
+    let first_page_at = emu.freeze_clock();
+    let mut spec = StreamSpec::live("growing");
+    spec.backlog = std::time::Duration::from_secs(30);
+    spec.fragment_durations_ms = vec![1000];
+    emu.add_stream(spec).expect("stream added");
+    let client = media_client(&emu);
+    // An end an hour ahead keeps every fragment that arrives during the listing in range,
+    // as the archiver's window does when it reaches the live edge.
+    let (start, end) = (0, first_page_at + 3_600_000);
+
+    let single = list_all(&client, "growing", start, end, 1000).await;
+    assert_eq!(single.len(), 1, "one page holds the whole listing");
+    let expected: HashSet<String> = single.into_iter().flatten().collect();
+    assert_eq!(expected.len(), 30);
+
+    let mut pages: Vec<Vec<String>> = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let request = client
+            .list_fragments()
+            .stream_name("growing")
+            .max_results(4);
+        let request = match &token {
+            Some(t) => request.next_token(t),
+            None => request.fragment_selector(server_range(start, end)),
+        };
+        let out = request.send().await.expect("ListFragments succeeds");
+        pages.push(
+            out.fragments()
+                .iter()
+                .filter_map(|f| f.fragment_number().map(str::to_string))
+                .collect(),
+        );
+        let Some(next) = out.next_token() else { break };
+        token = Some(next.to_string());
+        // Three fragments arrive, all inside the listing's range, before the next page.
+        emu.advance_clock(std::time::Duration::from_secs(3));
+    }
+
+    let listed: Vec<String> = pages.iter().flatten().cloned().collect();
+    let unique: HashSet<String> = listed.iter().cloned().collect();
+    assert_eq!(unique.len(), listed.len(), "no fragment listed twice");
+    assert_eq!(
+        unique, expected,
+        "exactly the set of the first page's moment"
+    );
+    assert_eq!(pages.len(), 8, "30 fragments, 4 a page");
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_ne!(listed, sorted, "pages are in no specific order");
+    let grown = emu.fragments("growing").len();
+    assert_eq!(grown, 30 + 7 * 3, "the stream grew between the pages");
+    let later = list_all(&client, "growing", start, end, 1000).await;
+    assert_eq!(
+        later.concat().len(),
+        grown,
+        "a new listing sees what arrived"
+    );
+}
+
+#[tokio::test]
 async fn list_fragments_refuses_bad_arguments_like_aws() {
     let mut short = historical("short", 10, 2000);
     short.data_retention_hours = 1;
