@@ -1,7 +1,7 @@
 //! The KVS operations: request and response shapes of the service models (rest-json,
 //! PascalCase members, timestamps as epoch seconds) and their semantics.
 
-use crate::config::StreamSpec;
+use crate::config::{Faults, StreamSpec};
 use crate::error::ApiError;
 use crate::log::RequestRecord;
 use crate::media::gop;
@@ -616,7 +616,7 @@ fn order_key(seed: u64, number: &str) -> u64 {
 /// The `malformed_listings_next` fault: HTTP 200 whose body is not the model's JSON,
 /// cut-off JSON and an empty body by turns.
 fn malformed_listing(left: u32) -> Response {
-    let body = if left % 2 == 0 {
+    let body = if left.is_multiple_of(2) {
         "{\"Fragments\": [{\"FragmentNumber\": "
     } else {
         ""
@@ -698,96 +698,11 @@ async fn get_clip(
     record.start_ms = Some(selector.start_ms);
     record.end_ms = Some(selector.end_ms);
     let now = shared.now_ms();
-    let (fragments, selected, faults) = {
-        let mut streams = shared.lock_streams();
-        let stream = streams
-            .get_mut(&name)
-            .ok_or_else(ApiError::stream_not_found)?;
-        if stream.spec.data_retention_hours == 0 {
-            return Err(ApiError::no_data_retention());
-        }
-        if stream.spec.media_type != "video/h264" {
-            return Err(ApiError::unsupported_media_type(&stream.spec.media_type));
-        }
-        if selector.end_ms <= selector.start_ms {
-            return Err(ApiError::invalid_argument(
-                "EndTimestamp must be later than StartTimestamp.",
-            ));
-        }
-        if selector.end_ms - selector.start_ms > MAX_CLIP_RANGE_MS {
-            return Err(ApiError::invalid_argument(
-                "The time range between StartTimestamp and EndTimestamp must not exceed 24 hours.",
-            ));
-        }
-        if selector.kind == TimestampKind::Server && selector.end_ms > now {
-            return Err(ApiError::invalid_argument(
-                "EndTimestamp must be in the past for SERVER_TIMESTAMP selectors.",
-            ));
-        }
-        stream.advance(now);
-        check_retention(stream, selector.kind, selector.end_ms, now)?;
-        let mut selected = stream.select(selector.kind, selector.start_ms, selector.end_ms);
-        if selector.kind == TimestampKind::Producer {
-            // "Duplicate producer timestamps are deduplicated ... only the oldest ingested
-            // collection of fragments are returned" (ClipFragmentSelector).
-            selected.sort_by(|a, b| {
-                a.producer_ms
-                    .cmp(&b.producer_ms)
-                    .then_with(|| a.number.cmp(&b.number))
-            });
-            selected.dedup_by(|later, first| later.producer_ms == first.producer_ms);
-        }
-        let faults = stream.faults.clone();
-        // Over the caps, KVS returns "the first 100 MB or the first 200 fragments" with
-        // HTTP 200 and no sign of the cut: whole fragments from the start, up to the caps.
-        let mut served = Vec::new();
-        let mut bytes = 0u64;
-        for f in &selected {
-            let size = f.layout.media_bytes();
-            if served.len() as u32 >= faults.max_clip_fragments
-                || (!served.is_empty() && bytes + size > faults.max_clip_bytes)
-            {
-                break;
-            }
-            bytes += size;
-            served.push(f.clone());
-        }
-        (served, selected.len(), faults)
-    };
+    let (fragments, selected, faults) = select_clip(shared, &name, &selector, now)?;
     shared.inject_internal_failure(&name)?;
-    if fragments.is_empty() {
-        return Err(ApiError::no_fragments_for_clip());
-    }
-    if fragments.iter().any(|f| f.missing_codec_private_data) {
-        return Err(ApiError::missing_codec_private_data());
-    }
-    if fragments.iter().any(|f| f.invalid_frame) {
-        return Err(ApiError::invalid_media_frame());
-    }
-    if fragments
-        .iter()
-        .any(|f| f.codec_generation != fragments[0].codec_generation)
-    {
-        return Err(ApiError::invalid_codec_private_data(
-            "The codec private data changes within the requested clip range; request the \
-             ranges before and after the change separately.",
-        ));
-    }
+    check_clip_media(&fragments)?;
     if faults.throttling {
-        let cost = fragments.len() as f64;
-        let mut streams = shared.lock_streams();
-        let stream = streams
-            .get_mut(&name)
-            .ok_or_else(ApiError::stream_not_found)?;
-        let media_rate = crate::stream::MEDIA_POINTS_PER_SEC * faults.quota_scale;
-        let metadata_rate = crate::stream::METADATA_POINTS_PER_SEC * faults.quota_scale;
-        if !stream.media_points.try_take(cost, media_rate, now)
-            || !stream.metadata_points.try_take(cost, metadata_rate, now)
-        {
-            return Err(ApiError::client_limit_exceeded(format!(
-                "Fragment-media quota of {media_rate} points per second exceeded for stream {name}."
-            )));
-        }
+        take_clip_points(shared, &name, &faults, fragments.len(), now)?;
     }
 
     let layouts: Vec<_> = fragments.iter().map(|f| (*f.layout).clone()).collect();
@@ -806,8 +721,146 @@ async fn get_clip(
     record.first_fragment = fragments.first().map(|f| f.number.clone());
     record.last_fragment = fragments.last().map(|f| f.number.clone());
     record.bytes = total;
-    let stall = shared.take_stall(&name);
-    let reset_at = (stall || shared.take_reset(&name)).then_some(faults.reset_after_bytes);
+    serve_clip(shared, &name, &faults, chunks, total, record).await
+}
+
+/// Checks a GetClip request against its stream and selects what the clip serves: the
+/// fragments within the caps, how many the range selected before them, and the stream's
+/// faults.
+fn select_clip(
+    shared: &Shared,
+    name: &str,
+    selector: &ParsedSelector,
+    now: i64,
+) -> Result<(Vec<Fragment>, usize, Faults), ApiError> {
+    let mut streams = shared.lock_streams();
+    let stream = streams
+        .get_mut(name)
+        .ok_or_else(ApiError::stream_not_found)?;
+    check_clip_request(stream, selector, now)?;
+    stream.advance(now);
+    check_retention(stream, selector.kind, selector.end_ms, now)?;
+    let mut selected = stream.select(selector.kind, selector.start_ms, selector.end_ms);
+    if selector.kind == TimestampKind::Producer {
+        // "Duplicate producer timestamps are deduplicated ... only the oldest ingested
+        // collection of fragments are returned" (ClipFragmentSelector).
+        selected.sort_by(|a, b| {
+            a.producer_ms
+                .cmp(&b.producer_ms)
+                .then_with(|| a.number.cmp(&b.number))
+        });
+        selected.dedup_by(|later, first| later.producer_ms == first.producer_ms);
+    }
+    let faults = stream.faults.clone();
+    // Over the caps, KVS returns "the first 100 MB or the first 200 fragments" with
+    // HTTP 200 and no sign of the cut: whole fragments from the start, up to the caps.
+    let mut served = Vec::new();
+    let mut bytes = 0u64;
+    for f in &selected {
+        let size = f.layout.media_bytes();
+        if served.len() as u32 >= faults.max_clip_fragments
+            || (!served.is_empty() && bytes + size > faults.max_clip_bytes)
+        {
+            break;
+        }
+        bytes += size;
+        served.push(f.clone());
+    }
+    Ok((served, selected.len(), faults))
+}
+
+/// GetClip's refusals that depend on the stream and the range alone, in AWS's order.
+fn check_clip_request(
+    stream: &StreamState,
+    selector: &ParsedSelector,
+    now: i64,
+) -> Result<(), ApiError> {
+    if stream.spec.data_retention_hours == 0 {
+        return Err(ApiError::no_data_retention());
+    }
+    if stream.spec.media_type != "video/h264" {
+        return Err(ApiError::unsupported_media_type(&stream.spec.media_type));
+    }
+    if selector.end_ms <= selector.start_ms {
+        return Err(ApiError::invalid_argument(
+            "EndTimestamp must be later than StartTimestamp.",
+        ));
+    }
+    if selector.end_ms - selector.start_ms > MAX_CLIP_RANGE_MS {
+        return Err(ApiError::invalid_argument(
+            "The time range between StartTimestamp and EndTimestamp must not exceed 24 hours.",
+        ));
+    }
+    if selector.kind == TimestampKind::Server && selector.end_ms > now {
+        return Err(ApiError::invalid_argument(
+            "EndTimestamp must be in the past for SERVER_TIMESTAMP selectors.",
+        ));
+    }
+    Ok(())
+}
+
+/// GetClip's refusals of the selected media: nothing selected, or fragments that cannot
+/// be packaged as one MP4.
+fn check_clip_media(fragments: &[Fragment]) -> Result<(), ApiError> {
+    let Some(first) = fragments.first() else {
+        return Err(ApiError::no_fragments_for_clip());
+    };
+    if fragments.iter().any(|f| f.missing_codec_private_data) {
+        return Err(ApiError::missing_codec_private_data());
+    }
+    if fragments.iter().any(|f| f.invalid_frame) {
+        return Err(ApiError::invalid_media_frame());
+    }
+    if fragments
+        .iter()
+        .any(|f| f.codec_generation != first.codec_generation)
+    {
+        return Err(ApiError::invalid_codec_private_data(
+            "The codec private data changes within the requested clip range; request the \
+             ranges before and after the change separately.",
+        ));
+    }
+    Ok(())
+}
+
+/// Takes a clip's cost, one point per fragment, from both the media and the metadata
+/// quota (KVS counts GetClip against both).
+fn take_clip_points(
+    shared: &Shared,
+    name: &str,
+    faults: &Faults,
+    fragments: usize,
+    now: i64,
+) -> Result<(), ApiError> {
+    let cost = fragments as f64;
+    let mut streams = shared.lock_streams();
+    let stream = streams
+        .get_mut(name)
+        .ok_or_else(ApiError::stream_not_found)?;
+    let media_rate = crate::stream::MEDIA_POINTS_PER_SEC * faults.quota_scale;
+    let metadata_rate = crate::stream::METADATA_POINTS_PER_SEC * faults.quota_scale;
+    if !stream.media_points.try_take(cost, media_rate, now)
+        || !stream.metadata_points.try_take(cost, metadata_rate, now)
+    {
+        return Err(ApiError::client_limit_exceeded(format!(
+            "Fragment-media quota of {media_rate} points per second exceeded for stream {name}."
+        )));
+    }
+    Ok(())
+}
+
+/// The clip's response: headers now, the body streamed with the stream's body faults
+/// (first-byte delay, bandwidth cap, a reset or a stall part-way).
+async fn serve_clip(
+    shared: &Shared,
+    name: &str,
+    faults: &Faults,
+    chunks: Vec<Bytes>,
+    total: u64,
+    record: &mut RequestRecord,
+) -> Result<Response, ApiError> {
+    let stall = shared.take_stall(name);
+    let reset_at = (stall || shared.take_reset(name)).then_some(faults.reset_after_bytes);
     record.reset = reset_at.is_some();
 
     if faults.first_byte_delay_ms > 0 {
