@@ -168,10 +168,13 @@ fn stream_info(s: &StreamState) -> serde_json::Value {
 
 /// Outcome of one operation: the response and what the log records of it.
 pub struct Handled {
+    /// The HTTP response to send.
     pub response: Response,
+    /// What the request log keeps of the request and its outcome.
     pub record: RequestRecord,
 }
 
+/// Answers operation `op` (its name as in the API) with the JSON `body` the client sent.
 pub async fn handle(shared: &Arc<Shared>, op: &str, body: &[u8]) -> Handled {
     let mut record = RequestRecord {
         op: op.to_string(),

@@ -17,6 +17,9 @@
 //! selection of fragments by timestamp → caps (200 fragments, 10^8 bytes) → `moov` built
 //! from the fragments' layouts → `mdat` streamed from shared byte slices.
 
+// Every public item says what it is for (house rule); the tools keep it so.
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod body;
 pub mod config;

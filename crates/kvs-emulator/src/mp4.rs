@@ -13,13 +13,18 @@ const TIMESCALE: u32 = 1000;
 
 /// The fixed part of a clip: everything before the media bytes.
 pub struct ClipHeader {
+    /// `ftyp`, `moov` and the `mdat` header.
     pub bytes: Bytes,
+    /// Bytes of media that follow the header in `mdat`.
     pub media_bytes: u64,
+    /// The clip's duration.
     pub duration_ms: u64,
+    /// Samples (frames) in the clip.
     pub sample_count: u64,
 }
 
 impl ClipHeader {
+    /// The whole clip's length: header and media.
     pub fn total_len(&self) -> u64 {
         self.bytes.len() as u64 + self.media_bytes
     }

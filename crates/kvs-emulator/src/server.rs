@@ -22,11 +22,17 @@ use tokio::sync::oneshot;
 /// A fragment as tests see it: the ground truth to compare archives against.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct FragmentInfo {
+    /// Fragment number, 47 decimal digits as KVS's are.
     pub number: String,
+    /// When KVS received the fragment (its start), epoch ms.
     pub server_ms: i64,
+    /// The camera's timestamp of the fragment's start, epoch ms.
     pub producer_ms: i64,
+    /// Duration as ListFragments reports it.
     pub duration_ms: u32,
+    /// `FragmentSizeInBytes` as ListFragments reports it: media and Matroska overhead.
     pub reported_size: u64,
+    /// Bytes the fragment adds to a GetClip MP4's `mdat`.
     pub media_bytes: u64,
 }
 
@@ -56,6 +62,7 @@ impl Emulator {
         Self::start_on(config, SocketAddr::from(([127, 0, 0, 1], 0))).await
     }
 
+    /// Starts on `addr` (the binary's `--listen`).
     pub async fn start_on(config: EmulatorConfig, addr: SocketAddr) -> std::io::Result<Emulator> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
@@ -82,6 +89,7 @@ impl Emulator {
         })
     }
 
+    /// The address the server listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -91,6 +99,7 @@ impl Emulator {
         &self.shared.base_url
     }
 
+    /// Adds a stream while the emulator runs; returns its ARN.
     pub fn add_stream(&self, spec: StreamSpec) -> Result<String, ApiError> {
         self.shared.add_stream(spec)
     }
@@ -127,6 +136,7 @@ impl Emulator {
         self.shared.requests()
     }
 
+    /// Empties the request log.
     pub fn clear_requests(&self) {
         self.shared.clear_requests();
     }

@@ -16,9 +16,12 @@ const MAX_CLOCK_SKEW_SECS: i64 = 15 * 60;
 /// The service name both KVS APIs sign with.
 pub const SIGNING_NAME: &str = "kinesisvideo";
 
+/// The one key pair the emulator accepts.
 #[derive(Clone, Debug)]
 pub struct Credentials {
+    /// Access key id a request's `Credential` must name.
     pub access_key_id: String,
+    /// Secret the signature is computed with.
     pub secret_access_key: String,
 }
 

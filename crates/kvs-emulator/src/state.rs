@@ -65,6 +65,7 @@ impl Shared {
         }
     }
 
+    /// The streams by name; hold the guard briefly (every request takes it).
     pub fn lock_streams(&self) -> MutexGuard<'_, HashMap<String, StreamState>> {
         lock(&self.streams)
     }
@@ -111,6 +112,8 @@ impl Shared {
         (*state >> 11) as f64 / (1u64 << 53) as f64
     }
 
+    /// Creates a stream from `spec` at the current clock; returns its ARN. A name in use is
+    /// ResourceInUseException, an invalid spec InvalidArgumentException.
     pub fn add_stream(&self, spec: StreamSpec) -> Result<String, ApiError> {
         spec.validate().map_err(ApiError::invalid_argument)?;
         let now = self.now_ms();
