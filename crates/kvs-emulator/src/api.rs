@@ -1,12 +1,12 @@
 //! The KVS operations: request and response shapes of the service models (rest-json,
 //! PascalCase members, timestamps as epoch seconds) and their semantics.
 
-use crate::config::StreamSpec;
+use crate::config::{Faults, StreamSpec};
 use crate::error::ApiError;
 use crate::log::RequestRecord;
 use crate::media::gop;
 use crate::mp4::clip_header;
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::stream::{Fragment, StreamState, TimestampKind};
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode};
@@ -168,10 +168,13 @@ fn stream_info(s: &StreamState) -> serde_json::Value {
 
 /// Outcome of one operation: the response and what the log records of it.
 pub struct Handled {
+    /// The HTTP response to send.
     pub response: Response,
+    /// What the request log keeps of the request and its outcome.
     pub record: RequestRecord,
 }
 
+/// Answers operation `op` (its name as in the API) with the JSON `body` the client sent.
 pub async fn handle(shared: &Arc<Shared>, op: &str, body: &[u8]) -> Handled {
     let mut record = RequestRecord {
         op: op.to_string(),
@@ -359,15 +362,54 @@ struct ListFragmentsInput {
     fragment_selector: Option<Selector>,
 }
 
-/// Position in a listing, carried in NextToken (base64 of JSON, which fits the model's
-/// `[a-zA-Z0-9+/]+={0,2}` pattern).
+/// Where a listing stands, carried in NextToken (base64 of JSON, which fits the model's
+/// `[a-zA-Z0-9+/]+={0,2}` pattern). It holds the first page's moment and the last
+/// fragment served rather than an offset: a live stream keeps growing between pages, and
+/// an offset into a set that grew (or lost a fragment to retention) repeats and skips.
 #[derive(Serialize, Deserialize)]
 struct ListingToken {
     stream: String,
     kind: String,
     start_ms: i64,
     end_ms: i64,
-    offset: usize,
+    /// The listing's set is the fragments that had ended by this moment: the first
+    /// page's clock less the stream's listing delay then.
+    listed_until_ms: i64,
+    /// Order key of the last fragment served.
+    after_key: u64,
+    /// Number of the last fragment served; breaks ties between equal keys.
+    after_number: String,
+}
+
+/// One ListFragments request, read from its selector or from its NextToken.
+struct ListingRequest {
+    name: String,
+    kind: TimestampKind,
+    label: &'static str,
+    start_ms: i64,
+    end_ms: i64,
+    max_results: i64,
+    /// Set by a NextToken: the first page's set, and the position after which to go on.
+    resume: Option<Resume>,
+}
+
+/// What a NextToken adds to the selector: which set the listing pages through, and where.
+struct Resume {
+    listed_until_ms: i64,
+    after: OrderKey,
+}
+
+/// A fragment's place in a listing's order: a hash of its number under the listing's
+/// seed, then the number itself, so the order is total.
+type OrderKey = (u64, String);
+
+/// A stream's listing faults, read once per request.
+struct ListingFaults {
+    /// Answer with a malformed body; the count of malformed answers still to come.
+    malformed_left: Option<u32>,
+    duplicate: bool,
+    huge_token: bool,
+    forged_number: Option<String>,
 }
 
 fn check_retention(
@@ -391,6 +433,49 @@ fn list_fragments(
     body: &[u8],
     record: &mut RequestRecord,
 ) -> Result<Response, ApiError> {
+    let request = read_listing_request(shared, body, record)?;
+    let (matched, listed_until_ms, faults) = listing_set(shared, &request)?;
+    // "Results are in no specific order, even across pages": an order fixed per query,
+    // so every page of one listing cuts the same sequence.
+    let seed = crate::stream::fnv1a(
+        format!(
+            "{}/{}/{}/{}",
+            request.name, request.label, request.start_ms, request.end_ms
+        )
+        .as_bytes(),
+    ) ^ shared.seed;
+    let after = request.resume.as_ref().map(|r| &r.after);
+    let (page, more) = listing_page(matched, seed, after, request.max_results as usize);
+    record.fragments = page.len();
+    if let Some(left) = faults.malformed_left {
+        return Ok(malformed_listing(left));
+    }
+    let next_token = match page.last() {
+        Some((key, last)) if more => Some(if faults.huge_token {
+            "A".repeat(5000)
+        } else {
+            encode_token(&ListingToken {
+                stream: request.name.clone(),
+                kind: request.label.to_string(),
+                start_ms: request.start_ms,
+                end_ms: request.end_ms,
+                listed_until_ms,
+                after_key: *key,
+                after_number: last.number.clone(),
+            })
+        }),
+        _ => None,
+    };
+    Ok(listing_response(&page, &faults, next_token))
+}
+
+/// Reads and checks a ListFragments request: its stream, MaxResults, and either its
+/// selector (a first page) or its NextToken (a later one).
+fn read_listing_request(
+    shared: &Shared,
+    body: &[u8],
+    record: &mut RequestRecord,
+) -> Result<ListingRequest, ApiError> {
     let input: ListFragmentsInput = parse(body)?;
     let max_results = input.max_results.unwrap_or(DEFAULT_MAX_RESULTS);
     if !MAX_RESULTS_RANGE.contains(&max_results) {
@@ -401,8 +486,7 @@ fn list_fragments(
     let name = stream_key(shared, &input.stream)?;
     record.stream = Some(name.clone());
     authorize(shared, &name, "ListFragments")?;
-    let (kind, label, start_ms, end_ms, offset) = match (input.next_token, input.fragment_selector)
-    {
+    let request = match (input.next_token, input.fragment_selector) {
         (Some(token), _) => {
             let token = decode_token(&token)
                 .filter(|t| t.stream == name)
@@ -414,74 +498,152 @@ fn list_fragments(
             } else {
                 (TimestampKind::Server, "SERVER_TIMESTAMP")
             };
-            (kind, label, token.start_ms, token.end_ms, token.offset)
+            ListingRequest {
+                name,
+                kind,
+                label,
+                start_ms: token.start_ms,
+                end_ms: token.end_ms,
+                max_results,
+                resume: Some(Resume {
+                    listed_until_ms: token.listed_until_ms,
+                    after: (token.after_key, token.after_number),
+                }),
+            }
         }
         (None, selector) => {
             let s = parse_selector(selector, "FragmentSelector")?;
-            (s.kind, s.label, s.start_ms, s.end_ms, 0)
+            ListingRequest {
+                name,
+                kind: s.kind,
+                label: s.label,
+                start_ms: s.start_ms,
+                end_ms: s.end_ms,
+                max_results,
+                resume: None,
+            }
         }
     };
-    record.selector = Some(label.to_string());
-    record.start_ms = Some(start_ms);
-    record.end_ms = Some(end_ms);
-    if end_ms < start_ms {
+    record.selector = Some(request.label.to_string());
+    record.start_ms = Some(request.start_ms);
+    record.end_ms = Some(request.end_ms);
+    if request.end_ms < request.start_ms {
         return Err(ApiError::invalid_argument(
             "EndTimestamp must be later than or equal to StartTimestamp.",
         ));
     }
+    Ok(request)
+}
+
+/// The fragments a listing pages through, the moment that set is taken at, and the
+/// stream's listing faults, after the failure, retention and quota checks. A first page
+/// takes the set at its own clock; a later page takes the first page's set again, less
+/// what retention has dropped since.
+fn listing_set(
+    shared: &Shared,
+    request: &ListingRequest,
+) -> Result<(Vec<Fragment>, i64, ListingFaults), ApiError> {
     let now = shared.now_ms();
-    shared.inject_internal_failure(&name)?;
+    shared.inject_internal_failure(&request.name)?;
     let mut streams = shared.lock_streams();
     let stream = streams
-        .get_mut(&name)
+        .get_mut(&request.name)
         .ok_or_else(ApiError::stream_not_found)?;
     stream.advance(now);
-    check_retention(stream, kind, end_ms, now)?;
+    check_retention(stream, request.kind, request.end_ms, now)?;
     if stream.faults.throttling {
         let rate = crate::stream::METADATA_POINTS_PER_SEC * stream.faults.quota_scale;
         if !stream
             .metadata_points
-            .try_take(max_results as f64, rate, now)
+            .try_take(request.max_results as f64, rate, now)
         {
             return Err(ApiError::client_limit_exceeded(format!(
-                "Fragment-metadata quota of {rate} points per second exceeded for stream {name}."
+                "Fragment-metadata quota of {rate} points per second exceeded for stream {}.",
+                request.name
             )));
         }
     }
-    let malformed = if stream.faults.malformed_listings_next > 0 {
+    let malformed_left = if stream.faults.malformed_listings_next > 0 {
         stream.faults.malformed_listings_next -= 1;
         Some(stream.faults.malformed_listings_next)
     } else {
         None
     };
-    let (duplicate, huge_token, forged_number) = (
-        stream.faults.duplicate_listings,
-        stream.faults.huge_next_token,
-        stream.faults.listed_fragment_number.clone(),
-    );
-    let listing_delay = stream.faults.listing_delay_ms as i64;
-    let mut matched: Vec<Fragment> = stream
-        .select(kind, start_ms, end_ms)
+    let faults = ListingFaults {
+        malformed_left,
+        duplicate: stream.faults.duplicate_listings,
+        huge_token: stream.faults.huge_next_token,
+        forged_number: stream.faults.listed_fragment_number.clone(),
+    };
+    // A fragment shows in listings `listing_delay_ms` after it ends (eventual consistency).
+    let listed_until_ms = match &request.resume {
+        Some(resume) => resume.listed_until_ms,
+        None => now - stream.faults.listing_delay_ms as i64,
+    };
+    let matched = stream
+        .select(request.kind, request.start_ms, request.end_ms)
         .into_iter()
-        .filter(|f| f.server_ms + i64::from(f.duration_ms) + listing_delay <= now)
+        .filter(|f| f.server_ms + i64::from(f.duration_ms) <= listed_until_ms)
         .collect();
-    drop(streams);
-    // "Results are in no specific order, even across pages": a fixed shuffle per query.
-    let seed = crate::stream::fnv1a(format!("{name}/{label}/{start_ms}/{end_ms}").as_bytes())
-        ^ shared.seed;
-    shuffle(&mut matched, seed);
-    let page: Vec<&Fragment> = matched
-        .iter()
-        .skip(offset)
-        .take(max_results as usize)
+    Ok((matched, listed_until_ms, faults))
+}
+
+/// The next page of a listing: the `max` fragments that follow `after` in the listing's
+/// order (from the start without it), each with its order key, and whether more follow.
+fn listing_page(
+    matched: Vec<Fragment>,
+    seed: u64,
+    after: Option<&OrderKey>,
+    max: usize,
+) -> (Vec<(u64, Fragment)>, bool) {
+    let mut rest: Vec<(u64, Fragment)> = matched
+        .into_iter()
+        .map(|f| (order_key(seed, &f.number), f))
+        .filter(|(key, f)| after.is_none_or(|(k, n)| (*key, &f.number) > (*k, n)))
         .collect();
-    record.fragments = page.len();
+    rest.sort_unstable_by(|(a, fa), (b, fb)| (a, &fa.number).cmp(&(b, &fb.number)));
+    let more = rest.len() > max;
+    rest.truncate(max);
+    (rest, more)
+}
+
+/// A fragment's pseudo-random rank in a listing: its number's hash mixed with the
+/// listing's seed (splitmix64's finalizer), so each query orders the fragments anew.
+fn order_key(seed: u64, number: &str) -> u64 {
+    let mut z = crate::stream::fnv1a(number.as_bytes()) ^ seed;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The `malformed_listings_next` fault: HTTP 200 whose body is not the model's JSON,
+/// cut-off JSON and an empty body by turns.
+fn malformed_listing(left: u32) -> Response {
+    let body = if left.is_multiple_of(2) {
+        "{\"Fragments\": [{\"FragmentNumber\": "
+    } else {
+        ""
+    };
+    let mut response = Response::new(Body::from(body));
+    response
+        .headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    response
+}
+
+/// A page as JSON, with the listing faults that change what it says.
+fn listing_response(
+    page: &[(u64, Fragment)],
+    faults: &ListingFaults,
+    next_token: Option<String>,
+) -> Response {
     let fragments: Vec<serde_json::Value> = page
         .iter()
         .enumerate()
-        .map(|(i, f)| {
+        .map(|(i, (_, f))| {
+            let number = faults.forged_number.as_ref().filter(|_| i == 0);
             json!({
-                "FragmentNumber": forged_number.as_ref().filter(|_| i == 0).unwrap_or(&f.number),
+                "FragmentNumber": number.unwrap_or(&f.number),
                 "FragmentSizeInBytes": f.layout.reported_size(),
                 "ProducerTimestamp": ms_to_secs(f.producer_ms),
                 "ServerTimestamp": ms_to_secs(f.server_ms),
@@ -489,20 +651,7 @@ fn list_fragments(
             })
         })
         .collect();
-    let next = offset + page.len();
-    if let Some(left) = malformed {
-        let body = if left % 2 == 0 {
-            "{\"Fragments\": [{\"FragmentNumber\": "
-        } else {
-            ""
-        };
-        let mut response = Response::new(Body::from(body));
-        response
-            .headers_mut()
-            .insert("content-type", HeaderValue::from_static("application/json"));
-        return Ok(response);
-    }
-    let fragments = if duplicate {
+    let fragments = if faults.duplicate {
         fragments
             .iter()
             .flat_map(|f| [f.clone(), f.clone()])
@@ -511,30 +660,10 @@ fn list_fragments(
         fragments
     };
     let mut out = json!({ "Fragments": fragments });
-    if next < matched.len() {
-        out["NextToken"] = json!(if huge_token {
-            "A".repeat(5000)
-        } else {
-            encode_token(&ListingToken {
-                stream: name,
-                kind: label.to_string(),
-                start_ms,
-                end_ms,
-                offset: next,
-            })
-        });
+    if let Some(token) = next_token {
+        out["NextToken"] = json!(token);
     }
-    Ok(json_response(out))
-}
-
-fn shuffle<T>(items: &mut [T], seed: u64) {
-    let mut state = seed | 1;
-    for i in (1..items.len()).rev() {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        items.swap(i, (state % (i as u64 + 1)) as usize);
-    }
+    json_response(out)
 }
 
 fn encode_token(token: &ListingToken) -> String {
@@ -572,96 +701,11 @@ async fn get_clip(
     record.start_ms = Some(selector.start_ms);
     record.end_ms = Some(selector.end_ms);
     let now = shared.now_ms();
-    let (fragments, selected, faults) = {
-        let mut streams = shared.lock_streams();
-        let stream = streams
-            .get_mut(&name)
-            .ok_or_else(ApiError::stream_not_found)?;
-        if stream.spec.data_retention_hours == 0 {
-            return Err(ApiError::no_data_retention());
-        }
-        if stream.spec.media_type != "video/h264" {
-            return Err(ApiError::unsupported_media_type(&stream.spec.media_type));
-        }
-        if selector.end_ms <= selector.start_ms {
-            return Err(ApiError::invalid_argument(
-                "EndTimestamp must be later than StartTimestamp.",
-            ));
-        }
-        if selector.end_ms - selector.start_ms > MAX_CLIP_RANGE_MS {
-            return Err(ApiError::invalid_argument(
-                "The time range between StartTimestamp and EndTimestamp must not exceed 24 hours.",
-            ));
-        }
-        if selector.kind == TimestampKind::Server && selector.end_ms > now {
-            return Err(ApiError::invalid_argument(
-                "EndTimestamp must be in the past for SERVER_TIMESTAMP selectors.",
-            ));
-        }
-        stream.advance(now);
-        check_retention(stream, selector.kind, selector.end_ms, now)?;
-        let mut selected = stream.select(selector.kind, selector.start_ms, selector.end_ms);
-        if selector.kind == TimestampKind::Producer {
-            // "Duplicate producer timestamps are deduplicated ... only the oldest ingested
-            // collection of fragments are returned" (ClipFragmentSelector).
-            selected.sort_by(|a, b| {
-                a.producer_ms
-                    .cmp(&b.producer_ms)
-                    .then_with(|| a.number.cmp(&b.number))
-            });
-            selected.dedup_by(|later, first| later.producer_ms == first.producer_ms);
-        }
-        let faults = stream.faults.clone();
-        // Over the caps, KVS returns "the first 100 MB or the first 200 fragments" with
-        // HTTP 200 and no sign of the cut: whole fragments from the start, up to the caps.
-        let mut served = Vec::new();
-        let mut bytes = 0u64;
-        for f in &selected {
-            let size = f.layout.media_bytes();
-            if served.len() as u32 >= faults.max_clip_fragments
-                || (!served.is_empty() && bytes + size > faults.max_clip_bytes)
-            {
-                break;
-            }
-            bytes += size;
-            served.push(f.clone());
-        }
-        (served, selected.len(), faults)
-    };
+    let (fragments, selected, faults) = select_clip(shared, &name, &selector, now)?;
     shared.inject_internal_failure(&name)?;
-    if fragments.is_empty() {
-        return Err(ApiError::no_fragments_for_clip());
-    }
-    if fragments.iter().any(|f| f.missing_codec_private_data) {
-        return Err(ApiError::missing_codec_private_data());
-    }
-    if fragments.iter().any(|f| f.invalid_frame) {
-        return Err(ApiError::invalid_media_frame());
-    }
-    if fragments
-        .iter()
-        .any(|f| f.codec_generation != fragments[0].codec_generation)
-    {
-        return Err(ApiError::invalid_codec_private_data(
-            "The codec private data changes within the requested clip range; request the \
-             ranges before and after the change separately.",
-        ));
-    }
+    check_clip_media(&fragments)?;
     if faults.throttling {
-        let cost = fragments.len() as f64;
-        let mut streams = shared.lock_streams();
-        let stream = streams
-            .get_mut(&name)
-            .ok_or_else(ApiError::stream_not_found)?;
-        let media_rate = crate::stream::MEDIA_POINTS_PER_SEC * faults.quota_scale;
-        let metadata_rate = crate::stream::METADATA_POINTS_PER_SEC * faults.quota_scale;
-        if !stream.media_points.try_take(cost, media_rate, now)
-            || !stream.metadata_points.try_take(cost, metadata_rate, now)
-        {
-            return Err(ApiError::client_limit_exceeded(format!(
-                "Fragment-media quota of {media_rate} points per second exceeded for stream {name}."
-            )));
-        }
+        take_clip_points(shared, &name, &faults, fragments.len(), now)?;
     }
 
     let layouts: Vec<_> = fragments.iter().map(|f| (*f.layout).clone()).collect();
@@ -680,8 +724,146 @@ async fn get_clip(
     record.first_fragment = fragments.first().map(|f| f.number.clone());
     record.last_fragment = fragments.last().map(|f| f.number.clone());
     record.bytes = total;
-    let stall = shared.take_stall(&name);
-    let reset_at = (stall || shared.take_reset(&name)).then_some(faults.reset_after_bytes);
+    serve_clip(shared, &name, &faults, chunks, total, record).await
+}
+
+/// Checks a GetClip request against its stream and selects what the clip serves: the
+/// fragments within the caps, how many the range selected before them, and the stream's
+/// faults.
+fn select_clip(
+    shared: &Shared,
+    name: &str,
+    selector: &ParsedSelector,
+    now: i64,
+) -> Result<(Vec<Fragment>, usize, Faults), ApiError> {
+    let mut streams = shared.lock_streams();
+    let stream = streams
+        .get_mut(name)
+        .ok_or_else(ApiError::stream_not_found)?;
+    check_clip_request(stream, selector, now)?;
+    stream.advance(now);
+    check_retention(stream, selector.kind, selector.end_ms, now)?;
+    let mut selected = stream.select(selector.kind, selector.start_ms, selector.end_ms);
+    if selector.kind == TimestampKind::Producer {
+        // "Duplicate producer timestamps are deduplicated ... only the oldest ingested
+        // collection of fragments are returned" (ClipFragmentSelector).
+        selected.sort_by(|a, b| {
+            a.producer_ms
+                .cmp(&b.producer_ms)
+                .then_with(|| a.number.cmp(&b.number))
+        });
+        selected.dedup_by(|later, first| later.producer_ms == first.producer_ms);
+    }
+    let faults = stream.faults.clone();
+    // Over the caps, KVS returns "the first 100 MB or the first 200 fragments" with
+    // HTTP 200 and no sign of the cut: whole fragments from the start, up to the caps.
+    let mut served = Vec::new();
+    let mut bytes = 0u64;
+    for f in &selected {
+        let size = f.layout.media_bytes();
+        if served.len() as u32 >= faults.max_clip_fragments
+            || (!served.is_empty() && bytes + size > faults.max_clip_bytes)
+        {
+            break;
+        }
+        bytes += size;
+        served.push(f.clone());
+    }
+    Ok((served, selected.len(), faults))
+}
+
+/// GetClip's refusals that depend on the stream and the range alone, in AWS's order.
+fn check_clip_request(
+    stream: &StreamState,
+    selector: &ParsedSelector,
+    now: i64,
+) -> Result<(), ApiError> {
+    if stream.spec.data_retention_hours == 0 {
+        return Err(ApiError::no_data_retention());
+    }
+    if stream.spec.media_type != "video/h264" {
+        return Err(ApiError::unsupported_media_type(&stream.spec.media_type));
+    }
+    if selector.end_ms <= selector.start_ms {
+        return Err(ApiError::invalid_argument(
+            "EndTimestamp must be later than StartTimestamp.",
+        ));
+    }
+    if selector.end_ms - selector.start_ms > MAX_CLIP_RANGE_MS {
+        return Err(ApiError::invalid_argument(
+            "The time range between StartTimestamp and EndTimestamp must not exceed 24 hours.",
+        ));
+    }
+    if selector.kind == TimestampKind::Server && selector.end_ms > now {
+        return Err(ApiError::invalid_argument(
+            "EndTimestamp must be in the past for SERVER_TIMESTAMP selectors.",
+        ));
+    }
+    Ok(())
+}
+
+/// GetClip's refusals of the selected media: nothing selected, or fragments that cannot
+/// be packaged as one MP4.
+fn check_clip_media(fragments: &[Fragment]) -> Result<(), ApiError> {
+    let Some(first) = fragments.first() else {
+        return Err(ApiError::no_fragments_for_clip());
+    };
+    if fragments.iter().any(|f| f.missing_codec_private_data) {
+        return Err(ApiError::missing_codec_private_data());
+    }
+    if fragments.iter().any(|f| f.invalid_frame) {
+        return Err(ApiError::invalid_media_frame());
+    }
+    if fragments
+        .iter()
+        .any(|f| f.codec_generation != first.codec_generation)
+    {
+        return Err(ApiError::invalid_codec_private_data(
+            "The codec private data changes within the requested clip range; request the \
+             ranges before and after the change separately.",
+        ));
+    }
+    Ok(())
+}
+
+/// Takes a clip's cost, one point per fragment, from both the media and the metadata
+/// quota (KVS counts GetClip against both).
+fn take_clip_points(
+    shared: &Shared,
+    name: &str,
+    faults: &Faults,
+    fragments: usize,
+    now: i64,
+) -> Result<(), ApiError> {
+    let cost = fragments as f64;
+    let mut streams = shared.lock_streams();
+    let stream = streams
+        .get_mut(name)
+        .ok_or_else(ApiError::stream_not_found)?;
+    let media_rate = crate::stream::MEDIA_POINTS_PER_SEC * faults.quota_scale;
+    let metadata_rate = crate::stream::METADATA_POINTS_PER_SEC * faults.quota_scale;
+    if !stream.media_points.try_take(cost, media_rate, now)
+        || !stream.metadata_points.try_take(cost, metadata_rate, now)
+    {
+        return Err(ApiError::client_limit_exceeded(format!(
+            "Fragment-media quota of {media_rate} points per second exceeded for stream {name}."
+        )));
+    }
+    Ok(())
+}
+
+/// The clip's response: headers now, the body streamed with the stream's body faults
+/// (first-byte delay, bandwidth cap, a reset or a stall part-way).
+async fn serve_clip(
+    shared: &Shared,
+    name: &str,
+    faults: &Faults,
+    chunks: Vec<Bytes>,
+    total: u64,
+    record: &mut RequestRecord,
+) -> Result<Response, ApiError> {
+    let stall = shared.take_stall(name);
+    let reset_at = (stall || shared.take_reset(name)).then_some(faults.reset_after_bytes);
     record.reset = reset_at.is_some();
 
     if faults.first_byte_delay_ms > 0 {
@@ -781,7 +963,9 @@ mod tests {
             kind: "SERVER_TIMESTAMP".into(),
             start_ms: 1,
             end_ms: 2,
-            offset: 1000,
+            listed_until_ms: 3,
+            after_key: u64::MAX,
+            after_number: "9".repeat(47),
         };
         let text = encode_token(&token);
         assert!(text
@@ -789,7 +973,38 @@ mod tests {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/'));
         let back = decode_token(&text).expect("decodes");
-        assert_eq!(back.offset, 1000);
+        assert_eq!(back.after_key, u64::MAX);
+        assert_eq!(back.listed_until_ms, 3);
         assert_eq!(back.stream, "cam-1");
+    }
+
+    #[test]
+    fn a_fragment_leaving_mid_listing_shifts_no_other_between_pages() {
+        let now = 1_800_000_000_000;
+        let mut spec = StreamSpec::live("cam");
+        spec.backlog = Duration::from_secs(100);
+        let mut stream = StreamState::new(spec, "us-east-1", "123456789012", now);
+        stream.advance(now);
+        let mut set = stream.select(TimestampKind::Server, i64::MIN, i64::MAX);
+        assert_eq!(set.len(), 50);
+        let (mut listed, mut after, mut expired) = (Vec::new(), None, Vec::new());
+        loop {
+            let (page, more) = listing_page(set.clone(), 7, after.as_ref(), 8);
+            listed.extend(page.iter().map(|(_, f)| f.number.clone()));
+            let Some((key, last)) = page.last().filter(|_| more) else {
+                break;
+            };
+            after = Some((*key, last.number.clone()));
+            // Retention drops the oldest fragment, served or not, before the next page.
+            expired.push(set.remove(0).number);
+        }
+        let unique: std::collections::HashSet<&String> = listed.iter().collect();
+        assert_eq!(unique.len(), listed.len(), "none listed twice");
+        let all = stream.select(TimestampKind::Server, i64::MIN, i64::MAX);
+        let missed: Vec<_> = all.iter().filter(|f| !unique.contains(&f.number)).collect();
+        assert!(
+            missed.iter().all(|f| expired.contains(&f.number)),
+            "only expired fragments are missing"
+        );
     }
 }

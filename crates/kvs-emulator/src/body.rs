@@ -15,7 +15,9 @@ const RESET_AFTER_FLUSH: Duration = Duration::from_millis(50);
 /// Whether a cut-off body resets the connection or stalls with it open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cut {
+    /// The connection is reset: the client sees an error mid-body.
     Reset,
+    /// Sending stops and the connection stays open: only a client's timeout ends it.
     Stall,
 }
 

@@ -6,8 +6,10 @@ use std::path::Path;
 
 /// Static test credentials every request must be signed with.
 pub const DEFAULT_ACCESS_KEY_ID: &str = "AKIDKVSEMULATOR";
+/// The secret that goes with [`DEFAULT_ACCESS_KEY_ID`].
 pub const DEFAULT_SECRET_ACCESS_KEY: &str = "kvs-emulator-secret";
 
+/// The whole emulator: credentials, ARN parts, seed and the streams that exist at start.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmulatorConfig {
@@ -45,6 +47,7 @@ impl Default for EmulatorConfig {
 }
 
 impl EmulatorConfig {
+    /// Reads a configuration from a TOML file; the error names the file.
     pub fn from_toml_file(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("reading {}: {e}", path.display()))?;
@@ -91,6 +94,7 @@ pub struct GapSpec {
     pub length: std::time::Duration,
 }
 
+/// One stream: its media, its history and its faults.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamSpec {
@@ -102,6 +106,7 @@ pub struct StreamSpec {
     /// Media type reported by DescribeStream; GetClip serves only `video/h264`.
     #[serde(default = "default_media_type")]
     pub media_type: String,
+    /// Historical (a fixed range) or live (fragments keep arriving with the clock).
     #[serde(default)]
     pub mode: Mode,
     /// First fragment's server timestamp, RFC 3339. Default: now minus `backlog`.
@@ -129,6 +134,7 @@ pub struct StreamSpec {
     /// a camera that delivered them late, after the media around them was archived.
     #[serde(default)]
     pub late_fragments_at: Vec<u64>,
+    /// How far back the producer timestamps of `late_fragments_at` lie.
     #[serde(default, with = "humantime_serde")]
     pub late_by: std::time::Duration,
     /// Fragments (by ingest index) that repeat the previous fragment's producer timestamp.
@@ -144,6 +150,7 @@ pub struct StreamSpec {
     /// Fragment indexes holding a frame that does not parse.
     #[serde(default)]
     pub invalid_frames_at: Vec<u64>,
+    /// Faults and limits the stream starts with; tests change them at run time.
     #[serde(default)]
     pub faults: Faults,
 }
@@ -187,6 +194,8 @@ impl StreamSpec {
         }
     }
 
+    /// Refuses a name KVS would refuse, fragment durations outside KVS's limits, or an end
+    /// before the start; the message names the stream.
     pub fn validate(&self) -> Result<(), String> {
         let name_ok = !self.name.is_empty()
             && self.name.len() <= 256

@@ -5,10 +5,14 @@
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+/// A refused request, as AWS sends it: HTTP status, error code, message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
+    /// HTTP status the service model gives the exception.
     pub status: StatusCode,
+    /// Modeled exception name, sent in `x-amzn-ErrorType`; the SDKs map it to a variant.
     pub code: &'static str,
+    /// Sent as the body's `Message`.
     pub message: String,
 }
 
@@ -21,26 +25,32 @@ impl ApiError {
         }
     }
 
+    /// 400 InvalidArgumentException: a parameter is out of range or malformed.
     pub fn invalid_argument(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "InvalidArgumentException", message)
     }
 
+    /// 404 ResourceNotFoundException with its own message.
     pub fn resource_not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "ResourceNotFoundException", message)
     }
 
+    /// 404 ResourceNotFoundException: no stream by that name or ARN.
     pub fn stream_not_found() -> Self {
         Self::resource_not_found("The requested stream is not found or not active.")
     }
 
+    /// 404 ResourceNotFoundException as GetClip says it for a range without fragments.
     pub fn no_fragments_for_clip() -> Self {
         Self::resource_not_found("No fragments found in the stream for the clip request.")
     }
 
+    /// 400 ResourceInUseException: CreateStream of a name that exists.
     pub fn resource_in_use(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "ResourceInUseException", message)
     }
 
+    /// 400 ClientLimitExceededException: a quota was exceeded (a throttle).
     pub fn client_limit_exceeded(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
@@ -49,6 +59,7 @@ impl ApiError {
         )
     }
 
+    /// 400 NoDataRetentionException: GetClip on a stream that retains nothing.
     pub fn no_data_retention() -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
@@ -57,6 +68,7 @@ impl ApiError {
         )
     }
 
+    /// 400 UnsupportedStreamMediaTypeException: GetClip on a stream that is not H.264.
     pub fn unsupported_media_type(media_type: &str) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
@@ -65,6 +77,7 @@ impl ApiError {
         )
     }
 
+    /// 400 InvalidCodecPrivateDataException: codec private data that cannot make one clip.
     pub fn invalid_codec_private_data(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
@@ -73,6 +86,7 @@ impl ApiError {
         )
     }
 
+    /// 400 MissingCodecPrivateDataException: a fragment without codec private data.
     pub fn missing_codec_private_data() -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
@@ -81,6 +95,7 @@ impl ApiError {
         )
     }
 
+    /// 400 InvalidMediaFrameException: a frame that does not parse.
     pub fn invalid_media_frame() -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
@@ -107,6 +122,7 @@ impl ApiError {
         )
     }
 
+    /// 500 InternalFailure: the service failed; a client retries.
     pub fn internal_failure() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -115,10 +131,12 @@ impl ApiError {
         )
     }
 
+    /// 400 SerializationException: a body that is not the operation's JSON.
     pub fn serialization(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "SerializationException", message)
     }
 
+    /// 404 UnknownOperationException: a path or method no operation answers.
     pub fn unknown_operation() -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
@@ -127,6 +145,7 @@ impl ApiError {
         )
     }
 
+    /// 403 MissingAuthenticationTokenException: a request without SigV4 `Authorization`.
     pub fn missing_authentication_token() -> Self {
         Self::new(
             StatusCode::FORBIDDEN,
@@ -135,6 +154,7 @@ impl ApiError {
         )
     }
 
+    /// 403 UnrecognizedClientException: an access key id the emulator does not know.
     pub fn unrecognized_client() -> Self {
         Self::new(
             StatusCode::FORBIDDEN,
@@ -143,10 +163,12 @@ impl ApiError {
         )
     }
 
+    /// 403 InvalidSignatureException: a signature that is wrong, stale or mis-scoped.
     pub fn invalid_signature(message: &str) -> Self {
         Self::new(StatusCode::FORBIDDEN, "InvalidSignatureException", message)
     }
 
+    /// 400 IncompleteSignatureException: an `Authorization` or `X-Amz-Date` that does not parse.
     pub fn incomplete_signature(message: &str) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,

@@ -21,6 +21,7 @@ const FIXTURE: &[u8] = include_bytes!("../fixtures/gop.h264");
 pub const FRAME_INTERVAL_MS: u32 = 100;
 /// Picture size of the fixture, written into `tkhd` and the `avc1` sample entry.
 pub const WIDTH: u16 = 320;
+/// Picture height of the fixture.
 pub const HEIGHT: u16 = 180;
 
 /// UUID of the SEI marker. Printable ASCII without zero bytes, so it needs no emulation
@@ -37,7 +38,9 @@ const MKV_FRAME_OVERHEAD: u64 = 12;
 
 /// Parsed fixture: parameter sets for `avcC`, and the frames in AVCC form.
 pub struct Gop {
+    /// The fixture's sequence parameter set, NAL header included.
     pub sps: Bytes,
+    /// The fixture's picture parameter set, NAL header included.
     pub pps: Bytes,
     /// All frames, each `[len:4][nal]`, back to back.
     avcc: Bytes,
@@ -50,6 +53,7 @@ pub struct Gop {
 /// How one fragment is laid out as MP4 samples.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FragmentLayout {
+    /// Frames (samples) in the fragment.
     pub frames: u32,
     /// Duration of the last sample; all others last [`FRAME_INTERVAL_MS`].
     pub last_sample_ms: u32,
@@ -60,6 +64,7 @@ pub struct FragmentLayout {
 }
 
 impl FragmentLayout {
+    /// Bytes of media: every sample, as the clip's `mdat` holds them.
     pub fn media_bytes(&self) -> u64 {
         self.sample_sizes.iter().map(|s| u64::from(*s)).sum()
     }
@@ -70,6 +75,7 @@ impl FragmentLayout {
     }
 }
 
+/// The committed fixture GOP, parsed once per process.
 pub fn gop() -> &'static Arc<Gop> {
     static GOP: OnceLock<Arc<Gop>> = OnceLock::new();
     GOP.get_or_init(|| Arc::new(Gop::parse(FIXTURE)))
@@ -131,6 +137,7 @@ impl Gop {
         }
     }
 
+    /// Frames in the fixture GOP.
     pub fn frame_count(&self) -> u32 {
         self.frame_end.len() as u32
     }

@@ -13,13 +13,18 @@ const TIMESCALE: u32 = 1000;
 
 /// The fixed part of a clip: everything before the media bytes.
 pub struct ClipHeader {
+    /// `ftyp`, `moov` and the `mdat` header.
     pub bytes: Bytes,
+    /// Bytes of media that follow the header in `mdat`.
     pub media_bytes: u64,
+    /// The clip's duration.
     pub duration_ms: u64,
+    /// Samples (frames) in the clip.
     pub sample_count: u64,
 }
 
 impl ClipHeader {
+    /// The whole clip's length: header and media.
     pub fn total_len(&self) -> u64 {
         self.bytes.len() as u64 + self.media_bytes
     }
@@ -77,11 +82,40 @@ fn duration_ms(f: &FragmentLayout) -> u64 {
     u64::from(FRAME_INTERVAL_MS) * u64::from(f.frames - 1) + u64::from(f.last_sample_ms)
 }
 
+/// The clip's boxes before the media: `ftyp`, then `moov` (one video track), then the
+/// `mdat` header. `data_start` is where the media begins: this header's own length.
 fn write_header(gop: &Gop, fragments: &[FragmentLayout], data_start: u64) -> Bytes {
     let duration: u64 = fragments.iter().map(duration_ms).sum();
     let media_bytes: u64 = fragments.iter().map(FragmentLayout::media_bytes).sum();
     let mut w = BoxWriter::new();
+    write_ftyp(&mut w);
+    w.begin(b"moov");
+    write_mvhd(&mut w, duration);
+    w.begin(b"trak");
+    write_tkhd(&mut w, duration);
+    w.begin(b"mdia");
+    write_mdhd(&mut w, duration);
+    write_hdlr(&mut w);
+    w.begin(b"minf");
+    write_vmhd(&mut w);
+    write_dinf(&mut w);
+    w.begin(b"stbl");
+    write_stsd(&mut w, gop);
+    write_stts(&mut w, fragments);
+    write_stss(&mut w, fragments);
+    write_stsc(&mut w, fragments);
+    write_stsz(&mut w, fragments);
+    write_co64(&mut w, fragments, data_start);
+    w.end(); // stbl
+    w.end(); // minf
+    w.end(); // mdia
+    w.end(); // trak
+    w.end(); // moov
+    write_mdat_header(&mut w, media_bytes);
+    w.buf.freeze()
+}
 
+fn write_ftyp(w: &mut BoxWriter) {
     w.begin(b"ftyp");
     w.buf.put_slice(b"isom");
     w.buf.put_u32(0x200);
@@ -89,8 +123,9 @@ fn write_header(gop: &Gop, fragments: &[FragmentLayout], data_start: u64) -> Byt
         w.buf.put_slice(brand);
     }
     w.end();
+}
 
-    w.begin(b"moov");
+fn write_mvhd(w: &mut BoxWriter, duration: u64) {
     w.begin_full(b"mvhd", 1, 0);
     w.buf.put_u64(0); // creation_time
     w.buf.put_u64(0); // modification_time
@@ -103,8 +138,9 @@ fn write_header(gop: &Gop, fragments: &[FragmentLayout], data_start: u64) -> Byt
     w.buf.put_slice(&[0; 24]); // pre_defined
     w.buf.put_u32(2); // next_track_ID
     w.end();
+}
 
-    w.begin(b"trak");
+fn write_tkhd(w: &mut BoxWriter, duration: u64) {
     w.begin_full(b"tkhd", 1, 3); // enabled, in movie
     w.buf.put_u64(0);
     w.buf.put_u64(0);
@@ -120,8 +156,9 @@ fn write_header(gop: &Gop, fragments: &[FragmentLayout], data_start: u64) -> Byt
     w.buf.put_u32(u32::from(WIDTH) << 16);
     w.buf.put_u32(u32::from(HEIGHT) << 16);
     w.end();
+}
 
-    w.begin(b"mdia");
+fn write_mdhd(w: &mut BoxWriter, duration: u64) {
     w.begin_full(b"mdhd", 1, 0);
     w.buf.put_u64(0);
     w.buf.put_u64(0);
@@ -130,17 +167,24 @@ fn write_header(gop: &Gop, fragments: &[FragmentLayout], data_start: u64) -> Byt
     w.buf.put_u16(0x55c4); // language "und"
     w.buf.put_u16(0);
     w.end();
+}
+
+fn write_hdlr(w: &mut BoxWriter) {
     w.begin_full(b"hdlr", 0, 0);
     w.buf.put_u32(0);
     w.buf.put_slice(b"vide");
     w.buf.put_slice(&[0; 12]);
     w.buf.put_slice(b"VideoHandler\0");
     w.end();
+}
 
-    w.begin(b"minf");
+fn write_vmhd(w: &mut BoxWriter) {
     w.begin_full(b"vmhd", 0, 1);
     w.buf.put_slice(&[0; 8]);
     w.end();
+}
+
+fn write_dinf(w: &mut BoxWriter) {
     w.begin(b"dinf");
     w.begin_full(b"dref", 0, 0);
     w.buf.put_u32(1);
@@ -148,12 +192,9 @@ fn write_header(gop: &Gop, fragments: &[FragmentLayout], data_start: u64) -> Byt
     w.end();
     w.end();
     w.end();
+}
 
-    w.begin(b"stbl");
-    write_stsd(&mut w, gop);
-    write_stts(&mut w, fragments);
-    write_stss(&mut w, fragments);
-    write_stsc(&mut w, fragments);
+fn write_stsz(w: &mut BoxWriter, fragments: &[FragmentLayout]) {
     w.begin_full(b"stsz", 0, 0);
     w.buf.put_u32(0); // sizes differ
     let samples: u64 = fragments.iter().map(|f| u64::from(f.frames)).sum();
@@ -164,9 +205,12 @@ fn write_header(gop: &Gop, fragments: &[FragmentLayout], data_start: u64) -> Byt
         }
     }
     w.end();
+}
+
+/// One chunk per fragment, at its offset in the file.
+fn write_co64(w: &mut BoxWriter, fragments: &[FragmentLayout], data_start: u64) {
     w.begin_full(b"co64", 0, 0);
     w.buf.put_u32(fragments.len() as u32);
-    let mdat_header = mdat_header_len(media_bytes);
     // `data_start` is the length of everything before the media, the mdat header included.
     let mut offset = data_start;
     for f in fragments {
@@ -174,14 +218,11 @@ fn write_header(gop: &Gop, fragments: &[FragmentLayout], data_start: u64) -> Byt
         offset += f.media_bytes();
     }
     w.end();
-    w.end(); // stbl
-    w.end(); // minf
-    w.end(); // mdia
-    w.end(); // trak
-    w.end(); // moov
+}
 
-    // mdat header; its payload is streamed after this header.
-    if mdat_header == 16 {
+/// The mdat header; its payload is streamed after it.
+fn write_mdat_header(w: &mut BoxWriter, media_bytes: u64) {
+    if mdat_header_len(media_bytes) == 16 {
         w.buf.put_u32(1);
         w.buf.put_slice(b"mdat");
         w.buf.put_u64(media_bytes + 16);
@@ -189,7 +230,6 @@ fn write_header(gop: &Gop, fragments: &[FragmentLayout], data_start: u64) -> Byt
         w.buf.put_u32((media_bytes + 8) as u32);
         w.buf.put_slice(b"mdat");
     }
-    w.buf.freeze()
 }
 
 fn mdat_header_len(media_bytes: u64) -> u64 {

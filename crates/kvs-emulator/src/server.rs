@@ -5,8 +5,9 @@ use crate::api;
 use crate::config::{EmulatorConfig, Faults, StreamSpec};
 use crate::error::ApiError;
 use crate::log::RequestRecord;
-use crate::sigv4::{self, Credentials};
-use crate::stream::{Fragment, StreamState, TimestampKind};
+use crate::sigv4;
+use crate::state::{wall_clock_ms, Shared};
+use crate::stream::{Fragment, TimestampKind};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
@@ -14,121 +15,24 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Serialize;
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use tokio::sync::oneshot;
-
-/// State shared by every request.
-pub struct Shared {
-    pub base_url: String,
-    pub seed: u64,
-    credentials: Credentials,
-    region: String,
-    account_id: String,
-    streams: Mutex<HashMap<String, StreamState>>,
-    log: Mutex<Vec<RequestRecord>>,
-    rng: Mutex<u64>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock leaves plain data behind; keep serving it.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-impl Shared {
-    pub fn lock_streams(&self) -> MutexGuard<'_, HashMap<String, StreamState>> {
-        lock(&self.streams)
-    }
-
-    pub fn now_ms(&self) -> i64 {
-        chrono::Utc::now().timestamp_millis()
-    }
-
-    fn random(&self) -> f64 {
-        let mut state = lock(&self.rng);
-        *state ^= *state << 13;
-        *state ^= *state >> 7;
-        *state ^= *state << 17;
-        (*state >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    pub fn add_stream(&self, spec: StreamSpec) -> Result<String, ApiError> {
-        spec.validate().map_err(ApiError::invalid_argument)?;
-        let now = self.now_ms();
-        let mut streams = self.lock_streams();
-        if streams.contains_key(&spec.name) {
-            return Err(ApiError::resource_in_use(format!(
-                "The stream {} already exists.",
-                spec.name
-            )));
-        }
-        let name = spec.name.clone();
-        let mut stream = StreamState::new(spec, &self.region, &self.account_id, now);
-        stream.advance(now);
-        let arn = stream.arn.clone();
-        streams.insert(name, stream);
-        Ok(arn)
-    }
-
-    /// Fails a data-plane request when the stream's failure faults say so.
-    pub fn inject_internal_failure(&self, name: &str) -> Result<(), ApiError> {
-        let roll = self.random();
-        let mut streams = self.lock_streams();
-        let Some(stream) = streams.get_mut(name) else {
-            return Ok(());
-        };
-        if stream.faults.expired_tokens_next > 0 {
-            stream.faults.expired_tokens_next -= 1;
-            return Err(ApiError::expired_token());
-        }
-        if stream.faults.internal_failures_next > 0 {
-            stream.faults.internal_failures_next -= 1;
-            return Err(ApiError::internal_failure());
-        }
-        if roll < stream.faults.internal_failure_rate {
-            return Err(ApiError::internal_failure());
-        }
-        Ok(())
-    }
-
-    /// Whether this GetClip body is to stall part-way.
-    pub fn take_stall(&self, name: &str) -> bool {
-        let mut streams = self.lock_streams();
-        match streams.get_mut(name) {
-            Some(stream) if stream.faults.stalls_next > 0 => {
-                stream.faults.stalls_next -= 1;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Whether this GetClip body is to be cut off.
-    pub fn take_reset(&self, name: &str) -> bool {
-        let roll = self.random();
-        let mut streams = self.lock_streams();
-        let Some(stream) = streams.get_mut(name) else {
-            return false;
-        };
-        if stream.faults.resets_next > 0 {
-            stream.faults.resets_next -= 1;
-            return true;
-        }
-        roll < stream.faults.reset_rate
-    }
-}
 
 /// A fragment as tests see it: the ground truth to compare archives against.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct FragmentInfo {
+    /// Fragment number, 47 decimal digits as KVS's are.
     pub number: String,
+    /// When KVS received the fragment (its start), epoch ms.
     pub server_ms: i64,
+    /// The camera's timestamp of the fragment's start, epoch ms.
     pub producer_ms: i64,
+    /// Duration as ListFragments reports it.
     pub duration_ms: u32,
+    /// `FragmentSizeInBytes` as ListFragments reports it: media and Matroska overhead.
     pub reported_size: u64,
+    /// Bytes the fragment adds to a GetClip MP4's `mdat`.
     pub media_bytes: u64,
 }
 
@@ -158,22 +62,11 @@ impl Emulator {
         Self::start_on(config, SocketAddr::from(([127, 0, 0, 1], 0))).await
     }
 
+    /// Starts on `addr` (the binary's `--listen`).
     pub async fn start_on(config: EmulatorConfig, addr: SocketAddr) -> std::io::Result<Emulator> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared {
-            base_url: format!("http://{addr}"),
-            seed: config.seed,
-            credentials: Credentials {
-                access_key_id: config.access_key_id.clone(),
-                secret_access_key: config.secret_access_key.clone(),
-            },
-            region: config.region.clone(),
-            account_id: config.account_id.clone(),
-            streams: Mutex::new(HashMap::new()),
-            log: Mutex::new(Vec::new()),
-            rng: Mutex::new(config.seed | 1),
-        });
+        let shared = Arc::new(Shared::new(&config, format!("http://{addr}")));
         for spec in config.streams {
             shared
                 .add_stream(spec)
@@ -196,6 +89,7 @@ impl Emulator {
         })
     }
 
+    /// The address the server listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -205,8 +99,24 @@ impl Emulator {
         &self.shared.base_url
     }
 
+    /// Adds a stream while the emulator runs; returns its ARN.
     pub fn add_stream(&self, spec: StreamSpec) -> Result<String, ApiError> {
         self.shared.add_stream(spec)
+    }
+
+    /// Stops the emulated clock at its current reading and returns it (epoch ms). A live
+    /// stream then grows only as [`Emulator::advance_clock`] moves the clock, so a test
+    /// decides exactly which fragments exist at each request. SigV4 keeps using the host's
+    /// clock.
+    pub fn freeze_clock(&self) -> i64 {
+        self.shared.freeze_clock()
+    }
+
+    /// Moves the emulated clock forward by `by` (stopping it first if it runs) and returns
+    /// the new reading (epoch ms). Fragments that end by then appear; old ones may expire.
+    pub fn advance_clock(&self, by: std::time::Duration) -> i64 {
+        self.shared
+            .advance_clock(i64::try_from(by.as_millis()).unwrap_or(i64::MAX))
     }
 
     /// Changes a stream's faults while the emulator runs.
@@ -223,11 +133,12 @@ impl Emulator {
 
     /// Every request served so far, oldest first.
     pub fn requests(&self) -> Vec<RequestRecord> {
-        lock(&self.shared.log).clone()
+        self.shared.requests()
     }
 
+    /// Empties the request log.
     pub fn clear_requests(&self) {
-        lock(&self.shared.log).clear();
+        self.shared.clear_requests();
     }
 
     /// The stream's fragments that exist now (within retention), oldest first.
@@ -312,7 +223,9 @@ async fn dispatch(
             &uri,
             &headers,
             &body,
-            shared.now_ms() / 1000,
+            // Clients sign with the host's clock, so signatures are checked against it
+            // even when a test has stopped or moved the emulated one.
+            wall_clock_ms() / 1000,
         )
         .err(),
         _ => Some(ApiError::unknown_operation()),
@@ -338,7 +251,7 @@ async fn dispatch(
         truncated = record.truncated,
         "request"
     );
-    lock(&shared.log).push(record);
+    shared.record(record);
     response
 }
 
@@ -395,10 +308,10 @@ async fn admin_fragments(State(shared): State<Arc<Shared>>, Path(name): Path<Str
 }
 
 async fn admin_requests(State(shared): State<Arc<Shared>>) -> Response {
-    Json(lock(&shared.log).clone()).into_response()
+    Json(shared.requests()).into_response()
 }
 
 async fn admin_clear_requests(State(shared): State<Arc<Shared>>) -> Response {
-    lock(&shared.log).clear();
+    shared.clear_requests();
     StatusCode::NO_CONTENT.into_response()
 }

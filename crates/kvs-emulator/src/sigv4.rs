@@ -16,9 +16,12 @@ const MAX_CLOCK_SKEW_SECS: i64 = 15 * 60;
 /// The service name both KVS APIs sign with.
 pub const SIGNING_NAME: &str = "kinesisvideo";
 
+/// The one key pair the emulator accepts.
 #[derive(Clone, Debug)]
 pub struct Credentials {
+    /// Access key id a request's `Credential` must name.
     pub access_key_id: String,
+    /// Secret the signature is computed with.
     pub secret_access_key: String,
 }
 
@@ -111,6 +114,27 @@ pub fn verify(
     body: &[u8],
     now_epoch_secs: i64,
 ) -> Result<(), ApiError> {
+    let (auth, amz_date) = check_authorization(credentials, headers, now_epoch_secs)?;
+    let canonical_request = canonical_request(method, uri, headers, body, &auth);
+    let expected = signature(credentials, &auth, amz_date, &canonical_request);
+    if !constant_time_eq(expected.as_bytes(), auth.signature.as_bytes()) {
+        return Err(ApiError::invalid_signature(
+            "The request signature we calculated does not match the signature you provided. \
+             Check your AWS Secret Access Key and signing method. Consult the service \
+             documentation for details.",
+        ));
+    }
+    Ok(())
+}
+
+/// Reads the `Authorization` header and refuses, as AWS does, what can be told wrong
+/// before any hashing: an unknown key, another service, a missing or stale `X-Amz-Date`,
+/// a scope of another day, an unsigned `Host`. Returns the header and `X-Amz-Date`.
+fn check_authorization<'h>(
+    credentials: &Credentials,
+    headers: &'h HeaderMap,
+    now_epoch_secs: i64,
+) -> Result<(Authorization<'h>, &'h str), ApiError> {
     let Some(header) = headers.get(http::header::AUTHORIZATION) else {
         return Err(ApiError::missing_authentication_token());
     };
@@ -154,7 +178,17 @@ pub fn verify(
             "'Host' must be a 'SignedHeader'",
         ));
     }
+    Ok((auth, amz_date))
+}
 
+/// The canonical request, rebuilt from exactly the headers the client signed.
+fn canonical_request(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+    auth: &Authorization<'_>,
+) -> String {
     let mut canonical_headers = String::new();
     for name in &auth.signed_headers {
         let values: Vec<String> = headers
@@ -174,7 +208,7 @@ pub fn verify(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
         .unwrap_or_else(|| hex::encode(Sha256::digest(body)));
-    let canonical_request = format!(
+    format!(
         "{}\n{}\n{}\n{}\n{}\n{}",
         method.as_str(),
         canonical_uri(uri.path()),
@@ -182,7 +216,17 @@ pub fn verify(
         canonical_headers,
         auth.signed_headers.join(";"),
         payload_hash
-    );
+    )
+}
+
+/// The signature the client must have sent: HMAC chain of the secret over the scope, then
+/// over the string to sign.
+fn signature(
+    credentials: &Credentials,
+    auth: &Authorization<'_>,
+    amz_date: &str,
+    canonical_request: &str,
+) -> String {
     let scope = format!(
         "{}/{}/{}/aws4_request",
         auth.date, auth.region, auth.service
@@ -198,15 +242,7 @@ pub fn verify(
     let k_region = hmac(&k_date, auth.region.as_bytes());
     let k_service = hmac(&k_region, auth.service.as_bytes());
     let k_signing = hmac(&k_service, b"aws4_request");
-    let expected = hex::encode(hmac(&k_signing, string_to_sign.as_bytes()));
-    if !constant_time_eq(expected.as_bytes(), auth.signature.as_bytes()) {
-        return Err(ApiError::invalid_signature(
-            "The request signature we calculated does not match the signature you provided. \
-             Check your AWS Secret Access Key and signing method. Consult the service \
-             documentation for details.",
-        ));
-    }
-    Ok(())
+    hex::encode(hmac(&k_signing, string_to_sign.as_bytes()))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -10,12 +10,18 @@ use std::sync::Arc;
 const FRAGMENT_NUMBER_DIGITS: usize = 47;
 const COUNTER_DIGITS: usize = 20;
 
+/// One fragment KVS holds.
 #[derive(Debug, Clone)]
 pub struct Fragment {
+    /// Fragment number: 47 digits, a per-stream prefix and the ingest counter.
     pub number: String,
+    /// Server timestamp: when KVS received the fragment's start, epoch ms.
     pub server_ms: i64,
+    /// The camera's timestamp of the fragment's start, epoch ms.
     pub producer_ms: i64,
+    /// Duration, one of the spec's `fragment_durations_ms`.
     pub duration_ms: u32,
+    /// How the fragment's media is laid out; shared by fragments of one duration.
     pub layout: Arc<FragmentLayout>,
     /// Which codec private data the fragment carries; changes at `codec_changes_at`.
     pub codec_generation: u32,
@@ -28,11 +34,14 @@ pub struct Fragment {
 /// Which timestamp a selector compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimestampKind {
+    /// When KVS received the fragment.
     Server,
+    /// The camera's clock.
     Producer,
 }
 
 impl Fragment {
+    /// The fragment's start by the `kind` clock.
     pub fn timestamp(&self, kind: TimestampKind) -> i64 {
         match kind {
             TimestampKind::Server => self.server_ms,
@@ -50,6 +59,7 @@ pub struct Bucket {
 }
 
 impl Bucket {
+    /// A full bucket of `rate` points.
     pub fn new(rate: f64, now_ms: i64) -> Self {
         Bucket {
             rate,
@@ -77,14 +87,24 @@ impl Bucket {
 
 /// KVS's per-stream quota rates (quotas page, "fragment-based throttling").
 pub const MEDIA_POINTS_PER_SEC: f64 = 500.0;
+/// Fragment-metadata points per second: ListFragments costs MaxResults, GetClip a point
+/// per fragment.
 pub const METADATA_POINTS_PER_SEC: f64 = 10_000.0;
+/// DescribeStream and GetDataEndpoint calls per second (the control-plane quota).
 pub const CONTROL_TPS_PER_STREAM: f64 = 5.0;
 
+/// A stream as the emulator holds it: what it is, its faults, its fragments and its quotas.
 pub struct StreamState {
+    /// What the stream was created as.
     pub spec: StreamSpec,
+    /// The stream's ARN; it ends in the creation time, as KVS's do.
     pub arn: String,
+    /// DescribeStream's `Version`, from the name's hash.
     pub version: String,
+    /// DescribeStream's `CreationTime`, epoch ms: creation, or the first fragment's start if
+    /// the stream's history reaches further back.
     pub created_ms: i64,
+    /// The faults now in force; tests and the admin endpoint change them.
     pub faults: Faults,
     start_ms: i64,
     end_ms: Option<i64>,
@@ -95,12 +115,16 @@ pub struct StreamState {
     /// Producer timestamp of the last fragment ingested.
     last_producer_ms: Option<i64>,
     layouts: HashMap<u32, Arc<FragmentLayout>>,
+    /// Fragment-media points (GetClip).
     pub media_points: Bucket,
+    /// Fragment-metadata points (ListFragments, GetClip).
     pub metadata_points: Bucket,
+    /// Control-plane calls (DescribeStream, GetDataEndpoint).
     pub control_calls: Bucket,
 }
 
 impl StreamState {
+    /// A stream from `spec` created at `now_ms`, with no fragments until [`Self::advance`].
     pub fn new(spec: StreamSpec, region: &str, account: &str, now_ms: i64) -> Self {
         let start_ms = spec
             .start
@@ -143,6 +167,7 @@ impl StreamState {
         }
     }
 
+    /// Data retention in milliseconds.
     pub fn retention_ms(&self) -> i64 {
         i64::from(self.spec.data_retention_hours) * 3_600_000
     }
@@ -259,6 +284,7 @@ impl StreamState {
         !self.spec.late_fragments_at.is_empty()
     }
 
+    /// Server timestamp of the oldest fragment retention still keeps.
     pub fn oldest_server_ms(&self) -> Option<i64> {
         self.fragments.front().map(|f| f.server_ms)
     }
@@ -273,6 +299,7 @@ fn partition(a: &[Fragment], b: &[Fragment], pred: impl Fn(&Fragment) -> bool) -
     }
 }
 
+/// 64-bit FNV-1a: a stable hash for fragment-number prefixes and listing orders.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut hash = 0xcbf2_9ce4_8422_2325u64;
     for b in bytes {

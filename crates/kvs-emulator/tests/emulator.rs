@@ -158,6 +158,25 @@ async fn get_clip_bytes(client: &am::Client, stream: &str, start: i64, end: i64)
         .to_vec()
 }
 
+/// GetClip's refusal of a range, as the SDK reports it.
+async fn clip_error(
+    client: &am::Client,
+    stream: &str,
+    kind: ClipFragmentSelectorType,
+    start: i64,
+    end: i64,
+) -> am::operation::get_clip::GetClipError {
+    client
+        .get_clip()
+        .stream_name(stream)
+        .clip_fragment_selector(clip_range(kind, start, end))
+        .send()
+        .await
+        .map(|_| ())
+        .expect_err("GetClip refuses the range")
+        .into_service_error()
+}
+
 /// ffmpeg/ffprobe are needed for playback checks: missing tools fail in CI, skip locally.
 fn ffmpeg_available() -> bool {
     let found = Command::new("ffprobe").arg("-version").output().is_ok()
@@ -294,11 +313,19 @@ async fn control_plane_describes_streams_and_returns_its_own_endpoint() {
         .filter_map(|s| s.stream_name())
         .collect();
     assert_eq!(names, ["cam-a", "cam-new"]);
+}
 
-    // The per-stream control-plane quota is 5 TPS.
+#[tokio::test]
+async fn control_plane_calls_are_throttled_at_5_tps_per_stream() {
+    let emu = emulator(vec![
+        historical("described", 10, 2000),
+        historical("dialled", 10, 2000),
+    ])
+    .await;
+    let cp = control_client(&emu);
     let mut throttled = 0;
     for _ in 0..8 {
-        if let Err(e) = cp.describe_stream().stream_name("cam-new").send().await {
+        if let Err(e) = cp.describe_stream().stream_name("described").send().await {
             assert!(e.into_service_error().is_client_limit_exceeded_exception());
             throttled += 1;
         }
@@ -307,6 +334,22 @@ async fn control_plane_describes_streams_and_returns_its_own_endpoint() {
         throttled >= 2,
         "8 calls at once exceed 5 TPS, throttled {throttled}"
     );
+
+    // GetDataEndpoint shares the control-plane quota of 5 TPS per stream.
+    let mut throttled = 0;
+    for _ in 0..8 {
+        if let Err(e) = cp
+            .get_data_endpoint()
+            .stream_name("dialled")
+            .api_name(ApiName::ListFragments)
+            .send()
+            .await
+        {
+            assert!(e.into_service_error().is_client_limit_exceeded_exception());
+            throttled += 1;
+        }
+    }
+    assert!(throttled >= 2, "throttled {throttled} of 8");
 }
 
 #[tokio::test]
@@ -360,6 +403,71 @@ async fn list_fragments_pages_2500_fragments_unordered_without_loss() {
     let mut sorted = pages[0].clone();
     sorted.sort();
     assert_ne!(pages[0], sorted, "pages are in no specific order");
+}
+
+#[tokio::test]
+async fn pages_of_a_growing_live_stream_list_each_fragment_once_and_miss_none() {
+    let emu = emulator(Vec::new()).await;
+    // The clock stops before the stream exists, so the test alone decides when fragments
+    // arrive: 30 s of 1 s fragments now, one more for every second the clock moves.
+    let first_page_at = emu.freeze_clock();
+    let mut spec = StreamSpec::live("growing");
+    spec.backlog = std::time::Duration::from_secs(30);
+    spec.fragment_durations_ms = vec![1000];
+    emu.add_stream(spec).expect("stream added");
+    let client = media_client(&emu);
+    // An end an hour ahead keeps every fragment that arrives during the listing in range,
+    // as the archiver's window does when it reaches the live edge.
+    let (start, end) = (0, first_page_at + 3_600_000);
+
+    let single = list_all(&client, "growing", start, end, 1000).await;
+    assert_eq!(single.len(), 1, "one page holds the whole listing");
+    let expected: HashSet<String> = single.into_iter().flatten().collect();
+    assert_eq!(expected.len(), 30);
+
+    let mut pages: Vec<Vec<String>> = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let request = client
+            .list_fragments()
+            .stream_name("growing")
+            .max_results(4);
+        let request = match &token {
+            Some(t) => request.next_token(t),
+            None => request.fragment_selector(server_range(start, end)),
+        };
+        let out = request.send().await.expect("ListFragments succeeds");
+        pages.push(
+            out.fragments()
+                .iter()
+                .filter_map(|f| f.fragment_number().map(str::to_string))
+                .collect(),
+        );
+        let Some(next) = out.next_token() else { break };
+        token = Some(next.to_string());
+        // Three fragments arrive, all inside the listing's range, before the next page.
+        emu.advance_clock(std::time::Duration::from_secs(3));
+    }
+
+    let listed: Vec<String> = pages.iter().flatten().cloned().collect();
+    let unique: HashSet<String> = listed.iter().cloned().collect();
+    assert_eq!(unique.len(), listed.len(), "no fragment listed twice");
+    assert_eq!(
+        unique, expected,
+        "exactly the set of the first page's moment"
+    );
+    assert_eq!(pages.len(), 8, "30 fragments, 4 a page");
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_ne!(listed, sorted, "pages are in no specific order");
+    let grown = emu.fragments("growing").len();
+    assert_eq!(grown, 30 + 7 * 3, "the stream grew between the pages");
+    let later = list_all(&client, "growing", start, end, 1000).await;
+    assert_eq!(
+        later.concat().len(),
+        grown,
+        "a new listing sees what arrived"
+    );
 }
 
 #[tokio::test]
@@ -464,20 +572,7 @@ async fn get_clip_refuses_bad_ranges_and_unservable_streams_like_aws() {
     let frags = emu.fragments("cam");
     let t0 = frags[0].server_ms;
     let now = Utc::now().timestamp_millis();
-    let get = |stream: &'static str, kind: ClipFragmentSelectorType, a: i64, b: i64| {
-        let client = client.clone();
-        async move {
-            client
-                .get_clip()
-                .stream_name(stream)
-                .clip_fragment_selector(clip_range(kind, a, b))
-                .send()
-                .await
-                .map(|_| ())
-                .unwrap_err()
-                .into_service_error()
-        }
-    };
+    let get = |stream, kind, start, end| clip_error(&client, stream, kind, start, end);
     let server = ClipFragmentSelectorType::ServerTimestamp;
     let producer = ClipFragmentSelectorType::ProducerTimestamp;
 
@@ -862,20 +957,4 @@ async fn iam_denial_and_media_defects_map_to_their_modeled_exceptions() {
         "{bad_frame:?}"
     );
     assert!(get(0, 2).await.is_ok(), "clean fragments still package");
-
-    // GetDataEndpoint shares the control-plane quota of 5 TPS per stream.
-    let mut throttled = 0;
-    for _ in 0..8 {
-        if let Err(e) = cp
-            .get_data_endpoint()
-            .stream_name("defects")
-            .api_name(ApiName::ListFragments)
-            .send()
-            .await
-        {
-            assert!(e.into_service_error().is_client_limit_exceeded_exception());
-            throttled += 1;
-        }
-    }
-    assert!(throttled >= 2, "throttled {throttled} of 8");
 }
