@@ -12,7 +12,6 @@ use crate::source::kvs::{KvsSource, Pacing};
 use crate::telemetry::Progress;
 use crate::worker::{Archiver, PlanSummary, RunSummary};
 use aws_config::{BehaviorVersion, Region, SdkConfig};
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// The AWS configuration from the default credential chain (environment, profile,
@@ -301,7 +300,8 @@ pub async fn find(
     let url = match &finding {
         Ok(crate::find::Finding::Archived { object_key, .. }) => Some(
             archiver
-                .sink
+                .view()
+                .destination
                 .playable_url(object_key, std::time::Duration::from_secs(3600))
                 .await,
         )
@@ -338,8 +338,7 @@ pub async fn export(
     let sdk = sdk_config(&config.aws).await;
     let archiver = build(config, &sdk, Role::Reader).await?;
     let report = crate::export::export(
-        archiver.ledger.as_ref(),
-        &archiver.sink,
+        &archiver.view(),
         &stream.label(),
         stream.timestamp_source,
         start,
@@ -367,7 +366,7 @@ pub async fn rebuild_ledger(
     };
     let sdk = sdk_config(&config.aws).await;
     let archiver = build_reading_kvs(config, &sdk).await?;
-    let report = crate::rebuild::rebuild(&archiver, &streams, merge).await;
+    let report = crate::rebuild::rebuild(&archiver.view(), &archiver.source, &streams, merge).await;
     archiver.close().await;
     report
 }
@@ -381,7 +380,7 @@ pub async fn serve(
 ) -> Result<()> {
     let sdk = sdk_config(&config.aws).await;
     let archiver = build(config, &sdk, Role::Reader).await?;
-    crate::web::serve(archiver, listen, token, shutdown).await
+    crate::web::serve(archiver.view(), listen, token, shutdown).await
 }
 
 /// Parses a command-line timestamp (RFC 3339) for `flag`.
@@ -426,6 +425,21 @@ fn check_range(start: EpochMs, end: EpochMs) -> Result<()> {
 
 /// `backfill`: archives `[start, end]` of one stream.
 pub async fn backfill(
+    config: Config,
+    label: &str,
+    start: EpochMs,
+    end: EpochMs,
+    shutdown: &Shutdown,
+) -> Result<RunSummary> {
+    let sdk = sdk_config(&config.aws).await;
+    let archiver = build(config, &sdk, Role::Backfill).await?;
+    let summary = backfill_with(&archiver, label, start, end, shutdown).await;
+    archiver.close().await;
+    summary
+}
+
+/// [`backfill`] on a built archiver (the demo's too).
+pub async fn backfill_with(
     archiver: &Archiver,
     label: &str,
     start: EpochMs,
@@ -459,23 +473,63 @@ pub async fn backfill(
 
 /// `plan`: what `backfill` would fetch, without fetching.
 pub async fn plan(
-    archiver: &Archiver,
+    config: Config,
     label: &str,
     start: EpochMs,
     end: EpochMs,
 ) -> Result<PlanSummary> {
     check_range(start, end)?;
-    let stream = configured_stream(&archiver.config, label)?;
-    archiver.source.describe_first(&stream).await?;
-    let end = end.min(chrono::Utc::now().timestamp_millis() - 1);
-    archiver
-        .plan_range(&stream, start, end, true, &Progress::hidden())
-        .await
+    let stream = configured_stream(&config, label)?;
+    let sdk = sdk_config(&config.aws).await;
+    let archiver = build_reading_kvs(config, &sdk).await?;
+    let planned = async {
+        archiver.source.describe_first(&stream).await?;
+        let end = end.min(chrono::Utc::now().timestamp_millis() - 1);
+        archiver
+            .plan_range(&stream, start, end, true, &Progress::hidden())
+            .await
+    }
+    .await;
+    archiver.close().await;
+    planned
 }
 
-/// Human summary of a run, for the terminal.
-/// `verify`: the stream's archive over `[start, end]` (default: KVS's retention window).
+/// `status`: what the ledger says of every stream, and the processes working on it.
+pub async fn status(
+    config: &Config,
+) -> Result<(
+    Vec<crate::ledger::StreamStatus>,
+    Vec<crate::ledger::InstanceView>,
+)> {
+    let ledger =
+        crate::ledger::open(&config.state.database_url, identity(config, Role::Reader)?).await?;
+    let streams = ledger.status().await;
+    let instances = ledger.instances().await;
+    ledger.close().await;
+    Ok((streams?, instances?))
+}
+
+/// `verify`: the stream's archive over `[start, end]` (default: KVS's retention window);
+/// `repair` archives again what is missing or damaged.
 pub async fn verify(
+    config: Config,
+    label: &str,
+    (start, end): (Option<&str>, Option<&str>),
+    repair: bool,
+    shutdown: &Shutdown,
+) -> Result<crate::verify::VerifyReport> {
+    let sdk = sdk_config(&config.aws).await;
+    let archiver = if repair {
+        build(config, &sdk, Role::Verify).await?
+    } else {
+        build_reading_kvs(config, &sdk).await?
+    };
+    let report = verify_with(&archiver, label, start, end, repair, shutdown).await;
+    archiver.close().await;
+    report
+}
+
+async fn verify_with(
     archiver: &Archiver,
     label: &str,
     start: Option<&str>,
@@ -500,16 +554,24 @@ pub async fn verify(
         .sink
         .check(&archiver.config.destination.prefix, true)
         .await?;
+    let view = archiver.view();
     if !repair {
-        return crate::verify::verify(archiver, &stream, start, end, repair, shutdown).await;
+        return crate::verify::verify(&view, &archiver.source, &stream, start, end).await;
     }
     // A repair archives: it takes the stream like a backfill.
     archiver.hold_stream(&stream, true, shutdown).await?;
-    let report = crate::verify::verify(archiver, &stream, start, end, repair, shutdown).await;
+    let report = async {
+        let mut report =
+            crate::verify::verify(&view, &archiver.source, &stream, start, end).await?;
+        crate::verify::repair(archiver, &stream, (start, end), &mut report, shutdown).await?;
+        Ok(report)
+    }
+    .await;
     archiver.release_stream(&stream).await;
     report
 }
 
+/// Human summary of a run, for the terminal.
 pub fn describe_run(summary: &RunSummary) -> String {
     let mut text = format!(
         "{} chunks: {} archived, {} failed, {} expired, {} pending",
@@ -535,15 +597,14 @@ pub fn describe_run(summary: &RunSummary) -> String {
     text
 }
 
-/// `run`: the daemon (`once`: one pass over every stream, then exit). Returns whether
-/// every pass archived everything it had to.
+/// `run`: the daemon (`once`: one pass over every stream, then exit), built and handed
+/// to [`crate::daemon::run`]. Returns whether every pass archived everything it had to.
 pub async fn run_daemon(
     config: Config,
     sdk: &SdkConfig,
     once: bool,
     shutdown: Shutdown,
 ) -> Result<bool> {
-    use crate::daemon::{archive_stream, pass_failed, run_queue};
     if config.streams.is_empty() {
         return Err(Error::Usage(
             "run: no [[streams]] configured: nothing to archive".into(),
@@ -554,162 +615,8 @@ pub async fn run_daemon(
         crate::metrics::serve(addr, &identity(&config, role)?.instance).await?;
     }
     let zone = config.daemon.zone()?;
-    let default_schedule = config.daemon.schedule.clone();
     let max_in_flight = config.daemon.max_clips_in_flight;
     let mut archiver = build(config, sdk, role).await?;
     archiver.in_flight = Some(Arc::new(tokio::sync::Semaphore::new(max_in_flight)));
-    let archiver = Arc::new(archiver);
-    archiver
-        .sink
-        .check(&archiver.config.destination.prefix, false)
-        .await?;
-    archiver.recover().await?;
-
-    let streams: HashMap<String, StreamConfig> = archiver
-        .config
-        .streams
-        .iter()
-        .map(|s| (s.label(), s.clone()))
-        .collect();
-    let (tx, rx) = tokio::sync::mpsc::channel(streams.len() * 2 + 1);
-    // Every stream gets a pass at once: a first start backfills the whole retention.
-    for label in archiver.config.streams.iter().map(StreamConfig::label) {
-        let _ = tx.try_send(label);
-    }
-    let mut scheduler = None;
-    if once {
-        drop(tx);
-    } else {
-        let pairs: Vec<(String, String)> = archiver
-            .config
-            .streams
-            .iter()
-            .map(|s| {
-                (
-                    s.label(),
-                    s.schedule
-                        .clone()
-                        .unwrap_or_else(|| default_schedule.clone()),
-                )
-            })
-            .collect();
-        scheduler = Some(crate::schedule::Scheduler::start(&pairs, zone, tx).await?);
-        let _ = sd_notify::notify(&[
-            sd_notify::NotifyState::Ready,
-            sd_notify::NotifyState::Status(&format!("archiving {} streams", streams.len())),
-        ]);
-        if let Some(interval) = sd_notify::watchdog_enabled() {
-            let stop = shutdown.hard.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(interval / 2);
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => { let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]); }
-                        _ = stop.cancelled() => return,
-                    }
-                }
-            });
-        }
-        tracing::info!(streams = streams.len(), "daemon started");
-    }
-    // Next firings go to the ledger for `status`.
-    let firings = scheduler.take().map(|mut scheduler| {
-        let archiver = archiver.clone();
-        let streams: Vec<StreamConfig> = streams.values().cloned().collect();
-        let stop = shutdown.soft.clone();
-        tokio::spawn(async move {
-            // Written only when it changes (after a firing): rewriting every stream's row
-            // every 5 s was most of an idle daemon's CPU with a thousand streams.
-            let mut written: HashMap<String, EpochMs> = HashMap::new();
-            loop {
-                for s in &streams {
-                    let label = s.label();
-                    if let Some(next) = scheduler.next_firing(&label).await {
-                        if written.get(&label) == Some(&next) {
-                            continue;
-                        }
-                        let update = crate::ledger::StreamProgress {
-                            next_run_ms: Some(next),
-                            ..Default::default()
-                        };
-                        if archiver
-                            .ledger
-                            .update_progress(&label, s.timestamp_source, &update)
-                            .await
-                            .is_ok()
-                        {
-                            written.insert(label, next);
-                        }
-                    }
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
-                    _ = stop.cancelled() => break,
-                }
-            }
-            scheduler.stop().await;
-        })
-    });
-
-    let pass_archiver = archiver.clone();
-    let pass_shutdown = shutdown.clone();
-    let streams = Arc::new(streams);
-    let outcomes = run_queue(
-        rx,
-        move |label: String| {
-            let archiver = pass_archiver.clone();
-            let shutdown = pass_shutdown.clone();
-            let stream = streams.get(&label).cloned();
-            Box::pin(async move {
-                let stream =
-                    stream.ok_or_else(|| Error::Usage(format!("unknown stream {label}")))?;
-                let limit = archiver.config.daemon.pass_timeout;
-                let outcome = match tokio::time::timeout(limit, archive_stream(archiver.clone(), stream.clone(), shutdown)).await {
-                    Ok(outcome) => outcome,
-                    // The pass's workers were dropped: their chunks are no longer active
-                    // here, so the next pass takes them back and aborts their uploads.
-                    Err(_) => Err(Error::Usage(format!(
-                        "pass over {label} took longer than daemon.pass_timeout ({}): stopped; the next pass continues",
-                        humantime::format_duration(limit)
-                    ))),
-                };
-                match &outcome {
-                    Ok(report) => tracing::info!(
-                        stream = %label,
-                        archived = report.summary.done,
-                        failed = report.summary.failed.len(),
-                        expired = report.summary.expired.len() as u64 + report.expired_fragments,
-                        at_risk = report.at_risk,
-                        "pass finished"
-                    ),
-                    Err(Error::Interrupted) => {
-                        tracing::info!(stream = %label, "pass stopped by shutdown")
-                    }
-                    Err(error) => tracing::error!(stream = %label, %error, "pass failed"),
-                }
-                // The stream goes back after every pass: any live daemon may take it at
-                // its next firing (one that timed out or failed too).
-                if !matches!(&outcome, Ok(report) if report.skipped.is_some()) {
-                    archiver.release_stream(&stream).await;
-                }
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&format!(
-                    "last pass: {label}"
-                ))]);
-                outcome
-            })
-        },
-        &shutdown,
-    )
-    .await;
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    shutdown.soft.cancel();
-    if let Some(task) = firings {
-        let _ = task.await;
-    }
-    archiver.close().await;
-    // A daemon stopped by a signal has done its job; `--once` reports its passes.
-    Ok(!once
-        || !outcomes
-            .iter()
-            .any(|(_, o)| !matches!(o, Err(Error::Interrupted)) && pass_failed(o)))
+    crate::daemon::run(Arc::new(archiver), once, zone, shutdown).await
 }

@@ -7,16 +7,210 @@
 //! unarchived fragment is to KVS's retention edge.
 
 use crate::config::StreamConfig;
+use crate::domain::EpochMs;
 use crate::error::{Error, Result};
 use crate::ledger::StreamProgress;
+use crate::schedule::{Scheduler, Zone};
 use crate::shutdown::Shutdown;
 use crate::telemetry::Progress;
 use crate::worker::{now_ms, Archiver, RunSummary};
 use futures_util::future::BoxFuture;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+
+/// How often the next firings are looked at for `status`.
+const FIRINGS_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs the daemon on a built archiver: checks the destination, takes back what a dead
+/// process left, queues a first pass of every stream, then (unless `once`) follows the
+/// schedules until `shutdown`. Returns whether every pass archived everything it had to
+/// (a daemon stopped by a signal has done its job; `--once` reports its passes).
+pub async fn run(
+    archiver: Arc<Archiver>,
+    once: bool,
+    zone: Zone,
+    shutdown: Shutdown,
+) -> Result<bool> {
+    archiver
+        .sink
+        .check(&archiver.config.destination.prefix, false)
+        .await?;
+    archiver.recover().await?;
+    let streams: HashMap<String, StreamConfig> = archiver
+        .config
+        .streams
+        .iter()
+        .map(|s| (s.label(), s.clone()))
+        .collect();
+    let (tx, rx) = mpsc::channel(streams.len() * 2 + 1);
+    // Every stream gets a pass at once: a first start backfills the whole retention.
+    for label in archiver.config.streams.iter().map(StreamConfig::label) {
+        let _ = tx.try_send(label);
+    }
+    let firings = if once {
+        drop(tx);
+        None
+    } else {
+        let scheduler = start_schedules(&archiver, zone, tx, &shutdown).await?;
+        let streams = streams.values().cloned().collect();
+        Some(tokio::spawn(record_next_firings(
+            archiver.clone(),
+            scheduler,
+            streams,
+            shutdown.clone(),
+        )))
+    };
+    let streams = Arc::new(streams);
+    let pass_archiver = archiver.clone();
+    let pass_shutdown = shutdown.clone();
+    let outcomes = run_queue(
+        rx,
+        move |label: String| {
+            let stream = streams.get(&label).cloned();
+            Box::pin(scheduled_pass(
+                pass_archiver.clone(),
+                label,
+                stream,
+                pass_shutdown.clone(),
+            ))
+        },
+        &shutdown,
+    )
+    .await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    shutdown.soft.cancel();
+    if let Some(task) = firings {
+        let _ = task.await;
+    }
+    archiver.close().await;
+    Ok(!once
+        || !outcomes
+            .iter()
+            .any(|(_, o)| !matches!(o, Err(Error::Interrupted)) && pass_failed(o)))
+}
+
+/// Starts every stream's cron schedule (firings queue its name on `queue`), tells systemd
+/// the daemon is ready, and pings its watchdog until the hard stop.
+async fn start_schedules(
+    archiver: &Archiver,
+    zone: Zone,
+    queue: mpsc::Sender<String>,
+    shutdown: &Shutdown,
+) -> Result<Scheduler> {
+    let default_schedule = &archiver.config.daemon.schedule;
+    let pairs: Vec<(String, String)> = archiver
+        .config
+        .streams
+        .iter()
+        .map(|s| {
+            let schedule = s.schedule.as_ref().unwrap_or(default_schedule);
+            (s.label(), schedule.clone())
+        })
+        .collect();
+    let scheduler = Scheduler::start(&pairs, zone, queue).await?;
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("archiving {} streams", pairs.len())),
+    ]);
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        let stop = shutdown.hard.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval / 2);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => { let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]); }
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+    }
+    tracing::info!(streams = pairs.len(), "daemon started");
+    Ok(scheduler)
+}
+
+/// Writes each stream's next firing to the ledger (for `status`) until the soft stop,
+/// then stops the scheduler. Written only when it changes (after a firing): rewriting
+/// every stream's row every 5 s was most of an idle daemon's CPU with a thousand streams.
+async fn record_next_firings(
+    archiver: Arc<Archiver>,
+    mut scheduler: Scheduler,
+    streams: Vec<StreamConfig>,
+    shutdown: Shutdown,
+) {
+    let mut written: HashMap<String, EpochMs> = HashMap::new();
+    loop {
+        for s in &streams {
+            let label = s.label();
+            let Some(next) = scheduler.next_firing(&label).await else {
+                continue;
+            };
+            if written.get(&label) == Some(&next) {
+                continue;
+            }
+            let update = StreamProgress {
+                next_run_ms: Some(next),
+                ..Default::default()
+            };
+            if archiver
+                .ledger
+                .update_progress(&label, s.timestamp_source, &update)
+                .await
+                .is_ok()
+            {
+                written.insert(label, next);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(FIRINGS_REFRESH) => {}
+            _ = shutdown.soft.cancelled() => break,
+        }
+    }
+    scheduler.stop().await;
+}
+
+/// One queued pass over `label`, within `daemon.pass_timeout`, logged; the stream is
+/// given back afterwards so any live daemon may take it at its next firing.
+async fn scheduled_pass(
+    archiver: Arc<Archiver>,
+    label: String,
+    stream: Option<StreamConfig>,
+    shutdown: Shutdown,
+) -> Result<PassReport> {
+    let stream = stream.ok_or_else(|| Error::Usage(format!("unknown stream {label}")))?;
+    let limit = archiver.config.daemon.pass_timeout;
+    let pass = archive_stream(archiver.clone(), stream.clone(), shutdown);
+    let outcome = match tokio::time::timeout(limit, pass).await {
+        Ok(outcome) => outcome,
+        // The pass's workers were dropped: their chunks are no longer active here, so
+        // the next pass takes them back and aborts their uploads.
+        Err(_) => Err(Error::Usage(format!(
+            "pass over {label} took longer than daemon.pass_timeout ({}): stopped; the next pass continues",
+            humantime::format_duration(limit)
+        ))),
+    };
+    match &outcome {
+        Ok(report) => tracing::info!(
+            stream = %label,
+            archived = report.summary.done,
+            failed = report.summary.failed.len(),
+            expired = report.summary.expired.len() as u64 + report.expired_fragments,
+            at_risk = report.at_risk,
+            "pass finished"
+        ),
+        Err(Error::Interrupted) => tracing::info!(stream = %label, "pass stopped by shutdown"),
+        Err(error) => tracing::error!(stream = %label, %error, "pass failed"),
+    }
+    // A pass that timed out or failed gives the stream back too.
+    if !matches!(&outcome, Ok(report) if report.skipped.is_some()) {
+        archiver.release_stream(&stream).await;
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&format!(
+        "last pass: {label}"
+    ))]);
+    outcome
+}
 
 /// What one pass over one stream did.
 #[derive(Debug, Default)]

@@ -58,7 +58,7 @@ pub async fn run(output: &Path, shutdown: &Shutdown) -> Result<PathBuf> {
         crate::domain::rfc3339(end),
         archive.display()
     );
-    let summary = crate::app::backfill(&archiver, CAMERA, start, end, shutdown).await?;
+    let summary = crate::app::backfill_with(&archiver, CAMERA, start, end, shutdown).await?;
     eprintln!("demo: {}", crate::app::describe_run(&summary));
     let chunks = archiver
         .ledger

@@ -8,6 +8,7 @@
 //! Memory holds the sample tables (a few bytes per frame), never the media: the header is
 //! written first, then each run of samples is streamed from the store into the file.
 
+use crate::archive::ArchiveView;
 use crate::domain::ChunkKind;
 use crate::domain::{rfc3339, EpochMs, Fragment, TimestampSource};
 use crate::error::{Error, Result};
@@ -233,8 +234,7 @@ async fn why_missing(
 /// Writes `[start, end)` of `stream` from the archive to `output`.
 #[allow(clippy::too_many_arguments)]
 pub async fn export(
-    ledger: &dyn Ledger,
-    sink: &Sink,
+    archive: &ArchiveView,
     stream: &str,
     source: TimestampSource,
     start: EpochMs,
@@ -244,6 +244,7 @@ pub async fn export(
     label: &str,
     policy: &RetryPolicy,
 ) -> Result<ExportReport> {
+    let (ledger, sink) = (archive.ledger.as_ref(), archive.destination.as_ref());
     let mut objects: Vec<Object> = Vec::new();
     let mut pieces: Vec<Piece> = Vec::new();
     let mut left_out: Vec<LeftOut> = Vec::new();

@@ -33,6 +33,7 @@
 //! then the same per-chunk path) → at-risk check → metrics.
 
 pub mod app;
+pub mod archive;
 pub mod config;
 pub mod crashpoint;
 pub mod daemon;
@@ -54,6 +55,7 @@ pub mod schedule;
 pub mod shutdown;
 pub mod sink;
 pub mod source;
+pub mod status;
 pub mod telemetry;
 pub mod verify;
 pub mod web;

@@ -6,7 +6,7 @@ use kvs_archiver::app;
 use kvs_archiver::config::Config;
 use kvs_archiver::error::Error;
 use kvs_archiver::find::Finding;
-use kvs_archiver::ledger::{ChunkState, Role};
+use kvs_archiver::ledger::ChunkState;
 use kvs_archiver::shutdown::Shutdown;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -275,22 +275,49 @@ async fn demo(output: &std::path::Path) -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run(cli: Cli) -> Result<ExitCode, Error> {
-    match &cli.command {
+/// Exit status 0 when `ok`, else 1 (the work failed; what failed was printed).
+fn status_for(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Prints `value` as JSON with `json`, else its human text.
+fn print_report<T: serde::Serialize>(value: &T, json: bool, text: impl FnOnce(&T) -> String) {
+    if json {
+        print_json(value);
+    } else {
+        println!("{}", text(value));
+    }
+}
+
+/// The commands that need no configuration; `None` for the others.
+async fn run_without_configuration(command: &Command) -> Result<Option<ExitCode>, Error> {
+    match command {
         #[cfg(feature = "demo")]
-        Command::Demo { output } => return demo(output).await,
+        Command::Demo { output } => demo(output).await.map(Some),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(*shell, &mut command, "kvs-archiver", &mut std::io::stdout());
-            return Ok(ExitCode::SUCCESS);
+            Ok(Some(ExitCode::SUCCESS))
         }
         Command::Man => {
             let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
             page.render(&mut std::io::stdout())
                 .map_err(|e| Error::Usage(format!("man: cannot write the page: {e}")))?;
-            return Ok(ExitCode::SUCCESS);
+            Ok(Some(ExitCode::SUCCESS))
         }
-        _ => {}
+        _ => Ok(None),
+    }
+}
+
+/// Parses nothing more: loads the configuration, starts the bundled emulator for the
+/// commands that ask KVS, hands the command over, and maps its result to an exit status.
+async fn run(cli: Cli) -> Result<ExitCode, Error> {
+    if let Some(code) = run_without_configuration(&cli.command).await? {
+        return Ok(code);
     }
     let mut config = Config::load(cli.config.as_deref())?;
     // Only the commands that ask KVS start it; it serves for as long as the command runs.
@@ -316,19 +343,14 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         }
         Command::IamPolicy { account } => {
             let policy = kvs_archiver::iam::policy(&config, account.as_deref());
-            let text = serde_json::to_string_pretty(&policy)
-                .map_err(|e| Error::Usage(format!("iam-policy: {e}")))?;
-            println!("{text}");
+            print_json(&policy);
             Ok(ExitCode::SUCCESS)
         }
         Command::Find { stream, at, json } => {
             let t = app::parse_time(&at, "--at")?;
             let (finding, url) = app::find(config, &stream, t).await?;
             print_finding(&stream, t, &finding, url.as_deref(), json);
-            Ok(match finding {
-                Finding::Archived { .. } => ExitCode::SUCCESS,
-                _ => ExitCode::from(1),
-            })
+            Ok(status_for(matches!(finding, Finding::Archived { .. })))
         }
         Command::Export {
             range,
@@ -338,11 +360,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         } => {
             let (start, end) = range.parse()?;
             let report = app::export(config, &range.stream, start, end, gaps, &output).await?;
-            if json {
-                print_json(&report);
-            } else {
-                println!("{}", report.describe());
-            }
+            print_report(&report, json, |r| r.describe());
             Ok(ExitCode::SUCCESS)
         }
         Command::RebuildLedger {
@@ -351,181 +369,37 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             json,
         } => {
             let report = app::rebuild_ledger(config, stream.as_deref(), merge).await?;
-            if json {
-                print_json(&report);
-            } else {
-                println!("{}", report.describe());
-            }
+            print_report(&report, json, |r| r.describe());
             // Objects left out for their metadata are work not done: the operator looks.
-            Ok(if report.untrusted.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            Ok(status_for(report.untrusted.is_empty()))
         }
         Command::Serve { listen, token_file } => {
-            let token = match token_file {
-                Some(path) => Some(
-                    std::fs::read_to_string(&path)
-                        .map_err(|e| Error::Usage(format!("--token-file {}: {e}", path.display())))?
-                        .trim()
-                        .to_string(),
-                ),
-                None => std::env::var("KVS_ARCHIVER_SERVE_TOKEN")
-                    .ok()
-                    .map(|t| t.trim().to_string()),
-            }
-            .filter(|t| !t.is_empty());
+            let token = serve_token(token_file.as_deref())?;
             app::serve(config, listen, token, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json } => {
-            let identity = app::identity(&config, Role::Reader)?;
-            let ledger = kvs_archiver::ledger::open(&config.state.database_url, identity).await?;
-            let status = ledger.status().await?;
-            let instances = ledger.instances().await?;
-            ledger.close().await;
-            let now = chrono::Utc::now().timestamp_millis();
+            let (streams, instances) = app::status(&config).await?;
             if json {
-                let shown = serde_json::json!({ "streams": status, "instances": instances });
-                print_json(&shown);
-            } else if status.is_empty() {
-                println!("nothing archived yet");
+                print_json(&serde_json::json!({ "streams": streams, "instances": instances }));
             } else {
-                for s in status {
-                    println!(
-                        "{}: {} chunks archived ({} fragments, {:.1} MB) through {}, {} pending, {} in flight, {} failed, {} expired",
-                        s.stream,
-                        s.done,
-                        s.archived_fragments,
-                        s.archived_bytes as f64 / 1e6,
-                        s.archived_through_ms.map(kvs_archiver::domain::rfc3339).unwrap_or_else(|| "-".into()),
-                        s.pending,
-                        s.in_flight,
-                        s.failed,
-                        s.expired
-                    );
-                    let now = chrono::Utc::now().timestamp_millis();
-                    if let Some(through) = s.archived_through_ms {
-                        print!("  lag {:.0} s", (now - through) as f64 / 1000.0);
-                    }
-                    if let Some(next) = s.next_run_ms {
-                        print!(", next run {}", kvs_archiver::domain::rfc3339(next));
-                    }
-                    if let (Some(oldest), Some(retention)) =
-                        (s.oldest_unarchived_ms, s.retention_ms)
-                    {
-                        let left = (oldest + retention - now) as f64 / 1000.0;
-                        let at_risk = left < config.daemon.retention_alarm.as_secs_f64();
-                        print!(
-                            ", oldest unarchived expires in {left:.0} s{}",
-                            if at_risk { " (AT RISK)" } else { "" }
-                        );
-                    }
-                    println!();
-                    if s.late_fragments > 0 {
-                        println!(
-                            "  {} fragments archived late (listed after their range), {} of them as Matroska",
-                            s.late_fragments, s.mkv_fragments
-                        );
-                    }
-                    for f in &s.failures {
-                        println!(
-                            "  failed {} [{}] after {} attempts: {}{}",
-                            f.object_key,
-                            f.kind,
-                            f.attempts,
-                            f.reason,
-                            f.next_attempt_ms
-                                .map(|t| format!(
-                                    " (next try {})",
-                                    kvs_archiver::domain::rfc3339(t)
-                                ))
-                                .unwrap_or_default()
-                        );
-                    }
-                    if let Some(error) = s.last_run_error {
-                        println!("  last run error: {error}");
-                    }
-                    if !s.archived_by_instance.is_empty() {
-                        let by: Vec<String> = s
-                            .archived_by_instance
-                            .iter()
-                            .map(|(instance, n)| format!("{instance} {n}"))
-                            .collect();
-                        println!("  chunks archived per instance: {}", by.join(", "));
-                    }
-                    if let Some(holder) = &s.held_by {
-                        println!(
-                            "  worked by instance {} ({}, {}) since {}",
-                            holder.instance,
-                            holder.role,
-                            holder.owner,
-                            kvs_archiver::domain::rfc3339(holder.acquired_ms)
-                        );
-                    }
-                    for chunk in &s.in_flight_chunks {
-                        println!(
-                            "  {} {} held by instance {} ({}){}",
-                            chunk.state,
-                            chunk.object_key,
-                            chunk.instance,
-                            chunk.owner,
-                            chunk
-                                .lease_until_ms
-                                .map(|t| format!(
-                                    ", lease until {}",
-                                    kvs_archiver::domain::rfc3339(t)
-                                ))
-                                .unwrap_or_default()
-                        );
-                    }
-                }
-            }
-            if !json && !instances.is_empty() {
-                println!("instances:");
-                for i in &instances {
-                    let ago = (now - i.last_seen_ms).max(0) as f64 / 1000.0;
-                    let alive = ago * 1000.0 <= config.state.lease.as_millis() as f64;
-                    println!(
-                        "  {} ({}) {} on {} pid {}: last seen {} ({ago:.0} s ago){}",
-                        i.instance,
-                        i.role,
-                        i.owner,
-                        i.host,
-                        i.pid,
-                        kvs_archiver::domain::rfc3339(i.last_seen_ms),
-                        if alive { "" } else { ", not alive" }
-                    );
-                }
+                print!(
+                    "{}",
+                    kvs_archiver::status::describe(
+                        &streams,
+                        &instances,
+                        chrono::Utc::now().timestamp_millis(),
+                        config.daemon.retention_alarm,
+                        config.state.lease,
+                    )
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Plan { range, json } => {
             let (start, end) = range.parse()?;
-            let sdk = app::sdk_config(&config.aws).await;
-            let archiver = app::build_reading_kvs(config, &sdk).await?;
-            let plan = app::plan(&archiver, &range.stream, start, end).await?;
-            if json {
-                print_json(&plan);
-            } else {
-                for c in &plan.chunks {
-                    println!(
-                        "{} .. {}  {:>3} fragments  {:>10} bytes  {:>7.1} s",
-                        kvs_archiver::domain::rfc3339(c.start_ms),
-                        kvs_archiver::domain::rfc3339(c.end_ms),
-                        c.fragment_count,
-                        c.bytes,
-                        c.duration_ms as f64 / 1000.0
-                    );
-                }
-                println!(
-                    "{} chunks, {} fragments listed, {} already archived",
-                    plan.chunks.len(),
-                    plan.fragments,
-                    plan.already_covered
-                );
-            }
+            let plan = app::plan(config, &range.stream, start, end).await?;
+            print_report(&plan, json, |p| p.describe());
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify {
@@ -535,63 +409,47 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             repair,
             json,
         } => {
-            let sdk = app::sdk_config(&config.aws).await;
-            let archiver = if repair {
-                app::build(config, &sdk, Role::Verify).await?
-            } else {
-                app::build_reading_kvs(config, &sdk).await?
-            };
-            let report = app::verify(
-                &archiver,
-                &stream,
-                start.as_deref(),
-                end.as_deref(),
-                repair,
-                &shutdown,
-            )
-            .await;
-            archiver.close().await;
-            let report = report?;
-            if json {
-                print_json(&report);
-            } else {
-                println!("{}", report.describe());
-            }
-            Ok(if report.clean() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            let range = (start.as_deref(), end.as_deref());
+            let report = app::verify(config, &stream, range, repair, &shutdown).await?;
+            print_report(&report, json, |r| r.describe());
+            Ok(status_for(report.clean()))
         }
         Command::Backfill { range } => {
             let (start, end) = range.parse()?;
             let stream = range.stream;
-            let sdk = app::sdk_config(&config.aws).await;
-            let archiver = app::build(config, &sdk, Role::Backfill).await?;
-            let summary = app::backfill(&archiver, &stream, start, end, &shutdown).await;
-            archiver.close().await;
-            let summary = summary?;
+            let summary = app::backfill(config, &stream, start, end, &shutdown).await?;
             let text = app::describe_run(&summary);
             if summary.complete() {
                 eprintln!("backfill {stream}: complete: {text}");
-                Ok(ExitCode::SUCCESS)
             } else {
                 eprintln!("backfill {stream}: incomplete: {text}\nrun the same command again to retry what failed");
-                Ok(ExitCode::from(1))
             }
+            Ok(status_for(summary.complete()))
         }
         Command::Run { once } => {
             let sdk = app::sdk_config(&config.aws).await;
             let ok = app::run_daemon(config, &sdk, once, shutdown).await?;
-            Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            Ok(status_for(ok))
         }
         // Answered before the configuration was read.
         #[cfg(feature = "demo")]
         Command::Demo { .. } => Ok(ExitCode::SUCCESS),
         Command::Completions { .. } | Command::Man => Ok(ExitCode::SUCCESS),
     }
+}
+
+/// `serve`'s bearer token: from `--token-file`, else `KVS_ARCHIVER_SERVE_TOKEN`.
+fn serve_token(token_file: Option<&std::path::Path>) -> Result<Option<String>, Error> {
+    let token = match token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| Error::Usage(format!("--token-file {}: {e}", path.display())))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("KVS_ARCHIVER_SERVE_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_string()),
+    };
+    Ok(token.filter(|t| !t.is_empty()))
 }

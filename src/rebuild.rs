@@ -7,6 +7,7 @@
 //! never from GetClip. Objects whose fragments KVS no longer lists get one fragment row
 //! spanning the object, from the metadata alone: KVS cannot archive them again anyway.
 
+use crate::archive::ArchiveView;
 use crate::config::StreamConfig;
 use crate::config::GET_CLIP_MAX_FRAGMENTS;
 use crate::domain::{
@@ -15,7 +16,7 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::plan::sort_and_dedup;
-use crate::worker::Archiver;
+use crate::source::kvs::KvsSource;
 use futures_util::StreamExt;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
@@ -230,12 +231,13 @@ fn fragments_of(object: &Described, listed: &[Fragment], taken: &HashSet<String>
 
 /// Rebuilds the ledger's chunks of `streams` from the destination.
 pub async fn rebuild(
-    archiver: &Archiver,
+    archive: &ArchiveView,
+    kvs: &KvsSource,
     streams: &[StreamConfig],
     merge: bool,
 ) -> Result<RebuildReport> {
     if !merge {
-        let held: Vec<String> = archiver
+        let held: Vec<String> = archive
             .ledger
             .status()
             .await?
@@ -246,17 +248,17 @@ pub async fn rebuild(
         if !held.is_empty() {
             return Err(Error::Usage(format!(
                 "rebuild-ledger: the ledger at {} already holds chunks (streams: {}); give --merge to add only the objects it lacks, or point state.database_url at an empty ledger",
-                crate::config::redact_url(&archiver.config.state.database_url),
+                crate::config::redact_url(&archive.config.state.database_url),
                 held.join(", ")
             )));
         }
     }
-    let prefix = &archiver.config.destination.prefix;
+    let prefix = &archive.config.destination.prefix;
     let mut report = RebuildReport::default();
     for stream in streams {
         let label = stream.label();
-        let keys = archiver
-            .sink
+        let keys = archive
+            .destination
             .list_keys(&format!("{prefix}{label}/"))
             .await?;
         report.objects_listed += keys.len();
@@ -264,7 +266,7 @@ pub async fn rebuild(
         let heads: Vec<(String, Result<Option<crate::sink::ObjectHead>>)> =
             futures_util::stream::iter(keys)
                 .map(|key| async move {
-                    let head = archiver.sink.head(&key).await;
+                    let head = archive.destination.head(&key).await;
                     (key, head)
                 })
                 .buffer_unordered(HEADS_IN_FLIGHT)
@@ -293,7 +295,7 @@ pub async fn rebuild(
         let to = objects.iter().map(|o| o.end_ms).max().unwrap_or(0);
         // A stream KVS no longer has (or no longer lets us list) is restored from the
         // metadata alone: its fragments cannot be fetched again anyway.
-        let mut listed = match archiver.source.list(stream, from, to).await {
+        let mut listed = match kvs.list(stream, from, to).await {
             Ok(listed) => listed,
             Err(e) if !e.retryability().can_retry() => {
                 tracing::warn!(stream = %label, error = %e, "rebuild-ledger: cannot list the stream's fragments; restoring its objects from their metadata alone");
@@ -303,7 +305,7 @@ pub async fn rebuild(
         };
         sort_and_dedup(&mut listed);
         let mut taken: HashSet<String> = HashSet::new();
-        let known: HashSet<String> = archiver
+        let known: HashSet<String> = archive
             .ledger
             .done_in(&label, stream.timestamp_source, from - 86_400_000, to)
             .await?
@@ -333,7 +335,7 @@ pub async fn rebuild(
             plan.end_ms = object.end_ms;
             plan.first_fragment = object.first.clone();
             plan.last_fragment = object.last.clone();
-            let inserted = archiver
+            let inserted = archive
                 .ledger
                 .insert_archived(
                     &label,

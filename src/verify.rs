@@ -9,12 +9,14 @@
 //! `--repair` plans the affected chunks again (missing or damaged objects, fragments no
 //! object holds) and archives them at once; extra objects are reported, never deleted.
 
+use crate::archive::ArchiveView;
 use crate::config::StreamConfig;
-use crate::domain::{rfc3339, EpochMs};
+use crate::domain::{rfc3339, EpochMs, Fragment};
 use crate::error::Result;
 use crate::ledger::Chunk;
 use crate::plan::sort_and_dedup;
 use crate::shutdown::Shutdown;
+use crate::source::kvs::KvsSource;
 use crate::telemetry::Progress;
 use crate::worker::Archiver;
 use serde::Serialize;
@@ -126,108 +128,138 @@ fn check_object(chunk: &Chunk, stored: Option<&crate::sink::StoredObject>) -> Op
     None
 }
 
+/// Checks a stream's archive over `[start, end]` three ways (see the module's doc):
+/// the ledger's objects in the destination, KVS's fragments in the ledger, and the
+/// destination's objects in the ledger.
 pub async fn verify(
-    archiver: &Archiver,
+    archive: &ArchiveView,
+    kvs: &KvsSource,
     stream: &StreamConfig,
     start: EpochMs,
     end: EpochMs,
-    repair: bool,
-    shutdown: &Shutdown,
 ) -> Result<VerifyReport> {
     let label = stream.label();
-    let source = stream.timestamp_source;
+    let done = archive
+        .ledger
+        .done_in(&label, stream.timestamp_source, start, end)
+        .await?;
     let mut report = VerifyReport {
         stream: label.clone(),
+        chunks_checked: done.len(),
+        damaged: damaged_objects(archive, &done).await?,
         ..VerifyReport::default()
     };
-    // 1. Ledger → destination.
-    let done = archiver.ledger.done_in(&label, source, start, end).await?;
-    report.chunks_checked = done.len();
-    let mut bad_chunks = Vec::new();
-    for chunk in &done {
+    let mut listed = kvs.list(stream, start, end).await?;
+    sort_and_dedup(&mut listed);
+    report.fragments_listed = listed.len();
+    report.unarchived = unarchived_fragments(archive, stream, &done, &listed, (start, end)).await?;
+    report.extra_objects = extra_objects(archive, &label).await?;
+    Ok(report)
+}
+
+/// 1. Ledger → destination: the done chunks whose object is missing or not as written.
+async fn damaged_objects(archive: &ArchiveView, done: &[Chunk]) -> Result<Vec<Damaged>> {
+    let mut damaged = Vec::new();
+    for chunk in done {
         // An object the destination refuses to read (a link, a FIFO, a key it will not
         // take) is a damaged object of the report, not the end of the check; a store that
         // does not answer still is.
-        let problem = match archiver.sink.inspect(&chunk.object_key).await {
+        let problem = match archive.destination.inspect(&chunk.object_key).await {
             Ok(stored) => check_object(chunk, stored.as_ref()),
             Err(e) if !e.retryability().can_retry() => Some(format!("cannot be read: {e}")),
             Err(e) => return Err(e),
         };
         if let Some(problem) = problem {
-            report.damaged.push(Damaged {
+            damaged.push(Damaged {
                 object_key: chunk.object_key.clone(),
                 chunk: chunk.id,
                 problem,
             });
-            bad_chunks.push(chunk.id);
         }
     }
-    // 2. KVS → ledger.
-    let mut listed = archiver.source.list(stream, start, end).await?;
-    sort_and_dedup(&mut listed);
-    report.fragments_listed = listed.len();
-    let holdings = archiver.ledger.holdings(&label, source, start, end).await?;
+    Ok(damaged)
+}
+
+/// 2. KVS → ledger: the fragments KVS lists that no done chunk holds.
+async fn unarchived_fragments(
+    archive: &ArchiveView,
+    stream: &StreamConfig,
+    done: &[Chunk],
+    listed: &[Fragment],
+    (start, end): (EpochMs, EpochMs),
+) -> Result<Vec<Unarchived>> {
+    let label = stream.label();
+    let holdings = archive
+        .ledger
+        .holdings(&label, stream.timestamp_source, start, end)
+        .await?;
     // Fragments of damaged chunks are reported with their chunk, not again here.
-    let archived: HashSet<String> = {
-        let mut numbers = HashSet::new();
-        for chunk in &done {
-            for f in archiver.ledger.fragments_of(chunk.id).await? {
-                numbers.insert(f.number);
-            }
+    let mut archived = HashSet::new();
+    for chunk in done {
+        for f in archive.ledger.fragments_of(chunk.id).await? {
+            archived.insert(f.number);
         }
-        numbers
-    };
+    }
     let legacy_done: Vec<(EpochMs, EpochMs)> = done.iter().map(|c| c.plan.clip_range()).collect();
-    for f in &listed {
-        let in_legacy = holdings
-            .legacy
-            .iter()
-            .any(|(a, b)| *a <= f.start_ms && f.start_ms <= *b)
-            && legacy_done
-                .iter()
-                .any(|(a, b)| *a <= f.start_ms && f.start_ms <= *b);
-        if archived.contains(&f.number) || in_legacy {
-            continue;
-        }
-        let held_by = holdings
-            .held
-            .contains(&f.number)
-            .then(|| "in a chunk not archived yet".to_string());
-        report.unarchived.push(Unarchived {
+    let within =
+        |ranges: &[(EpochMs, EpochMs)], t: EpochMs| ranges.iter().any(|(a, b)| *a <= t && t <= *b);
+    Ok(listed
+        .iter()
+        .filter(|f| {
+            let in_legacy =
+                within(&holdings.legacy, f.start_ms) && within(&legacy_done, f.start_ms);
+            !archived.contains(&f.number) && !in_legacy
+        })
+        .map(|f| Unarchived {
             fragment_number: f.number.clone(),
             start: rfc3339(f.start_ms),
-            held_by,
-        });
-    }
-    // 3. Destination → ledger.
-    let prefix = format!("{}{}/", archiver.config.destination.prefix, label);
-    let known: HashSet<String> = archiver
+            held_by: holdings
+                .held
+                .contains(&f.number)
+                .then(|| "in a chunk not archived yet".to_string()),
+        })
+        .collect())
+}
+
+/// 3. Destination → ledger: objects under the stream's prefix the ledger does not know.
+async fn extra_objects(archive: &ArchiveView, label: &str) -> Result<Vec<String>> {
+    let prefix = format!("{}{}/", archive.config.destination.prefix, label);
+    let known: HashSet<String> = archive
         .ledger
-        .object_keys(&label)
+        .object_keys(label)
         .await?
         .into_iter()
         .collect();
-    report.extra_objects = archiver
-        .sink
+    Ok(archive
+        .destination
         .list_keys(&prefix)
         .await?
         .into_iter()
         .filter(|k| !known.contains(k))
-        .collect();
+        .collect())
+}
 
-    if repair && !(report.damaged.is_empty() && report.unarchived.is_empty()) {
-        for id in &bad_chunks {
-            if archiver.ledger.requeue_chunk(*id).await? {
-                report.requeued += 1;
-            }
-        }
-        // Fragments no object holds are planned, and everything queued archived, as a
-        // backfill of the range does.
-        report.repaired = true;
-        let summary = archiver
-            .archive_range(stream, start, end, &Progress::hidden(), shutdown)
-            .await?;
-        tracing::info!(stream = %label, archived = summary.done, failed = summary.failed.len(), "repair finished");
+/// `--repair`: plans the damaged chunks again, plans the fragments no object holds, and
+/// archives everything queued in `[start, end]`, as a backfill of the range does.
+pub async fn repair(
+    archiver: &Archiver,
+    stream: &StreamConfig,
+    (start, end): (EpochMs, EpochMs),
+    report: &mut VerifyReport,
+    shutdown: &Shutdown,
+) -> Result<()> {
+    if report.damaged.is_empty() && report.unarchived.is_empty() {
+        return Ok(());
     }
-    Ok(report)
+    for damaged in &report.damaged {
+        if archiver.ledger.requeue_chunk(damaged.chunk).await? {
+            report.requeued += 1;
+        }
+    }
+    report.repaired = true;
+    let summary = archiver
+        .archive_range(stream, start, end, &Progress::hidden(), shutdown)
+        .await?;
+    tracing::info!(stream = %stream.label(), archived = summary.done, failed = summary.failed.len(), "repair finished");
+    Ok(())
 }

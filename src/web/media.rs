@@ -7,10 +7,10 @@
 //! directory the file is streamed with range support.
 
 use super::{failure, AppState};
+use crate::archive::ArchiveView;
 use crate::domain::EpochMs;
 use crate::error::Result;
 use crate::sink::Sink;
-use crate::worker::Archiver;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -25,19 +25,19 @@ pub(super) async fn media(
     Path(key): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let archiver = &state.archiver;
-    match is_done_object(archiver, &key).await {
+    let archive = &state.archive;
+    match is_done_object(archive, &key).await {
         Ok(true) => {}
         Ok(false) => return failure(StatusCode::NOT_FOUND, format!("no object {key}")),
         Err(e) => return failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
-    match archiver.sink.as_ref() {
-        Sink::S3(_) => match archiver.sink.playable_url(&key, PRESIGNED_FOR).await {
+    match archive.destination.as_ref() {
+        Sink::S3(_) => match archive.destination.playable_url(&key, PRESIGNED_FOR).await {
             Ok(url) => Redirect::temporary(&url).into_response(),
             Err(e) => failure(StatusCode::BAD_GATEWAY, e.to_string()),
         },
-        Sink::Dir(_) => match archiver.sink.head(&key).await {
-            Ok(Some(head)) => ranged_file(&archiver.sink, &key, head.size, &headers).await,
+        Sink::Dir(_) => match archive.destination.head(&key).await {
+            Ok(Some(head)) => ranged_file(&archive.destination, &key, head.size, &headers).await,
             Ok(None) => failure(StatusCode::NOT_FOUND, format!("no object {key}")),
             Err(e) => failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         },
@@ -48,8 +48,8 @@ pub(super) async fn media(
 /// its stream (the folder under the prefix) and its first fragment's time
 /// ([`start_named_by`]), so one narrow ledger query answers; the key must then equal the
 /// chunk's exactly. A key that names no time is no object of ours.
-pub(super) async fn is_done_object(archiver: &Archiver, key: &str) -> Result<bool> {
-    let prefix = &archiver.config.destination.prefix;
+pub(super) async fn is_done_object(archive: &ArchiveView, key: &str) -> Result<bool> {
+    let prefix = &archive.config.destination.prefix;
     if !is_object_key(key, prefix) {
         return Ok(false);
     }
@@ -61,13 +61,8 @@ pub(super) async fn is_done_object(archiver: &Archiver, key: &str) -> Result<boo
     let Some(start) = start_named_by(file, label) else {
         return Ok(false);
     };
-    for stream in archiver
-        .config
-        .streams
-        .iter()
-        .filter(|s| s.label() == label)
-    {
-        let done = archiver
+    for stream in archive.config.streams.iter().filter(|s| s.label() == label) {
+        let done = archive
             .ledger
             .done_in(label, stream.timestamp_source, start, start)
             .await?;

@@ -14,13 +14,13 @@ pub mod auth;
 mod media;
 pub mod timeline;
 
+use crate::archive::ArchiveView;
 use crate::config::StreamConfig;
 use crate::domain::{rfc3339, EpochMs};
 use crate::error::{Error, Result};
 use crate::export::GAP_REPORT_MS;
 use crate::ledger::ChunkState;
 use crate::sink::Sink;
-use crate::worker::Archiver;
 use auth::{Access, Mode};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -42,7 +42,7 @@ const WIDEST_MS: i64 = 30 * DAY_MS;
 const FRAGMENT_DETAIL_CHUNKS: usize = 200;
 
 struct Shared {
-    archiver: Archiver,
+    archive: ArchiveView,
     access: Access,
     /// The Content-Security-Policy of every answer ([`content_security_policy`]).
     csp: HeaderValue,
@@ -54,7 +54,7 @@ type AppState = Arc<Shared>;
 /// [`auth::MIN_TOKEN_BYTES`] is refused; beyond loopback without one, one is generated and
 /// printed once.
 pub async fn serve(
-    archiver: Archiver,
+    archive: ArchiveView,
     listen: SocketAddr,
     token: Option<String>,
     shutdown: crate::shutdown::Shutdown,
@@ -64,10 +64,10 @@ pub async fn serve(
         .await
         .map_err(|e| Error::Usage(format!("serve --listen {listen}: cannot listen: {e}")))?;
     let bound = listener.local_addr().unwrap_or(listen);
-    let csp = content_security_policy(&archiver.sink).await;
+    let csp = content_security_policy(&archive.destination).await;
     say_how_it_is_guarded(&access, bound);
     let state: AppState = Arc::new(Shared {
-        archiver,
+        archive,
         access,
         csp,
     });
@@ -210,8 +210,8 @@ fn failure(status: StatusCode, message: String) -> Response {
 }
 
 async fn index(State(state): State<AppState>) -> Response {
-    let config = &state.archiver.config;
-    let status = match state.archiver.ledger.status().await {
+    let config = &state.archive.config;
+    let status = match state.archive.ledger.status().await {
         Ok(status) => status,
         Err(e) => return failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
@@ -232,7 +232,7 @@ async fn index(State(state): State<AppState>) -> Response {
         "kvs-archiver",
         &format!(
             "<h1>kvs-archiver</h1><p>{}</p><table><tr><th>stream</th><th>objects</th><th>failed</th><th>expired</th><th>archived through</th></tr>{rows}</table>",
-            escape(&state.archiver.sink.describe())
+            escape(&state.archive.destination.describe())
         ),
     )
     .into_response()
@@ -240,12 +240,12 @@ async fn index(State(state): State<AppState>) -> Response {
 
 /// The chunks of a stream around `[from, to]`, as timeline spans.
 async fn spans(
-    archiver: &Archiver,
+    archive: &ArchiveView,
     stream: &StreamConfig,
     from: EpochMs,
     to: EpochMs,
 ) -> Result<(Vec<Span>, Option<(EpochMs, EpochMs)>)> {
-    let ledger = archiver.ledger.as_ref();
+    let ledger = archive.ledger.as_ref();
     let label = stream.label();
     let source = stream.timestamp_source;
     let mut spans = Vec::new();
@@ -298,7 +298,7 @@ async fn spans(
     let summary = ledger.range_summary(&label, source, from, to).await?;
     let progress = ledger.progress(&label, source).await?;
     let now = chrono::Utc::now().timestamp_millis();
-    let alarm = archiver.config.daemon.retention_alarm.as_millis() as i64;
+    let alarm = archive.config.daemon.retention_alarm.as_millis() as i64;
     let at_risk = |start: EpochMs| {
         progress
             .retention_ms
@@ -342,8 +342,8 @@ async fn stream_page(
     Path(name): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let archiver = &state.archiver;
-    let Some(stream) = archiver.config.stream(&name).cloned() else {
+    let archive = &state.archive;
+    let Some(stream) = archive.config.stream(&name).cloned() else {
         return failure(
             StatusCode::NOT_FOUND,
             format!("no stream {name} in the configuration"),
@@ -360,12 +360,12 @@ async fn stream_page(
     let (from, to, found) = match (number("from"), number("to")) {
         (Some(from), Some(to)) if to > from => {
             let to = to.min(from + WIDEST_MS).max(from + 60_000);
-            (from, to, spans(archiver, &stream, from, to).await)
+            (from, to, spans(archive, &stream, from, to).await)
         }
         _ => {
             // The archive's extent within the last 30 days, a little wider; its spans
             // are the ones just read (one scan of the ledger, not two).
-            let found = spans(archiver, &stream, now - WIDEST_MS, now).await;
+            let found = spans(archive, &stream, now - WIDEST_MS, now).await;
             let (from, to) = match &found {
                 Ok((all, _)) if !all.is_empty() => {
                     let first = all.iter().map(|s| s.start_ms).min().unwrap_or(now - DAY_MS);

@@ -228,6 +228,15 @@ impl Archiver {
         Ok(())
     }
 
+    /// The archive as its readers see it: the ledger, the destination, the settings.
+    pub fn view(&self) -> crate::archive::ArchiveView {
+        crate::archive::ArchiveView {
+            ledger: self.ledger.clone(),
+            destination: self.sink.clone(),
+            config: self.config.clone(),
+        }
+    }
+
     /// A clean stop: ends the heartbeat, gives back stream leases, closes the ledger.
     pub async fn close(&self) {
         self.heartbeat

@@ -26,6 +26,30 @@ pub struct PlanSummary {
     pub chunks: Vec<ChunkPlan>,
 }
 
+impl PlanSummary {
+    /// The chunks a backfill would fetch, one line each, then the totals.
+    pub fn describe(&self) -> String {
+        let mut text = String::new();
+        for c in &self.chunks {
+            text.push_str(&format!(
+                "{} .. {}  {:>3} fragments  {:>10} bytes  {:>7.1} s\n",
+                crate::domain::rfc3339(c.start_ms),
+                crate::domain::rfc3339(c.end_ms),
+                c.fragment_count,
+                c.bytes,
+                c.duration_ms as f64 / 1000.0
+            ));
+        }
+        text.push_str(&format!(
+            "{} chunks, {} fragments listed, {} already archived",
+            self.chunks.len(),
+            self.fragments,
+            self.already_covered
+        ));
+        text
+    }
+}
+
 impl Archiver {
     /// Lists `[start, end]` window by window and records the chunks to fetch. Fragments
     /// already in the ledger are skipped, no new chunk reaches over them, and fragments
