@@ -670,6 +670,52 @@ mod tests {
         }
     }
 
+    /// An object's bytes as the export reader meets them: a real header of `frames`
+    /// samples (the writer's), the media after it.
+    fn object_bytes(frames: u32) -> Vec<u8> {
+        let stsd = crate::mp4::writer::tests::sample_description();
+        let mut table = crate::mp4::writer::TrackTable::new(90_000, 320, 180, stsd);
+        for i in 0..frames {
+            table.push(100 + i, 3_000, 0, i % 30 == 0, i == 0);
+        }
+        let mut bytes = table.header();
+        bytes.resize(bytes.len() + table.media_bytes() as usize, 0);
+        bytes
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+        /// The export reader (a range read of the first bytes, `moov_extent`, a second
+        /// read when `moov` is longer, `video_track`) on damaged objects from a
+        /// destination: it never panics, never reads past what the limits allow, and a
+        /// track it accepts lies inside the object.
+        #[test]
+        fn the_export_reader_takes_or_refuses_damaged_objects(
+            edits in proptest::collection::vec((0usize..2048, proptest::num::u8::ANY), 0..10),
+            cut in 0usize..8192,
+        ) {
+            let mut bytes = object_bytes(90);
+            for (at, byte) in edits {
+                let at = at % bytes.len();
+                bytes[at] = byte;
+            }
+            bytes.truncate(cut.max(1).min(bytes.len()));
+            let work = tempfile::tempdir().expect("tempdir");
+            std::fs::create_dir_all(work.path().join("kvs/cam")).expect("dirs");
+            std::fs::write(work.path().join("kvs/cam/x.mp4"), &bytes).expect("object");
+            let sink = Sink::Dir(crate::sink::dir::DirSink::new(work.path().to_path_buf(), "kvs/"));
+            let limits = TrackLimits::for_object(bytes.len() as u64, 3_000);
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            if let Ok(track) = runtime.block_on(read_track(&sink, "kvs/cam/x.mp4", limits)) {
+                proptest::prop_assert!(track.samples.len() <= limits.max_samples);
+                for sample in &track.samples {
+                    proptest::prop_assert!(sample.offset + u64::from(sample.size) <= bytes.len() as u64);
+                }
+            }
+        }
+    }
+
     #[test]
     fn fragments_start_at_the_keyframe_nearest_their_listed_start() {
         // 100 ms frames; the listing rounds durations (2,001 and 999 ms).

@@ -296,11 +296,12 @@ impl Boxes {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::super::track::{moov_extent, video_track, TrackLimits};
     use super::*;
 
-    fn sample_description() -> Vec<u8> {
+    /// A minimal `stsd` box, for tables written in tests.
+    pub(crate) fn sample_description() -> Vec<u8> {
         let mut b = Boxes::default();
         b.open_full(b"stsd", 0, 0);
         b.u32(0);
