@@ -1,6 +1,6 @@
 //! Finding footage: `find`, `export`, and the archive's page in Chromium.
 
-use crate::support::checks::{ffmpeg_available, files_under};
+use crate::support::checks::{files_under, require_ffmpeg};
 use crate::support::process::{free_port, streams_json, text};
 use crate::support::world::{historical, recent, rfc3339, World};
 use kvs_emulator::{scan_markers, GapSpec, StreamSpec};
@@ -120,31 +120,30 @@ async fn find_names_the_object_and_offset_at_boundaries_and_explains_gaps() {
     // The URL plays from S3 (a presigned GET).
     let (at, _) = find_at(&world, "dock-cam", t).await;
     let url = at["url"].as_str().expect("a URL").to_string();
-    if ffmpeg_available() {
-        let out = std::process::Command::new("ffprobe")
-            .args([
-                "-v",
-                "error",
-                "-show_entries",
-                "format=duration",
-                "-of",
-                "csv=p=0",
-            ])
-            .arg(&url)
-            .output()
-            .expect("ffprobe runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let seconds: f64 = String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .expect("a duration");
-        let expected = second.iter().map(|f| f64::from(f.duration_ms)).sum::<f64>() / 1000.0;
-        assert!((seconds - expected).abs() < 0.1, "{seconds} vs {expected}");
-    }
+    require_ffmpeg();
+    let out = std::process::Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "format=duration",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(&url)
+        .output()
+        .expect("ffprobe runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seconds: f64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a duration");
+    let expected = second.iter().map(|f| f64::from(f.duration_ms)).sum::<f64>() / 1000.0;
+    assert!((seconds - expected).abs() < 0.1, "{seconds} vs {expected}");
 }
 
 /// ffprobe's view of a file: (duration in seconds, decoded video frames), or its error.
@@ -288,9 +287,7 @@ async fn export_spans_objects_and_a_gap_cut_at_keyframes() {
         expected
     );
 
-    if !ffmpeg_available() {
-        return;
-    }
+    require_ffmpeg();
     let (seconds, frames) = probe_frames(&held).expect("ffprobe reads the held export");
     assert_eq!(frames, expected_frames);
     let wall = (to - first.server_ms) as f64 / 1000.0;
@@ -347,22 +344,19 @@ async fn wait_for_http(port: u16, path: &str, child: &mut tokio::process::Child)
     panic!("nothing answers on port {port}");
 }
 
-/// Whether Chromium and its WebDriver are installed; under CI they must be.
-fn chromium_available() -> bool {
+/// Fails the test, naming the command that installs them, without Chromium and its
+/// WebDriver.
+fn require_chromium() {
     let found = ["chromium", "chromedriver"].iter().all(|tool| {
         std::process::Command::new(tool)
             .arg("--version")
             .output()
             .is_ok_and(|o| o.status.success())
     });
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "chromium or chromedriver not found: CI must install them (.ci/run does: apt-get install -y chromium chromium-driver)"
-        );
-        eprintln!("chromium/chromedriver not installed: the page test is skipped (apt-get install -y chromium chromium-driver)");
-    }
-    found
+    assert!(
+        found,
+        "needs Chromium and chromedriver, installed by: apt-get install -y chromium chromium-driver"
+    );
 }
 
 /// The archive's page in a real headless Chromium, for a ledger a real backfill with
@@ -373,9 +367,7 @@ fn chromium_available() -> bool {
 /// on the session cookie it sets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_archive_page_shows_the_timeline_and_plays_a_clicked_object_in_chromium() {
-    if !chromium_available() {
-        return;
-    }
+    require_chromium();
     let (start, end) = recent(1.0);
     let mut spec = dock_cam_with_a_gap(start, end);
     // Three GetClip bodies cut off, each chunk tried once: three failed chunks.
