@@ -180,6 +180,27 @@ fn probe_frames(path: &std::path::Path) -> Result<(f64, u64), String> {
     Ok((duration, frames))
 }
 
+/// `export --json` of dock-cam over `[from, to)` with `--gaps gaps`: the file and the
+/// report.
+async fn export(
+    world: &World,
+    from: i64,
+    to: i64,
+    gaps: &str,
+) -> (std::path::PathBuf, serde_json::Value) {
+    let path = world.work.path().join(format!("export-{gaps}.mp4"));
+    let (from, to, file) = (rfc3339(from), rfc3339(to), path.display().to_string());
+    let args = [
+        "export", "--stream", "dock-cam", "--start", &from, "--end", &to, "-o", &file, "--gaps",
+        gaps, "--json",
+    ];
+    let out = world.run(&args).await;
+    assert!(out.status.success(), "export --gaps {gaps}: {}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("export prints JSON ({e}): {}", text(&out)));
+    (path, report)
+}
+
 /// `export` over a range spanning three objects and a gap: one MP4 that ffprobe reads
 /// without error, cut at the keyframe before the start and at the frame before the end,
 /// holding exactly the expected fragments; the gap is reported, held (the default) or
@@ -226,33 +247,7 @@ async fn export_spans_objects_and_a_gap_cut_at_keyframes() {
         .sum::<i64>()
         + 1_300;
 
-    let export = |gaps: &'static str| {
-        let path = world.work.path().join(format!("export-{gaps}.mp4"));
-        let args = [
-            "export".to_string(),
-            "--stream".into(),
-            "dock-cam".into(),
-            "--start".into(),
-            rfc3339(from),
-            "--end".into(),
-            rfc3339(to),
-            "-o".into(),
-            path.display().to_string(),
-            "--gaps".into(),
-            gaps.into(),
-            "--json".into(),
-        ];
-        let world = &world;
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let out = world.run(&args).await;
-            assert!(out.status.success(), "export --gaps {gaps}: {}", text(&out));
-            let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-                .unwrap_or_else(|e| panic!("export prints JSON ({e}): {}", text(&out)));
-            (path, report)
-        }
-    };
-    let (held, report) = export("hold").await;
+    let (held, report) = export(&world, from, to, "hold").await;
     assert_eq!(report["first_frame_ms"], first.server_ms, "{report}");
     assert_eq!(report["last_frame_end_ms"], to, "{report}");
     assert!(
@@ -280,7 +275,7 @@ async fn export_spans_objects_and_a_gap_cut_at_keyframes() {
         "no partial file is left"
     );
 
-    let (joined, report) = export("join").await;
+    let (joined, report) = export(&world, from, to, "join").await;
     assert_eq!(report["duration_ms"], media_ms, "{report}");
     assert_eq!(
         scan_markers(&std::fs::read(&joined).expect("export")),

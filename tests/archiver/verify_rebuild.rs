@@ -6,20 +6,24 @@ use crate::support::local_s3::s3_client;
 use crate::support::process::{assert_fails_with, streams_json, text};
 use crate::support::world::{historical, new_ledger_url, recent, rfc3339, World, BUCKET};
 use kvs_emulator::{scan_markers, Emulator, GapSpec};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_finds_deleted_corrupted_and_extra_objects_and_unarchived_fragments_and_repair_fixes_them(
-) {
-    let (start, end) = recent(0.25);
-    let world = World::new(
-        vec![historical("vcam", start, end, 2000, 20_000)],
-        "clip_duration = \"2m\"",
-    )
-    .await;
-    let out = world.backfill("vcam", start, end).await;
-    assert!(out.status.success(), "{}", text(&out));
-    let objects = world.objects().await;
+/// What [`damage`] did to the archive behind the archiver's back.
+struct Damage {
+    /// The object deleted.
+    deleted: String,
+    /// The object overwritten with other bytes of the same size.
+    corrupted: String,
+    /// The object the ledger does not know.
+    extra: &'static str,
+    /// The fragments of the chunk the ledger forgot, with its object.
+    forgotten_fragments: usize,
+}
+
+/// Deletes one object, corrupts another, adds one the ledger does not know, and makes the
+/// ledger forget a third chunk with its object.
+async fn damage(world: &World, objects: &BTreeMap<String, Vec<u8>>) -> Damage {
     let keys: Vec<&String> = objects.keys().collect();
     assert!(keys.len() >= 6, "{keys:?}");
     let client = s3_client(&world.s3_url);
@@ -66,10 +70,18 @@ async fn verify_finds_deleted_corrupted_and_extra_objects_and_unarchived_fragmen
     world
         .ledger_sql("DELETE FROM chunks WHERE object_key = ?", &forgotten)
         .await;
-    let (a, b) = (rfc3339(start), rfc3339(end));
-    let range = ["--stream", "vcam", "--start", &a, "--end", &b];
+    Damage {
+        deleted: keys[0].clone(),
+        corrupted: keys[1].clone(),
+        extra,
+        forgotten_fragments,
+    }
+}
+
+/// `verify --json` and `verify` over `range` report exactly what [`damage`] did.
+async fn assert_verify_reports(world: &World, range: &[&str], done: &Damage) {
     let check = world
-        .run(&[&["verify", "--json"][..], &range[..]].concat())
+        .run(&[&["verify", "--json"][..], range].concat())
         .await;
     assert_eq!(check.status.code(), Some(1), "{}", text(&check));
     let report: serde_json::Value = serde_json::from_slice(&check.stdout).expect("json report");
@@ -86,26 +98,28 @@ async fn verify_finds_deleted_corrupted_and_extra_objects_and_unarchived_fragmen
         .collect();
     assert_eq!(damaged.len(), 2, "{report}");
     assert!(
-        damaged.iter().any(|(k, p)| k == keys[0] && p == "missing"),
+        damaged
+            .iter()
+            .any(|(k, p)| *k == done.deleted && p == "missing"),
         "{report}"
     );
     assert!(
         damaged
             .iter()
-            .any(|(k, p)| k == keys[1] && p.starts_with("checksum")),
+            .any(|(k, p)| *k == done.corrupted && p.starts_with("checksum")),
         "{report}"
     );
     assert_eq!(
         report["unarchived"].as_array().map(Vec::len),
-        Some(forgotten_fragments),
+        Some(done.forgotten_fragments),
         "{report}"
     );
     assert_eq!(
         report["extra_objects"],
-        serde_json::json!([extra]),
+        serde_json::json!([done.extra]),
         "{report}"
     );
-    let human = world.run(&[&["verify"][..], &range[..]].concat()).await;
+    let human = world.run(&[&["verify"][..], range].concat()).await;
     let said = String::from_utf8_lossy(&human.stdout);
     assert!(
         said.contains("missing: ")
@@ -113,6 +127,23 @@ async fn verify_finds_deleted_corrupted_and_extra_objects_and_unarchived_fragmen
             && said.contains("not archived: "),
         "{said}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_deleted_corrupted_and_extra_objects_and_unarchived_fragments_and_repair_fixes_them(
+) {
+    let (start, end) = recent(0.25);
+    let world = World::new(
+        vec![historical("vcam", start, end, 2000, 20_000)],
+        "clip_duration = \"2m\"",
+    )
+    .await;
+    let out = world.backfill("vcam", start, end).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let done = damage(&world, &world.objects().await).await;
+    let (a, b) = (rfc3339(start), rfc3339(end));
+    let range = ["--stream", "vcam", "--start", &a, "--end", &b];
+    assert_verify_reports(&world, &range, &done).await;
 
     let repair = world
         .run(&[&["verify", "--repair"][..], &range[..]].concat())
@@ -125,15 +156,15 @@ async fn verify_finds_deleted_corrupted_and_extra_objects_and_unarchived_fragmen
     );
     let mut after = world.objects().await;
     assert!(
-        after.remove(extra).is_some(),
+        after.remove(done.extra).is_some(),
         "extra objects are never deleted"
     );
     assert_exactly_once(&after, &world.fragment_numbers("vcam", start, end));
     assert_playable(&after);
-    client
+    s3_client(&world.s3_url)
         .delete_object()
         .bucket(BUCKET)
-        .key(extra)
+        .key(done.extra)
         .send()
         .await
         .expect("deleted");
