@@ -13,7 +13,7 @@
 //!   ListMultipartUploads (finding the program's own unfinished uploads after a crash)
 //!   `s3:ListBucketMultipartUploads`, which takes no prefix condition.
 //!
-//! tests/archiver.rs checks this list against the requests the program really sends.
+//! tests/archiver/iam.rs checks this list against the requests the program really sends.
 
 use crate::config::Config;
 use serde_json::{json, Value};

@@ -1,6 +1,6 @@
 //! A real S3 server for tests and benchmarks: s3s-fs serving a temporary directory on
 //! 127.0.0.1, signing with the emulator's test keys, and an SDK client for it.
-//! Included by path from tests/archiver.rs and benches/archive_throughput.rs.
+//! Included from tests/support/mod.rs and by path from benches/archive_throughput.rs.
 
 // Each includer uses its own part of this module.
 #![allow(dead_code)]

@@ -1,10 +1,13 @@
 //! A fresh PostgreSQL database per test, on the server `.ci/postgres` starts on
-//! 127.0.0.1 (`KVS_TEST_POSTGRES_URL`). Without it, tests say so and run on SQLite alone;
-//! under CI=true a missing server fails the test instead.
+//! 127.0.0.1 (`KVS_TEST_POSTGRES_URL`). A test that needs it fails without it, naming the
+//! command that starts it; nextest's default filter skips such tests unless asked for
+//! (.config/nextest.toml). The benches measure SQLite alone without it.
 
 use sqlx::Connection;
 
-/// The admin URL, or `None` (with a note) when no server was given outside CI.
+/// The admin URL, or `None` (with a note) when no server was given outside CI: for the
+/// benches, which measure SQLite alone then.
+#[allow(dead_code)]
 pub fn server_url() -> Option<String> {
     match std::env::var("KVS_TEST_POSTGRES_URL") {
         Ok(url) if !url.is_empty() => Some(url),
@@ -37,11 +40,15 @@ pub async fn fresh_database_on(admin_url: &str) -> String {
     format!("{base}/{name}")
 }
 
-/// A fresh database on the test server, or `None` outside CI without one.
+/// What a test that needs PostgreSQL says when it has none: the command that starts it.
+pub const NEEDED: &str = "needs PostgreSQL, started by: eval \"$(.ci/postgres)\"";
+
+/// A fresh database on the test server; fails the test, naming the command that starts
+/// one, when no server was given.
 #[allow(dead_code)]
-pub async fn fresh_database() -> Option<String> {
-    match server_url() {
-        Some(url) => Some(fresh_database_on(&url).await),
-        None => None,
+pub async fn fresh_database() -> String {
+    match std::env::var("KVS_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => fresh_database_on(&url).await,
+        _ => panic!("{NEEDED} (KVS_TEST_POSTGRES_URL is not set)"),
     }
 }

@@ -1,0 +1,159 @@
+//! `iam-policy` against the calls the program really makes.
+
+use crate::support::process::text;
+use crate::support::world::{historical, recent, rfc3339, World};
+use std::collections::BTreeSet;
+
+/// The S3 operation of a logged request ("METHOD /bucket/key?query"), as AWS names it.
+fn s3_operation(line: &str) -> String {
+    let (method, target) = line.split_once(' ').unwrap_or((line, ""));
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let has = |name: &str| {
+        query
+            .split('&')
+            .any(|p| p == name || p.starts_with(&format!("{name}=")))
+    };
+    let object = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .is_some_and(|(_, key)| !key.is_empty());
+    let op = match (method, object) {
+        ("POST", true) if has("uploads") => "CreateMultipartUpload",
+        ("POST", true) if has("uploadId") => "CompleteMultipartUpload",
+        ("PUT", true) if has("uploadId") => "UploadPart",
+        ("PUT", true) => "PutObject",
+        ("DELETE", true) if has("uploadId") => "AbortMultipartUpload",
+        ("DELETE", true) => "DeleteObject",
+        ("GET", true) if has("uploadId") => "ListParts",
+        ("GET", true) => "GetObject",
+        ("HEAD", true) => "HeadObject",
+        ("GET", false) if has("uploads") => "ListMultipartUploads",
+        ("GET", false) if has("list-type") => "ListObjectsV2",
+        ("GET", false) => "ListObjects",
+        ("HEAD", false) => "HeadBucket",
+        ("PUT", false) => "CreateBucket",
+        _ => "unknown",
+    };
+    op.to_string()
+}
+
+/// The IAM action each API operation needs (AWS's service authorization reference).
+fn iam_action(op: &str) -> &'static str {
+    match op {
+        "DescribeStream" => "kinesisvideo:DescribeStream",
+        "GetDataEndpoint" => "kinesisvideo:GetDataEndpoint",
+        "ListFragments" => "kinesisvideo:ListFragments",
+        "GetClip" => "kinesisvideo:GetClip",
+        "GetMediaForFragmentList" => "kinesisvideo:GetMediaForFragmentList",
+        "GetMedia" => "kinesisvideo:GetMedia",
+        "CreateMultipartUpload" | "UploadPart" | "CompleteMultipartUpload" | "PutObject" => {
+            "s3:PutObject"
+        }
+        "AbortMultipartUpload" => "s3:AbortMultipartUpload",
+        "GetObject" | "HeadObject" => "s3:GetObject",
+        "DeleteObject" => "s3:DeleteObject",
+        "ListParts" => "s3:ListMultipartUploadParts",
+        "ListMultipartUploads" => "s3:ListBucketMultipartUploads",
+        "ListObjectsV2" | "ListObjects" | "HeadBucket" => "s3:ListBucket",
+        "CreateBucket" => "s3:CreateBucket",
+        _ => "unknown",
+    }
+}
+
+/// `iam-policy` allows exactly the actions the program calls: every request the emulator
+/// and the S3 server saw from a backfill killed mid-upload and resumed (multipart, abort
+/// of the dead upload, the orphan sweep, Matroska fragments), `verify`, a daemon pass,
+/// `export` and `rebuild-ledger`, and no action those runs did not need. Keys and listings stay under the prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iam_policy_allows_exactly_the_calls_the_program_makes() {
+    let (start, end) = recent(0.05);
+    let mut spec = historical("dock-cam", start, end, 4000, 1_500_000);
+    spec.duplicate_producer_timestamp_at = vec![10, 31];
+    spec.missing_codec_private_data_at = vec![30];
+    let world = World::with_sections(vec![spec], "concurrency = 1", "", &|_| {
+        "timestamp_source = \"producer\"".into()
+    })
+    .await;
+    let s3_before = world.s3.as_ref().expect("s3s").requests().len();
+    let kvs_before = world.emu.requests().len();
+    let (a, b) = (rfc3339(start), rfc3339(end));
+    let exported = world.work.path().join("range.mp4").display().to_string();
+    let crashed = world
+        .command(&[
+            "backfill", "--stream", "dock-cam", "--start", &a, "--end", &b,
+        ])
+        .env(kvs_archiver::crashpoint::ENV, "mid-upload")
+        .output()
+        .await
+        .expect("runs");
+    assert!(!crashed.status.success(), "{}", text(&crashed));
+    for args in [
+        vec![
+            "backfill", "--stream", "dock-cam", "--start", &a, "--end", &b,
+        ],
+        vec!["verify", "--stream", "dock-cam", "--start", &a, "--end", &b],
+        vec!["run", "--once"],
+        vec![
+            "export", "--stream", "dock-cam", "--start", &a, "--end", &b, "-o", &exported,
+        ],
+        vec!["rebuild-ledger", "--merge"],
+    ] {
+        let out = world.run(&args).await;
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+    }
+    let s3_log = world.s3.as_ref().expect("s3s").requests()[s3_before..].to_vec();
+    let kvs_log = world.emu.requests()[kvs_before..].to_vec();
+    let ops: BTreeSet<String> = kvs_log
+        .iter()
+        .map(|r| r.op.clone())
+        .chain(s3_log.iter().map(|l| s3_operation(l)))
+        .collect();
+    for op in [
+        "AbortMultipartUpload",
+        "UploadPart",
+        "GetMediaForFragmentList",
+    ] {
+        assert!(ops.contains(op), "the runs called {op}: {ops:?}");
+    }
+    let called: BTreeSet<&str> = ops.iter().map(|op| iam_action(op)).collect();
+
+    let out = world.run(&["iam-policy"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let policy: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON policy");
+    let allowed: BTreeSet<String> = kvs_archiver::iam::actions(&policy).into_iter().collect();
+    let allowed: BTreeSet<&str> = allowed.iter().map(String::as_str).collect();
+    assert_eq!(allowed, called, "policy against calls; S3 log: {s3_log:?}");
+
+    // Every object request stays under the prefix the policy names.
+    let object_resource = policy["Statement"]
+        .as_array()
+        .expect("statements")
+        .iter()
+        .find_map(|s| s["Resource"].as_str().filter(|r| r.ends_with('*')))
+        .expect("an object resource")
+        .to_string();
+    assert_eq!(
+        object_resource,
+        format!("arn:aws:s3:::{}/kvs/*", world.bucket)
+    );
+    for line in &s3_log {
+        let path = line
+            .split(' ')
+            .nth(1)
+            .unwrap_or("")
+            .split('?')
+            .next()
+            .unwrap_or("");
+        let key = path.trim_start_matches('/').split_once('/').map(|(_, k)| k);
+        if let Some(key) = key.filter(|k| !k.is_empty()) {
+            assert!(key.starts_with("kvs/"), "outside the prefix: {line}");
+        } else {
+            assert!(
+                line.contains("prefix=kvs%2F") || line.contains("prefix=kvs/"),
+                "a listing outside the prefix: {line}"
+            );
+        }
+    }
+    let stream_arn = policy["Statement"][0]["Resource"][0].as_str().unwrap_or("");
+    assert!(stream_arn.ends_with(":stream/dock-cam/*"), "{stream_arn}");
+}
