@@ -576,144 +576,9 @@ impl Config {
         self.validate_aws()?;
         self.validate_state()?;
         self.validate_destination()?;
-        let a = &self.archive;
-        if a.clip_duration < Duration::from_secs(1) || a.clip_duration >= DAY {
-            return Err(invalid(
-                "archive.clip_duration",
-                format!(
-                    "must be at least 1s and under 24h, GetClip's range limit (got {})",
-                    humantime::format_duration(a.clip_duration)
-                ),
-            ));
-        }
-        if a.max_fragments_per_clip == 0 || a.max_fragments_per_clip > GET_CLIP_MAX_FRAGMENTS {
-            return Err(invalid(
-                "archive.max_fragments_per_clip",
-                format!(
-                    "must be 1-{GET_CLIP_MAX_FRAGMENTS}, GetClip's cap (got {})",
-                    a.max_fragments_per_clip
-                ),
-            ));
-        }
-        if a.max_bytes_per_clip == 0 || a.max_bytes_per_clip > GET_CLIP_MAX_BYTES {
-            return Err(invalid(
-                "archive.max_bytes_per_clip",
-                format!(
-                    "must be 1-{GET_CLIP_MAX_BYTES}, GetClip's cap (got {})",
-                    a.max_bytes_per_clip
-                ),
-            ));
-        }
-        if a.concurrency == 0 || a.concurrency > 64 {
-            return Err(invalid(
-                "archive.concurrency",
-                format!("must be 1-64 (got {})", a.concurrency),
-            ));
-        }
-        if a.plan_window < Duration::from_secs(60) {
-            return Err(invalid("archive.plan_window", "must be at least 1m"));
-        }
-        for (field, value, cap) in [
-            (
-                "archive.media_points_per_second",
-                a.media_points_per_second,
-                500.0,
-            ),
-            (
-                "archive.metadata_points_per_second",
-                a.metadata_points_per_second,
-                10_000.0,
-            ),
-        ] {
-            if !(value > 0.0 && value <= cap) {
-                return Err(invalid(
-                    field,
-                    format!(
-                        "must be above 0 and at most {cap}, KVS's per-stream quota (got {value})"
-                    ),
-                ));
-            }
-        }
-        if a.max_attempts == 0 {
-            return Err(invalid("archive.max_attempts", "must be at least 1"));
-        }
-        let d = &self.daemon;
-        if !valid_cron(&d.schedule) {
-            return Err(invalid(
-                "daemon.schedule",
-                format!(
-                    "must be a cron expression with seconds, like \"0 */5 * * * *\" (got {:?})",
-                    d.schedule
-                ),
-            ));
-        }
-        d.zone()?;
-        if d.lag < Duration::from_secs(1) {
-            return Err(invalid(
-                "daemon.lag",
-                "must be at least 1s: KVS lists fragments after they end, with a delay",
-            ));
-        }
-        if d.max_clips_in_flight == 0 {
-            return Err(invalid("daemon.max_clips_in_flight", "must be at least 1"));
-        }
-        if let Some(addr) = d.metrics_listen {
-            if !addr.ip().is_loopback() {
-                return Err(invalid("daemon.metrics_listen", format!("must be a loopback address such as 127.0.0.1:9464 (got {addr}); put a proxy in front to expose it")));
-            }
-        }
-        for (field, value, cap) in [
-            (
-                "daemon.control_calls_per_second_per_stream",
-                d.control_calls_per_second_per_stream,
-                5.0,
-            ),
-            (
-                "daemon.control_calls_per_second",
-                d.control_calls_per_second,
-                300.0,
-            ),
-        ] {
-            if !(value > 0.0 && value <= cap) {
-                return Err(invalid(
-                    field,
-                    format!("must be above 0 and at most {cap}, KVS's quota (got {value})"),
-                ));
-            }
-        }
-        let mut seen = std::collections::HashSet::new();
-        for (i, s) in self.streams.iter().enumerate() {
-            validate_stream_identity(i, s)?;
-            if !safe_path_segment(&s.label()) {
-                return Err(invalid(
-                    format!("streams[{i}]"),
-                    format!("the stream name {:?} cannot name a folder: it must not be . or .. nor hold / or control characters", s.label()),
-                ));
-            }
-            if let Some(schedule) = &s.schedule {
-                if !valid_cron(schedule) {
-                    return Err(invalid(
-                        format!("streams[{i}].schedule"),
-                        format!("must be a cron expression with seconds (got {schedule:?})"),
-                    ));
-                }
-            }
-            if let Some(window) = s.retention_window {
-                if window < self.archive.clip_duration {
-                    return Err(invalid(
-                        format!("streams[{i}].retention_window"),
-                        "must be at least archive.clip_duration",
-                    ));
-                }
-            }
-            if !seen.insert(s.label()) {
-                return Err(invalid(
-                    format!("streams[{i}]"),
-                    format!("stream {} is listed twice", s.label()),
-                ));
-            }
-        }
-        Ok(())
+        self.validate_archive()?;
+        self.validate_daemon()?;
+        self.validate_streams()
     }
 
     /// The settle window of a stream (see `daemon.settle`).
@@ -902,6 +767,160 @@ impl Config {
                     self.destination.part_size
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    /// `[archive]`: clips within GetClip's caps, and rates within KVS's per-stream quotas.
+    fn validate_archive(&self) -> Result<(), ConfigError> {
+        let a = &self.archive;
+        if a.clip_duration < Duration::from_secs(1) || a.clip_duration >= DAY {
+            return Err(invalid(
+                "archive.clip_duration",
+                format!(
+                    "must be at least 1s and under 24h, GetClip's range limit (got {})",
+                    humantime::format_duration(a.clip_duration)
+                ),
+            ));
+        }
+        if a.max_fragments_per_clip == 0 || a.max_fragments_per_clip > GET_CLIP_MAX_FRAGMENTS {
+            return Err(invalid(
+                "archive.max_fragments_per_clip",
+                format!(
+                    "must be 1-{GET_CLIP_MAX_FRAGMENTS}, GetClip's cap (got {})",
+                    a.max_fragments_per_clip
+                ),
+            ));
+        }
+        if a.max_bytes_per_clip == 0 || a.max_bytes_per_clip > GET_CLIP_MAX_BYTES {
+            return Err(invalid(
+                "archive.max_bytes_per_clip",
+                format!(
+                    "must be 1-{GET_CLIP_MAX_BYTES}, GetClip's cap (got {})",
+                    a.max_bytes_per_clip
+                ),
+            ));
+        }
+        if a.concurrency == 0 || a.concurrency > 64 {
+            return Err(invalid(
+                "archive.concurrency",
+                format!("must be 1-64 (got {})", a.concurrency),
+            ));
+        }
+        if a.plan_window < Duration::from_secs(60) {
+            return Err(invalid("archive.plan_window", "must be at least 1m"));
+        }
+        for (field, value, cap) in [
+            (
+                "archive.media_points_per_second",
+                a.media_points_per_second,
+                500.0,
+            ),
+            (
+                "archive.metadata_points_per_second",
+                a.metadata_points_per_second,
+                10_000.0,
+            ),
+        ] {
+            if !(value > 0.0 && value <= cap) {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "must be above 0 and at most {cap}, KVS's per-stream quota (got {value})"
+                    ),
+                ));
+            }
+        }
+        if a.max_attempts == 0 {
+            return Err(invalid("archive.max_attempts", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// `[daemon]`: the schedule, its zone, the lag behind KVS, a metrics address that stays
+    /// on the host, and control-plane rates within KVS's quotas.
+    fn validate_daemon(&self) -> Result<(), ConfigError> {
+        let d = &self.daemon;
+        if !valid_cron(&d.schedule) {
+            return Err(invalid(
+                "daemon.schedule",
+                format!(
+                    "must be a cron expression with seconds, like \"0 */5 * * * *\" (got {:?})",
+                    d.schedule
+                ),
+            ));
+        }
+        d.zone()?;
+        if d.lag < Duration::from_secs(1) {
+            return Err(invalid(
+                "daemon.lag",
+                "must be at least 1s: KVS lists fragments after they end, with a delay",
+            ));
+        }
+        if d.max_clips_in_flight == 0 {
+            return Err(invalid("daemon.max_clips_in_flight", "must be at least 1"));
+        }
+        if let Some(addr) = d.metrics_listen {
+            if !addr.ip().is_loopback() {
+                return Err(invalid("daemon.metrics_listen", format!("must be a loopback address such as 127.0.0.1:9464 (got {addr}); put a proxy in front to expose it")));
+            }
+        }
+        for (field, value, cap) in [
+            (
+                "daemon.control_calls_per_second_per_stream",
+                d.control_calls_per_second_per_stream,
+                5.0,
+            ),
+            (
+                "daemon.control_calls_per_second",
+                d.control_calls_per_second,
+                300.0,
+            ),
+        ] {
+            if !(value > 0.0 && value <= cap) {
+                return Err(invalid(
+                    field,
+                    format!("must be above 0 and at most {cap}, KVS's quota (got {value})"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `[[streams]]`: each names a KVS stream that can name a folder, once, with its own
+    /// schedule and retention window if set.
+    fn validate_streams(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        for (i, s) in self.streams.iter().enumerate() {
+            validate_stream_identity(i, s)?;
+            if !safe_path_segment(&s.label()) {
+                return Err(invalid(
+                    format!("streams[{i}]"),
+                    format!("the stream name {:?} cannot name a folder: it must not be . or .. nor hold / or control characters", s.label()),
+                ));
+            }
+            if let Some(schedule) = &s.schedule {
+                if !valid_cron(schedule) {
+                    return Err(invalid(
+                        format!("streams[{i}].schedule"),
+                        format!("must be a cron expression with seconds (got {schedule:?})"),
+                    ));
+                }
+            }
+            if let Some(window) = s.retention_window {
+                if window < self.archive.clip_duration {
+                    return Err(invalid(
+                        format!("streams[{i}].retention_window"),
+                        "must be at least archive.clip_duration",
+                    ));
+                }
+            }
+            if !seen.insert(s.label()) {
+                return Err(invalid(
+                    format!("streams[{i}]"),
+                    format!("stream {} is listed twice", s.label()),
+                ));
+            }
         }
         Ok(())
     }

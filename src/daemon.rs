@@ -345,9 +345,7 @@ pub async fn archive_stream(
     stream: StreamConfig,
     shutdown: Shutdown,
 ) -> Result<PassReport> {
-    let config = &archiver.config;
     let label = stream.label();
-    let source = stream.timestamp_source;
     if let Some(why) = take_stream(&archiver, &stream, &shutdown).await? {
         tracing::info!(stream = %label, why = %why, "pass skipped");
         return Ok(PassReport {
@@ -358,54 +356,14 @@ pub async fn archive_stream(
     let described = archiver.source.describe(&stream).await?;
     // Dead claims are taken back every pass; unrecorded uploads are swept now and then.
     archiver.recover().await?;
-    // KVS's retention says what is deleted when; the window says how far back to archive.
-    let retention_ms = i64::from(described.retention_hours) * 3_600_000;
-    let window_ms = stream
-        .retention_window
-        .map_or(retention_ms, |w| (w.as_millis() as i64).min(retention_ms));
-    if retention_ms == 0 {
-        return Err(Error::Usage(format!(
-            "stream {label} keeps no media (DataRetentionInHours is 0): nothing to archive"
-        )));
-    }
-    let now = now_ms();
-    let lag = stream.lag.unwrap_or(config.daemon.lag).as_millis() as i64;
-    let clip = config.archive.clip_duration.as_millis() as i64;
-    // Only closed clip windows: objects match a backfill's, and no tiny tails.
-    let end = (now - lag).div_euclid(clip) * clip - 1;
-    let window_start = now - window_ms;
-    let progress = archiver.ledger.progress(&label, source).await?;
-    // Each pass lists its settle window again: fragments that reached KVS after their
-    // time was planned (producer timestamps, delayed uploads) are archived too.
-    let settle = config.settle(&stream).as_millis() as i64;
-    let plan_from = progress.planned_through_ms.map_or(window_start, |through| {
-        (through + 1 - settle).max(window_start)
-    });
-    let mut report = PassReport::default();
-    if plan_from <= end {
-        let plan = archiver
-            .plan_range(&stream, plan_from, end, false, &Progress::hidden())
-            .await?;
-        tracing::info!(stream = %label, new_chunks = plan.chunks.len(), fragments = plan.fragments, late = plan.late, "planned");
-        archiver
-            .ledger
-            .update_progress(
-                &label,
-                source,
-                &StreamProgress {
-                    planned_through_ms: Some(end),
-                    retention_ms: Some(retention_ms),
-                    ..StreamProgress::default()
-                },
-            )
-            .await?;
-    }
+    let window = PassWindow::of(&archiver, &stream, described.retention_hours, now_ms())?;
+    plan_new_windows(&archiver, &stream, &window).await?;
     // Chunks other processes hold are theirs to finish: the pass ends in bounded time.
     let fetched = archiver
         .fetch_pending(
             &stream,
-            window_start,
-            end,
+            window.start,
+            window.end,
             &Progress::hidden(),
             &shutdown,
             false,
@@ -415,20 +373,118 @@ pub async fn archive_stream(
         Ok(summary) => (summary, None),
         Err(e) => (RunSummary::default(), Some(e)),
     };
-    report.expired_fragments = summary
-        .expired
-        .iter()
-        .map(|c| u64::from(c.plan.fragment_count))
-        .sum();
-    report.summary = summary;
+    let mut report = PassReport {
+        expired_fragments: summary
+            .expired
+            .iter()
+            .map(|c| u64::from(c.plan.fragment_count))
+            .sum(),
+        summary,
+        ..PassReport::default()
+    };
+    report.at_risk = record_health(&archiver, &stream, window.retention_ms, error.as_ref()).await?;
+    match error {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
+}
 
+/// The span of time one pass archives, in epoch milliseconds.
+struct PassWindow {
+    /// How long KVS keeps the stream's fragments (its DataRetentionInHours).
+    retention_ms: i64,
+    /// The oldest time archived: KVS's retention edge, or the stream's
+    /// `retention_window` if that is shorter.
+    start: EpochMs,
+    /// The last millisecond of the last clip window closed `lag` before `now`.
+    end: EpochMs,
+}
+
+impl PassWindow {
+    fn of(
+        archiver: &Archiver,
+        stream: &StreamConfig,
+        retention_hours: u32,
+        now: EpochMs,
+    ) -> Result<Self> {
+        let config = &archiver.config;
+        // KVS's retention says what is deleted when; the window says how far back to archive.
+        let retention_ms = i64::from(retention_hours) * 3_600_000;
+        let window_ms = stream
+            .retention_window
+            .map_or(retention_ms, |w| (w.as_millis() as i64).min(retention_ms));
+        if retention_ms == 0 {
+            return Err(Error::Usage(format!(
+                "stream {} keeps no media (DataRetentionInHours is 0): nothing to archive",
+                stream.label()
+            )));
+        }
+        let lag = stream.lag.unwrap_or(config.daemon.lag).as_millis() as i64;
+        let clip = config.archive.clip_duration.as_millis() as i64;
+        Ok(Self {
+            retention_ms,
+            start: now - window_ms,
+            // Only closed clip windows: objects match a backfill's, and no tiny tails.
+            end: (now - lag).div_euclid(clip) * clip - 1,
+        })
+    }
+}
+
+/// Plans the clip windows closed since the last pass, and records how far the stream is
+/// planned.
+async fn plan_new_windows(
+    archiver: &Archiver,
+    stream: &StreamConfig,
+    window: &PassWindow,
+) -> Result<()> {
+    let label = stream.label();
+    let source = stream.timestamp_source;
+    let progress = archiver.ledger.progress(&label, source).await?;
+    // Each pass lists its settle window again: fragments that reached KVS after their
+    // time was planned (producer timestamps, delayed uploads) are archived too.
+    let settle = archiver.config.settle(stream).as_millis() as i64;
+    let plan_from = progress.planned_through_ms.map_or(window.start, |through| {
+        (through + 1 - settle).max(window.start)
+    });
+    if plan_from > window.end {
+        return Ok(());
+    }
+    let plan = archiver
+        .plan_range(stream, plan_from, window.end, false, &Progress::hidden())
+        .await?;
+    tracing::info!(stream = %label, new_chunks = plan.chunks.len(), fragments = plan.fragments, late = plan.late, "planned");
+    archiver
+        .ledger
+        .update_progress(
+            &label,
+            source,
+            &StreamProgress {
+                planned_through_ms: Some(window.end),
+                retention_ms: Some(window.retention_ms),
+                ..StreamProgress::default()
+            },
+        )
+        .await
+}
+
+/// After a pass: publishes the stream's health (how far behind it is, how long until KVS
+/// deletes the oldest unarchived fragment) and records the pass in the ledger. Returns
+/// whether data is at risk.
+async fn record_health(
+    archiver: &Archiver,
+    stream: &StreamConfig,
+    retention_ms: i64,
+    error: Option<&Error>,
+) -> Result<bool> {
+    let label = stream.label();
+    let source = stream.timestamp_source;
     // Data at risk: how long until KVS deletes the oldest fragment not yet archived.
     let now = now_ms();
     let oldest = archiver.ledger.oldest_unarchived(&label, source).await?;
     let expiry_secs = oldest.map(|start| (start + retention_ms - now) as f64 / 1000.0);
-    let alarm = config.daemon.retention_alarm.as_secs_f64();
-    report.at_risk = expiry_secs.is_some_and(|left| left < alarm);
-    if report.at_risk {
+    let alarm = archiver.config.daemon.retention_alarm.as_secs_f64();
+    let at_risk = expiry_secs.is_some_and(|left| left < alarm);
+    if at_risk {
         tracing::error!(
             stream = %label,
             seconds_left = expiry_secs.unwrap_or_default(),
@@ -437,7 +493,7 @@ pub async fn archive_stream(
     }
     let through = archiver.ledger.archived_through(&label).await?;
     let lag_secs = through.map(|t| (now - t) as f64 / 1000.0);
-    crate::metrics::stream_health(&label, lag_secs, expiry_secs, report.at_risk);
+    crate::metrics::stream_health(&label, lag_secs, expiry_secs, at_risk);
     crate::metrics::chunks_by_state(&label, &archiver.ledger.counts(&label).await?);
     archiver
         .ledger
@@ -447,15 +503,12 @@ pub async fn archive_stream(
             &StreamProgress {
                 retention_ms: Some(retention_ms),
                 last_run_ms: Some(now),
-                last_run_error: error.as_ref().map(ToString::to_string),
+                last_run_error: error.map(ToString::to_string),
                 ..StreamProgress::default()
             },
         )
         .await?;
-    match error {
-        Some(e) => Err(e),
-        None => Ok(report),
-    }
+    Ok(at_risk)
 }
 
 /// Whether a pass left work undone (failed or expired chunks).

@@ -245,97 +245,18 @@ pub async fn export(
     policy: &RetryPolicy,
 ) -> Result<ExportReport> {
     let (ledger, sink) = (archive.ledger.as_ref(), archive.destination.as_ref());
-    let mut objects: Vec<Object> = Vec::new();
-    let mut pieces: Vec<Piece> = Vec::new();
-    let mut left_out: Vec<LeftOut> = Vec::new();
-    for chunk in ledger
-        .done_in(stream, source, start - LONGEST_FRAGMENT_MS, end)
-        .await?
-    {
-        let fragments = ledger.fragments_of(chunk.id).await?;
-        let overlaps = |f: &Fragment| f.start_ms < end && f.start_ms + f.duration_ms as i64 > start;
-        if !fragments.iter().any(overlaps) {
-            continue;
-        }
-        if chunk.plan.kind == ChunkKind::Mkv {
-            left_out.push(LeftOut {
-                object_key: chunk.object_key.clone(),
-                reason: "stored as Matroska (KVS could not package it as MP4); play it on its own"
-                    .into(),
-            });
-            continue;
-        }
-        let object_len = match chunk.archived_bytes {
-            Some(bytes) => bytes,
-            None => sink
-                .head(&chunk.object_key)
-                .await?
-                .map_or(0, |head| head.size),
-        };
-        // At least KVS's longest fragment (20 s) per fragment: a chunk restored from
-        // metadata alone may record less than its media plays.
-        let longest = u64::from(chunk.plan.fragment_count).saturating_mul(20_000);
-        let limits = TrackLimits::for_object(object_len, chunk.plan.duration_ms.max(longest));
-        let track = read_track(sink, &chunk.object_key, limits).await?;
-        if !track.other_tracks.is_empty() {
-            left_out.push(LeftOut {
-                object_key: chunk.object_key.clone(),
-                reason: format!(
-                    "its {} track(s) (export copies the video track only)",
-                    track.other_tracks.join(", ")
-                ),
-            });
-        }
-        let bounds = fragment_bounds(&track, &fragments);
-        for (fragment, (from, to)) in fragments.iter().zip(bounds) {
-            if !overlaps(fragment) || from >= to {
-                continue;
-            }
-            pieces.push(Piece {
-                object: objects.len(),
-                fragment: fragment.number.clone(),
-                wall_start: fragment.start_ms,
-                first_dts: track.samples[from].dts,
-                samples: track.samples[from..to].to_vec(),
-            });
-        }
-        objects.push(Object {
-            key: chunk.object_key,
-            track: VideoTrack {
-                samples: Vec::new(),
-                ..track
-            },
-        });
-    }
-    pieces.sort_by(|a, b| {
-        a.wall_start
-            .cmp(&b.wall_start)
-            .then_with(|| crate::domain::cmp_fragment_numbers(&a.fragment, &b.fragment))
-    });
-
-    // Every sample with its wall time; the output starts at the keyframe at or before
-    // `start` and ends before `end`.
-    let wall = |p: &Piece, s: &Sample| {
-        let track = &objects[p.object].track;
-        p.wall_start + track.ms(s.dts.saturating_sub(p.first_dts)) as i64
+    let request = Request {
+        ledger,
+        stream,
+        source,
+        start,
+        end,
+        gap_mode,
     };
-    // The keyframe at or before `start`, or the first one after it.
-    let mut first: Option<(usize, usize, EpochMs)> = None;
-    'scan: for (p, piece) in pieces.iter().enumerate() {
-        for (i, sample) in piece.samples.iter().enumerate() {
-            if !sample.sync {
-                continue;
-            }
-            let t = wall(piece, sample);
-            if t <= start || first.is_none() {
-                first = Some((p, i, t));
-            }
-            if t > start {
-                break 'scan;
-            }
-        }
-    }
-    let Some((first_piece, first_sample, first_frame_ms)) = first.filter(|f| f.2 < end) else {
+    let (media, left_out) = ArchivedMedia::gather(&request, sink).await?;
+    let Some((first_piece, first_sample, first_frame_ms)) =
+        media.first_keyframe(start).filter(|f| f.2 < end)
+    else {
         let why = why_missing(ledger, stream, source, start).await?;
         return Err(Error::Usage(format!(
             "export {stream}: the archive holds no video between {} and {} ({why}); `kvs-archiver find --stream {stream} --at T` tells what the archive holds at an instant",
@@ -343,106 +264,10 @@ pub async fn export(
             rfc3339(end)
         )));
     };
-    // Every sample from there that starts before `end`, with its wall time.
-    let wall = &wall;
-    let selected = pieces
-        .iter()
-        .enumerate()
-        .skip(first_piece)
-        .flat_map(move |(p, piece)| {
-            let from = if p == first_piece { first_sample } else { 0 };
-            piece
-                .samples
-                .iter()
-                .enumerate()
-                .skip(from)
-                .map(move |(i, sample)| (p, i, wall(piece, sample)))
-        })
-        .take_while(|e| e.2 < end);
-
-    let reference = &objects[pieces[first_piece].object];
-    let mut table = TrackTable::new(
-        reference.track.timescale,
-        reference.track.width,
-        reference.track.height,
-        reference.track.sample_description.clone(),
-    );
-    // Runs of bytes to copy: (object, offset, length), one per output chunk.
-    let mut runs: Vec<(usize, u64, u64)> = Vec::new();
-    let mut gaps: Vec<Gap> = Vec::new();
-    let mut used_objects: Vec<usize> = Vec::new();
-    let mut fragments: Vec<String> = Vec::new();
-    let mut previous: Option<(usize, Sample, EpochMs)> = None;
-    for (p, i, t) in selected {
-        let piece = &pieces[p];
-        let object = &objects[piece.object];
-        let sample = piece.samples[i];
-        if object.track.sample_description != reference.track.sample_description
-            || object.track.timescale != reference.track.timescale
-        {
-            return Err(Error::Usage(format!(
-                "export {stream}: the codec or picture size changes at {} (object {}), which one MP4 track cannot hold; export [{}, {}) and [{}, {}] separately",
-                rfc3339(t),
-                object.key,
-                rfc3339(start),
-                rfc3339(t),
-                rfc3339(t),
-                rfc3339(end)
-            )));
-        }
-        if fragments.last() != Some(&piece.fragment) {
-            fragments.push(piece.fragment.clone());
-        }
-        if used_objects.last() != Some(&piece.object) && !used_objects.contains(&piece.object) {
-            used_objects.push(piece.object);
-        }
-        let mut new_chunk = true;
-        if let Some((previous_piece, previous_sample, previous_t)) = previous {
-            let expected = previous_t + object.track.ms(u64::from(previous_sample.duration)) as i64;
-            let missing = t - expected;
-            // A sample lasts at most 2^32 ticks (13 h at 90 kHz): a longer gap is joined.
-            let ticks =
-                u32::try_from(missing.max(0) as u64 * u64::from(object.track.timescale) / 1000)
-                    .ok()
-                    .and_then(|t| t.checked_add(previous_sample.duration).map(|_| t));
-            let held = gap_mode == GapMode::Hold && ticks.is_some();
-            if missing > GAP_REPORT_MS {
-                let mut why = why_missing(ledger, stream, source, expected + missing / 2).await?;
-                if gap_mode == GapMode::Hold && !held {
-                    why.push_str("; too long to hold one frame over, so joined");
-                }
-                gaps.push(Gap {
-                    from_ms: expected,
-                    to_ms: t,
-                    why,
-                    held,
-                });
-            }
-            if let (true, Some(ticks)) = (held, ticks) {
-                table.extend_last(ticks);
-            }
-            let same_object = pieces[previous_piece].object == piece.object;
-            new_chunk = !(same_object
-                && previous_sample.offset + u64::from(previous_sample.size) == sample.offset);
-        }
-        table.push(
-            sample.size,
-            sample.duration,
-            sample.cts_offset,
-            sample.sync,
-            new_chunk,
-        );
-        match runs.last_mut() {
-            Some(run) if !new_chunk => run.2 += u64::from(sample.size),
-            _ => runs.push((piece.object, sample.offset, u64::from(sample.size))),
-        }
-        previous = Some((p, sample, t));
-    }
-    let last_frame_end_ms = previous.map_or(first_frame_ms, |(p, s, t)| {
-        t + objects[pieces[p].object].track.ms(u64::from(s.duration)) as i64
-    });
+    let mut assembly = assemble(&request, &media, first_piece, first_sample).await?;
+    let last_frame_end_ms = assembly.last_frame_end_ms.unwrap_or(first_frame_ms);
     if first_frame_ms - start > GAP_REPORT_MS {
-        gaps.insert(
+        assembly.gaps.insert(
             0,
             Gap {
                 from_ms: start,
@@ -454,16 +279,370 @@ pub async fn export(
         );
     }
     if end - last_frame_end_ms > GAP_REPORT_MS {
-        gaps.push(Gap {
+        assembly.gaps.push(Gap {
             from_ms: last_frame_end_ms,
             to_ms: end,
             why: why_missing(ledger, stream, source, last_frame_end_ms + 1).await?,
             held: false,
         });
     }
+    let bytes = write_output(&assembly, &media, sink, output, label, policy).await?;
+    let table = &assembly.table;
+    Ok(ExportReport {
+        output: output.display().to_string(),
+        first_frame_ms,
+        last_frame_end_ms,
+        duration_ms: table.duration() * 1000 / u64::from(table.timescale),
+        frames: table.sample_count(),
+        bytes,
+        gap_mode,
+        objects: assembly
+            .used_objects
+            .iter()
+            .map(|&o| media.objects[o].key.clone())
+            .collect(),
+        fragments: assembly.fragments,
+        gaps: assembly.gaps,
+        left_out,
+    })
+}
 
-    let header = table.header();
-    let total = header.len() as u64 + table.media_bytes();
+/// What an export asks for, and where to look up why media is missing.
+struct Request<'a> {
+    ledger: &'a dyn Ledger,
+    stream: &'a str,
+    source: TimestampSource,
+    start: EpochMs,
+    end: EpochMs,
+    gap_mode: GapMode,
+}
+
+/// The archived objects that hold media of the range, and their fragments' samples in
+/// wall-time order.
+struct ArchivedMedia {
+    /// Each object's video track, without its samples (they live in `pieces`).
+    objects: Vec<Object>,
+    /// Sorted by wall time, then fragment number.
+    pieces: Vec<Piece>,
+}
+
+impl ArchivedMedia {
+    /// Reads the sample tables of every archived chunk with a fragment in the range.
+    /// Returns them with the objects that hold media of the range but are left out.
+    async fn gather(request: &Request<'_>, sink: &Sink) -> Result<(Self, Vec<LeftOut>)> {
+        let (ledger, start, end) = (request.ledger, request.start, request.end);
+        let mut media = ArchivedMedia {
+            objects: Vec::new(),
+            pieces: Vec::new(),
+        };
+        let mut left_out: Vec<LeftOut> = Vec::new();
+        for chunk in ledger
+            .done_in(
+                request.stream,
+                request.source,
+                start - LONGEST_FRAGMENT_MS,
+                end,
+            )
+            .await?
+        {
+            let fragments = ledger.fragments_of(chunk.id).await?;
+            let overlaps =
+                |f: &Fragment| f.start_ms < end && f.start_ms + f.duration_ms as i64 > start;
+            if !fragments.iter().any(overlaps) {
+                continue;
+            }
+            if chunk.plan.kind == ChunkKind::Mkv {
+                left_out.push(LeftOut {
+                    object_key: chunk.object_key.clone(),
+                    reason:
+                        "stored as Matroska (KVS could not package it as MP4); play it on its own"
+                            .into(),
+                });
+                continue;
+            }
+            let object_len = match chunk.archived_bytes {
+                Some(bytes) => bytes,
+                None => sink
+                    .head(&chunk.object_key)
+                    .await?
+                    .map_or(0, |head| head.size),
+            };
+            // At least KVS's longest fragment (20 s) per fragment: a chunk restored from
+            // metadata alone may record less than its media plays.
+            let longest = u64::from(chunk.plan.fragment_count).saturating_mul(20_000);
+            let limits = TrackLimits::for_object(object_len, chunk.plan.duration_ms.max(longest));
+            let track = read_track(sink, &chunk.object_key, limits).await?;
+            if !track.other_tracks.is_empty() {
+                left_out.push(LeftOut {
+                    object_key: chunk.object_key.clone(),
+                    reason: format!(
+                        "its {} track(s) (export copies the video track only)",
+                        track.other_tracks.join(", ")
+                    ),
+                });
+            }
+            media.add_object(chunk.object_key, track, &fragments, overlaps);
+        }
+        media.pieces.sort_by(|a, b| {
+            a.wall_start
+                .cmp(&b.wall_start)
+                .then_with(|| crate::domain::cmp_fragment_numbers(&a.fragment, &b.fragment))
+        });
+        Ok((media, left_out))
+    }
+
+    /// Adds an object's track, its samples cut into one piece per fragment of the range
+    /// (`in_range`); the bounds come from all of the chunk's `fragments`, which its MP4
+    /// plays back to back.
+    fn add_object(
+        &mut self,
+        key: String,
+        track: VideoTrack,
+        fragments: &[Fragment],
+        in_range: impl Fn(&Fragment) -> bool,
+    ) {
+        let bounds = fragment_bounds(&track, fragments);
+        for (fragment, (from, to)) in fragments.iter().zip(bounds) {
+            if !in_range(fragment) || from >= to {
+                continue;
+            }
+            self.pieces.push(Piece {
+                object: self.objects.len(),
+                fragment: fragment.number.clone(),
+                wall_start: fragment.start_ms,
+                first_dts: track.samples[from].dts,
+                samples: track.samples[from..to].to_vec(),
+            });
+        }
+        self.objects.push(Object {
+            key,
+            track: VideoTrack {
+                samples: Vec::new(),
+                ..track
+            },
+        });
+    }
+
+    /// The wall time of `sample`, one of `piece`'s.
+    fn wall(&self, piece: &Piece, sample: &Sample) -> EpochMs {
+        let track = &self.objects[piece.object].track;
+        piece.wall_start + track.ms(sample.dts.saturating_sub(piece.first_dts)) as i64
+    }
+
+    /// The keyframe at or before `start`, or the first one after it: (piece, sample,
+    /// wall time).
+    fn first_keyframe(&self, start: EpochMs) -> Option<(usize, usize, EpochMs)> {
+        let mut first: Option<(usize, usize, EpochMs)> = None;
+        for (p, piece) in self.pieces.iter().enumerate() {
+            for (i, sample) in piece.samples.iter().enumerate() {
+                if !sample.sync {
+                    continue;
+                }
+                let t = self.wall(piece, sample);
+                if t <= start || first.is_none() {
+                    first = Some((p, i, t));
+                }
+                if t > start {
+                    return first;
+                }
+            }
+        }
+        first
+    }
+
+    /// Every sample from the first one that starts before `end`, with its wall time:
+    /// (piece, sample, wall time).
+    fn selected(
+        &self,
+        first_piece: usize,
+        first_sample: usize,
+        end: EpochMs,
+    ) -> impl Iterator<Item = (usize, usize, EpochMs)> + '_ {
+        self.pieces
+            .iter()
+            .enumerate()
+            .skip(first_piece)
+            .flat_map(move |(p, piece)| {
+                let from = if p == first_piece { first_sample } else { 0 };
+                piece
+                    .samples
+                    .iter()
+                    .enumerate()
+                    .skip(from)
+                    .map(move |(i, sample)| (p, i, self.wall(piece, sample)))
+            })
+            .take_while(move |e| e.2 < end)
+    }
+}
+
+/// The output's track, laid out from the selected samples, and what it took them from.
+struct Assembly {
+    table: TrackTable,
+    /// Runs of bytes to copy: (object, offset, length), one per output chunk.
+    runs: Vec<(usize, u64, u64)>,
+    /// Gaps between the first and the last frame (those at the edges are added after).
+    gaps: Vec<Gap>,
+    /// Indexes into [`ArchivedMedia::objects`], in the order first used.
+    used_objects: Vec<usize>,
+    /// The fragments whose samples the output holds, in time order.
+    fragments: Vec<String>,
+    /// Wall time where the last frame ends; `None` with no sample.
+    last_frame_end_ms: Option<EpochMs>,
+}
+
+/// Lays out every selected sample from the first keyframe as one track: a sample joins
+/// the output chunk before it when its bytes follow on in the same object, and the gaps
+/// between samples are reported (and held over, with `--gaps hold`).
+async fn assemble(
+    request: &Request<'_>,
+    media: &ArchivedMedia,
+    first_piece: usize,
+    first_sample: usize,
+) -> Result<Assembly> {
+    let (objects, pieces) = (&media.objects, &media.pieces);
+    let reference = &objects[pieces[first_piece].object];
+    let mut out = Assembly {
+        table: TrackTable::new(
+            reference.track.timescale,
+            reference.track.width,
+            reference.track.height,
+            reference.track.sample_description.clone(),
+        ),
+        runs: Vec::new(),
+        gaps: Vec::new(),
+        used_objects: Vec::new(),
+        fragments: Vec::new(),
+        last_frame_end_ms: None,
+    };
+    let mut previous: Option<(usize, Sample, EpochMs)> = None;
+    for (p, i, t) in media.selected(first_piece, first_sample, request.end) {
+        let piece = &pieces[p];
+        let object = &objects[piece.object];
+        let sample = piece.samples[i];
+        check_same_format(request, &reference.track, object, t)?;
+        if out.fragments.last() != Some(&piece.fragment) {
+            out.fragments.push(piece.fragment.clone());
+        }
+        if out.used_objects.last() != Some(&piece.object)
+            && !out.used_objects.contains(&piece.object)
+        {
+            out.used_objects.push(piece.object);
+        }
+        let mut new_chunk = true;
+        if let Some((previous_piece, previous_sample, previous_t)) = previous {
+            let hold = note_gap(
+                request,
+                &mut out.gaps,
+                &object.track,
+                previous_sample,
+                previous_t,
+                t,
+            )
+            .await?;
+            if let Some(ticks) = hold {
+                out.table.extend_last(ticks);
+            }
+            let same_object = pieces[previous_piece].object == piece.object;
+            new_chunk = !(same_object
+                && previous_sample.offset + u64::from(previous_sample.size) == sample.offset);
+        }
+        out.table.push(
+            sample.size,
+            sample.duration,
+            sample.cts_offset,
+            sample.sync,
+            new_chunk,
+        );
+        match out.runs.last_mut() {
+            Some(run) if !new_chunk => run.2 += u64::from(sample.size),
+            _ => out
+                .runs
+                .push((piece.object, sample.offset, u64::from(sample.size))),
+        }
+        previous = Some((p, sample, t));
+    }
+    out.last_frame_end_ms = previous
+        .map(|(p, s, t)| t + objects[pieces[p].object].track.ms(u64::from(s.duration)) as i64);
+    Ok(out)
+}
+
+/// Refuses a sample whose object's codec, picture size or timescale differs from the
+/// first frame's: one MP4 track cannot hold both.
+fn check_same_format(
+    request: &Request<'_>,
+    reference: &VideoTrack,
+    object: &Object,
+    t: EpochMs,
+) -> Result<()> {
+    if object.track.sample_description == reference.sample_description
+        && object.track.timescale == reference.timescale
+    {
+        return Ok(());
+    }
+    let (stream, start, end) = (request.stream, request.start, request.end);
+    Err(Error::Usage(format!(
+        "export {stream}: the codec or picture size changes at {} (object {}), which one MP4 track cannot hold; export [{}, {}) and [{}, {}] separately",
+        rfc3339(t),
+        object.key,
+        rfc3339(start),
+        rfc3339(t),
+        rfc3339(t),
+        rfc3339(end)
+    )))
+}
+
+/// Looks at the time between the previous sample's end and a sample at `t`: a gap
+/// longer than [`GAP_REPORT_MS`] is added to `gaps`, with why it is missing. Returns the
+/// ticks to lengthen the previous sample by when the gap is held over (`--gaps hold`).
+async fn note_gap(
+    request: &Request<'_>,
+    gaps: &mut Vec<Gap>,
+    track: &VideoTrack,
+    previous_sample: Sample,
+    previous_t: EpochMs,
+    t: EpochMs,
+) -> Result<Option<u32>> {
+    let expected = previous_t + track.ms(u64::from(previous_sample.duration)) as i64;
+    let missing = t - expected;
+    // A sample lasts at most 2^32 ticks (13 h at 90 kHz): a longer gap is joined.
+    let ticks = u32::try_from(missing.max(0) as u64 * u64::from(track.timescale) / 1000)
+        .ok()
+        .and_then(|t| t.checked_add(previous_sample.duration).map(|_| t));
+    let held = request.gap_mode == GapMode::Hold && ticks.is_some();
+    if missing > GAP_REPORT_MS {
+        let mut why = why_missing(
+            request.ledger,
+            request.stream,
+            request.source,
+            expected + missing / 2,
+        )
+        .await?;
+        if request.gap_mode == GapMode::Hold && !held {
+            why.push_str("; too long to hold one frame over, so joined");
+        }
+        gaps.push(Gap {
+            from_ms: expected,
+            to_ms: t,
+            why,
+            held,
+        });
+    }
+    Ok(ticks.filter(|_| held))
+}
+
+/// Writes the assembled track to `output`: to a new partial file first, renamed into
+/// place once complete, so a failed export leaves no half file under the asked name.
+/// Returns the bytes written.
+async fn write_output(
+    assembly: &Assembly,
+    media: &ArchivedMedia,
+    sink: &Sink,
+    output: &Path,
+    label: &str,
+    policy: &RetryPolicy,
+) -> Result<u64> {
+    let header = assembly.table.header();
+    let total = header.len() as u64 + assembly.table.media_bytes();
     let progress = ByteProgress::new(label, total);
     // A name no one knows in advance, created new: a file or link planted beside the
     // output is never written through.
@@ -472,7 +651,16 @@ pub async fn export(
         output.display(),
         fastrand::u64(..)
     ));
-    let written = write_file(&partial, &header, &runs, &objects, sink, &progress, policy).await;
+    let written = write_file(
+        &partial,
+        &header,
+        &assembly.runs,
+        &media.objects,
+        sink,
+        &progress,
+        policy,
+    )
+    .await;
     progress.finish();
     if let Err(e) = written.and_then(|()| {
         std::fs::rename(&partial, output).map_err(|e| file_error("rename", output, e))
@@ -480,24 +668,8 @@ pub async fn export(
         let _ = std::fs::remove_file(&partial);
         return Err(e);
     }
-    Ok(ExportReport {
-        output: output.display().to_string(),
-        first_frame_ms,
-        last_frame_end_ms,
-        duration_ms: table.duration() * 1000 / u64::from(table.timescale),
-        frames: table.sample_count(),
-        bytes: total,
-        gap_mode,
-        objects: used_objects
-            .iter()
-            .map(|&o| objects[o].key.clone())
-            .collect(),
-        fragments,
-        gaps,
-        left_out,
-    })
+    Ok(total)
 }
-
 fn file_error(op: &'static str, path: &Path, e: std::io::Error) -> Error {
     let hint = if e.raw_os_error() == Some(28) {
         " (the disk is full: free space or write the export elsewhere)"

@@ -346,56 +346,24 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             print_json(&policy);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Find { stream, at, json } => {
-            let t = app::parse_time(&at, "--at")?;
-            let (finding, url) = app::find(config, &stream, t).await?;
-            print_finding(&stream, t, &finding, url.as_deref(), json);
-            Ok(status_for(matches!(finding, Finding::Archived { .. })))
-        }
+        Command::Find { stream, at, json } => run_find(config, &stream, &at, json).await,
         Command::Export {
             range,
             output,
             gaps,
             json,
-        } => {
-            let (start, end) = range.parse()?;
-            let report = app::export(config, &range.stream, start, end, gaps, &output).await?;
-            print_report(&report, json, |r| r.describe());
-            Ok(ExitCode::SUCCESS)
-        }
+        } => run_export(config, &range, &output, gaps, json).await,
         Command::RebuildLedger {
             stream,
             merge,
             json,
-        } => {
-            let report = app::rebuild_ledger(config, stream.as_deref(), merge).await?;
-            print_report(&report, json, |r| r.describe());
-            // Objects left out for their metadata are work not done: the operator looks.
-            Ok(status_for(report.untrusted.is_empty()))
-        }
+        } => run_rebuild_ledger(config, stream.as_deref(), merge, json).await,
         Command::Serve { listen, token_file } => {
             let token = serve_token(token_file.as_deref())?;
             app::serve(config, listen, token, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { json } => {
-            let (streams, instances) = app::status(&config).await?;
-            if json {
-                print_json(&serde_json::json!({ "streams": streams, "instances": instances }));
-            } else {
-                print!(
-                    "{}",
-                    kvs_archiver::status::describe(
-                        &streams,
-                        &instances,
-                        chrono::Utc::now().timestamp_millis(),
-                        config.daemon.retention_alarm,
-                        config.state.lease,
-                    )
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Status { json } => run_status(&config, json).await,
         Command::Plan { range, json } => {
             let (start, end) = range.parse()?;
             let plan = app::plan(config, &range.stream, start, end).await?;
@@ -414,18 +382,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             print_report(&report, json, |r| r.describe());
             Ok(status_for(report.clean()))
         }
-        Command::Backfill { range } => {
-            let (start, end) = range.parse()?;
-            let stream = range.stream;
-            let summary = app::backfill(config, &stream, start, end, &shutdown).await?;
-            let text = app::describe_run(&summary);
-            if summary.complete() {
-                eprintln!("backfill {stream}: complete: {text}");
-            } else {
-                eprintln!("backfill {stream}: incomplete: {text}\nrun the same command again to retry what failed");
-            }
-            Ok(status_for(summary.complete()))
-        }
+        Command::Backfill { range } => run_backfill(config, range, &shutdown).await,
         Command::Run { once } => {
             let sdk = app::sdk_config(&config.aws).await;
             let ok = app::run_daemon(config, &sdk, once, shutdown).await?;
@@ -436,6 +393,80 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Demo { .. } => Ok(ExitCode::SUCCESS),
         Command::Completions { .. } | Command::Man => Ok(ExitCode::SUCCESS),
     }
+}
+
+/// `find`: exit status 1 when no object holds the instant.
+async fn run_find(config: Config, stream: &str, at: &str, json: bool) -> Result<ExitCode, Error> {
+    let t = app::parse_time(at, "--at")?;
+    let (finding, url) = app::find(config, stream, t).await?;
+    print_finding(stream, t, &finding, url.as_deref(), json);
+    Ok(status_for(matches!(finding, Finding::Archived { .. })))
+}
+
+/// `export`: writes the MP4 and reports it.
+async fn run_export(
+    config: Config,
+    range: &RangeArgs,
+    output: &std::path::Path,
+    gaps: kvs_archiver::export::GapMode,
+    json: bool,
+) -> Result<ExitCode, Error> {
+    let (start, end) = range.parse()?;
+    let report = app::export(config, &range.stream, start, end, gaps, output).await?;
+    print_report(&report, json, |r| r.describe());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `rebuild-ledger`: exit status 1 when an object's metadata was refused.
+async fn run_rebuild_ledger(
+    config: Config,
+    stream: Option<&str>,
+    merge: bool,
+    json: bool,
+) -> Result<ExitCode, Error> {
+    let report = app::rebuild_ledger(config, stream, merge).await?;
+    print_report(&report, json, |r| r.describe());
+    // Objects left out for their metadata are work not done: the operator looks.
+    Ok(status_for(report.untrusted.is_empty()))
+}
+
+/// `status`: every stream's chunks and the instances alive, as JSON or a table.
+async fn run_status(config: &Config, json: bool) -> Result<ExitCode, Error> {
+    let (streams, instances) = app::status(config).await?;
+    if json {
+        print_json(&serde_json::json!({ "streams": streams, "instances": instances }));
+    } else {
+        print!(
+            "{}",
+            kvs_archiver::status::describe(
+                &streams,
+                &instances,
+                chrono::Utc::now().timestamp_millis(),
+                config.daemon.retention_alarm,
+                config.state.lease,
+            )
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `backfill`: exit status 1 when a chunk is left undone, with a hint that running it
+/// again retries them.
+async fn run_backfill(
+    config: Config,
+    range: RangeArgs,
+    shutdown: &Shutdown,
+) -> Result<ExitCode, Error> {
+    let (start, end) = range.parse()?;
+    let stream = range.stream;
+    let summary = app::backfill(config, &stream, start, end, shutdown).await?;
+    let text = app::describe_run(&summary);
+    if summary.complete() {
+        eprintln!("backfill {stream}: complete: {text}");
+    } else {
+        eprintln!("backfill {stream}: incomplete: {text}\nrun the same command again to retry what failed");
+    }
+    Ok(status_for(summary.complete()))
 }
 
 /// `serve`'s bearer token: from `--token-file`, else `KVS_ARCHIVER_SERVE_TOKEN`.

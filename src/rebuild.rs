@@ -237,124 +237,156 @@ pub async fn rebuild(
     merge: bool,
 ) -> Result<RebuildReport> {
     if !merge {
-        let held: Vec<String> = archive
-            .ledger
-            .status()
-            .await?
-            .into_iter()
-            .filter(|s| s.done + s.pending + s.failed + s.expired + s.in_flight > 0)
-            .map(|s| s.stream)
-            .collect();
-        if !held.is_empty() {
-            return Err(Error::Usage(format!(
-                "rebuild-ledger: the ledger at {} already holds chunks (streams: {}); give --merge to add only the objects it lacks, or point state.database_url at an empty ledger",
-                crate::config::redact_url(&archive.config.state.database_url),
-                held.join(", ")
-            )));
-        }
+        refuse_a_ledger_with_chunks(archive).await?;
     }
-    let prefix = &archive.config.destination.prefix;
     let mut report = RebuildReport::default();
     for stream in streams {
-        let label = stream.label();
-        let keys = archive
-            .destination
-            .list_keys(&format!("{prefix}{label}/"))
-            .await?;
-        report.objects_listed += keys.len();
-        // One HeadObject per object, several at a time.
-        let heads: Vec<(String, Result<Option<crate::sink::ObjectHead>>)> =
-            futures_util::stream::iter(keys)
-                .map(|key| async move {
-                    let head = archive.destination.head(&key).await;
-                    (key, head)
-                })
-                .buffer_unordered(HEADS_IN_FLIGHT)
-                .collect()
-                .await;
-        let mut objects = Vec::new();
-        for (key, head) in heads {
-            let Some(head) = head? else {
-                continue;
-            };
-            match describe(&key, head.size, &head.meta, stream, prefix) {
-                Ok(Some(object)) => objects.push(object),
-                Ok(None) => report.skipped.push(key),
-                Err(why) => {
-                    tracing::warn!(key = %key, why = %why, "rebuild-ledger: metadata refused");
-                    report.untrusted.push(Untrusted { key, why });
-                }
-            }
-        }
+        let mut objects = described_objects(archive, stream, &mut report).await?;
         if objects.is_empty() {
             continue;
         }
         // Late and Matroska objects first: their fragments lie inside clip ranges.
         objects.sort_by_key(|o| (o.kind == ChunkKind::Clip, o.start_ms));
-        let from = objects.iter().map(|o| o.start_ms).min().unwrap_or(0);
-        let to = objects.iter().map(|o| o.end_ms).max().unwrap_or(0);
-        // A stream KVS no longer has (or no longer lets us list) is restored from the
-        // metadata alone: its fragments cannot be fetched again anyway.
-        let mut listed = match kvs.list(stream, from, to).await {
-            Ok(listed) => listed,
-            Err(e) if !e.retryability().can_retry() => {
-                tracing::warn!(stream = %label, error = %e, "rebuild-ledger: cannot list the stream's fragments; restoring its objects from their metadata alone");
-                Vec::new()
-            }
-            Err(e) => return Err(e),
+        restore_stream(archive, kvs, stream, &objects, &mut report).await?;
+    }
+    Ok(report)
+}
+
+/// Without `--merge`, the ledger must hold no chunk: rebuilding into a ledger in use
+/// would mix two records of the same objects.
+async fn refuse_a_ledger_with_chunks(archive: &ArchiveView) -> Result<()> {
+    let held: Vec<String> = archive
+        .ledger
+        .status()
+        .await?
+        .into_iter()
+        .filter(|s| s.done + s.pending + s.failed + s.expired + s.in_flight > 0)
+        .map(|s| s.stream)
+        .collect();
+    if held.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Usage(format!(
+        "rebuild-ledger: the ledger at {} already holds chunks (streams: {}); give --merge to add only the objects it lacks, or point state.database_url at an empty ledger",
+        crate::config::redact_url(&archive.config.state.database_url),
+        held.join(", ")
+    )))
+}
+
+/// The objects under the stream's folder, each described by its metadata. Objects this
+/// program did not write are added to `report.skipped`, objects whose metadata is
+/// refused to `report.untrusted`.
+async fn described_objects(
+    archive: &ArchiveView,
+    stream: &StreamConfig,
+    report: &mut RebuildReport,
+) -> Result<Vec<Described>> {
+    let prefix = &archive.config.destination.prefix;
+    let keys = archive
+        .destination
+        .list_keys(&format!("{prefix}{}/", stream.label()))
+        .await?;
+    report.objects_listed += keys.len();
+    // One HeadObject per object, several at a time.
+    let heads: Vec<(String, Result<Option<crate::sink::ObjectHead>>)> =
+        futures_util::stream::iter(keys)
+            .map(|key| async move {
+                let head = archive.destination.head(&key).await;
+                (key, head)
+            })
+            .buffer_unordered(HEADS_IN_FLIGHT)
+            .collect()
+            .await;
+    let mut objects = Vec::new();
+    for (key, head) in heads {
+        let Some(head) = head? else {
+            continue;
         };
-        sort_and_dedup(&mut listed);
-        let mut taken: HashSet<String> = HashSet::new();
-        let known: HashSet<String> = archive
-            .ledger
-            .done_in(&label, stream.timestamp_source, from - 86_400_000, to)
-            .await?
-            .into_iter()
-            .map(|c| c.object_key)
-            .collect();
-        for object in &objects {
-            let mut fragments = fragments_of(object, &listed, &taken);
-            if fragments.is_empty() {
-                // KVS deleted them: one row spanning the object keeps `find` and `export`
-                // working; nothing can fetch these fragments again.
-                fragments = vec![Fragment {
-                    number: object.first.clone(),
-                    start_ms: object.start_ms,
-                    server_ms: object.start_ms,
-                    duration_ms: object
-                        .duration_ms
-                        .unwrap_or((object.end_ms - object.start_ms).max(1) as u64),
-                    size_bytes: object.size,
-                }];
-                report.from_metadata_only.push(object.key.clone());
-            }
-            taken.extend(fragments.iter().map(|f| f.number.clone()));
-            let mut plan = ChunkPlan::of(object.kind, fragments);
-            // The object's own range and fragment names, as written.
-            plan.start_ms = object.start_ms;
-            plan.end_ms = object.end_ms;
-            plan.first_fragment = object.first.clone();
-            plan.last_fragment = object.last.clone();
-            let inserted = archive
-                .ledger
-                .insert_archived(
-                    &label,
-                    stream.timestamp_source,
-                    &plan,
-                    &object.key,
-                    object.size,
-                )
-                .await?;
-            if inserted {
-                report.chunks_restored += 1;
-            } else if known.contains(&object.key) {
-                report.already_known += 1;
-            } else {
-                report.refused.push(object.key.clone());
+        match describe(&key, head.size, &head.meta, stream, prefix) {
+            Ok(Some(object)) => objects.push(object),
+            Ok(None) => report.skipped.push(key),
+            Err(why) => {
+                tracing::warn!(key = %key, why = %why, "rebuild-ledger: metadata refused");
+                report.untrusted.push(Untrusted { key, why });
             }
         }
     }
-    Ok(report)
+    Ok(objects)
+}
+
+/// Records `objects` (late and Matroska ones first) in the ledger as archived chunks,
+/// each with the fragments KVS still lists in its range, or one spanning it if none.
+async fn restore_stream(
+    archive: &ArchiveView,
+    kvs: &KvsSource,
+    stream: &StreamConfig,
+    objects: &[Described],
+    report: &mut RebuildReport,
+) -> Result<()> {
+    let label = stream.label();
+    let from = objects.iter().map(|o| o.start_ms).min().unwrap_or(0);
+    let to = objects.iter().map(|o| o.end_ms).max().unwrap_or(0);
+    // A stream KVS no longer has (or no longer lets us list) is restored from the
+    // metadata alone: its fragments cannot be fetched again anyway.
+    let mut listed = match kvs.list(stream, from, to).await {
+        Ok(listed) => listed,
+        Err(e) if !e.retryability().can_retry() => {
+            tracing::warn!(stream = %label, error = %e, "rebuild-ledger: cannot list the stream's fragments; restoring its objects from their metadata alone");
+            Vec::new()
+        }
+        Err(e) => return Err(e),
+    };
+    sort_and_dedup(&mut listed);
+    let mut taken: HashSet<String> = HashSet::new();
+    let known: HashSet<String> = archive
+        .ledger
+        .done_in(&label, stream.timestamp_source, from - 86_400_000, to)
+        .await?
+        .into_iter()
+        .map(|c| c.object_key)
+        .collect();
+    for object in objects {
+        let mut fragments = fragments_of(object, &listed, &taken);
+        if fragments.is_empty() {
+            // KVS deleted them: one row spanning the object keeps `find` and `export`
+            // working; nothing can fetch these fragments again.
+            fragments = vec![Fragment {
+                number: object.first.clone(),
+                start_ms: object.start_ms,
+                server_ms: object.start_ms,
+                duration_ms: object
+                    .duration_ms
+                    .unwrap_or((object.end_ms - object.start_ms).max(1) as u64),
+                size_bytes: object.size,
+            }];
+            report.from_metadata_only.push(object.key.clone());
+        }
+        taken.extend(fragments.iter().map(|f| f.number.clone()));
+        let mut plan = ChunkPlan::of(object.kind, fragments);
+        // The object's own range and fragment names, as written.
+        plan.start_ms = object.start_ms;
+        plan.end_ms = object.end_ms;
+        plan.first_fragment = object.first.clone();
+        plan.last_fragment = object.last.clone();
+        let inserted = archive
+            .ledger
+            .insert_archived(
+                &label,
+                stream.timestamp_source,
+                &plan,
+                &object.key,
+                object.size,
+            )
+            .await?;
+        if inserted {
+            report.chunks_restored += 1;
+        } else if known.contains(&object.key) {
+            report.already_known += 1;
+        } else {
+            report.refused.push(object.key.clone());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

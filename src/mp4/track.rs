@@ -138,6 +138,8 @@ fn entries(body: &[u8], width: usize) -> Result<(u32, &[u8]), Mp4Error> {
     Ok((count, &body[8..8 + len]))
 }
 
+/// One `trak`: a video track's sample table, laid out table by table, or the handler of
+/// any other track.
 fn parse_trak(trak: &[u8], limits: TrackLimits) -> Result<Parsed, Mp4Error> {
     let boxes = children(trak)?;
     let mdia = children(need(&boxes, b"mdia")?)?;
@@ -148,47 +150,14 @@ fn parse_trak(trak: &[u8], limits: TrackLimits) -> Result<Parsed, Mp4Error> {
     if handler != "vide" {
         return Ok(Parsed::Other(handler));
     }
-    let (width, height) = match find(&boxes, b"tkhd") {
-        Some(tkhd) => {
-            let at = if tkhd.first() == Some(&1) { 88 } else { 76 };
-            (be_u32(tkhd, at)? >> 16, be_u32(tkhd, at + 4)? >> 16)
-        }
-        None => (0, 0),
-    };
-    let mdhd = need(&mdia, b"mdhd")?;
-    let timescale = if mdhd.first() == Some(&1) {
-        be_u32(mdhd, 20)?
-    } else {
-        be_u32(mdhd, 12)?
-    };
-    if timescale == 0 {
-        return Err(Mp4Error::Malformed("mdhd timescale is 0".into()));
-    }
+    let (width, height) = picture_size(&boxes)?;
+    let timescale = media_timescale(need(&mdia, b"mdhd")?)?;
     let minf = children(need(&mdia, b"minf")?)?;
     let stbl_body = need(&minf, b"stbl")?;
     let stbl = children(stbl_body)?;
+    let sample_description = whole_stsd(stbl_body)?;
 
-    // stsd whole, header included, found again by position inside stbl.
-    let sample_description = {
-        let mut pos = 0;
-        let mut whole = None;
-        while let Some((kind, _, size)) = box_at(stbl_body, pos)? {
-            let end = usize::try_from(size)
-                .ok()
-                .and_then(|size| pos.checked_add(size))
-                .ok_or_else(|| Mp4Error::Malformed(format!("box size {size} in stbl")))?;
-            if &kind == b"stsd" {
-                whole = stbl_body.get(pos..end).map(<[u8]>::to_vec);
-                break;
-            }
-            pos = end;
-        }
-        whole.ok_or_else(|| Mp4Error::Malformed("no stsd box".into()))?
-    };
-
-    let sizes = sample_sizes(&stbl, limits)?;
-    let count = sizes.len();
-    let mut samples: Vec<Sample> = sizes
+    let mut samples: Vec<Sample> = sample_sizes(&stbl, limits)?
         .into_iter()
         .map(|size| Sample {
             offset: 0,
@@ -199,9 +168,73 @@ fn parse_trak(trak: &[u8], limits: TrackLimits) -> Result<Parsed, Mp4Error> {
             sync: true,
         })
         .collect();
+    set_decode_times(&stbl, &mut samples, timescale)?;
+    set_composition_offsets(&stbl, &mut samples)?;
+    set_sync_samples(&stbl, &mut samples)?;
+    set_offsets(&stbl, &mut samples, limits)?;
 
-    // stts: decode durations.
-    let (n, table) = entries(need(&stbl, b"stts")?, 8)?;
+    Ok(Parsed::Video(VideoTrack {
+        timescale,
+        width,
+        height,
+        sample_description,
+        samples,
+        other_tracks: Vec::new(),
+    }))
+}
+
+/// The picture's width and height from `tkhd` (16.16 fixed point), or 0 × 0 without one.
+fn picture_size(trak: &[super::Child<'_>]) -> Result<(u32, u32), Mp4Error> {
+    Ok(match find(trak, b"tkhd") {
+        Some(tkhd) => {
+            let at = if tkhd.first() == Some(&1) { 88 } else { 76 };
+            (be_u32(tkhd, at)? >> 16, be_u32(tkhd, at + 4)? >> 16)
+        }
+        None => (0, 0),
+    })
+}
+
+/// The track's ticks per second, from `mdhd`; never 0, as every time is divided by it.
+fn media_timescale(mdhd: &[u8]) -> Result<u32, Mp4Error> {
+    let timescale = if mdhd.first() == Some(&1) {
+        be_u32(mdhd, 20)?
+    } else {
+        be_u32(mdhd, 12)?
+    };
+    if timescale == 0 {
+        return Err(Mp4Error::Malformed("mdhd timescale is 0".into()));
+    }
+    Ok(timescale)
+}
+
+/// `stsd` whole, header included (the output copies it as it is), found again by
+/// position inside `stbl`'s body.
+fn whole_stsd(stbl_body: &[u8]) -> Result<Vec<u8>, Mp4Error> {
+    let mut pos = 0;
+    while let Some((kind, _, size)) = box_at(stbl_body, pos)? {
+        let end = usize::try_from(size)
+            .ok()
+            .and_then(|size| pos.checked_add(size))
+            .ok_or_else(|| Mp4Error::Malformed(format!("box size {size} in stbl")))?;
+        if &kind == b"stsd" {
+            if let Some(whole) = stbl_body.get(pos..end) {
+                return Ok(whole.to_vec());
+            }
+            break;
+        }
+        pos = end;
+    }
+    Err(Mp4Error::Malformed("no stsd box".into()))
+}
+
+/// `stts`: each sample's decode time and duration. The track must cover every sample
+/// and play no longer than any clip.
+fn set_decode_times(
+    stbl: &[super::Child<'_>],
+    samples: &mut [Sample],
+    timescale: u32,
+) -> Result<(), Mp4Error> {
+    let (n, table) = entries(need(stbl, b"stts")?, 8)?;
     let mut i = 0usize;
     let mut dts = 0u64;
     for e in 0..n as usize {
@@ -223,53 +256,66 @@ fn parse_trak(trak: &[u8], limits: TrackLimits) -> Result<Parsed, Mp4Error> {
             "stts: the track plays {track_ms} ms, longer than any clip"
         )));
     }
-    if i != count {
+    if i != samples.len() {
         return Err(Mp4Error::Malformed(format!(
-            "stts covers {i} of {count} samples"
+            "stts covers {i} of {} samples",
+            samples.len()
         )));
     }
+    Ok(())
+}
 
-    if let Some(ctts) = find(&stbl, b"ctts") {
-        let (n, table) = entries(ctts, 8)?;
-        let mut i = 0usize;
-        for e in 0..n as usize {
-            let run = be_u32(table, e * 8)? as usize;
-            // Version 0 is unsigned, version 1 signed; both fit an i32 in practice.
-            let offset = be_u32(table, e * 8 + 4)? as i32;
-            for _ in 0..run {
-                let Some(sample) = samples.get_mut(i) else {
-                    break;
-                };
-                sample.cts_offset = offset;
-                i += 1;
-            }
-        }
-    }
-
-    if let Some(stss) = find(&stbl, b"stss") {
-        samples.iter_mut().for_each(|s| s.sync = false);
-        let (n, table) = entries(stss, 4)?;
-        for e in 0..n as usize {
-            let number = be_u32(table, e * 4)? as usize;
-            if let Some(sample) = number.checked_sub(1).and_then(|i| samples.get_mut(i)) {
-                sample.sync = true;
-            }
-        }
-    }
-
-    // Chunk offsets (stco or co64), then stsc to lay the samples into the chunks.
-    let chunk_offsets: Vec<u64> = if let Some(co64) = find(&stbl, b"co64") {
-        let (n, table) = entries(co64, 8)?;
-        (0..n as usize)
-            .map(|e| be_u64(table, e * 8))
-            .collect::<Result<_, _>>()?
-    } else {
-        let (n, table) = entries(need(&stbl, b"stco")?, 4)?;
-        (0..n as usize)
-            .map(|e| be_u32(table, e * 4).map(u64::from))
-            .collect::<Result<_, _>>()?
+/// `ctts`, if present (B-frames): each sample's composition offset.
+fn set_composition_offsets(
+    stbl: &[super::Child<'_>],
+    samples: &mut [Sample],
+) -> Result<(), Mp4Error> {
+    let Some(ctts) = find(stbl, b"ctts") else {
+        return Ok(());
     };
-    let (n, table) = entries(need(&stbl, b"stsc")?, 12)?;
+    let (n, table) = entries(ctts, 8)?;
+    let mut i = 0usize;
+    for e in 0..n as usize {
+        let run = be_u32(table, e * 8)? as usize;
+        // Version 0 is unsigned, version 1 signed; both fit an i32 in practice.
+        let offset = be_u32(table, e * 8 + 4)? as i32;
+        for _ in 0..run {
+            let Some(sample) = samples.get_mut(i) else {
+                break;
+            };
+            sample.cts_offset = offset;
+            i += 1;
+        }
+    }
+    Ok(())
+}
+
+/// `stss`, if present: only the samples it lists are keyframes. Without it every sample
+/// is one.
+fn set_sync_samples(stbl: &[super::Child<'_>], samples: &mut [Sample]) -> Result<(), Mp4Error> {
+    let Some(stss) = find(stbl, b"stss") else {
+        return Ok(());
+    };
+    samples.iter_mut().for_each(|s| s.sync = false);
+    let (n, table) = entries(stss, 4)?;
+    for e in 0..n as usize {
+        let number = be_u32(table, e * 4)? as usize;
+        if let Some(sample) = number.checked_sub(1).and_then(|i| samples.get_mut(i)) {
+            sample.sync = true;
+        }
+    }
+    Ok(())
+}
+
+/// Each sample's byte offset: the chunk offsets (`stco` or `co64`), with `stsc` laying
+/// the samples into the chunks. Every sample must be placed, inside the object.
+fn set_offsets(
+    stbl: &[super::Child<'_>],
+    samples: &mut [Sample],
+    limits: TrackLimits,
+) -> Result<(), Mp4Error> {
+    let chunk_offsets = chunk_offsets(stbl)?;
+    let (n, table) = entries(need(stbl, b"stsc")?, 12)?;
     let runs: Vec<(u32, u32)> = (0..n as usize)
         .map(|e| Ok((be_u32(table, e * 12)?, be_u32(table, e * 12 + 4)?)))
         .collect::<Result<_, Mp4Error>>()?;
@@ -309,20 +355,26 @@ fn parse_trak(trak: &[u8], limits: TrackLimits) -> Result<Parsed, Mp4Error> {
             i += 1;
         }
     }
-    if i != count {
+    if i != samples.len() {
         return Err(Mp4Error::Malformed(format!(
-            "stsc and chunk offsets place {i} of {count} samples"
+            "stsc and chunk offsets place {i} of {} samples",
+            samples.len()
         )));
     }
+    Ok(())
+}
 
-    Ok(Parsed::Video(VideoTrack {
-        timescale,
-        width,
-        height,
-        sample_description,
-        samples,
-        other_tracks: Vec::new(),
-    }))
+/// The chunks' byte offsets, from `co64` or else `stco`.
+fn chunk_offsets(stbl: &[super::Child<'_>]) -> Result<Vec<u64>, Mp4Error> {
+    if let Some(co64) = find(stbl, b"co64") {
+        let (n, table) = entries(co64, 8)?;
+        (0..n as usize).map(|e| be_u64(table, e * 8)).collect()
+    } else {
+        let (n, table) = entries(need(stbl, b"stco")?, 4)?;
+        (0..n as usize)
+            .map(|e| be_u32(table, e * 4).map(u64::from))
+            .collect()
+    }
 }
 
 fn sample_sizes(stbl: &[super::Child<'_>], limits: TrackLimits) -> Result<Vec<u32>, Mp4Error> {

@@ -90,17 +90,37 @@ impl TrackTable {
 
     fn write(&self, data_start: u64) -> Vec<u8> {
         let duration = self.duration();
-        let media = self.media_bytes();
         let mut w = Boxes::default();
-        w.open(b"ftyp");
-        w.bytes(b"isom");
-        w.u32(0x200);
-        for brand in [b"isom", b"iso2", b"avc1", b"mp41"] {
-            w.bytes(brand);
-        }
-        w.close();
-
+        write_ftyp(&mut w);
         w.open(b"moov");
+        self.write_mvhd(&mut w, duration);
+        w.open(b"trak");
+        self.write_tkhd(&mut w, duration);
+        self.write_edts(&mut w, duration);
+        w.open(b"mdia");
+        self.write_mdhd(&mut w, duration);
+        write_hdlr(&mut w);
+        w.open(b"minf");
+        write_vmhd_and_dinf(&mut w);
+        w.open(b"stbl");
+        w.bytes(&self.sample_description);
+        self.write_sample_times(&mut w);
+        self.write_sample_layout(&mut w, data_start);
+        w.close(); // stbl
+        w.close(); // minf
+        w.close(); // mdia
+        w.close(); // trak
+        w.close(); // moov
+
+        // Always the 64-bit form, so the header length does not depend on the media size.
+        w.u32(1);
+        w.bytes(b"mdat");
+        w.u64(self.media_bytes() + 16);
+        w.out
+    }
+
+    /// The movie header: the timescale and duration of the whole file.
+    fn write_mvhd(&self, w: &mut Boxes, duration: u64) {
         w.open_full(b"mvhd", 1, 0);
         w.u64(0);
         w.u64(0);
@@ -113,8 +133,10 @@ impl TrackTable {
         w.bytes(&[0; 24]);
         w.u32(2);
         w.close();
+    }
 
-        w.open(b"trak");
+    /// The track header: track 1, enabled and in the movie, with its picture size.
+    fn write_tkhd(&self, w: &mut Boxes, duration: u64) {
         w.open_full(b"tkhd", 1, 3);
         w.u64(0);
         w.u64(0);
@@ -128,8 +150,11 @@ impl TrackTable {
         w.u32(self.width << 16);
         w.u32(self.height << 16);
         w.close();
-        // With B-frames the first frame is presented at its composition offset: an edit
-        // list starts the track there, so the output's time 0 is its first frame.
+    }
+
+    /// With B-frames the first frame is presented at its composition offset: an edit
+    /// list starts the track there, so the output's time 0 is its first frame.
+    fn write_edts(&self, w: &mut Boxes, duration: u64) {
         let first_offset = self.cts_offsets.first().map_or(0, |(_, offset)| *offset);
         if first_offset > 0 {
             w.open(b"edts");
@@ -141,8 +166,10 @@ impl TrackTable {
             w.close();
             w.close();
         }
+    }
 
-        w.open(b"mdia");
+    /// The media header: the track's timescale and duration, language undetermined.
+    fn write_mdhd(&self, w: &mut Boxes, duration: u64) {
         w.open_full(b"mdhd", 1, 0);
         w.u64(0);
         w.u64(0);
@@ -151,26 +178,11 @@ impl TrackTable {
         w.u16(0x55c4); // "und"
         w.u16(0);
         w.close();
-        w.open_full(b"hdlr", 0, 0);
-        w.u32(0);
-        w.bytes(b"vide");
-        w.bytes(&[0; 12]);
-        w.bytes(b"VideoHandler\0");
-        w.close();
-        w.open(b"minf");
-        w.open_full(b"vmhd", 0, 1);
-        w.bytes(&[0; 8]);
-        w.close();
-        w.open(b"dinf");
-        w.open_full(b"dref", 0, 0);
-        w.u32(1);
-        w.open_full(b"url ", 0, 1);
-        w.close();
-        w.close();
-        w.close();
+    }
 
-        w.open(b"stbl");
-        w.bytes(&self.sample_description);
+    /// When each sample plays: decode durations (`stts`), composition offsets (`ctts`,
+    /// only with B-frames) and keyframes (`stss`, left out when every sample is one).
+    fn write_sample_times(&self, w: &mut Boxes) {
         w.open_full(b"stts", 0, 0);
         w.u32(self.durations.len() as u32);
         for (count, delta) in &self.durations {
@@ -196,6 +208,11 @@ impl TrackTable {
             }
             w.close();
         }
+    }
+
+    /// Where each sample lies: samples per chunk (`stsc`), sizes (`stsz`) and chunk
+    /// offsets (`co64`), counted from `data_start`, where the media follows the header.
+    fn write_sample_layout(&self, w: &mut Boxes, data_start: u64) {
         w.open_full(b"stsc", 0, 0);
         let mut runs: Vec<(u32, u32)> = Vec::new();
         for (i, (samples, _)) in self.chunks.iter().enumerate() {
@@ -225,18 +242,42 @@ impl TrackTable {
             offset += bytes;
         }
         w.close();
-        w.close(); // stbl
-        w.close(); // minf
-        w.close(); // mdia
-        w.close(); // trak
-        w.close(); // moov
-
-        // Always the 64-bit form, so the header length does not depend on the media size.
-        w.u32(1);
-        w.bytes(b"mdat");
-        w.u64(media + 16);
-        w.out
     }
+}
+
+/// The file type: ISO base media, playable as MP4 with H.264.
+fn write_ftyp(w: &mut Boxes) {
+    w.open(b"ftyp");
+    w.bytes(b"isom");
+    w.u32(0x200);
+    for brand in [b"isom", b"iso2", b"avc1", b"mp41"] {
+        w.bytes(brand);
+    }
+    w.close();
+}
+
+/// The handler: a video track.
+fn write_hdlr(w: &mut Boxes) {
+    w.open_full(b"hdlr", 0, 0);
+    w.u32(0);
+    w.bytes(b"vide");
+    w.bytes(&[0; 12]);
+    w.bytes(b"VideoHandler\0");
+    w.close();
+}
+
+/// The video media header and a data reference saying the media is in this file.
+fn write_vmhd_and_dinf(w: &mut Boxes) {
+    w.open_full(b"vmhd", 0, 1);
+    w.bytes(&[0; 8]);
+    w.close();
+    w.open(b"dinf");
+    w.open_full(b"dref", 0, 0);
+    w.u32(1);
+    w.open_full(b"url ", 0, 1);
+    w.close();
+    w.close();
+    w.close();
 }
 
 fn push_run<T: PartialEq + Copy>(runs: &mut Vec<(u32, T)>, value: T) {

@@ -337,6 +337,8 @@ async fn spans(
     Ok((spans, planned))
 }
 
+/// A stream's page: its timeline over the asked window (or the archive's extent), the
+/// links to move and zoom, a legend with counts, and the failures in view.
 async fn stream_page(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -349,6 +351,41 @@ async fn stream_page(
             format!("no stream {name} in the configuration"),
         );
     };
+    let (from, to, found) = window_and_spans(archive, &stream, &query).await;
+    let (spans, planned) = match found {
+        Ok(found) => found,
+        Err(e) => return failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let (legend, failures) = legend_and_failures(&spans);
+    let body = format!(
+        r#"<h1><a href="/">kvs-archiver</a> / {name}</h1>
+<nav>{navigation}</nav>
+<p class="window">{from_text} .. {to_text} (UTC)</p>
+{svg}
+<p class="legend">{legend}</p>
+<video id="player" controls muted playsinline preload="metadata"></video>
+<p id="now-playing"></p>
+<ul class="failures">{failures}</ul>"#,
+        name = escape(&name),
+        navigation = navigation(&name, from, to),
+        from_text = rfc3339(from),
+        to_text = rfc3339(to),
+        svg = timeline::svg(spans, from, to, planned),
+    );
+    page(&format!("{name}: kvs-archiver"), &body).into_response()
+}
+
+/// The spans and planned range read for a page.
+type Found = Result<(Vec<Span>, Option<(EpochMs, EpochMs)>)>;
+
+/// The window a page shows and its spans: the query's `from` and `to` (at least a
+/// minute, at most [`WIDEST_MS`]), or else the archive's extent within the last 30 days,
+/// a little wider.
+async fn window_and_spans(
+    archive: &ArchiveView,
+    stream: &StreamConfig,
+    query: &HashMap<String, String>,
+) -> (EpochMs, EpochMs, Found) {
     let now = chrono::Utc::now().timestamp_millis();
     // Within years 1970..2200, so the zoom arithmetic cannot overflow.
     let number = |k: &str| {
@@ -357,34 +394,32 @@ async fn stream_page(
             .and_then(|v| v.parse::<EpochMs>().ok())
             .map(|t| t.clamp(0, 7_258_118_400_000))
     };
-    let (from, to, found) = match (number("from"), number("to")) {
-        (Some(from), Some(to)) if to > from => {
+    if let (Some(from), Some(to)) = (number("from"), number("to")) {
+        if to > from {
             let to = to.min(from + WIDEST_MS).max(from + 60_000);
-            (from, to, spans(archive, &stream, from, to).await)
+            return (from, to, spans(archive, stream, from, to).await);
         }
-        _ => {
-            // The archive's extent within the last 30 days, a little wider; its spans
-            // are the ones just read (one scan of the ledger, not two).
-            let found = spans(archive, &stream, now - WIDEST_MS, now).await;
-            let (from, to) = match &found {
-                Ok((all, _)) if !all.is_empty() => {
-                    let first = all.iter().map(|s| s.start_ms).min().unwrap_or(now - DAY_MS);
-                    let last = all.iter().map(|s| s.end_ms).max().unwrap_or(now);
-                    let pad = ((last - first) / 50).max(60_000);
-                    (first - pad, last + pad)
-                }
-                _ => (now - DAY_MS, now),
-            };
-            (from, to, found)
+    }
+    // Its spans are the ones just read (one scan of the ledger, not two).
+    let found = spans(archive, stream, now - WIDEST_MS, now).await;
+    let (from, to) = match &found {
+        Ok((all, _)) if !all.is_empty() => {
+            let first = all.iter().map(|s| s.start_ms).min().unwrap_or(now - DAY_MS);
+            let last = all.iter().map(|s| s.end_ms).max().unwrap_or(now);
+            let pad = ((last - first) / 50).max(60_000);
+            (first - pad, last + pad)
         }
+        _ => (now - DAY_MS, now),
     };
-    let (spans, planned) = match found {
-        Ok(found) => found,
-        Err(e) => return failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    };
+    (from, to, found)
+}
+
+/// The legend, each class with how many spans it has in view, and a list item for each
+/// span with a note (a failure's error).
+fn legend_and_failures(spans: &[Span]) -> (String, String) {
     let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
     let mut failures = String::new();
-    for s in &spans {
+    for s in spans {
         *counts.entry(s.class.as_str()).or_default() += 1;
         if let Some(note) = &s.note {
             failures.push_str(&format!(
@@ -418,11 +453,17 @@ async fn stream_page(
         )
     })
     .collect();
+    (legend, failures)
+}
+
+/// The links that move half a window earlier or later, zoom out or in four times about
+/// the centre, or show a preset span about it.
+fn navigation(name: &str, from: EpochMs, to: EpochMs) -> String {
     let zoom = |span: i64| {
         let center = (from + to) / 2;
         format!(
             "/streams/{}?from={}&to={}",
-            escape(&name),
+            escape(name),
             center - span / 2,
             center + span / 2
         )
@@ -430,7 +471,7 @@ async fn stream_page(
     let shift = |by: i64| {
         format!(
             "/streams/{}?from={}&to={}",
-            escape(&name),
+            escape(name),
             from + by,
             to + by
         )
@@ -446,25 +487,13 @@ async fn stream_page(
     .iter()
     .map(|(text, span)| format!("<a href=\"{}\">{text}</a>", zoom(*span)))
     .collect();
-    let body = format!(
-        r#"<h1><a href="/">kvs-archiver</a> / {name}</h1>
-<nav><a id="earlier" href="{earlier}">&larr; earlier</a> <a id="zoom-out" href="{out}">zoom out</a> <a id="zoom-in" href="{zin}">zoom in</a> <a id="later" href="{later}">later &rarr;</a> | {presets}</nav>
-<p class="window">{from_text} .. {to_text} (UTC)</p>
-{svg}
-<p class="legend">{legend}</p>
-<video id="player" controls muted playsinline preload="metadata"></video>
-<p id="now-playing"></p>
-<ul class="failures">{failures}</ul>"#,
-        name = escape(&name),
+    format!(
+        r#"<a id="earlier" href="{earlier}">&larr; earlier</a> <a id="zoom-out" href="{out}">zoom out</a> <a id="zoom-in" href="{zin}">zoom in</a> <a id="later" href="{later}">later &rarr;</a> | {presets}"#,
         earlier = shift(-(to - from) / 2),
         later = shift((to - from) / 2),
         out = zoom((to - from) * 4),
         zin = zoom(((to - from) / 4).max(60_000)),
-        from_text = rfc3339(from),
-        to_text = rfc3339(to),
-        svg = timeline::svg(spans, from, to, planned),
-    );
-    page(&format!("{name}: kvs-archiver"), &body).into_response()
+    )
 }
 
 #[cfg(test)]

@@ -99,121 +99,21 @@ impl Drop for S3Server {
 }
 
 pub async fn start_s3s() -> S3Server {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use hyper_util::server::conn::auto::Builder;
     let root = tempfile::tempdir().expect("tempdir");
-    let fs = s3s_fs::FileSystem::new(root.path()).expect("s3s-fs on a directory");
-    let mut builder = s3s::service::S3ServiceBuilder::new(fs);
-    builder.set_auth(s3s::auth::SimpleAuth::from_single(
-        DEFAULT_ACCESS_KEY_ID,
-        DEFAULT_SECRET_ACCESS_KEY,
-    ));
-    let service = builder.build();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let log: Arc<Mutex<Vec<String>>> = Arc::default();
     let faults: Arc<S3Faults> = Arc::default();
-    let (task_log, task_faults) = (log.clone(), faults.clone());
-    let created: Arc<Mutex<Vec<Created>>> = Arc::default();
-    let root_path = root.path().to_path_buf();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((socket, _)) = listener.accept().await else {
-                continue;
-            };
-            if task_faults.down.load(Ordering::SeqCst) {
-                drop(socket);
-                continue;
-            }
-            let (service, log, faults) = (service.clone(), task_log.clone(), task_faults.clone());
-            let (created, root_path) = (created.clone(), root_path.clone());
-            let logged = hyper::service::service_fn(
-                move |req: hyper::Request<hyper::body::Incoming>| {
-                    let service = service.clone();
-                    let (created, root_path) = (created.clone(), root_path.clone());
-                    let path = percent_decode(req.uri().path());
-                    let query = req.uri().query().unwrap_or("").to_string();
-                    let (bucket, key) = path
-                        .trim_start_matches('/')
-                        .split_once('/')
-                        .map(|(b, k)| (b.to_string(), k.to_string()))
-                        .unwrap_or_else(|| (path.trim_matches('/').to_string(), String::new()));
-                    let has = |name: &str| {
-                        query
-                            .split('&')
-                            .any(|p| p == name || p.starts_with(&format!("{name}=")))
-                    };
-                    let listing_uploads =
-                        req.method() == hyper::Method::GET && key.is_empty() && has("uploads");
-                    let creating_upload = req.method() == hyper::Method::POST && has("uploads");
-                    let line = format!(
-                        "{} {}",
-                        req.method(),
-                        req.uri()
-                            .path_and_query()
-                            .map(|p| p.as_str())
-                            .unwrap_or("/")
-                    );
-                    log.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-                    let is_put = req.method() == hyper::Method::PUT;
-                    let slow_down = is_put
-                        && faults
-                            .slow_down_next
-                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                            .is_ok();
-                    async move {
-                        if listing_uploads {
-                            let prefix = query_param(&query, "prefix").unwrap_or_default();
-                            let all = created.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                            let xml = list_uploads(&root_path, &all, &bucket, &prefix);
-                            return Ok(hyper::Response::builder()
-                                .status(200)
-                                .header("content-type", "application/xml")
-                                .body(s3s::Body::from(xml))
-                                .expect("response"));
-                        }
-                        if creating_upload {
-                            let response = hyper::service::Service::call(&service, req).await?;
-                            let (parts, mut body) = response.into_parts();
-                            let bytes = body.store_all_limited(1 << 20).await.unwrap_or_default();
-                            let text = String::from_utf8_lossy(&bytes);
-                            if let Some(id) = text
-                                .split_once("<UploadId>")
-                                .and_then(|(_, rest)| rest.split_once("</UploadId>"))
-                                .map(|(id, _)| id.to_string())
-                            {
-                                created
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .push(Created {
-                                        bucket,
-                                        key,
-                                        id,
-                                        initiated: chrono::Utc::now(),
-                                    });
-                            }
-                            return Ok(hyper::Response::from_parts(parts, s3s::Body::from(bytes)));
-                        }
-                        if slow_down {
-                            let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
-                            return Ok(hyper::Response::builder()
-                                .status(503)
-                                .header("content-type", "application/xml")
-                                .body(s3s::Body::from(body.to_string()))
-                                .expect("response"));
-                        }
-                        hyper::service::Service::call(&service, req).await
-                    }
-                },
-            );
-            tokio::spawn(async move {
-                let conn = Builder::new(TokioExecutor::new());
-                let _ = conn.serve_connection(TokioIo::new(socket), logged).await;
-            });
-        }
-    });
+    let handler = Handler {
+        service: s3s_service(root.path()),
+        log: log.clone(),
+        faults: faults.clone(),
+        created: Arc::default(),
+        root: root.path().to_path_buf(),
+    };
+    let task = tokio::spawn(serve(listener, handler));
     S3Server {
         url,
         root,
@@ -221,6 +121,169 @@ pub async fn start_s3s() -> S3Server {
         faults,
         task,
     }
+}
+
+/// s3s-fs on `root`, accepting requests signed with the emulator's test keys.
+fn s3s_service(root: &std::path::Path) -> s3s::service::S3Service {
+    let fs = s3s_fs::FileSystem::new(root).expect("s3s-fs on a directory");
+    let mut builder = s3s::service::S3ServiceBuilder::new(fs);
+    builder.set_auth(s3s::auth::SimpleAuth::from_single(
+        DEFAULT_ACCESS_KEY_ID,
+        DEFAULT_SECRET_ACCESS_KEY,
+    ));
+    builder.build()
+}
+
+/// Accepts connections until the server is dropped; while `faults.down` is set, each
+/// one is closed as soon as it is accepted.
+async fn serve(listener: tokio::net::TcpListener, handler: Handler) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder;
+    loop {
+        let Ok((socket, _)) = listener.accept().await else {
+            continue;
+        };
+        if handler.faults.down.load(Ordering::SeqCst) {
+            drop(socket);
+            continue;
+        }
+        let handler = handler.clone();
+        let logged =
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                handler.handle(req)
+            });
+        tokio::spawn(async move {
+            let conn = Builder::new(TokioExecutor::new());
+            let _ = conn.serve_connection(TokioIo::new(socket), logged).await;
+        });
+    }
+}
+
+/// What every connection shares: s3s-fs, the request log, the faults, and the multipart
+/// uploads created (for ListMultipartUploads, which s3s-fs does not answer).
+#[derive(Clone)]
+struct Handler {
+    service: s3s::service::S3Service,
+    log: Arc<Mutex<Vec<String>>>,
+    faults: Arc<S3Faults>,
+    created: Arc<Mutex<Vec<Created>>>,
+    /// The directory s3s-fs serves: it keeps an open upload's registration there.
+    root: std::path::PathBuf,
+}
+
+impl Handler {
+    /// Logs the request and decides, as it arrives, whether it lists or creates multipart
+    /// uploads or is answered SlowDown (so the fault counter is taken in arrival order);
+    /// everything else goes to s3s-fs.
+    fn handle(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> impl std::future::Future<Output = Result<s3s::HttpResponse, s3s::HttpError>> + Send + 'static
+    {
+        let handler = self.clone();
+        let path = percent_decode(req.uri().path());
+        let query = req.uri().query().unwrap_or("").to_string();
+        let (bucket, key) = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .map(|(b, k)| (b.to_string(), k.to_string()))
+            .unwrap_or_else(|| (path.trim_matches('/').to_string(), String::new()));
+        let has = |name: &str| {
+            query
+                .split('&')
+                .any(|p| p == name || p.starts_with(&format!("{name}=")))
+        };
+        let listing_uploads =
+            req.method() == hyper::Method::GET && key.is_empty() && has("uploads");
+        let creating_upload = req.method() == hyper::Method::POST && has("uploads");
+        let line = format!(
+            "{} {}",
+            req.method(),
+            req.uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+        );
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(line);
+        let is_put = req.method() == hyper::Method::PUT;
+        let slow_down = is_put
+            && self
+                .faults
+                .slow_down_next
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+        async move {
+            if listing_uploads {
+                return Ok(handler.list_uploads_response(&bucket, &query));
+            }
+            if creating_upload {
+                return handler.create_upload(req, bucket, key).await;
+            }
+            if slow_down {
+                return Ok(slow_down_response());
+            }
+            hyper::service::Service::call(&handler.service, req).await
+        }
+    }
+
+    /// ListMultipartUploads, answered here from the uploads created.
+    fn list_uploads_response(&self, bucket: &str, query: &str) -> s3s::HttpResponse {
+        let prefix = query_param(query, "prefix").unwrap_or_default();
+        let all = self
+            .created
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let xml = list_uploads(&self.root, &all, bucket, &prefix);
+        hyper::Response::builder()
+            .status(200)
+            .header("content-type", "application/xml")
+            .body(s3s::Body::from(xml))
+            .expect("response")
+    }
+
+    /// CreateMultipartUpload by s3s-fs, with the upload's id, key and time recorded for
+    /// ListMultipartUploads.
+    async fn create_upload(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+        bucket: String,
+        key: String,
+    ) -> Result<s3s::HttpResponse, s3s::HttpError> {
+        let response = hyper::service::Service::call(&self.service, req).await?;
+        let (parts, mut body) = response.into_parts();
+        let bytes = body.store_all_limited(1 << 20).await.unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        if let Some(id) = text
+            .split_once("<UploadId>")
+            .and_then(|(_, rest)| rest.split_once("</UploadId>"))
+            .map(|(id, _)| id.to_string())
+        {
+            self.created
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Created {
+                    bucket,
+                    key,
+                    id,
+                    initiated: chrono::Utc::now(),
+                });
+        }
+        Ok(hyper::Response::from_parts(parts, s3s::Body::from(bytes)))
+    }
+}
+
+/// 503 SlowDown, as S3 throttles.
+fn slow_down_response() -> s3s::HttpResponse {
+    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+    hyper::Response::builder()
+        .status(503)
+        .header("content-type", "application/xml")
+        .body(s3s::Body::from(body.to_string()))
+        .expect("response")
 }
 
 pub fn s3_client(url: &str) -> s3::Client {
