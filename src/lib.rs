@@ -2,35 +2,47 @@
 //! in S3 (or a directory), exactly once, surviving crashes.
 //!
 //! # Layout and data flow
+//! The archiving core:
 //! - [`config`]: typed configuration (defaults → TOML → `KVS_ARCHIVER_*` environment),
-//!   validated before anything starts.
-//! - [`domain`]: fragments, planned chunks, object keys; pure.
+//!   validated before anything starts; secrets in URLs redacted wherever printed.
+//! - [`domain`]: fragments, planned chunks, object keys and what may be one; pure.
 //! - [`plan`]: the planner; sorted fragments in, chunks within GetClip's caps out; pure.
 //! - [`source::kvs`]: the KVS adapter (DescribeStream, GetDataEndpoint, ListFragments,
-//!   GetClip); the only module that knows the KVS SDK.
-//! - [`sink`]: S3 ([`sink::s3`], multipart, checksummed) or a directory ([`sink::dir`]).
-//! - [`ledger`]: the ledger of chunks, their states and fragments behind one trait;
-//!   [`ledger::sqlite`] is the only module with SQL.
-//! - [`mp4`]: reads a clip's header to tell whether GetClip cut it short; reads and
-//!   writes video tracks sample by sample for [`export`], which joins archived objects
-//!   into one MP4 of any range.
+//!   GetClip, GetMediaForFragmentList), which checks every answer; the only module that
+//!   knows the KVS SDK.
+//! - [`sink`]: the destination, S3 ([`sink::s3`], multipart, checksummed) or a directory
+//!   ([`sink::dir`], which writes only under its root and never through a link).
+//! - [`ledger`]: the record of chunks, their states and fragments behind one trait; its
+//!   SQL is written once in `ledger::sql` for SQLite and PostgreSQL, with a small seam
+//!   per database (`ledger::sqlite`, `ledger::postgres`) and the migrations runner.
 //! - [`worker`]: the policy: [`worker::planning`] plans a range into the ledger (late
-//!   fragments included), [`worker::transfer`] moves one claimed chunk to the sink.
+//!   fragments included), [`worker::transfer`] moves one claimed chunk to the destination.
+//! - [`mp4`]: reads a clip's header to tell whether GetClip cut it short; reads and
+//!   writes video tracks sample by sample, within limits taken from the ledger.
 //! - [`error`]: the error type, which classifies itself ([`error::Retryability`]);
-//!   [`retry`]: the backoff policy. Imports run retry → metrics → error, one way.
-//! - [`quota`]: token buckets that pace each stream under KVS's quotas.
-//! - [`daemon`]: `run`; [`schedule`] turns cron firings into queued passes; [`shutdown`]:
-//!   the two-stage stop; [`metrics`]: Prometheus metrics and their listener.
-//! - [`find`], [`export`], [`rebuild`]: reading the archive back: the object at an
-//!   instant, one MP4 of a range, the ledger again from the destination's metadata.
-//! - [`web`]: `serve`, the read-only page of the archive and its timeline.
-//! - [`app`]: the composition root behind each command; [`demo`]: the bundled example;
-//!   [`telemetry`]: logs and progress; [`crashpoint`]: named kill points for crash tests.
+//!   [`retry`]: the backoff policy; [`quota`]: token buckets that pace each stream.
+//! - [`daemon`]: `run`, its schedules, passes and next firings; [`schedule`] turns cron
+//!   firings into queued passes; [`shutdown`]: the two-stage stop; [`metrics`]:
+//!   Prometheus metrics and their listener.
+//!
+//! The readers of the archive, through one read-only [`archive::ArchiveView`] (the
+//! ledger, the destination, the settings), never the worker:
+//! - [`find`]: the object at an instant; [`export`]: one MP4 of a range;
+//!   [`verify`]: the archive proven three ways (its `repair` step archives);
+//!   [`rebuild`]: the ledger again from the destination's metadata; [`web`]: `serve`,
+//!   the read-only page ([`web::timeline`]), its media and its access rules;
+//!   [`status`]: `status` drawn for a terminal.
+//!
+//! The commands that compose them: [`app`], the composition root, builds the pieces
+//! each command needs and hands them over; [`iam`]: the policy the configuration needs;
+//! [`demo`]: the bundled example; [`telemetry`]: logs and progress; [`crashpoint`]:
+//! named kill points for crash tests.
 //!
 //! `backfill`: ListFragments (window by window) → [`plan::Packer`] → ledger rows
-//! (`planned`) → per chunk: claim → GetClip → header check → sink upload → `done`.
+//! (`planned`) → per chunk: claim → GetClip → header check → destination upload → `done`.
 //! `run`: cron firing → queue → one pass per stream (plan the newly closed clip windows,
-//! then the same per-chunk path) → at-risk check → metrics.
+//! then the same per-chunk path) → at-risk check → metrics. Imports point one way
+//! (`tests/architecture.rs` checks it).
 
 pub mod app;
 pub mod archive;

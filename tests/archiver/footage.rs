@@ -363,6 +363,49 @@ fn require_chromium() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_archive_page_shows_the_timeline_and_plays_a_clicked_object_in_chromium() {
     require_chromium();
+    let archive = faulted_directory_archive().await;
+    let (mut server, listen) = serve_checked(&archive).await;
+    let (_driver, browser) = chromium_session().await;
+    let result = async {
+        // The token once in the URL; the cookie carries it to the page and the video.
+        browser
+            .goto(&format!(
+                "http://{listen}/streams/dock-cam?token={PAGE_TOKEN}"
+            ))
+            .await
+            .expect("page opens");
+        let archived = timeline_is_true_to_the_archive(&browser, &archive).await;
+        // Click an archived object (the widest span, as a person would): it plays.
+        let (_, _, key) = archived
+            .iter()
+            .max_by_key(|(start, end, _)| end - start)
+            .expect("an archived span")
+            .clone();
+        clicked_object_plays(&browser, &key).await;
+        zoom_in_narrows_the_window(&browser).await;
+    };
+    // A panic must not leave Chromium running.
+    let outcome = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(result)).await;
+    let _ = browser.close().await;
+    let _ = server.kill().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// The page test's token: long enough for `serve`.
+const PAGE_TOKEN: &str = "s3cret-token-of-at-least-32-bytes";
+
+/// A backfill into a directory with three GetClip bodies cut off (three failed chunks):
+/// the world, its directory, the MP4 objects, the failed count and the gap in the media.
+struct FaultedArchive {
+    world: World,
+    objects: BTreeSet<String>,
+    failed: u64,
+    gap: (i64, i64),
+}
+
+async fn faulted_directory_archive() -> FaultedArchive {
     let (start, end) = recent(1.0);
     let mut spec = dock_cam_with_a_gap(start, end);
     // Three GetClip bodies cut off, each chunk tried once: three failed chunks.
@@ -423,15 +466,23 @@ async fn the_archive_page_shows_the_timeline_and_plays_a_clicked_object_in_chrom
         gap[0].server_ms + i64::from(gap[0].duration_ms),
         gap[1].server_ms,
     );
+    FaultedArchive {
+        world,
+        objects,
+        failed,
+        gap: (gap_from, gap_to),
+    }
+}
 
+/// `serve` with a token on a free port of 127.0.0.1: no token, no page; a directory
+/// object is served with range requests. The server and its address.
+async fn serve_checked(archive: &FaultedArchive) -> (tokio::process::Child, String) {
+    let (world, objects) = (&archive.world, &archive.objects);
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut server = world
         .command(&["serve", "--listen", &listen])
-        .env(
-            "KVS_ARCHIVER_SERVE_TOKEN",
-            "s3cret-token-of-at-least-32-bytes",
-        )
+        .env("KVS_ARCHIVER_SERVE_TOKEN", PAGE_TOKEN)
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("serve starts");
@@ -441,7 +492,7 @@ async fn the_archive_page_shows_the_timeline_and_plays_a_clicked_object_in_chrom
     let (code, page) = http_request(
         port,
         "/streams/dock-cam",
-        "Authorization: Bearer s3cret-token-of-at-least-32-bytes\r\n",
+        &format!("Authorization: Bearer {PAGE_TOKEN}\r\n"),
     )
     .await;
     assert_eq!(code, 200, "{page}");
@@ -450,7 +501,7 @@ async fn the_archive_page_shows_the_timeline_and_plays_a_clicked_object_in_chrom
     let (code, partial) = http_request(
         port,
         &format!("/media/{key}"),
-        "Authorization: Bearer s3cret-token-of-at-least-32-bytes\r\nRange: bytes=4-11\r\n",
+        &format!("Authorization: Bearer {PAGE_TOKEN}\r\nRange: bytes=4-11\r\n"),
     )
     .await;
     assert_eq!(code, 206, "{partial}");
@@ -458,7 +509,11 @@ async fn the_archive_page_shows_the_timeline_and_plays_a_clicked_object_in_chrom
         partial.ends_with("ftypisom"),
         "bytes 4-11 of an MP4: {partial}"
     );
+    (server, listen)
+}
 
+/// chromedriver on a free port and a headless Chromium session through it.
+async fn chromium_session() -> (tokio::process::Child, fantoccini::Client) {
     let driver_port = free_port();
     let mut driver = tokio::process::Command::new("chromedriver")
         .arg(format!("--port={driver_port}"))
@@ -496,142 +551,139 @@ async fn the_archive_page_shows_the_timeline_and_plays_a_clicked_object_in_chrom
             .connect(&format!("http://127.0.0.1:{driver_port}"))
             .await
             .expect("a Chromium session");
-    let result = async {
-        use fantoccini::Locator;
-        // The token once in the URL; the cookie carries it to the page and the video.
-        browser
-            .goto(&format!(
-                "http://{listen}/streams/dock-cam?token=s3cret-token-of-at-least-32-bytes"
-            ))
-            .await
-            .expect("page opens");
-        let shown = |class: &'static str| {
-            let browser = &browser;
-            async move {
-                let mut spans = Vec::new();
-                for rect in browser
-                    .find_all(Locator::Css(&format!(
-                        "#timeline rect[data-class='{class}']"
-                    )))
+    (driver, browser)
+}
+
+/// The spans the timeline draws for `class`: (start, end, object key).
+async fn drawn(browser: &fantoccini::Client, class: &str) -> Vec<(i64, i64, String)> {
+    use fantoccini::Locator;
+    let mut spans = Vec::new();
+    for rect in browser
+        .find_all(Locator::Css(&format!(
+            "#timeline rect[data-class='{class}']"
+        )))
+        .await
+        .expect("rects")
+    {
+        let mut attr = Vec::new();
+        for name in ["data-start", "data-end", "data-key"] {
+            attr.push(
+                rect.attr(name)
                     .await
-                    .expect("rects")
-                {
-                    let attr = |name: &'static str| {
-                        let rect = rect.clone();
-                        async move {
-                            rect.attr(name)
-                                .await
-                                .expect("attribute")
-                                .unwrap_or_default()
-                        }
-                    };
-                    let start: i64 = attr("data-start").await.parse().expect("start");
-                    let end: i64 = attr("data-end").await.parse().expect("end");
-                    spans.push((start, end, attr("data-key").await));
-                }
-                spans
-            }
-        };
-        let archived = shown("archived").await;
-        let keys: BTreeSet<String> = archived.iter().map(|(_, _, k)| k.clone()).collect();
-        assert_eq!(
-            keys, objects,
-            "every archived object, and only those, is drawn"
-        );
-        let failures = shown("failed").await;
-        assert_eq!(failures.len() as u64, failed, "every failed chunk is drawn");
-        for (start, end, key) in archived.iter().chain(&failures) {
-            assert!(
-                *end <= gap_from || *start >= gap_to,
-                "nothing is drawn inside the gap: {key} {start}..{end}, gap {gap_from}..{gap_to}"
+                    .expect("attribute")
+                    .unwrap_or_default(),
             );
         }
-        // The gap shows as "KVS had no media": the background under the spans covers it,
-        // and (above) no span is drawn over it.
-        let no_media = shown("no-media").await;
-        assert_eq!(no_media.len(), 1, "one no-media background: {no_media:?}");
-        let (covered_from, covered_to, _) = &no_media[0];
-        assert!(
-            *covered_from <= gap_from && *covered_to >= gap_to,
-            "the gap {gap_from}..{gap_to} lies in the no-media background {covered_from}..{covered_to}"
-        );
+        let start: i64 = attr[0].parse().expect("start");
+        let end: i64 = attr[1].parse().expect("end");
+        spans.push((start, end, attr[2].clone()));
+    }
+    spans
+}
 
-        // Click an archived object (the widest span, as a person would): it plays.
-        let (_, _, key) = archived
-            .iter()
-            .max_by_key(|(start, end, _)| end - start)
-            .expect("an archived span")
-            .clone();
-        browser
-            .find(Locator::Css(&format!("#timeline rect[data-key='{key}']")))
-            .await
-            .expect("the span")
-            .click()
-            .await
-            .expect("clicked");
-        let mut played = 0.0;
-        for _ in 0..100 {
-            let state = browser
+/// Every archived object and failed chunk is drawn, nothing inside the gap, and the gap
+/// lies in the no-media background. Returns the archived spans.
+async fn timeline_is_true_to_the_archive(
+    browser: &fantoccini::Client,
+    archive: &FaultedArchive,
+) -> Vec<(i64, i64, String)> {
+    let (objects, failed) = (&archive.objects, archive.failed);
+    let (gap_from, gap_to) = archive.gap;
+    let shown = |class: &'static str| drawn(browser, class);
+    let archived = shown("archived").await;
+    let keys: BTreeSet<String> = archived.iter().map(|(_, _, k)| k.clone()).collect();
+    assert_eq!(
+        &keys, objects,
+        "every archived object, and only those, is drawn"
+    );
+    let failures = shown("failed").await;
+    assert_eq!(failures.len() as u64, failed, "every failed chunk is drawn");
+    for (start, end, key) in archived.iter().chain(&failures) {
+        assert!(
+            *end <= gap_from || *start >= gap_to,
+            "nothing is drawn inside the gap: {key} {start}..{end}, gap {gap_from}..{gap_to}"
+        );
+    }
+    // The gap shows as "KVS had no media": the background under the spans covers it,
+    // and (above) no span is drawn over it.
+    let no_media = shown("no-media").await;
+    assert_eq!(no_media.len(), 1, "one no-media background: {no_media:?}");
+    let (covered_from, covered_to, _) = &no_media[0];
+    assert!(
+        *covered_from <= gap_from && *covered_to >= gap_to,
+        "the gap {gap_from}..{gap_to} lies in the no-media background {covered_from}..{covered_to}"
+    );
+    archived
+}
+
+/// Clicking the span of `key` plays that object: the video's time advances.
+async fn clicked_object_plays(browser: &fantoccini::Client, key: &str) {
+    use fantoccini::Locator;
+    browser
+        .find(Locator::Css(&format!("#timeline rect[data-key='{key}']")))
+        .await
+        .expect("the span")
+        .click()
+        .await
+        .expect("clicked");
+    let mut played = 0.0;
+    for _ in 0..100 {
+        let state = browser
                 .execute(
                     "var p = document.getElementById('player'); return [p.currentTime, p.error ? p.error.message || String(p.error.code) : null, p.dataset.key || null];",
                     vec![],
                 )
                 .await
                 .expect("script runs");
-            assert!(state[1].is_null(), "the video fails: {state}");
-            played = state[0].as_f64().unwrap_or(0.0);
-            if played > 1.0 {
-                assert_eq!(state[2], key.as_str());
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(state[1].is_null(), "the video fails: {state}");
+        played = state[0].as_f64().unwrap_or(0.0);
+        if played > 1.0 {
+            assert_eq!(state[2], key);
+            break;
         }
-        assert!(played > 1.0, "the video's currentTime advances: {played}");
-        let png = browser.screenshot().await.expect("screenshot");
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
-        std::fs::create_dir_all(&dir).expect("screenshot directory");
-        std::fs::write(dir.join("timeline.png"), png).expect("screenshot written");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(played > 1.0, "the video's currentTime advances: {played}");
+    let png = browser.screenshot().await.expect("screenshot");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
+    std::fs::create_dir_all(&dir).expect("screenshot directory");
+    std::fs::write(dir.join("timeline.png"), png).expect("screenshot written");
+}
 
-        // Zooming in narrows the window the SVG draws.
-        let before: i64 = browser
-            .find(Locator::Id("timeline"))
+/// Zooming in narrows the window the SVG draws.
+async fn zoom_in_narrows_the_window(browser: &fantoccini::Client) {
+    use fantoccini::Locator;
+    let before: i64 = browser
+        .find(Locator::Id("timeline"))
+        .await
+        .expect("svg")
+        .attr("data-to")
+        .await
+        .expect("attr")
+        .unwrap_or_default()
+        .parse()
+        .unwrap_or(0);
+    browser
+        .find(Locator::Id("zoom-in"))
+        .await
+        .expect("zoom link")
+        .click()
+        .await
+        .expect("clicked");
+    let svg = browser.find(Locator::Id("timeline")).await.expect("svg");
+    let (from, to): (i64, i64) = (
+        svg.attr("data-from")
             .await
-            .expect("svg")
-            .attr("data-to")
-            .await
-            .expect("attr")
+            .expect("a")
             .unwrap_or_default()
             .parse()
-            .unwrap_or(0);
-        browser
-            .find(Locator::Id("zoom-in"))
+            .unwrap_or(0),
+        svg.attr("data-to")
             .await
-            .expect("zoom link")
-            .click()
-            .await
-            .expect("clicked");
-        let svg = browser.find(Locator::Id("timeline")).await.expect("svg");
-        let (from, to): (i64, i64) = (
-            svg.attr("data-from")
-                .await
-                .expect("a")
-                .unwrap_or_default()
-                .parse()
-                .unwrap_or(0),
-            svg.attr("data-to")
-                .await
-                .expect("a")
-                .unwrap_or_default()
-                .parse()
-                .unwrap_or(0),
-        );
-        assert!(to - from > 0 && to != before, "zoomed: {from}..{to}");
-    };
-    // A panic must not leave Chromium running.
-    let outcome = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(result)).await;
-    let _ = browser.close().await;
-    let _ = server.kill().await;
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
+            .expect("a")
+            .unwrap_or_default()
+            .parse()
+            .unwrap_or(0),
+    );
+    assert!(to - from > 0 && to != before, "zoomed: {from}..{to}");
 }
