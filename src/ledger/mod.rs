@@ -23,8 +23,6 @@ pub mod postgres;
 mod sql;
 pub mod sqlite;
 
-pub use sql::UndecodableRow;
-
 use crate::domain::{ChunkKind, ChunkPlan, EpochMs, Fragment, TimestampSource};
 use crate::error::{Error, Result};
 use crate::plan::Holdings;
@@ -275,6 +273,20 @@ impl Failure {
             next_attempt_ms,
         }
     }
+}
+
+/// A row the ledger cannot read (an unknown state, a NULL where a value must be): which
+/// table and row, and what in it. It reaches callers as the source of
+/// [`Error::Store`], never as a panic nor as a value guessed in its place.
+#[derive(Debug, thiserror::Error)]
+#[error("{table} row {key}: {problem}")]
+pub struct UndecodableRow {
+    /// The table the row is in (`chunks`, `stream_leases`, ...).
+    pub table: &'static str,
+    /// The row's key: a chunk's id, a stream's name, an owner.
+    pub key: String,
+    /// The column that cannot be read and why.
+    pub problem: sqlx::Error,
 }
 
 /// Chunks of a range by state, for a run's summary.

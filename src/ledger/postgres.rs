@@ -108,9 +108,13 @@ impl PgLedger {
             .await
             .map_err(Error::store(op))?;
         let mut out = vec![("claim next", plan(rows)?)];
+        let (held, ranges) = (
+            sql::HELD_FRAGMENTS_SQL.into(),
+            sql::clip_ranges_sql::<Self>(),
+        );
         for (name, sql) in [
-            ("planning: held fragments", sql::HELD_FRAGMENTS_SQL.to_string()),
-            ("planning: clip ranges", sql::clip_ranges_sql::<Self>()),
+            ("planning: held fragments", held),
+            ("planning: clip ranges", ranges),
         ] {
             let rows = sqlx::query(&explain(&sql))
                 .bind(stream)

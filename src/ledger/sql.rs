@@ -4,16 +4,15 @@
 //! [`Dialect`], the few points where SQLite and PostgreSQL truly differ. sqlx's SQLite
 //! driver reads `$N` placeholders as PostgreSQL does, so one query text serves both.
 //!
-//! Why a macro and not code generic over `sqlx::Database`: every method would carry
-//! `for<'c> &'c mut DB::Connection: Executor<'c>` and a decode bound per column type, and
-//! async_trait's `Send` futures over higher-ranked executor bounds are a known source of
-//! rustc's "higher-ranked lifetime error" (rust-lang/rust#64552). The macro's body is
-//! ordinary code over one concrete driver at a time. `sqlx::Any` is no answer either: it
-//! loses the drivers' connect options, typed database errors and array binds.
+//! Why a macro, not code generic over `sqlx::Database`: every method would carry
+//! `for<'c> &'c mut DB::Connection: Executor<'c>` and a bound per column type, and `Send`
+//! futures over such bounds meet rustc's "higher-ranked lifetime error" (rust#64552); the
+//! macro's body is ordinary code over one concrete driver. Not `sqlx::Any` either: it
+//! loses connect options, typed database errors and array binds.
 
 use super::{
     Chunk, ChunkState, FailureView, HeldChunk, Identity, InstanceView, Lease, StreamHolder,
-    StreamProgress,
+    StreamProgress, UndecodableRow,
 };
 use crate::domain::{ChunkKind, ChunkPlan, EpochMs, Fragment, TimestampSource};
 use crate::error::{Error, Result};
@@ -38,20 +37,6 @@ pub(super) trait Dialect {
     /// out. SQLite: a process of this host that no longer runs. PostgreSQL: never, a
     /// holder on another host can only be outlived.
     fn owner_is_gone(owner: &str, this_host: &str) -> bool;
-}
-
-/// A row the ledger cannot read (an unknown state, a NULL where a value must be): which
-/// table and row, and what in it. It reaches callers as the source of
-/// [`Error::Store`], never as a panic nor as a value guessed in its place.
-#[derive(Debug, thiserror::Error)]
-#[error("{table} row {key}: {problem}")]
-pub struct UndecodableRow {
-    /// The table the row is in (`chunks`, `stream_leases`, ...).
-    pub table: &'static str,
-    /// The row's key: a chunk's id, a stream's name, an owner.
-    pub key: String,
-    /// The column that cannot be read and why.
-    pub problem: sqlx::Error,
 }
 
 /// The columns of a chunk row, as [`chunk_from`] reads them.
@@ -123,11 +108,9 @@ pub(super) fn lease_lost(lease: &Lease) -> Error {
 
 /// Fails with [`Error::LeaseLost`] unless exactly one row changed.
 pub(super) fn fenced(rows_affected: u64, lease: &Lease) -> Result<()> {
-    if rows_affected == 1 {
-        Ok(())
-    } else {
-        Err(lease_lost(lease))
-    }
+    (rows_affected == 1)
+        .then_some(())
+        .ok_or_else(|| lease_lost(lease))
 }
 
 /// The database refused a row as overlapping: a fragment another chunk holds (a primary
@@ -347,6 +330,7 @@ macro_rules! sql_ledger {
     ($ledger:ident, $db:ty) => {
         mod queries {
             use super::$ledger as This;
+            use sqlx::Row as _;
             use $crate::domain::{ChunkKind, ChunkPlan, EpochMs, Fragment, TimestampSource};
             use $crate::error::{Error, Result};
             use $crate::ledger::sql::{self, Columns as _, Dialect, CHUNK_COLUMNS, HELD, IN_RANGE};
@@ -356,7 +340,6 @@ macro_rules! sql_ledger {
                 StreamStatus,
             };
             use $crate::plan::Holdings;
-            use sqlx::Row as _;
 
             type Db = $db;
             type Connection = <Db as sqlx::Database>::Connection;
@@ -448,6 +431,27 @@ macro_rules! sql_ledger_helpers {
                 }
             }
 
+            /// One chunk in a transaction of its own: planned, or done with `archived` bytes.
+            /// `false`, recording nothing, if it would overlap what the ledger holds.
+            async fn insert_one(
+                &self, op: &'static str, at: (&str, &str), plan: &ChunkPlan, key: &str,
+                archived: Option<u64>,
+            ) -> Result<bool> {
+                let mut tx = self.pool.begin().await.map_err(Error::store(op))?;
+                let id = This::insert_chunk(&mut tx, at, plan, key, None).await;
+                let Some(id) = id.map_err(Error::store(op))? else {
+                    tx.rollback().await.map_err(Error::store(op))?;
+                    return Ok(false);
+                };
+                if let Some(bytes) = archived {
+                    let sql = "UPDATE chunks SET state = 'done', archived_bytes = $1 WHERE id = $2";
+                    sqlx::query(sql).bind(bytes as i64).bind(id)
+                        .execute(&mut *tx).await.map_err(Error::store(op))?;
+                }
+                tx.commit().await.map_err(Error::store(op))?;
+                Ok(true)
+            }
+
             /// One fenced transition: `UPDATE chunks SET {set}, updated_ms = $4 WHERE` the
             /// lease holds; `bind` adds the parameters from `$5` on. Exactly one row
             /// changes, or none and [`Error::LeaseLost`].
@@ -487,8 +491,7 @@ macro_rules! sql_ledger_helpers {
                 let me = &self.identity;
                 sqlx::query(
                     "INSERT INTO instances (owner, instance, role, host, pid, started_ms,
-                         last_seen_ms)
-                     VALUES ($1, $2, $3, $4, $5, $6, $6)
+                         last_seen_ms) VALUES ($1, $2, $3, $4, $5, $6, $6)
                      ON CONFLICT (owner) DO UPDATE SET last_seen_ms = $6",
                 )
                 .bind(&me.owner).bind(&me.instance).bind(me.role.as_str()).bind(&me.host)
@@ -585,9 +588,8 @@ macro_rules! sql_ledger_helpers {
                         }
                         Ok(())
                     };
-                    count()
-                        .map_err(sql::undecodable("chunks of stream", &stream))
-                        .map_err(Error::store(op))?;
+                    let named = sql::undecodable("chunks of stream", &stream);
+                    count().map_err(named).map_err(Error::store(op))?;
                 }
                 Ok(out)
             }
@@ -797,34 +799,16 @@ macro_rules! sql_ledger_methods {
             async fn insert_planned(
                 &self, stream: &str, source: TimestampSource, plan: &ChunkPlan, object_key: &str,
             ) -> Result<bool> {
-                let op = "insert chunk";
-                let mut tx = self.pool.begin().await.map_err(Error::store(op))?;
                 let at = (stream, source.as_str());
-                let id = This::insert_chunk(&mut tx, at, plan, object_key, None).await;
-                if id.map_err(Error::store(op))?.is_none() {
-                    tx.rollback().await.map_err(Error::store(op))?;
-                    return Ok(false);
-                }
-                tx.commit().await.map_err(Error::store(op))?;
-                Ok(true)
+                self.insert_one("insert chunk", at, plan, object_key, None).await
             }
 
             async fn insert_archived(
                 &self, stream: &str, source: TimestampSource, plan: &ChunkPlan, object_key: &str,
                 bytes: u64,
             ) -> Result<bool> {
-                let op = "insert archived chunk";
-                let mut tx = self.pool.begin().await.map_err(Error::store(op))?;
                 let at = (stream, source.as_str());
-                let id = This::insert_chunk(&mut tx, at, plan, object_key, None).await;
-                let Some(id) = id.map_err(Error::store(op))? else {
-                    tx.rollback().await.map_err(Error::store(op))?;
-                    return Ok(false);
-                };
-                sqlx::query("UPDATE chunks SET state = 'done', archived_bytes = $1 WHERE id = $2")
-                    .bind(bytes as i64).bind(id).execute(&mut *tx).await.map_err(Error::store(op))?;
-                tx.commit().await.map_err(Error::store(op))?;
-                Ok(true)
+                self.insert_one("insert archived chunk", at, plan, object_key, Some(bytes)).await
             }
 
             async fn holdings(
@@ -837,10 +821,8 @@ macro_rules! sql_ledger_methods {
                 let rows = sqlx::query(&sql::clip_ranges_sql::<This>())
                     .bind(stream).bind(source.as_str()).bind(from).bind(to)
                     .fetch_all(&self.pool).await.map_err(Error::store(op))?;
-                let mut holdings = Holdings {
-                    held: numbers.into_iter().collect(),
-                    ..Holdings::default()
-                };
+                let held = numbers.into_iter().collect();
+                let mut holdings = Holdings { held, ..Holdings::default() };
                 for row in &rows {
                     let read = || -> Result<_, sqlx::Error> {
                         let range = (row.int("start_ms")?, row.int("clip_end")?);
@@ -1051,11 +1033,9 @@ macro_rules! sql_ledger_methods {
                 let (stream, source) = self.hold_in(&mut tx, op, lease).await?;
                 sqlx::query("DELETE FROM chunks WHERE id = $1")
                     .bind(lease.chunk).execute(&mut *tx).await.map_err(Error::store(op))?;
-                let records = expired
-                    .map(|(plan, reason)| (plan, "", Some(reason)))
-                    .into_iter()
-                    .chain(parts.iter().map(|(plan, key)| (plan, key.as_str(), None)));
-                for (plan, key, reason) in records {
+                let parts = parts.iter().map(|(plan, key)| (plan, key.as_str(), None));
+                let records = expired.map(|(plan, reason)| (plan, "", Some(reason))).into_iter();
+                for (plan, key, reason) in records.chain(parts) {
                     let at = (stream.as_str(), source.as_str());
                     let inserted = This::insert_chunk(&mut tx, at, plan, key, reason).await;
                     if inserted.map_err(Error::store(op))?.is_none() {

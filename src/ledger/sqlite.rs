@@ -79,12 +79,7 @@ impl SqliteLedger {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
-        let io = |op: &'static str| {
-            move |e: std::io::Error| Error::Store {
-                op,
-                source: sqlx::Error::Io(e),
-            }
-        };
+        let io = |op: &'static str| move |e: std::io::Error| Error::store(op)(sqlx::Error::Io(e));
         let path = options.get_filename().to_path_buf();
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() && !dir.exists() {
@@ -127,4 +122,3 @@ fn owner_only() -> std::fs::OpenOptions {
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     options
 }
-
