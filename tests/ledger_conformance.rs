@@ -1,6 +1,8 @@
 //! The ledger contract, run against every implementation of [`Ledger`]: claims, lease
 //! expiry, fencing, overlap, split, late chunks, retries across passes, and several
-//! processes on one ledger (stream leases, registration, concurrent claims and plans).
+//! processes on one ledger (stream leases, registration, concurrent claims and plans),
+//! renewal, all-or-nothing splits, the reports, and rows the ledger cannot read. Every
+//! method of the trait is called here (`every_ledger_method_is_exercised_by_this_suite`).
 //! SQLite here; PostgreSQL (a fresh database per test, on the server `.ci/postgres` starts)
 //! in tests/ledger_conformance_postgres.rs, which compiles this file again.
 
@@ -8,6 +10,7 @@ use kvs_archiver::domain::{ChunkKind, ChunkPlan, Fragment, TimestampSource};
 use kvs_archiver::error::Error;
 use kvs_archiver::ledger::{
     Archived, ChunkState, Failure, Identity, Ledger, Registration, Role, StreamClaim,
+    UndecodableRow,
 };
 use std::sync::Arc;
 
@@ -827,4 +830,440 @@ async fn an_archived_chunk_is_restored_done_and_refused_over_what_is_held() {
             "{kind}: the refused ones left nothing"
         );
     }
+}
+
+/// `renew` extends a claim and never shortens it: a heartbeat may have extended it further
+/// than the worker's own renewal asks.
+#[tokio::test]
+async fn renewing_extends_a_lease_and_never_shortens_it() {
+    for Under {
+        kind,
+        ledger,
+        _dir: _keep,
+        ..
+    } in ledgers().await
+    {
+        insert(&*ledger, &clip(0..10)).await;
+        let id = only_chunk_id(&*ledger).await;
+        let lease = ledger
+            .claim(id, T0, LEASE_MS)
+            .await
+            .expect("claim")
+            .expect("claimed");
+        let lease_until = |ledger: Arc<dyn Ledger>| async move {
+            let chunk = ledger.chunk(id).await.expect("read").expect("exists");
+            chunk.lease_until_ms
+        };
+        ledger
+            .renew(&lease, T0 + 3 * LEASE_MS)
+            .await
+            .expect("renew");
+        assert_eq!(
+            lease_until(ledger.clone()).await,
+            Some(T0 + 3 * LEASE_MS),
+            "{kind}: extended"
+        );
+        ledger
+            .renew(&lease, T0 + 2 * LEASE_MS)
+            .await
+            .expect("renew");
+        assert_eq!(
+            lease_until(ledger.clone()).await,
+            Some(T0 + 3 * LEASE_MS),
+            "{kind}: never shortened"
+        );
+        let stale = kvs_archiver::ledger::Lease {
+            generation: lease.generation + 1,
+            ..lease
+        };
+        assert!(
+            matches!(
+                ledger.renew(&stale, T0 + 4 * LEASE_MS).await,
+                Err(Error::LeaseLost { .. })
+            ),
+            "{kind}: only the holder renews"
+        );
+    }
+}
+
+/// A split is all or nothing: a part or an expired record over another chunk leaves the
+/// chunk as it was, still held, and a good split then succeeds under the same lease.
+#[tokio::test]
+async fn a_split_that_would_overlap_another_chunk_changes_nothing() {
+    for Under {
+        kind,
+        ledger,
+        _dir: _keep,
+        ..
+    } in ledgers().await
+    {
+        assert!(insert(&*ledger, &clip(0..10)).await, "{kind}");
+        assert!(insert(&*ledger, &clip(20..30)).await, "{kind}");
+        let (chunk, lease) = ledger
+            .claim_next(STREAM, SOURCE, i64::MIN, i64::MAX, T0, LEASE_MS, &[])
+            .await
+            .expect("claim")
+            .expect("claimed");
+        assert_eq!(chunk.plan.start_ms, T0, "{kind}: the first chunk");
+        let over_the_next = vec![
+            (clip(0..5), "k/a".to_string()),
+            (clip(18..25), "k/b".to_string()),
+        ];
+        let gone_over_the_next = clip(22..24);
+        let attempts = [
+            ledger.split(&lease, &over_the_next, None).await,
+            ledger
+                .split(
+                    &lease,
+                    &[(clip(0..5), "k/a".to_string())],
+                    Some((&gone_over_the_next, "deleted by retention")),
+                )
+                .await,
+        ];
+        for attempt in attempts {
+            assert!(
+                matches!(attempt, Err(Error::Usage(_))),
+                "{kind}: {attempt:?}"
+            );
+            let kept = ledger.chunk(chunk.id).await.expect("read").expect("kept");
+            assert_eq!(kept.state, ChunkState::Fetching, "{kind}: still held");
+            assert_eq!(
+                ledger
+                    .fragments_of(chunk.id)
+                    .await
+                    .expect("fragments")
+                    .len(),
+                10,
+                "{kind}"
+            );
+            let summary = ledger
+                .range_summary(STREAM, SOURCE, i64::MIN, i64::MAX)
+                .await
+                .expect("summary");
+            assert_eq!(
+                (summary.chunks, summary.in_flight),
+                (2, 1),
+                "{kind}: nothing recorded"
+            );
+        }
+        let halves = vec![
+            (clip(0..5), "k/a".to_string()),
+            (clip(5..10), "k/b".to_string()),
+        ];
+        ledger
+            .split(&lease, &halves, None)
+            .await
+            .expect("the lease still holds");
+        assert!(
+            ledger.chunk(chunk.id).await.expect("read").is_none(),
+            "{kind}"
+        );
+    }
+}
+
+/// An expired chunk is final; a converted one is planned again under its new kind and
+/// key, and the lease it was held under ends.
+#[tokio::test]
+async fn an_expired_chunk_is_final_and_a_converted_one_is_planned_again() {
+    for Under {
+        kind,
+        ledger,
+        _dir: _keep,
+        ..
+    } in ledgers().await
+    {
+        insert(&*ledger, &clip(0..10)).await;
+        insert(&*ledger, &clip(10..20)).await;
+        let mut leases = Vec::new();
+        for _ in 0..2 {
+            let (chunk, lease) = ledger
+                .claim_next(STREAM, SOURCE, i64::MIN, i64::MAX, T0, LEASE_MS, &[])
+                .await
+                .expect("claim")
+                .expect("claimed");
+            leases.push((chunk.id, lease));
+        }
+        let ((gone, gone_lease), (other, other_lease)) = (leases[0], leases[1]);
+        ledger
+            .mark_expired(&gone_lease, "KVS deleted the fragments")
+            .await
+            .expect("expired");
+        let chunk = ledger.chunk(gone).await.expect("read").expect("exists");
+        assert_eq!(chunk.state, ChunkState::Expired, "{kind}");
+        assert_eq!(chunk.error_kind.as_deref(), Some("expired"), "{kind}");
+        assert_eq!(
+            chunk.last_error.as_deref(),
+            Some("KVS deleted the fragments")
+        );
+        assert!(
+            ledger
+                .claim(gone, T0 + 10 * LEASE_MS, LEASE_MS)
+                .await
+                .expect("claim")
+                .is_none(),
+            "{kind}: final"
+        );
+        ledger
+            .convert(&other_lease, ChunkKind::Mkv, "k/other.mkv")
+            .await
+            .expect("converted");
+        let chunk = ledger.chunk(other).await.expect("read").expect("exists");
+        assert_eq!(
+            (chunk.state, chunk.plan.kind, chunk.object_key.as_str()),
+            (ChunkState::Planned, ChunkKind::Mkv, "k/other.mkv"),
+            "{kind}"
+        );
+        assert_eq!(chunk.owner, None, "{kind}");
+        assert!(
+            matches!(
+                ledger.mark_done(&other_lease, &archived()).await,
+                Err(Error::LeaseLost { .. })
+            ),
+            "{kind}: the claim ended with the conversion"
+        );
+        let summary = ledger
+            .range_summary(STREAM, SOURCE, i64::MIN, i64::MAX)
+            .await
+            .expect("summary");
+        assert_eq!((summary.pending, summary.expired.len()), (1, 1), "{kind}");
+    }
+}
+
+/// What verify and the metrics read (object keys, archived through, oldest unarchived,
+/// counts, status), before and after a done chunk is planned again.
+#[tokio::test]
+async fn a_done_chunk_planned_again_leaves_the_reports_in_step() {
+    for Under {
+        kind,
+        ledger,
+        _dir: _keep,
+        ..
+    } in ledgers().await
+    {
+        assert_eq!(ledger.identity().instance, "test-a", "{kind}");
+        insert(&*ledger, &clip(0..10)).await;
+        let done = only_chunk_id(&*ledger).await;
+        let lease = ledger
+            .claim(done, T0, LEASE_MS)
+            .await
+            .expect("claim")
+            .expect("claimed");
+        ledger.mark_done(&lease, &archived()).await.expect("done");
+        insert(&*ledger, &clip(10..20)).await;
+        let mut keys = ledger.object_keys(STREAM).await.expect("keys");
+        keys.sort();
+        assert_eq!(keys.len(), 2, "{kind}: {keys:?}");
+        assert!(ledger
+            .object_keys("elsewhere")
+            .await
+            .expect("keys")
+            .is_empty());
+        let through = ledger.archived_through(STREAM).await.expect("through");
+        assert_eq!(through, Some(T0 + 18_000), "{kind}");
+        let oldest = ledger
+            .oldest_unarchived(STREAM, SOURCE)
+            .await
+            .expect("oldest");
+        assert_eq!(oldest, Some(T0 + 20_000), "{kind}");
+        let mut counts = ledger.counts(STREAM).await.expect("counts");
+        counts.sort();
+        assert_eq!(
+            counts,
+            vec![("done".to_string(), 1), ("planned".to_string(), 1)],
+            "{kind}"
+        );
+        let status = ledger.status().await.expect("status");
+        assert_eq!(status.len(), 1, "{kind}");
+        assert_eq!(
+            (status[0].done, status[0].pending, status[0].archived_bytes),
+            (1, 1, 10),
+            "{kind}"
+        );
+        assert!(ledger.requeue_chunk(done).await.expect("requeue"), "{kind}");
+        let chunk = ledger.chunk(done).await.expect("read").expect("exists");
+        assert_eq!(
+            (chunk.state, chunk.archived_bytes),
+            (ChunkState::Planned, None)
+        );
+        assert!(
+            !ledger.requeue_chunk(done).await.expect("requeue"),
+            "{kind}: a planned chunk is not requeued"
+        );
+        assert_eq!(
+            ledger.archived_through(STREAM).await.expect("through"),
+            None
+        );
+        let oldest = ledger
+            .oldest_unarchived(STREAM, SOURCE)
+            .await
+            .expect("oldest");
+        assert_eq!(oldest, Some(T0), "{kind}");
+        ledger.close().await;
+    }
+}
+
+/// The daemon's per-stream memory: an update keeps what it leaves out, planning never
+/// moves back, and a run recorded without an error clears the last one.
+#[tokio::test]
+async fn stream_progress_keeps_what_an_update_leaves_out_and_never_moves_planning_back() {
+    use kvs_archiver::ledger::StreamProgress;
+    for Under {
+        kind,
+        ledger,
+        _dir: _keep,
+        ..
+    } in ledgers().await
+    {
+        let empty = ledger.progress(STREAM, SOURCE).await.expect("progress");
+        assert_eq!(empty.planned_through_ms, None, "{kind}");
+        let first = StreamProgress {
+            planned_through_ms: Some(T0 + 100),
+            retention_ms: Some(86_400_000),
+            next_run_ms: Some(T0 + 5),
+            last_run_ms: Some(T0),
+            last_run_error: Some("boom".into()),
+        };
+        ledger
+            .update_progress(STREAM, SOURCE, &first)
+            .await
+            .expect("update");
+        let older = StreamProgress {
+            planned_through_ms: Some(T0 + 50),
+            ..StreamProgress::default()
+        };
+        ledger
+            .update_progress(STREAM, SOURCE, &older)
+            .await
+            .expect("update");
+        let kept = ledger.progress(STREAM, SOURCE).await.expect("progress");
+        assert_eq!(
+            (
+                kept.planned_through_ms,
+                kept.retention_ms,
+                kept.next_run_ms,
+                kept.last_run_ms,
+                kept.last_run_error.as_deref()
+            ),
+            (
+                Some(T0 + 100),
+                Some(86_400_000),
+                Some(T0 + 5),
+                Some(T0),
+                Some("boom")
+            ),
+            "{kind}"
+        );
+        let clean_run = StreamProgress {
+            last_run_ms: Some(T0 + 10),
+            ..StreamProgress::default()
+        };
+        ledger
+            .update_progress(STREAM, SOURCE, &clean_run)
+            .await
+            .expect("update");
+        let cleared = ledger.progress(STREAM, SOURCE).await.expect("progress");
+        assert_eq!(
+            (cleared.last_run_ms, cleared.last_run_error),
+            (Some(T0 + 10), None),
+            "{kind}"
+        );
+    }
+}
+
+/// Writes an unknown state into chunk `id`, past the schema's CHECK constraint, as a
+/// damaged or newer ledger might hold.
+async fn corrupt_state(under: &Under, id: i64) {
+    use sqlx::Connection;
+    let update = "UPDATE chunks SET state = 'bogus' WHERE id = $1";
+    if under.kind == "sqlite" {
+        let mut conn = sqlx::SqliteConnection::connect(&under.url)
+            .await
+            .expect("connect");
+        sqlx::query("PRAGMA ignore_check_constraints = ON")
+            .execute(&mut conn)
+            .await
+            .expect("pragma");
+        sqlx::query(update)
+            .bind(id)
+            .execute(&mut conn)
+            .await
+            .expect("corrupt");
+    } else {
+        let mut conn = sqlx::PgConnection::connect(&under.url)
+            .await
+            .expect("connect");
+        sqlx::query("ALTER TABLE chunks DROP CONSTRAINT chunks_state_check")
+            .execute(&mut conn)
+            .await
+            .expect("drop check");
+        sqlx::query(update)
+            .bind(id)
+            .execute(&mut conn)
+            .await
+            .expect("corrupt");
+    }
+}
+
+/// A row the ledger cannot read is an error that names its table and key: not a panic,
+/// and not a state guessed in its place.
+#[tokio::test]
+async fn a_row_the_ledger_cannot_read_is_an_error_that_names_it() {
+    for under in ledgers().await {
+        let (kind, ledger) = (under.kind, under.ledger.clone());
+        insert(&*ledger, &clip(0..10)).await;
+        let id = only_chunk_id(&*ledger).await;
+        corrupt_state(&under, id).await;
+        let error = ledger.chunk(id).await.expect_err("undecodable");
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!("chunks row {id}")) && message.contains("bogus"),
+            "{kind}: {message}"
+        );
+        let Error::Store {
+            source: sqlx::Error::Decode(source),
+            ..
+        } = &error
+        else {
+            panic!("{kind}: {error:?}");
+        };
+        let row = source
+            .downcast_ref::<UndecodableRow>()
+            .unwrap_or_else(|| panic!("{kind}: {source:?}"));
+        assert_eq!((row.table, row.key.clone()), ("chunks", id.to_string()));
+        for report in [
+            ledger.status().await.map(|_| ()),
+            ledger
+                .range_summary(STREAM, SOURCE, i64::MIN, i64::MAX)
+                .await
+                .map(|_| ()),
+        ] {
+            let message = report.expect_err("undecodable").to_string();
+            assert!(message.contains("bogus"), "{kind}: {message}");
+        }
+    }
+}
+
+/// Every method of the trait is called somewhere in this suite, so a new one cannot go
+/// untested on either database.
+#[test]
+fn every_ledger_method_is_exercised_by_this_suite() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |path: &str| std::fs::read_to_string(root.join(path)).expect("read");
+    let (contract, suite) = (
+        read("src/ledger/mod.rs"),
+        read("tests/ledger_conformance.rs"),
+    );
+    let start = contract.find("pub trait Ledger").expect("the trait");
+    let end = start + contract[start..].find("\n}\n").expect("its end");
+    let methods: Vec<&str> = contract[start..end]
+        .split("fn ")
+        .skip(1)
+        .filter_map(|rest| rest.split(['(', '<']).next())
+        .collect();
+    assert!(methods.len() > 30, "{methods:?}");
+    let missing: Vec<&&str> = methods
+        .iter()
+        .filter(|m| !suite.contains(&format!(".{m}(")))
+        .collect();
+    assert!(missing.is_empty(), "never called here: {missing:?}");
 }

@@ -14,33 +14,25 @@ use std::borrow::Cow;
 /// One migration file: `<version>_<description>.sql` and its text.
 type File = (&'static str, &'static str);
 
+/// `migrations/<dir>/<name>` as a [`File`].
+macro_rules! embed {
+    ($dir:literal, $name:literal) => {
+        (
+            $name,
+            include_str!(concat!("../../migrations/", $dir, "/", $name)),
+        )
+    };
+}
+
 const SQLITE: &[File] = &[
-    (
-        "0001_ledger.sql",
-        include_str!("../../migrations/sqlite/0001_ledger.sql"),
-    ),
-    (
-        "0002_stream_progress.sql",
-        include_str!("../../migrations/sqlite/0002_stream_progress.sql"),
-    ),
-    (
-        "0003_fenced_ledger.sql",
-        include_str!("../../migrations/sqlite/0003_fenced_ledger.sql"),
-    ),
-    (
-        "0004_instances_and_stream_leases.sql",
-        include_str!("../../migrations/sqlite/0004_instances_and_stream_leases.sql"),
-    ),
-    (
-        "0005_claimable_index.sql",
-        include_str!("../../migrations/sqlite/0005_claimable_index.sql"),
-    ),
+    embed!("sqlite", "0001_ledger.sql"),
+    embed!("sqlite", "0002_stream_progress.sql"),
+    embed!("sqlite", "0003_fenced_ledger.sql"),
+    embed!("sqlite", "0004_instances_and_stream_leases.sql"),
+    embed!("sqlite", "0005_claimable_index.sql"),
 ];
 
-const POSTGRES: &[File] = &[(
-    "0001_ledger.sql",
-    include_str!("../../migrations/postgres/0001_ledger.sql"),
-)];
+const POSTGRES: &[File] = &[embed!("postgres", "0001_ledger.sql")];
 
 /// The files of one backend, resolved the way sqlx resolves a migrations directory.
 #[derive(Debug)]

@@ -2,7 +2,10 @@
 //! trait ([`Ledger`]) so that the worker's policy never depends on a database. SQLite
 //! ([`sqlite::SqliteLedger`]) is the embedded default; PostgreSQL
 //! ([`postgres::PgLedger`]) lets several instances on several hosts share one fleet.
-//! `tests/ledger_conformance.rs` is the contract every implementation passes.
+//! Both run the same queries, written once in `sql.rs`; each backend only opens its
+//! database and says where the two truly differ (how a claim locks, id lists, whether a
+//! holder is known to be dead). `tests/ledger_conformance.rs` is the contract every
+//! implementation passes.
 //!
 //! Processes sharing a ledger know each other through it alone: each registers as an
 //! [`Identity`] and heartbeats ([`Ledger::heartbeat`]); one process works a stream at a
@@ -17,6 +20,7 @@
 
 mod migrations;
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 
 use crate::domain::{ChunkKind, ChunkPlan, EpochMs, Fragment, TimestampSource};
@@ -271,6 +275,20 @@ impl Failure {
     }
 }
 
+/// A row the ledger cannot read (an unknown state, a NULL where a value must be): which
+/// table and row, and what in it. It reaches callers as the source of
+/// [`Error::Store`], never as a panic nor as a value guessed in its place.
+#[derive(Debug, thiserror::Error)]
+#[error("{table} row {key}: {problem}")]
+pub struct UndecodableRow {
+    /// The table the row is in (`chunks`, `stream_leases`, ...).
+    pub table: &'static str,
+    /// The row's key: a chunk's id, a stream's name, an owner.
+    pub key: String,
+    /// The column that cannot be read and why.
+    pub problem: sqlx::Error,
+}
+
 /// Chunks of a range by state, for a run's summary.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct RangeSummary {
@@ -472,7 +490,9 @@ pub trait Ledger: Send + Sync {
     /// Bytes go to the destination now, under this multipart upload (once there is one).
     async fn mark_uploading(&self, lease: &Lease, upload_id: Option<&str>) -> Result<()>;
 
-    /// Extends the lease to `until`.
+    /// Extends the lease to at least `until`; a lease that already runs longer (a
+    /// heartbeat extended it) is kept, so renewing never shortens a claim. Fenced like
+    /// every transition: it also tells the caller its lease still holds.
     async fn renew(&self, lease: &Lease, until: EpochMs) -> Result<()>;
 
     /// Adds fragments listed in the chunk's range after it was planned (GetClip will
@@ -499,7 +519,10 @@ pub trait Ledger: Send + Sync {
     async fn release(&self, lease: &Lease) -> Result<()>;
 
     /// Replaces the chunk by `parts` (with their fragments) and, when some of its
-    /// fragments are confirmed gone, an `expired` record of them.
+    /// fragments are confirmed gone, an `expired` record of them (recorded first, with no
+    /// object key). All or nothing: if any of them would overlap another chunk (a held
+    /// fragment, or a clip range), nothing changes, the chunk stays held under `lease`,
+    /// and the call fails with [`Error::Usage`].
     async fn split(
         &self,
         lease: &Lease,
@@ -585,111 +608,3 @@ pub async fn open(database_url: &str, identity: Identity) -> Result<std::sync::A
 pub fn is_postgres(database_url: &str) -> bool {
     database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")
 }
-
-/// The row decoders of a backend (`$row`: its row type). Both dialects name and type
-/// their columns alike, so one definition serves both.
-macro_rules! row_decoders {
-    ($row:ty) => {
-        fn row_to_chunk(row: &$row) -> Chunk {
-            let source: String = row.get("timestamp_source");
-            let kind: String = row.get("kind");
-            let state: String = row.get("state");
-            Chunk {
-                id: row.get("id"),
-                stream: row.get("stream"),
-                // The schema's CHECK constraints admit only the values these parse.
-                timestamp_source: TimestampSource::parse(&source).unwrap_or_default(),
-                plan: ChunkPlan {
-                    kind: ChunkKind::parse(&kind).unwrap_or_default(),
-                    start_ms: row.get("start_ms"),
-                    end_ms: row.get("end_ms"),
-                    fragment_count: row.get::<i64, _>("fragment_count") as u32,
-                    bytes: row.get::<i64, _>("planned_bytes") as u64,
-                    duration_ms: row.get::<i64, _>("planned_duration_ms") as u64,
-                    first_fragment: row.get("first_fragment"),
-                    last_fragment: row.get("last_fragment"),
-                    fragments: Vec::new(),
-                },
-                object_key: row.get("object_key"),
-                state: ChunkState::parse(&state).unwrap_or(ChunkState::Failed),
-                attempts: row.get::<i64, _>("attempts") as u32,
-                last_error: row.get("last_error"),
-                error_kind: row.get("error_kind"),
-                next_attempt_ms: row.get("next_attempt_ms"),
-                archived_bytes: row
-                    .get::<Option<i64>, _>("archived_bytes")
-                    .map(|b| b as u64),
-                archived_crc32c: row.get("archived_crc32c"),
-                upload_id: row.get("upload_id"),
-                owner: row.get("owner"),
-                generation: row.get("generation"),
-                lease_until_ms: row.get("lease_until_ms"),
-            }
-        }
-
-        fn row_to_fragment(row: &$row) -> Fragment {
-            Fragment {
-                number: row.get("fragment_number"),
-                start_ms: row.get("start_ms"),
-                server_ms: row.get("server_ms"),
-                duration_ms: row.get::<i64, _>("duration_ms") as u64,
-                size_bytes: row.get::<i64, _>("size_bytes") as u64,
-            }
-        }
-
-        fn row_to_instance(row: &$row) -> InstanceView {
-            InstanceView {
-                owner: row.get("owner"),
-                instance: row.get("instance"),
-                role: row.get("role"),
-                host: row.get("host"),
-                pid: row.get("pid"),
-                started_ms: row.get("started_ms"),
-                last_seen_ms: row.get("last_seen_ms"),
-            }
-        }
-
-        fn row_to_holder(row: &$row) -> StreamHolder {
-            let source: String = row.get("timestamp_source");
-            StreamHolder {
-                stream: row.get("stream"),
-                timestamp_source: TimestampSource::parse(&source).unwrap_or_default(),
-                owner: row.get::<Option<String>, _>("owner").unwrap_or_default(),
-                instance: row.get::<Option<String>, _>("instance").unwrap_or_default(),
-                role: row.get::<Option<String>, _>("role").unwrap_or_default(),
-                acquired_ms: row.get::<Option<i64>, _>("acquired_ms").unwrap_or_default(),
-                lease_until_ms: row
-                    .get::<Option<i64>, _>("lease_until_ms")
-                    .unwrap_or_default(),
-            }
-        }
-
-        fn row_to_held_chunk(row: &$row) -> HeldChunk {
-            let owner: String = row.get("owner");
-            HeldChunk {
-                object_key: row.get("object_key"),
-                state: ChunkState::parse(&row.get::<String, _>("state"))
-                    .unwrap_or(ChunkState::Fetching),
-                instance: Identity::instance_of(&owner).to_string(),
-                owner,
-                lease_until_ms: row.get("lease_until_ms"),
-            }
-        }
-
-        fn row_to_failure(row: &$row) -> FailureView {
-            FailureView {
-                object_key: row.get("object_key"),
-                start_ms: row.get("start_ms"),
-                kind: row
-                    .get::<Option<String>, _>("error_kind")
-                    .unwrap_or_else(|| "unknown".into()),
-                reason: row
-                    .get::<Option<String>, _>("last_error")
-                    .unwrap_or_default(),
-                attempts: row.get::<i64, _>("attempts") as u32,
-                next_attempt_ms: row.get("next_attempt_ms"),
-            }
-        }
-    };
-}
-pub(crate) use row_decoders;
