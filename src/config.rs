@@ -3,6 +3,7 @@
 //! field. Credentials never live here: the AWS default credential chain provides them.
 
 use crate::domain::TimestampSource;
+pub use crate::error::ConfigError;
 use crate::plan::ChunkLimits;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
@@ -482,23 +483,10 @@ pub fn arn_stream_name(arn: &str) -> Option<&str> {
     parts.next().filter(|n| !n.is_empty())
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("config {path}: {message}")]
-    Load { path: String, message: String },
-    #[error("config: {field}: {message}")]
-    Invalid { field: String, message: String },
-    #[error("no configuration: give --config FILE or set KVS_ARCHIVER_CONFIG (every key is in config/kvs-archiver.example.toml, or /usr/share/doc/kvs-archiver/ from the package){}", DEMO_HINT)]
-    Missing,
+/// Whether `database_url` names a PostgreSQL ledger.
+pub fn is_postgres(database_url: &str) -> bool {
+    database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")
 }
-
-/// The end of [`ConfigError::Missing`]: the demo, where this build has it (the Debian
-/// package's has not).
-const DEMO_HINT: &str = if cfg!(feature = "demo") {
-    "; `kvs-archiver demo` runs without one"
-} else {
-    ""
-};
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -665,7 +653,7 @@ impl Config {
     /// `[state]`: the ledger's URL, the instance id and the lease.
     fn validate_state(&self) -> Result<(), ConfigError> {
         let url = &self.state.database_url;
-        if !url.starts_with("sqlite:") && !crate::ledger::is_postgres(url) {
+        if !url.starts_with("sqlite:") && !is_postgres(url) {
             return Err(invalid(
                 "state.database_url",
                 format!(
@@ -674,7 +662,7 @@ impl Config {
                 ),
             ));
         }
-        if crate::ledger::is_postgres(url) {
+        if is_postgres(url) {
             check_postgres_url(url)?;
         }
         if let Some(id) = &self.state.instance_id {
@@ -1138,7 +1126,7 @@ fn check_postgres_url(url: &str) -> Result<(), ConfigError> {
 /// unreserved characters, at most 64), else as `REDACTED`, since a pair without `=` or
 /// with an odd key may be a pasted secret. Any other URL is returned as it is.
 pub fn postgres_url_for_driver(url: &str) -> (String, Vec<String>) {
-    if !crate::ledger::is_postgres(url) {
+    if !is_postgres(url) {
         return (url.to_string(), Vec::new());
     }
     let (before_fragment, fragment) = match url.split_once('#') {

@@ -2,8 +2,6 @@
 //! ([`Error::retryability`]), decided from its type, status and error code, never from
 //! message text; messages read "operation target: cause" and say what the operator can do.
 
-use crate::config::ConfigError;
-
 /// Whether repeating an operation can succeed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retryability {
@@ -268,3 +266,25 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A configuration that cannot be used: what to fix, before anything starts.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or the environment could not be read as a configuration.
+    #[error("config {path}: {message}")]
+    Load { path: String, message: String },
+    /// A value is refused: the field, and what to change.
+    #[error("config: {field}: {message}")]
+    Invalid { field: String, message: String },
+    /// Neither a file nor the environment names a destination.
+    #[error("no configuration: give --config FILE or set KVS_ARCHIVER_CONFIG (every key is in config/kvs-archiver.example.toml, or /usr/share/doc/kvs-archiver/ from the package){}", DEMO_HINT)]
+    Missing,
+}
+
+/// The end of [`ConfigError::Missing`]: the demo, where this build has it (the Debian
+/// package's has not).
+const DEMO_HINT: &str = if cfg!(feature = "demo") {
+    "; `kvs-archiver demo` runs without one"
+} else {
+    ""
+};

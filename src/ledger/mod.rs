@@ -593,7 +593,7 @@ pub trait Ledger: Send + Sync {
 
 /// Opens the ledger `database_url` names: `sqlite:` or `postgres:`/`postgresql:`.
 pub async fn open(database_url: &str, identity: Identity) -> Result<std::sync::Arc<dyn Ledger>> {
-    if is_postgres(database_url) {
+    if crate::config::is_postgres(database_url) {
         Ok(std::sync::Arc::new(
             postgres::PgLedger::open(database_url, identity).await?,
         ))
@@ -602,9 +602,4 @@ pub async fn open(database_url: &str, identity: Identity) -> Result<std::sync::A
             sqlite::SqliteLedger::open(database_url, identity).await?,
         ))
     }
-}
-
-/// Whether `database_url` names a PostgreSQL ledger.
-pub fn is_postgres(database_url: &str) -> bool {
-    database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")
 }
