@@ -4,13 +4,13 @@
 use crate::config::{AwsConfig, Config, StreamConfig};
 use crate::domain::{rfc3339, EpochMs};
 use crate::error::{Error, Result};
-use crate::ledger::{Identity, Role};
+use crate::ledger::{Identity, RangeSummary, Role};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::sink::{dir::DirSink, s3::S3Sink, Sink};
 use crate::source::kvs::{KvsSource, Pacing};
 use crate::telemetry::Progress;
-use crate::worker::{Archiver, PlanSummary, RunSummary};
+use crate::worker::{Archiver, PlanSummary};
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use std::sync::Arc;
 
@@ -430,7 +430,7 @@ pub async fn backfill(
     start: EpochMs,
     end: EpochMs,
     shutdown: &Shutdown,
-) -> Result<RunSummary> {
+) -> Result<RangeSummary> {
     let sdk = sdk_config(&config.aws).await;
     let archiver = build(config, &sdk, Role::Backfill).await?;
     let summary = backfill_with(&archiver, label, start, end, shutdown).await;
@@ -445,7 +445,7 @@ pub async fn backfill_with(
     start: EpochMs,
     end: EpochMs,
     shutdown: &Shutdown,
-) -> Result<RunSummary> {
+) -> Result<RangeSummary> {
     check_range(start, end)?;
     let stream = configured_stream(&archiver.config, label)?;
     let described = archiver.source.describe_first(&stream).await?;
@@ -572,7 +572,7 @@ async fn verify_with(
 }
 
 /// Human summary of a run, for the terminal.
-pub fn describe_run(summary: &RunSummary) -> String {
+pub fn describe_run(summary: &RangeSummary) -> String {
     let mut text = format!(
         "{} chunks: {} archived, {} failed, {} expired, {} pending",
         summary.chunks,

@@ -9,11 +9,11 @@
 use crate::config::StreamConfig;
 use crate::domain::EpochMs;
 use crate::error::{Error, Result};
-use crate::ledger::StreamProgress;
+use crate::ledger::{RangeSummary, StreamProgress};
 use crate::schedule::{Scheduler, Zone};
 use crate::shutdown::Shutdown;
 use crate::telemetry::Progress;
-use crate::worker::{now_ms, Archiver, RunSummary};
+use crate::worker::{now_ms, Archiver};
 use futures_util::future::BoxFuture;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -185,10 +185,10 @@ async fn scheduled_pass(
         Ok(outcome) => outcome,
         // The pass's workers were dropped: their chunks are no longer active here, so
         // the next pass takes them back and aborts their uploads.
-        Err(_) => Err(Error::Usage(format!(
-            "pass over {label} took longer than daemon.pass_timeout ({}): stopped; the next pass continues",
-            humantime::format_duration(limit)
-        ))),
+        Err(_) => Err(Error::PassTimeout {
+            stream: label.clone(),
+            limit: humantime::format_duration(limit).to_string(),
+        }),
     };
     match &outcome {
         Ok(report) => tracing::info!(
@@ -215,7 +215,7 @@ async fn scheduled_pass(
 /// What one pass over one stream did.
 #[derive(Debug, Default)]
 pub struct PassReport {
-    pub summary: RunSummary,
+    pub summary: RangeSummary,
     pub expired_fragments: u64,
     pub at_risk: bool,
     /// The pass did not run: another process works the stream, or this daemon already
@@ -371,7 +371,7 @@ pub async fn archive_stream(
         .await;
     let (summary, error) = match fetched {
         Ok(summary) => (summary, None),
-        Err(e) => (RunSummary::default(), Some(e)),
+        Err(e) => (RangeSummary::default(), Some(e)),
     };
     let mut report = PassReport {
         expired_fragments: summary

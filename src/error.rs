@@ -42,14 +42,15 @@ pub enum Error {
         message: String,
         retry: Retryability,
     },
+    /// The destination (an S3 bucket or a directory) refused or failed an operation.
     #[error("{op} {target}: {message}")]
-    Sink {
+    Destination {
         op: &'static str,
         target: String,
         message: String,
         retry: Retryability,
     },
-    /// The store forgot a multipart upload (S3 `NoSuchUpload`): it was aborted by someone
+    /// The destination forgot a multipart upload (S3 `NoSuchUpload`): it was aborted by someone
     /// else or expired. The chunk's upload starts over; this is not a failure of the chunk.
     #[error(
         "{op} {target}: the multipart upload is gone (NoSuchUpload); starting the upload again"
@@ -76,8 +77,9 @@ pub enum Error {
     /// working on it and never record an outcome.
     #[error("chunk {chunk}: lease lost (generation {generation} is no longer current): another process took the chunk over")]
     LeaseLost { chunk: i64, generation: i64 },
+    /// A ledger query failed.
     #[error("ledger {op}: {source}{}", unreachable_hint(source))]
-    Store {
+    Ledger {
         op: &'static str,
         #[source]
         source: sqlx::Error,
@@ -92,6 +94,15 @@ pub enum Error {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A ledger change that would break one of its rules (a split overlapping another
+    /// chunk): refused, nothing changed.
+    #[error("{0}")]
+    LedgerInvariant(String),
+    /// A daemon pass ran past `daemon.pass_timeout` and was stopped; the next pass
+    /// continues where it stopped.
+    #[error("pass over {stream} took longer than daemon.pass_timeout ({limit}): stopped; the next pass continues")]
+    PassTimeout { stream: String, limit: String },
+    /// Bad input or configuration found while running: the message says what to fix.
     #[error("{0}")]
     Usage(String),
     /// No AWS credentials could be loaded: bad configuration, found before any request.
@@ -132,14 +143,15 @@ fn unreachable_hint(source: &sqlx::Error) -> &'static str {
 impl Error {
     pub fn retryability(&self) -> Retryability {
         match self {
-            Error::Kvs { retry, .. } | Error::Sink { retry, .. } | Error::Clip { retry, .. } => {
-                *retry
-            }
+            Error::Kvs { retry, .. }
+            | Error::Destination { retry, .. }
+            | Error::Clip { retry, .. } => *retry,
             Error::Truncated { .. }
             | Error::UploadLost { .. }
             | Error::LedgerUnreachable { .. }
+            | Error::PassTimeout { .. }
             | Error::CredentialsUnavailable(_) => Retryability::Transient,
-            Error::Store { source, .. } => match source {
+            Error::Ledger { source, .. } => match source {
                 sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
                     Retryability::Transient
                 }
@@ -179,13 +191,15 @@ impl Error {
             | Error::Migrate(_)
             | Error::Config(_)
             | Error::Usage(_)
+            | Error::LedgerInvariant(_)
             | Error::Credentials(_)
             | Error::Interrupted => Retryability::Permanent,
         }
     }
 
-    pub fn store(op: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
-        move |source| Error::Store { op, source }
+    /// Wraps a ledger query's failure, naming the operation.
+    pub fn ledger(op: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+        move |source| Error::Ledger { op, source }
     }
 
     /// A short, stable label of the failure's kind, stored with a failed chunk and used as
@@ -201,17 +215,21 @@ impl Error {
                 ..
             } => "kvs-denied",
             Error::Kvs { .. } => "kvs",
-            Error::Sink {
+            Error::Destination {
                 retry: Retryability::Throttled,
                 ..
             } => "destination-throttled",
-            Error::Sink { .. } => "destination",
+            Error::Destination { .. } => "destination",
             Error::UploadLost { .. } => "upload-lost",
             Error::Truncated { .. } => "truncated",
             Error::Clip { .. } => "clip",
             Error::Expired { .. } => "expired",
             Error::LeaseLost { .. } => "lease-lost",
-            Error::Store { .. } | Error::Migrate(_) | Error::LedgerUnreachable { .. } => "ledger",
+            Error::Ledger { .. }
+            | Error::Migrate(_)
+            | Error::LedgerUnreachable { .. }
+            | Error::LedgerInvariant(_) => "ledger",
+            Error::PassTimeout { .. } => "pass-timeout",
             Error::Config(_) | Error::Usage(_) => "config",
             Error::Credentials(_) | Error::CredentialsUnavailable(_) => "credentials",
             Error::Interrupted => "interrupted",

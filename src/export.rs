@@ -6,7 +6,7 @@
 //! so it plays from its first frame, and ends with the last frame that starts before the
 //! end. Late fragments archived in objects of their own are put back in their place.
 //! Memory holds the sample tables (a few bytes per frame), never the media: the header is
-//! written first, then each run of samples is streamed from the store into the file.
+//! written first, then each run of samples is streamed from the destination into the file.
 
 use crate::archive::ArchiveView;
 use crate::domain::ChunkKind;
@@ -676,7 +676,7 @@ fn file_error(op: &'static str, path: &Path, e: std::io::Error) -> Error {
     } else {
         ""
     };
-    Error::Sink {
+    Error::Destination {
         op,
         target: path.display().to_string(),
         message: format!("{e}{hint}"),

@@ -11,16 +11,16 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub fn clip_archived(stream: &str, kind: ChunkKind, bytes: u64, fragments: u64, took: Duration) {
+pub fn chunk_archived(stream: &str, kind: ChunkKind, bytes: u64, fragments: u64, took: Duration) {
     let stream = stream.to_string();
     if kind == ChunkKind::Mkv {
         counter!("kvs_archiver_mkv_fragments_archived_total", "stream" => stream.clone())
             .increment(fragments);
     }
-    counter!("kvs_archiver_clips_archived_total", "stream" => stream.clone()).increment(1);
+    counter!("kvs_archiver_chunks_archived_total", "stream" => stream.clone()).increment(1);
     counter!("kvs_archiver_bytes_archived_total", "stream" => stream.clone()).increment(bytes);
-    histogram!("kvs_archiver_clip_seconds", "stream" => stream.clone()).record(took.as_secs_f64());
-    histogram!("kvs_archiver_clip_bytes", "stream" => stream).record(bytes as f64);
+    histogram!("kvs_archiver_chunk_seconds", "stream" => stream.clone()).record(took.as_secs_f64());
+    histogram!("kvs_archiver_chunk_bytes", "stream" => stream).record(bytes as f64);
 }
 
 /// Histogram buckets, chosen per metric: without them the exporter writes summaries,
@@ -38,19 +38,19 @@ const BUCKETS: [(&str, &[f64]); 4] = [
     ),
     // A whole clip, GetClip to the ledger: up to 100 MB at anything from 1 to 100 MB/s.
     (
-        "kvs_archiver_clip_seconds",
+        "kvs_archiver_chunk_seconds",
         &[
             0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
         ],
     ),
     // Clip sizes, up to GetClip's 100 MB cap.
     (
-        "kvs_archiver_clip_bytes",
+        "kvs_archiver_chunk_bytes",
         &[1e5, 1e6, 5e6, 1e7, 2.5e7, 5e7, 7.5e7, 1e8],
     ),
 ];
 
-pub fn clip_failed(stream: &str, error: &Error) {
+pub fn chunk_failed(stream: &str, error: &Error) {
     let stream = stream.to_string();
     match error.retryability() {
         Retryability::Throttled => {
@@ -61,7 +61,7 @@ pub fn clip_failed(stream: &str, error: &Error) {
         }
         Retryability::Permanent => {}
     }
-    counter!("kvs_archiver_clip_failures_total", "stream" => stream, "kind" => error.kind())
+    counter!("kvs_archiver_chunk_failures_total", "stream" => stream, "kind" => error.kind())
         .increment(1);
 }
 

@@ -922,7 +922,7 @@ async fn a_split_that_would_overlap_another_chunk_changes_nothing() {
         ];
         for attempt in attempts {
             assert!(
-                matches!(attempt, Err(Error::Usage(_))),
+                matches!(attempt, Err(Error::LedgerInvariant(_))),
                 "{kind}: {attempt:?}"
             );
             let kept = ledger.chunk(chunk.id).await.expect("read").expect("kept");
@@ -1219,7 +1219,7 @@ async fn a_row_the_ledger_cannot_read_is_an_error_that_names_it() {
             message.contains(&format!("chunks row {id}")) && message.contains("bogus"),
             "{kind}: {message}"
         );
-        let Error::Store {
+        let Error::Ledger {
             source: sqlx::Error::Decode(source),
             ..
         } = &error

@@ -277,7 +277,7 @@ impl Failure {
 
 /// A row the ledger cannot read (an unknown state, a NULL where a value must be): which
 /// table and row, and what in it. It reaches callers as the source of
-/// [`Error::Store`], never as a panic nor as a value guessed in its place.
+/// [`Error::Ledger`], never as a panic nor as a value guessed in its place.
 #[derive(Debug, thiserror::Error)]
 #[error("{table} row {key}: {problem}")]
 pub struct UndecodableRow {
@@ -360,7 +360,7 @@ pub struct StreamProgress {
     pub last_run_error: Option<String>,
 }
 
-/// The store of chunk state. Every method is one transaction; every transition that names
+/// The ledger of chunk state. Every method is one transaction; every transition that names
 /// a [`Lease`] changes exactly one row or fails with [`Error::LeaseLost`] and changes
 /// nothing.
 #[async_trait::async_trait]
@@ -522,7 +522,7 @@ pub trait Ledger: Send + Sync {
     /// fragments are confirmed gone, an `expired` record of them (recorded first, with no
     /// object key). All or nothing: if any of them would overlap another chunk (a held
     /// fragment, or a clip range), nothing changes, the chunk stays held under `lease`,
-    /// and the call fails with [`Error::Usage`].
+    /// and the call fails with [`Error::LedgerInvariant`].
     async fn split(
         &self,
         lease: &Lease,

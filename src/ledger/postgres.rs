@@ -92,9 +92,9 @@ impl PgLedger {
         let explain = |sql: &str| format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {sql}");
         let plan = |rows: Vec<sqlx::postgres::PgRow>| -> Result<String> {
             let lines: Result<Vec<String>, _> = rows.iter().map(|r| r.try_get(0)).collect();
-            Ok(lines.map_err(Error::store(op))?.join("\n"))
+            Ok(lines.map_err(Error::ledger(op))?.join("\n"))
         };
-        let mut tx = self.pool.begin().await.map_err(Error::store(op))?;
+        let mut tx = self.pool.begin().await.map_err(Error::ledger(op))?;
         let rows = sqlx::query(&explain(&sql::claim_next_sql::<Self>()))
             .bind(&self.identity.owner)
             .bind(sql::now_ms() + 60_000)
@@ -106,7 +106,7 @@ impl PgLedger {
             .bind(Vec::<i64>::new())
             .fetch_all(&mut *tx)
             .await
-            .map_err(Error::store(op))?;
+            .map_err(Error::ledger(op))?;
         let mut out = vec![("claim next", plan(rows)?)];
         let (held, ranges) = (
             sql::HELD_FRAGMENTS_SQL.into(),
@@ -123,10 +123,10 @@ impl PgLedger {
                 .bind(to)
                 .fetch_all(&mut *tx)
                 .await
-                .map_err(Error::store(op))?;
+                .map_err(Error::ledger(op))?;
             out.push((name, plan(rows)?));
         }
-        tx.rollback().await.map_err(Error::store(op))?;
+        tx.rollback().await.map_err(Error::ledger(op))?;
         Ok(out)
     }
 }

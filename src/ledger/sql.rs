@@ -437,18 +437,18 @@ macro_rules! sql_ledger_helpers {
                 &self, op: &'static str, at: (&str, &str), plan: &ChunkPlan, key: &str,
                 archived: Option<u64>,
             ) -> Result<bool> {
-                let mut tx = self.pool.begin().await.map_err(Error::store(op))?;
+                let mut tx = self.pool.begin().await.map_err(Error::ledger(op))?;
                 let id = This::insert_chunk(&mut tx, at, plan, key, None).await;
-                let Some(id) = id.map_err(Error::store(op))? else {
-                    tx.rollback().await.map_err(Error::store(op))?;
+                let Some(id) = id.map_err(Error::ledger(op))? else {
+                    tx.rollback().await.map_err(Error::ledger(op))?;
                     return Ok(false);
                 };
                 if let Some(bytes) = archived {
                     let sql = "UPDATE chunks SET state = 'done', archived_bytes = $1 WHERE id = $2";
                     sqlx::query(sql).bind(bytes as i64).bind(id)
-                        .execute(&mut *tx).await.map_err(Error::store(op))?;
+                        .execute(&mut *tx).await.map_err(Error::ledger(op))?;
                 }
-                tx.commit().await.map_err(Error::store(op))?;
+                tx.commit().await.map_err(Error::ledger(op))?;
                 Ok(true)
             }
 
@@ -462,7 +462,7 @@ macro_rules! sql_ledger_helpers {
                 let sql = format!("UPDATE chunks SET {set}, updated_ms = $4 WHERE {HELD}");
                 let query = sqlx::query(&sql).bind(lease.chunk).bind(self.identity.owner.as_str());
                 let query = query.bind(lease.generation).bind(sql::now_ms());
-                let done = bind(query).execute(&self.pool).await.map_err(Error::store(op))?;
+                let done = bind(query).execute(&self.pool).await.map_err(Error::ledger(op))?;
                 sql::fenced(done.rows_affected(), lease)
             }
 
@@ -478,12 +478,12 @@ macro_rules! sql_ledger_helpers {
                 );
                 let row = sqlx::query(&sql)
                     .bind(lease.chunk).bind(&self.identity.owner).bind(lease.generation)
-                    .bind(sql::now_ms()).fetch_optional(&mut *tx).await.map_err(Error::store(op))?;
+                    .bind(sql::now_ms()).fetch_optional(&mut *tx).await.map_err(Error::ledger(op))?;
                 let Some(row) = row else { return Err(sql::lease_lost(lease)) };
                 let read = || -> Result<(String, String), sqlx::Error> {
                     Ok((row.try_get("stream")?, row.try_get("timestamp_source")?))
                 };
-                read().map_err(sql::undecodable("chunks", lease.chunk)).map_err(Error::store(op))
+                read().map_err(sql::undecodable("chunks", lease.chunk)).map_err(Error::ledger(op))
             }
 
             /// Records this process as seen at `now` (registering it if new).
@@ -496,7 +496,7 @@ macro_rules! sql_ledger_helpers {
                 )
                 .bind(&me.owner).bind(&me.instance).bind(me.role.as_str()).bind(&me.host)
                 .bind(i64::from(me.pid)).bind(now)
-                .execute(conn).await.map_err(Error::store("register instance"))?;
+                .execute(conn).await.map_err(Error::ledger("register instance"))?;
                 Ok(())
             }
 
@@ -515,9 +515,9 @@ macro_rules! sql_ledger_helpers {
                 if let Some(now) = now {
                     query = query.bind(now);
                 }
-                let rows = query.fetch_all(&self.pool).await.map_err(Error::store(op))?;
+                let rows = query.fetch_all(&self.pool).await.map_err(Error::ledger(op))?;
                 let chunks: Result<Vec<Chunk>, _> = rows.iter().map(sql::chunk_from).collect();
-                chunks.map_err(Error::store(op))
+                chunks.map_err(Error::ledger(op))
             }
 
             /// The stream's lease row, held or not.
@@ -528,8 +528,8 @@ macro_rules! sql_ledger_helpers {
                     "SELECT * FROM stream_leases WHERE stream = $1 AND timestamp_source = $2",
                 )
                 .bind(stream).bind(source.as_str())
-                .fetch_optional(&self.pool).await.map_err(Error::store(op))?;
-                row.as_ref().map(sql::holder_from).transpose().map_err(Error::store(op))
+                .fetch_optional(&self.pool).await.map_err(Error::ledger(op))?;
+                row.as_ref().map(sql::holder_from).transpose().map_err(Error::ledger(op))
             }
 
             /// The chunk's fragments, sorted.
@@ -540,10 +540,10 @@ macro_rules! sql_ledger_helpers {
                     "SELECT fragment_number, start_ms, server_ms, duration_ms, size_bytes
                      FROM chunk_fragments WHERE chunk_id = $1",
                 )
-                .bind(chunk).fetch_all(&mut *conn).await.map_err(Error::store(op))?;
+                .bind(chunk).fetch_all(&mut *conn).await.map_err(Error::ledger(op))?;
                 let fragments: Result<Vec<Fragment>, _> =
                     rows.iter().map(sql::fragment_from).collect();
-                let mut fragments = fragments.map_err(Error::store(op))?;
+                let mut fragments = fragments.map_err(Error::ledger(op))?;
                 fragments.sort_by(Fragment::order);
                 Ok(fragments)
             }
@@ -561,10 +561,10 @@ macro_rules! sql_ledger_helpers {
                              AS BIGINT) AS mkv
                      FROM chunks GROUP BY stream, state ORDER BY stream",
                 )
-                .fetch_all(&self.pool).await.map_err(Error::store(op))?;
+                .fetch_all(&self.pool).await.map_err(Error::ledger(op))?;
                 let mut out: Vec<StreamStatus> = Vec::new();
                 for row in &rows {
-                    let stream: String = row.try_get("stream").map_err(Error::store(op))?;
+                    let stream: String = row.try_get("stream").map_err(Error::ledger(op))?;
                     if out.last().is_none_or(|s| s.stream != stream) {
                         let stream = stream.clone();
                         out.push(StreamStatus { stream, ..StreamStatus::default() });
@@ -589,7 +589,7 @@ macro_rules! sql_ledger_helpers {
                         Ok(())
                     };
                     let named = sql::undecodable("chunks of stream", &stream);
-                    count().map_err(named).map_err(Error::store(op))?;
+                    count().map_err(named).map_err(Error::ledger(op))?;
                 }
                 Ok(out)
             }
@@ -600,14 +600,14 @@ macro_rules! sql_ledger_helpers {
                     "SELECT MIN(start_ms) FROM chunks WHERE stream = $1
                        AND state NOT IN ('done', 'expired')",
                 )
-                .bind(&s.stream).fetch_one(&self.pool).await.map_err(Error::store(op))?;
+                .bind(&s.stream).fetch_one(&self.pool).await.map_err(Error::ledger(op))?;
                 let progress = sqlx::query(
                     "SELECT * FROM stream_progress WHERE stream = $1
                      ORDER BY last_run_ms DESC NULLS LAST LIMIT 1",
                 )
-                .bind(&s.stream).fetch_optional(&self.pool).await.map_err(Error::store(op))?;
+                .bind(&s.stream).fetch_optional(&self.pool).await.map_err(Error::ledger(op))?;
                 if let Some(row) = progress {
-                    let p = sql::progress_from(&row, &s.stream).map_err(Error::store(op))?;
+                    let p = sql::progress_from(&row, &s.stream).map_err(Error::ledger(op))?;
                     (s.retention_ms, s.next_run_ms) = (p.retention_ms, p.next_run_ms);
                     (s.last_run_ms, s.last_run_error) = (p.last_run_ms, p.last_run_error);
                 }
@@ -616,16 +616,16 @@ macro_rules! sql_ledger_helpers {
                      FROM chunks WHERE stream = $1 AND state IN ('failed', 'expired')
                      ORDER BY updated_ms DESC LIMIT 20",
                 )
-                .bind(&s.stream).fetch_all(&self.pool).await.map_err(Error::store(op))?;
+                .bind(&s.stream).fetch_all(&self.pool).await.map_err(Error::ledger(op))?;
                 let failures = failed.iter().map(sql::failure_from).collect::<Result<_, _>>();
-                s.failures = failures.map_err(Error::store(op))?;
+                s.failures = failures.map_err(Error::ledger(op))?;
                 s.last_error = s.failures.first().map(|f| f.reason.clone());
                 let by: Vec<(String, i64)> = sqlx::query_as(
                     "SELECT archived_by, COUNT(*) AS n FROM chunks
                      WHERE stream = $1 AND state = 'done' AND archived_by IS NOT NULL
                      GROUP BY archived_by",
                 )
-                .bind(&s.stream).fetch_all(&self.pool).await.map_err(Error::store(op))?;
+                .bind(&s.stream).fetch_all(&self.pool).await.map_err(Error::ledger(op))?;
                 for (owner, n) in by {
                     let instance = Identity::instance_of(&owner).to_string();
                     *s.archived_by_instance.entry(instance).or_default() += n as u64;
@@ -635,9 +635,9 @@ macro_rules! sql_ledger_helpers {
                      WHERE stream = $1 AND state IN ('fetching', 'uploading') AND owner IS NOT NULL
                      ORDER BY start_ms LIMIT 50",
                 )
-                .bind(&s.stream).fetch_all(&self.pool).await.map_err(Error::store(op))?;
+                .bind(&s.stream).fetch_all(&self.pool).await.map_err(Error::ledger(op))?;
                 let held = held.iter().map(sql::held_chunk_from).collect::<Result<_, _>>();
-                s.in_flight_chunks = held.map_err(Error::store(op))?;
+                s.in_flight_chunks = held.map_err(Error::ledger(op))?;
                 Ok(())
             }
         }
@@ -658,16 +658,16 @@ macro_rules! sql_ledger_methods {
             async fn register(&self, now: EpochMs, lease_ms: i64) -> Result<Registration> {
                 let op = "register instance";
                 let me = &self.identity;
-                let mut conn = self.pool.acquire().await.map_err(Error::store(op))?;
+                let mut conn = self.pool.acquire().await.map_err(Error::ledger(op))?;
                 if me.role == Role::Daemon {
                     let rows = sqlx::query(
                         "SELECT * FROM instances WHERE instance = $1 AND role = 'daemon'
                            AND owner <> $2 AND last_seen_ms >= $3 ORDER BY last_seen_ms DESC",
                     )
                     .bind(&me.instance).bind(&me.owner).bind(now - lease_ms)
-                    .fetch_all(&mut *conn).await.map_err(Error::store(op))?;
+                    .fetch_all(&mut *conn).await.map_err(Error::ledger(op))?;
                     for row in &rows {
-                        let other = sql::instance_from(row).map_err(Error::store(op))?;
+                        let other = sql::instance_from(row).map_err(Error::ledger(op))?;
                         if !This::owner_is_gone(&other.owner, &me.host) {
                             return Ok(Registration::InstanceInUse(other));
                         }
@@ -675,7 +675,7 @@ macro_rules! sql_ledger_methods {
                 }
                 sqlx::query("DELETE FROM instances WHERE last_seen_ms < $1")
                     .bind(now - sql::INSTANCE_HISTORY_MS)
-                    .execute(&mut *conn).await.map_err(Error::store(op))?;
+                    .execute(&mut *conn).await.map_err(Error::ledger(op))?;
                 self.upsert_instance(now, &mut conn).await?;
                 Ok(Registration::Registered)
             }
@@ -683,11 +683,11 @@ macro_rules! sql_ledger_methods {
             async fn heartbeat(&self, now: EpochMs, lease_ms: i64, active: &[i64]) -> Result<()> {
                 let op = "heartbeat";
                 let owner = &self.identity.owner;
-                let mut tx = self.pool.begin().await.map_err(Error::store(op))?;
+                let mut tx = self.pool.begin().await.map_err(Error::ledger(op))?;
                 self.upsert_instance(now, &mut tx).await?;
                 sqlx::query("UPDATE stream_leases SET lease_until_ms = $2 WHERE owner = $1")
                     .bind(owner).bind(now + lease_ms)
-                    .execute(&mut *tx).await.map_err(Error::store(op))?;
+                    .execute(&mut *tx).await.map_err(Error::ledger(op))?;
                 let sql = format!(
                     "UPDATE chunks SET lease_until_ms = {greatest}(COALESCE(lease_until_ms, 0), $2)
                      WHERE owner = $1 AND state IN ('fetching', 'uploading') AND {active}",
@@ -695,8 +695,8 @@ macro_rules! sql_ledger_methods {
                     active = This::id_in("$3"),
                 );
                 sqlx::query(&sql).bind(owner).bind(now + lease_ms).bind(This::ids(active))
-                    .execute(&mut *tx).await.map_err(Error::store(op))?;
-                tx.commit().await.map_err(Error::store(op))
+                    .execute(&mut *tx).await.map_err(Error::ledger(op))?;
+                tx.commit().await.map_err(Error::ledger(op))
             }
 
             async fn unregister(&self) -> Result<()> {
@@ -706,18 +706,18 @@ macro_rules! sql_ledger_methods {
                     "UPDATE stream_leases SET owner = NULL, instance = NULL, role = NULL,
                          lease_until_ms = NULL WHERE owner = $1",
                 )
-                .bind(owner).execute(&self.pool).await.map_err(Error::store(op))?;
+                .bind(owner).execute(&self.pool).await.map_err(Error::ledger(op))?;
                 sqlx::query("DELETE FROM instances WHERE owner = $1")
-                    .bind(owner).execute(&self.pool).await.map_err(Error::store(op))?;
+                    .bind(owner).execute(&self.pool).await.map_err(Error::ledger(op))?;
                 Ok(())
             }
 
             async fn instances(&self) -> Result<Vec<InstanceView>> {
                 let op = "list instances";
                 let rows = sqlx::query("SELECT * FROM instances ORDER BY last_seen_ms DESC, owner")
-                    .fetch_all(&self.pool).await.map_err(Error::store(op))?;
+                    .fetch_all(&self.pool).await.map_err(Error::ledger(op))?;
                 let instances = rows.iter().map(sql::instance_from).collect::<Result<_, _>>();
-                instances.map_err(Error::store(op))
+                instances.map_err(Error::ledger(op))
             }
 
             async fn acquire_stream(
@@ -749,7 +749,7 @@ macro_rules! sql_ledger_methods {
                 )
                 .bind(stream).bind(source.as_str()).bind(&me.owner).bind(&me.instance)
                 .bind(me.role.as_str()).bind(now).bind(now + lease_ms).bind(gone)
-                .fetch_optional(&self.pool).await.map_err(Error::store(op))?;
+                .fetch_optional(&self.pool).await.map_err(Error::ledger(op))?;
                 if acquired.is_some() {
                     return Ok(StreamClaim::Acquired);
                 }
@@ -766,7 +766,7 @@ macro_rules! sql_ledger_methods {
                      WHERE stream = $1 AND timestamp_source = $2 AND owner = $3",
                 )
                 .bind(stream).bind(source.as_str()).bind(&self.identity.owner)
-                .execute(&self.pool).await.map_err(Error::store("release stream"))?;
+                .execute(&self.pool).await.map_err(Error::ledger("release stream"))?;
                 Ok(())
             }
 
@@ -776,9 +776,9 @@ macro_rules! sql_ledger_methods {
                     "SELECT * FROM stream_leases WHERE owner IS NOT NULL AND lease_until_ms >= $1
                      ORDER BY stream, timestamp_source",
                 )
-                .bind(now).fetch_all(&self.pool).await.map_err(Error::store(op))?;
+                .bind(now).fetch_all(&self.pool).await.map_err(Error::ledger(op))?;
                 let holders = rows.iter().map(sql::holder_from).collect::<Result<_, _>>();
-                holders.map_err(Error::store(op))
+                holders.map_err(Error::ledger(op))
             }
 
             async fn claim_next(
@@ -789,9 +789,9 @@ macro_rules! sql_ledger_methods {
                 let row = sqlx::query(&sql::claim_next_sql::<This>())
                     .bind(&self.identity.owner).bind(now + lease_ms).bind(now).bind(stream)
                     .bind(source.as_str()).bind(from).bind(to).bind(This::ids(skip))
-                    .fetch_optional(&self.pool).await.map_err(Error::store(op))?;
+                    .fetch_optional(&self.pool).await.map_err(Error::ledger(op))?;
                 let Some(row) = row else { return Ok(None) };
-                let chunk = sql::chunk_from(&row).map_err(Error::store(op))?;
+                let chunk = sql::chunk_from(&row).map_err(Error::ledger(op))?;
                 let lease = Lease { chunk: chunk.id, generation: chunk.generation };
                 Ok(Some((chunk, lease)))
             }
@@ -817,10 +817,10 @@ macro_rules! sql_ledger_methods {
                 let op = "read holdings";
                 let numbers: Vec<String> = sqlx::query_scalar(sql::HELD_FRAGMENTS_SQL)
                     .bind(stream).bind(source.as_str()).bind(from).bind(to)
-                    .fetch_all(&self.pool).await.map_err(Error::store(op))?;
+                    .fetch_all(&self.pool).await.map_err(Error::ledger(op))?;
                 let rows = sqlx::query(&sql::clip_ranges_sql::<This>())
                     .bind(stream).bind(source.as_str()).bind(from).bind(to)
-                    .fetch_all(&self.pool).await.map_err(Error::store(op))?;
+                    .fetch_all(&self.pool).await.map_err(Error::ledger(op))?;
                 let held = numbers.into_iter().collect();
                 let mut holdings = Holdings { held, ..Holdings::default() };
                 for row in &rows {
@@ -830,7 +830,7 @@ macro_rules! sql_ledger_methods {
                         Ok((range, known, row.named("state", ChunkState::parse)?))
                     };
                     let named = sql::undecodable("clip chunk of stream", stream);
-                    let read = read().map_err(named).map_err(Error::store(op));
+                    let read = read().map_err(named).map_err(Error::ledger(op));
                     let ((start, end), known, state) = read?;
                     if known {
                         // An expired range is fetched no more: what is listed inside it now
@@ -847,7 +847,7 @@ macro_rules! sql_ledger_methods {
 
             async fn fragments_of(&self, chunk: i64) -> Result<Vec<Fragment>> {
                 let op = "read fragments";
-                let mut conn = self.pool.acquire().await.map_err(Error::store(op))?;
+                let mut conn = self.pool.acquire().await.map_err(Error::ledger(op))?;
                 This::fragments_in(&mut conn, op, chunk).await
             }
 
@@ -872,7 +872,7 @@ macro_rules! sql_ledger_methods {
                 );
                 let rows = sqlx::query(&sql)
                     .bind(stream).bind(source.as_str()).bind(from).bind(to)
-                    .fetch_all(&self.pool).await.map_err(Error::store(op))?;
+                    .fetch_all(&self.pool).await.map_err(Error::ledger(op))?;
                 let mut summary = RangeSummary::default();
                 for row in &rows {
                     let read = || -> Result<_, sqlx::Error> {
@@ -880,7 +880,7 @@ macro_rules! sql_ledger_methods {
                         Ok((state, row.unsigned("n")? as usize, row.unsigned("bytes")?))
                     };
                     let named = sql::undecodable("chunks of stream", stream);
-                    let (state, n, bytes) = read().map_err(named).map_err(Error::store(op))?;
+                    let (state, n, bytes) = read().map_err(named).map_err(Error::ledger(op))?;
                     summary.chunks += n;
                     match state {
                         ChunkState::Done => (summary.done, summary.archived_bytes) = (n, bytes),
@@ -910,7 +910,7 @@ macro_rules! sql_ledger_methods {
                      RETURNING generation",
                 )
                 .bind(&self.identity.owner).bind(now + lease_ms).bind(now).bind(id)
-                .fetch_optional(&self.pool).await.map_err(Error::store("claim chunk"))?;
+                .fetch_optional(&self.pool).await.map_err(Error::ledger("claim chunk"))?;
                 Ok(generation.map(|generation| Lease { chunk: id, generation }))
             }
 
@@ -921,7 +921,7 @@ macro_rules! sql_ledger_methods {
                      ORDER BY start_ms, id"
                 );
                 let rows = sqlx::query(&sql)
-                    .fetch_all(&self.pool).await.map_err(Error::store(op))?;
+                    .fetch_all(&self.pool).await.map_err(Error::ledger(op))?;
                 let in_flight = rows.iter().map(sql::chunk_from).collect::<Result<Vec<_>, _>>();
                 let me = &self.identity;
                 let dead = |c: &Chunk| {
@@ -932,7 +932,7 @@ macro_rules! sql_ledger_methods {
                         None => true,
                     }
                 };
-                Ok(in_flight.map_err(Error::store(op))?.into_iter().filter(dead).collect())
+                Ok(in_flight.map_err(Error::ledger(op))?.into_iter().filter(dead).collect())
             }
 
             async fn take_over(
@@ -949,7 +949,7 @@ macro_rules! sql_ledger_methods {
                 .bind(chunk.generation)
                 // A holder that renewed since it was seen as dead keeps its chunk.
                 .bind(chunk.lease_until_ms)
-                .fetch_optional(&self.pool).await.map_err(Error::store("take over chunk"))?;
+                .fetch_optional(&self.pool).await.map_err(Error::ledger("take over chunk"))?;
                 Ok(generation.map(|generation| Lease { chunk: chunk.id, generation }))
             }
 
@@ -971,11 +971,11 @@ macro_rules! sql_ledger_methods {
                 &self, lease: &Lease, fragments: &[Fragment],
             ) -> Result<Vec<Fragment>> {
                 let op = "attach fragments";
-                let mut tx = self.pool.begin().await.map_err(Error::store(op))?;
+                let mut tx = self.pool.begin().await.map_err(Error::ledger(op))?;
                 let (stream, source) = self.hold_in(&mut tx, op, lease).await?;
                 let at = (stream.as_str(), source.as_str());
                 let added = This::insert_fragments(&mut tx, at, lease.chunk, fragments, true)
-                    .await.map_err(Error::store(op))?;
+                    .await.map_err(Error::ledger(op))?;
                 let held = This::fragments_in(&mut tx, op, lease.chunk).await?;
                 if added > 0 {
                     let plan = ChunkPlan::of(ChunkKind::Clip, held.clone());
@@ -988,9 +988,9 @@ macro_rules! sql_ledger_methods {
                     .bind(i64::from(plan.fragment_count)).bind(plan.bytes as i64)
                     .bind(plan.duration_ms as i64).bind(&plan.first_fragment)
                     .bind(&plan.last_fragment).bind(lease.chunk)
-                    .execute(&mut *tx).await.map_err(Error::store(op))?;
+                    .execute(&mut *tx).await.map_err(Error::ledger(op))?;
                 }
-                tx.commit().await.map_err(Error::store(op))?;
+                tx.commit().await.map_err(Error::ledger(op))?;
                 Ok(held)
             }
 
@@ -1029,26 +1029,26 @@ macro_rules! sql_ledger_methods {
                 expired: Option<(&ChunkPlan, &str)>,
             ) -> Result<()> {
                 let op = "split chunk";
-                let mut tx = self.pool.begin().await.map_err(Error::store(op))?;
+                let mut tx = self.pool.begin().await.map_err(Error::ledger(op))?;
                 let (stream, source) = self.hold_in(&mut tx, op, lease).await?;
                 sqlx::query("DELETE FROM chunks WHERE id = $1")
-                    .bind(lease.chunk).execute(&mut *tx).await.map_err(Error::store(op))?;
+                    .bind(lease.chunk).execute(&mut *tx).await.map_err(Error::ledger(op))?;
                 let parts = parts.iter().map(|(plan, key)| (plan, key.as_str(), None));
                 let records = expired.map(|(plan, reason)| (plan, "", Some(reason))).into_iter();
                 for (plan, key, reason) in records.chain(parts) {
                     let at = (stream.as_str(), source.as_str());
                     let inserted = This::insert_chunk(&mut tx, at, plan, key, reason).await;
-                    if inserted.map_err(Error::store(op))?.is_none() {
+                    if inserted.map_err(Error::ledger(op))?.is_none() {
                         // All or nothing: a record overlapping another chunk would lose or
                         // double media. The chunk stays as it was, held under this lease.
-                        tx.rollback().await.map_err(Error::store(op))?;
-                        return Err(Error::Usage(format!(
+                        tx.rollback().await.map_err(Error::ledger(op))?;
+                        return Err(Error::LedgerInvariant(format!(
                             "ledger split chunk {}: a part overlaps another chunk; left as it was",
                             lease.chunk
                         )));
                     }
                 }
-                tx.commit().await.map_err(Error::store(op))
+                tx.commit().await.map_err(Error::ledger(op))
             }
 
             async fn convert(&self, lease: &Lease, kind: ChunkKind, key: &str) -> Result<()> {
@@ -1068,7 +1068,7 @@ macro_rules! sql_ledger_methods {
                 );
                 let done = sqlx::query(&sql)
                     .bind(stream).bind(source.as_str()).bind(from).bind(to).bind(sql::now_ms())
-                    .execute(&self.pool).await.map_err(Error::store("requeue failed chunks"))?;
+                    .execute(&self.pool).await.map_err(Error::ledger("requeue failed chunks"))?;
                 Ok(done.rows_affected())
             }
 
@@ -1079,7 +1079,7 @@ macro_rules! sql_ledger_methods {
                      WHERE id = $1 AND state IN ('done', 'failed')",
                 )
                 .bind(id).bind(sql::now_ms())
-                .execute(&self.pool).await.map_err(Error::store("requeue chunk"))?;
+                .execute(&self.pool).await.map_err(Error::ledger("requeue chunk"))?;
                 Ok(done.rows_affected() == 1)
             }
 
@@ -1088,7 +1088,7 @@ macro_rules! sql_ledger_methods {
                     "SELECT upload_id FROM chunks WHERE state IN ('fetching', 'uploading')
                        AND upload_id IS NOT NULL",
                 )
-                .fetch_all(&self.pool).await.map_err(Error::store("list live uploads"))
+                .fetch_all(&self.pool).await.map_err(Error::ledger("list live uploads"))
             }
 
             async fn done_in(
@@ -1102,14 +1102,14 @@ macro_rules! sql_ledger_methods {
                 let sql = "SELECT object_key FROM chunks WHERE stream = $1 AND object_key <> ''";
                 sqlx::query_scalar(sql)
                     .bind(stream)
-                    .fetch_all(&self.pool).await.map_err(Error::store("list object keys"))
+                    .fetch_all(&self.pool).await.map_err(Error::ledger("list object keys"))
             }
 
             async fn chunk(&self, id: i64) -> Result<Option<Chunk>> {
                 let op = "read chunk";
                 let row = sqlx::query(&format!("SELECT {CHUNK_COLUMNS} FROM chunks WHERE id = $1"))
-                    .bind(id).fetch_optional(&self.pool).await.map_err(Error::store(op))?;
-                row.as_ref().map(sql::chunk_from).transpose().map_err(Error::store(op))
+                    .bind(id).fetch_optional(&self.pool).await.map_err(Error::ledger(op))?;
+                row.as_ref().map(sql::chunk_from).transpose().map_err(Error::ledger(op))
             }
 
             async fn status(&self) -> Result<Vec<StreamStatus>> {
@@ -1131,21 +1131,21 @@ macro_rules! sql_ledger_methods {
                        AND state NOT IN ('done', 'expired')",
                 )
                 .bind(stream).bind(source.as_str())
-                .fetch_one(&self.pool).await.map_err(Error::store("oldest unarchived"))
+                .fetch_one(&self.pool).await.map_err(Error::ledger("oldest unarchived"))
             }
 
             async fn archived_through(&self, stream: &str) -> Result<Option<EpochMs>> {
                 let sql = "SELECT MAX(end_ms) FROM chunks WHERE stream = $1 AND state = 'done'";
                 sqlx::query_scalar(sql)
                     .bind(stream)
-                    .fetch_one(&self.pool).await.map_err(Error::store("archived through"))
+                    .fetch_one(&self.pool).await.map_err(Error::ledger("archived through"))
             }
 
             async fn counts(&self, stream: &str) -> Result<Vec<(String, i64)>> {
                 let sql = "SELECT state, COUNT(*) AS n FROM chunks WHERE stream = $1
                     GROUP BY state";
                 sqlx::query_as(sql)
-                    .bind(stream).fetch_all(&self.pool).await.map_err(Error::store("count chunks"))
+                    .bind(stream).fetch_all(&self.pool).await.map_err(Error::ledger("count chunks"))
             }
 
             async fn progress(&self, stream: &str, source: TimestampSource)
@@ -1155,9 +1155,9 @@ macro_rules! sql_ledger_methods {
                     "SELECT * FROM stream_progress WHERE stream = $1 AND timestamp_source = $2",
                 )
                 .bind(stream).bind(source.as_str())
-                .fetch_optional(&self.pool).await.map_err(Error::store(op))?;
+                .fetch_optional(&self.pool).await.map_err(Error::ledger(op))?;
                 let progress = row.as_ref().map(|r| sql::progress_from(r, stream)).transpose();
-                Ok(progress.map_err(Error::store(op))?.unwrap_or_default())
+                Ok(progress.map_err(Error::ledger(op))?.unwrap_or_default())
             }
 
             async fn update_progress(
@@ -1183,7 +1183,7 @@ macro_rules! sql_ledger_methods {
                     .bind(stream).bind(source.as_str()).bind(update.planned_through_ms)
                     .bind(update.retention_ms).bind(update.next_run_ms).bind(update.last_run_ms)
                     .bind(&update.last_run_error)
-                    .execute(&self.pool).await.map_err(Error::store("update progress"))?;
+                    .execute(&self.pool).await.map_err(Error::ledger("update progress"))?;
                 Ok(())
             }
 

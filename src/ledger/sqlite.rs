@@ -73,13 +73,13 @@ impl SqliteLedger {
     /// Opens (creating if missing, owner-only) the database and applies the migrations.
     pub async fn open(database_url: &str, identity: Identity) -> Result<SqliteLedger> {
         let options = SqliteConnectOptions::from_str(database_url)
-            .map_err(Error::store("open"))?
+            .map_err(Error::ledger("open"))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
-        let io = |op: &'static str| move |e: std::io::Error| Error::store(op)(sqlx::Error::Io(e));
+        let io = |op: &'static str| move |e: std::io::Error| Error::ledger(op)(sqlx::Error::Io(e));
         let path = options.get_filename().to_path_buf();
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() && !dir.exists() {
@@ -103,7 +103,7 @@ impl SqliteLedger {
             .max_connections(4)
             .connect_with(options)
             .await
-            .map_err(Error::store("open"))?;
+            .map_err(Error::ledger("open"))?;
         let migrated = match super::migrations::sqlite().await {
             Ok(migrator) => migrator.run(&pool).await,
             Err(e) => Err(e),

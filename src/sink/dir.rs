@@ -68,7 +68,7 @@ fn io_error(op: &'static str, path: &Path, e: std::io::Error) -> Error {
     } else {
         retry
     };
-    Error::Sink {
+    Error::Destination {
         op,
         target: path.display().to_string(),
         message: format!("{e}{hint}"),
@@ -77,7 +77,7 @@ fn io_error(op: &'static str, path: &Path, e: std::io::Error) -> Error {
 }
 
 fn refused(key: &str, why: &str) -> Error {
-    Error::Sink {
+    Error::Destination {
         op: "resolve",
         target: format!("{:?}", key.chars().take(160).collect::<String>()),
         message: why.to_string(),
@@ -239,7 +239,7 @@ impl DirSink {
             at.push(part);
             match std::fs::symlink_metadata(&at) {
                 Ok(meta) if meta.file_type().is_symlink() => {
-                    return Err(Error::Sink {
+                    return Err(Error::Destination {
                         op: "resolve",
                         target: at.display().to_string(),
                         message: "is a symbolic link: the directory destination never follows links below destination.directory and destination.prefix (anyone who can write there could point one anywhere); replace it with a directory, or a bind mount for another disk".into(),
@@ -433,7 +433,7 @@ impl DirSink {
                 })
                 .collect()
         });
-        walk.await.map_err(|e| Error::Sink {
+        walk.await.map_err(|e| Error::Destination {
             op: "list",
             target: self.root.display().to_string(),
             message: format!("the walk stopped: {e}"),

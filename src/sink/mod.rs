@@ -200,7 +200,7 @@ impl RangeBody {
             RangeBody::S3 { body, target } => {
                 body.try_next()
                     .await
-                    .map_err(|e| crate::error::Error::Sink {
+                    .map_err(|e| crate::error::Error::Destination {
                         op: "GetObject",
                         target: target.clone(),
                         message: format!("body broke off: {e}"),
@@ -210,15 +210,15 @@ impl RangeBody {
             RangeBody::Dir { file, path } => {
                 use tokio::io::AsyncReadExt;
                 let mut buffer = vec![0u8; 1 << 20];
-                let n = file
-                    .read(&mut buffer)
-                    .await
-                    .map_err(|e| crate::error::Error::Sink {
-                        op: "read",
-                        target: path.display().to_string(),
-                        message: e.to_string(),
-                        retry: crate::error::Retryability::Transient,
-                    })?;
+                let n =
+                    file.read(&mut buffer)
+                        .await
+                        .map_err(|e| crate::error::Error::Destination {
+                            op: "read",
+                            target: path.display().to_string(),
+                            message: e.to_string(),
+                            retry: crate::error::Retryability::Transient,
+                        })?;
                 buffer.truncate(n);
                 Ok((n > 0).then(|| Bytes::from(buffer)))
             }

@@ -160,7 +160,7 @@ where
             },
         ),
     };
-    Error::Sink {
+    Error::Destination {
         op,
         target: target.to_string(),
         message,
@@ -375,7 +375,7 @@ impl S3Sink {
             .unwrap_or_default();
         let mut crc = Crc32c::default();
         let mut size = 0u64;
-        while let Some(bytes) = out.body.try_next().await.map_err(|e| Error::Sink {
+        while let Some(bytes) = out.body.try_next().await.map_err(|e| Error::Destination {
             op: "GetObject",
             target: target.clone(),
             message: format!("body broke off: {e}"),
@@ -487,7 +487,7 @@ async fn abort(inner: &Inner, key: &str, upload_id: &str) -> Result<()> {
     match result {
         // Already completed or aborted: nothing is left behind either way.
         Err(Error::UploadLost { .. })
-        | Err(Error::Sink {
+        | Err(Error::Destination {
             retry: Retryability::Permanent,
             ..
         }) => Ok(()),
@@ -565,7 +565,7 @@ impl S3Upload {
 
     async fn wait_in_flight(&mut self) -> Result<()> {
         if let Some(task) = self.in_flight.take() {
-            let (part, body) = task.await.map_err(|e| Error::Sink {
+            let (part, body) = task.await.map_err(|e| Error::Destination {
                 op: "UploadPart",
                 target: self.target(),
                 message: format!("upload task failed: {e}"),

@@ -36,9 +36,6 @@ const PASS_RETRY_MAX: Duration = Duration::from_secs(3600);
 /// A store that forgets an upload (NoSuchUpload) gets this many fresh starts per claim.
 const UPLOAD_RESTARTS: u32 = 3;
 
-/// The outcome of a range.
-pub type RunSummary = RangeSummary;
-
 impl RangeSummary {
     /// Every chunk of the range is archived.
     pub fn complete(&self) -> bool {
@@ -311,7 +308,7 @@ impl Archiver {
         loop {
             match write().await {
                 Err(error)
-                    if matches!(error, Error::Store { .. })
+                    if matches!(error, Error::Ledger { .. })
                         && error.retryability() != crate::error::Retryability::Permanent
                         && std::time::Instant::now() < deadline =>
                 {
@@ -406,7 +403,7 @@ impl Archiver {
         end: EpochMs,
         progress: &Progress,
         shutdown: &Shutdown,
-    ) -> Result<RunSummary> {
+    ) -> Result<RangeSummary> {
         self.recover().await?;
         let requeued = self
             .ledger
@@ -440,7 +437,7 @@ impl Archiver {
         progress: &Progress,
         shutdown: &Shutdown,
         wait_for_others: bool,
-    ) -> Result<RunSummary> {
+    ) -> Result<RangeSummary> {
         let label = stream.label();
         let source = stream.timestamp_source;
         // Chunks a dead or stalled claim left in flight (another process's, or a worker of
@@ -565,7 +562,7 @@ impl Archiver {
                     tracing::debug!(id, "chunk taken over by another process");
                     false
                 }
-                Err(e @ (Error::Interrupted | Error::Store { .. })) => return Err(e),
+                Err(e @ (Error::Interrupted | Error::Ledger { .. })) => return Err(e),
                 // Recorded on the chunk; the summary reports it.
                 Err(_) => true,
             };
@@ -589,7 +586,7 @@ impl Archiver {
         progress: &Progress,
         shutdown: &Shutdown,
     ) -> Result<ChunkOutcome> {
-        // An upload an earlier claim of this chunk recorded and could not abort (the store
+        // An upload an earlier claim of this chunk recorded and could not abort (the destination
         // was down, the process stopped) is dead now: abort it before starting anew.
         if let Some(upload_id) = &chunk.upload_id {
             self.sink
@@ -643,7 +640,7 @@ impl Archiver {
                 Ok(Transferred::Archived(archived)) => {
                     self.ledger_write("mark done", || self.ledger.mark_done(lease, &archived))
                         .await?;
-                    crate::metrics::clip_archived(
+                    crate::metrics::chunk_archived(
                         &current.stream,
                         current.plan.kind,
                         archived.bytes,
@@ -659,14 +656,14 @@ impl Archiver {
                     attempt -= 1;
                     // Someone aborted the upload: make sure it was not our lease's successor.
                     self.renew(lease).await?;
-                    tracing::warn!(key = %current.object_key, restarts, "the store forgot the upload; starting it again");
+                    tracing::warn!(key = %current.object_key, restarts, "the destination forgot the upload; starting it again");
                     continue;
                 }
                 Err(e @ (Error::LeaseLost { .. } | Error::Interrupted)) => return Err(e),
                 Err(error) => error,
             };
             let retry = error.retryability();
-            crate::metrics::clip_failed(&current.stream, &error);
+            crate::metrics::chunk_failed(&current.stream, &error);
             if self.policy.allows(attempt, retry) && !shutdown.soft.is_cancelled() {
                 let delay = self.policy.delay(attempt, retry);
                 tracing::warn!(key = %current.object_key, attempt, ?retry, delay_ms = delay.as_millis() as u64, %error, "chunk failed; retrying");

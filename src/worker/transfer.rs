@@ -89,7 +89,7 @@ impl Archiver {
             }
             Err(e) => return Err(e),
         };
-        self.store_clip(stream, chunk, lease, body, expected, hard)
+        self.upload_clip(stream, chunk, lease, body, expected, hard)
             .await
     }
 
@@ -310,7 +310,7 @@ impl Archiver {
     }
 
     /// GetClip's body: header check, then the upload.
-    async fn store_clip(
+    async fn upload_clip(
         &self,
         stream: &StreamConfig,
         chunk: &Chunk,
@@ -441,7 +441,7 @@ impl Archiver {
                         Ok(()) => renewed = std::time::Instant::now(),
                         // The ledger is away for a moment: keep streaming; the check
                         // before the object becomes visible decides.
-                        Err(e @ Error::Store { .. }) => {
+                        Err(e @ Error::Ledger { .. }) => {
                             renewed = std::time::Instant::now();
                             tracing::warn!(error = %e, "lease not renewed: the ledger does not answer");
                         }

@@ -191,7 +191,7 @@ async fn daemon_keeps_twenty_live_streams_archived_exactly_once() {
         metric(&metrics, "kvs_archiver_fragments_expired_total", SHORT).unwrap_or(0.0) > 0.0,
         "{metrics}"
     );
-    assert!(metric(&metrics, "kvs_archiver_clips_archived_total", "cam-00").unwrap_or(0.0) > 0.0);
+    assert!(metric(&metrics, "kvs_archiver_chunks_archived_total", "cam-00").unwrap_or(0.0) > 0.0);
     assert_real_histograms(&metrics);
 
     let objects = world.objects().await;
@@ -435,8 +435,8 @@ fn assert_real_histograms(text: &str) {
     for name in [
         "kvs_archiver_getclip_first_byte_seconds",
         "kvs_archiver_upload_finish_seconds",
-        "kvs_archiver_clip_seconds",
-        "kvs_archiver_clip_bytes",
+        "kvs_archiver_chunk_seconds",
+        "kvs_archiver_chunk_bytes",
     ] {
         let sample = scrape
             .samples
