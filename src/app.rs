@@ -2,12 +2,12 @@
 //! configuration, and runs each command. The only module that knows every concrete type.
 
 use crate::config::{AwsConfig, Config, StreamConfig};
+use crate::destination::{dir::DirDestination, s3::S3Destination, Destination};
 use crate::domain::{rfc3339, EpochMs};
 use crate::error::{Error, Result};
 use crate::ledger::{Identity, RangeSummary, Role};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
-use crate::sink::{dir::DirSink, s3::S3Sink, Sink};
 use crate::source::kvs::{KvsSource, Pacing};
 use crate::telemetry::Progress;
 use crate::worker::{Archiver, PlanSummary};
@@ -230,7 +230,7 @@ async fn build_with(
         pacing,
         policy,
     );
-    let sink = match (&config.destination.bucket, &config.destination.directory) {
+    let destination = match (&config.destination.bucket, &config.destination.directory) {
         (Some(bucket), _) => {
             let mut s3 = aws_sdk_s3::config::Builder::from(sdk)
                 .force_path_style(config.aws.s3_force_path_style)
@@ -245,7 +245,7 @@ async fn build_with(
             if let Some(url) = &config.aws.s3_endpoint_url {
                 s3 = s3.endpoint_url(url);
             }
-            Sink::S3(S3Sink::new(
+            Destination::S3(S3Destination::new(
                 aws_sdk_s3::Client::from_conf(s3.build()),
                 bucket.clone(),
                 config.aws.s3_endpoint_url.as_deref(),
@@ -260,7 +260,9 @@ async fn build_with(
                 clips_in_flight.div_ceil(4),
             ))
         }
-        (None, Some(dir)) => Sink::Dir(DirSink::new(dir.clone(), &config.destination.prefix)),
+        (None, Some(dir)) => {
+            Destination::Dir(DirDestination::new(dir.clone(), &config.destination.prefix))
+        }
         (None, None) => {
             return Err(Error::Usage(
                 "destination: set bucket (S3) or directory (local files)".into(),
@@ -269,7 +271,7 @@ async fn build_with(
     };
     let archiver = Archiver::new(
         Arc::new(source),
-        Arc::new(sink),
+        Arc::new(destination),
         ledger,
         Arc::new(config),
         policy,
@@ -455,7 +457,7 @@ pub async fn backfill_with(
         )));
     }
     archiver
-        .sink
+        .destination
         .check(&archiver.config.destination.prefix, true)
         .await?;
     // SERVER_TIMESTAMP ranges may not end in the future.
@@ -551,7 +553,7 @@ async fn verify_with(
     .min(now - 1);
     check_range(start, end)?;
     archiver
-        .sink
+        .destination
         .check(&archiver.config.destination.prefix, true)
         .await?;
     let view = archiver.view();

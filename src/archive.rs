@@ -4,8 +4,8 @@
 //! worker that archives.
 
 use crate::config::Config;
+use crate::destination::Destination;
 use crate::ledger::Ledger;
-use crate::sink::Sink;
 use std::sync::Arc;
 
 /// The ledger, the destination and the configuration, shared with whatever else holds
@@ -15,7 +15,7 @@ pub struct ArchiveView {
     /// What is archived where: chunks, their fragments and states.
     pub ledger: Arc<dyn Ledger>,
     /// The bucket or directory holding the objects.
-    pub destination: Arc<Sink>,
+    pub destination: Arc<Destination>,
     /// The settings: prefix, streams, page and alarm settings.
     pub config: Arc<Config>,
 }

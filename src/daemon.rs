@@ -34,7 +34,7 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<bool> {
     archiver
-        .sink
+        .destination
         .check(&archiver.config.destination.prefix, false)
         .await?;
     archiver.recover().await?;

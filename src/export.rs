@@ -9,6 +9,7 @@
 //! written first, then each run of samples is streamed from the destination into the file.
 
 use crate::archive::ArchiveView;
+use crate::destination::Destination;
 use crate::domain::ChunkKind;
 use crate::domain::{rfc3339, EpochMs, Fragment, TimestampSource};
 use crate::error::{Error, Result};
@@ -17,7 +18,6 @@ use crate::ledger::{ChunkState, Ledger};
 use crate::mp4::track::{moov_extent, video_track, Sample, TrackLimits, VideoTrack};
 use crate::mp4::writer::TrackTable;
 use crate::retry::RetryPolicy;
-use crate::sink::Sink;
 use crate::telemetry::ByteProgress;
 use serde::Serialize;
 use std::path::Path;
@@ -139,7 +139,11 @@ const MOOV_BYTES_PER_SAMPLE: u64 = 64;
 
 /// Reads an object's `moov` (a range read of its first bytes) and its video track, which
 /// may claim no more than `limits` (from the ledger's record of the object).
-async fn read_track(sink: &Sink, key: &str, limits: TrackLimits) -> Result<VideoTrack> {
+async fn read_track(
+    destination: &Destination,
+    key: &str,
+    limits: TrackLimits,
+) -> Result<VideoTrack> {
     let max_moov = (limits.max_samples as u64)
         .saturating_mul(MOOV_BYTES_PER_SAMPLE)
         .saturating_add(HEADER_PROBE)
@@ -149,7 +153,7 @@ async fn read_track(sink: &Sink, key: &str, limits: TrackLimits) -> Result<Video
         message: format!("cannot read its MP4 header: {e}"),
         retry: crate::error::Retryability::Permanent,
     };
-    let mut prefix = sink
+    let mut prefix = destination
         .read_range(key, 0, HEADER_PROBE)
         .await?
         .collect()
@@ -158,7 +162,11 @@ async fn read_track(sink: &Sink, key: &str, limits: TrackLimits) -> Result<Video
         match moov_extent(&prefix).map_err(malformed)? {
             Some((start, end)) if end <= prefix.len() => break (start, end),
             Some((_, end)) if end as u64 <= max_moov => {
-                prefix = sink.read_range(key, 0, end as u64).await?.collect().await?;
+                prefix = destination
+                    .read_range(key, 0, end as u64)
+                    .await?
+                    .collect()
+                    .await?;
                 if prefix.len() < end {
                     return Err(malformed(crate::mp4::Mp4Error::Malformed(
                         "the object ends inside its moov".into(),
@@ -244,7 +252,7 @@ pub async fn export(
     label: &str,
     policy: &RetryPolicy,
 ) -> Result<ExportReport> {
-    let (ledger, sink) = (archive.ledger.as_ref(), archive.destination.as_ref());
+    let (ledger, destination) = (archive.ledger.as_ref(), archive.destination.as_ref());
     let request = Request {
         ledger,
         stream,
@@ -253,7 +261,7 @@ pub async fn export(
         end,
         gap_mode,
     };
-    let (media, left_out) = ArchivedMedia::gather(&request, sink).await?;
+    let (media, left_out) = ArchivedMedia::gather(&request, destination).await?;
     let Some((first_piece, first_sample, first_frame_ms)) =
         media.first_keyframe(start).filter(|f| f.2 < end)
     else {
@@ -286,7 +294,7 @@ pub async fn export(
             held: false,
         });
     }
-    let bytes = write_output(&assembly, &media, sink, output, label, policy).await?;
+    let bytes = write_output(&assembly, &media, destination, output, label, policy).await?;
     let table = &assembly.table;
     Ok(ExportReport {
         output: output.display().to_string(),
@@ -329,7 +337,10 @@ struct ArchivedMedia {
 impl ArchivedMedia {
     /// Reads the sample tables of every archived chunk with a fragment in the range.
     /// Returns them with the objects that hold media of the range but are left out.
-    async fn gather(request: &Request<'_>, sink: &Sink) -> Result<(Self, Vec<LeftOut>)> {
+    async fn gather(
+        request: &Request<'_>,
+        destination: &Destination,
+    ) -> Result<(Self, Vec<LeftOut>)> {
         let (ledger, start, end) = (request.ledger, request.start, request.end);
         let mut media = ArchivedMedia {
             objects: Vec::new(),
@@ -362,7 +373,7 @@ impl ArchivedMedia {
             }
             let object_len = match chunk.archived_bytes {
                 Some(bytes) => bytes,
-                None => sink
+                None => destination
                     .head(&chunk.object_key)
                     .await?
                     .map_or(0, |head| head.size),
@@ -371,7 +382,7 @@ impl ArchivedMedia {
             // metadata alone may record less than its media plays.
             let longest = u64::from(chunk.plan.fragment_count).saturating_mul(20_000);
             let limits = TrackLimits::for_object(object_len, chunk.plan.duration_ms.max(longest));
-            let track = read_track(sink, &chunk.object_key, limits).await?;
+            let track = read_track(destination, &chunk.object_key, limits).await?;
             if !track.other_tracks.is_empty() {
                 left_out.push(LeftOut {
                     object_key: chunk.object_key.clone(),
@@ -636,7 +647,7 @@ async fn note_gap(
 async fn write_output(
     assembly: &Assembly,
     media: &ArchivedMedia,
-    sink: &Sink,
+    destination: &Destination,
     output: &Path,
     label: &str,
     policy: &RetryPolicy,
@@ -656,7 +667,7 @@ async fn write_output(
         &header,
         &assembly.runs,
         &media.objects,
-        sink,
+        destination,
         &progress,
         policy,
     )
@@ -689,7 +700,7 @@ async fn write_file(
     header: &[u8],
     runs: &[(usize, u64, u64)],
     objects: &[Object],
-    sink: &Sink,
+    destination: &Destination,
     progress: &ByteProgress,
     policy: &RetryPolicy,
 ) -> Result<()> {
@@ -713,7 +724,9 @@ async fn write_file(
         // A body that breaks off is read again from where it stopped.
         while copied < len {
             let read = async {
-                let mut body = sink.read_range(key, offset + copied, len - copied).await?;
+                let mut body = destination
+                    .read_range(key, offset + copied, len - copied)
+                    .await?;
                 let mut got = 0u64;
                 while let Some(bytes) = body.next().await? {
                     let take = bytes.len().min((len - copied) as usize);
@@ -876,10 +889,10 @@ mod tests {
             let work = tempfile::tempdir().expect("tempdir");
             std::fs::create_dir_all(work.path().join("kvs/cam")).expect("dirs");
             std::fs::write(work.path().join("kvs/cam/x.mp4"), &bytes).expect("object");
-            let sink = Sink::Dir(crate::sink::dir::DirSink::new(work.path().to_path_buf(), "kvs/"));
+            let destination = Destination::Dir(crate::destination::dir::DirDestination::new(work.path().to_path_buf(), "kvs/"));
             let limits = TrackLimits::for_object(bytes.len() as u64, 3_000);
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            if let Ok(track) = runtime.block_on(read_track(&sink, "kvs/cam/x.mp4", limits)) {
+            if let Ok(track) = runtime.block_on(read_track(&destination, "kvs/cam/x.mp4", limits)) {
                 proptest::prop_assert!(track.samples.len() <= limits.max_samples);
                 for sample in &track.samples {
                     proptest::prop_assert!(sample.offset + u64::from(sample.size) <= bytes.len() as u64);

@@ -10,8 +10,8 @@
 //! - [`source::kvs`]: the KVS adapter (DescribeStream, GetDataEndpoint, ListFragments,
 //!   GetClip, GetMediaForFragmentList), which checks every answer; the only module that
 //!   knows the KVS SDK.
-//! - [`sink`]: the destination, S3 ([`sink::s3`], multipart, checksummed) or a directory
-//!   ([`sink::dir`], which writes only under its root and never through a link).
+//! - [`destination`]: where objects go, S3 ([`destination::s3`], multipart, checksummed)
+//!   or a directory ([`destination::dir`]: only under its root, never through a link).
 //! - [`ledger`]: the record of chunks, their states and fragments behind one trait; its
 //!   SQL is written once in `ledger::sql` for SQLite and PostgreSQL, with a small seam
 //!   per database (`ledger::sqlite`, `ledger::postgres`) and the migrations runner.
@@ -51,6 +51,7 @@ pub mod crashpoint;
 pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod destination;
 pub mod domain;
 pub mod error;
 pub mod export;
@@ -65,7 +66,6 @@ pub mod rebuild;
 pub mod retry;
 pub mod schedule;
 pub mod shutdown;
-pub mod sink;
 pub mod source;
 pub mod status;
 pub mod telemetry;

@@ -288,7 +288,7 @@ async fn described_objects(
         .await?;
     report.objects_listed += keys.len();
     // One HeadObject per object, several at a time.
-    let heads: Vec<(String, Result<Option<crate::sink::ObjectHead>>)> =
+    let heads: Vec<(String, Result<Option<crate::destination::ObjectHead>>)> =
         futures_util::stream::iter(keys)
             .map(|key| async move {
                 let head = archive.destination.head(&key).await;

@@ -104,7 +104,10 @@ impl VerifyReport {
 }
 
 /// Checks one done chunk's object; `None` if it is right.
-fn check_object(chunk: &Chunk, stored: Option<&crate::sink::StoredObject>) -> Option<String> {
+fn check_object(
+    chunk: &Chunk,
+    stored: Option<&crate::destination::StoredObject>,
+) -> Option<String> {
     let Some(stored) = stored else {
         return Some("missing".into());
     };

@@ -8,9 +8,9 @@
 
 use super::{failure, AppState};
 use crate::archive::ArchiveView;
+use crate::destination::Destination;
 use crate::domain::EpochMs;
 use crate::error::Result;
-use crate::sink::Sink;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -32,11 +32,11 @@ pub(super) async fn media(
         Err(e) => return failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
     match archive.destination.as_ref() {
-        Sink::S3(_) => match archive.destination.playable_url(&key, PRESIGNED_FOR).await {
+        Destination::S3(_) => match archive.destination.playable_url(&key, PRESIGNED_FOR).await {
             Ok(url) => Redirect::temporary(&url).into_response(),
             Err(e) => failure(StatusCode::BAD_GATEWAY, e.to_string()),
         },
-        Sink::Dir(_) => match archive.destination.head(&key).await {
+        Destination::Dir(_) => match archive.destination.head(&key).await {
             Ok(Some(head)) => ranged_file(&archive.destination, &key, head.size, &headers).await,
             Ok(None) => failure(StatusCode::NOT_FOUND, format!("no object {key}")),
             Err(e) => failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -115,7 +115,12 @@ pub(super) fn parse_range(value: &str, size: u64) -> Option<(u64, u64)> {
     (start <= end && end < size).then_some((start, end))
 }
 
-async fn ranged_file(sink: &Sink, key: &str, size: u64, headers: &HeaderMap) -> Response {
+async fn ranged_file(
+    destination: &Destination,
+    key: &str,
+    size: u64,
+    headers: &HeaderMap,
+) -> Response {
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let (status, start, end) = match range {
         None => (StatusCode::OK, 0, size.saturating_sub(1)),
@@ -131,7 +136,7 @@ async fn ranged_file(sink: &Sink, key: &str, size: u64, headers: &HeaderMap) -> 
         },
     };
     let len = if size == 0 { 0 } else { end - start + 1 };
-    let body = match sink.read_range(key, start, len).await {
+    let body = match destination.read_range(key, start, len).await {
         Ok(body) => body,
         Err(e) => return failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };

@@ -16,11 +16,11 @@ pub mod timeline;
 
 use crate::archive::ArchiveView;
 use crate::config::StreamConfig;
+use crate::destination::Destination;
 use crate::domain::{rfc3339, EpochMs};
 use crate::error::{Error, Result};
 use crate::export::GAP_REPORT_MS;
 use crate::ledger::ChunkState;
-use crate::sink::Sink;
 use auth::{Access, Mode};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -127,11 +127,11 @@ fn say_how_it_is_guarded(access: &Access, bound: SocketAddr) {
 /// The page's own script, styles and images from this server only; video from this
 /// server or, for S3, from the origin presigned URLs point at (the player follows the
 /// redirect); no frames, forms or base URLs.
-async fn content_security_policy(sink: &Sink) -> HeaderValue {
-    let media = match sink {
-        Sink::Dir(_) => "'self'".to_string(),
+async fn content_security_policy(destination: &Destination) -> HeaderValue {
+    let media = match destination {
+        Destination::Dir(_) => "'self'".to_string(),
         // Presigning is local (no request), so this is the origin the player will meet.
-        Sink::S3(_) => match sink
+        Destination::S3(_) => match destination
             .playable_url(
                 "kvs-archiver-csp-probe.mp4",
                 std::time::Duration::from_secs(60),

@@ -10,12 +10,12 @@ pub mod planning;
 pub mod transfer;
 
 use crate::config::{Config, StreamConfig};
+use crate::destination::Destination;
 use crate::domain::{object_key, ChunkPlan, EpochMs};
 use crate::error::{Error, Result};
 use crate::ledger::{Chunk, Failure, Lease, Ledger, RangeSummary, StreamClaim, StreamHolder};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
-use crate::sink::Sink;
 use crate::source::kvs::KvsSource;
 use crate::telemetry::Progress;
 use std::collections::HashSet;
@@ -48,7 +48,7 @@ impl RangeSummary {
 
 pub struct Archiver {
     pub source: Arc<KvsSource>,
-    pub sink: Arc<Sink>,
+    pub destination: Arc<Destination>,
     pub ledger: Arc<dyn Ledger>,
     pub config: Arc<Config>,
     pub policy: RetryPolicy,
@@ -115,14 +115,14 @@ pub fn next_pass_attempt(now: EpochMs, attempts: u32) -> EpochMs {
 impl Archiver {
     pub fn new(
         source: Arc<KvsSource>,
-        sink: Arc<Sink>,
+        destination: Arc<Destination>,
         ledger: Arc<dyn Ledger>,
         config: Arc<Config>,
         policy: RetryPolicy,
     ) -> Archiver {
         Archiver {
             source,
-            sink,
+            destination,
             ledger,
             config,
             policy,
@@ -229,7 +229,7 @@ impl Archiver {
     pub fn view(&self) -> crate::archive::ArchiveView {
         crate::archive::ArchiveView {
             ledger: self.ledger.clone(),
-            destination: self.sink.clone(),
+            destination: self.destination.clone(),
             config: self.config.clone(),
         }
     }
@@ -359,11 +359,11 @@ impl Archiver {
                 continue;
             };
             if let Some(upload_id) = &chunk.upload_id {
-                self.sink
+                self.destination
                     .abort_abandoned(&chunk.object_key, upload_id)
                     .await?;
             }
-            self.sink.abort_uploads_of(&chunk.object_key).await?;
+            self.destination.abort_uploads_of(&chunk.object_key).await?;
             self.ledger.release(&lease).await?;
             recovered += 1;
             tracing::info!(key = %chunk.object_key, owner = chunk.owner.as_deref().unwrap_or("none"), "took back a chunk a stopped worker left in {}", chunk.state);
@@ -372,7 +372,7 @@ impl Archiver {
     }
 
     /// At start: takes back abandoned chunks, then removes uploads no ledger row names
-    /// that are older than the sink's safety age (a crash between creating an upload and
+    /// that are older than the destination's safety age (a crash between creating an upload and
     /// recording it). Uploads that any in-flight chunk records are never touched.
     pub async fn recover(&self) -> Result<usize> {
         let recovered = self.recover_abandoned().await?;
@@ -385,7 +385,7 @@ impl Archiver {
         }
         let live = self.ledger.live_upload_ids().await?;
         let swept = self
-            .sink
+            .destination
             .sweep_orphans(&self.config.destination.prefix, &live)
             .await;
         if swept > 0 {
@@ -589,7 +589,7 @@ impl Archiver {
         // An upload an earlier claim of this chunk recorded and could not abort (the destination
         // was down, the process stopped) is dead now: abort it before starting anew.
         if let Some(upload_id) = &chunk.upload_id {
-            self.sink
+            self.destination
                 .abort_abandoned(&chunk.object_key, upload_id)
                 .await?;
         }

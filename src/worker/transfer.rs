@@ -1,17 +1,17 @@
 //! One claimed chunk from KVS to the destination: list its range again (late fragments
 //! join it, expired ones are confirmed), GetClip (or GetMediaForFragmentList for
 //! Matroska), check the clip's header against the ledger's fragments, stream it into the
-//! sink under the lease. The upload finishes before the ledger says done, so a crash in
+//! destination under the lease. The upload finishes before the ledger says done, so a crash in
 //! between re-uploads the same bytes to the same key.
 
 use super::{now_ms, Archiver};
 use crate::config::StreamConfig;
+use crate::destination::ObjectMeta;
 use crate::domain::{rfc3339, ChunkKind, ChunkPlan, Fragment, TimestampSource};
 use crate::error::{Error, Result, Retryability};
 use crate::ledger::{Archived, Chunk, Lease};
 use crate::mp4;
 use crate::plan::{plan_all, sort_and_dedup, ChunkLimits};
-use crate::sink::ObjectMeta;
 use crate::source::kvs::ClipBody;
 use std::collections::HashSet;
 
@@ -400,7 +400,7 @@ impl Archiver {
         Ok(Transferred::Archived(archived))
     }
 
-    /// Streams `head` and the rest of `body` into the sink, renewing the lease; checks the
+    /// Streams `head` and the rest of `body` into the destination, renewing the lease; checks the
     /// length against `expected_len` when the container says it.
     #[allow(clippy::too_many_arguments)]
     async fn stream_body(
@@ -415,7 +415,7 @@ impl Archiver {
     ) -> Result<Archived> {
         let key = chunk.object_key.clone();
         let (_, content_type) = chunk.plan.kind.container();
-        let mut upload = self.sink.begin(&key, meta, content_type).await?;
+        let mut upload = self.destination.begin(&key, meta, content_type).await?;
         if let Err(e) = self.ledger.mark_uploading(lease, None).await {
             upload.abort().await;
             return Err(e);

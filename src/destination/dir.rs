@@ -25,7 +25,7 @@ static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 /// this program and is not read whole.
 const MAX_SIDECAR_BYTES: u64 = 64 * 1024;
 
-pub struct DirSink {
+pub struct DirDestination {
     root: PathBuf,
     /// `destination.prefix`: the root and the prefix are the operator's configuration,
     /// where links are followed; below them, none is.
@@ -184,9 +184,9 @@ fn walk_files(start: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
     files
 }
 
-impl DirSink {
+impl DirDestination {
     pub fn new(root: PathBuf, prefix: &str) -> Self {
-        DirSink {
+        DirDestination {
             root,
             prefix: prefix.to_string(),
         }
@@ -547,19 +547,19 @@ mod tests {
         let outside = work.path().join("outside");
         std::fs::create_dir_all(root.join("kvs")).expect("root");
         std::fs::create_dir_all(&outside).expect("outside");
-        let sink = DirSink::new(root.clone(), "kvs/");
+        let destination = DirDestination::new(root.clone(), "kvs/");
         for key in [
             "kvs/../../outside/x.mp4",
             "/tmp/x.mp4",
             "kvs/x.json",
             "kvs/x.mp4/..",
         ] {
-            assert!(sink.begin(key, meta()).await.is_err(), "{key}");
-            assert!(sink.read_range(key, 0, 1).await.is_err(), "{key}");
+            assert!(destination.begin(key, meta()).await.is_err(), "{key}");
+            assert!(destination.read_range(key, 0, 1).await.is_err(), "{key}");
         }
         // A directory on the way that is a link.
         std::os::unix::fs::symlink(&outside, root.join("kvs/cam")).expect("link");
-        let refused = sink
+        let refused = destination
             .begin("kvs/cam/2026/x.mp4", meta())
             .await
             .err()
@@ -568,10 +568,10 @@ mod tests {
         // A file that is a link is neither read nor counted.
         std::fs::write(outside.join("secret"), b"secret").expect("secret");
         std::os::unix::fs::symlink(outside.join("secret"), root.join("kvs/y.mp4")).expect("link");
-        assert!(sink.read_range("kvs/y.mp4", 0, 6).await.is_err());
-        assert!(sink.head("kvs/y.mp4").await.is_err());
+        assert!(destination.read_range("kvs/y.mp4", 0, 6).await.is_err());
+        assert!(destination.head("kvs/y.mp4").await.is_err());
         assert_eq!(
-            sink.list_keys("kvs/").await.expect("listed"),
+            destination.list_keys("kvs/").await.expect("listed"),
             Vec::<String>::new()
         );
         assert!(std::fs::read_dir(&outside).expect("outside").count() == 1);
@@ -580,8 +580,8 @@ mod tests {
     #[tokio::test]
     async fn an_upload_lands_whole_under_its_key_and_nothing_else_is_listed() {
         let work = tempfile::tempdir().expect("tempdir");
-        let sink = DirSink::new(work.path().to_path_buf(), "kvs/");
-        let mut upload = sink
+        let destination = DirDestination::new(work.path().to_path_buf(), "kvs/");
+        let mut upload = destination
             .begin(
                 "kvs/cam/x.mp4",
                 ObjectMeta {
@@ -597,10 +597,10 @@ mod tests {
         let archived = upload.finish().await.expect("finished");
         assert_eq!(archived.bytes, 5);
         assert_eq!(
-            sink.list_keys("kvs/").await.expect("listed"),
+            destination.list_keys("kvs/").await.expect("listed"),
             vec!["kvs/cam/x.mp4"]
         );
-        let head = sink
+        let head = destination
             .head("kvs/cam/x.mp4")
             .await
             .expect("head")

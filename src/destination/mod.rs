@@ -51,9 +51,9 @@ pub struct ObjectMeta {
     pub pairs: Vec<(&'static str, String)>,
 }
 
-pub enum Sink {
-    S3(s3::S3Sink),
-    Dir(dir::DirSink),
+pub enum Destination {
+    S3(s3::S3Destination),
+    Dir(dir::DirDestination),
 }
 
 pub enum Upload {
@@ -61,7 +61,7 @@ pub enum Upload {
     Dir(dir::DirUpload),
 }
 
-impl Sink {
+impl Destination {
     /// Checks that the destination can be reached and written under `prefix`, with a
     /// clear error if not.
     /// `first_contact`: a command's first request (an endpoint that does not answer is
@@ -69,8 +69,8 @@ impl Sink {
     /// so a store still starting at boot does not stop it.
     pub async fn check(&self, prefix: &str, first_contact: bool) -> Result<()> {
         match self {
-            Sink::S3(s) => s.check(prefix, first_contact).await,
-            Sink::Dir(d) => d.check().await,
+            Destination::S3(s) => s.check(prefix, first_contact).await,
+            Destination::Dir(d) => d.check().await,
         }
     }
 
@@ -82,16 +82,16 @@ impl Sink {
         content_type: &'static str,
     ) -> Result<Upload> {
         match self {
-            Sink::S3(s) => Ok(Upload::S3(s.begin(key, meta, content_type))),
-            Sink::Dir(d) => Ok(Upload::Dir(d.begin(key, meta).await?)),
+            Destination::S3(s) => Ok(Upload::S3(s.begin(key, meta, content_type))),
+            Destination::Dir(d) => Ok(Upload::Dir(d.begin(key, meta).await?)),
         }
     }
 
     /// Aborts an upload a previous process left behind (`upload_id` from the ledger).
     pub async fn abort_abandoned(&self, key: &str, upload_id: &str) -> Result<()> {
         match self {
-            Sink::S3(s) => s.abort_upload(key, upload_id).await,
-            Sink::Dir(_) => Ok(()),
+            Destination::S3(s) => s.abort_upload(key, upload_id).await,
+            Destination::Dir(_) => Ok(()),
         }
     }
 
@@ -100,8 +100,8 @@ impl Sink {
     /// Any upload of the key belongs to an earlier claim of that chunk, fenced off now.
     pub async fn abort_uploads_of(&self, key: &str) -> Result<usize> {
         match self {
-            Sink::S3(s) => s.abort_uploads_of(key).await,
-            Sink::Dir(d) => d.abort_partial(key).await,
+            Destination::S3(s) => s.abort_uploads_of(key).await,
+            Destination::Dir(d) => d.abort_partial(key).await,
         }
     }
 
@@ -110,15 +110,15 @@ impl Sink {
     /// recording it). Best effort: some stores cannot list them.
     pub async fn sweep_orphans(&self, prefix: &str, live: &[String]) -> usize {
         match self {
-            Sink::S3(s) => s.sweep_orphans(prefix, live, ORPHAN_AGE).await,
-            Sink::Dir(d) => d.sweep_orphans(prefix, ORPHAN_AGE).await,
+            Destination::S3(s) => s.sweep_orphans(prefix, live, ORPHAN_AGE).await,
+            Destination::Dir(d) => d.sweep_orphans(prefix, ORPHAN_AGE).await,
         }
     }
 
     pub fn describe(&self) -> String {
         match self {
-            Sink::S3(s) => s.describe(),
-            Sink::Dir(d) => d.describe(),
+            Destination::S3(s) => s.describe(),
+            Destination::Dir(d) => d.describe(),
         }
     }
 
@@ -126,8 +126,8 @@ impl Sink {
     /// metadata; `None` if there is no object.
     pub async fn inspect(&self, key: &str) -> Result<Option<StoredObject>> {
         match self {
-            Sink::S3(s) => s.inspect(key).await,
-            Sink::Dir(d) => d.inspect(key).await,
+            Destination::S3(s) => s.inspect(key).await,
+            Destination::Dir(d) => d.inspect(key).await,
         }
     }
 
@@ -135,32 +135,32 @@ impl Sink {
     /// `valid` (S3), or the file's path (a directory).
     pub async fn playable_url(&self, key: &str, valid: std::time::Duration) -> Result<String> {
         match self {
-            Sink::S3(s) => s.presigned_get(key, valid).await,
-            Sink::Dir(d) => Ok(d.path_of(key)?.display().to_string()),
+            Destination::S3(s) => s.presigned_get(key, valid).await,
+            Destination::Dir(d) => Ok(d.path_of(key)?.display().to_string()),
         }
     }
 
     /// `len` bytes of the object at `key` from byte `start`, as they arrive.
     pub async fn read_range(&self, key: &str, start: u64, len: u64) -> Result<RangeBody> {
         match self {
-            Sink::S3(s) => s.read_range(key, start, len).await,
-            Sink::Dir(d) => d.read_range(key, start, len).await,
+            Destination::S3(s) => s.read_range(key, start, len).await,
+            Destination::Dir(d) => d.read_range(key, start, len).await,
         }
     }
 
     /// Size and metadata of the object at `key`, without its bytes.
     pub async fn head(&self, key: &str) -> Result<Option<ObjectHead>> {
         match self {
-            Sink::S3(s) => s.head(key).await,
-            Sink::Dir(d) => d.head(key).await,
+            Destination::S3(s) => s.head(key).await,
+            Destination::Dir(d) => d.head(key).await,
         }
     }
 
     /// Every object key under `prefix` (metadata side files excluded), all pages.
     pub async fn list_keys(&self, prefix: &str) -> Result<Vec<String>> {
         match self {
-            Sink::S3(s) => s.list_keys(prefix).await,
-            Sink::Dir(d) => d.list_keys(prefix).await,
+            Destination::S3(s) => s.list_keys(prefix).await,
+            Destination::Dir(d) => d.list_keys(prefix).await,
         }
     }
 }

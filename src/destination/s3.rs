@@ -38,7 +38,7 @@ struct Inner {
     overlap: Arc<Semaphore>,
 }
 
-pub struct S3Sink {
+pub struct S3Destination {
     inner: Arc<Inner>,
 }
 
@@ -168,7 +168,7 @@ where
     }
 }
 
-impl S3Sink {
+impl S3Destination {
     /// `endpoint_url`: the configured endpoint, if any (named in errors).
     pub fn new(
         client: s3::Client,
@@ -187,7 +187,7 @@ impl S3Sink {
                 client.config().region().map_or("us-east-1", |r| r.as_ref())
             ),
         };
-        S3Sink {
+        S3Destination {
             inner: Arc::new(Inner {
                 client,
                 bucket,
@@ -351,7 +351,7 @@ struct OpenUpload {
     initiated: Option<std::time::SystemTime>,
 }
 
-impl S3Sink {
+impl S3Destination {
     pub async fn inspect(&self, key: &str) -> Result<Option<super::StoredObject>> {
         let target = format!("s3://{}/{key}", self.inner.bucket);
         let got = self
