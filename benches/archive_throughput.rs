@@ -218,7 +218,7 @@ async fn bench_world(
         &config,
         format!(
             "[aws]\nkinesis_video_endpoint_url = \"{}\"\ns3_endpoint_url = \"{s3_url}\"\ns3_force_path_style = true\n\
-             [state]\ndatabase_url = \"sqlite://{}/state.db\"\n[destination]\nbucket = \"bench\"\n\
+             [ledger]\ndatabase_url = \"sqlite://{}/state.db\"\n[destination]\nbucket = \"bench\"\n\
              payload_signing = \"never\"\n\
              [archive]\nconcurrency = {}\nmedia_points_per_second = 500\nmetadata_points_per_second = 10000\n\
              [[streams]]\nname = \"bench\"\n",

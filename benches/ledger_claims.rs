@@ -217,7 +217,7 @@ async fn page_of_ten_thousand_objects(dir: &std::path::Path) {
     std::fs::write(
         &config,
         format!(
-            "[state]\ndatabase_url = \"sqlite://{0}/state.db\"\n\
+            "[ledger]\ndatabase_url = \"sqlite://{0}/state.db\"\n\
              [destination]\ndirectory = \"{0}/archive\"\n[[streams]]\nname = \"cam-42\"\n",
             dir.display()
         ),
@@ -315,7 +315,7 @@ async fn daemon_passes(ledger: &str, dir: &std::path::Path) {
         &config,
         format!(
             "[aws]\nkinesis_video_endpoint_url = \"{}\"\ns3_endpoint_url = \"{}\"\ns3_force_path_style = true\n\
-             [state]\ndatabase_url = \"sqlite://{}/state.db\"\n[destination]\nbucket = \"bench\"\n\
+             [ledger]\ndatabase_url = \"sqlite://{}/state.db\"\n[destination]\nbucket = \"bench\"\n\
              [archive]\nmedia_points_per_second = 500\nmetadata_points_per_second = 10000\n\
              [[streams]]\nname = \"cam-live\"\n",
             emu.base_url(),

@@ -95,10 +95,10 @@ pub fn retry_policy(config: &Config) -> RetryPolicy {
 pub fn identity(config: &Config, role: Role) -> Result<Identity> {
     // A reader never claims: it needs no id of its own, nor write access to the state
     // directory.
-    let instance = match (role, &config.state.instance_id) {
+    let instance = match (role, &config.ledger.instance_id) {
         (Role::Reader, Some(id)) => id.clone(),
         (Role::Reader, None) => "reader".to_string(),
-        _ => config.state.resolve_instance_id()?,
+        _ => config.ledger.resolve_instance_id()?,
     };
     Ok(Identity::new(&instance, role))
 }
@@ -217,7 +217,7 @@ async fn build_with(
         Role::Daemon | Role::Once => config.daemon.max_clips_in_flight,
         Role::Backfill | Role::Verify | Role::Reader => config.archive.concurrency,
     };
-    let ledger = crate::ledger::open(&config.state.database_url, identity(&config, role)?).await?;
+    let ledger = crate::ledger::open(&config.ledger.database_url, identity(&config, role)?).await?;
     let pacing = Pacing {
         media_points_per_second: config.archive.media_points_per_second,
         metadata_points_per_second: config.archive.metadata_points_per_second,
@@ -504,7 +504,7 @@ pub async fn status(
     Vec<crate::ledger::InstanceView>,
 )> {
     let ledger =
-        crate::ledger::open(&config.state.database_url, identity(config, Role::Reader)?).await?;
+        crate::ledger::open(&config.ledger.database_url, identity(config, Role::Reader)?).await?;
     let streams = ledger.status().await;
     let instances = ledger.instances().await;
     ledger.close().await;

@@ -21,8 +21,9 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 pub struct Config {
     #[serde(default)]
     pub aws: AwsConfig,
+    /// `[ledger]`: where progress is recorded (`[state]` in older files, still read).
     #[serde(default)]
-    pub state: StateConfig,
+    pub ledger: LedgerConfig,
     #[serde(default)]
     pub destination: DestinationConfig,
     #[serde(default)]
@@ -158,7 +159,7 @@ impl Default for AwsConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct StateConfig {
+pub struct LedgerConfig {
     /// The ledger of progress: `sqlite://PATH` (one host; created if missing) or
     /// `postgres://USER:PASSWORD@HOST:PORT/DB` (several instances share one fleet).
     pub database_url: String,
@@ -174,9 +175,9 @@ pub struct StateConfig {
     pub lease: Duration,
 }
 
-impl Default for StateConfig {
+impl Default for LedgerConfig {
     fn default() -> Self {
-        StateConfig {
+        LedgerConfig {
             database_url: "sqlite:///var/lib/kvs-archiver/state.db".to_string(),
             instance_id: None,
             lease: Duration::from_secs(60),
@@ -184,7 +185,7 @@ impl Default for StateConfig {
     }
 }
 
-impl StateConfig {
+impl LedgerConfig {
     /// The configured instance id, or the one kept in the state directory (generated
     /// and stored there at the first start).
     pub fn resolve_instance_id(&self) -> Result<String, ConfigError> {
@@ -210,9 +211,9 @@ impl StateConfig {
         let path = dir.join("instance-id");
         let cannot = |e: std::io::Error| {
             invalid(
-                "state.instance_id",
+                "ledger.instance_id",
                 format!(
-                    "not set, and {} cannot be read or written ({e}): set state.instance_id (or KVS_ARCHIVER_STATE__INSTANCE_ID) to a name unique to this instance",
+                    "not set, and {} cannot be read or written ({e}): set ledger.instance_id (or KVS_ARCHIVER_LEDGER__INSTANCE_ID) to a name unique to this instance",
                     path.display()
                 ),
             )
@@ -221,9 +222,9 @@ impl StateConfig {
             Ok(text) if valid_instance_id(text.trim()) => return Ok(text.trim().to_string()),
             Ok(_) => {
                 return Err(invalid(
-                    "state.instance_id",
+                    "ledger.instance_id",
                     format!(
-                        "{} holds no valid instance id: delete it or set state.instance_id",
+                        "{} holds no valid instance id: delete it or set ledger.instance_id",
                         path.display()
                     ),
                 ))
@@ -498,7 +499,7 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError 
 impl Config {
     /// Defaults, then `path` (if given), then the environment; validated.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        let mut given = Figment::new();
         let source = match path {
             Some(path) => {
                 if !path.exists() {
@@ -508,20 +509,26 @@ impl Config {
                             .into(),
                     });
                 }
-                figment = figment.merge(Toml::file(path));
+                given = given.merge(Toml::file(path));
                 path.display().to_string()
             }
             None => "defaults".to_string(),
         };
-        figment = figment.merge(
+        given = given.merge(
             Env::prefixed("KVS_ARCHIVER_")
                 .ignore(&["config", "log", "crashpoint", "serve_token"])
                 .split("__"),
         );
-        let mut config: Config = figment.extract().map_err(|e| ConfigError::Load {
-            path: source,
+        let load_error = |e: figment::Error| ConfigError::Load {
+            path: source.clone(),
             message: describe_figment_error(e),
-        })?;
+        };
+        let mut given: figment::value::Dict = given.extract().map_err(load_error)?;
+        rename_state_section(&mut given);
+        let mut config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Serialized::defaults(given))
+            .extract()
+            .map_err(load_error)?;
         // No file, and the environment names no destination: nothing was configured.
         if path.is_none()
             && config.destination.bucket.is_none()
@@ -539,7 +546,7 @@ impl Config {
     /// The URL worked before with them ignored, and still does; the driver would log
     /// their values.
     fn leave_out_unread_ledger_parameters(&mut self) {
-        let (url, left_out) = postgres_url_for_driver(&self.state.database_url);
+        let (url, left_out) = postgres_url_for_driver(&self.ledger.database_url);
         if left_out.is_empty() {
             return;
         }
@@ -554,15 +561,15 @@ impl Config {
         };
         tracing::warn!(
             parameters = %names,
-            "state.database_url: the PostgreSQL driver (sqlx) does not read the query parameters {names}; they are left out of the URL it is given, values unused and unlogged: remove them from the configuration{hint}; the driver reads sslmode, sslrootcert, sslcert, sslkey, host, hostaddr, port, dbname, user, password, application_name, options and statement-cache-capacity"
+            "ledger.database_url: the PostgreSQL driver (sqlx) does not read the query parameters {names}; they are left out of the URL it is given, values unused and unlogged: remove them from the configuration{hint}; the driver reads sslmode, sslrootcert, sslcert, sslkey, host, hostaddr, port, dbname, user, password, application_name, options and statement-cache-capacity"
         );
-        self.state.database_url = url;
+        self.ledger.database_url = url;
     }
 
     /// Checks every value before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_aws()?;
-        self.validate_state()?;
+        self.validate_ledger()?;
         self.validate_destination()?;
         self.validate_archive()?;
         self.validate_daemon()?;
@@ -594,7 +601,7 @@ impl Config {
         {
             *url = redact_url(url);
         }
-        shown.state.database_url = redact_url(&shown.state.database_url);
+        shown.ledger.database_url = redact_url(&shown.ledger.database_url);
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
 }
@@ -650,12 +657,12 @@ impl Config {
         Ok(())
     }
 
-    /// `[state]`: the ledger's URL, the instance id and the lease.
-    fn validate_state(&self) -> Result<(), ConfigError> {
-        let url = &self.state.database_url;
+    /// `[ledger]`: the ledger's URL, the instance id and the lease.
+    fn validate_ledger(&self) -> Result<(), ConfigError> {
+        let url = &self.ledger.database_url;
         if !url.starts_with("sqlite:") && !is_postgres(url) {
             return Err(invalid(
-                "state.database_url",
+                "ledger.database_url",
                 format!(
                     "must be a sqlite: URL such as sqlite:///var/lib/kvs-archiver/state.db or a postgres:// URL such as postgres://archiver@db.example/kvs_archiver (got {:?})",
                     redact_url(url)
@@ -665,21 +672,22 @@ impl Config {
         if is_postgres(url) {
             check_postgres_url(url)?;
         }
-        if let Some(id) = &self.state.instance_id {
+        if let Some(id) = &self.ledger.instance_id {
             if !valid_instance_id(id) {
                 return Err(invalid(
-                    "state.instance_id",
+                    "ledger.instance_id",
                     format!("{id:?}: use 1 to 64 letters, digits, '.', '_' or '-'"),
                 ));
             }
         }
-        if self.state.lease < Duration::from_secs(3) || self.state.lease > Duration::from_secs(3600)
+        if self.ledger.lease < Duration::from_secs(3)
+            || self.ledger.lease > Duration::from_secs(3600)
         {
             return Err(invalid(
-                "state.lease",
+                "ledger.lease",
                 format!(
                     "{} is out of range: use 3 s to 1 h (60 s: a dead instance's work moves within a minute)",
-                    humantime::format_duration(self.state.lease)
+                    humantime::format_duration(self.ledger.lease)
                 ),
             ));
         }
@@ -1113,7 +1121,7 @@ fn check_postgres_url(url: &str) -> Result<(), ConfigError> {
     let (_, rest) = split_scheme(url);
     if split_userinfo(rest).is_none() {
         return Err(invalid(
-            "state.database_url",
+            "ledger.database_url",
             "holds an @ after the host's end: percent-encode /, ?, #, and @ in the user, password and query values (%2F, %3F, %23, %40); as written, the driver would read part of the password as the host or the path",
         ));
     }
@@ -1361,6 +1369,30 @@ fn valid_stream_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
+/// `[state]`, the ledger's section before it was named for it, read as `[ledger]` with a
+/// warning: keys given under `[ledger]` (or `KVS_ARCHIVER_LEDGER__*`) win, the old
+/// section's fill in the rest, so an old file runs under a new unit's environment.
+fn rename_state_section(given: &mut figment::value::Dict) {
+    let Some(state) = given.remove("state") else {
+        return;
+    };
+    tracing::warn!("configuration: [state] is now [ledger], with the same keys (KVS_ARCHIVER_STATE__* is KVS_ARCHIVER_LEDGER__*): rename it; [state] is still read");
+    let figment::value::Value::Dict(tag, old) = state else {
+        // Not a table: left for the type check to name.
+        given.insert("state".into(), state);
+        return;
+    };
+    let ledger = given
+        .entry("ledger".into())
+        .or_insert_with(|| figment::value::Value::Dict(tag, figment::value::Dict::new()));
+    // A `ledger` that is not a table is left for the type check to name.
+    if let figment::value::Value::Dict(_, ledger) = ledger {
+        for (key, value) in old {
+            ledger.entry(key).or_insert(value);
+        }
+    }
+}
+
 fn describe_figment_error(error: figment::Error) -> String {
     error
         .into_iter()
@@ -1384,6 +1416,33 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(&path, text).expect("write");
         path
+    }
+
+    /// A file from before `[ledger]` was named for the ledger still loads, its keys
+    /// filling in what `[ledger]` (a new unit's environment, say) leaves out.
+    #[test]
+    fn the_old_state_section_is_read_as_the_ledger() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(
+            &dir,
+            "[state]\ndatabase_url = \"sqlite:///tmp/old.db\"\nlease = \"30s\"\n[destination]\ndirectory = \"/tmp/x\"\n",
+        );
+        let config = Config::load(Some(&path)).expect("loads");
+        assert_eq!(config.ledger.database_url, "sqlite:///tmp/old.db");
+        assert_eq!(config.ledger.lease, Duration::from_secs(30));
+        let mut given: figment::value::Dict = Figment::from(Toml::string(
+            "[ledger]\ndatabase_url = \"sqlite:///tmp/new.db\"\n[state]\ndatabase_url = \"sqlite:///tmp/old.db\"\nlease = \"30s\"\n",
+        ))
+        .extract()
+        .expect("toml");
+        rename_state_section(&mut given);
+        let ledger: LedgerConfig = Figment::from(Serialized::defaults(LedgerConfig::default()))
+            .merge(Serialized::defaults(given["ledger"].clone()))
+            .extract()
+            .expect("a ledger section");
+        assert_eq!(ledger.database_url, "sqlite:///tmp/new.db", "[ledger] wins");
+        assert_eq!(ledger.lease, Duration::from_secs(30), "[state] fills in");
+        assert!(!given.contains_key("state"));
     }
 
     #[test]
@@ -1570,7 +1629,7 @@ mod tests {
     #[test]
     fn check_config_prints_no_password_from_the_query() {
         let mut config = valid();
-        config.state.database_url = "postgres://u:pw@h/kvs?password=hunter2".into();
+        config.ledger.database_url = "postgres://u:pw@h/kvs?password=hunter2".into();
         config.validate().expect("valid");
         let shown = config.to_redacted_toml();
         assert!(
@@ -1595,15 +1654,15 @@ mod tests {
             "postgresql://u@h/kvs?options[statement_timeout]=5s&application_name=a",
         ] {
             let mut config = valid();
-            config.state.database_url = url.into();
+            config.ledger.database_url = url.into();
             config.validate().expect(url);
         }
         // Still refused: where the password ends cannot be told.
         let mut config = valid();
-        config.state.database_url = "postgres://u:hun/ter2@h/kvs".into();
+        config.ledger.database_url = "postgres://u:hun/ter2@h/kvs".into();
         let err = refusal(&config);
         assert!(
-            err.starts_with("config: state.database_url: ") && err.contains("percent-encode"),
+            err.starts_with("config: ledger.database_url: ") && err.contains("percent-encode"),
             "{err}"
         );
         assert!(!err.contains("ter2"), "{err}");
@@ -1680,7 +1739,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = write(
             &dir,
-            "[state]\ndatabase_url = \"postgres://u:pw@h/kvs?connect_timeout=10&sslpassword=hunter2&sslmode=require\"\n[destination]\ndirectory = \"/tmp/x\"\n",
+            "[ledger]\ndatabase_url = \"postgres://u:pw@h/kvs?connect_timeout=10&sslpassword=hunter2&sslmode=require\"\n[destination]\ndirectory = \"/tmp/x\"\n",
         );
         let log = Captured::default();
         let writer = log.clone();
@@ -1693,12 +1752,12 @@ mod tests {
         });
         let log = String::from_utf8(log.0.lock().expect("lock").clone()).expect("utf-8");
         assert_eq!(
-            config.state.database_url,
+            config.ledger.database_url,
             "postgres://u:pw@h/kvs?sslmode=require"
         );
         assert!(
             log.contains("WARN")
-                && log.contains("state.database_url")
+                && log.contains("ledger.database_url")
                 && log.contains("connect_timeout, sslpassword")
                 && log.contains("sslkey a key file without a passphrase"),
             "{log}"

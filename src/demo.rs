@@ -34,7 +34,7 @@ pub async fn run(output: &Path, shutdown: &Shutdown) -> Result<PathBuf> {
     let archive = output.join("archive");
     let mut config = Config::default();
     config.aws.bundled_emulator = Some(emulator_file.clone());
-    config.state.database_url = format!("sqlite://{}", output.join("state.db").display());
+    config.ledger.database_url = format!("sqlite://{}", output.join("state.db").display());
     config.destination.directory = Some(archive.clone());
     config.destination.prefix = String::new();
     config.streams = vec![StreamConfig::named(CAMERA)];
@@ -139,7 +139,7 @@ fn write_config(output: &Path, archive: &Path, emulator: &Path) -> Result<PathBu
         "# Written by `kvs-archiver demo`: the demo's ledger and archive, and KVS as the\n\
          # bundled emulator (started inside each command from emulator.toml).\n\
          [aws]\nregion = \"us-east-1\"\nbundled_emulator = {}\n\n\
-         [state]\ndatabase_url = {}\n\n\
+         [ledger]\ndatabase_url = {}\n\n\
          [destination]\ndirectory = {}\nprefix = \"\"\n\n\
          [[streams]]\nname = \"{CAMERA}\"\n",
         quoted(absolute(emulator).display().to_string()),

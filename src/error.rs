@@ -84,7 +84,7 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
-    #[error("cannot reach the ledger at {url}: {source}; check state.database_url and that the database server is running and accepts this user")]
+    #[error("cannot reach the ledger at {url}: {source}; check ledger.database_url and that the database server is running and accepts this user")]
     LedgerUnreachable {
         url: String,
         #[source]
@@ -134,7 +134,7 @@ pub fn chain(error: &dyn std::error::Error) -> String {
 fn unreachable_hint(source: &sqlx::Error) -> &'static str {
     match source {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => {
-            " (the ledger's database does not answer: check that it is running and reachable at state.database_url; work resumes by itself when it is back)"
+            " (the ledger's database does not answer: check that it is running and reachable at ledger.database_url; work resumes by itself when it is back)"
         }
         _ => "",
     }

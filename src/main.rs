@@ -443,7 +443,7 @@ async fn run_status(config: &Config, json: bool) -> Result<ExitCode, Error> {
                 &instances,
                 chrono::Utc::now().timestamp_millis(),
                 config.daemon.retention_alarm,
-                config.state.lease,
+                config.ledger.lease,
             )
         );
     }

@@ -267,8 +267,8 @@ async fn refuse_a_ledger_with_chunks(archive: &ArchiveView) -> Result<()> {
         return Ok(());
     }
     Err(Error::Usage(format!(
-        "rebuild-ledger: the ledger at {} already holds chunks (streams: {}); give --merge to add only the objects it lacks, or point state.database_url at an empty ledger",
-        crate::config::redact_url(&archive.config.state.database_url),
+        "rebuild-ledger: the ledger at {} already holds chunks (streams: {}); give --merge to add only the objects it lacks, or point ledger.database_url at an empty ledger",
+        crate::config::redact_url(&archive.config.ledger.database_url),
         held.join(", ")
     )))
 }

@@ -104,7 +104,7 @@ fn config_file(dir: &std::path::Path, kvs_url: &str) -> std::path::PathBuf {
         &path,
         format!(
             "[aws]\nregion = \"us-east-1\"\nkinesis_video_endpoint_url = \"{kvs_url}\"\n\
-             [state]\ndatabase_url = \"sqlite://{0}/state.db\"\n\
+             [ledger]\ndatabase_url = \"sqlite://{0}/state.db\"\n\
              [destination]\ndirectory = \"{0}/archive\"\n\
              [[streams]]\nname = \"cam\"\n",
             dir.display()
@@ -368,8 +368,8 @@ fn an_unreachable_ledger_is_named_without_its_password() {
     );
     let warning = stderr
         .lines()
-        .find(|line| line.contains("\"WARN\"") && line.contains("state.database_url"))
-        .unwrap_or_else(|| panic!("a warning about state.database_url: {stderr}"));
+        .find(|line| line.contains("\"WARN\"") && line.contains("ledger.database_url"))
+        .unwrap_or_else(|| panic!("a warning about ledger.database_url: {stderr}"));
     assert!(
         warning.contains("sslpassword, connect_timeout"),
         "{warning}"

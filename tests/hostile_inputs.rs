@@ -45,7 +45,7 @@ impl Site {
             &config,
             format!(
                 "[aws]\nregion = \"us-east-1\"\nkinesis_video_endpoint_url = \"{}\"\n\
-                 [state]\ndatabase_url = \"sqlite://{}/state.db\"\n\
+                 [ledger]\ndatabase_url = \"sqlite://{}/state.db\"\n\
                  [destination]\ndirectory = \"{}\"\nprefix = \"kvs/\"\n\
                  [archive]\nretry_base_delay = \"50ms\"\nretry_max_delay = \"1s\"\nmax_attempts = 3\nclip_duration = \"2m\"\n\
                  [[streams]]\nname = \"{name}\"\n",

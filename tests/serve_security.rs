@@ -28,7 +28,7 @@ fn empty_archive(dir: &Path) -> PathBuf {
         &path,
         format!(
             "[aws]\nregion = \"us-east-1\"\nkinesis_video_endpoint_url = \"http://127.0.0.1:9\"\n\
-             [state]\ndatabase_url = \"sqlite://{0}/state.db\"\n\
+             [ledger]\ndatabase_url = \"sqlite://{0}/state.db\"\n\
              [destination]\ndirectory = \"{0}/archive\"\n\
              [[streams]]\nname = \"cam\"\n",
             dir.display()

@@ -58,7 +58,7 @@ impl Role {
 /// Who this process is in the ledger.
 #[derive(Debug, Clone)]
 pub struct Identity {
-    /// The instance's stable id (`state.instance_id`, or generated once and kept).
+    /// The instance's stable id (`ledger.instance_id`, or generated once and kept).
     pub instance: String,
     pub role: Role,
     /// This process: `instance@host:pid:nonce`. Claims and leases name it; the random

@@ -60,7 +60,7 @@ impl PgLedger {
         let options = PgConnectOptions::from_str(database_url)
             .map_err(|e| {
                 Error::Usage(format!(
-                    "state.database_url {}: not a PostgreSQL URL ({e}); write it like postgres://archiver:PASSWORD@db.example:5432/kvs_archiver",
+                    "ledger.database_url {}: not a PostgreSQL URL ({e}); write it like postgres://archiver:PASSWORD@db.example:5432/kvs_archiver",
                     crate::config::redact_url(database_url)
                 ))
             })?

@@ -135,9 +135,9 @@ impl Archiver {
         }
     }
 
-    /// How long a claim holds without a heartbeat (`state.lease`).
+    /// How long a claim holds without a heartbeat (`ledger.lease`).
     pub fn lease(&self) -> Duration {
-        self.config.state.lease
+        self.config.ledger.lease
     }
 
     pub(crate) fn lease_ms(&self) -> i64 {
@@ -164,7 +164,7 @@ impl Archiver {
                 crate::ledger::Registration::InstanceInUse(other) => {
                     if waited_since.elapsed() > self.lease() * 2 {
                         return Err(Error::Usage(format!(
-                            "instance id {:?} is in use by a running daemon ({} on {}, pid {}, seen {} ago): give each daemon its own state.instance_id",
+                            "instance id {:?} is in use by a running daemon ({} on {}, pid {}, seen {} ago): give each daemon its own ledger.instance_id",
                             identity.instance,
                             other.owner,
                             other.host,

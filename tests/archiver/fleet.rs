@@ -17,7 +17,7 @@ fn spawn_daemon(world: &World, id: &str, env: &[(&str, &str)]) -> (tokio::proces
     let log = std::fs::File::create(&log_path).expect("log file");
     let mut command = world.command(&["run"]);
     command
-        .env("KVS_ARCHIVER_STATE__INSTANCE_ID", id)
+        .env("KVS_ARCHIVER_LEDGER__INSTANCE_ID", id)
         .stdout(std::process::Stdio::null())
         .stderr(log);
     for (k, v) in env {

@@ -22,7 +22,7 @@ pub struct World {
     pub bucket: String,
     pub work: tempfile::TempDir,
     pub config: PathBuf,
-    /// The ledger's `state.database_url`: SQLite in the work directory, or a fresh
+    /// The ledger's `ledger.database_url`: SQLite in the work directory, or a fresh
     /// PostgreSQL database when KVS_TEST_LEDGER=postgres.
     pub ledger_url: String,
 }
@@ -118,7 +118,7 @@ impl World {
         // A short lease: a killed process's work moves within seconds on any ledger.
         let mut text = format!(
             "[aws]\nregion = \"us-east-1\"\nkinesis_video_endpoint_url = \"{}\"\ns3_endpoint_url = \"{}\"\ns3_force_path_style = true\n\
-             [state]\ndatabase_url = \"{ledger_url}\"\nlease = \"10s\"\n\
+             [ledger]\ndatabase_url = \"{ledger_url}\"\nlease = \"10s\"\n\
              [destination]\nbucket = \"{bucket}\"\nprefix = \"kvs/\"\n\
              [archive]\nretry_base_delay = \"50ms\"\nretry_max_delay = \"2s\"\nmax_attempts = 10\n{archive_toml}\n{sections}\n",
             emu.base_url(),
