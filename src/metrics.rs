@@ -101,20 +101,13 @@ pub fn coalesced_firing(stream: &str) {
     counter!("kvs_archiver_coalesced_firings_total", "stream" => stream.to_string()).increment(1);
 }
 
-pub fn chunks_by_state(stream: &str, counts: &[(String, i64)]) {
-    for state in [
-        "planned",
-        "fetching",
-        "uploading",
-        "done",
-        "failed",
-        "expired",
-    ] {
+pub fn chunks_by_state(stream: &str, counts: &[(crate::ledger::ChunkState, i64)]) {
+    for state in crate::ledger::ChunkState::ALL {
         let n = counts
             .iter()
-            .find(|(s, _)| s == state)
+            .find(|(s, _)| *s == state)
             .map_or(0, |(_, n)| *n);
-        gauge!("kvs_archiver_chunks", "stream" => stream.to_string(), "state" => state)
+        gauge!("kvs_archiver_chunks", "stream" => stream.to_string(), "state" => state.as_str())
             .set(n as f64);
     }
 }

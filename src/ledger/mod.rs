@@ -176,6 +176,16 @@ pub enum ChunkState {
 }
 
 impl ChunkState {
+    /// Every state, in a chunk's life order.
+    pub const ALL: [ChunkState; 6] = [
+        ChunkState::Planned,
+        ChunkState::Fetching,
+        ChunkState::Uploading,
+        ChunkState::Done,
+        ChunkState::Failed,
+        ChunkState::Expired,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ChunkState::Planned => "planned",
@@ -576,7 +586,7 @@ pub trait Ledger: Send + Sync {
     async fn archived_through(&self, stream: &str) -> Result<Option<EpochMs>>;
 
     /// Chunk counts by state for one stream, for the metrics.
-    async fn counts(&self, stream: &str) -> Result<Vec<(String, i64)>>;
+    async fn counts(&self, stream: &str) -> Result<Vec<(ChunkState, i64)>>;
 
     async fn progress(&self, stream: &str, source: TimestampSource) -> Result<StreamProgress>;
 

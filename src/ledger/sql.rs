@@ -1141,11 +1141,20 @@ macro_rules! sql_ledger_methods {
                     .fetch_one(&self.pool).await.map_err(Error::ledger("archived through"))
             }
 
-            async fn counts(&self, stream: &str) -> Result<Vec<(String, i64)>> {
+            async fn counts(&self, stream: &str) -> Result<Vec<(ChunkState, i64)>> {
+                let op = "count chunks";
                 let sql = "SELECT state, COUNT(*) AS n FROM chunks WHERE stream = $1
                     GROUP BY state";
-                sqlx::query_as(sql)
-                    .bind(stream).fetch_all(&self.pool).await.map_err(Error::ledger("count chunks"))
+                let rows = sqlx::query(sql)
+                    .bind(stream).fetch_all(&self.pool).await.map_err(Error::ledger(op))?;
+                rows.iter()
+                    .map(|row| -> Result<(ChunkState, i64), sqlx::Error> {
+                        let state = row.named("state", ChunkState::parse)
+                            .map_err(sql::undecodable("chunks", format!("of stream {stream}")))?;
+                        Ok((state, row.int("n")?))
+                    })
+                    .collect::<Result<_, _>>()
+                    .map_err(Error::ledger(op))
             }
 
             async fn progress(&self, stream: &str, source: TimestampSource)
