@@ -1142,19 +1142,12 @@ macro_rules! sql_ledger_methods {
             }
 
             async fn counts(&self, stream: &str) -> Result<Vec<(ChunkState, i64)>> {
-                let op = "count chunks";
-                let sql = "SELECT state, COUNT(*) AS n FROM chunks WHERE stream = $1
-                    GROUP BY state";
-                let rows = sqlx::query(sql)
-                    .bind(stream).fetch_all(&self.pool).await.map_err(Error::ledger(op))?;
-                rows.iter()
-                    .map(|row| -> Result<(ChunkState, i64), sqlx::Error> {
-                        let state = row.named("state", ChunkState::parse)
-                            .map_err(sql::undecodable("chunks", format!("of stream {stream}")))?;
-                        Ok((state, row.int("n")?))
-                    })
-                    .collect::<Result<_, _>>()
-                    .map_err(Error::ledger(op))
+                let sql = "SELECT state, COUNT(*) AS n FROM chunks WHERE stream = $1 GROUP BY state";
+                let rows = sqlx::query(sql).bind(stream).fetch_all(&self.pool).await;
+                let state = sql::undecodable("chunks", format!("of stream {stream}"));
+                rows.and_then(|rows| rows.iter().map(|row| {
+                    Ok((row.named("state", ChunkState::parse)?, row.int("n")?))
+                }).collect::<Result<_, sqlx::Error>>().map_err(state)).map_err(Error::ledger("count chunks"))
             }
 
             async fn progress(&self, stream: &str, source: TimestampSource)

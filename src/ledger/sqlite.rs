@@ -44,13 +44,11 @@ impl Dialect for SqliteLedger {
     fn owner_is_gone(owner: &str, this_host: &str) -> bool {
         let mut parts = owner.rsplitn(3, ':');
         let (_nonce, pid, host) = (parts.next(), parts.next(), parts.next());
+        let pid = pid.and_then(|pid| pid.parse::<libc::pid_t>().ok());
         let (Some(pid), Some(host)) = (pid, host) else {
             return false;
         };
         let host = host.rsplit_once('@').map_or(host, |(_, host)| host);
-        let Ok(pid) = pid.parse::<libc::pid_t>() else {
-            return false;
-        };
         host == this_host && pid > 0 && !process_exists(pid)
     }
 }
