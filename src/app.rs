@@ -83,6 +83,7 @@ pub async fn start_bundled_emulator(config: &mut Config) -> Result<Option<()>> {
     }
 }
 
+/// The retry policy `[archive]` sets.
 pub fn retry_policy(config: &Config) -> RetryPolicy {
     RetryPolicy {
         max_attempts: config.archive.max_attempts,

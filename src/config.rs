@@ -13,23 +13,30 @@ use std::time::Duration;
 
 /// GetClip's hard caps (KVS quotas page).
 pub const GET_CLIP_MAX_FRAGMENTS: u32 = 200;
+/// GetClip's cap on the bytes of one clip.
 pub const GET_CLIP_MAX_BYTES: u64 = 100_000_000;
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
+/// The whole configuration, as loaded and validated before anything starts.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// `[aws]`: region, endpoints and credentials' source.
     #[serde(default)]
     pub aws: AwsConfig,
     /// `[ledger]`: where progress is recorded (`[state]` in older files, still read).
     #[serde(default)]
     pub ledger: LedgerConfig,
+    /// `[destination]`: the bucket or directory objects go to.
     #[serde(default)]
     pub destination: DestinationConfig,
+    /// `[archive]`: how media is cut into objects, retried and paced.
     #[serde(default)]
     pub archive: ArchiveConfig,
+    /// `[daemon]`: how `run` schedules and limits its work.
     #[serde(default)]
     pub daemon: DaemonConfig,
+    /// `[[streams]]`: the streams to archive, each with its overrides.
     #[serde(default)]
     pub streams: Vec<StreamConfig>,
 }
@@ -76,6 +83,7 @@ pub struct DaemonConfig {
     /// Control-plane pacing (GetDataEndpoint, DescribeStream): KVS allows 5 per second
     /// per stream and 300 per second per account.
     pub control_calls_per_second_per_stream: f64,
+    /// The account-wide half of that pacing, shared by every stream.
     pub control_calls_per_second: f64,
 }
 
@@ -118,6 +126,7 @@ fn valid_cron(schedule: &str) -> bool {
     crate::schedule::parse_cron(schedule).is_some()
 }
 
+/// `[aws]`: where the streams and the bucket are, and how they are reached.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AwsConfig {
@@ -157,6 +166,7 @@ impl Default for AwsConfig {
     }
 }
 
+/// `[ledger]`: where progress is recorded, and who this instance is in it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LedgerConfig {
@@ -279,6 +289,7 @@ pub fn valid_instance_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
+/// `[destination]`: where objects are written. Exactly one of `bucket` and `directory`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DestinationConfig {
@@ -299,12 +310,16 @@ pub struct DestinationConfig {
     pub payload_signing: PayloadSigning,
 }
 
+/// Whether S3 request bodies are signed (`destination.payload_signing`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum PayloadSigning {
+    /// Signed over plain HTTP only; over HTTPS, TLS protects the body.
     #[default]
     Auto,
+    /// Always signed, HTTPS included.
     Always,
+    /// Never signed: the CRC32C (and TLS, over HTTPS) guards the body.
     Never,
 }
 
@@ -335,6 +350,7 @@ impl Default for DestinationConfig {
     }
 }
 
+/// `[archive]`: how media is cut into objects, retried and paced.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ArchiveConfig {
@@ -358,6 +374,7 @@ pub struct ArchiveConfig {
     /// First retry delay; doubles per attempt, with jitter, up to `retry_max_delay`.
     #[serde(with = "humantime_serde")]
     pub retry_base_delay: Duration,
+    /// The ceiling of that doubling, so a long outage is retried at least this often.
     #[serde(with = "humantime_serde")]
     pub retry_max_delay: Duration,
     /// GetClip pacing per stream, in fragment-media points per second (KVS: 500; each
@@ -392,6 +409,7 @@ impl Default for ArchiveConfig {
 }
 
 impl ArchiveConfig {
+    /// The planner's caps on one chunk, from these settings.
     pub fn limits(&self) -> ChunkLimits {
         ChunkLimits {
             max_fragments: self.max_fragments_per_clip,
@@ -401,12 +419,14 @@ impl ArchiveConfig {
     }
 }
 
+/// `[[streams]]`: one stream to archive, with what it overrides of `[daemon]`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StreamConfig {
     /// Stream name; or give `arn`.
     #[serde(default)]
     pub name: Option<String>,
+    /// Stream ARN; or give `name`.
     #[serde(default)]
     pub arn: Option<String>,
     /// Which timestamp selects fragments: "server" (default) or "producer".
@@ -584,6 +604,7 @@ impl Config {
         })
     }
 
+    /// The configured stream whose label (its name, or the name in its ARN) is `label`.
     pub fn stream(&self, label: &str) -> Option<&StreamConfig> {
         self.streams.iter().find(|s| s.label() == label)
     }

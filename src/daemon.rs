@@ -215,8 +215,11 @@ async fn scheduled_pass(
 /// What one pass over one stream did.
 #[derive(Debug, Default)]
 pub struct PassReport {
+    /// The range's chunks by state after the pass.
     pub summary: RangeSummary,
+    /// Fragments KVS deleted before they were archived, found in this pass.
     pub expired_fragments: u64,
+    /// The oldest unarchived fragment is within `daemon.retention_alarm` of being deleted.
     pub at_risk: bool,
     /// The pass did not run: another process works the stream, or this daemon already
     /// works its share of the streams.

@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 
 const CAMERA: &str = "demo-camera";
 
+/// `kvs-archiver demo`: archives ten minutes of the bundled emulator's camera under
+/// `output` and leaves a configuration there for the other commands; returns the first MP4
+/// written.
 pub async fn run(output: &Path, shutdown: &Shutdown) -> Result<PathBuf> {
     // A finished stretch of camera (not a live one): the emulator makes the same
     // fragments from the same description, so the configuration the demo leaves starts

@@ -21,6 +21,7 @@ pub enum TimestampSource {
 }
 
 impl TimestampSource {
+    /// The name stored in the ledger and written in object metadata.
     pub fn as_str(self) -> &'static str {
         match self {
             TimestampSource::Server => "server",
@@ -28,6 +29,7 @@ impl TimestampSource {
         }
     }
 
+    /// The source a stored name means; `None` for a name this build does not know.
     pub fn parse(text: &str) -> Option<Self> {
         match text {
             "server" => Some(TimestampSource::Server),
@@ -52,7 +54,9 @@ pub struct Fragment {
     pub start_ms: EpochMs,
     /// When KVS received it: retention deletes by this clock, whatever the stream's source.
     pub server_ms: EpochMs,
+    /// How long the fragment plays.
     pub duration_ms: u64,
+    /// `FragmentSizeInBytes`: what GetClip's byte cap counts.
     pub size_bytes: u64,
 }
 
@@ -137,6 +141,7 @@ pub enum ChunkKind {
 }
 
 impl ChunkKind {
+    /// The name stored in the ledger and written in object metadata.
     pub fn as_str(self) -> &'static str {
         match self {
             ChunkKind::Clip => "clip",
@@ -145,6 +150,7 @@ impl ChunkKind {
         }
     }
 
+    /// The kind a stored name means; `None` for a name this build does not know.
     pub fn parse(text: &str) -> Option<Self> {
         match text {
             "clip" => Some(ChunkKind::Clip),
@@ -168,17 +174,21 @@ impl ChunkKind {
 /// inclusive, so chunks that do not overlap never share a fragment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ChunkPlan {
+    /// How the chunk is fetched and packaged (GetClip's MP4, a late fragment, Matroska).
     pub kind: ChunkKind,
     /// Start of the first fragment.
     pub start_ms: EpochMs,
     /// Start of the last fragment.
     pub end_ms: EpochMs,
+    /// Fragments in the chunk (GetClip takes at most 200).
     pub fragment_count: u32,
     /// Sum of the fragments' `FragmentSizeInBytes`.
     pub bytes: u64,
     /// Sum of the fragments' durations: what the clip should play for.
     pub duration_ms: u64,
+    /// Number of the first fragment.
     pub first_fragment: String,
+    /// Number of the last fragment.
     pub last_fragment: String,
     /// The fragments the chunk holds, as listed when it was planned.
     #[serde(skip)]
@@ -218,6 +228,7 @@ pub fn rfc3339(ms: EpochMs) -> String {
         .unwrap_or_else(|| format!("{ms}ms"))
 }
 
+/// `ms` as UTC with no separators (`20240101T000000.000Z`): the form used in object keys.
 pub fn compact_time(ms: EpochMs) -> String {
     DateTime::<Utc>::from_timestamp_millis(ms)
         .map(|t| t.format("%Y%m%dT%H%M%S%.3fZ").to_string())

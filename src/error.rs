@@ -24,30 +24,42 @@ pub enum Retryability {
 }
 
 impl Retryability {
+    /// Whether trying again can ever help; how soon is the retry policy's business.
     pub fn can_retry(self) -> bool {
         !matches!(self, Retryability::Permanent)
     }
 }
 
+/// Everything that can go wrong in the library; [`Error::retryability`] tells the retry
+/// loop what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A KVS call failed (control plane or media).
     #[error("kvs {op} {stream}: {message}")]
     Kvs {
+        /// The API called (`GetClip`, `ListFragments`, ...).
         op: &'static str,
+        /// The stream it was called for.
         stream: String,
         /// The AWS error code, when the service answered.
         code: Option<String>,
         /// The HTTP status, when the service answered.
         status: Option<u16>,
+        /// What went wrong, in words the operator can act on.
         message: String,
+        /// Decided from the error's type, status and code, never its message.
         retry: Retryability,
     },
     /// The destination (an S3 bucket or a directory) refused or failed an operation.
     #[error("{op} {target}: {message}")]
     Destination {
+        /// The operation (`PutObject`, `UploadPart`, `rename`, ...).
         op: &'static str,
+        /// The bucket and key, or the path.
         target: String,
+        /// What went wrong, in words the operator can act on.
         message: String,
+        /// Decided from the error's type, status and code, never its message.
         retry: Retryability,
     },
     /// The destination forgot a multipart upload (S3 `NoSuchUpload`): it was aborted by someone
@@ -55,43 +67,74 @@ pub enum Error {
     #[error(
         "{op} {target}: the multipart upload is gone (NoSuchUpload); starting the upload again"
     )]
-    UploadLost { op: &'static str, target: String },
+    UploadLost {
+        /// The operation that found the upload gone (`UploadPart`,
+        /// `CompleteMultipartUpload`).
+        op: &'static str,
+        /// The bucket and key.
+        target: String,
+    },
     /// GetClip returned fewer fragments than planned (a cap bound): split and refetch.
     #[error("clip {key}: truncated: plays {got_ms} ms of the {planned_ms} ms planned")]
     Truncated {
+        /// The chunk's object key.
         key: String,
+        /// How long the returned clip plays.
         got_ms: u64,
+        /// How long the chunk's fragments should play.
         planned_ms: u64,
     },
+    /// A clip that cannot be read or archived as it came (a bad MP4, media KVS cannot
+    /// package).
     #[error("clip {key}: {message}")]
     Clip {
+        /// The chunk's object key.
         key: String,
+        /// What is wrong with the clip.
         message: String,
+        /// Whether another fetch may fare better.
         retry: Retryability,
     },
     /// The fragments were deleted by KVS (retention) before they were archived; recorded
     /// only when KVS itself confirms it.
     #[error("clip {key}: expired: {message}")]
-    Expired { key: String, message: String },
+    Expired {
+        /// The chunk's object key.
+        key: String,
+        /// What KVS said.
+        message: String,
+    },
     /// This process no longer holds the chunk (its lease was taken over): it must stop
     /// working on it and never record an outcome.
     #[error("chunk {chunk}: lease lost (generation {generation} is no longer current): another process took the chunk over")]
-    LeaseLost { chunk: i64, generation: i64 },
+    LeaseLost {
+        /// The chunk's id.
+        chunk: i64,
+        /// The generation this process held, now superseded.
+        generation: i64,
+    },
     /// A ledger query failed.
     #[error("ledger {op}: {source}{}", unreachable_hint(source))]
     Ledger {
+        /// The ledger operation (the trait method) that failed.
         op: &'static str,
+        /// The database driver's error.
         #[source]
         source: sqlx::Error,
     },
+    /// The ledger's database could not be opened at all.
     #[error("cannot reach the ledger at {url}: {source}; check ledger.database_url and that the database server is running and accepts this user")]
     LedgerUnreachable {
+        /// The `ledger.database_url`, with its password redacted.
         url: String,
+        /// The database driver's error.
         #[source]
         source: sqlx::Error,
     },
+    /// The ledger's schema could not be brought up to date.
     #[error("ledger migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The configuration is refused; see [`ConfigError`].
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// A ledger change that would break one of its rules (a split overlapping another
@@ -101,7 +144,12 @@ pub enum Error {
     /// A daemon pass ran past `daemon.pass_timeout` and was stopped; the next pass
     /// continues where it stopped.
     #[error("pass over {stream} took longer than daemon.pass_timeout ({limit}): stopped; the next pass continues")]
-    PassTimeout { stream: String, limit: String },
+    PassTimeout {
+        /// The stream's label.
+        stream: String,
+        /// `daemon.pass_timeout`, written for a person (`5m`).
+        limit: String,
+    },
     /// Bad input or configuration found while running: the message says what to fix.
     #[error("{0}")]
     Usage(String),
@@ -111,6 +159,7 @@ pub enum Error {
     /// The credential source did not answer (a timeout, STS or the SSO portal down).
     #[error("{0}")]
     CredentialsUnavailable(String),
+    /// A signal asked the process to stop before the work was done.
     #[error("interrupted: stopping at a signal")]
     Interrupted,
 }
@@ -141,6 +190,7 @@ fn unreachable_hint(source: &sqlx::Error) -> &'static str {
 }
 
 impl Error {
+    /// What a retry can do about this error: the one question the retry loop asks.
     pub fn retryability(&self) -> Retryability {
         match self {
             Error::Kvs { retry, .. }
@@ -283,6 +333,7 @@ impl Error {
     }
 }
 
+/// The library's result, with [`Error`] unless said otherwise.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A configuration that cannot be used: what to fix, before anything starts.
@@ -290,10 +341,20 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum ConfigError {
     /// The file or the environment could not be read as a configuration.
     #[error("config {path}: {message}")]
-    Load { path: String, message: String },
+    Load {
+        /// The file, or where the environment was read.
+        path: String,
+        /// What could not be read.
+        message: String,
+    },
     /// A value is refused: the field, and what to change.
     #[error("config: {field}: {message}")]
-    Invalid { field: String, message: String },
+    Invalid {
+        /// The key, as the file spells it (`streams[2].max_clip_duration`).
+        field: String,
+        /// What is wrong with the value, and what to change.
+        message: String,
+    },
     /// Neither a file nor the environment names a destination.
     #[error("no configuration: give --config FILE or set KVS_ARCHIVER_CONFIG (every key is in config/kvs-archiver.example.toml, or /usr/share/doc/kvs-archiver/ from the package){}", DEMO_HINT)]
     Missing,

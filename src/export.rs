@@ -49,8 +49,11 @@ pub enum GapMode {
 /// A span of the range with no media in the output, and why.
 #[derive(Debug, Clone, Serialize)]
 pub struct Gap {
+    /// Where the gap starts (wall time).
     pub from_ms: EpochMs,
+    /// Where it ends.
     pub to_ms: EpochMs,
+    /// What the range holds there: no media, media not archived yet, or media left out.
     pub why: String,
     /// The frame before it stays on screen for its length (`--gaps hold`); otherwise the
     /// media after it follows at once.
@@ -60,12 +63,16 @@ pub struct Gap {
 /// An object holding media of the range that the output leaves out.
 #[derive(Debug, Clone, Serialize)]
 pub struct LeftOut {
+    /// The object left out.
     pub object_key: String,
+    /// Why: stored as Matroska, or tracks other than video.
     pub reason: String,
 }
 
+/// What `export` wrote, for its summary and `--json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExportReport {
+    /// The file written.
     pub output: String,
     /// Wall time of the first frame (the keyframe at or before the requested start).
     pub first_frame_ms: EpochMs,
@@ -73,18 +80,24 @@ pub struct ExportReport {
     pub last_frame_end_ms: EpochMs,
     /// How long the output plays.
     pub duration_ms: u64,
+    /// Video frames in the output.
     pub frames: u32,
+    /// The output's size, in bytes.
     pub bytes: u64,
+    /// How gaps were written (`--gaps`).
     pub gap_mode: GapMode,
     /// The archived objects the output's samples come from, in time order.
     pub objects: Vec<String>,
     /// The fragments whose samples the output holds, in time order.
     pub fragments: Vec<String>,
+    /// Spans of the range with no media in the output.
     pub gaps: Vec<Gap>,
+    /// Objects with media of the range that the output leaves out.
     pub left_out: Vec<LeftOut>,
 }
 
 impl ExportReport {
+    /// The report as a person reads it.
     pub fn describe(&self) -> String {
         let mut out = format!(
             "wrote {}: {:.1} s, {} frames, {:.1} MB from {} objects ({} fragments), {} .. {}",

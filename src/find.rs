@@ -15,22 +15,31 @@ const DAY_MS: i64 = 86_400_000;
 pub enum Finding {
     /// An archived object holds it.
     Archived {
+        /// The object holding the instant.
         object_key: String,
         /// Into the object's timeline: GetClip's MP4 plays the chunk's fragments back to
         /// back, so this is the durations of the fragments before plus the way into this
         /// one.
         offset_ms: u64,
+        /// The fragment holding the instant.
         fragment: String,
+        /// Start of the chunk's first fragment: the object's time zero.
         chunk_start_ms: EpochMs,
     },
     /// A chunk holds it but is not archived.
     NotArchived {
+        /// The chunk's state (planned, in flight, failed, expired).
         state: ChunkState,
+        /// The object the chunk will be archived as.
         object_key: String,
+        /// Why its last attempt failed, if one did.
         last_error: Option<String>,
     },
     /// Planning has not reached it yet.
-    NotPlannedYet { planned_through_ms: Option<EpochMs> },
+    NotPlannedYet {
+        /// Where planning has reached (`None`: it has not run).
+        planned_through_ms: Option<EpochMs>,
+    },
     /// KVS had no media then: planning listed past it and found no fragment holding it.
     NoMedia {
         /// Where archived media before it ends, and its object.

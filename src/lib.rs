@@ -44,6 +44,9 @@
 //! then the same per-chunk path) → at-risk check → metrics. Imports point one way
 //! (`tests/architecture.rs` checks it).
 
+// Every public item says what it is for; CI's `-D warnings` keeps it so.
+#![warn(missing_docs)]
+
 pub mod app;
 pub mod archive;
 pub mod config;

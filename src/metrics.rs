@@ -11,6 +11,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// One chunk archived: counts its bytes and fragments and how long it took.
 pub fn chunk_archived(stream: &str, kind: ChunkKind, bytes: u64, fragments: u64, took: Duration) {
     let stream = stream.to_string();
     if kind == ChunkKind::Mkv {
@@ -50,6 +51,8 @@ const BUCKETS: [(&str, &[f64]); 4] = [
     ),
 ];
 
+/// One failed attempt at a chunk: counted by its kind, and as a throttle or a retry when it
+/// is one.
 pub fn chunk_failed(stream: &str, error: &Error) {
     let stream = stream.to_string();
     match error.retryability() {
@@ -77,11 +80,13 @@ pub fn operation_retried(operation: &str, why: Retryability) {
         .increment(1);
 }
 
+/// Time to GetClip's first byte.
 pub fn getclip_latency(stream: &str, took: Duration) {
     histogram!("kvs_archiver_getclip_first_byte_seconds", "stream" => stream.to_string())
         .record(took.as_secs_f64());
 }
 
+/// Time to complete an upload.
 pub fn upload_latency(stream: &str, took: Duration) {
     histogram!("kvs_archiver_upload_finish_seconds", "stream" => stream.to_string())
         .record(took.as_secs_f64());
@@ -92,15 +97,18 @@ pub fn late_fragments(stream: &str, count: u64) {
     counter!("kvs_archiver_late_fragments_total", "stream" => stream.to_string()).increment(count);
 }
 
+/// Fragments KVS deleted before they were archived.
 pub fn fragments_expired(stream: &str, count: u64) {
     counter!("kvs_archiver_fragments_expired_total", "stream" => stream.to_string())
         .increment(count);
 }
 
+/// A firing that found the stream's pass still running, merged into the next pass.
 pub fn coalesced_firing(stream: &str) {
     counter!("kvs_archiver_coalesced_firings_total", "stream" => stream.to_string()).increment(1);
 }
 
+/// Chunks by state, as the ledger counts them: a gauge per state.
 pub fn chunks_by_state(stream: &str, counts: &[(crate::ledger::ChunkState, i64)]) {
     for state in crate::ledger::ChunkState::ALL {
         let n = counts

@@ -20,10 +20,13 @@ pub struct ClipHeader {
     pub total_len: u64,
 }
 
+/// Why a file cannot be read as an MP4 clip.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Mp4Error {
+    /// The boxes do not describe an MP4; what is wrong.
     #[error("not an MP4: {0}")]
     Malformed(String),
+    /// `mdat` comes before `moov`: the header cannot be read before the media.
     #[error("moov does not precede mdat: not a progressive MP4")]
     NotProgressive,
 }

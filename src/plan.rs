@@ -64,6 +64,7 @@ pub struct Packer {
 }
 
 impl Packer {
+    /// An empty packer that closes chunks at `limits`.
     pub fn new(limits: ChunkLimits) -> Self {
         Packer {
             limits,

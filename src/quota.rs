@@ -15,6 +15,7 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
+    /// A full bucket refilled at `rate_per_sec` points per second (at least 0.001).
     pub fn new(rate_per_sec: f64) -> Self {
         TokenBucket {
             rate: rate_per_sec.max(0.001),

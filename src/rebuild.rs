@@ -27,7 +27,9 @@ const HEADS_IN_FLIGHT: usize = 16;
 /// What the rebuild found and recorded, per stream.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct RebuildReport {
+    /// Objects listed under the stream's prefix.
     pub objects_listed: usize,
+    /// Chunks recorded in the ledger as done.
     pub chunks_restored: usize,
     /// Objects whose fragments KVS no longer lists: restored from their metadata alone.
     pub from_metadata_only: Vec<String>,
@@ -44,6 +46,7 @@ pub struct RebuildReport {
 }
 
 impl RebuildReport {
+    /// The report as a person reads it.
     pub fn describe(&self) -> String {
         let mut text = format!(
             "rebuild-ledger: {} objects listed, {} chunks restored ({} from metadata only: KVS no longer lists their fragments), {} already in the ledger, {} skipped",
@@ -77,7 +80,9 @@ impl RebuildReport {
 /// An object whose metadata was refused, and why.
 #[derive(Debug, Clone, Serialize)]
 pub struct Untrusted {
+    /// The object's key.
     pub key: String,
+    /// Why its metadata is refused.
     pub why: String,
 }
 

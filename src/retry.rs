@@ -71,7 +71,9 @@ pub struct FirstContact(RetryPolicy);
 
 /// What [`with_retry`] needs of a policy.
 pub trait Backoff {
+    /// Whether another attempt is allowed after `attempt` failures.
     fn allows(&self, attempt: u32, retryability: Retryability) -> bool;
+    /// How long to wait before the next attempt.
     fn delay(&self, attempt: u32, retryability: Retryability) -> Duration;
 }
 

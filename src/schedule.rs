@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 /// Where the schedules' wall-clock times are read.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Zone {
+    /// A fixed offset from UTC (`UTC`, `+01:00`): no daylight saving.
     Fixed(FixedOffset),
     /// An IANA zone (`Europe/Paris`), with its daylight-saving rules.
     Named(chrono_tz::Tz),
@@ -109,6 +110,7 @@ pub fn next_firing(cron: &Cron, zone: Zone, after: DateTime<Utc>) -> Option<Date
 /// What time it is: the system's clock, or a test's.
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
+/// Fires each stream's cron schedule into the daemon's queue, each on a task of its own.
 pub struct Scheduler {
     next: Arc<Mutex<HashMap<String, EpochMs>>>,
     stop: CancellationToken,
@@ -157,6 +159,7 @@ impl Scheduler {
         self.next.lock().ok()?.get(stream).copied()
     }
 
+    /// Stops every firing task.
     pub async fn stop(self) {
         self.stop.cancel();
     }

@@ -6,6 +6,8 @@
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// The two-stage stop: the first signal takes no new work and aborts work in flight after
+/// the grace; a second exits at once.
 #[derive(Clone, Default)]
 pub struct Shutdown {
     /// Take no new work.
@@ -18,6 +20,7 @@ pub struct Shutdown {
 const EXIT_AT_ONCE: i32 = 130;
 
 impl Shutdown {
+    /// Neither stage started.
     pub fn new() -> Self {
         Shutdown::default()
     }

@@ -49,6 +49,7 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// A bar labelled `label` in a terminal; log lines otherwise.
     pub fn new(label: &str) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = bars().add(ProgressBar::new(0));
@@ -75,6 +76,8 @@ impl Progress {
         }
     }
 
+    /// Planning has listed `listed_ms` of a `range_ms` range and made `chunks` chunks so
+    /// far.
     pub fn planned(&self, listed_ms: i64, range_ms: i64, chunks: usize) {
         let percent = (listed_ms.max(0) as f64 / range_ms.max(1) as f64 * 100.0).min(100.0);
         match &self.bar {
@@ -83,6 +86,7 @@ impl Progress {
         }
     }
 
+    /// The range holds `chunks` chunks, `done` of them archived already.
     pub fn set_totals(&self, chunks: usize, done: usize) {
         if let Some(bar) = &self.bar {
             bar.set_length(chunks as u64);
@@ -90,6 +94,7 @@ impl Progress {
         }
     }
 
+    /// One chunk archived, `bytes` long.
     pub fn chunk_done(&self, bytes: u64, chunk: &Chunk) {
         let total = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
         match &self.bar {
@@ -107,12 +112,14 @@ impl Progress {
         }
     }
 
+    /// One chunk failed: said above the bar, in a terminal.
     pub fn chunk_failed(&self, chunk: &Chunk, error: &Error) {
         if let Some(bar) = &self.bar {
             bar.println(format!("failed: {}: {error}", chunk.object_key));
         }
     }
 
+    /// Clears the bar.
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
@@ -129,6 +136,7 @@ pub struct ByteProgress {
 }
 
 impl ByteProgress {
+    /// A bar of `total` bytes labelled `label` in a terminal; log lines otherwise.
     pub fn new(label: &str, total: u64) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = bars().add(ProgressBar::new(total));
@@ -148,6 +156,7 @@ impl ByteProgress {
         }
     }
 
+    /// `bytes` more are done.
     pub fn advance(&self, bytes: u64) {
         let before = self.done.fetch_add(bytes, Ordering::Relaxed);
         let after = before + bytes;
@@ -162,6 +171,7 @@ impl ByteProgress {
         }
     }
 
+    /// Clears the bar.
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();

@@ -25,7 +25,9 @@ use std::collections::HashSet;
 /// What is wrong with one done chunk's object.
 #[derive(Debug, Clone, Serialize)]
 pub struct Damaged {
+    /// The object that is wrong.
     pub object_key: String,
+    /// Its chunk's id (`--repair` plans it again).
     pub chunk: i64,
     /// missing, size, checksum or metadata.
     pub problem: String,
@@ -34,19 +36,28 @@ pub struct Damaged {
 /// A fragment KVS holds that no archived object contains.
 #[derive(Debug, Clone, Serialize)]
 pub struct Unarchived {
+    /// The fragment's number.
     pub fragment_number: String,
+    /// Its start, RFC 3339.
     pub start: String,
     /// Why: in no chunk, or in a chunk not archived yet (its state).
     pub held_by: Option<String>,
 }
 
+/// What `verify` found for one stream: its exit status and report.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct VerifyReport {
+    /// The stream's label.
     pub stream: String,
+    /// Done chunks whose objects were read back.
     pub chunks_checked: usize,
+    /// Fragments KVS listed over the range.
     pub fragments_listed: usize,
+    /// Done chunks whose object is missing or differs from the ledger's record.
     pub damaged: Vec<Damaged>,
+    /// Fragments KVS holds that no archived object contains.
     pub unarchived: Vec<Unarchived>,
+    /// Objects under the stream's prefix that the ledger does not know.
     pub extra_objects: Vec<String>,
     /// Damaged chunks planned again by `--repair`.
     pub requeued: usize,
@@ -55,10 +66,12 @@ pub struct VerifyReport {
 }
 
 impl VerifyReport {
+    /// Nothing damaged, missing or extra: `verify` exits 0.
     pub fn clean(&self) -> bool {
         self.damaged.is_empty() && self.unarchived.is_empty() && self.extra_objects.is_empty()
     }
 
+    /// The report as a person reads it (at most 20 lines of each finding).
     pub fn describe(&self) -> String {
         let mut text = format!(
             "verify {}: {} done chunks checked against the destination, {} fragments listed in KVS: {} damaged or missing objects, {} fragments in no archived object, {} objects the ledger does not know",

@@ -25,6 +25,7 @@ static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 /// this program and is not read whole.
 const MAX_SIDECAR_BYTES: u64 = 64 * 1024;
 
+/// A local directory as [`super::Destination`]: objects are files under `root`.
 pub struct DirDestination {
     root: PathBuf,
     /// `destination.prefix`: the root and the prefix are the operator's configuration,
@@ -32,6 +33,8 @@ pub struct DirDestination {
     prefix: String,
 }
 
+/// One file on its way: written to a partial file beside the target, renamed into place at
+/// the end.
 pub struct DirUpload {
     partial: PathBuf,
     target: PathBuf,
@@ -185,6 +188,7 @@ fn walk_files(start: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
 }
 
 impl DirDestination {
+    /// Objects under `root`, keys under `prefix`.
     pub fn new(root: PathBuf, prefix: &str) -> Self {
         DirDestination {
             root,
@@ -192,6 +196,7 @@ impl DirDestination {
         }
     }
 
+    /// The root's path, for logs and messages.
     pub fn describe(&self) -> String {
         self.root.display().to_string()
     }
@@ -255,6 +260,7 @@ impl DirDestination {
         Ok(())
     }
 
+    /// Creates the root if missing and proves a file can be written in it.
     pub async fn check(&self) -> Result<()> {
         tokio::fs::create_dir_all(&self.root)
             .await
@@ -279,6 +285,8 @@ impl DirDestination {
         Ok(())
     }
 
+    /// Opens a partial file for `key`; nothing is visible at `key` until
+    /// [`DirUpload::finish`].
     pub async fn begin(&self, key: &str, meta: ObjectMeta) -> Result<DirUpload> {
         let target = self.path_of(key)?;
         // Each upload writes a file of its own: a worker that lost its lease can never
@@ -336,6 +344,7 @@ impl DirDestination {
         walk.await.unwrap_or(0)
     }
 
+    /// See [`super::Destination::inspect`].
     pub async fn inspect(&self, key: &str) -> Result<Option<super::StoredObject>> {
         use tokio::io::AsyncReadExt;
         let path = self.path_of(key)?;
@@ -394,6 +403,7 @@ impl DirDestination {
         Ok(Some(super::ObjectHead { size, meta }))
     }
 
+    /// Removes every partial file of `key`; returns how many.
     pub async fn abort_partial(&self, key: &str) -> Result<usize> {
         let target = self.path_of(key)?;
         let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
@@ -443,6 +453,7 @@ impl DirDestination {
 }
 
 impl DirUpload {
+    /// Appends bytes to the partial file.
     pub async fn write(&mut self, bytes: Bytes) -> Result<()> {
         self.written += bytes.len() as u64;
         self.crc.update(&bytes);
@@ -526,6 +537,7 @@ impl DirUpload {
         Ok(())
     }
 
+    /// Removes the partial file.
     pub async fn abort(self) {
         drop(self.file);
         let _ = tokio::fs::remove_file(&self.partial).await;

@@ -20,10 +20,12 @@ pub const ORPHAN_AGE: Duration = Duration::from_secs(6 * 3600);
 pub struct Crc32c(u32);
 
 impl Crc32c {
+    /// Adds `bytes`, which follow those already added.
     pub fn update(&mut self, bytes: &[u8]) {
         self.0 = crc32c::crc32c_append(self.0, bytes);
     }
 
+    /// The checksum as 8 lowercase hex digits: how the ledger and `verify` record it.
     pub fn hex(self) -> String {
         format!("{:08x}", self.0)
     }
@@ -48,16 +50,23 @@ impl Crc32c {
 /// Object metadata: what a user needs to find a clip without the ledger.
 #[derive(Debug, Clone)]
 pub struct ObjectMeta {
+    /// Name and value pairs, stored with the object (S3 user metadata, or a side file).
     pub pairs: Vec<(&'static str, String)>,
 }
 
+/// Where archived objects go: the one seam between the worker and S3 or a directory.
 pub enum Destination {
+    /// An S3 bucket (or an S3-compatible store).
     S3(s3::S3Destination),
+    /// A local directory.
     Dir(dir::DirDestination),
 }
 
+/// One object being written; nothing is visible at its key until [`Upload::finish`].
 pub enum Upload {
+    /// A multipart upload to S3.
     S3(s3::S3Upload),
+    /// A partial file in the directory, renamed into place at the end.
     Dir(dir::DirUpload),
 }
 
@@ -115,6 +124,7 @@ impl Destination {
         }
     }
 
+    /// Where objects go, for logs and messages: `s3://BUCKET` or the directory's path.
     pub fn describe(&self) -> String {
         match self {
             Destination::S3(s) => s.describe(),
@@ -168,27 +178,37 @@ impl Destination {
 /// An object as `verify` reads it back.
 #[derive(Debug, Clone)]
 pub struct StoredObject {
+    /// Bytes, as stored now.
     pub size: u64,
     /// CRC32C of the whole object, hex.
     pub crc32c: String,
+    /// The object's metadata, as [`ObjectMeta`] wrote it.
     pub meta: std::collections::BTreeMap<String, String>,
 }
 
 /// An object's size and metadata.
 #[derive(Debug, Clone)]
 pub struct ObjectHead {
+    /// Bytes.
     pub size: u64,
+    /// The object's metadata, as [`ObjectMeta`] wrote it.
     pub meta: std::collections::BTreeMap<String, String>,
 }
 
 /// A byte range of an object, read piece by piece.
 pub enum RangeBody {
+    /// From S3: the GetObject body.
     S3 {
+        /// The body being read.
         body: aws_sdk_s3::primitives::ByteStream,
+        /// `s3://BUCKET/KEY`, for errors.
         target: String,
     },
+    /// From a directory: the file, cut to the range.
     Dir {
+        /// The file, positioned at the start and limited to the range's length.
         file: tokio::io::Take<tokio::fs::File>,
+        /// Its path, for errors.
         path: std::path::PathBuf,
     },
 }

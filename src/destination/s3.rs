@@ -38,10 +38,13 @@ struct Inner {
     overlap: Arc<Semaphore>,
 }
 
+/// An S3 bucket (or S3-compatible store) as [`super::Destination`]; cheap to share.
 pub struct S3Destination {
     inner: Arc<Inner>,
 }
 
+/// One object on its way to S3: a multipart upload once it outgrows one part, else one
+/// PutObject.
 pub struct S3Upload {
     inner: Arc<Inner>,
     key: String,
@@ -200,6 +203,7 @@ impl S3Destination {
         }
     }
 
+    /// `s3://BUCKET`, for logs and messages.
     pub fn describe(&self) -> String {
         format!("s3://{}", self.inner.bucket)
     }
@@ -245,6 +249,8 @@ impl S3Destination {
         }
     }
 
+    /// Starts an upload to `key`; nothing reaches S3 before the first part is full or the
+    /// upload finishes.
     pub fn begin(&self, key: &str, meta: ObjectMeta, content_type: &'static str) -> S3Upload {
         S3Upload {
             inner: self.inner.clone(),
@@ -264,6 +270,7 @@ impl S3Destination {
         }
     }
 
+    /// Aborts the multipart upload `upload_id` of `key`; one already gone is no error.
     pub async fn abort_upload(&self, key: &str, upload_id: &str) -> Result<()> {
         abort(&self.inner, key, upload_id).await
     }
@@ -305,6 +312,8 @@ impl S3Destination {
         }
     }
 
+    /// Aborts uploads under `prefix` older than `min_age` that `live` does not list;
+    /// returns how many.
     pub async fn sweep_orphans(
         &self,
         prefix: &str,
@@ -331,6 +340,7 @@ impl S3Destination {
         aborted
     }
 
+    /// Aborts every open multipart upload of `key`; returns how many.
     pub async fn abort_uploads_of(&self, key: &str) -> Result<usize> {
         // A store that cannot list uploads: only the recorded id can be aborted.
         let uploads = self.open_uploads(key).await.unwrap_or_default();
@@ -352,6 +362,7 @@ struct OpenUpload {
 }
 
 impl S3Destination {
+    /// See [`super::Destination::inspect`].
     pub async fn inspect(&self, key: &str) -> Result<Option<super::StoredObject>> {
         let target = format!("s3://{}/{key}", self.inner.bucket);
         let got = self
@@ -441,6 +452,7 @@ impl S3Destination {
         }))
     }
 
+    /// See [`super::Destination::list_keys`].
     pub async fn list_keys(&self, prefix: &str) -> Result<Vec<String>> {
         let target = self.describe();
         let mut keys = Vec::new();
@@ -538,10 +550,12 @@ impl S3Upload {
         format!("s3://{}/{}", self.inner.bucket, self.key)
     }
 
+    /// See [`super::Upload::upload_id`].
     pub fn upload_id(&self) -> Option<&str> {
         self.upload_id.as_deref()
     }
 
+    /// Adds bytes to the object, sending a part whenever one is full.
     pub async fn write(&mut self, bytes: Bytes) -> Result<()> {
         self.total += bytes.len() as u64;
         let mut rest = &bytes[..];
@@ -644,6 +658,8 @@ impl S3Upload {
         Ok(())
     }
 
+    /// Sends what is left and completes the object (one PutObject if it never filled a
+    /// part).
     pub async fn finish(mut self) -> Result<Archived> {
         let crc = self.object_crc();
         let archived = Archived {
@@ -718,6 +734,7 @@ impl S3Upload {
         }
     }
 
+    /// Aborts the upload, if one was created, and any part in flight.
     pub async fn abort(mut self) {
         if let Some(task) = self.in_flight.take() {
             task.abort();

@@ -37,13 +37,16 @@ pub enum Role {
     Daemon,
     /// `run --once`.
     Once,
+    /// `backfill`: archives a range given on the command line, then exits.
     Backfill,
+    /// `verify`: checks the archive, and with `--repair` plans damaged chunks again.
     Verify,
     /// Reads only (`status`, `plan`): never registers nor claims.
     Reader,
 }
 
 impl Role {
+    /// The name stored in the ledger's `role` column and shown by `status`.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Daemon => "daemon",
@@ -60,16 +63,21 @@ impl Role {
 pub struct Identity {
     /// The instance's stable id (`ledger.instance_id`, or generated once and kept).
     pub instance: String,
+    /// What this process does, so `status` can tell a daemon from a one-off command.
     pub role: Role,
     /// This process: `instance@host:pid:nonce`. Claims and leases name it; the random
     /// part tells apart two processes that share an instance id, a host name and a pid
     /// (two containers, each its own pid 1).
     pub owner: String,
+    /// The machine's host name, as `status` shows it (`localhost` when unknown).
     pub host: String,
+    /// The operating system's process id, as `status` shows it.
     pub pid: u32,
 }
 
 impl Identity {
+    /// An identity for this process under `instance`, with a fresh random part in its
+    /// owner.
     pub fn new(instance: &str, role: Role) -> Identity {
         let host = crate::config::host_name().unwrap_or_else(|| "localhost".to_string());
         let pid = std::process::id();
@@ -93,24 +101,38 @@ impl Identity {
 /// A process registered with the ledger, as `status` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct InstanceView {
+    /// The process's owner name (`instance@host:pid:nonce`).
     pub owner: String,
+    /// The instance id it registered under.
     pub instance: String,
+    /// Its [`Role`], as stored.
     pub role: String,
+    /// The host it runs on.
     pub host: String,
+    /// Its process id.
     pub pid: i64,
+    /// When it registered.
     pub started_ms: EpochMs,
+    /// Its last heartbeat: a process not seen for a lease is taken for dead.
     pub last_seen_ms: EpochMs,
 }
 
 /// Who works a stream now.
 #[derive(Debug, Clone, Serialize)]
 pub struct StreamHolder {
+    /// The stream's label.
     pub stream: String,
+    /// Which timestamp selects the stream's fragments: a lease is per stream and source.
     pub timestamp_source: TimestampSource,
+    /// The owner name of the process holding the lease.
     pub owner: String,
+    /// The instance id of that process.
     pub instance: String,
+    /// Its role, as stored.
     pub role: String,
+    /// When it took the lease.
     pub acquired_ms: EpochMs,
+    /// When the lease lapses unless it is renewed.
     pub lease_until_ms: EpochMs,
 }
 
@@ -142,6 +164,7 @@ pub enum StreamClaim {
 /// The outcome of [`Ledger::register`].
 #[derive(Debug, Clone)]
 pub enum Registration {
+    /// This process is recorded as alive and may claim.
     Registered,
     /// Another live daemon runs under the same instance id.
     InstanceInUse(InstanceView),
@@ -150,10 +173,15 @@ pub enum Registration {
 /// An in-flight chunk and who holds it, for `status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct HeldChunk {
+    /// The chunk's object key.
     pub object_key: String,
+    /// Fetching or uploading.
     pub state: ChunkState,
+    /// The instance id of the holder.
     pub instance: String,
+    /// The owner name of the holding process.
     pub owner: String,
+    /// When the holder's lease lapses unless renewed.
     pub lease_until_ms: Option<EpochMs>,
 }
 
@@ -186,6 +214,7 @@ impl ChunkState {
         ChunkState::Expired,
     ];
 
+    /// The name stored in the ledger's `state` column.
     pub fn as_str(self) -> &'static str {
         match self {
             ChunkState::Planned => "planned",
@@ -197,6 +226,7 @@ impl ChunkState {
         }
     }
 
+    /// The state a `state` column holds; `None` for a name this build does not know.
     pub fn parse(text: &str) -> Option<ChunkState> {
         Some(match text {
             "planned" => ChunkState::Planned,
@@ -224,42 +254,55 @@ impl fmt::Display for ChunkState {
 /// A chunk row.
 #[derive(Debug, Clone, Serialize)]
 pub struct Chunk {
+    /// The chunk's id: its row, and the `chunk` of every [`Lease`] on it.
     pub id: i64,
+    /// The stream's label.
     pub stream: String,
+    /// Which timestamp the chunk's range is in.
     pub timestamp_source: TimestampSource,
     /// Range, counts and kind; `plan.fragments` is empty here (see
     /// [`Ledger::fragments_of`]).
     pub plan: ChunkPlan,
+    /// Where the object goes (or went), derived from the chunk's range, so a re-upload
+    /// lands on the same key.
     pub object_key: String,
+    /// Where the chunk is in its life.
     pub state: ChunkState,
     /// Claims so far.
     pub attempts: u32,
+    /// Why the last attempt failed (the error's message).
     pub last_error: Option<String>,
     /// [`Error::kind`] of the last failure.
     pub error_kind: Option<String>,
     /// A failed chunk is claimable from this time on (`None`: at once).
     pub next_attempt_ms: Option<EpochMs>,
+    /// Size of the object written, once done.
     pub archived_bytes: Option<u64>,
     /// CRC32C of the whole object (hex), as written.
     pub archived_crc32c: Option<String>,
     /// The multipart upload of the current claim, once created.
     pub upload_id: Option<String>,
+    /// The process holding the chunk while it is in flight.
     pub owner: Option<String>,
     /// The fencing token of the current (or last) claim.
     pub generation: i64,
+    /// When the current claim lapses unless renewed (`None` when not in flight).
     pub lease_until_ms: Option<EpochMs>,
 }
 
 /// A claim on a chunk: the fencing token every transition must present.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Lease {
+    /// The chunk's id.
     pub chunk: i64,
+    /// The chunk's generation at the claim: the fencing token.
     pub generation: i64,
 }
 
 /// What a finished upload wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Archived {
+    /// Size of the object written, in bytes.
     pub bytes: u64,
     /// CRC32C of the whole object, hex.
     pub crc32c: String,
@@ -270,12 +313,14 @@ pub struct Archived {
 pub struct Failure {
     /// [`Error::kind`].
     pub kind: &'static str,
+    /// Why the attempt failed: the error's message, as the operator reads it.
     pub message: String,
     /// When a later pass may claim the chunk again.
     pub next_attempt_ms: EpochMs,
 }
 
 impl Failure {
+    /// The failure as `error` classified it, retried from `next_attempt_ms`.
     pub fn of(error: &Error, next_attempt_ms: EpochMs) -> Failure {
         Failure {
             kind: error.kind(),
@@ -302,26 +347,40 @@ pub struct UndecodableRow {
 /// Chunks of a range by state, for a run's summary.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct RangeSummary {
+    /// Chunks reaching into the range, in any state.
     pub chunks: usize,
+    /// Archived.
     pub done: usize,
+    /// Planned, waiting for a worker.
     pub pending: usize,
     /// Held under a live lease, by this process or another.
     pub in_flight: usize,
+    /// Failed chunks (whole rows, for the report).
     pub failed: Vec<Chunk>,
+    /// Chunks whose media KVS deleted before they were archived.
     pub expired: Vec<Chunk>,
+    /// Bytes of the range's archived objects.
     pub archived_bytes: u64,
 }
 
 /// Per-stream totals for `status`.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct StreamStatus {
+    /// The stream's label.
     pub stream: String,
+    /// Chunks archived.
     pub done: u64,
+    /// Chunks planned, waiting for a worker.
     pub pending: u64,
+    /// Chunks fetching or uploading now.
     pub in_flight: u64,
+    /// Chunks whose last attempt failed.
     pub failed: u64,
+    /// Chunks whose media KVS deleted first.
     pub expired: u64,
+    /// Bytes of the archived objects.
     pub archived_bytes: u64,
+    /// Fragments the archived chunks hold.
     pub archived_fragments: u64,
     /// Fragments archived alone because they were listed after their range was archived
     /// (late chunks; a late fragment GetClip cannot select alone counts as Matroska).
@@ -330,6 +389,7 @@ pub struct StreamStatus {
     pub mkv_fragments: u64,
     /// Start of the last fragment of the newest archived chunk.
     pub archived_through_ms: Option<EpochMs>,
+    /// Why the stream's most recent failed chunk failed.
     pub last_error: Option<String>,
     /// Failed chunks: kind, reason and next retry of each (newest first, at most 20).
     pub failures: Vec<FailureView>,
@@ -337,8 +397,11 @@ pub struct StreamStatus {
     pub oldest_unarchived_ms: Option<EpochMs>,
     /// The daemon's view (`run`), when it has run.
     pub retention_ms: Option<i64>,
+    /// When the daemon's schedule fires next for the stream.
     pub next_run_ms: Option<EpochMs>,
+    /// When the daemon's last pass over the stream ran.
     pub last_run_ms: Option<EpochMs>,
+    /// Why that pass failed, if it did.
     pub last_run_error: Option<String>,
     /// The process working the stream now, if any.
     pub held_by: Option<StreamHolder>,
@@ -352,21 +415,33 @@ pub struct StreamStatus {
 /// One failed chunk as `status` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct FailureView {
+    /// The chunk's object key.
     pub object_key: String,
+    /// Start of the chunk's first fragment.
     pub start_ms: EpochMs,
+    /// [`Error::kind`] of the failure.
     pub kind: String,
+    /// The failure's message.
     pub reason: String,
+    /// Claims so far.
     pub attempts: u32,
+    /// When a later pass may claim it again.
     pub next_attempt_ms: Option<EpochMs>,
 }
 
 /// The daemon's per-stream memory (`stream_progress`).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StreamProgress {
+    /// How far planning has recorded chunks: the next pass lists from here, less the settle
+    /// time.
     pub planned_through_ms: Option<EpochMs>,
+    /// The stream's retention, in ms, as DescribeStream last said.
     pub retention_ms: Option<i64>,
+    /// When the schedule fires next.
     pub next_run_ms: Option<EpochMs>,
+    /// When the last pass ran.
     pub last_run_ms: Option<EpochMs>,
+    /// Why the last pass failed, if it did (`None`: it succeeded).
     pub last_run_error: Option<String>,
 }
 
@@ -380,6 +455,7 @@ pub trait Ledger: Send + Sync {
         &self.identity().owner
     }
 
+    /// Who this process is: its owner name fences every claim it makes.
     fn identity(&self) -> &Identity;
 
     /// Records this process as alive. A daemon is refused while another live daemon
@@ -571,8 +647,10 @@ pub trait Ledger: Send + Sync {
     /// Every object key the ledger knows under a stream (any state), for verify.
     async fn object_keys(&self, stream: &str) -> Result<Vec<String>>;
 
+    /// One chunk by id; `None` if there is no such row.
     async fn chunk(&self, id: i64) -> Result<Option<Chunk>>;
 
+    /// Per-stream totals for `status`, every stream the ledger knows.
     async fn status(&self) -> Result<Vec<StreamStatus>>;
 
     /// Start of the oldest chunk of the stream not archived yet (nor expired).
@@ -588,6 +666,8 @@ pub trait Ledger: Send + Sync {
     /// Chunk counts by state for one stream, for the metrics.
     async fn counts(&self, stream: &str) -> Result<Vec<(ChunkState, i64)>>;
 
+    /// What the daemon recorded for the stream (`stream_progress`); defaults if nothing
+    /// yet.
     async fn progress(&self, stream: &str, source: TimestampSource) -> Result<StreamProgress>;
 
     /// Stores what the daemon learned in a pass; `None` keeps the stored value.
@@ -598,6 +678,7 @@ pub trait Ledger: Send + Sync {
         update: &StreamProgress,
     ) -> Result<()>;
 
+    /// Closes the database's connections; the ledger is not used after.
     async fn close(&self);
 }
 

@@ -8,9 +8,11 @@ use super::{be_u32, be_u64, box_at, children, Mp4Error};
 pub struct Sample {
     /// Byte offset in the file.
     pub offset: u64,
+    /// Bytes in the file.
     pub size: u32,
     /// Decode time from the start of the track.
     pub dts: u64,
+    /// Decode duration, in the track's timescale.
     pub duration: u32,
     /// Composition minus decode time (`ctts`; 0 without B-frames).
     pub cts_offset: i32,
@@ -21,12 +23,16 @@ pub struct Sample {
 /// The first video track of a file.
 #[derive(Debug, Clone)]
 pub struct VideoTrack {
+    /// Ticks per second of the track's times.
     pub timescale: u32,
+    /// Width in pixels (`tkhd`).
     pub width: u32,
+    /// Height in pixels (`tkhd`).
     pub height: u32,
     /// The `stsd` box whole (header included): the codec and its parameter sets. Samples
     /// of two tracks can share one output track only when these bytes are equal.
     pub sample_description: Vec<u8>,
+    /// Every sample, in decode order.
     pub samples: Vec<Sample>,
     /// Tracks other than this one (audio, metadata), which `export` leaves out.
     pub other_tracks: Vec<String>,

@@ -6,8 +6,11 @@
 /// chunks (runs of samples whose bytes follow each other in `mdat`).
 #[derive(Debug, Default)]
 pub struct TrackTable {
+    /// Ticks per second of the track's times.
     pub timescale: u32,
+    /// Width in pixels.
     pub width: u32,
+    /// Height in pixels.
     pub height: u32,
     /// The `stsd` box whole, copied from the source.
     pub sample_description: Vec<u8>,
@@ -23,6 +26,8 @@ pub struct TrackTable {
 }
 
 impl TrackTable {
+    /// An empty track in `timescale` ticks per second, of the codec `sample_description`
+    /// describes.
     pub fn new(timescale: u32, width: u32, height: u32, sample_description: Vec<u8>) -> Self {
         TrackTable {
             timescale,
@@ -33,6 +38,7 @@ impl TrackTable {
         }
     }
 
+    /// Samples so far.
     pub fn sample_count(&self) -> u32 {
         self.sizes.len() as u32
     }

@@ -34,9 +34,13 @@ const MAX_NEXT_TOKEN: usize = 4096;
 /// What DescribeStream says of a stream.
 #[derive(Debug, Clone)]
 pub struct StreamDescription {
+    /// The stream's name.
     pub name: String,
+    /// The stream's ARN.
     pub arn: String,
+    /// How long KVS keeps the stream's media: what an unarchived fragment races against.
     pub retention_hours: u32,
+    /// The stream's media type (`video/h264`, ...).
     pub media_type: String,
 }
 
@@ -50,10 +54,14 @@ enum Api {
 /// Per-second point rates the source keeps each stream under.
 #[derive(Debug, Clone, Copy)]
 pub struct Pacing {
+    /// GetClip's fragment-media points (KVS: 500 per second per stream).
     pub media_points_per_second: f64,
+    /// ListFragments' and GetClip's fragment-metadata points (KVS: 10,000 per second per
+    /// stream).
     pub metadata_points_per_second: f64,
     /// DescribeStream and GetDataEndpoint calls per second, per stream and per account.
     pub control_calls_per_second_per_stream: f64,
+    /// The account-wide half, shared by every stream.
     pub control_calls_per_second: f64,
 }
 
@@ -63,6 +71,7 @@ struct StreamBuckets {
     control: TokenBucket,
 }
 
+/// The KVS adapter: the only code that calls KVS, paced per stream and retried by `policy`.
 pub struct KvsSource {
     control: kv::Client,
     media_config: am::Config,
@@ -341,6 +350,8 @@ where
 }
 
 impl KvsSource {
+    /// A source using `shared`'s region and credentials, the control plane at
+    /// `control_endpoint` (default: AWS's).
     pub fn new(
         shared: &aws_config::SdkConfig,
         control_endpoint: Option<&str>,
@@ -409,6 +420,7 @@ impl KvsSource {
         self.endpoints.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// What DescribeStream says of `stream`; retried by the source's policy.
     pub async fn describe(&self, stream: &StreamConfig) -> Result<StreamDescription> {
         self.describe_with(stream, &self.policy).await
     }

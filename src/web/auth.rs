@@ -57,8 +57,13 @@ const PROXY_HEADERS: [&str; 6] = [
 /// Why `serve` cannot guard the page as asked.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
+    /// The operator's token is too short to resist guessing.
     #[error("serve token (KVS_ARCHIVER_SERVE_TOKEN or --token-file): must be at least {MIN_TOKEN_BYTES} bytes (got {got}); make one with `openssl rand -hex 32`, or leave it unset to get one generated")]
-    TooShort { got: usize },
+    TooShort {
+        /// Its length, in bytes.
+        got: usize,
+    },
+    /// The operating system gave no random bytes: no token nor session key can be made.
     #[error("serve: cannot draw random bytes for the token or the session key: {0}")]
     NoRandomness(String),
 }
@@ -129,6 +134,7 @@ impl Access {
         })
     }
 
+    /// How the page is guarded, for start-up to say so.
     pub fn mode(&self) -> Mode {
         self.mode
     }

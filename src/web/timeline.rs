@@ -14,12 +14,15 @@ const BAR_HEIGHT: f64 = 44.0;
 /// What a span of the timeline shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SpanClass {
+    /// Archived, by GetClip.
     Archived,
     /// A fragment archived alone after its range was (it reached KVS late).
     Late,
     /// Archived as Matroska (GetClip could not package it).
     Mkv,
+    /// Not archived yet: planned or in flight.
     Pending,
+    /// The last attempt failed; a later pass tries again.
     Failed,
     /// KVS deleted the media before it was archived.
     Expired,
@@ -28,6 +31,7 @@ pub enum SpanClass {
 }
 
 impl SpanClass {
+    /// The class's name in the page's CSS and legend.
     pub fn as_str(self) -> &'static str {
         match self {
             SpanClass::Archived => "archived",
@@ -40,6 +44,7 @@ impl SpanClass {
         }
     }
 
+    /// How an archived chunk of `kind` is drawn.
     pub fn of_kind(kind: ChunkKind) -> SpanClass {
         match kind {
             ChunkKind::Clip => SpanClass::Archived,
@@ -60,8 +65,11 @@ impl SpanClass {
 /// One thing on the timeline: a chunk, or a run of fragments of one.
 #[derive(Debug, Clone)]
 pub struct Span {
+    /// Start of the span (wall time).
     pub start_ms: EpochMs,
+    /// Where it ends.
     pub end_ms: EpochMs,
+    /// What the span shows: its colour and lane.
     pub class: SpanClass,
     /// The object (archived spans).
     pub object_key: Option<String>,

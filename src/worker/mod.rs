@@ -46,11 +46,18 @@ impl RangeSummary {
     }
 }
 
+/// The archiving core: plans ranges into the ledger and moves claimed chunks from KVS to
+/// the destination.
 pub struct Archiver {
+    /// Where media comes from.
     pub source: Arc<KvsSource>,
+    /// Where objects go.
     pub destination: Arc<Destination>,
+    /// The record of every chunk: claims, outcomes and fencing.
     pub ledger: Arc<dyn Ledger>,
+    /// The settings the worker follows (caps, retries, streams).
     pub config: Arc<Config>,
+    /// How an operation within one attempt is retried.
     pub policy: RetryPolicy,
     /// Clips in flight across all streams (the daemon's global limit); `None`: no limit
     /// beyond `archive.concurrency` per range.
@@ -113,6 +120,7 @@ pub fn next_pass_attempt(now: EpochMs, attempts: u32) -> EpochMs {
 }
 
 impl Archiver {
+    /// A worker with no limit on clips in flight (the daemon sets `in_flight`).
     pub fn new(
         source: Arc<KvsSource>,
         destination: Arc<Destination>,
@@ -285,6 +293,7 @@ impl Archiver {
         }
     }
 
+    /// Gives the stream's lease back; a failure is logged, as the lease lapses by itself.
     pub async fn release_stream(&self, stream: &StreamConfig) {
         if let Err(error) = self
             .ledger

@@ -17,12 +17,15 @@ const MAX_REPLANNING: u32 = 2;
 /// What planning found.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct PlanSummary {
+    /// Fragments ListFragments returned over the range.
     pub fragments: u64,
+    /// Fragments a chunk of the ledger already held.
     pub already_covered: u64,
     /// Fragments listed after the range around them was archived: planned alone.
     pub late: u64,
     /// Fragments inside a range not fetched yet: that chunk's GetClip takes them.
     pub left_to_their_range: u64,
+    /// The chunks planned (recorded in the ledger unless it was a dry run).
     pub chunks: Vec<ChunkPlan>,
 }
 
