@@ -544,7 +544,7 @@ impl Config {
             message: describe_figment_error(e),
         };
         let mut given: figment::value::Dict = given.extract().map_err(load_error)?;
-        rename_state_section(&mut given);
+        rename_state_section(&mut given)?;
         let mut config: Config = Figment::from(Serialized::defaults(Config::default()))
             .merge(Serialized::defaults(given))
             .extract()
@@ -561,7 +561,7 @@ impl Config {
         Ok(config)
     }
 
-    /// `state.database_url` without the query parameters its driver does not read (see
+    /// `ledger.database_url` without the query parameters its driver does not read (see
     /// [`postgres_url_for_driver`]), with a warning that names them, never their values.
     /// The URL worked before with them ignored, and still does; the driver would log
     /// their values.
@@ -1391,17 +1391,20 @@ fn valid_stream_name(name: &str) -> bool {
 }
 
 /// `[state]`, the ledger's section before it was named for it, read as `[ledger]` with a
-/// warning: keys given under `[ledger]` (or `KVS_ARCHIVER_LEDGER__*`) win, the old
-/// section's fill in the rest, so an old file runs under a new unit's environment.
-fn rename_state_section(given: &mut figment::value::Dict) {
+/// warning. Its keys fill in what `[ledger]` (or `KVS_ARCHIVER_LEDGER__*`) leaves out; a
+/// key given both ways with different values is refused, naming both: the old name may
+/// be an operator's (a fleet's PostgreSQL URL in an EnvironmentFile) and the new one a
+/// packaged unit's default, and silently taking either could move a daemon to another
+/// ledger.
+fn rename_state_section(given: &mut figment::value::Dict) -> Result<(), ConfigError> {
     let Some(state) = given.remove("state") else {
-        return;
+        return Ok(());
     };
     tracing::warn!("configuration: [state] is now [ledger], with the same keys (KVS_ARCHIVER_STATE__* is KVS_ARCHIVER_LEDGER__*): rename it; [state] is still read");
     let figment::value::Value::Dict(tag, old) = state else {
         // Not a table: left for the type check to name.
         given.insert("state".into(), state);
-        return;
+        return Ok(());
     };
     let ledger = given
         .entry("ledger".into())
@@ -1409,9 +1412,24 @@ fn rename_state_section(given: &mut figment::value::Dict) {
     // A `ledger` that is not a table is left for the type check to name.
     if let figment::value::Value::Dict(_, ledger) = ledger {
         for (key, value) in old {
-            ledger.entry(key).or_insert(value);
+            match ledger.get(&key) {
+                Some(given) if *given != value => {
+                    return Err(invalid(
+                        format!("ledger.{key}"),
+                        format!(
+                            "given twice, as [ledger] {key} (or KVS_ARCHIVER_LEDGER__{upper}) and as the old [state] {key} (or KVS_ARCHIVER_STATE__{upper}), with different values: rename the one you mean to [ledger] / KVS_ARCHIVER_LEDGER__{upper} (in an EnvironmentFile too) and remove the other; the packaged unit sets KVS_ARCHIVER_LEDGER__DATABASE_URL, which an EnvironmentFile's KVS_ARCHIVER_LEDGER__DATABASE_URL overrides",
+                            upper = key.to_uppercase()
+                        ),
+                    ))
+                }
+                Some(_) => {}
+                None => {
+                    ledger.insert(key, value);
+                }
+            }
         }
     }
+    Ok(())
 }
 
 fn describe_figment_error(error: figment::Error) -> String {
@@ -1451,19 +1469,32 @@ mod tests {
         let config = Config::load(Some(&path)).expect("loads");
         assert_eq!(config.ledger.database_url, "sqlite:///tmp/old.db");
         assert_eq!(config.ledger.lease, Duration::from_secs(30));
-        let mut given: figment::value::Dict = Figment::from(Toml::string(
-            "[ledger]\ndatabase_url = \"sqlite:///tmp/new.db\"\n[state]\ndatabase_url = \"sqlite:///tmp/old.db\"\nlease = \"30s\"\n",
-        ))
-        .extract()
-        .expect("toml");
-        rename_state_section(&mut given);
+        let given = |text: &str| -> figment::value::Dict {
+            Figment::from(Toml::string(text)).extract().expect("toml")
+        };
+        let mut both = given(
+            "[ledger]\ndatabase_url = \"sqlite:///tmp/x.db\"\n[state]\ndatabase_url = \"sqlite:///tmp/x.db\"\nlease = \"30s\"\n",
+        );
+        rename_state_section(&mut both).expect("the same value twice is no conflict");
         let ledger: LedgerConfig = Figment::from(Serialized::defaults(LedgerConfig::default()))
-            .merge(Serialized::defaults(given["ledger"].clone()))
+            .merge(Serialized::defaults(both["ledger"].clone()))
             .extract()
             .expect("a ledger section");
-        assert_eq!(ledger.database_url, "sqlite:///tmp/new.db", "[ledger] wins");
         assert_eq!(ledger.lease, Duration::from_secs(30), "[state] fills in");
-        assert!(!given.contains_key("state"));
+        assert!(!both.contains_key("state"));
+        // A fleet's old EnvironmentFile against the packaged unit's new default.
+        let mut conflict = given(
+            "[ledger]\ndatabase_url = \"sqlite:///var/lib/kvs-archiver/state.db\"\n[state]\ndatabase_url = \"postgres://archiver@db/kvs\"\n",
+        );
+        let refused = rename_state_section(&mut conflict)
+            .expect_err("two ledgers")
+            .to_string();
+        assert!(
+            refused.starts_with("config: ledger.database_url: given twice")
+                && refused.contains("KVS_ARCHIVER_LEDGER__DATABASE_URL")
+                && !refused.contains("postgres://"),
+            "{refused}"
+        );
     }
 
     #[test]
