@@ -237,6 +237,46 @@ fn endpoint_may_have_moved(error: &Error) -> bool {
     )
 }
 
+/// Whether a KVS service error with `code` and HTTP `status` is worth another attempt.
+fn service_retryability(code: Option<&str>, status: u16) -> Retryability {
+    match code {
+        Some("ClientLimitExceededException" | "ThrottlingException") => Retryability::Throttled,
+        // Credentials that expired mid-pass are refreshed by the provider; a clock
+        // that drifted is corrected by the SDK's skew detection on the next attempt.
+        Some(
+            "ExpiredTokenException"
+            | "ExpiredToken"
+            | "RequestExpired"
+            | "RequestTimeTooSkewed"
+            | "InvalidSignatureException",
+        ) => Retryability::Transient,
+        _ if status >= 500 || status == 408 => Retryability::Transient,
+        // A 2xx the SDK could not read as the operation's output (a body cut off
+        // or garbled on the way): not a refusal, so worth another attempt.
+        _ if status < 300 => Retryability::Transient,
+        _ => Retryability::Permanent,
+    }
+}
+
+/// What the operator can do about a service error `code` from `op`, as the end of its
+/// message ("" when nothing to add).
+fn service_hint(code: Option<&str>, op: &str) -> &'static str {
+    match code {
+        Some(
+            "UnrecognizedClientException"
+            | "InvalidSignatureException"
+            | "MissingAuthenticationTokenException",
+        ) => " (the AWS credentials are not valid for this account or region: check them and aws.region)",
+        Some("ResourceNotFoundException") if op != "GetClip" => {
+            " (check the stream name or ARN in the configuration)"
+        }
+        Some("NoDataRetentionException") => {
+            " (the stream keeps no media: set its data retention above 0)"
+        }
+        _ => "",
+    }
+}
+
 fn kvs_error<E>(
     op: &'static str,
     stream: &str,
@@ -253,51 +293,25 @@ where
             let code = ctx.err().code().map(str::to_string);
             let status = ctx.raw().status().as_u16();
             let message = ctx.err().message().unwrap_or("no message").to_string();
-            let retry = match code.as_deref() {
-                Some("ClientLimitExceededException" | "ThrottlingException") => {
-                    Retryability::Throttled
-                }
-                // Credentials that expired mid-pass are refreshed by the provider; a clock
-                // that drifted is corrected by the SDK's skew detection on the next attempt.
-                Some(
-                    "ExpiredTokenException"
-                    | "ExpiredToken"
-                    | "RequestExpired"
-                    | "RequestTimeTooSkewed"
-                    | "InvalidSignatureException",
-                ) => Retryability::Transient,
-                _ if status >= 500 || status == 408 => Retryability::Transient,
-                // A 2xx the SDK could not read as the operation's output (a body cut off
-                // or garbled on the way): not a refusal, so worth another attempt.
-                _ if status < 300 => Retryability::Transient,
-                _ => Retryability::Permanent,
-            };
-            let hint = match code.as_deref() {
-                Some("NotAuthorizedException" | "AccessDeniedException") => {
-                    return Error::Kvs {
-                        op,
-                        stream: stream.to_string(),
-                        code: code.clone(),
-                        status: Some(status),
-                        message: format!(
-                            "access denied: the credentials may not call kinesisvideo:{op} on this stream; `kvs-archiver iam-policy` prints the policy this configuration needs"
-                        ),
-                        retry,
-                    };
-                }
-                Some(
-                    "UnrecognizedClientException"
-                    | "InvalidSignatureException"
-                    | "MissingAuthenticationTokenException",
-                ) => " (the AWS credentials are not valid for this account or region: check them and aws.region)",
-                Some("ResourceNotFoundException") if op != "GetClip" => {
-                    " (check the stream name or ARN in the configuration)"
-                }
-                Some("NoDataRetentionException") => {
-                    " (the stream keeps no media: set its data retention above 0)"
-                }
-                _ => "",
-            };
+            let retry = service_retryability(code.as_deref(), status);
+            if matches!(
+                code.as_deref(),
+                Some("NotAuthorizedException" | "AccessDeniedException")
+            ) {
+                let message = format!(
+                    "access denied: the credentials may not call kinesisvideo:{op} on this stream; `kvs-archiver iam-policy` prints the policy this configuration needs"
+                );
+                let (stream, status) = (stream.to_string(), Some(status));
+                return Error::Kvs {
+                    op,
+                    stream,
+                    code,
+                    status,
+                    message,
+                    retry,
+                };
+            }
+            let hint = service_hint(code.as_deref(), op);
             let what = match code.as_deref() {
                 Some(code) => code.to_string(),
                 None => format!("HTTP {status}, unreadable answer"),
@@ -609,29 +623,7 @@ impl KvsSource {
                 Ok(page)
             })
             .await?;
-            for f in page.fragments() {
-                let listed = checked_fragment(f, stream.timestamp_source, start, end)
-                    .map_err(|problem| Error::Kvs {
-                        op: "ListFragments",
-                        stream: label.clone(),
-                        code: None,
-                        status: Some(200),
-                        message: format!(
-                            "the answer from {} {problem}: not an answer KVS gives; nothing was planned from this listing",
-                            self.lock_endpoints()
-                                .get(&(label.clone(), Api::ListFragments))
-                                .map_or("the data endpoint", |(_, url)| url.as_str()),
-                        ),
-                        // The same endpoint answers the same way again.
-                        retry: Retryability::Permanent,
-                    })?;
-                match listed {
-                    Listed::Fragment(fragment) => fragments.push(fragment),
-                    Listed::Skipped(why) => {
-                        tracing::warn!(stream = %label, %why, "ListFragments: entry left out");
-                    }
-                }
-            }
+            self.take_page(stream, page.fragments(), (start, end), &mut fragments)?;
             match page.next_token() {
                 // The model allows 1-4096 characters of base64; anything else cannot be a
                 // token KVS would take back, and following it would end the listing early.
@@ -652,6 +644,44 @@ impl KvsSource {
                 _ => return Ok(fragments),
             }
         }
+    }
+
+    /// Adds one ListFragments page's entries to `fragments`, each checked
+    /// ([`checked_fragment`]); one that no KVS gives fails the whole listing.
+    fn take_page(
+        &self,
+        stream: &StreamConfig,
+        page: &[am::types::Fragment],
+        (start, end): (EpochMs, EpochMs),
+        fragments: &mut Vec<Fragment>,
+    ) -> Result<()> {
+        let label = stream.label();
+        for f in page {
+            let listed = checked_fragment(f, stream.timestamp_source, start, end).map_err(|problem| {
+                let endpoints = self.lock_endpoints();
+                let endpoint = endpoints
+                    .get(&(label.clone(), Api::ListFragments))
+                    .map_or("the data endpoint", |(_, url)| url.as_str());
+                Error::Kvs {
+                    op: "ListFragments",
+                    stream: label.clone(),
+                    code: None,
+                    status: Some(200),
+                    message: format!(
+                        "the answer from {endpoint} {problem}: not an answer KVS gives; nothing was planned from this listing"
+                    ),
+                    // The same endpoint answers the same way again.
+                    retry: Retryability::Permanent,
+                }
+            })?;
+            match listed {
+                Listed::Fragment(fragment) => fragments.push(fragment),
+                Listed::Skipped(why) => {
+                    tracing::warn!(stream = %label, %why, "ListFragments: entry left out");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Starts a GetClip for `[start, end]` (fragment starts, inclusive). One attempt: the

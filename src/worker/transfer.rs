@@ -420,11 +420,7 @@ impl Archiver {
             upload.abort().await;
             return Err(e);
         }
-        // No body is written past what it can hold: the MP4 header's length, or for
-        // Matroska twice the listed fragment sizes and 16 MiB (a body without end would
-        // otherwise fill the destination).
-        let most = expected_len
-            .unwrap_or_else(|| chunk.plan.bytes.saturating_mul(2).saturating_add(16 << 20));
+        let most = BodyLimit::of(chunk, expected_len);
         let mut received = head.len() as u64;
         let mut recorded_upload = false;
         let mut renewed = std::time::Instant::now();
@@ -472,20 +468,9 @@ impl Archiver {
             match piece {
                 Ok(Some(bytes)) => {
                     received += bytes.len() as u64;
-                    if received > most {
+                    if let Some(error) = most.overrun(&key, received) {
                         upload.abort().await;
-                        return Err(Error::Clip {
-                            key,
-                            message: format!(
-                                "body runs past {most} bytes, more than {}: stopped, nothing kept",
-                                if expected_len.is_some() {
-                                    "the MP4 header says"
-                                } else {
-                                    "its fragments' listed sizes allow"
-                                }
-                            ),
-                            retry: Retryability::Transient,
-                        });
+                        return Err(error);
                     }
                     next = Some(bytes);
                 }
@@ -580,4 +565,41 @@ fn object_meta(stream: &StreamConfig, chunk: &Chunk, duration_ms: Option<u64>) -
         pairs.push(("kvs-duration-ms", ms.to_string()));
     }
     ObjectMeta { pairs }
+}
+
+/// The most bytes a body may have: the MP4 header's length, or for Matroska twice the
+/// listed fragment sizes and 16 MiB. A body without end would otherwise fill the
+/// destination.
+struct BodyLimit {
+    /// Bytes allowed.
+    bytes: u64,
+    /// Whether the MP4 header gave them (else the listing's sizes).
+    from_header: bool,
+}
+
+impl BodyLimit {
+    fn of(chunk: &Chunk, expected_len: Option<u64>) -> BodyLimit {
+        BodyLimit {
+            bytes: expected_len
+                .unwrap_or_else(|| chunk.plan.bytes.saturating_mul(2).saturating_add(16 << 20)),
+            from_header: expected_len.is_some(),
+        }
+    }
+
+    /// The error for `received` bytes, once they run past the limit.
+    fn overrun(&self, key: &str, received: u64) -> Option<Error> {
+        let given_by = if self.from_header {
+            "the MP4 header says"
+        } else {
+            "its fragments' listed sizes allow"
+        };
+        (received > self.bytes).then(|| Error::Clip {
+            key: key.to_string(),
+            message: format!(
+                "body runs past {} bytes, more than {given_by}: stopped, nothing kept",
+                self.bytes
+            ),
+            retry: Retryability::Transient,
+        })
+    }
 }
