@@ -92,6 +92,16 @@ impl Site {
         (site, objects)
     }
 
+    /// `export` of `[start, end)` of `stream` into `output`.
+    async fn export(&self, stream: &str, (start, end): (i64, i64), output: &Path) -> Output {
+        let (start, end) = (rfc3339(start), rfc3339(end));
+        let output = output.to_str().expect("a UTF-8 path");
+        self.run(&[
+            "export", "--stream", stream, "--start", &start, "--end", &end, "-o", output,
+        ])
+        .await
+    }
+
     async fn backfill(&self, stream: &str, start_ms: i64, end_ms: i64) -> Output {
         let (start, end) = (rfc3339(start_ms), rfc3339(end_ms));
         self.run(&[
@@ -260,19 +270,7 @@ async fn a_crafted_sample_table_is_refused_before_it_is_allocated() {
         std::fs::write(path, bytes).expect("crafted");
     }
     let output = site.work.path().join("range.mp4");
-    let out = site
-        .run(&[
-            "export",
-            "--stream",
-            "cam",
-            "--start",
-            &rfc3339(start),
-            "--end",
-            &rfc3339(end),
-            "-o",
-            output.to_str().expect("utf-8 path"),
-        ])
-        .await;
+    let out = site.export("cam", (start, end), &output).await;
     assert_no_panic(&out);
     assert!(!out.status.success(), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -389,19 +387,7 @@ async fn planted_links_are_replaced_not_written_through_and_the_umask_is_kept() 
     let output = site.work.path().join("out.mp4");
     std::os::unix::fs::symlink(&victim, format!("{}.partial", output.display())).expect("link");
     std::os::unix::fs::symlink(&victim, &output).expect("link");
-    let out = site
-        .run(&[
-            "export",
-            "--stream",
-            "cam",
-            "--start",
-            &rfc3339(start),
-            "--end",
-            &rfc3339(start + 60_000),
-            "-o",
-            output.to_str().expect("utf-8"),
-        ])
-        .await;
+    let out = site.export("cam", (start, start + 60_000), &output).await;
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(std::fs::read(&victim).expect("victim"), b"precious");
     assert!(std::fs::symlink_metadata(&output)
