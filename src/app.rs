@@ -315,43 +315,77 @@ pub async fn find(
     Ok((finding?, url?))
 }
 
-/// `export`: `[start, end)` of a stream from the archive into one MP4 at `output`.
+/// What `export` wrote: one MP4, or a bundle folder.
+#[derive(Debug, serde::Serialize)]
+#[serde(untagged)]
+pub enum Exported {
+    /// One stream, one file.
+    File(crate::export::ExportReport),
+    /// A folder of several streams' files, a manifest and their checksums.
+    Bundle(crate::export::BundleReport),
+}
+
+impl Exported {
+    /// The report as a person reads it.
+    pub fn describe(&self) -> String {
+        match self {
+            Exported::File(report) => report.describe(),
+            Exported::Bundle(report) => report.describe(),
+        }
+    }
+}
+
+/// `export`: `spec`'s range of `streams` (every configured one when empty) from the
+/// archive: one MP4 at `output` for one stream, unless `bundle`; a bundle folder at
+/// `output` otherwise.
 pub async fn export(
     config: Config,
-    label: &str,
-    start: EpochMs,
-    end: EpochMs,
-    gaps: crate::export::GapMode,
+    streams: &[String],
+    spec: crate::playback::clip::ClipSpec,
     output: &std::path::Path,
-) -> Result<crate::export::ExportReport> {
-    if end <= start {
-        return Err(Error::Usage(format!(
-            "--end {} is not after --start {}: give a range that ends after it starts",
-            rfc3339(end),
-            rfc3339(start)
-        )));
-    }
-    if output.is_dir() {
+    bundle: bool,
+) -> Result<Exported> {
+    check_range(spec.start, spec.end)?;
+    let chosen: Vec<StreamConfig> = if streams.is_empty() {
+        config.streams.clone()
+    } else {
+        streams
+            .iter()
+            .map(|label| configured_stream(&config, label))
+            .collect::<Result<_>>()?
+    };
+    let bundle = bundle || chosen.len() != 1;
+    if !bundle && output.is_dir() {
         return Err(Error::Usage(format!(
             "-o {}: is a directory; name the MP4 file to write",
             output.display()
         )));
     }
-    let stream = configured_stream(&config, label)?;
     let sdk = sdk_config(&config.aws).await;
     let archiver = build(config, &sdk, Role::Reader).await?;
-    let report = crate::export::export(
-        &archiver.view(),
-        &stream.label(),
-        stream.timestamp_source,
-        start,
-        end,
-        gaps,
-        output,
-        &format!("export {label}"),
-        &retry_policy(&archiver.config),
-    )
-    .await;
+    let policy = retry_policy(&archiver.config);
+    let view = archiver.view();
+    let report = if bundle {
+        let streams: Vec<(String, crate::domain::TimestampSource)> = chosen
+            .iter()
+            .map(|s| (s.label(), s.timestamp_source))
+            .collect();
+        crate::export::export_bundle(&view, &streams, spec, output, &policy)
+            .await
+            .map(Exported::Bundle)
+    } else {
+        let stream = &chosen[0];
+        crate::export::export(
+            &view,
+            &stream.label(),
+            stream.timestamp_source,
+            spec,
+            output,
+            &policy,
+        )
+        .await
+        .map(Exported::File)
+    };
     archiver.close().await;
     report
 }

@@ -64,6 +64,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod mp4;
 pub mod plan;
+pub mod playback;
 pub mod quota;
 pub mod rebuild;
 pub mod retry;

@@ -113,19 +113,40 @@ enum Command {
         json: bool,
     },
     /// Write one MP4 of [start, end) from the archive (S3 or the directory), not from
-    /// KVS: it spans as many objects as it needs, starts at the keyframe at or before
-    /// --start, and copies the video as it is (no re-encoding). Gaps and objects left out
-    /// are reported.
+    /// KVS: it spans as many objects as it needs, starts on the frame at --start (decoded
+    /// from the keyframe before it, which the file holds), and copies the video as it is
+    /// (no re-encoding). Gaps and objects left out are reported. With several --stream
+    /// (or none and --bundle, for all), writes an incident bundle: a folder of one MP4 per
+    /// stream, manifest.json and SHA256SUMS (check it with `sha256sum -c SHA256SUMS`).
     Export {
-        #[command(flatten)]
-        range: RangeArgs,
-        /// The MP4 file to write (written whole or not at all).
+        /// A stream listed under [[streams]]; repeat it for a bundle. None: every
+        /// configured stream (a bundle).
+        #[arg(long)]
+        stream: Vec<String>,
+        /// RFC 3339, e.g. 2026-11-20T14:07:10Z
+        #[arg(long)]
+        start: String,
+        /// RFC 3339: frames starting at or after it are left out.
+        #[arg(long)]
+        end: String,
+        /// The MP4 file to write, or the bundle's new folder (written whole or not at
+        /// all).
         #[arg(short, long)]
         output: PathBuf,
+        /// Write a bundle folder even for one stream.
+        #[arg(long)]
+        bundle: bool,
         /// Where the archive has no media: `hold` keeps the frame before the gap on
         /// screen, so output time t is wall time start + t; `join` plays on at once.
         #[arg(long, value_enum, default_value = "hold")]
-        gaps: kvs_archiver::export::GapMode,
+        gaps: kvs_archiver::playback::GapMode,
+        /// `exact`: start on the frame at --start (an edit list hides the frames before
+        /// it); `keyframe`: start on the keyframe at or before --start, every frame shown.
+        #[arg(long, value_enum, default_value = "exact")]
+        cut: kvs_archiver::playback::clip::Cut,
+        /// Add a subtitle track showing each second's wall-clock time (UTC).
+        #[arg(long)]
+        wall_clock: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -348,11 +369,27 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         }
         Command::Find { stream, at, json } => run_find(config, &stream, &at, json).await,
         Command::Export {
-            range,
+            stream,
+            start,
+            end,
             output,
+            bundle,
             gaps,
+            cut,
+            wall_clock,
             json,
-        } => run_export(config, &range, &output, gaps, json).await,
+        } => {
+            let spec = kvs_archiver::playback::clip::ClipSpec {
+                start: app::parse_time(&start, "--start")?,
+                end: app::parse_time(&end, "--end")?,
+                gaps,
+                cut,
+                wall_clock_text: wall_clock,
+            };
+            let exported = app::export(config, &stream, spec, &output, bundle).await?;
+            print_report(&exported, json, app::Exported::describe);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::RebuildLedger {
             stream,
             merge,
@@ -401,20 +438,6 @@ async fn run_find(config: Config, stream: &str, at: &str, json: bool) -> Result<
     let (finding, url) = app::find(config, stream, t).await?;
     print_finding(stream, t, &finding, url.as_deref(), json);
     Ok(status_for(matches!(finding, Finding::Archived { .. })))
-}
-
-/// `export`: writes the MP4 and reports it.
-async fn run_export(
-    config: Config,
-    range: &RangeArgs,
-    output: &std::path::Path,
-    gaps: kvs_archiver::export::GapMode,
-    json: bool,
-) -> Result<ExitCode, Error> {
-    let (start, end) = range.parse()?;
-    let report = app::export(config, &range.stream, start, end, gaps, output).await?;
-    print_report(&report, json, |r| r.describe());
-    Ok(ExitCode::SUCCESS)
 }
 
 /// `rebuild-ledger`: exit status 1 when an object's metadata was refused.

@@ -6,6 +6,8 @@
 //! [`track`] reads a video track sample by sample and [`writer`] writes one, for
 //! `export`, which joins archived objects without decoding them.
 
+pub mod fragmented;
+pub mod text;
 pub mod track;
 pub mod writer;
 

@@ -389,6 +389,8 @@ pub struct StreamStatus {
     pub mkv_fragments: u64,
     /// Start of the last fragment of the newest archived chunk.
     pub archived_through_ms: Option<EpochMs>,
+    /// Start of the first fragment of the oldest archived chunk.
+    pub archived_from_ms: Option<EpochMs>,
     /// Why the stream's most recent failed chunk failed.
     pub last_error: Option<String>,
     /// Failed chunks: kind, reason and next retry of each (newest first, at most 20).

@@ -554,7 +554,7 @@ macro_rules! sql_ledger_helpers {
                     "SELECT stream, state, COUNT(*) AS n,
                          CAST(COALESCE(SUM(archived_bytes), 0) AS BIGINT) AS bytes,
                          CAST(COALESCE(SUM(fragment_count), 0) AS BIGINT) AS fragments,
-                         MAX(end_ms) AS through,
+                         MAX(end_ms) AS through, MIN(start_ms) AS since,
                          CAST(COALESCE(SUM(CASE WHEN kind = 'late' THEN fragment_count END), 0)
                              AS BIGINT) AS late,
                          CAST(COALESCE(SUM(CASE WHEN kind = 'mkv' THEN fragment_count END), 0)
@@ -578,6 +578,7 @@ macro_rules! sql_ledger_helpers {
                                 s.archived_bytes = row.unsigned("bytes")?;
                                 s.archived_fragments = row.unsigned("fragments")?;
                                 s.archived_through_ms = row.maybe_int("through")?;
+                                s.archived_from_ms = row.maybe_int("since")?;
                                 s.late_fragments = row.unsigned("late")?;
                                 s.mkv_fragments = row.unsigned("mkv")?;
                             }

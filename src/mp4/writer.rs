@@ -1,6 +1,13 @@
 //! Writes the header of a progressive MP4 with one video track: `ftyp`, `moov` with the
 //! complete sample tables, and the `mdat` header. The media follows it unchanged, chunk by
 //! chunk, so the caller streams the samples from wherever they are.
+//!
+//! Two optional parts: an edit list that starts presentation at a chosen frame (a cut
+//! that needs no re-encoding: the frames from the keyframe before are decoded, not
+//! shown), and a text track of wall-clock time ([`WallClockText`]), whose samples come
+//! first in `mdat` and are generated, not stored.
+
+use super::text::WallClockText;
 
 /// The samples of the output track, in decode order, and how they are grouped into
 /// chunks (runs of samples whose bytes follow each other in `mdat`).
@@ -23,6 +30,20 @@ pub struct TrackTable {
     sync: Vec<u32>,
     /// Samples per chunk, and bytes per chunk.
     chunks: Vec<(u32, u64)>,
+    /// What is presented, when not every sample from the first on.
+    edit: Option<Edit>,
+    /// A second track, of wall-clock time as text.
+    text: Option<WallClockText>,
+}
+
+/// The part of the track that is presented, in the track's timescale: from `media_time`
+/// (a sample's decode time) for `duration`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Edit {
+    /// Where presentation starts in the track's own time.
+    pub media_time: u64,
+    /// How long it lasts.
+    pub duration: u64,
 }
 
 impl TrackTable {
@@ -51,9 +72,25 @@ impl TrackTable {
             .sum()
     }
 
-    /// Bytes of media: what follows the header.
+    /// Bytes of video: what follows the header (and the text track's samples).
     pub fn media_bytes(&self) -> u64 {
         self.chunks.iter().map(|(_, bytes)| bytes).sum()
+    }
+
+    /// Presents `edit` only: a cut on any frame, without re-encoding.
+    pub fn set_edit(&mut self, edit: Edit) {
+        self.edit = Some(edit);
+    }
+
+    /// Adds the wall-clock text track, whose samples lead `mdat`.
+    pub fn set_text(&mut self, text: WallClockText) {
+        self.text = Some(text);
+    }
+
+    /// How long the movie plays, in the track's timescale: the edit's length, or the
+    /// whole track.
+    pub fn presented_duration(&self) -> u64 {
+        self.edit.map_or_else(|| self.duration(), |e| e.duration)
     }
 
     /// Appends a sample; `new_chunk` starts a chunk (the bytes are not contiguous with
@@ -96,12 +133,14 @@ impl TrackTable {
 
     fn write(&self, data_start: u64) -> Vec<u8> {
         let duration = self.duration();
+        let presented = self.presented_duration();
+        let text_bytes = self.text.as_ref().map_or(0, WallClockText::bytes);
         let mut w = Boxes::default();
         write_ftyp(&mut w);
         w.open(b"moov");
-        self.write_mvhd(&mut w, duration);
+        self.write_mvhd(&mut w, presented);
         w.open(b"trak");
-        self.write_tkhd(&mut w, duration);
+        self.write_tkhd(&mut w, presented);
         self.write_edts(&mut w, duration);
         w.open(b"mdia");
         self.write_mdhd(&mut w, duration);
@@ -111,17 +150,20 @@ impl TrackTable {
         w.open(b"stbl");
         w.bytes(&self.sample_description);
         self.write_sample_times(&mut w);
-        self.write_sample_layout(&mut w, data_start);
+        self.write_sample_layout(&mut w, data_start + text_bytes);
         w.close(); // stbl
         w.close(); // minf
         w.close(); // mdia
         w.close(); // trak
+        if let Some(text) = &self.text {
+            text.write_trak(&mut w, self.timescale, data_start);
+        }
         w.close(); // moov
 
         // Always the 64-bit form, so the header length does not depend on the media size.
         w.u32(1);
         w.bytes(b"mdat");
-        w.u64(self.media_bytes() + 16);
+        w.u64(text_bytes + self.media_bytes() + 16);
         w.out
     }
 
@@ -137,7 +179,7 @@ impl TrackTable {
         w.bytes(&[0; 10]);
         w.matrix();
         w.bytes(&[0; 24]);
-        w.u32(2);
+        w.u32(if self.text.is_some() { 3 } else { 2 });
         w.close();
     }
 
@@ -158,16 +200,21 @@ impl TrackTable {
         w.close();
     }
 
-    /// With B-frames the first frame is presented at its composition offset: an edit
-    /// list starts the track there, so the output's time 0 is its first frame.
+    /// An edit list when presentation does not start at the first sample's decode time:
+    /// a cut ([`Edit`]), or B-frames, whose first frame is presented at its composition
+    /// offset, so the output's time 0 is its first frame.
     fn write_edts(&self, w: &mut Boxes, duration: u64) {
         let first_offset = self.cts_offsets.first().map_or(0, |(_, offset)| *offset);
-        if first_offset > 0 {
+        let edit = self.edit.or((first_offset > 0).then_some(Edit {
+            media_time: first_offset as u64,
+            duration,
+        }));
+        if let Some(edit) = edit {
             w.open(b"edts");
             w.open_full(b"elst", 1, 0);
             w.u32(1);
-            w.u64(duration);
-            w.u64(first_offset as u64);
+            w.u64(edit.duration);
+            w.u64(edit.media_time);
             w.u32(0x0001_0000); // rate 1.0
             w.close();
             w.close();
@@ -252,7 +299,7 @@ impl TrackTable {
 }
 
 /// The file type: ISO base media, playable as MP4 with H.264.
-fn write_ftyp(w: &mut Boxes) {
+pub(crate) fn write_ftyp(w: &mut Boxes) {
     w.open(b"ftyp");
     w.bytes(b"isom");
     w.u32(0x200);
@@ -263,7 +310,7 @@ fn write_ftyp(w: &mut Boxes) {
 }
 
 /// The handler: a video track.
-fn write_hdlr(w: &mut Boxes) {
+pub(crate) fn write_hdlr(w: &mut Boxes) {
     w.open_full(b"hdlr", 0, 0);
     w.u32(0);
     w.bytes(b"vide");
@@ -273,10 +320,15 @@ fn write_hdlr(w: &mut Boxes) {
 }
 
 /// The video media header and a data reference saying the media is in this file.
-fn write_vmhd_and_dinf(w: &mut Boxes) {
+pub(crate) fn write_vmhd_and_dinf(w: &mut Boxes) {
     w.open_full(b"vmhd", 0, 1);
     w.bytes(&[0; 8]);
     w.close();
+    write_dinf(w);
+}
+
+/// A data reference saying the media is in this file.
+pub(crate) fn write_dinf(w: &mut Boxes) {
     w.open(b"dinf");
     w.open_full(b"dref", 0, 0);
     w.u32(1);
@@ -293,25 +345,31 @@ fn push_run<T: PartialEq + Copy>(runs: &mut Vec<(u32, T)>, value: T) {
     }
 }
 
+/// Writes ISO BMFF boxes: sizes are filled in when a box is closed.
 #[derive(Default)]
-struct Boxes {
+pub(crate) struct Boxes {
     out: Vec<u8>,
     open: Vec<usize>,
 }
 
 impl Boxes {
-    fn open(&mut self, kind: &[u8; 4]) {
+    /// The bytes written.
+    pub(crate) fn into_bytes(self) -> Vec<u8> {
+        self.out
+    }
+
+    pub(crate) fn open(&mut self, kind: &[u8; 4]) {
         self.open.push(self.out.len());
         self.u32(0);
         self.bytes(kind);
     }
 
-    fn open_full(&mut self, kind: &[u8; 4], version: u8, flags: u32) {
+    pub(crate) fn open_full(&mut self, kind: &[u8; 4], version: u8, flags: u32) {
         self.open(kind);
         self.u32((u32::from(version) << 24) | (flags & 0x00ff_ffff));
     }
 
-    fn close(&mut self) {
+    pub(crate) fn close(&mut self) {
         // Opened and closed in pairs by this module only.
         if let Some(start) = self.open.pop() {
             let size = (self.out.len() - start) as u32;
@@ -319,23 +377,23 @@ impl Boxes {
         }
     }
 
-    fn bytes(&mut self, b: &[u8]) {
+    pub(crate) fn bytes(&mut self, b: &[u8]) {
         self.out.extend_from_slice(b);
     }
 
-    fn u16(&mut self, v: u16) {
+    pub(crate) fn u16(&mut self, v: u16) {
         self.bytes(&v.to_be_bytes());
     }
 
-    fn u32(&mut self, v: u32) {
+    pub(crate) fn u32(&mut self, v: u32) {
         self.bytes(&v.to_be_bytes());
     }
 
-    fn u64(&mut self, v: u64) {
+    pub(crate) fn u64(&mut self, v: u64) {
         self.bytes(&v.to_be_bytes());
     }
 
-    fn matrix(&mut self) {
+    pub(crate) fn matrix(&mut self) {
         for v in [0x0001_0000u32, 0, 0, 0, 0x0001_0000, 0, 0, 0, 0x4000_0000] {
             self.u32(v);
         }

@@ -180,19 +180,20 @@ fn probe_frames(path: &std::path::Path) -> Result<(f64, u64), String> {
     Ok((duration, frames))
 }
 
-/// `export --json` of dock-cam over `[from, to)` with `--gaps gaps`: the file and the
-/// report.
+/// `export --json` of dock-cam over `[from, to)` with `--gaps gaps --cut cut`: the file
+/// and the report.
 async fn export(
     world: &World,
     from: i64,
     to: i64,
     gaps: &str,
+    cut: &str,
 ) -> (std::path::PathBuf, serde_json::Value) {
-    let path = world.work.path().join(format!("export-{gaps}.mp4"));
+    let path = world.work.path().join(format!("export-{gaps}-{cut}.mp4"));
     let (from, to, file) = (rfc3339(from), rfc3339(to), path.display().to_string());
     let args = [
         "export", "--stream", "dock-cam", "--start", &from, "--end", &to, "-o", &file, "--gaps",
-        gaps, "--json",
+        gaps, "--cut", cut, "--json",
     ];
     let out = world.run(&args).await;
     assert!(out.status.success(), "export --gaps {gaps}: {}", text(&out));
@@ -247,7 +248,7 @@ async fn export_spans_objects_and_a_gap_cut_at_keyframes() {
         .sum::<i64>()
         + 1_300;
 
-    let (held, report) = export(&world, from, to, "hold").await;
+    let (held, report) = export(&world, from, to, "hold", "keyframe").await;
     assert_eq!(report["first_frame_ms"], first.server_ms, "{report}");
     assert_eq!(report["last_frame_end_ms"], to, "{report}");
     assert!(
@@ -271,11 +272,14 @@ async fn export_spans_objects_and_a_gap_cut_at_keyframes() {
     );
     assert_eq!(report["frames"], expected_frames, "{report}");
     assert!(
-        !world.work.path().join("export-hold.mp4.partial").exists(),
+        std::fs::read_dir(world.work.path())
+            .expect("work directory")
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().ends_with(".partial")),
         "no partial file is left"
     );
 
-    let (joined, report) = export(&world, from, to, "join").await;
+    let (joined, report) = export(&world, from, to, "join", "keyframe").await;
     assert_eq!(report["duration_ms"], media_ms, "{report}");
     assert_eq!(
         scan_markers(&std::fs::read(&joined).expect("export")),
@@ -296,6 +300,28 @@ async fn export_spans_objects_and_a_gap_cut_at_keyframes() {
     assert!(
         (seconds - media).abs() < 0.05,
         "joined: {seconds} s, media {media} s"
+    );
+
+    // Cut on the frame: 0.7 s into the first fragment, the frames before it decoded but
+    // not shown; the same fragments in the file.
+    let (exact, report) = export(&world, from, to, "hold", "exact").await;
+    assert_eq!(report["shown_from_ms"], from, "{report}");
+    assert_eq!(report["first_frame_ms"], first.server_ms, "{report}");
+    assert_eq!(
+        scan_markers(&std::fs::read(&exact).expect("export")),
+        expected
+    );
+    let (seconds, frames) = probe_frames(&exact).expect("ffprobe reads the exact export");
+    assert_eq!(
+        frames,
+        expected_frames - 7,
+        "seven frames before the start are hidden"
+    );
+    assert_eq!(report["frames"], frames, "{report}");
+    let asked = (to - from) as f64 / 1000.0;
+    assert!(
+        (seconds - asked).abs() <= 0.1,
+        "exact: {seconds} s for a range of {asked} s"
     );
 }
 
