@@ -417,7 +417,8 @@ pub async fn serve(
 ) -> Result<()> {
     let sdk = sdk_config(&config.aws).await;
     let archiver = build(config, &sdk, Role::Reader).await?;
-    crate::web::serve(archiver.view(), listen, token, shutdown).await
+    let retry = retry_policy(&archiver.config);
+    crate::web::serve(archiver.view(), listen, token, retry, shutdown).await
 }
 
 /// Parses a command-line timestamp (RFC 3339) for `flag`.

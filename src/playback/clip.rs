@@ -158,6 +158,23 @@ impl Clip {
         self.report.bytes
     }
 
+    /// A strong entity tag: the header holds every sample's size and place, and the
+    /// objects never change once written.
+    pub fn etag(&self) -> String {
+        use sha2::Digest;
+        let mut hash = sha2::Sha256::new();
+        hash.update(&self.header);
+        for key in &self.keys {
+            hash.update(key.as_bytes());
+            hash.update([0]);
+        }
+        for run in &self.runs {
+            hash.update(run.object.to_be_bytes());
+            hash.update(run.offset.to_be_bytes());
+        }
+        format!("\"{}\"", hex::encode(&hash.finalize()[..16]))
+    }
+
     /// Whether the clip has no bytes (never: it has a header).
     pub fn is_empty(&self) -> bool {
         self.report.bytes == 0
@@ -219,15 +236,16 @@ impl Clip {
             let within = at - run.at;
             let len = (run.len - within).min(to - at);
             let key = &self.keys[run.object as usize];
-            copy_run(destination, key, run.offset + within, len, policy, tx).await?;
+            send_range(destination, key, run.offset + within, len, policy, tx).await?;
             at += len;
         }
         Ok(())
     }
 }
 
-/// Sends `len` bytes of `key` from `offset`, reading again where a body broke off.
-async fn copy_run(
+/// Sends `len` bytes of `key` from `offset` into `tx`, reading again where a body broke
+/// off, as `policy` allows.
+pub async fn send_range(
     destination: &Destination,
     key: &str,
     offset: u64,

@@ -14,6 +14,11 @@
 //!
 //! Wrong credentials are counted per client ([`Limiter`]); past the limit the client is
 //! answered 429 before its credentials are looked at.
+//!
+//! A player that can send neither headers nor cookies (VLC, iOS, ffplay) gets a
+//! [`Grant`] instead, as KVS's HLS session URLs do: one stream's range until an expiry,
+//! signed under the same process key, carried in the query of the playlist's URL and of
+//! every segment's. A grant opens nothing else, and a wrong or expired one is a 403.
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -177,6 +182,74 @@ impl Access {
         }
     }
 
+    fn grant_mac(&self, grant: &Grant) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.session_key)
+            .expect("HMAC accepts keys of any length");
+        mac.update(b"kvs-archiver playback\0");
+        mac.update(
+            format!(
+                "{}\0{}\0{}\0{}",
+                grant.stream, grant.start_ms, grant.end_ms, grant.expires
+            )
+            .as_bytes(),
+        );
+        mac
+    }
+
+    /// The query that carries `grant`: `start`, `end`, `expires` and `sig`.
+    pub fn grant_query(&self, grant: &Grant) -> String {
+        let sig = hex::encode(self.grant_mac(grant).finalize().into_bytes());
+        let pairs = [
+            ("start", crate::domain::rfc3339(grant.start_ms)),
+            ("end", crate::domain::rfc3339(grant.end_ms)),
+            ("expires", grant.expires.to_string()),
+            ("sig", sig),
+        ];
+        serde_urlencoded::to_string(pairs).unwrap_or_default()
+    }
+
+    /// The grant a request's `path` and `query` carry, checked: it must name the
+    /// stream of the path, be signed by this process and not have expired.
+    fn check_grant(
+        &self,
+        path: &str,
+        query: &HashMap<String, String>,
+        now_unix: u64,
+    ) -> Result<Grant, GrantRefusal> {
+        let stream = path
+            .strip_prefix("/api/v1/streams/")
+            .and_then(|rest| rest.split_once('/'))
+            .map(|(stream, _)| stream.to_string())
+            .ok_or(GrantRefusal::Forged)?;
+        let time = |name: &str| {
+            query
+                .get(name)
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.timestamp_millis())
+        };
+        let (Some(start_ms), Some(end_ms), Some(expires), Some(sig)) = (
+            time("start"),
+            time("end"),
+            query.get("expires").and_then(|e| e.parse::<u64>().ok()),
+            query.get("sig").and_then(|s| hex::decode(s).ok()),
+        ) else {
+            return Err(GrantRefusal::Forged);
+        };
+        let grant = Grant {
+            stream,
+            start_ms,
+            end_ms,
+            expires,
+        };
+        if self.grant_mac(&grant).verify_slice(&sig).is_err() {
+            Err(GrantRefusal::Forged)
+        } else if expires <= now_unix {
+            Err(GrantRefusal::Expired)
+        } else {
+            Ok(grant)
+        }
+    }
+
     /// How long `client` must wait before its credentials are looked at again.
     fn wait(&self, client: IpAddr, now: Instant) -> Option<Duration> {
         // A poisoned lock only means a panic elsewhere mid-update; the counts stay usable.
@@ -301,7 +374,7 @@ fn proxy_header(headers: &HeaderMap) -> Option<&'static str> {
 /// Whether the browser reached us over TLS, as a TLS-terminating proxy says in
 /// `X-Forwarded-Proto` or `Forwarded`. A client that claims it falsely over plain http
 /// only gets a cookie its own browser will not send back.
-fn arrived_over_https(headers: &HeaderMap) -> bool {
+pub(super) fn arrived_over_https(headers: &HeaderMap) -> bool {
     let forwarded_proto = headers
         .get("x-forwarded-proto")
         .and_then(|v| v.to_str().ok())
@@ -332,19 +405,55 @@ fn session_cookie(headers: &HeaderMap) -> Option<&str> {
         .find_map(|c| c.trim().strip_prefix(SESSION_COOKIE)?.strip_prefix('='))
 }
 
+/// One stream's range, playable until `expires` by whoever holds the signed URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The stream's label.
+    pub stream: String,
+    /// The range's start.
+    pub start_ms: i64,
+    /// Its end.
+    pub end_ms: i64,
+    /// Unix seconds after which it opens nothing.
+    pub expires: u64,
+}
+
+impl Grant {
+    /// A grant of `stream`'s `[start_ms, end_ms)` for `for_secs` from now.
+    pub fn new(stream: &str, start_ms: i64, end_ms: i64, for_secs: u64) -> Grant {
+        Grant {
+            stream: stream.to_string(),
+            start_ms,
+            end_ms,
+            expires: now_unix().saturating_add(for_secs),
+        }
+    }
+
+    /// Whether it opens `[start_ms, end_ms]` of `stream`.
+    pub fn covers(&self, stream: &str, start_ms: i64, end_ms: i64) -> bool {
+        self.stream == stream && self.start_ms <= start_ms && end_ms <= self.end_ms
+    }
+}
+
+/// Why a grant opens nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GrantRefusal {
+    Forged,
+    Expired,
+}
+
 /// The middleware: lets a request through, or answers it 401, 403, 421 or 429.
 pub(super) async fn authorize(
     State(state): State<super::AppState>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     let access = &state.access;
-    let Some(token) = access.token() else {
-        return match refuse_without_token(request.headers()) {
-            Some(refusal) => refusal,
-            None => next.run(request).await,
-        };
-    };
+    let query: HashMap<String, String> = request
+        .uri()
+        .query()
+        .and_then(|q| serde_urlencoded::from_str(q).ok())
+        .unwrap_or_default();
     // Without connection info (only a server built without it) every client is one.
     let client = client_of(
         request
@@ -353,6 +462,35 @@ pub(super) async fn authorize(
             .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |c| c.0.ip()),
     );
     let now = Instant::now();
+    if access.token().is_none() {
+        if let Some(refusal) = refuse_without_token(request.headers()) {
+            return refusal;
+        }
+    }
+    if query.contains_key("sig") {
+        if let Some(wait) = access.wait(client, now) {
+            return too_many(wait);
+        }
+        return match access.check_grant(request.uri().path(), &query, now_unix()) {
+            Ok(grant) => {
+                request.extensions_mut().insert(grant);
+                next.run(request).await
+            }
+            Err(refusal) => {
+                if refusal == GrantRefusal::Forged {
+                    access.failed(client, now);
+                }
+                let why = match refusal {
+                    GrantRefusal::Forged => "this link's signature does not match: ask for a new link (GET /api/v1/streams/{stream}/share)\n",
+                    GrantRefusal::Expired => "this link has expired: ask for a new one (GET /api/v1/streams/{stream}/share)\n",
+                };
+                (StatusCode::FORBIDDEN, why).into_response()
+            }
+        };
+    }
+    let Some(token) = access.token() else {
+        return next.run(request).await;
+    };
     let headers = request.headers();
     let cookie = session_cookie(headers);
     let session = cookie.map(|c| access.check(c, now_unix()));
@@ -374,11 +512,6 @@ pub(super) async fn authorize(
     if bearer.is_some_and(|b| same_token(b, token)) {
         return next.run(request).await;
     }
-    let query: HashMap<String, String> = request
-        .uri()
-        .query()
-        .and_then(|q| serde_urlencoded::from_str(q).ok())
-        .unwrap_or_default();
     let given = query.get("token");
     if given.is_some_and(|t| same_token(t, token)) {
         return start_session(access, &request, &query);

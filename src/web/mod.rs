@@ -10,6 +10,7 @@
 //! frames, caches and other sites' referrers ([`security_headers`]). Server-rendered
 //! HTML and SVG, a little plain JavaScript, everything embedded in the binary.
 
+mod api;
 pub mod auth;
 mod media;
 pub mod timeline;
@@ -44,6 +45,11 @@ const FRAGMENT_DETAIL_CHUNKS: usize = 200;
 struct Shared {
     archive: ArchiveView,
     access: Access,
+    /// The sample tables of the objects HLS segments were last cut from: a player asks
+    /// for an object's segments one after another.
+    tracks: tokio::sync::Mutex<crate::playback::footage::Tracks>,
+    /// How reads from the destination are retried.
+    retry: crate::retry::RetryPolicy,
     /// The Content-Security-Policy of every answer ([`content_security_policy`]).
     csp: HeaderValue,
 }
@@ -57,6 +63,7 @@ pub async fn serve(
     archive: ArchiveView,
     listen: SocketAddr,
     token: Option<String>,
+    retry: crate::retry::RetryPolicy,
     shutdown: crate::shutdown::Shutdown,
 ) -> Result<()> {
     let access = Access::new(listen, token)?;
@@ -70,8 +77,10 @@ pub async fn serve(
         archive,
         access,
         csp,
+        tracks: tokio::sync::Mutex::new(crate::playback::footage::Tracks::new(4)),
+        retry,
     });
-    let app = axum::Router::new()
+    let app = api::routes()
         .route("/", axum::routing::get(index))
         .route("/streams/{name}", axum::routing::get(stream_page))
         .route("/media/{*key}", axum::routing::get(media::media))
@@ -361,9 +370,10 @@ async fn stream_page(
         r#"<h1><a href="/">kvs-archiver</a> / {name}</h1>
 <nav>{navigation}</nav>
 <p class="window">{from_text} .. {to_text} (UTC)</p>
-{svg}
+<div id="scrubber">{svg}<div id="hover" hidden><video id="preview" muted playsinline preload="auto"></video><span id="hover-time"></span></div></div>
 <p class="legend">{legend}</p>
-<video id="player" controls muted playsinline preload="metadata"></video>
+<p id="selection" hidden><a id="download">download</a></p>
+<video id="player" controls muted playsinline preload="metadata" data-stream="{name}"></video>
 <p id="now-playing"></p>
 <ul class="failures">{failures}</ul>"#,
         name = escape(&name),

@@ -11,7 +11,7 @@ use std::time::Duration;
 /// `find --json` for `stream` at `t`: the finding, the URL, and the exit status.
 /// `dock-cam`: 2 s fragments of 20 kB over `[start, end]`, and 7 minutes without media
 /// after the first 20.
-fn dock_cam_with_a_gap(start: i64, end: i64) -> StreamSpec {
+pub(crate) fn dock_cam_with_a_gap(start: i64, end: i64) -> StreamSpec {
     let mut spec = historical("dock-cam", start, end, 2000, 20_000);
     spec.gaps = vec![GapSpec {
         after: Duration::from_secs(20 * 60),
@@ -21,7 +21,7 @@ fn dock_cam_with_a_gap(start: i64, end: i64) -> StreamSpec {
 }
 
 /// The fragments on either side of the first gap of more than a minute.
-fn the_gap(fragments: &[kvs_emulator::FragmentInfo]) -> [kvs_emulator::FragmentInfo; 2] {
+pub(crate) fn the_gap(fragments: &[kvs_emulator::FragmentInfo]) -> [kvs_emulator::FragmentInfo; 2] {
     fragments
         .windows(2)
         .find(|w| w[1].server_ms - w[0].server_ms > 60_000)
@@ -147,7 +147,7 @@ async fn find_names_the_object_and_offset_at_boundaries_and_explains_gaps() {
 }
 
 /// ffprobe's view of a file: (duration in seconds, decoded video frames), or its error.
-fn probe_frames(path: &std::path::Path) -> Result<(f64, u64), String> {
+pub(crate) fn probe_frames(path: &std::path::Path) -> Result<(f64, u64), String> {
     let out = std::process::Command::new("ffprobe")
         .args([
             "-v",

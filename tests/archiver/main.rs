@@ -14,4 +14,5 @@ mod fleet;
 mod footage;
 mod iam;
 mod late_media;
+mod playback;
 mod verify_rebuild;

@@ -6,4 +6,5 @@ pub mod command;
 pub mod local_s3;
 pub mod postgres;
 pub mod process;
+pub mod serve;
 pub mod world;
