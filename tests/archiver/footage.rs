@@ -382,16 +382,22 @@ fn require_chromium() {
 
 /// The archive's page in a real headless Chromium, for a ledger a real backfill with
 /// injected faults built: the timeline shows every archived object, the failed chunks and
-/// the gap where KVS had no media; clicking an object plays it (the video's currentTime
-/// advances), streamed with range requests from a directory destination; a screenshot is
-/// left in target/. With a token, the page takes it once in the URL and plays the video
-/// on the session cookie it sets.
+/// the gap where KVS had no media; a click plays from that instant and on across the
+/// object's end; hovering shows a decoded preview; a selection downloads as one MP4 of
+/// exactly its fragments; a screenshot is left in target/. With a token, the page takes
+/// it once in the URL and plays on the session cookie it sets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_archive_page_shows_the_timeline_and_plays_a_clicked_object_in_chromium() {
+async fn the_archive_page_plays_by_time_previews_and_downloads_a_selection_in_chromium() {
     require_chromium();
     let archive = faulted_directory_archive().await;
     let (mut server, listen) = serve_checked(&archive).await;
-    let (_driver, browser) = chromium_session().await;
+    let port: u16 = listen
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port");
+    let downloads = tempfile::tempdir().expect("download directory");
+    let (_driver, browser) = chromium_session(downloads.path()).await;
     let result = async {
         // The token once in the URL; the cookie carries it to the page and the video.
         browser
@@ -401,13 +407,17 @@ async fn the_archive_page_shows_the_timeline_and_plays_a_clicked_object_in_chrom
             .await
             .expect("page opens");
         let archived = timeline_is_true_to_the_archive(&browser, &archive).await;
-        // Click an archived object (the widest span, as a person would): it plays.
-        let (_, _, key) = archived
-            .iter()
-            .max_by_key(|(start, end, _)| end - start)
-            .expect("an archived span")
-            .clone();
-        clicked_object_plays(&browser, &key).await;
+        a_click_plays_from_that_instant_across_objects(&browser, port, &archived).await;
+        let mut spans = archived.clone();
+        spans.sort();
+        let (a, b) = spans
+            .windows(2)
+            .find(|w| (w[1].0 - w[0].1).abs() <= 3_000)
+            .map(|w| (w[0].1 - 30_000, w[1].0 + 30_000))
+            .expect("two archived objects back to back");
+        hovering_shows_a_decoded_preview(&browser, a + 10_000).await;
+        a_selection_downloads_its_fragments(&browser, &archive.world, downloads.path(), a, b)
+            .await;
         zoom_in_narrows_the_window(&browser).await;
     };
     // A panic must not leave Chromium running.
@@ -539,7 +549,9 @@ async fn serve_checked(archive: &FaultedArchive) -> (tokio::process::Child, Stri
 }
 
 /// chromedriver on a free port and a headless Chromium session through it.
-async fn chromium_session() -> (tokio::process::Child, fantoccini::Client) {
+async fn chromium_session(
+    downloads: &std::path::Path,
+) -> (tokio::process::Child, fantoccini::Client) {
     let driver_port = free_port();
     let mut driver = tokio::process::Command::new("chromedriver")
         .arg(format!("--port={driver_port}"))
@@ -569,7 +581,12 @@ async fn chromium_session() -> (tokio::process::Child, fantoccini::Client) {
             "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
             "--window-size=1400,900", "--autoplay-policy=no-user-gesture-required",
             "--no-first-run", "--no-proxy-server", "--disable-background-networking",
-        ]}),
+        ],
+        "prefs": {
+            "download.default_directory": downloads.display().to_string(),
+            "download.prompt_for_download": false,
+            "download.directory_upgrade": true,
+        }}),
     );
     let browser =
         fantoccini::ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
@@ -642,38 +659,185 @@ async fn timeline_is_true_to_the_archive(
     archived
 }
 
-/// Clicking the span of `key` plays that object: the video's time advances.
-async fn clicked_object_plays(browser: &fantoccini::Client, key: &str) {
-    use fantoccini::Locator;
+/// The x of instant `t` on the timeline, in the page's coordinates, and the instant the
+/// page reads back at that x (what a click there asks for).
+async fn x_of(browser: &fantoccini::Client, t: i64) -> (f64, f64) {
+    let at = browser
+        .execute(
+            "var svg = document.getElementById('timeline'); var box = svg.getBoundingClientRect(); var from = Number(svg.dataset.from), to = Number(svg.dataset.to); var x = box.left + (arguments[0] - from) / (to - from) * box.width; return [x, from + (x - box.left) / box.width * (to - from), box.top + box.height * 0.6];",
+            vec![serde_json::json!(t)],
+        )
+        .await
+        .expect("script runs");
+    (at[0].as_f64().expect("x"), at[2].as_f64().expect("y"))
+}
+
+/// Sends `kind` (click, mousedown, mousemove, mouseup) to the timeline at `x`.
+async fn pointer(browser: &fantoccini::Client, kind: &str, x: f64, y: f64) {
     browser
-        .find(Locator::Css(&format!("#timeline rect[data-key='{key}']")))
+        .execute(
+            "var target = document.elementFromPoint(arguments[1], arguments[2]) || document.getElementById('timeline'); target.dispatchEvent(new MouseEvent(arguments[0], {clientX: arguments[1], clientY: arguments[2], bubbles: true, cancelable: true, view: window})); return null;",
+            vec![serde_json::json!(kind), serde_json::json!(x), serde_json::json!(y)],
+        )
         .await
-        .expect("the span")
-        .click()
+        .expect("event sent");
+}
+
+/// The player's state: (currentTime, error, currentSrc, dataset.start, played from).
+async fn player_state(browser: &fantoccini::Client) -> serde_json::Value {
+    browser
+        .execute(
+            "var p = document.getElementById('player'); return [p.currentTime, p.error ? p.error.message || String(p.error.code) : null, p.currentSrc, p.dataset.start || null, p.played.length ? p.played.start(0) : null];",
+            vec![],
+        )
         .await
-        .expect("clicked");
-    let mut played = 0.0;
-    for _ in 0..100 {
-        let state = browser
-                .execute(
-                    "var p = document.getElementById('player'); return [p.currentTime, p.error ? p.error.message || String(p.error.code) : null, p.dataset.key || null];",
-                    vec![],
-                )
-                .await
-                .expect("script runs");
+        .expect("script runs")
+}
+
+/// Playing by time: a click at an instant 4 s before an object's end plays from that
+/// instant (the clip the player loaded is cut on the frame there, and plays from its
+/// time 0), and plays on across the object's end by itself.
+async fn a_click_plays_from_that_instant_across_objects(
+    browser: &fantoccini::Client,
+    port: u16,
+    archived: &[(i64, i64, String)],
+) {
+    let mut spans = archived.to_vec();
+    spans.sort();
+    let (_, boundary) = spans
+        .windows(2)
+        .find(|w| (w[1].0 - w[0].1).abs() <= 3_000)
+        .map(|w| (w[0].clone(), w[0].1))
+        .expect("two archived objects back to back");
+    let instant = boundary - 4_000;
+    let (x, y) = x_of(browser, instant).await;
+    pointer(browser, "click", x, y).await;
+    let mut state = serde_json::Value::Null;
+    for _ in 0..150 {
+        state = player_state(browser).await;
         assert!(state[1].is_null(), "the video fails: {state}");
-        played = state[0].as_f64().unwrap_or(0.0);
-        if played > 1.0 {
-            assert_eq!(state[2], key);
+        if state[0].as_f64().unwrap_or(0.0) > 6.5 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(played > 1.0, "the video's currentTime advances: {played}");
+    let played = state[0].as_f64().unwrap_or(0.0);
+    assert!(played > 6.5, "plays past the object's end, 4 s in: {state}");
+    let asked: i64 = state[3].as_str().and_then(|s| s.parse().ok()).expect("the instant asked");
+    assert!(state[4].as_f64().is_some_and(|t| t < 0.1), "played from time 0: {state}");
+    // The clip the player loaded is cut on the frame showing at the instant: the same
+    // URL, asked again, says where its first shown frame is.
+    let src = state[2].as_str().expect("a source").to_string();
+    let path = src
+        .split_once(&format!("127.0.0.1:{port}"))
+        .map(|(_, p)| p.to_string())
+        .expect("this server's URL");
+    let answer = crate::support::serve::get(
+        port,
+        &path,
+        &[("Authorization", &format!("Bearer {PAGE_TOKEN}"))],
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let shown = answer
+        .header("x-clip-shown-from")
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.timestamp_millis())
+        .expect("where the clip starts");
+    assert!(
+        shown <= asked && asked - shown < 100,
+        "the first frame shown ({shown}) is the one at the instant asked ({asked}), within one 100 ms frame"
+    );
+    assert!(
+        (asked - instant).abs() < 3_000,
+        "the page asks for the clicked instant: {asked} against {instant}"
+    );
+    let src_after = player_state(browser).await[2].clone();
+    assert_eq!(src_after, state[2], "one clip, no new click or reload");
     let png = browser.screenshot().await.expect("screenshot");
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
     std::fs::create_dir_all(&dir).expect("screenshot directory");
     std::fs::write(dir.join("timeline.png"), png).expect("screenshot written");
+}
+
+/// Hovering over archived media shows its keyframe: the preview's video decodes.
+async fn hovering_shows_a_decoded_preview(browser: &fantoccini::Client, at: i64) {
+    let (x, y) = x_of(browser, at).await;
+    pointer(browser, "mousemove", x, y).await;
+    let mut state = serde_json::Value::Null;
+    for _ in 0..100 {
+        state = browser
+            .execute(
+                "var v = document.getElementById('preview'); return [v.videoWidth, v.error ? String(v.error.code) : null, document.getElementById('hover').hidden];",
+                vec![],
+            )
+            .await
+            .expect("script runs");
+        if state[0].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state[0], 320, "the preview decodes: {state}");
+    assert_eq!(state[2], false, "the preview shows: {state}");
+}
+
+/// Dragging across the timeline selects a range; its link downloads one MP4 holding
+/// exactly the range's fragments.
+async fn a_selection_downloads_its_fragments(
+    browser: &fantoccini::Client,
+    world: &World,
+    downloads: &std::path::Path,
+    from: i64,
+    to: i64,
+) {
+    use fantoccini::Locator;
+    let (x0, y) = x_of(browser, from).await;
+    let (x1, _) = x_of(browser, to).await;
+    pointer(browser, "mousedown", x0, y).await;
+    pointer(browser, "mousemove", (x0 + x1) / 2.0, y).await;
+    pointer(browser, "mousemove", x1, y).await;
+    pointer(browser, "mouseup", x1, y).await;
+    let link = browser
+        .find(Locator::Id("download"))
+        .await
+        .expect("the download link");
+    let start: i64 = link
+        .attr("data-start")
+        .await
+        .expect("attr")
+        .and_then(|s| s.parse().ok())
+        .expect("the selection's start");
+    let end: i64 = link
+        .attr("data-end")
+        .await
+        .expect("attr")
+        .and_then(|s| s.parse().ok())
+        .expect("the selection's end");
+    link.click().await.expect("clicked");
+    let mut file = None;
+    for _ in 0..150 {
+        file = std::fs::read_dir(downloads)
+            .expect("downloads")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "mp4"));
+        if file.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let file = file.expect("a downloaded MP4");
+    let bytes = std::fs::read(&file).expect("the download");
+    let expected: Vec<String> = world
+        .emu
+        .fragments("dock-cam")
+        .iter()
+        .filter(|f| f.server_ms < end && f.server_ms + i64::from(f.duration_ms) > start)
+        .map(|f| f.number.clone())
+        .collect();
+    assert!(expected.len() >= 10, "{start}..{end}");
+    assert_eq!(scan_markers(&bytes), expected, "exactly the selection's fragments");
 }
 
 /// Zooming in narrows the window the SVG draws.
