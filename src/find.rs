@@ -5,9 +5,25 @@ use crate::domain::{EpochMs, Fragment, TimestampSource};
 use crate::error::Result;
 use crate::ledger::{Chunk, ChunkState, Ledger};
 use serde::Serialize;
+use std::collections::HashMap;
 
 /// Chunks are under 24 hours: any chunk holding an instant starts within a day before it.
 const DAY_MS: i64 = 86_400_000;
+/// A fragment lasts less than this.
+const LONGEST: i64 = crate::domain::MAX_FRAGMENT_MS as i64;
+
+/// A chunk's fragments, read once.
+async fn fragments_read<'a>(
+    ledger: &dyn Ledger,
+    read: &'a mut HashMap<i64, Vec<Fragment>>,
+    chunk: i64,
+) -> Result<&'a [Fragment]> {
+    if !read.contains_key(&chunk) {
+        let fragments = ledger.fragments_of(chunk).await?;
+        read.insert(chunk, fragments);
+    }
+    Ok(read.get(&chunk).map_or(&[][..], Vec::as_slice))
+}
 
 /// What the archive holds at an instant.
 #[derive(Debug, Clone, Serialize)]
@@ -71,23 +87,54 @@ pub async fn find(
     t: EpochMs,
 ) -> Result<Finding> {
     let (from, to) = (t - DAY_MS, t + DAY_MS);
-    let mut before: Option<(EpochMs, String)> = None;
-    let mut after: Option<(EpochMs, String)> = None;
-    for chunk in ledger.done_in(stream, source, from, to).await? {
+    let chunks = ledger.done_in(stream, source, from, to).await?;
+    // A chunk's fragments start within [plan.start_ms, plan.end_ms] and last at most
+    // LONGEST: only the chunks that can hold `t`, or hold the media nearest it, are read,
+    // not every fragment of two days.
+    let mut read: HashMap<i64, Vec<Fragment>> = HashMap::new();
+    for chunk in chunks
+        .iter()
+        .filter(|c| c.plan.start_ms <= t && t < c.plan.end_ms + LONGEST)
+    {
         let fragments = ledger.fragments_of(chunk.id).await?;
         if let Some((fragment, offset_ms)) = locate(&fragments, t) {
             return Ok(Finding::Archived {
-                object_key: chunk.object_key,
+                object_key: chunk.object_key.clone(),
                 offset_ms,
                 fragment: fragment.number.clone(),
                 chunk_start_ms: chunk.plan.start_ms,
             });
         }
-        for f in &fragments {
+        read.insert(chunk.id, fragments);
+    }
+    let mut before: Option<(EpochMs, String)> = None;
+    let mut earlier: Vec<&Chunk> = chunks.iter().filter(|c| c.plan.start_ms <= t).collect();
+    earlier.sort_by_key(|c| std::cmp::Reverse(c.plan.end_ms));
+    for chunk in earlier {
+        if before
+            .as_ref()
+            .is_some_and(|(b, _)| chunk.plan.end_ms + LONGEST <= *b)
+        {
+            break;
+        }
+        for f in fragments_read(ledger, &mut read, chunk.id).await? {
             let end = f.start_ms + f.duration_ms as i64;
             if end <= t && before.as_ref().is_none_or(|(b, _)| end > *b) {
                 before = Some((end, chunk.object_key.clone()));
             }
+        }
+    }
+    let mut after: Option<(EpochMs, String)> = None;
+    let mut later: Vec<&Chunk> = chunks.iter().filter(|c| c.plan.end_ms > t).collect();
+    later.sort_by_key(|c| c.plan.start_ms);
+    for chunk in later {
+        if after
+            .as_ref()
+            .is_some_and(|(a, _)| chunk.plan.start_ms >= *a)
+        {
+            break;
+        }
+        for f in fragments_read(ledger, &mut read, chunk.id).await? {
             if f.start_ms > t && after.as_ref().is_none_or(|(a, _)| f.start_ms < *a) {
                 after = Some((f.start_ms, chunk.object_key.clone()));
             }

@@ -21,7 +21,11 @@ pub struct TrackTable {
     pub height: u32,
     /// The `stsd` box whole, copied from the source.
     pub sample_description: Vec<u8>,
-    sizes: Vec<u32>,
+    /// Sample sizes, in blocks of [`SIZE_BLOCK`]: a day of frames grows without ever
+    /// copying them all into a buffer twice their size.
+    sizes: Vec<Vec<u32>>,
+    /// Samples so far.
+    samples: u32,
     /// Decode durations as runs: (count, delta).
     durations: Vec<(u32, u32)>,
     /// Composition offsets as runs: (count, offset).
@@ -61,7 +65,7 @@ impl TrackTable {
 
     /// Samples so far.
     pub fn sample_count(&self) -> u32 {
-        self.sizes.len() as u32
+        self.samples
     }
 
     /// Track duration in the track's timescale.
@@ -96,11 +100,19 @@ impl TrackTable {
     /// Appends a sample; `new_chunk` starts a chunk (the bytes are not contiguous with
     /// the previous sample's in the source).
     pub fn push(&mut self, size: u32, duration: u32, cts_offset: i32, sync: bool, new_chunk: bool) {
-        self.sizes.push(size);
+        match self.sizes.last_mut() {
+            Some(block) if block.len() < SIZE_BLOCK => block.push(size),
+            _ => {
+                let mut block = Vec::with_capacity(SIZE_BLOCK);
+                block.push(size);
+                self.sizes.push(block);
+            }
+        }
+        self.samples += 1;
         push_run(&mut self.durations, duration);
         push_run(&mut self.cts_offsets, cts_offset);
         if sync {
-            self.sync.push(self.sizes.len() as u32);
+            self.sync.push(self.samples);
         }
         match self.chunks.last_mut() {
             Some((samples, bytes)) if !new_chunk => {
@@ -124,39 +136,42 @@ impl TrackTable {
 
     /// `ftyp`, `moov` and the `mdat` header: the media bytes follow, chunk by chunk.
     pub fn header(&self) -> Vec<u8> {
-        // co64 has a fixed size, so a first pass with zero offsets gives the length.
-        let probe = self.write(0);
-        let header = self.write(probe.len() as u64);
-        debug_assert_eq!(probe.len(), header.len());
-        header
+        // co64 has a fixed size, so a pass that only counts gives the length, and the
+        // header is written once into a buffer of exactly that size.
+        let mut counted = Boxes::counting();
+        self.write(&mut counted, 0);
+        let len = counted.len;
+        let mut w = Boxes::with_capacity(len);
+        self.write(&mut w, len as u64);
+        debug_assert_eq!(w.out.len(), len);
+        w.out
     }
 
-    fn write(&self, data_start: u64) -> Vec<u8> {
+    fn write(&self, w: &mut Boxes, data_start: u64) {
         let duration = self.duration();
         let presented = self.presented_duration();
         let text_bytes = self.text.as_ref().map_or(0, WallClockText::bytes);
-        let mut w = Boxes::default();
-        write_ftyp(&mut w);
+        write_ftyp(w);
         w.open(b"moov");
-        self.write_mvhd(&mut w, presented);
+        self.write_mvhd(w, presented);
         w.open(b"trak");
-        self.write_tkhd(&mut w, presented);
-        self.write_edts(&mut w, duration);
+        self.write_tkhd(w, presented);
+        self.write_edts(w, duration);
         w.open(b"mdia");
-        self.write_mdhd(&mut w, duration);
-        write_hdlr(&mut w);
+        self.write_mdhd(w, duration);
+        write_hdlr(w);
         w.open(b"minf");
-        write_vmhd_and_dinf(&mut w);
+        write_vmhd_and_dinf(w);
         w.open(b"stbl");
         w.bytes(&self.sample_description);
-        self.write_sample_times(&mut w);
-        self.write_sample_layout(&mut w, data_start + text_bytes);
+        self.write_sample_times(w);
+        self.write_sample_layout(w, data_start + text_bytes);
         w.close(); // stbl
         w.close(); // minf
         w.close(); // mdia
         w.close(); // trak
         if let Some(text) = &self.text {
-            text.write_trak(&mut w, self.timescale, data_start);
+            text.write_trak(w, self.timescale, data_start);
         }
         w.close(); // moov
 
@@ -164,7 +179,6 @@ impl TrackTable {
         w.u32(1);
         w.bytes(b"mdat");
         w.u64(text_bytes + self.media_bytes() + 16);
-        w.out
     }
 
     /// The movie header: the timescale and duration of the whole file.
@@ -253,7 +267,7 @@ impl TrackTable {
             }
             w.close();
         }
-        if self.sync.len() != self.sizes.len() {
+        if self.sync.len() != self.samples as usize {
             w.open_full(b"stss", 0, 0);
             w.u32(self.sync.len() as u32);
             for number in &self.sync {
@@ -282,8 +296,8 @@ impl TrackTable {
         w.close();
         w.open_full(b"stsz", 0, 0);
         w.u32(0);
-        w.u32(self.sizes.len() as u32);
-        for size in &self.sizes {
+        w.u32(self.samples);
+        for size in self.sizes.iter().flatten() {
             w.u32(*size);
         }
         w.close();
@@ -349,17 +363,40 @@ fn push_run<T: PartialEq + Copy>(runs: &mut Vec<(u32, T)>, value: T) {
 #[derive(Default)]
 pub(crate) struct Boxes {
     out: Vec<u8>,
+    /// Bytes written (or counted).
+    len: usize,
+    /// Counts only: nothing is stored.
+    counting: bool,
     open: Vec<usize>,
 }
 
+/// Sizes per block of [`TrackTable`]'s sample sizes.
+const SIZE_BLOCK: usize = 1 << 16;
+
 impl Boxes {
+    /// A writer that only counts the bytes it would write.
+    fn counting() -> Boxes {
+        Boxes {
+            counting: true,
+            ..Boxes::default()
+        }
+    }
+
+    /// A writer into a buffer of `len` bytes.
+    fn with_capacity(len: usize) -> Boxes {
+        Boxes {
+            out: Vec::with_capacity(len),
+            ..Boxes::default()
+        }
+    }
+
     /// The bytes written.
     pub(crate) fn into_bytes(self) -> Vec<u8> {
         self.out
     }
 
     pub(crate) fn open(&mut self, kind: &[u8; 4]) {
-        self.open.push(self.out.len());
+        self.open.push(self.len);
         self.u32(0);
         self.bytes(kind);
     }
@@ -372,13 +409,18 @@ impl Boxes {
     pub(crate) fn close(&mut self) {
         // Opened and closed in pairs by this module only.
         if let Some(start) = self.open.pop() {
-            let size = (self.out.len() - start) as u32;
-            self.out[start..start + 4].copy_from_slice(&size.to_be_bytes());
+            let size = (self.len - start) as u32;
+            if !self.counting {
+                self.out[start..start + 4].copy_from_slice(&size.to_be_bytes());
+            }
         }
     }
 
     pub(crate) fn bytes(&mut self, b: &[u8]) {
-        self.out.extend_from_slice(b);
+        if !self.counting {
+            self.out.extend_from_slice(b);
+        }
+        self.len += b.len();
     }
 
     pub(crate) fn u16(&mut self, v: u16) {

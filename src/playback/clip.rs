@@ -10,7 +10,7 @@
 //! start (a decoder needs them) and presents from the frame showing at the start, by an
 //! edit list; the end is cut the same way.
 
-use super::footage::{Footage, Tracks};
+use super::footage::{read_object, Footage, ObjectTrack, Tracks};
 use super::{why_missing, Gap, GapMode, LeftOut, GAP_REPORT_MS};
 use crate::destination::Destination;
 use crate::domain::{rfc3339, EpochMs, TimestampSource};
@@ -22,6 +22,7 @@ use crate::mp4::writer::{Edit, TrackTable};
 use crate::retry::RetryPolicy;
 use bytes::Bytes;
 use serde::Serialize;
+use std::sync::Arc;
 
 /// Where the clip starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -329,6 +330,66 @@ async fn first_keyframe(
     Ok(first)
 }
 
+/// Object tracks read ahead of a walk through the fragments: the objects in the order the
+/// walk first needs them, [`READ_AHEAD`] read at once; revisits (a late fragment's
+/// object, then back) come from the few held.
+struct ReadAhead<'a> {
+    tracks: &'a mut Tracks,
+    destination: &'a Destination,
+    ahead: std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = (usize, Result<Arc<ObjectTrack>>)> + Send + 'a>,
+    >,
+}
+
+/// Objects whose headers are read at once: the walk waits on one round trip per few
+/// objects, not per object, and holds no more than this many tables ahead.
+const READ_AHEAD: usize = 6;
+
+impl<'a> ReadAhead<'a> {
+    fn new(
+        footage: &'a Footage,
+        tracks: &'a mut Tracks,
+        destination: &'a Destination,
+        from: usize,
+    ) -> Self {
+        use futures_util::StreamExt;
+        let mut order: Vec<usize> = Vec::new();
+        for placed in &footage.placed[from..] {
+            if !order.contains(&placed.object) {
+                order.push(placed.object);
+            }
+        }
+        let ahead =
+            futures_util::stream::iter(order)
+                .map(move |object| async move {
+                    (object, read_object(footage, destination, object).await)
+                })
+                .buffered(READ_AHEAD);
+        ReadAhead {
+            tracks,
+            destination,
+            ahead: Box::pin(ahead),
+        }
+    }
+
+    async fn get(&mut self, footage: &Footage, object: usize) -> Result<Arc<ObjectTrack>> {
+        use futures_util::StreamExt;
+        let key = &footage.objects[object].key;
+        if let Some(held) = self.tracks.held(key) {
+            return Ok(held);
+        }
+        while let Some((read_object, read)) = self.ahead.next().await {
+            let read = read?;
+            self.tracks
+                .keep(footage.objects[read_object].key.clone(), read.clone());
+            if read_object == object {
+                return Ok(read);
+            }
+        }
+        self.tracks.get(footage, self.destination, object).await
+    }
+}
+
 /// Lays out every sample from the `first` keyframe to the end of the range as one track.
 async fn lay_out(
     ledger: &dyn Ledger,
@@ -341,6 +402,7 @@ async fn lay_out(
     let reference = tracks
         .get(footage, destination, footage.placed[first.0].object)
         .await?;
+    let mut tracks = ReadAhead::new(footage, tracks, destination, first.0);
     let reference = VideoTrack {
         samples: Vec::new(),
         ..reference.track.clone()
@@ -368,7 +430,7 @@ async fn lay_out(
         if fragment.start_ms >= spec.end {
             break;
         }
-        let object = tracks.get(footage, destination, placed.object).await?;
+        let object = tracks.get(footage, placed.object).await?;
         let key = &footage.objects[placed.object].key;
         layout.note_other_tracks(key, &object.track);
         let samples = object.samples_of(placed.index);

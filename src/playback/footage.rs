@@ -172,19 +172,42 @@ impl Tracks {
         destination: &Destination,
         object: usize,
     ) -> Result<Arc<ObjectTrack>> {
-        let archived = &footage.objects[object];
-        if let Some(at) = self.kept.iter().position(|(key, _)| *key == archived.key) {
-            let kept = self.kept.remove(at);
-            self.kept.push(kept.clone());
-            return Ok(kept.1);
+        if let Some(held) = self.held(&footage.objects[object].key) {
+            return Ok(held);
         }
-        let track = read_track(destination, &archived.key, archived.limits).await?;
-        let bounds = fragment_bounds(&track, &archived.fragments);
-        let read = Arc::new(ObjectTrack { track, bounds });
+        let read = read_object(footage, destination, object).await?;
+        self.keep(footage.objects[object].key.clone(), read.clone());
+        Ok(read)
+    }
+
+    /// The track of the object `key`, if held (it becomes the most recently used).
+    pub fn held(&mut self, key: &str) -> Option<Arc<ObjectTrack>> {
+        let at = self.kept.iter().position(|(held, _)| held == key)?;
+        let kept = self.kept.remove(at);
+        self.kept.push(kept.clone());
+        Some(kept.1)
+    }
+
+    /// Holds `track` as the object `key`'s, letting the least recently used go.
+    pub fn keep(&mut self, key: String, track: Arc<ObjectTrack>) {
+        if self.held(&key).is_some() {
+            return;
+        }
         if self.kept.len() >= self.capacity {
             self.kept.remove(0);
         }
-        self.kept.push((archived.key.clone(), read.clone()));
-        Ok(read)
+        self.kept.push((key, track));
     }
+}
+
+/// Reads the track of `footage`'s object `object` from `destination`.
+pub async fn read_object(
+    footage: &Footage,
+    destination: &Destination,
+    object: usize,
+) -> Result<Arc<ObjectTrack>> {
+    let archived = &footage.objects[object];
+    let track = read_track(destination, &archived.key, archived.limits).await?;
+    let bounds = fragment_bounds(&track, &archived.fragments);
+    Ok(Arc::new(ObjectTrack { track, bounds }))
 }

@@ -390,7 +390,12 @@ fn ranged_clip(
             }
         },
     };
-    let report = clip.report.clone();
+    let described = [
+        ("x-clip-shown-from", rfc3339(clip.report.shown_from_ms)),
+        ("x-clip-ends", rfc3339(clip.report.last_frame_end_ms)),
+        ("x-clip-frames", clip.report.frames.to_string()),
+        ("x-clip-gaps", clip.report.gaps.len().to_string()),
+    ];
     let body = clip.stream(state.archive.destination.clone(), from, to, state.retry);
     let mut response = Response::new(channel_body(body));
     *response.status_mut() = status;
@@ -416,12 +421,6 @@ fn ranged_clip(
             h.insert(header::CONTENT_RANGE, v);
         }
     }
-    let described = [
-        ("x-clip-shown-from", rfc3339(report.shown_from_ms)),
-        ("x-clip-ends", rfc3339(report.last_frame_end_ms)),
-        ("x-clip-frames", report.frames.to_string()),
-        ("x-clip-gaps", report.gaps.len().to_string()),
-    ];
     for (name, value) in described {
         if let Ok(value) = HeaderValue::from_str(&value) {
             h.insert(name, value);

@@ -416,8 +416,7 @@ async fn the_archive_page_plays_by_time_previews_and_downloads_a_selection_in_ch
             .map(|w| (w[0].1 - 30_000, w[1].0 + 30_000))
             .expect("two archived objects back to back");
         hovering_shows_a_decoded_preview(&browser, a + 10_000).await;
-        a_selection_downloads_its_fragments(&browser, &archive.world, downloads.path(), a, b)
-            .await;
+        a_selection_downloads_its_fragments(&browser, &archive.world, downloads.path(), a, b).await;
         zoom_in_narrows_the_window(&browser).await;
     };
     // A panic must not leave Chromium running.
@@ -723,8 +722,14 @@ async fn a_click_plays_from_that_instant_across_objects(
     }
     let played = state[0].as_f64().unwrap_or(0.0);
     assert!(played > 6.5, "plays past the object's end, 4 s in: {state}");
-    let asked: i64 = state[3].as_str().and_then(|s| s.parse().ok()).expect("the instant asked");
-    assert!(state[4].as_f64().is_some_and(|t| t < 0.1), "played from time 0: {state}");
+    let asked: i64 = state[3]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("the instant asked");
+    assert!(
+        state[4].as_f64().is_some_and(|t| t < 0.1),
+        "played from time 0: {state}"
+    );
     // The clip the player loaded is cut on the frame showing at the instant: the same
     // URL, asked again, says where its first shown frame is.
     let src = state[2].as_str().expect("a source").to_string();
@@ -837,7 +842,11 @@ async fn a_selection_downloads_its_fragments(
         .map(|f| f.number.clone())
         .collect();
     assert!(expected.len() >= 10, "{start}..{end}");
-    assert_eq!(scan_markers(&bytes), expected, "exactly the selection's fragments");
+    assert_eq!(
+        scan_markers(&bytes),
+        expected,
+        "exactly the selection's fragments"
+    );
 }
 
 /// Zooming in narrows the window the SVG draws.

@@ -124,6 +124,10 @@ pub struct StreamSpec {
     /// Media bytes per fragment; filler pads smaller fragments up to it (0: no padding).
     #[serde(default)]
     pub fragment_size: u64,
+    /// Milliseconds between frames: 100 (10 fps, the fixture's own rate) by default; 33
+    /// for a 30 fps camera (the fixture's frames, timed faster).
+    #[serde(default = "default_frame_interval")]
+    pub frame_interval_ms: u32,
     /// Silent periods.
     #[serde(default)]
     pub gaps: Vec<GapSpec>,
@@ -168,6 +172,7 @@ impl StreamSpec {
             end: None,
             fragment_durations_ms: default_durations(),
             fragment_size: 0,
+            frame_interval_ms: default_frame_interval(),
             gaps: Vec::new(),
             producer_offset_ms: 0,
             late_fragments_at: Vec::new(),
@@ -238,6 +243,10 @@ fn default_media_type() -> String {
 fn default_backlog() -> std::time::Duration {
     std::time::Duration::from_secs(3600)
 }
+fn default_frame_interval() -> u32 {
+    crate::media::FRAME_INTERVAL_MS
+}
+
 fn default_durations() -> Vec<u32> {
     vec![2_000]
 }

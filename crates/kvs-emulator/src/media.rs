@@ -55,7 +55,9 @@ pub struct Gop {
 pub struct FragmentLayout {
     /// Frames (samples) in the fragment.
     pub frames: u32,
-    /// Duration of the last sample; all others last [`FRAME_INTERVAL_MS`].
+    /// Milliseconds between frames: every sample lasts this, the last one excepted.
+    pub frame_interval_ms: u32,
+    /// Duration of the last sample.
     pub last_sample_ms: u32,
     /// Bytes of the filler NAL payload (0: no filler NAL unit).
     pub filler_payload: u64,
@@ -147,12 +149,25 @@ impl Gop {
         (self.frame_end[i] - start) as u32
     }
 
-    /// Lays out a fragment of `duration_ms` padded up to `size_target` media bytes.
+    /// Lays out a fragment of `duration_ms` padded up to `size_target` media bytes, a
+    /// frame every [`FRAME_INTERVAL_MS`].
     pub fn layout(&self, duration_ms: u32, size_target: u64, number_len: usize) -> FragmentLayout {
+        self.layout_at(duration_ms, size_target, number_len, FRAME_INTERVAL_MS)
+    }
+
+    /// [`Gop::layout`] with a frame every `interval_ms`.
+    pub fn layout_at(
+        &self,
+        duration_ms: u32,
+        size_target: u64,
+        number_len: usize,
+        interval_ms: u32,
+    ) -> FragmentLayout {
+        let interval_ms = interval_ms.max(1);
         let max_frames = self.frame_count();
-        let frames = duration_ms.div_ceil(FRAME_INTERVAL_MS).clamp(1, max_frames);
+        let frames = duration_ms.div_ceil(interval_ms).clamp(1, max_frames);
         let last_sample_ms = duration_ms
-            .saturating_sub(FRAME_INTERVAL_MS * (frames - 1))
+            .saturating_sub(interval_ms * (frames - 1))
             .max(1);
         let mut sample_sizes: Vec<u32> = (0..frames as usize).map(|i| self.frame_size(i)).collect();
         sample_sizes[0] += marker_len(number_len) as u32;
@@ -168,6 +183,7 @@ impl Gop {
         }
         FragmentLayout {
             frames,
+            frame_interval_ms: interval_ms,
             last_sample_ms,
             filler_payload,
             sample_sizes,

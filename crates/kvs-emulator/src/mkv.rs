@@ -3,7 +3,7 @@
 //! each frame a SimpleBlock. Timecodes are the fragments' producer timestamps in ms, as
 //! KVS writes them.
 
-use crate::media::{Gop, FRAME_INTERVAL_MS, HEIGHT, WIDTH};
+use crate::media::{Gop, HEIGHT, WIDTH};
 use crate::stream::Fragment;
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -104,7 +104,8 @@ pub fn media_bytes(gop: &Gop, fragments: &[Fragment]) -> Vec<Bytes> {
             offset += size;
             let mut block = Vec::with_capacity(size + 4);
             block.push(0x81); // track 1
-            block.extend_from_slice(&((i as u32 * FRAME_INTERVAL_MS) as i16).to_be_bytes());
+            let at = i as u32 * f.layout.frame_interval_ms;
+            block.extend_from_slice(&(at as i16).to_be_bytes());
             block.push(if i == 0 { 0x80 } else { 0x00 }); // keyframe flag on the IDR
             block.extend_from_slice(frame);
             cluster.extend_from_slice(&element(&[0xa3], &block));

@@ -5,7 +5,7 @@
 //! deterministically), so `moov` goes first and the body is streamed without buffering the
 //! clip, as KVS does. Each fragment is one MP4 chunk, which keeps `stsc` and `co64` short.
 
-use crate::media::{FragmentLayout, Gop, FRAME_INTERVAL_MS, HEIGHT, WIDTH};
+use crate::media::{FragmentLayout, Gop, HEIGHT, WIDTH};
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// Media timescale: the fixture's frame interval is whole milliseconds.
@@ -79,7 +79,7 @@ pub fn clip_header(gop: &Gop, fragments: &[FragmentLayout]) -> ClipHeader {
 }
 
 fn duration_ms(f: &FragmentLayout) -> u64 {
-    u64::from(FRAME_INTERVAL_MS) * u64::from(f.frames - 1) + u64::from(f.last_sample_ms)
+    u64::from(f.frame_interval_ms) * u64::from(f.frames - 1) + u64::from(f.last_sample_ms)
 }
 
 /// The clip's boxes before the media: `ftyp`, then `moov` (one video track), then the
@@ -293,7 +293,7 @@ fn write_stts(w: &mut BoxWriter, fragments: &[FragmentLayout]) {
         }
     };
     for f in fragments {
-        push(f.frames - 1, FRAME_INTERVAL_MS);
+        push(f.frames - 1, f.frame_interval_ms);
         push(1, f.last_sample_ms);
     }
     w.begin_full(b"stts", 0, 0);

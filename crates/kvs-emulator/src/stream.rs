@@ -248,10 +248,12 @@ impl StreamState {
     }
 
     fn layout(&mut self, duration_ms: u32) -> Arc<FragmentLayout> {
-        let size = self.spec.fragment_size;
+        let (size, interval) = (self.spec.fragment_size, self.spec.frame_interval_ms);
         self.layouts
             .entry(duration_ms)
-            .or_insert_with(|| Arc::new(gop().layout(duration_ms, size, FRAGMENT_NUMBER_DIGITS)))
+            .or_insert_with(|| {
+                Arc::new(gop().layout_at(duration_ms, size, FRAGMENT_NUMBER_DIGITS, interval))
+            })
             .clone()
     }
 
