@@ -354,6 +354,11 @@ pub async fn export(
             .map(|label| configured_stream(&config, label))
             .collect::<Result<_>>()?
     };
+    let mut seen = std::collections::HashSet::new();
+    let chosen: Vec<StreamConfig> = chosen
+        .into_iter()
+        .filter(|s| seen.insert(s.label()))
+        .collect();
     let bundle = bundle || chosen.len() != 1;
     if !bundle && output.is_dir() {
         return Err(Error::Usage(format!(

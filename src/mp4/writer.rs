@@ -11,7 +11,7 @@ use super::text::WallClockText;
 
 /// The samples of the output track, in decode order, and how they are grouped into
 /// chunks (runs of samples whose bytes follow each other in `mdat`).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct TrackTable {
     /// Ticks per second of the track's times.
     pub timescale: u32,
@@ -125,6 +125,9 @@ impl TrackTable {
 
     /// Lengthens the last sample by `extra` (to hold its frame across a gap).
     pub fn extend_last(&mut self, extra: u32) {
+        if extra == 0 {
+            return;
+        }
         let Some((count, delta)) = self.durations.pop() else {
             return;
         };
@@ -136,8 +139,14 @@ impl TrackTable {
 
     /// `ftyp`, `moov` and the `mdat` header: the media bytes follow, chunk by chunk.
     pub fn header(&self) -> Vec<u8> {
-        // co64 has a fixed size, so a pass that only counts gives the length, and the
-        // header is written once into a buffer of exactly that size.
+        self.clone().take_header()
+    }
+
+    /// The header, written once into a buffer of its counted size (co64 has a fixed size,
+    /// so a pass that only counts gives the length). The sample sizes are let go block
+    /// by block as they are written, so the table and its header are never both whole in
+    /// memory. The table keeps everything but the sizes.
+    pub fn take_header(&mut self) -> Vec<u8> {
         let mut counted = Boxes::counting();
         self.write(&mut counted, 0);
         let len = counted.len;
@@ -147,7 +156,7 @@ impl TrackTable {
         w.out
     }
 
-    fn write(&self, w: &mut Boxes, data_start: u64) {
+    fn write(&mut self, w: &mut Boxes, data_start: u64) {
         let duration = self.duration();
         let presented = self.presented_duration();
         let text_bytes = self.text.as_ref().map_or(0, WallClockText::bytes);
@@ -279,7 +288,7 @@ impl TrackTable {
 
     /// Where each sample lies: samples per chunk (`stsc`), sizes (`stsz`) and chunk
     /// offsets (`co64`), counted from `data_start`, where the media follows the header.
-    fn write_sample_layout(&self, w: &mut Boxes, data_start: u64) {
+    fn write_sample_layout(&mut self, w: &mut Boxes, data_start: u64) {
         w.open_full(b"stsc", 0, 0);
         let mut runs: Vec<(u32, u32)> = Vec::new();
         for (i, (samples, _)) in self.chunks.iter().enumerate() {
@@ -297,8 +306,15 @@ impl TrackTable {
         w.open_full(b"stsz", 0, 0);
         w.u32(0);
         w.u32(self.samples);
-        for size in self.sizes.iter().flatten() {
-            w.u32(*size);
+        if w.counting {
+            w.len += 4 * self.samples as usize;
+        } else {
+            // Each block is freed once written.
+            for block in std::mem::take(&mut self.sizes) {
+                for size in block {
+                    w.u32(size);
+                }
+            }
         }
         w.close();
         w.open_full(b"co64", 0, 0);

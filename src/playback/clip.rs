@@ -335,6 +335,8 @@ async fn first_keyframe(
 /// object, then back) come from the few held.
 struct ReadAhead<'a> {
     tracks: &'a mut Tracks,
+    /// Objects the read-ahead has already yielded: one let go since is read again alone.
+    yielded: std::collections::HashSet<usize>,
     destination: &'a Destination,
     ahead: std::pin::Pin<
         Box<dyn futures_util::Stream<Item = (usize, Result<Arc<ObjectTrack>>)> + Send + 'a>,
@@ -367,6 +369,7 @@ impl<'a> ReadAhead<'a> {
                 .buffered(READ_AHEAD);
         ReadAhead {
             tracks,
+            yielded: std::collections::HashSet::new(),
             destination,
             ahead: Box::pin(ahead),
         }
@@ -378,7 +381,11 @@ impl<'a> ReadAhead<'a> {
         if let Some(held) = self.tracks.held(key) {
             return Ok(held);
         }
+        if self.yielded.contains(&object) {
+            return self.tracks.get(footage, self.destination, object).await;
+        }
         while let Some((read_object, read)) = self.ahead.next().await {
+            self.yielded.insert(read_object);
             let read = read?;
             self.tracks
                 .keep(footage.objects[read_object].key.clone(), read.clone());
@@ -446,10 +453,11 @@ async fn lay_out(
             }
             check_same_format(footage, spec, &reference, key, &object.track, t)?;
             let object_index = layout.key_index(key);
-            layout
-                .note_gap(ledger, footage, spec, &object.track, t)
-                .await?;
             if !anchored {
+                // Gaps lie between fragments; within one, frame times are the track's.
+                layout
+                    .note_gap(ledger, footage, spec, &object.track, t)
+                    .await?;
                 layout.anchors.push((layout.ticks, t));
                 anchored = true;
                 if layout.fragments.last() != Some(&fragment.number) {
@@ -541,7 +549,10 @@ impl Layout {
         let ticks = u32::try_from(missing.max(0) as u64 * u64::from(track.timescale) / 1000)
             .ok()
             .filter(|ticks| ticks.checked_add(previous.duration).is_some());
-        let held = spec.gaps == GapMode::Hold && ticks.is_some();
+        // Less than half a frame is the rounding of the listing's times, not a gap: held
+        // over at every fragment, it would stretch a long clip.
+        let frame_ms = (u64::from(previous.duration) * 1000 / timescale) as i64;
+        let held = spec.gaps == GapMode::Hold && ticks.is_some() && 2 * missing >= frame_ms.max(1);
         if missing > GAP_REPORT_MS {
             let mut why = why_missing(
                 ledger,
@@ -560,7 +571,7 @@ impl Layout {
                 held,
             });
         }
-        if let Some(ticks) = ticks.filter(|_| held) {
+        if let Some(ticks) = ticks.filter(|ticks| held && *ticks > 0) {
             self.table.extend_last(ticks);
             self.ticks += u64::from(ticks);
         }
@@ -623,17 +634,22 @@ impl Layout {
             });
         }
         let text = spec.wall_clock_text.then(|| {
+            // Presentation starts at the shown frame: an anchor before it is moved up to it,
+            // its wall time with it.
             let anchors = self
                 .anchors
                 .iter()
-                .map(|&(ticks, wall)| (ms(ticks.saturating_sub(shown_ticks)), wall))
+                .map(|&(ticks, wall)| match ticks.checked_sub(shown_ticks) {
+                    Some(after) => (ms(after), wall),
+                    None => (0, wall + ms(shown_ticks - ticks) as i64),
+                })
                 .collect();
             WallClockText::new(anchors, ms(duration).max(1))
         });
         if let Some(text) = &text {
             self.table.set_text(text.clone());
         }
-        let header = Bytes::from(self.table.header());
+        let header = Bytes::from(self.table.take_header());
         let text_bytes = text.as_ref().map_or(0, WallClockText::bytes);
         let mut at = header.len() as u64 + text_bytes;
         for run in &mut self.runs {

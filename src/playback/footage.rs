@@ -72,7 +72,12 @@ impl Footage {
         };
         let overlaps = |f: &Fragment| f.start_ms < end && f.start_ms + f.duration_ms as i64 > start;
         for chunk in ledger
-            .done_in(stream, source, start - LONGEST_FRAGMENT_MS, end)
+            .done_in(
+                stream,
+                source,
+                start.saturating_sub(LONGEST_FRAGMENT_MS),
+                end,
+            )
             .await?
         {
             let fragments = ledger.fragments_of(chunk.id).await?;

@@ -8,7 +8,7 @@
 //! `EXT-X-DISCONTINUITY` where the archive has a gap. Segments' decode times are their
 //! wall times, so a player's timeline jumps over a gap by exactly its length.
 
-use super::footage::{Footage, Tracks};
+use super::footage::{read_object, Footage, Tracks};
 use super::GAP_REPORT_MS;
 use crate::destination::Destination;
 use crate::domain::{rfc3339, EpochMs};
@@ -124,9 +124,11 @@ fn fragment_at(footage: &Footage, start_ms: EpochMs, number: &str) -> Option<usi
 
 /// The initialization segment (`init`) or the media segment of the fragment starting at
 /// `start_ms` numbered `number`; `None` when the archive holds no such fragment.
+/// `tracks` is shared by every request: it is locked to look a track up or keep one,
+/// never while one is read.
 pub async fn segment(
     footage: &Footage,
-    tracks: &mut Tracks,
+    tracks: &tokio::sync::Mutex<Tracks>,
     destination: &Destination,
     start_ms: EpochMs,
     number: &str,
@@ -136,8 +138,16 @@ pub async fn segment(
         return Ok(None);
     };
     let placed = &footage.placed[at];
-    let object = tracks.get(footage, destination, placed.object).await?;
     let key = footage.objects[placed.object].key.clone();
+    let held = tracks.lock().await.held(&key);
+    let object = match held {
+        Some(held) => held,
+        None => {
+            let read = read_object(footage, destination, placed.object).await?;
+            tracks.lock().await.keep(key.clone(), read.clone());
+            read
+        }
+    };
     if init {
         return Ok(Some(SegmentBody {
             header: init_segment(&object.track),
@@ -147,7 +157,11 @@ pub async fn segment(
     }
     let samples = object.samples_of(placed.index);
     let timescale = u64::from(object.track.timescale);
-    let base_dts = u64::try_from(start_ms).unwrap_or(0) * timescale / 1000;
+    // A timescale no camera uses could overflow wall-time ticks: such a segment starts at 0.
+    let base_dts = u64::try_from(start_ms)
+        .ok()
+        .and_then(|ms| ms.checked_mul(timescale))
+        .map_or(0, |ticks| ticks / 1000);
     let sequence = (start_ms / 100) as u32;
     let header = segment_header(sequence, base_dts, samples);
     let mut runs: Vec<(u64, u64)> = Vec::new();

@@ -33,6 +33,9 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// The latest instant a request may name (2200-01-01): arithmetic on times stays far
+/// from overflow.
+const LATEST_MS: EpochMs = 7_258_118_400_000;
 /// The longest range a clip or a playlist covers: a day, and an hour either side.
 const MAX_RANGE_MS: i64 = 26 * 3_600_000;
 /// The longest range `spans` reads: a month.
@@ -80,14 +83,21 @@ fn time(query: &HashMap<String, String>, name: &str) -> Result<EpochMs, Response
             format!("`{name}` is missing: an RFC 3339 time, like 2026-11-20T14:07:10Z"),
         )
     })?;
-    chrono::DateTime::parse_from_rfc3339(text.trim())
+    let t = chrono::DateTime::parse_from_rfc3339(text.trim())
         .map(|t| t.timestamp_millis())
         .map_err(|e| {
             problem(
                 StatusCode::BAD_REQUEST,
                 format!("`{name}` {text:?} is not an RFC 3339 time ({e}): write it like 2026-11-20T14:07:10Z"),
             )
-        })
+        })?;
+    if !(0..=LATEST_MS).contains(&t) {
+        return Err(problem(
+            StatusCode::BAD_REQUEST,
+            format!("`{name}` {text:?}: a time between 1970 and 2200"),
+        ));
+    }
+    Ok(t)
 }
 
 /// `start` and `end`, checked: end after start, at most `longest` apart.
@@ -247,8 +257,9 @@ async fn spans(
     answer.await.unwrap_or_else(|refusal| refusal)
 }
 
-/// Runs of archived fragments without a gap, clipped to `[start, end)`: the chunks are
-/// read one at a time, so a month of them costs only the runs.
+/// Runs of archived fragments without a gap, clipped to `[start, end)`. Each chunk's
+/// fragments are folded into runs as they are read (one or two per object), so a month
+/// of them costs only the runs.
 async fn archived_runs(
     ledger: &dyn crate::ledger::Ledger,
     label: &str,
@@ -256,25 +267,38 @@ async fn archived_runs(
     start: EpochMs,
     end: EpochMs,
 ) -> crate::error::Result<Vec<SpanView>> {
-    let mut fragments_by_chunk = Vec::new();
     let reach = crate::domain::MAX_FRAGMENT_MS as i64;
-    for chunk in ledger.done_in(label, source, start - reach, end).await? {
+    let chunks = ledger.done_in(label, source, start - reach, end).await?;
+    // (from, to, chunk): runs of each chunk on its own first.
+    let mut pieces: Vec<(EpochMs, EpochMs, usize)> = Vec::new();
+    for (c, chunk) in chunks.iter().enumerate() {
+        let mut run: Option<(EpochMs, EpochMs)> = None;
         for f in ledger.fragments_of(chunk.id).await? {
             let f_end = f.start_ms + f.duration_ms as i64;
-            if f.start_ms < end && f_end > start {
-                fragments_by_chunk.push((f.start_ms, f_end, chunk.object_key.clone()));
+            if f.start_ms >= end || f_end <= start {
+                continue;
             }
+            run = match run {
+                Some((from, to)) if f.start_ms - to <= GAP_REPORT_MS => Some((from, to.max(f_end))),
+                Some(done) => {
+                    pieces.push((done.0, done.1, c));
+                    Some((f.start_ms, f_end))
+                }
+                None => Some((f.start_ms, f_end)),
+            };
         }
+        pieces.extend(run.map(|(from, to)| (from, to, c)));
     }
-    fragments_by_chunk.sort();
+    pieces.sort();
     let mut runs: Vec<SpanView> = Vec::new();
-    for (from, to, key) in fragments_by_chunk {
+    for (from, to, c) in pieces {
+        let key = &chunks[c].object_key;
         match runs.last_mut() {
             Some(run) if from - run.end_ms <= GAP_REPORT_MS => {
                 run.end_ms = run.end_ms.max(to.min(end));
                 run.end = rfc3339(run.end_ms);
-                if !run.objects.contains(&key) {
-                    run.objects.push(key);
+                if !run.objects.contains(key) {
+                    run.objects.push(key.clone());
                 }
             }
             _ => runs.push(SpanView {
@@ -282,7 +306,7 @@ async fn archived_runs(
                 end: rfc3339(to.min(end)),
                 start_ms: from.max(start),
                 end_ms: to.min(end),
-                objects: vec![key],
+                objects: vec![key.clone()],
                 why: None,
             }),
         }
@@ -338,22 +362,86 @@ async fn clip(
         let (start, end) = range(&query, MAX_RANGE_MS)?;
         within_grant(grant.as_deref(), &stream.label(), start, end)?;
         let spec = clip_spec(&query, start, end)?;
-        let archive = &state.archive;
-        let clip = Clip::build(
-            archive.ledger.as_ref(),
-            &archive.destination,
-            &stream.label(),
-            stream.timestamp_source,
-            spec,
-        )
-        .await
-        .map_err(|e| match e {
-            Error::Usage(why) => problem(StatusCode::NOT_FOUND, why),
-            e => failed(&e),
-        })?;
-        Ok::<_, Response>(ranged_clip(&state, Arc::new(clip), &name, start, &headers))
+        let clip = laid_out_clip(&state, &stream, spec).await?;
+        Ok::<_, Response>(ranged_clip(&state, clip, &name, start, &headers))
     };
     answer.await.unwrap_or_else(|refusal| refusal)
+}
+
+/// The clip of `spec`, laid out again only when no recent request laid it out: a player
+/// seeking sends a Range request for each seek. At most [`CLIPS_LAID_OUT_AT_ONCE`] are
+/// laid out at a time, whatever the number of clients.
+async fn laid_out_clip(
+    state: &AppState,
+    stream: &StreamConfig,
+    spec: ClipSpec,
+) -> Result<Arc<Clip>, Response> {
+    let key = format!(
+        "{}\0{}\0{}\0{:?}\0{:?}\0{}",
+        stream.label(),
+        spec.start,
+        spec.end,
+        spec.gaps,
+        spec.cut,
+        spec.wall_clock_text
+    );
+    if let Some(clip) = state.clips.lock().await.held(&key) {
+        return Ok(clip);
+    }
+    let _permit = state
+        .building
+        .acquire()
+        .await
+        .map_err(|_| problem(StatusCode::SERVICE_UNAVAILABLE, "the server is stopping"))?;
+    let archive = &state.archive;
+    let clip = Clip::build(
+        archive.ledger.as_ref(),
+        &archive.destination,
+        &stream.label(),
+        stream.timestamp_source,
+        spec,
+    )
+    .await
+    .map_err(|e| match e {
+        Error::Usage(why) => problem(StatusCode::NOT_FOUND, why),
+        e => failed(&e),
+    })?;
+    let clip = Arc::new(clip);
+    state.clips.lock().await.keep(key, clip.clone());
+    Ok(clip)
+}
+
+/// Clips laid out at once: each holds its sample tables while it is laid out (4 bytes a
+/// frame, and the headers of a few objects).
+pub(super) const CLIPS_LAID_OUT_AT_ONCE: usize = 2;
+
+/// The clips laid out last, by what was asked: the few a player is seeking in.
+pub(super) struct RecentClips {
+    kept: Vec<(String, Arc<Clip>)>,
+}
+
+impl RecentClips {
+    /// Holds no more than two: a day-long clip's tables are some 15 MiB.
+    const CAPACITY: usize = 2;
+
+    pub(super) fn new() -> RecentClips {
+        RecentClips { kept: Vec::new() }
+    }
+
+    fn held(&mut self, key: &str) -> Option<Arc<Clip>> {
+        let at = self.kept.iter().position(|(k, _)| k == key)?;
+        let kept = self.kept.remove(at);
+        self.kept.push(kept.clone());
+        Some(kept.1)
+    }
+
+    fn keep(&mut self, key: String, clip: Arc<Clip>) {
+        self.kept.retain(|(k, _)| *k != key);
+        if self.kept.len() >= Self::CAPACITY {
+            self.kept.remove(0);
+        }
+        self.kept.push((key, clip));
+    }
 }
 
 /// The clip's answer: whole (200) or the asked byte range (206), with its length, an
@@ -479,14 +567,20 @@ async fn playlist(
                 ),
             ));
         }
-        // The segments carry the playlist's own grant, or a new one for this range.
+        // The segments carry the playlist's own grant, or a new one for this range, good
+        // for the range's length and an hour more (a player watches it in real time).
         let grant = match grant {
             Some(Extension(grant)) => grant,
-            None => Grant::new(&label, start, end, DEFAULT_GRANT_SECS),
+            None => {
+                let secs = ((end - start) as u64 / 1000 + DEFAULT_GRANT_SECS).min(MAX_GRANT_SECS);
+                Grant::new(&label, start, end, secs)
+            }
         };
         let signed = state.access.grant_query(&grant);
-        let now = chrono::Utc::now().timestamp_millis();
-        let text = hls::playlist(&segments, &signed, end < now);
+        let complete = range_is_settled(&state, &label, stream.timestamp_source, start, end)
+            .await
+            .map_err(|e| failed(&e))?;
+        let text = hls::playlist(&segments, &signed, complete);
         Ok::<_, Response>(
             (
                 [(header::CONTENT_TYPE, "application/vnd.apple.mpegurl")],
@@ -496,6 +590,31 @@ async fn playlist(
         )
     };
     answer.await.unwrap_or_else(|refusal| refusal)
+}
+
+/// Whether nothing more will be archived in `[start, end)`: it is past, planning has
+/// reached its end (when a daemon plans the stream), and no chunk in it waits for a
+/// worker. Otherwise the playlist is an EVENT one that players reload.
+async fn range_is_settled(
+    state: &AppState,
+    label: &str,
+    source: crate::domain::TimestampSource,
+    start: EpochMs,
+    end: EpochMs,
+) -> crate::error::Result<bool> {
+    let ledger = state.archive.ledger.as_ref();
+    let now = chrono::Utc::now().timestamp_millis();
+    if end >= now {
+        return Ok(false);
+    }
+    let planned = ledger.progress(label, source).await?.planned_through_ms;
+    if planned.is_some_and(|through| through < end) {
+        return Ok(false);
+    }
+    Ok(ledger
+        .claimable(label, source, start, end, i64::MAX)
+        .await?
+        .is_empty())
 }
 
 async fn segment(
@@ -512,9 +631,12 @@ async fn segment(
             (None, Some(at)) => (at, false),
             _ => return Err(problem(StatusCode::NOT_FOUND, "no such segment")),
         };
+        // Within years 1970..2200, so no arithmetic on it can overflow.
         let at: EpochMs = at
             .parse()
-            .map_err(|_| problem(StatusCode::NOT_FOUND, "no such segment"))?;
+            .ok()
+            .filter(|at| (0..=LATEST_MS).contains(at))
+            .ok_or_else(|| problem(StatusCode::NOT_FOUND, "no such segment"))?;
         let number = query
             .get("f")
             .filter(|n| crate::domain::is_fragment_number(n))
@@ -544,19 +666,16 @@ async fn segment(
                 ));
             }
         }
-        let body = {
-            let mut tracks = state.tracks.lock().await;
-            hls::segment(
-                &footage,
-                &mut tracks,
-                &archive.destination,
-                at,
-                number,
-                init,
-            )
-            .await
-            .map_err(|e| failed(&e))?
-        };
+        let body = hls::segment(
+            &footage,
+            &state.tracks,
+            &archive.destination,
+            at,
+            number,
+            init,
+        )
+        .await
+        .map_err(|e| failed(&e))?;
         let Some(body) = body else {
             return Err(problem(StatusCode::NOT_FOUND, "no such segment"));
         };

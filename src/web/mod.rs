@@ -50,6 +50,10 @@ struct Shared {
     tracks: tokio::sync::Mutex<crate::playback::footage::Tracks>,
     /// How reads from the destination are retried.
     retry: crate::retry::RetryPolicy,
+    /// The clips laid out last ([`api::RecentClips`]).
+    clips: tokio::sync::Mutex<api::RecentClips>,
+    /// Turns for laying out a clip ([`api::CLIPS_LAID_OUT_AT_ONCE`]).
+    building: tokio::sync::Semaphore,
     /// The Content-Security-Policy of every answer ([`content_security_policy`]).
     csp: HeaderValue,
 }
@@ -79,6 +83,8 @@ pub async fn serve(
         csp,
         tracks: tokio::sync::Mutex::new(crate::playback::footage::Tracks::new(4)),
         retry,
+        clips: tokio::sync::Mutex::new(api::RecentClips::new()),
+        building: tokio::sync::Semaphore::new(api::CLIPS_LAID_OUT_AT_ONCE),
     });
     let app = api::routes()
         .route("/", axum::routing::get(index))

@@ -59,11 +59,23 @@
     }
   }
 
+  // At a clip's end, the next: from where it ended, or past a gap longer than a clip,
+  // from where the archive resumes (the spans of the next week).
   player.addEventListener("ended", function () {
     var next = Number(player.dataset.start) + WINDOW_MS;
-    if (next < Date.now()) {
-      playFrom(next);
-    }
+    var url = api + "/spans?start=" + iso(next) + "&end=" + iso(next + 7 * 86400000);
+    fetch(url, { credentials: "same-origin" })
+      .then(function (answer) {
+        return answer.ok ? answer.json() : null;
+      })
+      .then(function (found) {
+        var span = found && found.spans && found.spans[0];
+        if (span) {
+          playFrom(Math.max(next, span.start_ms));
+        } else {
+          playing.textContent = "nothing archived after " + iso(next);
+        }
+      });
   });
   player.addEventListener("error", function () {
     if (player.dataset.start) {

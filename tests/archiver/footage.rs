@@ -415,6 +415,7 @@ async fn the_archive_page_plays_by_time_previews_and_downloads_a_selection_in_ch
             .find(|w| (w[1].0 - w[0].1).abs() <= 3_000)
             .map(|w| (w[0].1 - 30_000, w[1].0 + 30_000))
             .expect("two archived objects back to back");
+        playback_goes_on_across_the_gap(&browser, archive.gap.0).await;
         hovering_shows_a_decoded_preview(&browser, a + 10_000).await;
         a_selection_downloads_its_fragments(&browser, &archive.world, downloads.path(), a, b).await;
         zoom_in_narrows_the_window(&browser).await;
@@ -763,6 +764,31 @@ async fn a_click_plays_from_that_instant_across_objects(
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
     std::fs::create_dir_all(&dir).expect("screenshot directory");
     std::fs::write(dir.join("timeline.png"), png).expect("screenshot written");
+}
+
+/// A click 3 s before the gap plays on past it (the media after it follows at once)
+/// without another click or an error.
+async fn playback_goes_on_across_the_gap(browser: &fantoccini::Client, gap_from: i64) {
+    let (x, y) = x_of(browser, gap_from - 3_000).await;
+    pointer(browser, "click", x, y).await;
+    let mut state = serde_json::Value::Null;
+    let mut src = serde_json::Value::Null;
+    for _ in 0..150 {
+        state = player_state(browser).await;
+        assert!(state[1].is_null(), "the video fails: {state}");
+        if src.is_null() && state[0].as_f64().unwrap_or(0.0) > 0.5 {
+            src = state[2].clone();
+        }
+        if state[0].as_f64().unwrap_or(0.0) > 5.5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        state[0].as_f64().unwrap_or(0.0) > 5.5,
+        "plays 2.5 s past the gap: {state}"
+    );
+    assert_eq!(state[2], src, "one clip across the gap");
 }
 
 /// Hovering over archived media shows its keyframe: the preview's video decodes.

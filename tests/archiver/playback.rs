@@ -102,6 +102,10 @@ async fn ffmpeg_plays_the_hls_of_a_range_across_objects_and_a_gap() {
     assert!(text_of.contains("#EXT-X-INDEPENDENT-SEGMENTS"), "{text_of}");
     assert!(text_of.contains("#EXT-X-TARGETDURATION:2\n"), "{text_of}");
     assert!(text_of.trim_end().ends_with("#EXT-X-ENDLIST"), "{text_of}");
+    assert!(
+        text_of.matches("#EXT-X-MAP:").count() >= 3,
+        "the range crosses three objects or more: {text_of}"
+    );
     // The gap: one discontinuity, before the first segment after it, dated then.
     let gap = the_gap(&fragments);
     assert_eq!(
@@ -233,11 +237,20 @@ async fn a_clip_is_frame_exact_and_answers_byte_ranges() {
         .output()
         .expect("ffmpeg runs");
     let srt = String::from_utf8_lossy(&out.stdout);
-    let first_second = chrono::DateTime::from_timestamp_millis(from)
-        .expect("a time")
-        .format("%Y-%m-%d %H:%M:%S UTC")
-        .to_string();
-    assert!(srt.contains(&first_second), "{srt}");
+    let second = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .expect("a time")
+            .format("%Y-%m-%d %H:%M:%S UTC")
+            .to_string()
+    };
+    // The first cue starts the clip and says the first shown second; the tenth, ten
+    // seconds later.
+    let cues: Vec<&str> = srt.split("\n\n").filter(|c| c.contains(" --> ")).collect();
+    assert!(
+        cues[0].contains("00:00:00,000 --> 00:00:01,000") && cues[0].contains(&second(from)),
+        "{srt}"
+    );
+    assert!(cues[10].contains(&second(from + 10_000)), "{}", cues[10]);
     assert!(srt.lines().filter(|l| l.contains(" --> ")).count() as f64 >= asked.floor());
 }
 
@@ -305,15 +318,45 @@ async fn signed_links_open_one_range_of_one_stream_until_they_expire() {
             .status,
         401
     );
-    // A segment outside the grant's range, with a valid grant: refused.
-    let outside = served
+    // A real segment outside the grant's range, with that valid grant: refused; the
+    // same segment with the token: served.
+    let grant_query = playlist.split_once('?').expect("query").1.to_string();
+    let later = served
+        .get(&format!(
+            "/api/v1/streams/dock-cam/index.m3u8?{}",
+            query(end - 120_000, end - 60_000)
+        ))
+        .await
+        .text();
+    let outside = later
+        .lines()
+        .find(|l| l.starts_with("hls/") && l.contains(".m4s"))
+        .and_then(|l| l.split_once('&'))
+        .map(|(segment, _)| format!("/api/v1/streams/dock-cam/{segment}"))
+        .expect("a segment of a later range");
+    assert_eq!(served.get(&outside).await.status, 200, "{outside}");
+    let refused = served.get_signed(&format!("{outside}&{grant_query}")).await;
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    assert!(
+        refused.text().contains("another stream or range"),
+        "{}",
+        refused.text()
+    );
+    // A preview inside the range opens; one outside it does not.
+    let inside = served
         .get_signed(&format!(
-            "/api/v1/streams/dock-cam/hls/{}.m4s?f=1&{}",
-            end - 10_000,
-            playlist.split_once('?').expect("query").1
+            "/api/v1/streams/dock-cam/preview.mp4?at={}&{grant_query}",
+            urlencode(&rfc3339(from + 5_000))
         ))
         .await;
-    assert_eq!(outside.status, 403, "{}", outside.text());
+    assert_eq!(inside.status, 200, "{}", inside.text());
+    let beyond = served
+        .get_signed(&format!(
+            "/api/v1/streams/dock-cam/preview.mp4?at={}&{grant_query}",
+            urlencode(&rfc3339(to + 5_000))
+        ))
+        .await;
+    assert_eq!(beyond.status, 403, "{}", beyond.text());
     // Expired.
     let short = share("1s").await;
     tokio::time::sleep(std::time::Duration::from_millis(2_200)).await;
