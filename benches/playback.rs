@@ -122,7 +122,40 @@ async fn start_serve(
     (serve, port)
 }
 
+/// What the runs share: the archive, its configuration and its range.
+struct Archived {
+    emu: Emulator,
+    /// Kept running for the runs that follow.
+    _server: local_s3::S3Server,
+    s3: aws_sdk_s3::Client,
+    work: tempfile::TempDir,
+    config: std::path::PathBuf,
+    start: chrono::DateTime<chrono::Utc>,
+    end: chrono::DateTime<chrono::Utc>,
+}
+
+fn iso(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 async fn run() {
+    let archived = archive_a_day().await;
+    export_the_day(&archived).await;
+    the_day_through_the_api(&archived).await;
+    let (mut serve, port) = start_serve(&archived.config, None).await;
+    let pid = serve.id().expect("pid");
+    first_bytes_of_an_hour(&archived, port).await;
+    against_plain_gets(&archived, port).await;
+    println!(
+        "playback: serve's peak RSS over all of it {:.1} MiB",
+        peak_rss_kib(pid) as f64 / 1024.0
+    );
+    let _ = serve.kill().await;
+    drop(archived.emu);
+}
+
+/// A day of a 30 fps camera, archived into s3s-fs by `backfill`.
+async fn archive_a_day() -> Archived {
     let end = chrono::Utc::now() - chrono::Duration::minutes(5);
     let start = end - chrono::Duration::hours(24);
     let mut spec = StreamSpec::historical("cam30", start, end);
@@ -175,14 +208,33 @@ async fn run() {
         archived.elapsed().as_secs_f64()
     );
 
-    let iso =
-        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    // The whole day as one file, by `export`: its peak RSS.
+    Archived {
+        emu,
+        _server: server,
+        s3,
+        work,
+        config,
+        start,
+        end,
+    }
+}
+
+/// The whole day as one file, by `export`: its peak RSS.
+async fn export_the_day(archived: &Archived) {
+    let Archived {
+        work,
+        config,
+        start,
+        end,
+        ..
+    } = archived;
+    let (a, b) = (start.to_rfc3339(), end.to_rfc3339());
+    let config = config.as_path();
     let output = work.path().join("day.mp4");
     let output_text = output.display().to_string();
     let exported = Instant::now();
     let mut export = archiver(
-        &config,
+        config,
         &[
             "export",
             "--stream",
@@ -214,7 +266,14 @@ async fn run() {
         export_peak as f64 / 1024.0
     );
     let _ = std::fs::remove_file(&output);
+}
 
+/// The whole day through the API.
+async fn the_day_through_the_api(archived: &Archived) {
+    let Archived {
+        config, start, end, ..
+    } = archived;
+    let (start, end, config) = (*start, *end, config.as_path());
     // The whole day through the API, in a fresh `serve` each time: with the allocator's
     // defaults, and with two malloc arenas (what a memory-bound service may set).
     let day = format!(
@@ -223,7 +282,7 @@ async fn run() {
         iso(end)
     );
     for arenas in [None, Some("2")] {
-        let (mut serve, port) = start_serve(&config, arenas).await;
+        let (mut serve, port) = start_serve(config, arenas).await;
         let pid = serve.id().expect("pid");
         let at_start = peak_rss_kib(pid);
         let (first, bytes, total) = get(port, &day).await;
@@ -239,36 +298,49 @@ async fn run() {
         );
         let _ = serve.kill().await;
     }
-    let (mut serve, port) = start_serve(&config, None).await;
-    let pid = serve.id().expect("pid");
+}
 
-    // An hour in the middle: first bytes of its clip and its playlist, three times each.
+/// Time to the first byte of an hour's clip and playlist.
+async fn first_bytes_of_an_hour(archived: &Archived, port: u16) {
+    let start = archived.start;
+    // An hour in the middle: first bytes of its clip and its playlist, each asked for
+    // three times over ranges a second apart (so each clip is laid out anew), then once
+    // more over the same range (a seek: the clip laid out last is kept).
     let hour_start = start + chrono::Duration::hours(12) + chrono::Duration::milliseconds(700);
-    let hour_end = hour_start + chrono::Duration::hours(1);
-    let range = format!("start={}&end={}", iso(hour_start), iso(hour_end));
-    for (what, path) in [
-        (
-            "1 h clip",
-            format!("/api/v1/streams/cam30/clip.mp4?{range}"),
-        ),
-        (
-            "1 h playlist",
-            format!("/api/v1/streams/cam30/index.m3u8?{range}"),
-        ),
-    ] {
+    let hour = |shift: i64| {
+        let from = hour_start + chrono::Duration::seconds(shift);
+        format!(
+            "start={}&end={}",
+            iso(from),
+            iso(from + chrono::Duration::hours(1))
+        )
+    };
+    for (what, file) in [("1 h clip", "clip.mp4"), ("1 h playlist", "index.m3u8")] {
         let mut firsts = Vec::new();
-        for _ in 0..3 {
+        for shift in 1..=3 {
+            let path = format!("/api/v1/streams/cam30/{file}?{}", hour(shift));
             let (first, _, _) = get(port, &path).await;
             firsts.push(first.as_secs_f64() * 1000.0);
         }
         firsts.sort_by(f64::total_cmp);
+        let path = format!("/api/v1/streams/cam30/{file}?{}", hour(3));
+        let (again, _, _) = get(port, &path).await;
         println!(
-            "playback: {what}: time to first byte {:.0} ms (median of 3; {:.0}..{:.0})",
-            firsts[1], firsts[0], firsts[2]
+            "playback: {what}: time to first byte {:.0} ms (median of 3 ranges; {:.0}..{:.0}), the same range again {:.0} ms",
+            firsts[1],
+            firsts[0],
+            firsts[2],
+            again.as_secs_f64() * 1000.0
         );
     }
+}
 
-    // The hour's clip whole against plain ranged GETs of its objects.
+/// The hour's clip whole against plain ranged GETs of its objects.
+async fn against_plain_gets(archived: &Archived, port: u16) {
+    let Archived { s3, start, .. } = archived;
+    let hour_start = *start + chrono::Duration::hours(12) + chrono::Duration::milliseconds(700);
+    let hour_end = hour_start + chrono::Duration::hours(1);
+    let range = format!("start={}&end={}", iso(hour_start), iso(hour_end));
     let (_, clip_bytes, clip_time) =
         get(port, &format!("/api/v1/streams/cam30/clip.mp4?{range}")).await;
     let objects = s3
@@ -325,10 +397,4 @@ async fn run() {
         mib(plain, plain_time),
         mib(clip_bytes, clip_time) / mib(plain, plain_time),
     );
-    println!(
-        "playback: serve's peak RSS over all of it {:.1} MiB",
-        peak_rss_kib(pid) as f64 / 1024.0
-    );
-    let _ = serve.kill().await;
-    drop(emu);
 }

@@ -18,9 +18,8 @@ async fn fragments_read<'a>(
     read: &'a mut HashMap<i64, Vec<Fragment>>,
     chunk: i64,
 ) -> Result<&'a [Fragment]> {
-    if !read.contains_key(&chunk) {
-        let fragments = ledger.fragments_of(chunk).await?;
-        read.insert(chunk, fragments);
+    if let std::collections::hash_map::Entry::Vacant(entry) = read.entry(chunk) {
+        entry.insert(ledger.fragments_of(chunk).await?);
     }
     Ok(read.get(&chunk).map_or(&[][..], Vec::as_slice))
 }

@@ -151,7 +151,7 @@ impl Clip {
         };
         let mut layout = lay_out(ledger, destination, &footage, &mut tracks, spec, first).await?;
         layout.left_out.splice(0..0, footage.left_out.clone());
-        Ok(layout.finish(ledger, &footage, spec, first.2).await?)
+        layout.finish(ledger, &footage, spec, first.2).await
     }
 
     /// The clip's length in bytes.
@@ -338,10 +338,13 @@ struct ReadAhead<'a> {
     /// Objects the read-ahead has already yielded: one let go since is read again alone.
     yielded: std::collections::HashSet<usize>,
     destination: &'a Destination,
-    ahead: std::pin::Pin<
-        Box<dyn futures_util::Stream<Item = (usize, Result<Arc<ObjectTrack>>)> + Send + 'a>,
-    >,
+    ahead: TracksInOrder<'a>,
 }
+
+/// Object tracks as the read-ahead yields them: (object, its track or why not).
+type TracksInOrder<'a> = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = (usize, Result<Arc<ObjectTrack>>)> + Send + 'a>,
+>;
 
 /// Objects whose headers are read at once: the walk waits on one round trip per few
 /// objects, not per object, and holds no more than this many tables ahead.

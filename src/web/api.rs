@@ -57,14 +57,32 @@ pub(super) fn routes() -> axum::Router<AppState> {
         .route("/api/v1/streams/{stream}/share", get(share))
 }
 
-/// An API error: a status and a JSON body saying what to change.
-fn problem(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+/// An API error: a status, and what to change, answered as JSON.
+pub(super) struct Problem {
+    status: StatusCode,
+    message: String,
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response()
+    }
+}
+
+fn problem(status: StatusCode, message: impl Into<String>) -> Problem {
+    Problem {
+        status,
+        message: message.into(),
+    }
 }
 
 /// The answer to an error of the library: bad input is the client's to fix (400), the
 /// rest is the archive's (503 when a retry can help, 502 otherwise).
-fn failed(e: &Error) -> Response {
+fn failed(e: &Error) -> Problem {
     let status = match e {
         Error::Usage(_) => StatusCode::BAD_REQUEST,
         _ if e.retryability() != crate::error::Retryability::Permanent => {
@@ -76,7 +94,7 @@ fn failed(e: &Error) -> Response {
 }
 
 /// An RFC 3339 query parameter.
-fn time(query: &HashMap<String, String>, name: &str) -> Result<EpochMs, Response> {
+fn time(query: &HashMap<String, String>, name: &str) -> Result<EpochMs, Problem> {
     let text = query.get(name).ok_or_else(|| {
         problem(
             StatusCode::BAD_REQUEST,
@@ -101,7 +119,7 @@ fn time(query: &HashMap<String, String>, name: &str) -> Result<EpochMs, Response
 }
 
 /// `start` and `end`, checked: end after start, at most `longest` apart.
-fn range(query: &HashMap<String, String>, longest: i64) -> Result<(EpochMs, EpochMs), Response> {
+fn range(query: &HashMap<String, String>, longest: i64) -> Result<(EpochMs, EpochMs), Problem> {
     let (start, end) = (time(query, "start")?, time(query, "end")?);
     if end <= start {
         return Err(problem(
@@ -123,7 +141,7 @@ fn range(query: &HashMap<String, String>, longest: i64) -> Result<(EpochMs, Epoc
 }
 
 /// The configured stream named in the path, or a 404.
-fn stream_named(state: &AppState, name: &str) -> Result<StreamConfig, Response> {
+fn stream_named(state: &AppState, name: &str) -> Result<StreamConfig, Problem> {
     state.archive.config.stream(name).cloned().ok_or_else(|| {
         problem(
             StatusCode::NOT_FOUND,
@@ -138,7 +156,7 @@ fn within_grant(
     stream: &str,
     start: EpochMs,
     end: EpochMs,
-) -> Result<(), Response> {
+) -> Result<(), Problem> {
     match grant {
         Some(grant) if !grant.covers(stream, start, end) => Err(problem(
             StatusCode::FORBIDDEN,
@@ -165,11 +183,12 @@ async fn streams(State(state): State<AppState>, grant: Option<Extension<Grant>>)
         return problem(
             StatusCode::FORBIDDEN,
             "a signed link opens one stream's range only",
-        );
+        )
+        .into_response();
     }
     let status = match state.archive.ledger.status().await {
         Ok(status) => status,
-        Err(e) => return failed(&e),
+        Err(e) => return failed(&e).into_response(),
     };
     let views: Vec<StreamView> = state
         .archive
@@ -243,7 +262,7 @@ async fn spans(
             }
             at = at.max(run.1);
         }
-        Ok::<_, Response>(
+        Ok::<_, Problem>(
             Json(serde_json::json!({
                 "stream": label,
                 "start": rfc3339(start),
@@ -254,7 +273,7 @@ async fn spans(
             .into_response(),
         )
     };
-    answer.await.unwrap_or_else(|refusal| refusal)
+    answer.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// Runs of archived fragments without a gap, clipped to `[start, end)`. Each chunk's
@@ -319,7 +338,7 @@ fn clip_spec(
     query: &HashMap<String, String>,
     start: EpochMs,
     end: EpochMs,
-) -> Result<ClipSpec, Response> {
+) -> Result<ClipSpec, Problem> {
     let gaps = match query.get("gaps").map(String::as_str) {
         None | Some("hold") => GapMode::Hold,
         Some("join") => GapMode::Join,
@@ -363,9 +382,9 @@ async fn clip(
         within_grant(grant.as_deref(), &stream.label(), start, end)?;
         let spec = clip_spec(&query, start, end)?;
         let clip = laid_out_clip(&state, &stream, spec).await?;
-        Ok::<_, Response>(ranged_clip(&state, clip, &name, start, &headers))
+        Ok::<_, Problem>(ranged_clip(&state, clip, &name, start, &headers))
     };
-    answer.await.unwrap_or_else(|refusal| refusal)
+    answer.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// The clip of `spec`, laid out again only when no recent request laid it out: a player
@@ -375,7 +394,7 @@ async fn laid_out_clip(
     state: &AppState,
     stream: &StreamConfig,
     spec: ClipSpec,
-) -> Result<Arc<Clip>, Response> {
+) -> Result<Arc<Clip>, Problem> {
     let key = format!(
         "{}\0{}\0{}\0{:?}\0{:?}\0{}",
         stream.label(),
@@ -581,7 +600,7 @@ async fn playlist(
             .await
             .map_err(|e| failed(&e))?;
         let text = hls::playlist(&segments, &signed, complete);
-        Ok::<_, Response>(
+        Ok::<_, Problem>(
             (
                 [(header::CONTENT_TYPE, "application/vnd.apple.mpegurl")],
                 text,
@@ -589,7 +608,7 @@ async fn playlist(
                 .into_response(),
         )
     };
-    answer.await.unwrap_or_else(|refusal| refusal)
+    answer.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// Whether nothing more will be archived in `[start, end)`: it is past, planning has
@@ -706,7 +725,7 @@ async fn segment(
         } else {
             "video/iso.segment"
         };
-        Ok::<_, Response>(
+        Ok::<_, Problem>(
             (
                 [
                     (header::CONTENT_TYPE, content_type.to_string()),
@@ -717,7 +736,7 @@ async fn segment(
                 .into_response(),
         )
     };
-    answer.await.unwrap_or_else(|refusal| refusal)
+    answer.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn preview_frame(
@@ -747,7 +766,7 @@ async fn preview_frame(
                 format!("no archived video of {label} at {}", rfc3339(at)),
             ));
         };
-        Ok::<_, Response>(
+        Ok::<_, Problem>(
             (
                 [
                     (header::CONTENT_TYPE, "video/mp4".to_string()),
@@ -761,7 +780,7 @@ async fn preview_frame(
                 .into_response(),
         )
     };
-    answer.await.unwrap_or_else(|refusal| refusal)
+    answer.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn share(
@@ -813,7 +832,7 @@ async fn share(
             Some(host) => format!("{scheme}://{host}{path}"),
             None => path,
         };
-        Ok::<_, Response>(
+        Ok::<_, Problem>(
             Json(serde_json::json!({
                 "stream": label,
                 "expires": rfc3339(grant.expires as i64 * 1000),
@@ -823,5 +842,5 @@ async fn share(
             .into_response(),
         )
     };
-    answer.await.unwrap_or_else(|refusal| refusal)
+    answer.await.unwrap_or_else(IntoResponse::into_response)
 }

@@ -302,11 +302,28 @@ async fn export_spans_objects_and_a_gap_cut_at_keyframes() {
         "joined: {seconds} s, media {media} s"
     );
 
-    // Cut on the frame: 0.7 s into the first fragment, the frames before it decoded but
-    // not shown; the same fragments in the file.
-    let (exact, report) = export(&world, from, to, "hold", "exact").await;
+    the_exact_cut_hides_the_frames_before_the_start(
+        &world,
+        (from, to),
+        first.server_ms,
+        &expected,
+        expected_frames,
+    )
+    .await;
+}
+
+/// `export --cut exact` (the default) of the same range: cut 0.7 s into the first
+/// fragment, the frames before it decoded but not shown; the same fragments in the file.
+async fn the_exact_cut_hides_the_frames_before_the_start(
+    world: &World,
+    (from, to): (i64, i64),
+    keyframe_ms: i64,
+    expected: &[String],
+    expected_frames: u64,
+) {
+    let (exact, report) = export(world, from, to, "hold", "exact").await;
     assert_eq!(report["shown_from_ms"], from, "{report}");
-    assert_eq!(report["first_frame_ms"], first.server_ms, "{report}");
+    assert_eq!(report["first_frame_ms"], keyframe_ms, "{report}");
     assert_eq!(
         scan_markers(&std::fs::read(&exact).expect("export")),
         expected

@@ -60,6 +60,46 @@ fn iam_action(op: &str) -> &'static str {
     }
 }
 
+/// `serve`'s playback API is asked for a clip, a playlist and its first segments, a
+/// preview and spans.
+async fn the_playback_api_is_asked_for_everything(world: &World, start: i64, a: &str, b: &str) {
+    let served = crate::support::serve::Served::start(world).await;
+    let range = format!("start={a}&end={b}");
+    for path in [
+        format!("/api/v1/streams/dock-cam/clip.mp4?{range}&ts=1"),
+        format!("/api/v1/streams/dock-cam/spans?{range}"),
+        format!(
+            "/api/v1/streams/dock-cam/preview.mp4?at={}",
+            rfc3339(start + 30_000)
+        ),
+    ] {
+        let answer = served.get(&path).await;
+        assert_eq!(answer.status, 200, "{path}: {}", answer.text());
+    }
+    let playlist = served
+        .get(&format!("/api/v1/streams/dock-cam/index.m3u8?{range}"))
+        .await;
+    assert_eq!(playlist.status, 200, "{}", playlist.text());
+    let uris: Vec<String> = playlist
+        .text()
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("#EXT-X-MAP:URI=\"")
+                .map(|u| u.trim_end_matches('"').to_string())
+                .or_else(|| l.starts_with("hls/").then(|| l.to_string()))
+        })
+        .take(3)
+        .collect();
+    assert_eq!(uris.len(), 3, "{}", playlist.text());
+    for uri in uris {
+        let answer = served
+            .get_signed(&format!("/api/v1/streams/dock-cam/{uri}"))
+            .await;
+        assert_eq!(answer.status, 200, "{uri}: {}", answer.text());
+    }
+    drop(served);
+}
+
 /// `iam-policy` allows exactly the actions the program calls: every request the emulator
 /// and the S3 server saw from a backfill killed mid-upload and resumed (multipart, abort
 /// of the dead upload, the orphan sweep, Matroska fragments), `verify`, a daemon pass,
@@ -102,42 +142,7 @@ async fn iam_policy_allows_exactly_the_calls_the_program_makes() {
         let out = world.run(&args).await;
         assert!(out.status.success(), "{args:?}: {}", text(&out));
     }
-    // The playback API: a clip, a playlist and its segments, a preview, spans.
-    let served = crate::support::serve::Served::start(&world).await;
-    let range = format!("start={a}&end={b}");
-    for path in [
-        format!("/api/v1/streams/dock-cam/clip.mp4?{range}&ts=1"),
-        format!("/api/v1/streams/dock-cam/spans?{range}"),
-        format!(
-            "/api/v1/streams/dock-cam/preview.mp4?at={}",
-            rfc3339(start + 30_000)
-        ),
-    ] {
-        let answer = served.get(&path).await;
-        assert_eq!(answer.status, 200, "{path}: {}", answer.text());
-    }
-    let playlist = served
-        .get(&format!("/api/v1/streams/dock-cam/index.m3u8?{range}"))
-        .await;
-    assert_eq!(playlist.status, 200, "{}", playlist.text());
-    let uris: Vec<String> = playlist
-        .text()
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix("#EXT-X-MAP:URI=\"")
-                .map(|u| u.trim_end_matches('"').to_string())
-                .or_else(|| l.starts_with("hls/").then(|| l.to_string()))
-        })
-        .take(3)
-        .collect();
-    assert_eq!(uris.len(), 3, "{}", playlist.text());
-    for uri in uris {
-        let answer = served
-            .get_signed(&format!("/api/v1/streams/dock-cam/{uri}"))
-            .await;
-        assert_eq!(answer.status, 200, "{uri}: {}", answer.text());
-    }
-    drop(served);
+    the_playback_api_is_asked_for_everything(&world, start, &a, &b).await;
     let s3_log = world.s3.as_ref().expect("s3s").requests()[s3_before..].to_vec();
     let kvs_log = world.emu.requests()[kvs_before..].to_vec();
     let ops: BTreeSet<String> = kvs_log
