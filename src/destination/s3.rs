@@ -481,6 +481,9 @@ impl S3Destination {
     }
 }
 
+/// How long an abort waits for the part in flight to land or fail first.
+const PART_SETTLE: std::time::Duration = std::time::Duration::from_secs(30);
+
 async fn abort(inner: &Inner, key: &str, upload_id: &str) -> Result<()> {
     let target = format!("s3://{}/{key}", inner.bucket);
     let result = with_retry(&inner.policy, "AbortMultipartUpload", || async {
@@ -734,14 +737,31 @@ impl S3Upload {
         }
     }
 
-    /// Aborts the upload, if one was created, and any part in flight.
+    /// Aborts the upload, if one was created, once the part in flight has landed or
+    /// failed: a part already on the wire that reached S3 after the abort would outlive
+    /// it and stay billed (AWS: "it might be necessary to abort a given multipart upload
+    /// multiple times"). A part that does not settle within [`PART_SETTLE`] is cancelled,
+    /// and the upload is aborted again once it could have landed.
     pub async fn abort(mut self) {
-        if let Some(task) = self.in_flight.take() {
-            task.abort();
+        let mut unsettled = false;
+        if let Some(mut task) = self.in_flight.take() {
+            if tokio::time::timeout(PART_SETTLE, &mut task).await.is_err() {
+                task.abort();
+                let _ = task.await;
+                unsettled = true;
+            }
         }
-        if let Some(upload_id) = self.upload_id.take() {
+        let Some(upload_id) = self.upload_id.take() else {
+            return;
+        };
+        if let Err(error) = abort(&self.inner, &self.key, &upload_id).await {
+            tracing::warn!(%error, "could not abort a multipart upload; the next start retries");
+            return;
+        }
+        if unsettled {
+            tokio::time::sleep(PART_SETTLE / 10).await;
             if let Err(error) = abort(&self.inner, &self.key, &upload_id).await {
-                tracing::warn!(%error, "could not abort a multipart upload; the next start retries");
+                tracing::warn!(%error, "could not abort a multipart upload again; the next start retries");
             }
         }
     }
