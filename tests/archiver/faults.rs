@@ -2,7 +2,7 @@
 //! locked ledger, malformed answers, expiring credentials, a full disk.
 
 use crate::support::checks::{
-    aborts_of_live_uploads, assert_exactly_once, assert_playable, files_under,
+    aborts_during_a_part, aborts_of_live_uploads, assert_exactly_once, assert_playable, files_under,
 };
 use crate::support::process::{assert_fails_with, count_env, streams_json, text};
 use crate::support::world::{
@@ -140,6 +140,35 @@ async fn a_seeded_mix_of_kvs_and_s3_faults_archives_everything_exactly_once() {
         Vec::<String>::new(),
         "seed {seed}"
     );
+}
+
+/// A GetClip body cut off while a part is still being stored on a slow link: the upload
+/// is aborted only once that part has landed (on AWS a part stored after the abort would
+/// outlive it, billed), by the server's log; the rerun archives everything exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_is_aborted_only_after_its_part_in_flight_has_landed() {
+    let (start, end) = recent(0.02);
+    let mut spec = historical("slow-link", start, end, 2000, 4_000_000);
+    spec.faults.resets_next = 1;
+    spec.faults.reset_after_bytes = 14_000_000;
+    let world = World::new(vec![spec], "concurrency = 1").await;
+    let expected = world.fragment_numbers("slow-link", start, end);
+    let s3 = world.s3.as_ref().expect("s3s");
+    s3.faults
+        .part_delay_ms
+        .store(1_000, std::sync::atomic::Ordering::SeqCst);
+    let out = world.backfill("slow-link", start, end).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let log = s3.requests();
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("DELETE ") && l.contains("uploadId=")),
+        "the cut-off clip's upload was aborted: {log:?}"
+    );
+    assert_eq!(aborts_during_a_part(&log), Vec::<String>::new());
+    assert_eq!(aborts_of_live_uploads(&log), Vec::<String>::new());
+    assert_exactly_once(&world.objects().await, &expected);
+    assert!(world.open_multipart_uploads().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -98,6 +98,32 @@ pub fn aborts_of_live_uploads(log: &[String]) -> Vec<String> {
     found
 }
 
+/// AbortMultipartUpload requests sent while a part of that upload was still being
+/// stored (a `PUT …uploadId=X` without its `DONE PUT …` line before the `DELETE`): such a
+/// part can outlive the abort on AWS. Needs the server's `part_delay_ms` fault.
+pub fn aborts_during_a_part(log: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    for (i, line) in log.iter().enumerate() {
+        let Some(id) = line
+            .starts_with("DELETE ")
+            .then(|| upload_id_of(line))
+            .flatten()
+        else {
+            continue;
+        };
+        let before = &log[..i];
+        for part in before
+            .iter()
+            .filter(|l| l.starts_with("PUT ") && upload_id_of(l) == Some(id))
+        {
+            if !before.contains(&format!("DONE {part}")) {
+                found.push(format!("{line} while {part} was being stored"));
+            }
+        }
+    }
+    found
+}
+
 /// Every file under `dir` (metadata side files and partial files apart), with its bytes.
 pub fn files_under(dir: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
     fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut BTreeMap<String, Vec<u8>>) {

@@ -84,6 +84,9 @@ pub struct S3Faults {
     pub slow_down_next: AtomicU32,
     /// While set, connections are closed as soon as they are accepted: the endpoint is down.
     pub down: AtomicBool,
+    /// Milliseconds each UploadPart waits before it is stored (a slow link): while set,
+    /// the log gets a `DONE PUT …` line when a part is answered.
+    pub part_delay_ms: std::sync::atomic::AtomicU64,
 }
 
 impl S3Server {
@@ -204,11 +207,17 @@ impl Handler {
                 .map(|p| p.as_str())
                 .unwrap_or("/")
         );
+        let done_line = format!("DONE {line}");
         self.log
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(line);
         let is_put = req.method() == hyper::Method::PUT;
+        let part_delay = if is_put && has("uploadId") {
+            self.faults.part_delay_ms.load(Ordering::SeqCst)
+        } else {
+            0
+        };
         let slow_down = is_put
             && self
                 .faults
@@ -224,6 +233,16 @@ impl Handler {
             }
             if slow_down {
                 return Ok(slow_down_response());
+            }
+            if part_delay > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(part_delay)).await;
+                let answer = hyper::service::Service::call(&handler.service, req).await;
+                handler
+                    .log
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(done_line);
+                return answer;
             }
             hyper::service::Service::call(&handler.service, req).await
         }
