@@ -2,7 +2,8 @@
 //! configuration, and runs each command. The only module that knows every concrete type.
 
 use crate::config::{AwsConfig, Config, StreamConfig};
-use crate::destination::{dir::DirDestination, s3::S3Destination, Destination};
+use crate::destination::s3::{S3Destination, S3Options};
+use crate::destination::{dir::DirDestination, Destination};
 use crate::domain::{rfc3339, EpochMs};
 use crate::error::{Error, Result};
 use crate::ledger::{Identity, RangeSummary, Role};
@@ -233,7 +234,8 @@ async fn build_with(
     );
     let destination = match (&config.destination.bucket, &config.destination.directory) {
         (Some(bucket), _) => {
-            let mut s3 = aws_sdk_s3::config::Builder::from(sdk)
+            let s3_sdk = s3_credentials(&config, sdk, needs_aws).await?;
+            let mut s3 = aws_sdk_s3::config::Builder::from(&s3_sdk)
                 .force_path_style(config.aws.s3_force_path_style)
                 // Checksums are asked for explicitly (CRC32C); this keeps S3-compatible
                 // stores that lack the newer default checksums working.
@@ -248,17 +250,20 @@ async fn build_with(
             }
             Destination::S3(S3Destination::new(
                 aws_sdk_s3::Client::from_conf(s3.build()),
-                bucket.clone(),
-                config.aws.s3_endpoint_url.as_deref(),
-                config.destination.part_size as usize,
-                config
-                    .destination
-                    .payload_signing
-                    .signs(config.aws.s3_endpoint_url.as_deref()),
-                policy,
-                // One upload in four overlaps sending and filling: the S3 server, not a
-                // clip's own pause, bounds throughput once a few clips are in flight.
-                clips_in_flight.div_ceil(4),
+                S3Options {
+                    bucket: bucket.clone(),
+                    endpoint_url: config.aws.s3_endpoint_url.clone(),
+                    part_size: config.destination.part_size as usize,
+                    sign_payload: config
+                        .destination
+                        .payload_signing
+                        .signs(config.aws.s3_endpoint_url.as_deref()),
+                    create_only: config.destination.create_only,
+                    policy,
+                    // One upload in four overlaps sending and filling: the S3 server, not
+                    // a clip's own pause, bounds throughput once a few clips are in flight.
+                    overlapping_uploads: clips_in_flight.div_ceil(4),
+                },
             ))
         }
         (None, Some(dir)) => {
@@ -281,6 +286,52 @@ async fn build_with(
         archiver.register().await?;
     }
     Ok(archiver)
+}
+
+/// The SDK configuration S3 requests are signed with: `sdk`'s, or with
+/// `destination.role_arn` the role's, assumed through STS (`aws.sts_endpoint_url`, else
+/// AWS's) with `sdk`'s credentials. KVS keeps `sdk`'s. The role is assumed here once, so a
+/// trust policy that refuses it stops the command before any request.
+async fn s3_credentials(config: &Config, sdk: &SdkConfig, needs_aws: bool) -> Result<SdkConfig> {
+    let Some(role_arn) = &config.destination.role_arn else {
+        return Ok(sdk.clone());
+    };
+    let sts_sdk = match &config.aws.sts_endpoint_url {
+        Some(url) => sdk.to_builder().endpoint_url(url).build(),
+        None => sdk.clone(),
+    };
+    let mut role = aws_config::sts::AssumeRoleProvider::builder(role_arn)
+        .session_name(
+            config
+                .destination
+                .session_name
+                .clone()
+                .unwrap_or_else(|| "kvs-archiver".to_string()),
+        )
+        .configure(&sts_sdk);
+    if let Some(id) = &config.destination.external_id {
+        role = role.external_id(id);
+    }
+    let provider = role.build().await;
+    let assumed = sdk
+        .to_builder()
+        .credentials_provider(
+            aws_credential_types::provider::SharedCredentialsProvider::new(provider),
+        )
+        .build();
+    if !needs_aws {
+        return Ok(assumed);
+    }
+    check_credentials(&assumed).await.map_err(|e| {
+        let why = format!(
+            "destination.role_arn: assuming {role_arn} for S3: {e}; check the role's trust policy (it must let these credentials call sts:AssumeRole{}), and that external_id matches",
+            if config.destination.external_id.is_some() { " with this external id" } else { "" }
+        );
+        match e {
+            Error::CredentialsUnavailable(_) => Error::CredentialsUnavailable(why),
+            _ => Error::Credentials(why),
+        }
+    })
 }
 
 /// `find`: what holds instant `t` of a stream, and a URL (or path) that plays the object
@@ -499,7 +550,11 @@ pub async fn backfill_with(
     }
     archiver
         .destination
-        .check(&archiver.config.destination.prefix, true)
+        .check(
+            &archiver.config.destination.prefix,
+            true,
+            &archiver.config.required_of_bucket(),
+        )
         .await?;
     // SERVER_TIMESTAMP ranges may not end in the future.
     let end = end.min(chrono::Utc::now().timestamp_millis() - 1);
@@ -595,7 +650,11 @@ async fn verify_with(
     check_range(start, end)?;
     archiver
         .destination
-        .check(&archiver.config.destination.prefix, true)
+        .check(
+            &archiver.config.destination.prefix,
+            true,
+            &archiver.config.required_of_bucket(),
+        )
         .await?;
     let view = archiver.view();
     if !repair {

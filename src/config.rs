@@ -2,12 +2,16 @@
 //! variables (`__` between levels), then [`Config::validate`], which names the offending
 //! field. Credentials never live here: the AWS default credential chain provides them.
 
+use crate::destination::settings::{
+    ObjectLockConfig, Overrides, Sse, StorageClass, StreamSettings,
+};
 use crate::domain::TimestampSource;
 pub use crate::error::ConfigError;
 use crate::plan::ChunkLimits;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -138,6 +142,8 @@ pub struct AwsConfig {
     pub s3_endpoint_url: Option<String>,
     /// Path-style bucket addressing, which most S3-compatible stores need.
     pub s3_force_path_style: bool,
+    /// STS endpoint for `destination.role_arn` (a VPC endpoint, say); default: AWS's.
+    pub sts_endpoint_url: Option<String>,
     /// Longest wait to open a connection.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -159,6 +165,7 @@ impl Default for AwsConfig {
             kinesis_video_endpoint_url: None,
             s3_endpoint_url: None,
             s3_force_path_style: false,
+            sts_endpoint_url: None,
             connect_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(60),
             bundled_emulator: None,
@@ -308,6 +315,44 @@ pub struct DestinationConfig {
     /// over HTTPS, where TLS protects the body (what AWS recommends), signed over plain
     /// HTTP.
     pub payload_signing: PayloadSigning,
+    /// The storage class objects are written in (S3's default, STANDARD, if unset).
+    pub storage_class: Option<StorageClass>,
+    /// Server-side encryption: "AES256" or "aws:kms" (the bucket's default if unset).
+    pub sse: Option<Sse>,
+    /// The KMS key for sse = "aws:kms": key id, key ARN or alias (`aws/s3` if unset).
+    pub kms_key_id: Option<String>,
+    /// With sse = "aws:kms": an S3 Bucket Key cuts the KMS requests (and their cost).
+    pub bucket_key: Option<bool>,
+    /// Tags on every object; `{stream}` in a value is the stream's name.
+    pub tags: BTreeMap<String, String>,
+    /// Objects are written only where none exists yet (`If-None-Match: *`); an object
+    /// already there with other bytes is never replaced. `false` for stores that do not
+    /// support conditional writes.
+    pub create_only: bool,
+    /// A role to assume for S3 requests alone (a bucket in another account); KVS keeps
+    /// the default credential chain.
+    pub role_arn: Option<String>,
+    /// The external id the role's trust policy asks for.
+    pub external_id: Option<String>,
+    /// The assumed role's session name (CloudTrail shows it); default "kvs-archiver".
+    pub session_name: Option<String>,
+    /// `[destination.object_lock]`: lock each object against deletion (Object Lock must
+    /// be enabled on the bucket).
+    pub object_lock: Option<ObjectLockConfig>,
+}
+
+impl DestinationConfig {
+    /// The settings a stream may override, as `[destination]` sets them.
+    pub fn overrides(&self) -> Overrides<'_> {
+        Overrides {
+            storage_class: self.storage_class,
+            sse: self.sse,
+            kms_key_id: self.kms_key_id.as_deref(),
+            bucket_key: self.bucket_key,
+            tags: (!self.tags.is_empty()).then_some(&self.tags),
+            object_lock: self.object_lock.as_ref(),
+        }
+    }
 }
 
 /// Whether S3 request bodies are signed (`destination.payload_signing`).
@@ -346,6 +391,16 @@ impl Default for DestinationConfig {
             // and smaller parts cost no throughput (docs/PERFORMANCE.md).
             part_size: 5 * 1024 * 1024,
             payload_signing: PayloadSigning::Auto,
+            storage_class: None,
+            sse: None,
+            kms_key_id: None,
+            bucket_key: None,
+            tags: BTreeMap::new(),
+            create_only: true,
+            role_arn: None,
+            external_id: None,
+            session_name: None,
+            object_lock: None,
         }
     }
 }
@@ -446,6 +501,24 @@ pub struct StreamConfig {
     /// `daemon.producer_settle` (producer timestamps).
     #[serde(default, with = "humantime_serde")]
     pub settle: Option<Duration>,
+    /// This stream's storage class, instead of `destination.storage_class`.
+    #[serde(default)]
+    pub storage_class: Option<StorageClass>,
+    /// This stream's encryption, instead of `destination.sse`.
+    #[serde(default)]
+    pub sse: Option<Sse>,
+    /// This stream's KMS key, instead of `destination.kms_key_id`.
+    #[serde(default)]
+    pub kms_key_id: Option<String>,
+    /// Instead of `destination.bucket_key`.
+    #[serde(default)]
+    pub bucket_key: Option<bool>,
+    /// Tags added to `destination.tags` (this stream's value wins for a key both set).
+    #[serde(default)]
+    pub tags: Option<BTreeMap<String, String>>,
+    /// This stream's Object Lock, instead of `[destination.object_lock]`.
+    #[serde(default)]
+    pub object_lock: Option<ObjectLockConfig>,
 }
 
 impl StreamConfig {
@@ -459,6 +532,24 @@ impl StreamConfig {
             retention_window: None,
             lag: None,
             settle: None,
+            storage_class: None,
+            sse: None,
+            kms_key_id: None,
+            bucket_key: None,
+            tags: None,
+            object_lock: None,
+        }
+    }
+
+    /// The settings this stream overrides.
+    pub fn overrides(&self) -> Overrides<'_> {
+        Overrides {
+            storage_class: self.storage_class,
+            sse: self.sse,
+            kms_key_id: self.kms_key_id.as_deref(),
+            bucket_key: self.bucket_key,
+            tags: self.tags.as_ref(),
+            object_lock: self.object_lock.as_ref(),
         }
     }
 }
@@ -593,7 +684,54 @@ impl Config {
         self.validate_destination()?;
         self.validate_archive()?;
         self.validate_daemon()?;
-        self.validate_streams()
+        self.validate_streams()?;
+        self.validate_object_settings()
+    }
+
+    /// What S3 stores with this stream's objects: `[destination]`'s settings with the
+    /// stream's overrides.
+    pub fn object_settings(&self, stream: &StreamConfig) -> StreamSettings {
+        StreamSettings::resolve(
+            &self.destination.overrides(),
+            &stream.overrides(),
+            &stream.label(),
+        )
+    }
+
+    /// Whether any stream's objects are locked (the bucket must have Object Lock).
+    pub fn uses_object_lock(&self) -> bool {
+        self.destination.object_lock.is_some()
+            || self.streams.iter().any(|s| s.object_lock.is_some())
+    }
+
+    /// Every KMS key objects are encrypted with, once each, with the field that names it
+    /// (`None`: the account's `aws/s3` key).
+    pub fn kms_keys(&self) -> Vec<(String, Option<String>)> {
+        let mut keys: Vec<(String, Option<String>)> = Vec::new();
+        if self.destination.sse == Some(Sse::Kms) {
+            keys.push((
+                "destination.kms_key_id".into(),
+                self.destination.kms_key_id.clone(),
+            ));
+        }
+        for (i, stream) in self.streams.iter().enumerate() {
+            if let Some(crate::destination::settings::Encryption::Kms { key_id, .. }) =
+                self.object_settings(stream).encryption
+            {
+                if !keys.iter().any(|(_, k)| *k == key_id) {
+                    keys.push((format!("streams[{i}].kms_key_id"), key_id));
+                }
+            }
+        }
+        keys
+    }
+
+    /// What the object settings need of the bucket, for the start-up check.
+    pub fn required_of_bucket(&self) -> crate::destination::Required {
+        crate::destination::Required {
+            object_lock: self.uses_object_lock(),
+            kms_keys: self.kms_keys(),
+        }
     }
 
     /// The settle window of a stream (see `daemon.settle`).
@@ -639,6 +777,7 @@ impl Config {
                 &self.aws.kinesis_video_endpoint_url,
             ),
             ("aws.s3_endpoint_url", &self.aws.s3_endpoint_url),
+            ("aws.sts_endpoint_url", &self.aws.sts_endpoint_url),
         ] {
             let Some(url) = url else { continue };
             if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -936,6 +1075,104 @@ impl Config {
                 return Err(invalid(
                     format!("streams[{i}]"),
                     format!("stream {} is listed twice", s.label()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Storage class, encryption, tags, Object Lock and the role: S3 settings, each
+    /// checked where it is set; a directory takes none of them.
+    fn validate_object_settings(&self) -> Result<(), ConfigError> {
+        use crate::destination::settings::validate;
+        let d = &self.destination;
+        validate("destination", &d.overrides(), d.sse)?;
+        for (i, stream) in self.streams.iter().enumerate() {
+            validate(
+                &format!("streams[{i}]"),
+                &stream.overrides(),
+                stream.sse.or(d.sse),
+            )?;
+        }
+        if d.directory.is_some() {
+            let streams_set = self
+                .streams
+                .iter()
+                .any(|s| s.overrides() != Overrides::default());
+            let set = [
+                ("storage_class", d.storage_class.is_some()),
+                ("sse", d.sse.is_some()),
+                ("kms_key_id", d.kms_key_id.is_some()),
+                ("bucket_key", d.bucket_key.is_some()),
+                ("tags", !d.tags.is_empty()),
+                ("object_lock", d.object_lock.is_some()),
+                ("role_arn", d.role_arn.is_some()),
+            ];
+            if let Some((field, _)) = set.iter().find(|(_, set)| *set) {
+                return Err(invalid(
+                    format!("destination.{field}"),
+                    "is an S3 setting: remove it, or archive to destination.bucket",
+                ));
+            }
+            if streams_set {
+                return Err(invalid(
+                    "streams",
+                    "storage_class, sse, kms_key_id, bucket_key, tags and object_lock are S3 settings: remove them, or archive to destination.bucket",
+                ));
+            }
+        }
+        self.validate_role()
+    }
+
+    /// `role_arn`, `external_id` and `session_name`, as STS takes them.
+    fn validate_role(&self) -> Result<(), ConfigError> {
+        let d = &self.destination;
+        let Some(arn) = &d.role_arn else {
+            if d.external_id.is_some() || d.session_name.is_some() {
+                return Err(invalid(
+                    "destination.role_arn",
+                    "external_id and session_name go with role_arn: set it, or remove them",
+                ));
+            }
+            return Ok(());
+        };
+        let role_shaped = arn.strip_prefix("arn:").is_some_and(|rest| {
+            let parts: Vec<&str> = rest.splitn(5, ':').collect();
+            parts.len() == 5
+                && parts[0].starts_with("aws")
+                && parts[1] == "iam"
+                && parts[3].len() == 12
+                && parts[3].bytes().all(|b| b.is_ascii_digit())
+                && parts[4].starts_with("role/")
+                && parts[4].len() > 5
+        });
+        if !role_shaped || arn.len() > 2048 {
+            return Err(invalid(
+                "destination.role_arn",
+                format!(
+                    "must be an IAM role ARN such as arn:aws:iam::123456789012:role/archiver (got {})",
+                    shown(arn)
+                ),
+            ));
+        }
+        let sts_text = |c: char| c.is_ascii_alphanumeric() || "_+=,.@:/-".contains(c);
+        if let Some(id) = &d.external_id {
+            if !(2..=1224).contains(&id.len()) || !id.chars().all(sts_text) {
+                return Err(invalid(
+                    "destination.external_id",
+                    "must be 2 to 1224 letters, digits or _+=,.@:/-",
+                ));
+            }
+        }
+        if let Some(name) = &d.session_name {
+            if !(2..=64).contains(&name.len())
+                || !name.chars().all(|c| sts_text(c) && c != ':' && c != '/')
+            {
+                return Err(invalid(
+                    "destination.session_name",
+                    "must be 2 to 64 letters, digits or _+=,.@-",
                 ));
             }
         }

@@ -35,7 +35,11 @@ pub async fn run(
 ) -> Result<bool> {
     archiver
         .destination
-        .check(&archiver.config.destination.prefix, false)
+        .check(
+            &archiver.config.destination.prefix,
+            false,
+            &archiver.config.required_of_bucket(),
+        )
         .await?;
     archiver.recover().await?;
     let streams: HashMap<String, StreamConfig> = archiver

@@ -74,6 +74,16 @@ pub enum Error {
         /// The bucket and key.
         target: String,
     },
+    /// An object is already at the key with other bytes than this chunk's: writes are
+    /// create-only, so it was not replaced. Someone else wrote there, or the key was
+    /// reused; the operator decides (`verify` lists it).
+    #[error("{target}: another object is already at this key ({found}); it was not replaced: move it away if it is not this archive's footage, then run again")]
+    Occupied {
+        /// The bucket and key, or the path.
+        target: String,
+        /// What is there, against what this chunk wrote.
+        found: String,
+    },
     /// GetClip returned fewer fragments than planned (a cap bound): split and refetch.
     #[error("clip {key}: truncated: plays {got_ms} ms of the {planned_ms} ms planned")]
     Truncated {
@@ -237,6 +247,7 @@ impl Error {
                 _ => Retryability::Permanent,
             },
             Error::Expired { .. }
+            | Error::Occupied { .. }
             | Error::LeaseLost { .. }
             | Error::Migrate(_)
             | Error::Config(_)
@@ -271,6 +282,7 @@ impl Error {
             } => "destination-throttled",
             Error::Destination { .. } => "destination",
             Error::UploadLost { .. } => "upload-lost",
+            Error::Occupied { .. } => "occupied",
             Error::Truncated { .. } => "truncated",
             Error::Clip { .. } => "clip",
             Error::Expired { .. } => "expired",

@@ -13,6 +13,14 @@
 //!   ListMultipartUploads (finding the program's own unfinished uploads after a crash)
 //!   `s3:ListBucketMultipartUploads`, which takes no prefix condition.
 //!
+//! - What the object settings add: Object Lock headers on a write need
+//!   `s3:PutObjectRetention` (and `s3:PutObjectLegalHold` for a hold), with
+//!   `s3:GetBucketObjectLockConfiguration` for the start-up check; tags on a write
+//!   `s3:PutObjectTagging`; SSE-KMS `kms:GenerateDataKey` (writes) and `kms:Decrypt`
+//!   (multipart uploads and reads) on the key; `destination.role_arn` `sts:AssumeRole`
+//!   for the credentials the program starts with (the S3 statements then belong to the
+//!   role).
+//!
 //! tests/archiver/iam.rs checks this list against the requests the program really sends.
 
 use crate::config::Config;
@@ -86,8 +94,83 @@ pub fn policy(config: &Config, account: Option<&str>) -> Value {
             "Action": ["s3:ListBucketMultipartUploads"],
             "Resource": format!("arn:{partition}:s3:::{bucket}"),
         }));
+        statements.extend(settings_statements(config, partition, account));
     }
     json!({ "Version": "2012-10-17", "Statement": statements })
+}
+
+/// What storage class, tags, Object Lock, KMS and a role add (see the module's doc).
+fn settings_statements(config: &Config, partition: &str, account: &str) -> Vec<Value> {
+    let d = &config.destination;
+    let Some(bucket) = &d.bucket else {
+        return Vec::new();
+    };
+    let prefix = &d.prefix;
+    let mut statements = Vec::new();
+    let mut object_actions = Vec::new();
+    let settings: Vec<_> =
+        std::iter::once(config.object_settings(&crate::config::StreamConfig::named("*")))
+            .chain(config.streams.iter().map(|s| config.object_settings(s)))
+            .collect();
+    if settings.iter().any(|s| !s.tags.is_empty()) {
+        object_actions.push("s3:PutObjectTagging");
+    }
+    if config.uses_object_lock() {
+        object_actions.push("s3:PutObjectRetention");
+        statements.push(json!({
+            "Sid": "CheckObjectLock",
+            "Effect": "Allow",
+            "Action": ["s3:GetBucketObjectLockConfiguration"],
+            "Resource": format!("arn:{partition}:s3:::{bucket}"),
+        }));
+    }
+    if settings
+        .iter()
+        .any(|s| s.object_lock.as_ref().is_some_and(|l| l.legal_hold))
+    {
+        object_actions.push("s3:PutObjectLegalHold");
+    }
+    if !object_actions.is_empty() {
+        statements.push(json!({
+            "Sid": "SetObjectSettings",
+            "Effect": "Allow",
+            "Action": object_actions,
+            "Resource": format!("arn:{partition}:s3:::{bucket}/{prefix}*"),
+        }));
+    }
+    let region = &config.aws.region;
+    let keys: Vec<String> = config
+        .kms_keys()
+        .into_iter()
+        .filter_map(|(_, key)| key)
+        .map(|key| {
+            if key.starts_with("arn:") && !key.contains(":alias/") {
+                key
+            } else if key.starts_with("alias/") || key.contains(":alias/") {
+                // A key named by alias: its ARN is not known here.
+                format!("arn:{partition}:kms:{region}:{account}:key/*")
+            } else {
+                format!("arn:{partition}:kms:{region}:{account}:key/{key}")
+            }
+        })
+        .collect();
+    if !keys.is_empty() {
+        statements.push(json!({
+            "Sid": "EncryptWithKmsKey",
+            "Effect": "Allow",
+            "Action": ["kms:GenerateDataKey", "kms:Decrypt"],
+            "Resource": keys,
+        }));
+    }
+    if let Some(role) = &d.role_arn {
+        statements.push(json!({
+            "Sid": "AssumeDestinationRole",
+            "Effect": "Allow",
+            "Action": ["sts:AssumeRole"],
+            "Resource": role,
+        }));
+    }
+    statements
 }
 
 /// Every action the policy allows.
@@ -142,6 +225,44 @@ mod tests {
         dir.destination.directory = Some("/srv/footage".into());
         let p = policy(&dir, None);
         assert_eq!(actions(&p), KVS_ACTIONS.map(str::to_string).to_vec());
+    }
+
+    #[test]
+    fn settings_add_exactly_their_actions() {
+        let mut c = config("site-a/");
+        assert_eq!(actions(&policy(&c, None)).len(), 10);
+        c.destination.tags = [("team".to_string(), "{stream}".to_string())].into();
+        c.destination.sse = Some(crate::destination::settings::Sse::Kms);
+        c.destination.kms_key_id = Some("1234abcd-12ab-34cd-56ef-1234567890ab".into());
+        c.destination.object_lock = Some(crate::destination::settings::ObjectLockConfig {
+            mode: crate::destination::settings::LockMode::Governance,
+            retain_for: std::time::Duration::from_secs(86_400 * 30),
+            retain_from: Default::default(),
+            legal_hold: true,
+        });
+        c.destination.role_arn = Some("arn:aws:iam::123456789012:role/archiver".into());
+        let p = policy(&c, Some("123456789012"));
+        let all = actions(&p);
+        for action in [
+            "s3:PutObjectTagging",
+            "s3:PutObjectRetention",
+            "s3:PutObjectLegalHold",
+            "s3:GetBucketObjectLockConfiguration",
+            "kms:GenerateDataKey",
+            "kms:Decrypt",
+            "sts:AssumeRole",
+        ] {
+            assert!(all.iter().any(|a| a == action), "{action}: {all:?}");
+        }
+        assert_eq!(all.len(), 17, "{all:?}");
+        let kms = p["Statement"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["Sid"] == "EncryptWithKmsKey"))
+            .expect("kms statement");
+        assert_eq!(
+            kms["Resource"][0],
+            "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+        );
     }
 
     #[test]

@@ -400,7 +400,11 @@ impl DirDestination {
             Err(e) => return Err(io_error("stat", &path, e)),
         };
         let meta = read_metadata(&path);
-        Ok(Some(super::ObjectHead { size, meta }))
+        Ok(Some(super::ObjectHead {
+            size,
+            meta,
+            ..super::ObjectHead::default()
+        }))
     }
 
     /// Removes every partial file of `key`; returns how many.

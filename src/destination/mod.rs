@@ -4,6 +4,7 @@
 
 pub mod dir;
 pub mod s3;
+pub mod settings;
 
 use crate::error::Result;
 use crate::ledger::Archived;
@@ -33,6 +34,24 @@ impl Crc32c {
     /// The CRC of `self`'s bytes followed by `next`'s `len` bytes, without reading them.
     pub fn followed_by(self, next: Crc32c, len: usize) -> Crc32c {
         Crc32c(crc32c::crc32c_combine(self.0, next.0, len))
+    }
+
+    /// The checksum of S3's `x-amz-checksum-crc32c` (base64 of the big-endian value);
+    /// `None` for anything else, a composite `…-N` included.
+    pub fn from_base64(text: &str) -> Option<Crc32c> {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let digits = text.strip_suffix("==")?.as_bytes();
+        if digits.len() != 6 {
+            return None;
+        }
+        let mut n = 0u64;
+        for digit in digits {
+            let value = ALPHABET.iter().position(|a| a == digit)?;
+            n = (n << 6) | value as u64;
+        }
+        // 36 bits: the 32 of the value, then 4 of padding that must be zero.
+        (n & 0xf == 0).then_some(Crc32c((n >> 4) as u32))
     }
 
     /// Base64 of the big-endian value: the form of S3's `x-amz-checksum-crc32c`.
@@ -76,9 +95,18 @@ impl Destination {
     /// `first_contact`: a command's first request (an endpoint that does not answer is
     /// reported after one retry); the daemon passes `false` and keeps its whole patience,
     /// so a store still starting at boot does not stop it.
-    pub async fn check(&self, prefix: &str, first_contact: bool) -> Result<()> {
+    /// `required`: what the settings need of the bucket, asked of it where S3 can say.
+    pub async fn check(
+        &self,
+        prefix: &str,
+        first_contact: bool,
+        required: &Required,
+    ) -> Result<()> {
         match self {
-            Destination::S3(s) => s.check(prefix, first_contact).await,
+            Destination::S3(s) => {
+                s.check(prefix, first_contact).await?;
+                s.check_required(prefix, required).await
+            }
             Destination::Dir(d) => d.check().await,
         }
     }
@@ -89,9 +117,10 @@ impl Destination {
         key: &str,
         meta: ObjectMeta,
         content_type: &'static str,
+        settings: settings::ObjectSettings,
     ) -> Result<Upload> {
         match self {
-            Destination::S3(s) => Ok(Upload::S3(s.begin(key, meta, content_type))),
+            Destination::S3(s) => Ok(Upload::S3(s.begin(key, meta, content_type, settings))),
             Destination::Dir(d) => Ok(Upload::Dir(d.begin(key, meta).await?)),
         }
     }
@@ -175,6 +204,16 @@ impl Destination {
     }
 }
 
+/// What the configured object settings need of the bucket.
+#[derive(Debug, Clone, Default)]
+pub struct Required {
+    /// Objects are locked: the bucket must have Object Lock enabled.
+    pub object_lock: bool,
+    /// KMS keys objects are encrypted with, each with the field that names it (`None`:
+    /// the account's `aws/s3` key).
+    pub kms_keys: Vec<(String, Option<String>)>,
+}
+
 /// An object as `verify` reads it back.
 #[derive(Debug, Clone)]
 pub struct StoredObject {
@@ -186,13 +225,20 @@ pub struct StoredObject {
     pub meta: std::collections::BTreeMap<String, String>,
 }
 
-/// An object's size and metadata.
-#[derive(Debug, Clone)]
+/// An object's size and metadata, and what the store keeps about it.
+#[derive(Debug, Clone, Default)]
 pub struct ObjectHead {
     /// Bytes.
     pub size: u64,
     /// The object's metadata, as [`ObjectMeta`] wrote it.
     pub meta: std::collections::BTreeMap<String, String>,
+    /// The CRC32C of the whole object (hex), where the store reports one (S3: objects
+    /// written with a full-object CRC32C); `None` otherwise.
+    pub crc32c: Option<String>,
+    /// The storage class, where the store reports one (S3 omits STANDARD).
+    pub storage_class: Option<String>,
+    /// S3's `x-amz-restore` for an archived object being or having been restored.
+    pub restore: Option<String>,
 }
 
 /// A byte range of an object, read piece by piece.
@@ -298,6 +344,17 @@ mod tests {
         assert_eq!(Crc32c(0xdead_beef).base64(), "3q2+7w==");
         assert_eq!(Crc32c(0).base64(), "AAAAAA==");
         assert_eq!(Crc32c(u32::MAX).base64(), "/////w==");
+    }
+
+    #[test]
+    fn base64_reads_back_and_refuses_composites() {
+        for value in [0, 1, 0xdead_beef, u32::MAX] {
+            let crc = Crc32c(value);
+            assert_eq!(Crc32c::from_base64(&crc.base64()).map(|c| c.0), Some(value));
+        }
+        for bad in ["3q2+7w==-3", "3q2+7w", "3q2+7x==", "AAAAAAAA", ""] {
+            assert!(Crc32c::from_base64(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! the part still in memory, so an S3 hiccup never costs a second GetClip (KVS bills
 //! every byte it sends).
 
+use super::settings::{Encryption, ObjectSettings};
 use super::{Crc32c, ObjectMeta};
 use crate::error::{Error, Result, Retryability};
 use crate::ledger::Archived;
@@ -17,7 +18,10 @@ use crate::retry::{with_retry, RetryPolicy};
 use aws_sdk_s3 as s3;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, ChecksumMode, ChecksumType, CompletedMultipartUpload, CompletedPart,
+    ObjectLockLegalHoldStatus, ObjectLockMode, ServerSideEncryption,
+};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -30,6 +34,8 @@ struct Inner {
     endpoint: String,
     part_size: usize,
     sign_payload: bool,
+    /// Writes carry `If-None-Match: *`: an object already at the key is never replaced.
+    create_only: bool,
     policy: RetryPolicy,
     /// Second part buffers, shared by every upload of the process: an upload holding one
     /// fills its next part while the last one is sent; the others wait for their part to
@@ -50,6 +56,7 @@ pub struct S3Upload {
     key: String,
     meta: ObjectMeta,
     content_type: &'static str,
+    settings: ObjectSettings,
     /// CRC32C of the parts already sent; with `part_crc`, that of every byte written.
     sent_crc: Crc32c,
     part_crc: Crc32c,
@@ -77,6 +84,44 @@ fn s3_action(op: &str) -> &'static str {
         "ListObjectsV2" => "s3:ListBucket",
         _ => "s3:GetObject",
     }
+}
+
+/// Applies an object's [`ObjectSettings`] to a PutObject or CreateMultipartUpload
+/// request: the two builders share these setters, but no trait.
+macro_rules! with_object_settings {
+    ($request:expr, $settings:expr) => {{
+        let settings: &ObjectSettings = $settings;
+        let mut request = $request;
+        if let Some(class) = settings.storage_class {
+            request = request.storage_class(s3::types::StorageClass::from(class.as_str()));
+        }
+        match &settings.encryption {
+            Some(Encryption::S3Managed) => {
+                request = request.server_side_encryption(ServerSideEncryption::Aes256);
+            }
+            Some(Encryption::Kms { key_id, bucket_key }) => {
+                request = request
+                    .server_side_encryption(ServerSideEncryption::AwsKms)
+                    .set_ssekms_key_id(key_id.clone())
+                    .bucket_key_enabled(*bucket_key);
+            }
+            None => {}
+        }
+        if let Some(tagging) = &settings.tagging {
+            request = request.tagging(tagging);
+        }
+        if let Some((mode, until)) = settings.lock {
+            request = request
+                .object_lock_mode(ObjectLockMode::from(mode.as_str()))
+                .object_lock_retain_until_date(aws_sdk_s3::primitives::DateTime::from_secs(
+                    until.timestamp(),
+                ));
+        }
+        if settings.legal_hold {
+            request = request.object_lock_legal_hold_status(ObjectLockLegalHoldStatus::On);
+        }
+        request
+    }};
 }
 
 /// Classifies an S3 SDK error: the one place S3 errors get their retryability.
@@ -117,6 +162,13 @@ where
                     target: target.to_string(),
                 };
             }
+            // Only a create-only write is conditional: an object is already at the key.
+            if status == 412 {
+                return Error::Occupied {
+                    target: target.to_string(),
+                    found: format!("{op} refused with {code} (HTTP 412)"),
+                };
+            }
             let retry = match code {
                 "SlowDown" | "RequestLimitExceeded" | "Throttling" | "ThrottlingException" => {
                     Retryability::Throttled
@@ -131,6 +183,8 @@ where
                 | "BadDigest"
                 | "IncompleteBody"
                 | "XAmzContentSHA256Mismatch"
+                // Two conditional writes of one key at once: one of them wins.
+                | "ConditionalRequestConflict"
                 | "OperationAborted" => Retryability::Transient,
                 _ if status == 503 => Retryability::Throttled,
                 _ if status >= 500 || status == 408 => Retryability::Transient,
@@ -171,17 +225,36 @@ where
     }
 }
 
+/// How [`S3Destination`] writes: everything but the client.
+pub struct S3Options {
+    /// The bucket.
+    pub bucket: String,
+    /// The configured endpoint, if any (named in errors).
+    pub endpoint_url: Option<String>,
+    /// Bytes per part.
+    pub part_size: usize,
+    /// Whether request bodies are signed.
+    pub sign_payload: bool,
+    /// Whether writes are create-only (`If-None-Match: *`).
+    pub create_only: bool,
+    /// Retries of every request.
+    pub policy: RetryPolicy,
+    /// Uploads that may hold a second part buffer at once.
+    pub overlapping_uploads: usize,
+}
+
 impl S3Destination {
-    /// `endpoint_url`: the configured endpoint, if any (named in errors).
-    pub fn new(
-        client: s3::Client,
-        bucket: String,
-        endpoint_url: Option<&str>,
-        part_size: usize,
-        sign_payload: bool,
-        policy: RetryPolicy,
-        overlapping_uploads: usize,
-    ) -> Self {
+    /// A destination writing through `client` as `options` say.
+    pub fn new(client: s3::Client, options: S3Options) -> Self {
+        let S3Options {
+            bucket,
+            endpoint_url,
+            part_size,
+            sign_payload,
+            create_only,
+            policy,
+            overlapping_uploads,
+        } = options;
         // Without an endpoint URL the SDK addresses the bucket as a virtual host.
         let endpoint = match endpoint_url {
             Some(url) => url.to_string(),
@@ -197,6 +270,7 @@ impl S3Destination {
                 endpoint,
                 part_size,
                 sign_payload,
+                create_only,
                 policy,
                 overlap: Arc::new(Semaphore::new(overlapping_uploads)),
             }),
@@ -249,14 +323,124 @@ impl S3Destination {
         }
     }
 
+    /// Asks the bucket for what the settings need: Object Lock enabled, and each KMS key
+    /// usable (a multipart upload encrypted with it is created under `prefix` and aborted
+    /// at once: S3 asks KMS for a data key then). A refusal is a configuration error
+    /// naming the field; an S3 that does not answer is retried as usual.
+    pub async fn check_required(&self, prefix: &str, required: &super::Required) -> Result<()> {
+        let bucket = &self.inner.bucket;
+        if required.object_lock {
+            let got = with_retry(&self.inner.policy, "GetObjectLockConfiguration", || async {
+                match self
+                    .inner
+                    .client
+                    .get_object_lock_configuration()
+                    .bucket(bucket)
+                    .send()
+                    .await
+                {
+                    Ok(out) => Ok(Ok(out)),
+                    // 501: a store without Object Lock.
+                    Err(SdkError::ServiceError(ctx))
+                        if matches!(ctx.raw().status().as_u16(), 400..=499 | 501) =>
+                    {
+                        let code = ctx.err().code().unwrap_or("Error").to_string();
+                        Ok(Err(format!(
+                            "{code} (HTTP {})",
+                            ctx.raw().status().as_u16()
+                        )))
+                    }
+                    Err(e) => Err(s3_error(
+                        &self.inner,
+                        "GetObjectLockConfiguration",
+                        bucket,
+                        e,
+                    )),
+                }
+            })
+            .await?;
+            let enabled = got.as_ref().is_ok_and(|out| {
+                out.object_lock_configuration()
+                    .and_then(|c| c.object_lock_enabled())
+                    .is_some_and(|e| e.as_str() == "Enabled")
+            });
+            if !enabled {
+                let why = got.err().unwrap_or_else(|| "not enabled".into());
+                return Err(Error::Config(crate::error::ConfigError::Invalid {
+                    field: "destination.object_lock".into(),
+                    message: format!(
+                        "the bucket {bucket} does not have Object Lock enabled ({why}): enable it (aws s3api put-object-lock-configuration --bucket {bucket} --object-lock-configuration ObjectLockEnabled=Enabled, with versioning on), or remove object_lock; an AccessDenied here needs s3:GetBucketObjectLockConfiguration (kvs-archiver iam-policy)"
+                    ),
+                }));
+            }
+        }
+        for (field, key_id) in &required.kms_keys {
+            self.check_kms_key(prefix, field, key_id.as_deref()).await?;
+        }
+        Ok(())
+    }
+
+    /// Creates and aborts a multipart upload encrypted with `key_id` (see
+    /// [`S3Destination::check_required`]).
+    async fn check_kms_key(&self, prefix: &str, field: &str, key_id: Option<&str>) -> Result<()> {
+        let key = format!("{prefix}.kvs-archiver-kms-check");
+        let created = with_retry(&self.inner.policy, "CreateMultipartUpload", || async {
+            match self
+                .inner
+                .client
+                .create_multipart_upload()
+                .bucket(&self.inner.bucket)
+                .key(&key)
+                .server_side_encryption(ServerSideEncryption::AwsKms)
+                .set_ssekms_key_id(key_id.map(str::to_string))
+                .send()
+                .await
+            {
+                Ok(out) => Ok(Ok(out)),
+                Err(SdkError::ServiceError(ctx)) if ctx.raw().status().as_u16() < 500 => {
+                    let code = ctx.err().code().unwrap_or("Error").to_string();
+                    let message = ctx.err().message().unwrap_or_default().to_string();
+                    Ok(Err(format!(
+                        "{code} (HTTP {}) {message}",
+                        ctx.raw().status().as_u16()
+                    )))
+                }
+                Err(e) => Err(s3_error(&self.inner, "CreateMultipartUpload", &key, e)),
+            }
+        })
+        .await?;
+        match created {
+            Ok(out) => {
+                if let Some(id) = out.upload_id() {
+                    abort(&self.inner, &key, id).await?;
+                }
+                Ok(())
+            }
+            Err(why) => Err(Error::Config(crate::error::ConfigError::Invalid {
+                field: field.to_string(),
+                message: format!(
+                    "S3 cannot encrypt with the KMS key {}: {why}: check the key id, that the key is enabled and in the bucket's region, and that these credentials may use it (kms:GenerateDataKey and kms:Decrypt; kvs-archiver iam-policy prints them)",
+                    key_id.unwrap_or("aws/s3")
+                ),
+            })),
+        }
+    }
+
     /// Starts an upload to `key`; nothing reaches S3 before the first part is full or the
     /// upload finishes.
-    pub fn begin(&self, key: &str, meta: ObjectMeta, content_type: &'static str) -> S3Upload {
+    pub fn begin(
+        &self,
+        key: &str,
+        meta: ObjectMeta,
+        content_type: &'static str,
+        settings: ObjectSettings,
+    ) -> S3Upload {
         S3Upload {
             inner: self.inner.clone(),
             key: key.to_string(),
             meta,
             content_type,
+            settings,
             sent_crc: Crc32c::default(),
             part_crc: Crc32c::default(),
             buffer: BytesMut::with_capacity(self.inner.part_size),
@@ -424,7 +608,8 @@ impl S3Destination {
         })
     }
 
-    /// Size and metadata of the object at `key` (HeadObject), `None` if there is none.
+    /// Size, metadata, whole-object checksum and storage class of the object at `key`
+    /// (HeadObject), `None` if there is none.
     pub async fn head(&self, key: &str) -> Result<Option<super::ObjectHead>> {
         let target = format!("s3://{}/{key}", self.inner.bucket);
         let got = with_retry(&self.inner.policy, "HeadObject", || async {
@@ -434,6 +619,7 @@ impl S3Destination {
                 .head_object()
                 .bucket(&self.inner.bucket)
                 .key(key)
+                .checksum_mode(ChecksumMode::Enabled)
                 .send()
                 .await
             {
@@ -449,7 +635,55 @@ impl S3Destination {
                 .metadata()
                 .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
                 .unwrap_or_default(),
+            crc32c: whole_object_crc32c(out.checksum_crc32_c(), out.checksum_type()),
+            storage_class: out.storage_class().map(|c| c.as_str().to_string()),
+            restore: out.restore().map(str::to_string),
         }))
+    }
+
+    /// Whether the object at `key` holds exactly the bytes `archived` describes: called
+    /// when a create-only write was refused (a retry of a write that landed, or a rerun
+    /// after a crash before the ledger recorded it). The same bytes are `Ok`; others are
+    /// [`Error::Occupied`]. The store's whole-object CRC32C decides where it keeps one;
+    /// otherwise the object is read back.
+    pub async fn is_same_object(&self, key: &str, archived: &Archived) -> Result<()> {
+        let target = format!("s3://{}/{key}", self.inner.bucket);
+        let head = self.head(key).await?.ok_or_else(|| Error::Destination {
+            op: "HeadObject",
+            target: target.clone(),
+            message: "the object that refused the write is gone again; writing it again".into(),
+            retry: Retryability::Transient,
+        })?;
+        let crc32c = match head.crc32c {
+            Some(crc) if head.size == archived.bytes => crc,
+            _ if head.size != archived.bytes => {
+                return Err(Error::Occupied {
+                    target,
+                    found: format!(
+                        "{} bytes there, {} in this chunk's clip",
+                        head.size, archived.bytes
+                    ),
+                })
+            }
+            _ => match self.inspect(key).await? {
+                Some(stored) => stored.crc32c,
+                None => String::new(),
+            },
+        };
+        if crc32c == archived.crc32c {
+            tracing::info!(
+                key,
+                "the object is already there, byte for byte: recorded as archived"
+            );
+            return Ok(());
+        }
+        Err(Error::Occupied {
+            target,
+            found: format!(
+                "CRC32C {crc32c} there, {} in this chunk's clip",
+                archived.crc32c
+            ),
+        })
     }
 
     /// See [`super::Destination::list_keys`].
@@ -479,6 +713,15 @@ impl S3Destination {
             }
         }
     }
+}
+
+/// The whole object's CRC32C as hex, from what HeadObject reports: `None` for a composite
+/// checksum (a checksum of the parts' checksums, `…-N`), which no byte count can match.
+fn whole_object_crc32c(base64: Option<&str>, kind: Option<&ChecksumType>) -> Option<String> {
+    if kind.is_some_and(|k| *k != ChecksumType::FullObject) {
+        return None;
+    }
+    Crc32c::from_base64(base64?).map(Crc32c::hex)
 }
 
 /// How long an abort waits for the part in flight to land or fail first.
@@ -549,6 +792,12 @@ async fn upload_part(
 }
 
 impl S3Upload {
+    fn destination(&self) -> S3Destination {
+        S3Destination {
+            inner: self.inner.clone(),
+        }
+    }
+
     fn target(&self) -> String {
         format!("s3://{}/{}", self.inner.bucket, self.key)
     }
@@ -605,16 +854,24 @@ impl S3Upload {
             let target = self.target();
             let inner = self.inner.clone();
             let meta = self.meta.clone();
+            let settings = self.settings.clone();
             let key = self.key.clone();
             let content_type = self.content_type;
             let out = with_retry(&inner.policy, "CreateMultipartUpload", || async {
-                let mut request = inner
-                    .client
-                    .create_multipart_upload()
-                    .bucket(&inner.bucket)
-                    .key(&key)
-                    .content_type(content_type)
-                    .checksum_algorithm(ChecksumAlgorithm::Crc32C);
+                // A full-object CRC32C, not one of the parts' checksums: S3 then keeps the
+                // CRC32C of the whole object, the one the ledger records, and `verify`
+                // compares them with a HEAD.
+                let mut request = with_object_settings!(
+                    inner
+                        .client
+                        .create_multipart_upload()
+                        .bucket(&inner.bucket)
+                        .key(&key)
+                        .content_type(content_type)
+                        .checksum_algorithm(ChecksumAlgorithm::Crc32C)
+                        .checksum_type(ChecksumType::FullObject),
+                    &settings
+                );
                 for (k, v) in &meta.pairs {
                     request = request.metadata(*k, v);
                 }
@@ -661,6 +918,53 @@ impl S3Upload {
         Ok(())
     }
 
+    /// An object that never filled a part: one PutObject.
+    async fn put_whole(mut self, archived: Archived, crc: Crc32c) -> Result<Archived> {
+        let target = self.target();
+        let body = std::mem::take(&mut self.buffer).freeze();
+        let checksum = crc.base64();
+        let inner = self.inner.clone();
+        let put = with_retry(&inner.policy, "PutObject", || async {
+            let mut request = with_object_settings!(
+                inner
+                    .client
+                    .put_object()
+                    .bucket(&inner.bucket)
+                    .key(&self.key)
+                    .content_type(self.content_type)
+                    .checksum_algorithm(ChecksumAlgorithm::Crc32C)
+                    .checksum_crc32_c(&checksum)
+                    .body(ByteStream::from(body.clone())),
+                &self.settings
+            );
+            if inner.create_only {
+                request = request.if_none_match("*");
+            }
+            for (k, v) in &self.meta.pairs {
+                request = request.metadata(*k, v);
+            }
+            let sent = if inner.sign_payload {
+                request.send().await
+            } else {
+                request.customize().disable_payload_signing().send().await
+            };
+            sent.map(|_| ())
+                .map_err(|e| s3_error(&self.inner, "PutObject", &target, e))
+        })
+        .await;
+        match put {
+            Ok(()) => Ok(archived),
+            // Refused: a retry of a write that landed, or another object.
+            Err(Error::Occupied { .. }) => {
+                self.destination()
+                    .is_same_object(&self.key, &archived)
+                    .await?;
+                Ok(archived)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Sends what is left and completes the object (one PutObject if it never filled a
     /// part).
     pub async fn finish(mut self) -> Result<Archived> {
@@ -671,32 +975,7 @@ impl S3Upload {
         };
         let target = self.target();
         let Some(upload_id) = self.upload_id.clone() else {
-            let body = std::mem::take(&mut self.buffer).freeze();
-            let checksum = crc.base64();
-            let inner = self.inner.clone();
-            with_retry(&inner.policy, "PutObject", || async {
-                let mut request = inner
-                    .client
-                    .put_object()
-                    .bucket(&inner.bucket)
-                    .key(&self.key)
-                    .content_type(self.content_type)
-                    .checksum_algorithm(ChecksumAlgorithm::Crc32C)
-                    .checksum_crc32_c(&checksum)
-                    .body(ByteStream::from(body.clone()));
-                for (k, v) in &self.meta.pairs {
-                    request = request.metadata(*k, v);
-                }
-                let sent = if inner.sign_payload {
-                    request.send().await
-                } else {
-                    request.customize().disable_payload_signing().send().await
-                };
-                sent.map(|_| ())
-                    .map_err(|e| s3_error(&self.inner, "PutObject", &target, e))
-            })
-            .await?;
-            return Ok(archived);
+            return self.put_whole(archived, crc).await;
         };
         if !self.buffer.is_empty() {
             if let Err(e) = self.send_part().await {
@@ -714,14 +993,21 @@ impl S3Upload {
             .set_parts(Some(parts))
             .build();
         let inner = self.inner.clone();
+        let checksum = crc.base64();
         let result = with_retry(&inner.policy, "CompleteMultipartUpload", || async {
-            inner
+            let mut request = inner
                 .client
                 .complete_multipart_upload()
                 .bucket(&inner.bucket)
                 .key(&self.key)
                 .upload_id(&upload_id)
-                .multipart_upload(completed.clone())
+                .checksum_crc32_c(&checksum)
+                .checksum_type(ChecksumType::FullObject)
+                .multipart_upload(completed.clone());
+            if inner.create_only {
+                request = request.if_none_match("*");
+            }
+            request
                 .send()
                 .await
                 .map(|_| ())
@@ -730,6 +1016,15 @@ impl S3Upload {
         .await;
         match result {
             Ok(()) => Ok(archived),
+            // Refused, the upload is still open: it goes either way.
+            Err(Error::Occupied { .. }) => {
+                let same = self
+                    .destination()
+                    .is_same_object(&self.key, &archived)
+                    .await;
+                self.abort().await;
+                same.map(|()| archived)
+            }
             Err(e) => {
                 self.abort().await;
                 Err(e)

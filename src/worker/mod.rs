@@ -330,6 +330,17 @@ impl Archiver {
         }
     }
 
+    /// What S3 stores with the objects of the stream labelled `label`.
+    pub(crate) fn object_settings(
+        &self,
+        label: &str,
+    ) -> crate::destination::settings::StreamSettings {
+        match self.config.stream(label) {
+            Some(stream) => self.config.object_settings(stream),
+            None => self.config.object_settings(&StreamConfig::named(label)),
+        }
+    }
+
     pub(crate) fn key(&self, stream: &StreamConfig, plan: &ChunkPlan) -> String {
         object_key(&self.config.destination.prefix, &stream.label(), plan)
     }

@@ -47,6 +47,13 @@ impl Archiver {
         lease: &Lease,
         hard: &tokio_util::sync::CancellationToken,
     ) -> Result<Transferred> {
+        // An earlier claim may have written the object and died before the ledger
+        // recorded it: found, it is recorded as it is, with no GetClip and no upload.
+        if lease.generation > 1 {
+            if let Some(archived) = self.already_archived(chunk).await? {
+                return Ok(Transferred::Archived(archived));
+            }
+        }
         let mine = self.ledger.fragments_of(chunk.id).await?;
         if chunk.plan.kind == ChunkKind::Mkv {
             return self.transfer_mkv(stream, chunk, lease, &mine, hard).await;
@@ -91,6 +98,46 @@ impl Archiver {
         };
         self.upload_clip(stream, chunk, lease, body, expected, hard)
             .await
+    }
+
+    /// The object an earlier claim of `chunk` wrote, if it is at the chunk's key: its
+    /// metadata names the chunk's fragments and kind. Its size and CRC32C come from the
+    /// store (HEAD, or a read where the store keeps no whole-object CRC32C). Another
+    /// object there is [`Error::Occupied`] when writes are create-only (it would refuse
+    /// the upload anyway, after a GetClip KVS bills), and `None` otherwise.
+    async fn already_archived(&self, chunk: &Chunk) -> Result<Option<Archived>> {
+        let key = &chunk.object_key;
+        let Some(head) = self.destination.head(key).await? else {
+            return Ok(None);
+        };
+        let plan = &chunk.plan;
+        let says = |name: &str, value: &str| head.meta.get(name).is_some_and(|v| v == value);
+        let ours = says("kvs-stream", &chunk.stream)
+            && says("kvs-first-fragment", &plan.first_fragment)
+            && says("kvs-last-fragment", &plan.last_fragment)
+            && says("kvs-fragment-count", &plan.fragment_count.to_string())
+            && says("kvs-chunk-kind", plan.kind.as_str());
+        if !ours {
+            if !self.config.destination.create_only {
+                return Ok(None);
+            }
+            return Err(Error::Occupied {
+                target: format!("{} {key}", self.destination.describe()),
+                found: "its metadata names other fragments than this chunk's".into(),
+            });
+        }
+        let crc32c = match head.crc32c {
+            Some(crc) => crc,
+            None => match self.destination.inspect(key).await? {
+                Some(stored) if stored.size == head.size => stored.crc32c,
+                _ => return Ok(None),
+            },
+        };
+        tracing::info!(key = %key, "an earlier attempt stored the object before it was recorded: recorded now, nothing fetched again");
+        Ok(Some(Archived {
+            bytes: head.size,
+            crc32c,
+        }))
     }
 
     /// Brings the chunk's fragments in line with a fresh listing of its range: attaches
@@ -415,7 +462,13 @@ impl Archiver {
     ) -> Result<Archived> {
         let key = chunk.object_key.clone();
         let (_, content_type) = chunk.plan.kind.container();
-        let mut upload = self.destination.begin(&key, meta, content_type).await?;
+        let settings = self
+            .object_settings(&chunk.stream)
+            .for_object(chunk.plan.end_ms, now_ms());
+        let mut upload = self
+            .destination
+            .begin(&key, meta, content_type, settings)
+            .await?;
         if let Err(e) = self.ledger.mark_uploading(lease, None).await {
             upload.abort().await;
             return Err(e);

@@ -6,6 +6,7 @@
 mod support;
 
 mod backfill;
+mod buckets;
 mod command_line;
 mod crashes;
 mod daemon;

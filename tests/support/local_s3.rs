@@ -10,6 +10,14 @@ use kvs_emulator::config::{DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// The temporary keys of an assumed role, as the STS stand-in (tests/support/sts.rs)
+/// hands them out; this server accepts them besides the emulator's test keys.
+pub const ASSUMED_ACCESS_KEY_ID: &str = "ASIAKVSARCHIVERROLE1";
+/// Their secret.
+pub const ASSUMED_SECRET_ACCESS_KEY: &str = "assumed-role-secret-for-tests-only-0123456";
+/// Their session token.
+pub const ASSUMED_SESSION_TOKEN: &str = "assumed-role-session-token-for-tests";
+
 /// s3s-fs serving a temporary directory on loopback, with a log of every request it
 /// received and faults a test can switch on.
 pub struct S3Server {
@@ -17,6 +25,8 @@ pub struct S3Server {
     pub root: tempfile::TempDir,
     /// "METHOD /path?query" of every request, in arrival order.
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Every request as it arrived and how it was answered, with its headers.
+    pub exchanges: Arc<Mutex<Vec<Exchange>>>,
     pub faults: Arc<S3Faults>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -77,6 +87,18 @@ fn list_uploads(root: &std::path::Path, created: &[Created], bucket: &str, prefi
     xml
 }
 
+/// One request and its answer, as the server saw them.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    /// "METHOD /path?query".
+    pub line: String,
+    /// The request's `x-amz-*` and `if-*` headers (lowercase names), and the access key
+    /// id of its signature as `credential`.
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// The HTTP status answered.
+    pub status: u16,
+}
+
 /// Faults the test server injects.
 #[derive(Default)]
 pub struct S3Faults {
@@ -87,11 +109,26 @@ pub struct S3Faults {
     /// Milliseconds each UploadPart waits before it is stored (a slow link): while set,
     /// the log gets a `DONE PUT …` line when a part is answered.
     pub part_delay_ms: std::sync::atomic::AtomicU64,
+    /// When set, the only KMS keys writes may name: another is refused as AWS refuses a
+    /// key the caller may not use (403, not authorized to perform kms:GenerateDataKey).
+    /// s3s-fs itself ignores encryption headers.
+    pub kms_keys: Mutex<Option<Vec<String>>>,
+    /// Answer GetObjectLockConfiguration "Enabled" (s3s-fs answers 501): the bucket claims
+    /// Object Lock, so a test can log the lock headers of writes s3s-fs does not keep.
+    pub object_lock: AtomicBool,
 }
 
 impl S3Server {
     pub fn requests(&self) -> Vec<String> {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Every answered request, with its headers and status.
+    pub fn exchanges(&self) -> Vec<Exchange> {
+        self.exchanges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -108,10 +145,12 @@ pub async fn start_s3s() -> S3Server {
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let log: Arc<Mutex<Vec<String>>> = Arc::default();
+    let exchanges: Arc<Mutex<Vec<Exchange>>> = Arc::default();
     let faults: Arc<S3Faults> = Arc::default();
     let handler = Handler {
         service: s3s_service(root.path()),
         log: log.clone(),
+        exchanges: exchanges.clone(),
         faults: faults.clone(),
         created: Arc::default(),
         root: root.path().to_path_buf(),
@@ -121,6 +160,7 @@ pub async fn start_s3s() -> S3Server {
         url,
         root,
         log,
+        exchanges,
         faults,
         task,
     }
@@ -130,10 +170,14 @@ pub async fn start_s3s() -> S3Server {
 fn s3s_service(root: &std::path::Path) -> s3s::service::S3Service {
     let fs = s3s_fs::FileSystem::new(root).expect("s3s-fs on a directory");
     let mut builder = s3s::service::S3ServiceBuilder::new(fs);
-    builder.set_auth(s3s::auth::SimpleAuth::from_single(
-        DEFAULT_ACCESS_KEY_ID,
-        DEFAULT_SECRET_ACCESS_KEY,
-    ));
+    let mut auth =
+        s3s::auth::SimpleAuth::from_single(DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY);
+    // The keys the STS stand-in hands out (tests/support/sts.rs): a role's requests.
+    auth.register(
+        ASSUMED_ACCESS_KEY_ID.to_string(),
+        ASSUMED_SECRET_ACCESS_KEY.to_string().into(),
+    );
+    builder.set_auth(auth);
     builder.build()
 }
 
@@ -168,6 +212,7 @@ async fn serve(listener: tokio::net::TcpListener, handler: Handler) {
 struct Handler {
     service: s3s::service::S3Service,
     log: Arc<Mutex<Vec<String>>>,
+    exchanges: Arc<Mutex<Vec<Exchange>>>,
     faults: Arc<S3Faults>,
     created: Arc<Mutex<Vec<Created>>>,
     /// The directory s3s-fs serves: it keeps an open upload's registration there.
@@ -208,6 +253,11 @@ impl Handler {
                 .unwrap_or("/")
         );
         let done_line = format!("DONE {line}");
+        let headers = logged_headers(req.headers());
+        let lock_asked = req.method() == hyper::Method::GET && key.is_empty() && has("object-lock");
+        let early = self.answer_here(&headers, lock_asked);
+        let exchange_line = line.clone();
+        let exchanges = self.exchanges.clone();
         self.log
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -224,7 +274,10 @@ impl Handler {
                 .slow_down_next
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                 .is_ok();
-        async move {
+        let answer = async move {
+            if let Some(response) = early {
+                return Ok(response);
+            }
             if listing_uploads {
                 return Ok(handler.list_uploads_response(&bucket, &query));
             }
@@ -245,7 +298,49 @@ impl Handler {
                 return answer;
             }
             hyper::service::Service::call(&handler.service, req).await
+        };
+        async move {
+            let answered = answer.await;
+            let status = answered.as_ref().map_or(500, |r| r.status().as_u16());
+            exchanges
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Exchange {
+                    line: exchange_line,
+                    headers,
+                    status,
+                });
+            answered
         }
+    }
+
+    /// What this server answers itself instead of s3s-fs: Object Lock "Enabled" when a
+    /// test claims it, and a KMS key a test does not allow refused.
+    fn answer_here(
+        &self,
+        headers: &std::collections::BTreeMap<String, String>,
+        lock_asked: bool,
+    ) -> Option<s3s::HttpResponse> {
+        if lock_asked && self.faults.object_lock.load(Ordering::SeqCst) {
+            let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ObjectLockConfiguration xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><ObjectLockEnabled>Enabled</ObjectLockEnabled></ObjectLockConfiguration>";
+            return Some(
+                hyper::Response::builder()
+                    .status(200)
+                    .header("content-type", "application/xml")
+                    .body(s3s::Body::from(xml.to_string()))
+                    .expect("response"),
+            );
+        }
+        let key = headers.get("x-amz-server-side-encryption-aws-kms-key-id")?;
+        let allowed = self
+            .faults
+            .kms_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        allowed
+            .as_ref()
+            .is_some_and(|allowed| !allowed.contains(key))
+            .then(|| kms_denied_response(key))
     }
 
     /// ListMultipartUploads, answered here from the uploads created.
@@ -293,6 +388,38 @@ impl Handler {
         }
         Ok(hyper::Response::from_parts(parts, s3s::Body::from(bytes)))
     }
+}
+
+/// The headers a test asserts on: `x-amz-*` and `if-*`, and the signature's access key.
+fn logged_headers(headers: &hyper::HeaderMap) -> std::collections::BTreeMap<String, String> {
+    let mut logged = std::collections::BTreeMap::new();
+    for (name, value) in headers {
+        let name = name.as_str();
+        let value = value.to_str().unwrap_or_default();
+        if name.starts_with("x-amz-") || name.starts_with("if-") {
+            logged.insert(name.to_string(), value.to_string());
+        }
+        if name == "authorization" {
+            if let Some(key) = value
+                .split("Credential=")
+                .nth(1)
+                .and_then(|c| c.split('/').next())
+            {
+                logged.insert("credential".to_string(), key.to_string());
+            }
+        }
+    }
+    logged
+}
+
+/// 403 AccessDenied for a KMS key, as S3 answers a write with a key the caller may not use.
+fn kms_denied_response(key: &str) -> s3s::HttpResponse {
+    let body = format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>AccessDenied</Code><Message>User: arn:aws:iam::123456789012:user/tests is not authorized to perform: kms:GenerateDataKey on resource: {key} because no identity-based policy allows the kms:GenerateDataKey action</Message></Error>");
+    hyper::Response::builder()
+        .status(403)
+        .header("content-type", "application/xml")
+        .body(s3s::Body::from(body))
+        .expect("response")
 }
 
 /// 503 SlowDown, as S3 throttles.

@@ -7,4 +7,5 @@ pub mod local_s3;
 pub mod postgres;
 pub mod process;
 pub mod serve;
+pub mod sts;
 pub mod world;
