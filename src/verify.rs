@@ -343,6 +343,7 @@ pub async fn repair(
         return Ok(());
     }
     for damaged in &report.damaged {
+        archiver.allow_replacing(&damaged.object_key);
         if archiver.ledger.requeue_chunk(damaged.chunk).await? {
             report.requeued += 1;
         }

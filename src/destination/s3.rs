@@ -937,7 +937,7 @@ impl S3Upload {
                     .body(ByteStream::from(body.clone())),
                 &self.settings
             );
-            if inner.create_only {
+            if inner.create_only && !self.settings.replace_existing {
                 request = request.if_none_match("*");
             }
             for (k, v) in &self.meta.pairs {
@@ -1004,7 +1004,7 @@ impl S3Upload {
                 .checksum_crc32_c(&checksum)
                 .checksum_type(ChecksumType::FullObject)
                 .multipart_upload(completed.clone());
-            if inner.create_only {
+            if inner.create_only && !self.settings.replace_existing {
                 request = request.if_none_match("*");
             }
             request

@@ -160,6 +160,9 @@ pub struct ObjectSettings {
     pub lock: Option<(LockMode, chrono::DateTime<chrono::Utc>)>,
     /// Whether a legal hold is placed.
     pub legal_hold: bool,
+    /// The write may replace an object already at the key (`verify --repair` rewriting a
+    /// damaged object of the archive's own): not create-only.
+    pub replace_existing: bool,
 }
 
 /// S3's limits on tags (User Guide, "Categorizing your storage using tags").
@@ -222,6 +225,7 @@ impl StreamSettings {
             tagging: (!self.tags.is_empty()).then(|| tagging(&self.tags)),
             lock,
             legal_hold: self.object_lock.as_ref().is_some_and(|l| l.legal_hold),
+            replace_existing: false,
         }
     }
 }

@@ -73,6 +73,10 @@ pub struct Archiver {
     claiming: tokio::sync::RwLock<()>,
     /// Ends the heartbeat when the archiver is dropped.
     heartbeat: Mutex<Option<tokio_util::sync::DropGuard>>,
+    /// Keys whose objects `verify --repair` found damaged: the ledger recorded them as
+    /// this archive's, so their rewrite may replace what is there (create-only writes
+    /// would refuse it).
+    replaceable: Mutex<HashSet<String>>,
     /// When the heartbeat last got through again after failing (epoch ms): for one lease
     /// after, other processes' lapsed claims are left alone, since they too may only have
     /// lost the database for a while.
@@ -139,6 +143,7 @@ impl Archiver {
             last_sweep: Mutex::new(None),
             claiming: tokio::sync::RwLock::new(()),
             heartbeat: Mutex::new(None),
+            replaceable: Mutex::new(HashSet::new()),
             ledger_back_at: Arc::new(std::sync::atomic::AtomicI64::new(0)),
         }
     }
@@ -328,6 +333,22 @@ impl Archiver {
                 other => return other,
             }
         }
+    }
+
+    /// Lets this process replace the object at `key` (see `replaceable`).
+    pub fn allow_replacing(&self, key: &str) {
+        self.replaceable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_string());
+    }
+
+    /// Whether the object at `key` may be replaced (see `replaceable`).
+    pub(crate) fn may_replace(&self, key: &str) -> bool {
+        self.replaceable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(key)
     }
 
     /// What S3 stores with the objects of the stream labelled `label`.

@@ -49,7 +49,7 @@ impl Archiver {
     ) -> Result<Transferred> {
         // An earlier claim may have written the object and died before the ledger
         // recorded it: found, it is recorded as it is, with no GetClip and no upload.
-        if lease.generation > 1 {
+        if lease.generation > 1 && !self.may_replace(&chunk.object_key) {
             if let Some(archived) = self.already_archived(chunk).await? {
                 return Ok(Transferred::Archived(archived));
             }
@@ -462,9 +462,10 @@ impl Archiver {
     ) -> Result<Archived> {
         let key = chunk.object_key.clone();
         let (_, content_type) = chunk.plan.kind.container();
-        let settings = self
+        let mut settings = self
             .object_settings(&chunk.stream)
             .for_object(chunk.plan.end_ms, now_ms());
+        settings.replace_existing = self.may_replace(&key);
         let mut upload = self
             .destination
             .begin(&key, meta, content_type, settings)
