@@ -340,7 +340,11 @@ pub async fn find(
     config: Config,
     label: &str,
     t: EpochMs,
-) -> Result<(crate::find::Finding, Option<String>)> {
+) -> Result<(
+    crate::find::Finding,
+    Option<String>,
+    Option<crate::destination::Readiness>,
+)> {
     let stream = configured_stream(&config, label)?;
     let sdk = sdk_config(&config.aws).await;
     let archiver = build(config, &sdk, Role::Reader).await?;
@@ -351,19 +355,58 @@ pub async fn find(
         t,
     )
     .await;
-    let url = match &finding {
-        Ok(crate::find::Finding::Archived { object_key, .. }) => Some(
-            archiver
-                .view()
-                .destination
+    // An object in an archive class is looked at (HEAD) before a URL is offered.
+    let (url, readiness) = match &finding {
+        Ok(crate::find::Finding::Archived { object_key, .. }) => {
+            let destination = &archiver.view().destination;
+            let readiness = destination
+                .head(object_key)
+                .await
+                .map(|h| h.map(|h| h.readiness()));
+            let url = destination
                 .playable_url(object_key, std::time::Duration::from_secs(3600))
-                .await,
-        )
-        .transpose(),
-        _ => Ok(None),
+                .await;
+            (url.map(Some), readiness)
+        }
+        _ => (Ok(None), Ok(None)),
     };
     archiver.close().await;
-    Ok((finding?, url?))
+    Ok((finding?, url?, readiness?))
+}
+
+/// `restore`: starts the restores of `label`'s archived objects over `[start, end]` that
+/// are in an archive class, and follows them (see [`crate::restore`]).
+pub async fn restore(
+    config: Config,
+    label: &str,
+    (start, end): (EpochMs, EpochMs),
+    tier: crate::destination::RestoreTier,
+    days: i32,
+    wait: Option<std::time::Duration>,
+) -> Result<crate::restore::RestoreReport> {
+    check_range(start, end)?;
+    if !(1..=36_500).contains(&days) {
+        return Err(Error::Usage(format!(
+            "--days {days}: a restored copy is kept 1 to 36500 days"
+        )));
+    }
+    let stream = configured_stream(&config, label)?;
+    let sdk = sdk_config(&config.aws).await;
+    let archiver = build(config, &sdk, Role::Reader).await?;
+    let progress = Progress::new(label);
+    let report = crate::restore::restore(
+        &archiver.view(),
+        &stream,
+        (start, end),
+        tier,
+        days,
+        wait,
+        &progress,
+    )
+    .await;
+    progress.finish();
+    archiver.close().await;
+    report
 }
 
 /// What `export` wrote: one MP4, or a bundle folder.
@@ -421,6 +464,14 @@ pub async fn export(
     let archiver = build(config, &sdk, Role::Reader).await?;
     let policy = retry_policy(&archiver.config);
     let view = archiver.view();
+    // Objects in an archive class are named with the restore they need, before anything
+    // is read or written.
+    for stream in &chosen {
+        if let Err(e) = crate::restore::ensure_readable(&view, stream, spec.start, spec.end).await {
+            archiver.close().await;
+            return Err(e);
+        }
+    }
     let report = if bundle {
         let streams: Vec<(String, crate::domain::TimestampSource)> = chosen
             .iter()
@@ -648,13 +699,15 @@ async fn verify_with(
     }
     .min(now - 1);
     check_range(start, end)?;
+    // A plain verify writes nothing: the settings' writes are not tried.
+    let required = if repair {
+        archiver.config.required_of_bucket()
+    } else {
+        crate::storage::Required::default()
+    };
     archiver
         .destination
-        .check(
-            &archiver.config.destination.prefix,
-            true,
-            &archiver.config.required_of_bucket(),
-        )
+        .check(&archiver.config.destination.prefix, true, &required)
         .await?;
     let view = archiver.view();
     if !repair {

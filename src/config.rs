@@ -2,12 +2,10 @@
 //! variables (`__` between levels), then [`Config::validate`], which names the offending
 //! field. Credentials never live here: the AWS default credential chain provides them.
 
-use crate::destination::settings::{
-    ObjectLockConfig, Overrides, Sse, StorageClass, StreamSettings,
-};
 use crate::domain::TimestampSource;
 pub use crate::error::ConfigError;
 use crate::plan::ChunkLimits;
+use crate::storage::{ObjectLockConfig, Overrides, Sse, StorageClass, StreamSettings};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
@@ -706,20 +704,29 @@ impl Config {
 
     /// Every KMS key objects are encrypted with, once each, with the field that names it
     /// (`None`: the account's `aws/s3` key).
-    pub fn kms_keys(&self) -> Vec<(String, Option<String>)> {
-        let mut keys: Vec<(String, Option<String>)> = Vec::new();
+    pub fn kms_keys(&self) -> Vec<crate::storage::KmsKey> {
+        use crate::storage::KmsKey;
+        let mut keys: Vec<KmsKey> = Vec::new();
         if self.destination.sse == Some(Sse::Kms) {
-            keys.push((
-                "destination.kms_key_id".into(),
-                self.destination.kms_key_id.clone(),
-            ));
+            keys.push(KmsKey {
+                field: "destination.kms_key_id".into(),
+                key_id: self.destination.kms_key_id.clone(),
+                bucket_key: self.destination.bucket_key.unwrap_or(false),
+            });
         }
         for (i, stream) in self.streams.iter().enumerate() {
-            if let Some(crate::destination::settings::Encryption::Kms { key_id, .. }) =
+            if let Some(crate::storage::Encryption::Kms { key_id, bucket_key }) =
                 self.object_settings(stream).encryption
             {
-                if !keys.iter().any(|(_, k)| *k == key_id) {
-                    keys.push((format!("streams[{i}].kms_key_id"), key_id));
+                if !keys
+                    .iter()
+                    .any(|k| k.key_id == key_id && k.bucket_key == bucket_key)
+                {
+                    keys.push(KmsKey {
+                        field: format!("streams[{i}].kms_key_id"),
+                        key_id,
+                        bucket_key,
+                    });
                 }
             }
         }
@@ -727,8 +734,8 @@ impl Config {
     }
 
     /// What the object settings need of the bucket, for the start-up check.
-    pub fn required_of_bucket(&self) -> crate::destination::Required {
-        crate::destination::Required {
+    pub fn required_of_bucket(&self) -> crate::storage::Required {
+        crate::storage::Required {
             object_lock: self.uses_object_lock(),
             kms_keys: self.kms_keys(),
         }
@@ -1086,7 +1093,7 @@ impl Config {
     /// Storage class, encryption, tags, Object Lock and the role: S3 settings, each
     /// checked where it is set; a directory takes none of them.
     fn validate_object_settings(&self) -> Result<(), ConfigError> {
-        use crate::destination::settings::validate;
+        use crate::storage::validate;
         let d = &self.destination;
         validate("destination", &d.overrides(), d.sse)?;
         for (i, stream) in self.streams.iter().enumerate() {
@@ -1095,6 +1102,14 @@ impl Config {
                 &stream.overrides(),
                 stream.sse.or(d.sse),
             )?;
+            // The destination's tags and the stream's together.
+            let tags = self.object_settings(stream).tags.len();
+            if tags > 10 {
+                return Err(invalid(
+                    format!("streams[{i}].tags"),
+                    format!("with destination.tags, {tags} tags: S3 keeps at most 10 on an object"),
+                ));
+            }
         }
         if d.directory.is_some() {
             let streams_set = self

@@ -84,6 +84,10 @@ pub enum Error {
         /// What is there, against what this chunk wrote.
         found: String,
     },
+    /// Objects in an archive storage class (GLACIER, DEEP_ARCHIVE, or Intelligent-Tiering's
+    /// archive tiers) must be restored before they can be read: nothing was read.
+    #[error("{0}")]
+    NeedsRestore(String),
     /// GetClip returned fewer fragments than planned (a cap bound): split and refetch.
     #[error("clip {key}: truncated: plays {got_ms} ms of the {planned_ms} ms planned")]
     Truncated {
@@ -248,6 +252,7 @@ impl Error {
             },
             Error::Expired { .. }
             | Error::Occupied { .. }
+            | Error::NeedsRestore(_)
             | Error::LeaseLost { .. }
             | Error::Migrate(_)
             | Error::Config(_)
@@ -283,6 +288,7 @@ impl Error {
             Error::Destination { .. } => "destination",
             Error::UploadLost { .. } => "upload-lost",
             Error::Occupied { .. } => "occupied",
+            Error::NeedsRestore(_) => "needs-restore",
             Error::Truncated { .. } => "truncated",
             Error::Clip { .. } => "clip",
             Error::Expired { .. } => "expired",

@@ -115,6 +115,19 @@ fn settings_statements(config: &Config, partition: &str, account: &str) -> Vec<V
     if settings.iter().any(|s| !s.tags.is_empty()) {
         object_actions.push("s3:PutObjectTagging");
     }
+    // `kvs-archiver restore` (objects in an archive class).
+    if settings.iter().any(|s| {
+        matches!(
+            s.storage_class,
+            Some(
+                crate::storage::StorageClass::Glacier
+                    | crate::storage::StorageClass::DeepArchive
+                    | crate::storage::StorageClass::IntelligentTiering
+            )
+        )
+    }) {
+        object_actions.push("s3:RestoreObject");
+    }
     if config.uses_object_lock() {
         object_actions.push("s3:PutObjectRetention");
         statements.push(json!({
@@ -142,7 +155,7 @@ fn settings_statements(config: &Config, partition: &str, account: &str) -> Vec<V
     let keys: Vec<String> = config
         .kms_keys()
         .into_iter()
-        .filter_map(|(_, key)| key)
+        .filter_map(|k| k.key_id)
         .map(|key| {
             if key.starts_with("arn:") && !key.contains(":alias/") {
                 key
@@ -232,10 +245,10 @@ mod tests {
         let mut c = config("site-a/");
         assert_eq!(actions(&policy(&c, None)).len(), 10);
         c.destination.tags = [("team".to_string(), "{stream}".to_string())].into();
-        c.destination.sse = Some(crate::destination::settings::Sse::Kms);
+        c.destination.sse = Some(crate::storage::Sse::Kms);
         c.destination.kms_key_id = Some("1234abcd-12ab-34cd-56ef-1234567890ab".into());
-        c.destination.object_lock = Some(crate::destination::settings::ObjectLockConfig {
-            mode: crate::destination::settings::LockMode::Governance,
+        c.destination.object_lock = Some(crate::storage::ObjectLockConfig {
+            mode: crate::storage::LockMode::Governance,
             retain_for: std::time::Duration::from_secs(86_400 * 30),
             retain_from: Default::default(),
             legal_hold: true,

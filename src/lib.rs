@@ -11,7 +11,9 @@
 //!   GetClip, GetMediaForFragmentList), which checks every answer; the only module that
 //!   knows the KVS SDK.
 //! - [`destination`]: where objects go, S3 ([`destination::s3`], multipart, checksummed)
-//!   or a directory ([`destination::dir`]: only under its root, never through a link).
+//!   or a directory ([`destination::dir`]: only under its root, never through a link);
+//!   [`storage`]: what S3 keeps with each object (storage class, encryption, tags,
+//!   Object Lock), as the configuration sets it per destination and per stream.
 //! - [`ledger`]: the record of chunks, their states and fragments behind one trait; its
 //!   SQL is written once in `ledger::sql` for SQLite and PostgreSQL, with a small seam
 //!   per database (`ledger::sqlite`, `ledger::postgres`) and the migrations runner.
@@ -31,7 +33,8 @@
 //!   [`verify`]: the archive proven three ways (its `repair` step archives);
 //!   [`rebuild`]: the ledger again from the destination's metadata; [`web`]: `serve`,
 //!   the read-only page ([`web::timeline`]), its media and its access rules;
-//!   [`status`]: `status` drawn for a terminal.
+//!   [`status`]: `status` drawn for a terminal; [`restore`]: objects in archive
+//!   storage classes, which of them need a restore, and `restore` itself.
 //!
 //! The commands that compose them: [`app`], the composition root, builds the pieces
 //! each command needs and hands them over; [`iam`]: the policy the configuration needs;
@@ -67,11 +70,13 @@ pub mod plan;
 pub mod playback;
 pub mod quota;
 pub mod rebuild;
+pub mod restore;
 pub mod retry;
 pub mod schedule;
 pub mod shutdown;
 pub mod source;
 pub mod status;
+pub mod storage;
 pub mod telemetry;
 pub mod verify;
 pub mod web;

@@ -80,6 +80,26 @@ enum Command {
         #[command(flatten)]
         range: RangeArgs,
     },
+    /// Start restores of a range's objects that are in GLACIER or DEEP_ARCHIVE (or an
+    /// Intelligent-Tiering archive tier), and show where they stand. Exit status 1 while
+    /// any is still under way.
+    Restore {
+        #[command(flatten)]
+        range: RangeArgs,
+        /// Expedited (minutes, the highest price; not for DEEP_ARCHIVE), Standard (hours)
+        /// or Bulk (the slowest and cheapest).
+        #[arg(long, value_enum, ignore_case = true, default_value = "standard")]
+        tier: kvs_archiver::destination::RestoreTier,
+        /// How long the restored copy stays readable.
+        #[arg(long, default_value_t = 7)]
+        days: i32,
+        /// Check every minute until every restore has finished.
+        #[arg(long)]
+        wait: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the chunks a backfill would fetch, without calling GetClip or S3.
     Plan {
         #[command(flatten)]
@@ -434,6 +454,13 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             Ok(status_for(report.clean()))
         }
         Command::Backfill { range } => run_backfill(config, range, &shutdown).await,
+        Command::Restore {
+            range,
+            tier,
+            days,
+            wait,
+            json,
+        } => run_restore(config, range, tier, days, wait, json).await,
         Command::Run { once } => {
             let sdk = app::sdk_config(&config.aws).await;
             let ok = app::run_daemon(config, &sdk, once, shutdown).await?;
@@ -449,9 +476,57 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
 /// `find`: exit status 1 when no object holds the instant.
 async fn run_find(config: Config, stream: &str, at: &str, json: bool) -> Result<ExitCode, Error> {
     let t = app::parse_time(at, "--at")?;
-    let (finding, url) = app::find(config, stream, t).await?;
-    print_finding(stream, t, &finding, url.as_deref(), json);
-    Ok(status_for(matches!(finding, Finding::Archived { .. })))
+    let (finding, url, readiness) = app::find(config, stream, t).await?;
+    let cold = readiness.filter(|r| r.blocks_reads());
+    match &cold {
+        Some(cold) => print_cold(stream, t, &finding, cold, json),
+        None => print_finding(stream, t, &finding, url.as_deref(), json),
+    }
+    Ok(status_for(
+        matches!(finding, Finding::Archived { .. }) && cold.is_none(),
+    ))
+}
+
+/// `find` of an instant whose object must be restored before it can be played.
+fn print_cold(
+    stream: &str,
+    t: i64,
+    finding: &Finding,
+    readiness: &kvs_archiver::destination::Readiness,
+    json: bool,
+) {
+    use kvs_archiver::domain::rfc3339;
+    let at = rfc3339(t);
+    if json {
+        print_json(
+            &serde_json::json!({ "stream": stream, "at": at, "finding": finding, "readiness": readiness }),
+        );
+        return;
+    }
+    if let Finding::Archived { object_key, .. } = finding {
+        println!(
+            "{stream} at {at}: {object_key}: {}",
+            kvs_archiver::restore::describe(readiness)
+        );
+        println!(
+            "restore: kvs-archiver restore --stream {stream} --start {at} --end {at} [--tier Bulk]"
+        );
+    }
+}
+
+/// `restore`: exit status 1 while a restore is still under way.
+async fn run_restore(
+    config: Config,
+    range: RangeArgs,
+    tier: kvs_archiver::destination::RestoreTier,
+    days: i32,
+    wait: bool,
+    json: bool,
+) -> Result<ExitCode, Error> {
+    let poll = wait.then_some(std::time::Duration::from_secs(60));
+    let report = app::restore(config, &range.stream, range.parse()?, tier, days, poll).await?;
+    print_report(&report, json, |r| r.describe());
+    Ok(status_for(report.restoring.is_empty()))
 }
 
 /// `rebuild-ledger`: exit status 1 when an object's metadata was refused.

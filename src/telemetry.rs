@@ -112,6 +112,21 @@ impl Progress {
         }
     }
 
+    /// One more of the range's items handled (a restore asked for, say).
+    pub fn step(&self) {
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+        }
+    }
+
+    /// Where the work stands: the bar's message, or a log line.
+    pub fn note(&self, message: &str) {
+        match &self.bar {
+            Some(bar) => bar.set_message(message.to_string()),
+            None => tracing::info!(message, "progress"),
+        }
+    }
+
     /// One chunk failed: said above the bar, in a terminal.
     pub fn chunk_failed(&self, chunk: &Chunk, error: &Error) {
         if let Some(bar) = &self.bar {

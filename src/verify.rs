@@ -57,6 +57,9 @@ pub struct VerifyReport {
     /// Of those, read whole: the store keeps no whole-object CRC32C for them (a
     /// directory, older multipart objects, a store without checksums), or it differed.
     pub read_whole: usize,
+    /// Objects in an archive class whose bytes would have had to be read: not read
+    /// (that needs a restore); their size and metadata were checked.
+    pub not_read_cold: Vec<String>,
     /// Fragments KVS listed over the range.
     pub fragments_listed: usize,
     /// Done chunks whose object is missing or differs from the ledger's record.
@@ -123,6 +126,13 @@ impl VerifyReport {
             text.push_str(&format!(
                 "\n  extra object: {}",
                 crate::domain::printable(key)
+            ));
+        }
+        if !self.not_read_cold.is_empty() {
+            text.push_str(&format!(
+                "\n  {} objects in an archive class were checked by size and metadata only (the store keeps no whole-object checksum for them; reading them needs `kvs-archiver restore`), e.g. {}",
+                self.not_read_cold.len(),
+                self.not_read_cold[0]
             ));
         }
         if self.repaired {
@@ -229,6 +239,10 @@ async fn damaged_objects(
                 report.read_whole += 1;
                 problem
             }
+            Ok(Checked::Cold(problem)) => {
+                report.not_read_cold.push(chunk.object_key.clone());
+                problem
+            }
             Err(e) if !e.retryability().can_retry() => Some(format!("cannot be read: {e}")),
             Err(e) => return Err(e),
         };
@@ -249,6 +263,8 @@ enum Checked {
     ByHead(Option<String>),
     /// By reading it whole.
     ReadWhole(Option<String>),
+    /// By size and metadata alone: reading it needs a restore.
+    Cold(Option<String>),
 }
 
 async fn check_by_head(archive: &ArchiveView, chunk: &Chunk) -> Result<Checked> {
@@ -266,6 +282,15 @@ async fn check_by_head(archive: &ArchiveView, chunk: &Chunk) -> Result<Checked> 
             meta: head.meta,
         };
         return Ok(Checked::ByHead(check_object(chunk, Some(&stored))));
+    }
+    if head.readiness().blocks_reads() {
+        // Never read blindly: the checksum cannot be checked without a restore.
+        let stored = crate::destination::StoredObject {
+            size: head.size,
+            crc32c: chunk.archived_crc32c.clone().unwrap_or_default(),
+            meta: head.meta,
+        };
+        return Ok(Checked::Cold(check_object(chunk, Some(&stored))));
     }
     let stored = archive.destination.inspect(&chunk.object_key).await?;
     Ok(Checked::ReadWhole(check_object(chunk, stored.as_ref())))
@@ -343,7 +368,6 @@ pub async fn repair(
         return Ok(());
     }
     for damaged in &report.damaged {
-        archiver.allow_replacing(&damaged.object_key);
         if archiver.ledger.requeue_chunk(damaged.chunk).await? {
             report.requeued += 1;
         }

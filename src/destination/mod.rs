@@ -4,7 +4,6 @@
 
 pub mod dir;
 pub mod s3;
-pub mod settings;
 
 use crate::error::Result;
 use crate::ledger::Archived;
@@ -117,7 +116,7 @@ impl Destination {
         key: &str,
         meta: ObjectMeta,
         content_type: &'static str,
-        settings: settings::ObjectSettings,
+        settings: crate::storage::ObjectSettings,
     ) -> Result<Upload> {
         match self {
             Destination::S3(s) => Ok(Upload::S3(s.begin(key, meta, content_type, settings))),
@@ -195,6 +194,18 @@ impl Destination {
         }
     }
 
+    /// Starts a restore of the object at `key` for `days` at `tier` (S3 only): `true` if
+    /// it started, `false` if one was already under way or done.
+    pub async fn restore(&self, key: &str, days: i32, tier: RestoreTier) -> Result<bool> {
+        match self {
+            Destination::S3(s) => s.restore(key, days, tier).await,
+            Destination::Dir(d) => Err(crate::error::Error::Usage(format!(
+                "{}: a directory's files need no restore",
+                d.describe()
+            ))),
+        }
+    }
+
     /// Every object key under `prefix` (metadata side files excluded), all pages.
     pub async fn list_keys(&self, prefix: &str) -> Result<Vec<String>> {
         match self {
@@ -204,15 +215,29 @@ impl Destination {
     }
 }
 
-/// What the configured object settings need of the bucket.
-#[derive(Debug, Clone, Default)]
-pub struct Required {
-    /// Objects are locked: the bucket must have Object Lock enabled.
-    pub object_lock: bool,
-    /// KMS keys objects are encrypted with, each with the field that names it (`None`:
-    /// the account's `aws/s3` key).
-    pub kms_keys: Vec<(String, Option<String>)>,
+/// How fast (and at what price) S3 restores an archived object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+pub enum RestoreTier {
+    /// Minutes, at the highest price (not for DEEP_ARCHIVE).
+    Expedited,
+    /// Hours.
+    Standard,
+    /// The slowest and cheapest.
+    Bulk,
 }
+
+impl RestoreTier {
+    /// The name S3 uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestoreTier::Expedited => "Expedited",
+            RestoreTier::Standard => "Standard",
+            RestoreTier::Bulk => "Bulk",
+        }
+    }
+}
+
+pub use crate::storage::Required;
 
 /// An object as `verify` reads it back.
 #[derive(Debug, Clone)]
@@ -239,6 +264,83 @@ pub struct ObjectHead {
     pub storage_class: Option<String>,
     /// S3's `x-amz-restore` for an archived object being or having been restored.
     pub restore: Option<String>,
+    /// Intelligent-Tiering's archive tier (`ARCHIVE_ACCESS`, `DEEP_ARCHIVE_ACCESS`).
+    pub archive_status: Option<String>,
+}
+
+impl ObjectHead {
+    /// Whether the object's bytes can be read now (see [`Readiness`]).
+    pub fn readiness(&self) -> Readiness {
+        let class = match (
+            self.storage_class.as_deref(),
+            self.archive_status.as_deref(),
+        ) {
+            (Some(class @ ("GLACIER" | "DEEP_ARCHIVE")), _) => class.to_string(),
+            (_, Some(tier @ ("ARCHIVE_ACCESS" | "DEEP_ARCHIVE_ACCESS"))) => {
+                format!("INTELLIGENT_TIERING {tier}")
+            }
+            _ => return Readiness::Readable,
+        };
+        match self.restore.as_deref() {
+            Some(r) if r.contains("ongoing-request=\"true\"") => Readiness::Restoring { class },
+            Some(r) if r.contains("ongoing-request=\"false\"") => Readiness::Restored {
+                class,
+                until: r
+                    .split("expiry-date=\"")
+                    .nth(1)
+                    .and_then(|rest| rest.split('"').next())
+                    .unwrap_or_default()
+                    .to_string(),
+            },
+            _ => Readiness::NeedsRestore { class },
+        }
+    }
+}
+
+/// Whether an object's bytes can be read now: objects in S3's archive classes must be
+/// restored (a retrieval, billed per GB) before any read.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Readiness {
+    /// Readable at once.
+    Readable,
+    /// In an archive class, not restored: `kvs-archiver restore` first.
+    NeedsRestore {
+        /// The class (or Intelligent-Tiering tier) it is in.
+        class: String,
+    },
+    /// A restore is under way.
+    Restoring {
+        /// The class it is in.
+        class: String,
+    },
+    /// Restored: a temporary copy is readable until `until` (as S3 writes it).
+    Restored {
+        /// The class it is in.
+        class: String,
+        /// When the restored copy goes.
+        until: String,
+    },
+}
+
+impl Readiness {
+    /// Whether a read now would be refused.
+    pub fn blocks_reads(&self) -> bool {
+        matches!(
+            self,
+            Readiness::NeedsRestore { .. } | Readiness::Restoring { .. }
+        )
+    }
+}
+
+/// How long a restore takes in `class` at each tier, and what it costs: said wherever an
+/// object needs one (AWS's "Understanding archive retrieval options").
+pub fn restore_tiers(class: &str) -> &'static str {
+    if class.contains("DEEP_ARCHIVE") {
+        "Standard tier within 12 h, Bulk within 48 h and cheapest per GB; no Expedited"
+    } else {
+        "Expedited 1-5 min at the highest price per GB, Standard 3-5 h, Bulk 5-12 h and cheapest (free for GLACIER)"
+    }
 }
 
 /// A byte range of an object, read piece by piece.

@@ -10,11 +10,11 @@
 //! the part still in memory, so an S3 hiccup never costs a second GetClip (KVS bills
 //! every byte it sends).
 
-use super::settings::{Encryption, ObjectSettings};
 use super::{Crc32c, ObjectMeta};
 use crate::error::{Error, Result, Retryability};
 use crate::ledger::Archived;
 use crate::retry::{with_retry, RetryPolicy};
+use crate::storage::{Encryption, ObjectSettings};
 use aws_sdk_s3 as s3;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
@@ -82,6 +82,8 @@ fn s3_action(op: &str) -> &'static str {
         "AbortMultipartUpload" => "s3:AbortMultipartUpload",
         "ListMultipartUploads" => "s3:ListBucketMultipartUploads",
         "ListObjectsV2" => "s3:ListBucket",
+        "RestoreObject" => "s3:RestoreObject",
+        "GetObjectLockConfiguration" => "s3:GetBucketObjectLockConfiguration",
         _ => "s3:GetObject",
     }
 }
@@ -156,6 +158,12 @@ where
                         .unwrap_or_default()
                 ),
             };
+            // A read of an object in an archive class: nothing was read, nothing billed.
+            if code == "InvalidObjectState" {
+                return Error::NeedsRestore(format!(
+                    "{op} {target}: the object is in an archive storage class (GLACIER or DEEP_ARCHIVE) and must be restored before it can be read: `kvs-archiver restore --stream STREAM --start T --end T` starts it, and `kvs-archiver find` says its class and the tiers"
+                ));
+            }
             if code == "NoSuchUpload" {
                 return Error::UploadLost {
                     op,
@@ -374,15 +382,16 @@ impl S3Destination {
                 }));
             }
         }
-        for (field, key_id) in &required.kms_keys {
-            self.check_kms_key(prefix, field, key_id.as_deref()).await?;
+        for key in &required.kms_keys {
+            self.check_kms_key(prefix, key).await?;
         }
         Ok(())
     }
 
     /// Creates and aborts a multipart upload encrypted with `key_id` (see
     /// [`S3Destination::check_required`]).
-    async fn check_kms_key(&self, prefix: &str, field: &str, key_id: Option<&str>) -> Result<()> {
+    async fn check_kms_key(&self, prefix: &str, kms: &crate::storage::KmsKey) -> Result<()> {
+        let (field, key_id) = (&kms.field, kms.key_id.as_deref());
         let key = format!("{prefix}.kvs-archiver-kms-check");
         let created = with_retry(&self.inner.policy, "CreateMultipartUpload", || async {
             match self
@@ -393,6 +402,7 @@ impl S3Destination {
                 .key(&key)
                 .server_side_encryption(ServerSideEncryption::AwsKms)
                 .set_ssekms_key_id(key_id.map(str::to_string))
+                .bucket_key_enabled(kms.bucket_key)
                 .send()
                 .await
             {
@@ -638,6 +648,7 @@ impl S3Destination {
             crc32c: whole_object_crc32c(out.checksum_crc32_c(), out.checksum_type()),
             storage_class: out.storage_class().map(|c| c.as_str().to_string()),
             restore: out.restore().map(str::to_string),
+            archive_status: out.archive_status().map(|s| s.as_str().to_string()),
         }))
     }
 
@@ -667,7 +678,16 @@ impl S3Destination {
             }
             _ => match self.inspect(key).await? {
                 Some(stored) => stored.crc32c,
-                None => String::new(),
+                None => {
+                    return Err(Error::Destination {
+                        op: "GetObject",
+                        target,
+                        message:
+                            "the object that refused the write is gone again; writing it again"
+                                .into(),
+                        retry: Retryability::Transient,
+                    })
+                }
             },
         };
         if crc32c == archived.crc32c {
@@ -684,6 +704,52 @@ impl S3Destination {
                 archived.crc32c
             ),
         })
+    }
+
+    /// See [`super::Destination::restore`]: sent only for an object that needs one.
+    /// Intelligent-Tiering's archive tiers take no `days` (the object moves back to a
+    /// readable tier).
+    pub async fn restore(&self, key: &str, days: i32, tier: super::RestoreTier) -> Result<bool> {
+        use aws_sdk_s3::types::{GlacierJobParameters, RestoreRequest, Tier};
+        let target = format!("s3://{}/{key}", self.inner.bucket);
+        let Some(head) = self.head(key).await? else {
+            return Err(Error::Destination {
+                op: "HeadObject",
+                target,
+                message: "the object is missing (`kvs-archiver verify` reports it)".into(),
+                retry: Retryability::Permanent,
+            });
+        };
+        if !matches!(head.readiness(), super::Readiness::NeedsRestore { .. }) {
+            return Ok(false);
+        }
+        let tiering = head.storage_class.as_deref() == Some("INTELLIGENT_TIERING");
+        let parameters = GlacierJobParameters::builder()
+            .tier(Tier::from(tier.as_str()))
+            .build()
+            .map_err(|e| Error::Usage(format!("RestoreObject {target}: {e}")))?;
+        let request = RestoreRequest::builder()
+            .set_days((!tiering).then_some(days))
+            .glacier_job_parameters(parameters)
+            .build();
+        with_retry(&self.inner.policy, "RestoreObject", || async {
+            match self
+                .inner
+                .client
+                .restore_object()
+                .bucket(&self.inner.bucket)
+                .key(key)
+                .restore_request(request.clone())
+                .send()
+                .await
+            {
+                Ok(_) => Ok(true),
+                // RestoreAlreadyInProgress: another restore started meanwhile.
+                Err(SdkError::ServiceError(ctx)) if ctx.raw().status().as_u16() == 409 => Ok(false),
+                Err(e) => Err(s3_error(&self.inner, "RestoreObject", &target, e)),
+            }
+        })
+        .await
     }
 
     /// See [`super::Destination::list_keys`].

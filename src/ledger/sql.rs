@@ -1076,7 +1076,9 @@ macro_rules! sql_ledger_methods {
             async fn requeue_chunk(&self, id: i64) -> Result<bool> {
                 let done = sqlx::query(
                     "UPDATE chunks SET state = 'planned', next_attempt_ms = NULL,
-                         archived_bytes = NULL, archived_crc32c = NULL, updated_ms = $2
+                         archived_bytes = NULL, archived_crc32c = NULL, updated_ms = $2,
+                         error_kind = 'repair',
+                         last_error = 'planned again by verify --repair: its object was missing or damaged'
                      WHERE id = $1 AND state IN ('done', 'failed')",
                 )
                 .bind(id).bind(sql::now_ms())

@@ -85,6 +85,8 @@ fn problem(status: StatusCode, message: impl Into<String>) -> Problem {
 fn failed(e: &Error) -> Problem {
     let status = match e {
         Error::Usage(_) => StatusCode::BAD_REQUEST,
+        // The archive holds it, but in cold storage: `kvs-archiver restore` first.
+        Error::NeedsRestore(_) => StatusCode::CONFLICT,
         _ if e.retryability() != crate::error::Retryability::Permanent => {
             StatusCode::SERVICE_UNAVAILABLE
         }

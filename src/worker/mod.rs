@@ -73,9 +73,9 @@ pub struct Archiver {
     claiming: tokio::sync::RwLock<()>,
     /// Ends the heartbeat when the archiver is dropped.
     heartbeat: Mutex<Option<tokio_util::sync::DropGuard>>,
-    /// Keys whose objects `verify --repair` found damaged: the ledger recorded them as
-    /// this archive's, so their rewrite may replace what is there (create-only writes
-    /// would refuse it).
+    /// Keys whose object this process may replace, create-only writes notwithstanding:
+    /// a chunk `verify --repair` planned again (its object damaged, under a key the
+    /// ledger recorded), or one whose earlier claim stored an older copy of it.
     replaceable: Mutex<HashSet<String>>,
     /// When the heartbeat last got through again after failing (epoch ms): for one lease
     /// after, other processes' lapsed claims are left alone, since they too may only have
@@ -352,10 +352,7 @@ impl Archiver {
     }
 
     /// What S3 stores with the objects of the stream labelled `label`.
-    pub(crate) fn object_settings(
-        &self,
-        label: &str,
-    ) -> crate::destination::settings::StreamSettings {
+    pub(crate) fn object_settings(&self, label: &str) -> crate::storage::StreamSettings {
         match self.config.stream(label) {
             Some(stream) => self.config.object_settings(stream),
             None => self.config.object_settings(&StreamConfig::named(label)),

@@ -47,6 +47,10 @@ impl Archiver {
         lease: &Lease,
         hard: &tokio_util::sync::CancellationToken,
     ) -> Result<Transferred> {
+        // `verify --repair` found this chunk's object damaged: its rewrite replaces it.
+        if chunk.error_kind.as_deref() == Some("repair") {
+            self.allow_replacing(&chunk.object_key);
+        }
         // An earlier claim may have written the object and died before the ledger
         // recorded it: found, it is recorded as it is, with no GetClip and no upload.
         if lease.generation > 1 && !self.may_replace(&chunk.object_key) {
@@ -112,13 +116,23 @@ impl Archiver {
         };
         let plan = &chunk.plan;
         let says = |name: &str, value: &str| head.meta.get(name).is_some_and(|v| v == value);
-        let ours = says("kvs-stream", &chunk.stream)
+        let this_chunk = says("kvs-stream", &chunk.stream)
             && says("kvs-first-fragment", &plan.first_fragment)
-            && says("kvs-last-fragment", &plan.last_fragment)
-            && says("kvs-fragment-count", &plan.fragment_count.to_string())
             && says("kvs-chunk-kind", plan.kind.as_str());
-        if !ours {
-            if !self.config.destination.create_only {
+        let whole = says("kvs-last-fragment", &plan.last_fragment)
+            && says("kvs-fragment-count", &plan.fragment_count.to_string());
+        // A directory's rename replaces: only S3 writes are create-only.
+        let create_only = self.config.destination.create_only
+            && matches!(*self.destination, crate::destination::Destination::S3(_));
+        if this_chunk && !whole {
+            // An earlier claim's copy, before fragments listed late joined the chunk: the
+            // new clip replaces it.
+            tracing::info!(key = %key, "an earlier copy of this chunk, with fewer fragments, is replaced");
+            self.allow_replacing(key);
+            return Ok(None);
+        }
+        if !this_chunk {
+            if !create_only {
                 return Ok(None);
             }
             return Err(Error::Occupied {

@@ -33,8 +33,9 @@ fn set_destination(world: &World, lines: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_object_with_other_bytes_at_a_chunk_key_is_never_replaced() {
     let (start, end) = recent(0.1);
+    // 15 fragments of 400 kB a minute: each object is a two-part multipart upload.
     let world = World::new(
-        vec![historical("cam", start, end, 4000, 200_000)],
+        vec![historical("cam", start, end, 4000, 400_000)],
         "clip_duration = \"60s\"",
     )
     .await;
@@ -70,17 +71,30 @@ async fn an_object_with_other_bytes_at_a_chunk_key_is_never_replaced() {
     let exchanges = s3.exchanges().split_off(before);
     let on_taken: Vec<&Exchange> = exchanges.iter().filter(|e| writes(e, &taken)).collect();
     assert!(!on_taken.is_empty(), "a write was tried on {taken}");
-    for e in &on_taken {
+    for e in on_taken.iter().filter(|e| !e.line.ends_with("?uploads")) {
+        // CompleteMultipartUpload (or PutObject) is the write that would replace.
         assert_eq!(
             e.headers.get("if-none-match").map(String::as_str),
             Some("*"),
             "{e:?}"
         );
-        assert!(
-            e.status == 412 || e.line.contains("?uploads"),
-            "no write succeeded on the taken key: {e:?}"
-        );
+        assert_eq!(e.status, 412, "no write succeeded on the taken key: {e:?}");
     }
+    let created = on_taken
+        .iter()
+        .filter(|e| e.line.ends_with("?uploads"))
+        .count();
+    assert!(created > 0, "the clip went up as a multipart upload");
+    let aborted = exchanges
+        .iter()
+        .filter(|e| {
+            e.line.starts_with("DELETE") && e.line.contains(&taken) && e.line.contains("uploadId=")
+        })
+        .count();
+    assert!(
+        aborted >= created,
+        "the refused upload was aborted: {aborted} of {created}"
+    );
     // The others were there already, byte for byte: counted as archived, not replaced.
     let objects = world.objects().await;
     assert_eq!(objects[&taken], b"someone else's bytes");
@@ -604,4 +618,118 @@ async fn assert_stored_as_configured(
         "{key}"
     );
     false
+}
+
+/// Objects written to DEEP_ARCHIVE are never read blindly: `find` and `export` name the
+/// restore they need (class, tiers, command) and read nothing; `restore` starts it
+/// (moto restores at once, as its restore state then shows), and `export` works after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_archive_objects_need_a_restore_then_export_once_restored() {
+    let Ok(url) = std::env::var("KVS_TEST_MOTO_URL") else {
+        panic!("needs moto, started by: eval \"$(.ci/moto)\" (KVS_TEST_MOTO_URL is not set)");
+    };
+    assert!(
+        url.starts_with("http://127.0.0.1:"),
+        "moto must listen on loopback"
+    );
+    let (start, end) = recent(0.05);
+    let bucket = format!("cold-{}", std::process::id());
+    let world = World::with_s3(
+        vec![historical("cam", start, end, 2000, 20_000)],
+        "clip_duration = \"60s\"",
+        None,
+        url.clone(),
+        &bucket,
+    )
+    .await;
+    set_destination(&world, "storage_class = \"DEEP_ARCHIVE\"");
+    let archived = world.backfill("cam", start, end).await;
+    assert!(archived.status.success(), "{}", text(&archived));
+    let (a, b) = (
+        crate::support::world::rfc3339(start),
+        crate::support::world::rfc3339(end),
+    );
+    let at = crate::support::world::rfc3339(start + 10_000);
+    let found = world.run(&["find", "--stream", "cam", "--at", &at]).await;
+    let said = text(&found);
+    assert_eq!(found.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("DEEP_ARCHIVE")
+            && said.contains("needs a restore")
+            && said.contains("kvs-archiver restore --stream cam"),
+        "{said}"
+    );
+    let out = world.work.path().join("cold.mp4");
+    let out_arg = out.display().to_string();
+    let export = [
+        "export", "--stream", "cam", "--start", &a, "--end", &b, "-o", &out_arg,
+    ];
+    let refused = world.run(&export).await;
+    let said = text(&refused);
+    assert!(!refused.status.success(), "{said}");
+    assert!(
+        said.contains("archive storage class")
+            && said.contains("kvs-archiver restore --stream cam")
+            && said.contains("Bulk within 48 h"),
+        "{said}"
+    );
+    assert!(!out.exists(), "nothing written before the restore");
+    let report = restore(&world, &a, &b, &["--tier", "bulk", "--days", "2"]).await;
+    let objects = report["objects"].as_u64().expect("objects");
+    assert!(objects >= 3, "{report}");
+    assert_eq!(
+        report["started"].as_array().map(Vec::len),
+        Some(objects as usize),
+        "{report}"
+    );
+    assert_eq!(
+        report["restored"].as_array().map(Vec::len),
+        Some(objects as usize),
+        "{report}"
+    );
+    // The store's restore state, as S3 reports it.
+    let client = s3_client(&url);
+    let key = report["started"][0].as_str().expect("key");
+    let head = client
+        .head_object()
+        .bucket(&bucket)
+        .key(key)
+        .send()
+        .await
+        .expect("head");
+    assert!(
+        head.restore()
+            .is_some_and(|r| r.contains("ongoing-request=\"false\"")),
+        "{:?}",
+        head.restore()
+    );
+    let report = restore(&world, &a, &b, &[]).await;
+    assert_eq!(
+        report["started"].as_array().map(Vec::len),
+        Some(0),
+        "{report}"
+    );
+    let exported = world.run(&export).await;
+    assert!(exported.status.success(), "{}", text(&exported));
+    let bytes = std::fs::read(&out).expect("exported");
+    let expected = world.fragment_numbers("cam", start, end);
+    let seen = kvs_emulator::scan_markers(&bytes);
+    assert!(
+        expected.iter().all(|n| seen.contains(n)),
+        "every fragment in the export"
+    );
+}
+
+/// `restore --json` of `cam` over `[a, b]`, which must succeed.
+async fn restore(world: &World, a: &str, b: &str, more: &[&str]) -> serde_json::Value {
+    let args = [
+        &[
+            "restore", "--stream", "cam", "--start", a, "--end", b, "--json",
+        ][..],
+        more,
+    ]
+    .concat();
+    let restored = world.run(&args).await;
+    assert!(restored.status.success(), "{}", text(&restored));
+    serde_json::from_slice(&restored.stdout).expect("json")
 }

@@ -1,4 +1,4 @@
-//! What S3 keeps with each object besides its bytes and metadata: its storage class, its
+//! Storage settings: what S3 keeps with each object besides its bytes and metadata: its storage class, its
 //! encryption, its tags and its Object Lock. `[destination]` sets them and a stream may
 //! override each; [`StreamSettings`] is the result for one stream, and
 //! [`StreamSettings::for_object`] turns it into the headers of one object's writes.
@@ -165,6 +165,26 @@ pub struct ObjectSettings {
     pub replace_existing: bool,
 }
 
+/// What the configured object settings need of the bucket.
+#[derive(Debug, Clone, Default)]
+pub struct Required {
+    /// Objects are locked: the bucket must have Object Lock enabled.
+    pub object_lock: bool,
+    /// KMS keys objects are encrypted with.
+    pub kms_keys: Vec<KmsKey>,
+}
+
+/// A KMS key objects are encrypted with, as the start-up check tries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KmsKey {
+    /// The field that names it (`destination.kms_key_id`, `streams[2].kms_key_id`).
+    pub field: String,
+    /// The key (`None`: the account's `aws/s3` key).
+    pub key_id: Option<String>,
+    /// With an S3 Bucket Key (a key policy may tell the two apart).
+    pub bucket_key: bool,
+}
+
 /// S3's limits on tags (User Guide, "Categorizing your storage using tags").
 const MAX_TAGS: usize = 10;
 const MAX_TAG_KEY: usize = 128;
@@ -214,7 +234,11 @@ impl StreamSettings {
                 RetainFrom::Recorded => recorded_end,
                 RetainFrom::Uploaded => now,
             };
-            let until_ms = from.saturating_add(lock.retain_for.as_millis() as i64);
+            // S3 refuses a date in the past (old footage archived late, a producer clock
+            // behind): such an object is locked for a day from now.
+            let until_ms = from
+                .saturating_add(lock.retain_for.as_millis() as i64)
+                .max(now.saturating_add(24 * 3600 * 1000));
             let until_s = until_ms.div_euclid(1000) + i64::from(until_ms.rem_euclid(1000) != 0);
             let until = chrono::DateTime::from_timestamp(until_s, 0).unwrap_or_default();
             (lock.mode, until)
@@ -400,6 +424,12 @@ mod tests {
         assert_eq!(mode, LockMode::Compliance);
         assert_eq!(until.to_rfc3339(), "2027-01-01T00:00:01+00:00");
         assert!(o.legal_hold);
+        // Footage older than its retention: locked a day from now, not refused by S3.
+        let (_, until) = s
+            .for_object(recorded - 400 * 86_400_000, now)
+            .lock
+            .expect("locked");
+        assert_eq!(until.timestamp_millis(), now + 86_400_000);
         s.object_lock = Some(lock(RetainFrom::Uploaded));
         let (_, until) = s.for_object(recorded, now).lock.expect("locked");
         assert_eq!(until.timestamp_millis(), now + 365 * 24 * 3600 * 1000);
