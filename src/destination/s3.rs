@@ -80,6 +80,7 @@ fn s3_action(op: &str) -> &'static str {
             "s3:PutObject"
         }
         "AbortMultipartUpload" => "s3:AbortMultipartUpload",
+        "ListParts" => "s3:ListMultipartUploadParts",
         "ListMultipartUploads" => "s3:ListBucketMultipartUploads",
         "ListObjectsV2" => "s3:ListBucket",
         "RestoreObject" => "s3:RestoreObject",
@@ -164,7 +165,11 @@ where
                     "{op} {target}: the object is in an archive storage class (GLACIER or DEEP_ARCHIVE) and must be restored before it can be read: `kvs-archiver restore --stream STREAM --start T --end T` starts it, and `kvs-archiver find` says its class and the tiers"
                 ));
             }
-            if code == "NoSuchUpload" {
+            // A conditional CompleteMultipartUpload raced another write of the key: AWS
+            // asks for a new upload, not a retry of this one.
+            if code == "NoSuchUpload"
+                || (code == "ConditionalRequestConflict" && op == "CompleteMultipartUpload")
+            {
                 return Error::UploadLost {
                     op,
                     target: target.to_string(),
@@ -793,7 +798,45 @@ fn whole_object_crc32c(base64: Option<&str>, kind: Option<&ChecksumType>) -> Opt
 /// How long an abort waits for the part in flight to land or fail first.
 const PART_SETTLE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Aborts the upload `upload_id` of `key`, then asks S3 (ListParts) whether it is gone:
+/// AWS warns that a part still on its way may outlive an abort ("it might be necessary to
+/// abort a given multipart upload multiple times"), so while parts are listed it is
+/// aborted again, a few times at most.
 async fn abort(inner: &Inner, key: &str, upload_id: &str) -> Result<()> {
+    abort_once(inner, key, upload_id).await?;
+    for _ in 0..3 {
+        let listed = inner
+            .client
+            .list_parts()
+            .bucket(&inner.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await;
+        match listed {
+            Ok(out) if !out.parts().is_empty() => {
+                tracing::info!(
+                    key,
+                    parts = out.parts().len(),
+                    "parts of the aborted upload are still listed: aborting it again"
+                );
+                tokio::time::sleep(PART_SETTLE / 30).await;
+                abort_once(inner, key, upload_id).await?;
+            }
+            Ok(_) => return Ok(()),
+            // NoSuchUpload: nothing is left. Any other answer (a store without ListParts,
+            // one that refuses it): the abort itself succeeded; the orphan sweep is the
+            // last resort.
+            Err(error) => {
+                tracing::debug!(key, error = ?error, "the aborted upload is gone");
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn abort_once(inner: &Inner, key: &str, upload_id: &str) -> Result<()> {
     let target = format!("s3://{}/{key}", inner.bucket);
     let result = with_retry(&inner.policy, "AbortMultipartUpload", || async {
         inner

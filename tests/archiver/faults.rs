@@ -167,6 +167,21 @@ async fn an_upload_is_aborted_only_after_its_part_in_flight_has_landed() {
     );
     assert_eq!(aborts_during_a_part(&log), Vec::<String>::new());
     assert_eq!(aborts_of_live_uploads(&log), Vec::<String>::new());
+    // Each abort is confirmed: ListParts of that upload, after it.
+    for (i, line) in log.iter().enumerate() {
+        let Some(id) = line
+            .strip_prefix("DELETE ")
+            .and_then(|l| l.split("uploadId=").nth(1))
+        else {
+            continue;
+        };
+        assert!(
+            log[i + 1..]
+                .iter()
+                .any(|l| l.starts_with("GET ") && l.contains(&format!("uploadId={id}"))),
+            "{line} was not confirmed by ListParts"
+        );
+    }
     assert_exactly_once(&world.objects().await, &expected);
     assert!(world.open_multipart_uploads().is_empty());
 }

@@ -76,8 +76,9 @@ pub fn upload_id_of(line: &str) -> Option<&str> {
         .find_map(|p| p.strip_prefix("uploadId="))
 }
 
-/// AbortMultipartUpload requests for an upload that was used again afterwards: an abort
-/// that hit an upload a live process owned.
+/// AbortMultipartUpload requests for an upload that was written to again afterwards (a
+/// part or a completion; the ListParts that confirms an abort is not a use): an abort that
+/// hit an upload a live process owned.
 pub fn aborts_of_live_uploads(log: &[String]) -> Vec<String> {
     let mut found = Vec::new();
     for (i, line) in log.iter().enumerate() {
@@ -88,10 +89,10 @@ pub fn aborts_of_live_uploads(log: &[String]) -> Vec<String> {
         else {
             continue;
         };
-        if log[i + 1..]
-            .iter()
-            .any(|later| !later.starts_with("DELETE ") && upload_id_of(later) == Some(id))
-        {
+        if log[i + 1..].iter().any(|later| {
+            (later.starts_with("PUT ") || later.starts_with("POST "))
+                && upload_id_of(later) == Some(id)
+        }) {
             found.push(line.clone());
         }
     }
