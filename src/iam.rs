@@ -6,7 +6,8 @@
 //!   GetMediaForFragmentList (fragments GetClip cannot package, archived as Matroska),
 //!   each its own action of the same name, on the stream's ARN.
 //! - S3: CreateMultipartUpload, UploadPart, CompleteMultipartUpload and PutObject all
-//!   need `s3:PutObject`; AbortMultipartUpload `s3:AbortMultipartUpload`; GetObject and
+//!   need `s3:PutObject`; AbortMultipartUpload `s3:AbortMultipartUpload`, and ListParts
+//!   (that an aborted upload is gone) `s3:ListMultipartUploadParts`; GetObject and
 //!   HeadObject (`verify`, `export`, `rebuild-ledger`, `find` and `serve` read objects
 //!   back) `s3:GetObject`; ListObjectsV2 (`verify`, `rebuild-ledger`, and the start-up
 //!   check of the bucket) `s3:ListBucket`, limited to the prefix;
@@ -75,7 +76,7 @@ pub fn policy(config: &Config, account: Option<&str>) -> Value {
         statements.push(json!({
             "Sid": "WriteAndReadArchivedObjects",
             "Effect": "Allow",
-            "Action": ["s3:PutObject", "s3:AbortMultipartUpload", "s3:GetObject"],
+            "Action": ["s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts", "s3:GetObject"],
             "Resource": format!("arn:{partition}:s3:::{bucket}/{prefix}*"),
         }));
         let mut list = json!({
@@ -152,6 +153,13 @@ fn settings_statements(config: &Config, partition: &str, account: &str) -> Vec<V
         }));
     }
     let region = &config.aws.region;
+    // A bucket reached through a role is the role's account's, and so are its keys.
+    let role_account = d
+        .role_arn
+        .as_deref()
+        .and_then(|arn| arn.split(':').nth(4))
+        .filter(|a| !a.is_empty());
+    let account = role_account.unwrap_or(account);
     let keys: Vec<String> = config
         .kms_keys()
         .into_iter()
@@ -184,6 +192,25 @@ fn settings_statements(config: &Config, partition: &str, account: &str) -> Vec<V
         }));
     }
     statements
+}
+
+/// With `destination.role_arn`, the policy in two: what the credentials the program
+/// starts with need (KVS, and assuming the role), and what the role needs (S3, KMS).
+/// `None` without a role.
+pub fn split_for_role(config: &Config, policy: &Value) -> Option<Value> {
+    let role = config.destination.role_arn.as_ref()?;
+    let statements = policy["Statement"].as_array().cloned().unwrap_or_default();
+    let (credentials, assumed): (Vec<Value>, Vec<Value>) = statements.into_iter().partition(|s| {
+        matches!(
+            s["Sid"].as_str(),
+            Some("ReadKinesisVideoStreams" | "AssumeDestinationRole")
+        )
+    });
+    Some(json!({
+        "credentials": { "Version": "2012-10-17", "Statement": credentials },
+        "role": { "Version": "2012-10-17", "Statement": assumed },
+        "role_arn": role,
+    }))
 }
 
 /// Every action the policy allows.
@@ -226,7 +253,7 @@ mod tests {
             p["Statement"][2]["Condition"]["StringLike"]["s3:prefix"][0],
             "site-a/*"
         );
-        assert_eq!(actions(&p).len(), 10);
+        assert_eq!(actions(&p).len(), 11);
     }
 
     #[test]
@@ -243,7 +270,7 @@ mod tests {
     #[test]
     fn settings_add_exactly_their_actions() {
         let mut c = config("site-a/");
-        assert_eq!(actions(&policy(&c, None)).len(), 10);
+        assert_eq!(actions(&policy(&c, None)).len(), 11);
         c.destination.tags = [("team".to_string(), "{stream}".to_string())].into();
         c.destination.sse = Some(crate::storage::Sse::Kms);
         c.destination.kms_key_id = Some("1234abcd-12ab-34cd-56ef-1234567890ab".into());
@@ -253,7 +280,7 @@ mod tests {
             retain_from: Default::default(),
             legal_hold: true,
         });
-        c.destination.role_arn = Some("arn:aws:iam::123456789012:role/archiver".into());
+        c.destination.role_arn = Some("arn:aws:iam::210987654321:role/archiver".into());
         let p = policy(&c, Some("123456789012"));
         let all = actions(&p);
         for action in [
@@ -267,14 +294,20 @@ mod tests {
         ] {
             assert!(all.iter().any(|a| a == action), "{action}: {all:?}");
         }
-        assert_eq!(all.len(), 17, "{all:?}");
-        let kms = p["Statement"]
+        assert_eq!(all.len(), 18, "{all:?}");
+        let split = split_for_role(&c, &p).expect("a role");
+        let kms = split["role"]["Statement"]
             .as_array()
             .and_then(|s| s.iter().find(|s| s["Sid"] == "EncryptWithKmsKey"))
-            .expect("kms statement");
+            .expect("kms statement on the role");
+        // The key is the role's (the bucket's) account's: 210987654321, not the streams'.
         assert_eq!(
             kms["Resource"][0],
-            "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+            "arn:aws:kms:eu-west-1:210987654321:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+        );
+        assert_eq!(
+            actions(&split["credentials"]),
+            [&KVS_ACTIONS[..], &["sts:AssumeRole"]].concat()
         );
     }
 

@@ -397,8 +397,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
         Command::IamPolicy { account } => {
-            let policy = kvs_archiver::iam::policy(&config, account.as_deref());
-            print_json(&policy);
+            print_iam_policy(&config, account.as_deref());
             Ok(ExitCode::SUCCESS)
         }
         Command::Find { stream, at, json } => run_find(config, &stream, &at, json).await,
@@ -511,6 +510,16 @@ fn print_cold(
         println!(
             "restore: kvs-archiver restore --stream {stream} --start {at} --end {at} [--tier Bulk]"
         );
+    }
+}
+
+/// `iam-policy`: one policy, or with `destination.role_arn` one for the credentials and
+/// one for the role.
+fn print_iam_policy(config: &Config, account: Option<&str>) {
+    let policy = kvs_archiver::iam::policy(config, account);
+    match kvs_archiver::iam::split_for_role(config, &policy) {
+        Some(split) => print_json(&split),
+        None => print_json(&policy),
     }
 }
 
