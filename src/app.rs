@@ -312,26 +312,58 @@ async fn s3_credentials(config: &Config, sdk: &SdkConfig, needs_aws: bool) -> Re
     if let Some(id) = &config.destination.external_id {
         role = role.external_id(id);
     }
-    let provider = role.build().await;
-    let assumed = sdk
-        .to_builder()
-        .credentials_provider(
-            aws_credential_types::provider::SharedCredentialsProvider::new(provider),
-        )
-        .build();
+    let provider =
+        aws_credential_types::provider::SharedCredentialsProvider::new(role.build().await);
     if !needs_aws {
-        return Ok(assumed);
+        return Ok(sdk.to_builder().credentials_provider(provider).build());
     }
-    check_credentials(&assumed).await.map_err(|e| {
-        let why = format!(
-            "destination.role_arn: assuming {role_arn} for S3: {e}; check the role's trust policy (it must let these credentials call sts:AssumeRole{}), and that external_id matches",
-            if config.destination.external_id.is_some() { " with this external id" } else { "" }
-        );
-        match e {
-            Error::CredentialsUnavailable(_) => Error::CredentialsUnavailable(why),
-            _ => Error::Credentials(why),
-        }
-    })
+    use aws_credential_types::provider::ProvideCredentials;
+    let loaded = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        provider.provide_credentials(),
+    )
+    .await;
+    match loaded {
+        Ok(Ok(credentials)) => Ok(sdk
+            .to_builder()
+            .credentials_provider(
+                aws_credential_types::provider::SharedCredentialsProvider::new(Preloaded {
+                    first: std::sync::Mutex::new(Some(credentials)),
+                    source: provider,
+                }),
+            )
+            .build()),
+        // STS answered no: the trust policy, the external id or the ARN is wrong.
+        Ok(Err(e)) if sts_refused(&e) => Err(Error::Credentials(format!(
+            "destination.role_arn: STS refused to let these credentials assume {role_arn} for S3: {}; check the role's trust policy (it must allow sts:AssumeRole{}) and the ARN",
+            crate::error::chain(&e),
+            if config.destination.external_id.is_some() { " with this external_id" } else { "" }
+        ))),
+        Ok(Err(e)) => Err(Error::CredentialsUnavailable(format!(
+            "destination.role_arn: assuming {role_arn} for S3 failed: {}; STS did not answer (aws.sts_endpoint_url, the network): run again when it does",
+            crate::error::chain(&e)
+        ))),
+        Err(_) => Err(Error::CredentialsUnavailable(format!(
+            "destination.role_arn: STS did not answer within 20 s while assuming {role_arn}; run again when it does"
+        ))),
+    }
+}
+
+/// Whether assuming the role failed because STS refused it (an answer, not an outage).
+fn sts_refused(e: &aws_credential_types::provider::error::CredentialsError) -> bool {
+    use aws_credential_types::provider::error::CredentialsError;
+    use std::error::Error as _;
+    type AssumeRoleFailure = aws_sdk_sts::error::SdkError<
+        aws_sdk_sts::operation::assume_role::AssumeRoleError,
+        aws_sdk_sts::config::http::HttpResponse,
+    >;
+    match e {
+        CredentialsError::InvalidConfiguration(_) => true,
+        _ => e
+            .source()
+            .and_then(|s| s.downcast_ref::<AssumeRoleFailure>())
+            .is_some_and(|s| matches!(s, aws_sdk_sts::error::SdkError::ServiceError(_))),
+    }
 }
 
 /// `find`: what holds instant `t` of a stream, and a URL (or path) that plays the object

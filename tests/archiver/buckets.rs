@@ -733,3 +733,48 @@ async fn restore(world: &World, a: &str, b: &str, more: &[&str]) -> serde_json::
     assert!(restored.status.success(), "{}", text(&restored));
     serde_json::from_slice(&restored.stdout).expect("json")
 }
+
+/// A role STS refuses stops the run at start with one line naming `destination.role_arn`
+/// (exit 2, a configuration to fix); an STS that does not answer is an outage (exit 1).
+/// Neither fetches anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_role_is_a_configuration_error_and_a_silent_sts_an_outage() {
+    let (start, end) = recent(0.05);
+    let sts = Sts::start().await;
+    sts.refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+    let world = World::new(vec![historical("cam", start, end, 2000, 20_000)], "").await;
+    set_destination(
+        &world,
+        "role_arn = \"arn:aws:iam::210987654321:role/archiver\"",
+    );
+    let config = std::fs::read_to_string(&world.config).expect("config");
+    let with_sts = |url: &str| {
+        config.replacen(
+            "s3_force_path_style = true\n",
+            &format!("s3_force_path_style = true\nsts_endpoint_url = \"{url}\"\n"),
+            1,
+        )
+    };
+    std::fs::write(&world.config, with_sts(&sts.url)).expect("config");
+    let refused = world.backfill("cam", start, end).await;
+    let said = text(&refused);
+    assert_eq!(refused.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("destination.role_arn") && said.contains("trust policy"),
+        "{said}"
+    );
+    // Nothing listens on a port just released.
+    let closed = {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", socket.local_addr().expect("addr"))
+    };
+    std::fs::write(&world.config, with_sts(&closed)).expect("config");
+    let silent = world.backfill("cam", start, end).await;
+    let said = text(&silent);
+    assert_eq!(silent.status.code(), Some(1), "{said}");
+    assert!(said.contains("did not answer"), "{said}");
+    assert!(
+        !world.emu.requests().iter().any(|r| r.op == "GetClip"),
+        "nothing fetched"
+    );
+}

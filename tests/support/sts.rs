@@ -17,6 +17,8 @@ pub struct Sts {
     pub url: String,
     /// Each request: its decoded form pairs, and `credential` (the signing key's id).
     pub log: Log,
+    /// While set, AssumeRole is refused as a trust policy refuses it (403 AccessDenied).
+    pub refuse: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -33,8 +35,14 @@ impl Sts {
             .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let log: Log = Arc::default();
-        let task = tokio::spawn(serve(listener, log.clone()));
-        Sts { url, log, task }
+        let refuse: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let task = tokio::spawn(serve(listener, log.clone(), refuse.clone()));
+        Sts {
+            url,
+            log,
+            refuse,
+            task,
+        }
     }
 
     pub fn requests(&self) -> Vec<Form> {
@@ -42,7 +50,11 @@ impl Sts {
     }
 }
 
-async fn serve(listener: tokio::net::TcpListener, log: Log) {
+async fn serve(
+    listener: tokio::net::TcpListener,
+    log: Log,
+    refuse: Arc<std::sync::atomic::AtomicBool>,
+) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use hyper_util::server::conn::auto::Builder;
     loop {
@@ -50,10 +62,12 @@ async fn serve(listener: tokio::net::TcpListener, log: Log) {
             continue;
         };
         let log = log.clone();
+        let refuse = refuse.clone();
         let service =
             hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let log = log.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(req, &log).await) }
+                let refused = refuse.load(std::sync::atomic::Ordering::SeqCst);
+                async move { Ok::<_, std::convert::Infallible>(answer(req, &log, refused).await) }
             });
         tokio::spawn(async move {
             let _ = Builder::new(TokioExecutor::new())
@@ -66,6 +80,7 @@ async fn serve(listener: tokio::net::TcpListener, log: Log) {
 async fn answer(
     req: hyper::Request<hyper::body::Incoming>,
     log: &Mutex<Vec<Form>>,
+    refused: bool,
 ) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
     use http_body_util::BodyExt;
     let credential = req
@@ -98,6 +113,14 @@ async fn answer(
     let assumed = role
         .replacen(":iam::", ":sts::", 1)
         .replacen(":role/", ":assumed-role/", 1);
+    if refused {
+        let xml = format!("<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error><Type>Sender</Type><Code>AccessDenied</Code><Message>User: arn:aws:iam::123456789012:user/tests is not authorized to perform: sts:AssumeRole on resource: {role}</Message></Error><RequestId>c6104cbe-af31-11e0-8154-cbc7ccf896c7</RequestId></ErrorResponse>");
+        return hyper::Response::builder()
+            .status(403)
+            .header("content-type", "text/xml")
+            .body(http_body_util::Full::new(bytes::Bytes::from(xml)))
+            .expect("response");
+    }
     let expires = (chrono::Utc::now() + chrono::Duration::hours(1))
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let xml = format!(
