@@ -28,6 +28,7 @@ fn s3_operation(line: &str) -> String {
         ("GET", true) => "GetObject",
         ("HEAD", true) => "HeadObject",
         ("GET", false) if has("uploads") => "ListMultipartUploads",
+        ("GET", false) if has("object-lock") => "GetObjectLockConfiguration",
         ("GET", false) if has("list-type") => "ListObjectsV2",
         ("GET", false) => "ListObjects",
         ("HEAD", false) => "HeadBucket",
@@ -56,6 +57,8 @@ fn iam_action(op: &str) -> &'static str {
         "ListMultipartUploads" => "s3:ListBucketMultipartUploads",
         "ListObjectsV2" | "ListObjects" | "HeadBucket" => "s3:ListBucket",
         "CreateBucket" => "s3:CreateBucket",
+        "GetObjectLockConfiguration" => "s3:GetBucketObjectLockConfiguration",
+        "RestoreObject" => "s3:RestoreObject",
         _ => "unknown",
     }
 }
@@ -198,4 +201,132 @@ async fn iam_policy_allows_exactly_the_calls_the_program_makes() {
     }
     let stream_arn = policy["Statement"][0]["Resource"][0].as_str().unwrap_or("");
     assert!(stream_arn.ends_with(":stream/dock-cam/*"), "{stream_arn}");
+}
+
+/// The actions a logged S3 request needs beyond its operation's, from its headers (AWS's
+/// service authorization reference): a tagged write `s3:PutObjectTagging`, a locked one
+/// `s3:PutObjectRetention`, a legal hold `s3:PutObjectLegalHold`; SSE-KMS
+/// `kms:GenerateDataKey` on a write and `kms:Decrypt` on a multipart upload or a read.
+fn header_actions(e: &crate::support::local_s3::Exchange) -> Vec<&'static str> {
+    let op = s3_operation(&e.line);
+    let h = |name: &str| e.headers.get(name).map(String::as_str);
+    let mut needs = Vec::new();
+    if matches!(op.as_str(), "PutObject" | "CreateMultipartUpload") {
+        if h("x-amz-tagging").is_some() {
+            needs.push("s3:PutObjectTagging");
+        }
+        if h("x-amz-object-lock-mode").is_some() {
+            needs.push("s3:PutObjectRetention");
+        }
+        if h("x-amz-object-lock-legal-hold") == Some("ON") {
+            needs.push("s3:PutObjectLegalHold");
+        }
+        if h("x-amz-server-side-encryption") == Some("aws:kms") {
+            needs.push("kms:GenerateDataKey");
+            if op == "CreateMultipartUpload" {
+                needs.push("kms:Decrypt");
+            }
+        }
+    }
+    needs
+}
+
+/// What the bucket settings add to `iam-policy` is exactly what they call: tags, Object
+/// Lock with a legal hold, SSE-KMS with a key id, and a role assumed through the STS
+/// stand-in, over a backfill, a verify and an export. s3s-fs keeps none of these settings
+/// (this server only claims Object Lock), so the calls are read from the request headers
+/// in its log; a GetObject of an object encrypted with the key needs `kms:Decrypt`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iam_policy_adds_exactly_what_the_bucket_settings_call() {
+    use std::sync::atomic::Ordering;
+    let (start, end) = recent(0.05);
+    let sts = crate::support::sts::Sts::start().await;
+    let world = World::new(
+        vec![historical("dock-cam", start, end, 4000, 400_000)],
+        "concurrency = 1",
+    )
+    .await;
+    let base_out = world.run(&["iam-policy"]).await;
+    let base: serde_json::Value = serde_json::from_slice(&base_out.stdout).expect("JSON");
+    let base: BTreeSet<String> = kvs_archiver::iam::actions(&base).into_iter().collect();
+    let s3 = world.s3.as_ref().expect("s3s");
+    s3.faults.object_lock.store(true, Ordering::SeqCst);
+    let config = std::fs::read_to_string(&world.config).expect("config");
+    let config = config
+        .replacen(
+            "prefix = \"kvs/\"\n",
+            "prefix = \"kvs/\"\ntags = { camera = \"{stream}\" }\nsse = \"aws:kms\"\nkms_key_id = \"1234abcd-12ab-34cd-56ef-1234567890ab\"\nrole_arn = \"arn:aws:iam::210987654321:role/archiver\"\n",
+            1,
+        )
+        .replacen(
+            "s3_force_path_style = true\n",
+            &format!("s3_force_path_style = true\nsts_endpoint_url = \"{}\"\n", sts.url),
+            1,
+        );
+    std::fs::write(
+        &world.config,
+        format!("{config}\n[destination.object_lock]\nmode = \"GOVERNANCE\"\nretain_for = \"1d\"\nlegal_hold = true\n"),
+    )
+    .expect("config");
+    let before = s3.exchanges().len();
+    let (a, b) = (rfc3339(start), rfc3339(end));
+    let exported = world.work.path().join("range.mp4").display().to_string();
+    for args in [
+        vec![
+            "backfill", "--stream", "dock-cam", "--start", &a, "--end", &b,
+        ],
+        vec!["verify", "--stream", "dock-cam", "--start", &a, "--end", &b],
+        vec![
+            "export", "--stream", "dock-cam", "--start", &a, "--end", &b, "-o", &exported,
+        ],
+    ] {
+        let out = world.run(&args).await;
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+    }
+    let exchanges = s3.exchanges().split_off(before);
+    let mut called: BTreeSet<String> = BTreeSet::new();
+    for e in &exchanges {
+        let op = s3_operation(&e.line);
+        called.insert(iam_action(&op).to_string());
+        called.extend(header_actions(e).into_iter().map(str::to_string));
+        if op == "GetObject" {
+            called.insert("kms:Decrypt".into());
+        }
+    }
+    assert!(!sts.requests().is_empty(), "the role was assumed");
+    called.insert("sts:AssumeRole".into());
+    let out = world.run(&["iam-policy"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let split: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let allowed: BTreeSet<String> = kvs_archiver::iam::actions(&split["credentials"])
+        .into_iter()
+        .chain(kvs_archiver::iam::actions(&split["role"]))
+        .collect();
+    let called_s3: BTreeSet<String> = called
+        .iter()
+        .filter(|a| a.starts_with("s3:"))
+        .cloned()
+        .collect();
+    let missing: Vec<&String> = called_s3.difference(&allowed).collect();
+    assert!(missing.is_empty(), "called but not allowed: {missing:?}");
+    let added_allowed: BTreeSet<&String> = allowed.difference(&base).collect();
+    let added_called: BTreeSet<&String> = called.difference(&base).collect();
+    assert_eq!(
+        added_allowed, added_called,
+        "what the settings add, against what they call"
+    );
+    for action in [
+        "s3:PutObjectTagging",
+        "s3:PutObjectRetention",
+        "s3:PutObjectLegalHold",
+        "s3:GetBucketObjectLockConfiguration",
+        "kms:GenerateDataKey",
+        "kms:Decrypt",
+        "sts:AssumeRole",
+    ] {
+        assert!(
+            added_called.iter().any(|a| *a == action),
+            "{action}: {added_called:?}"
+        );
+    }
 }
