@@ -1089,6 +1089,32 @@ async fn a_done_chunk_planned_again_leaves_the_reports_in_step() {
             !ledger.requeue_chunk(done).await.expect("requeue"),
             "{kind}: a planned chunk is not requeued"
         );
+        // Planned again by `verify --repair`: marked so, through a failed attempt, until
+        // it is done, so whichever process tries next may replace the damaged object.
+        assert_eq!(chunk.error_kind.as_deref(), Some("repair"), "{kind}");
+        let lease = ledger
+            .claim(done, T0, LEASE_MS)
+            .await
+            .expect("claim")
+            .expect("claimed");
+        let failure = Failure {
+            kind: "destination",
+            message: "SlowDown".into(),
+            next_attempt_ms: T0,
+        };
+        ledger.mark_failed(&lease, &failure).await.expect("failed");
+        let failed = ledger.chunk(done).await.expect("read").expect("exists");
+        assert_eq!(failed.error_kind.as_deref(), Some("repair"), "{kind}");
+        assert_eq!(failed.last_error.as_deref(), Some("SlowDown"), "{kind}");
+        let lease = ledger
+            .claim(done, T0 + 1, LEASE_MS)
+            .await
+            .expect("claim")
+            .expect("claimed");
+        ledger.mark_done(&lease, &archived()).await.expect("done");
+        let redone = ledger.chunk(done).await.expect("read").expect("exists");
+        assert_eq!(redone.error_kind, None, "{kind}");
+        assert!(ledger.requeue_chunk(done).await.expect("requeue"), "{kind}");
         assert_eq!(
             ledger.archived_through(STREAM).await.expect("through"),
             None

@@ -1005,7 +1005,10 @@ macro_rules! sql_ledger_methods {
 
             async fn mark_failed(&self, lease: &Lease, failure: &Failure) -> Result<()> {
                 let f = failure.clone();
-                let set = "state = 'failed', last_error = $5, error_kind = $6,
+                // A chunk `verify --repair` planned again stays marked until it is done: its
+                // rewrite may replace the damaged object, whichever process tries next.
+                let set = "state = 'failed', last_error = $5,
+                    error_kind = CASE WHEN error_kind = 'repair' THEN 'repair' ELSE $6 END,
                     next_attempt_ms = $7, owner = NULL, lease_until_ms = NULL";
                 self.transition("mark failed", set, lease, |q| {
                     q.bind(f.message).bind(f.kind).bind(f.next_attempt_ms)

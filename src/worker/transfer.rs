@@ -121,17 +121,26 @@ impl Archiver {
             && says("kvs-chunk-kind", plan.kind.as_str());
         let whole = says("kvs-last-fragment", &plan.last_fragment)
             && says("kvs-fragment-count", &plan.fragment_count.to_string());
+        // An earlier copy of this chunk holds fewer of its fragments, ending no later.
+        let earlier_copy =
+            head.meta
+                .get("kvs-fragment-count")
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|n| n < plan.fragment_count)
+                && head.meta.get("kvs-last-fragment").is_some_and(|last| {
+                    fragment_order(last) <= fragment_order(&plan.last_fragment)
+                });
         // A directory's rename replaces: only S3 writes are create-only.
         let create_only = self.config.destination.create_only
             && matches!(*self.destination, crate::destination::Destination::S3(_));
-        if this_chunk && !whole {
+        if this_chunk && !whole && earlier_copy {
             // An earlier claim's copy, before fragments listed late joined the chunk: the
             // new clip replaces it.
             tracing::info!(key = %key, "an earlier copy of this chunk, with fewer fragments, is replaced");
             self.allow_replacing(key);
             return Ok(None);
         }
-        if !this_chunk {
+        if !(this_chunk && whole) {
             if !create_only {
                 return Ok(None);
             }
@@ -571,6 +580,11 @@ impl Archiver {
         crate::crashpoint::hit("after-upload");
         Ok(archived)
     }
+}
+
+/// Fragment numbers in order: longer is later, then by digits.
+fn fragment_order(number: &str) -> (usize, &str) {
+    (number.len(), number)
 }
 
 /// Whether GetClip returns the `i`th of `listed` (sorted): KVS keeps only the oldest
