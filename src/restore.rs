@@ -28,9 +28,15 @@ pub async fn readiness(
     start: EpochMs,
     end: EpochMs,
 ) -> Result<Vec<ObjectReadiness>> {
+    // A chunk that ends exactly where the range starts holds none of it.
     let done = archive
         .ledger
-        .done_in(&stream.label(), stream.timestamp_source, start, end)
+        .done_in(
+            &stream.label(),
+            stream.timestamp_source,
+            start.saturating_add(1),
+            end,
+        )
         .await?;
     let mut found = Vec::with_capacity(done.len());
     for chunk in done {
@@ -106,6 +112,9 @@ pub fn describe_cold(
 pub fn describe(readiness: &Readiness) -> String {
     match readiness {
         Readiness::Readable => "readable".into(),
+        Readiness::NeedsRestore { class } if class.starts_with("INTELLIGENT_TIERING") => format!(
+            "in {class}: needs a restore, which moves it back to a readable tier (no retrieval fee)"
+        ),
         Readiness::NeedsRestore { class } => format!(
             "in {class}: needs a restore, a retrieval billed per GB ({})",
             restore_tiers(class)
@@ -182,40 +191,44 @@ pub async fn restore(
         ..RestoreReport::default()
     };
     let objects = readiness(archive, stream, start, end).await?;
+    // Refused before any restore starts, not half-way.
+    if let Some(o) = objects.iter().find(|o| {
+        tier == RestoreTier::Expedited
+            && matches!(&o.readiness, Readiness::NeedsRestore { class } if class.contains("DEEP_ARCHIVE"))
+    }) {
+        return Err(Error::Usage(format!(
+            "restore --tier expedited: {} is in DEEP_ARCHIVE, which has no Expedited tier; use standard or bulk",
+            o.object_key
+        )));
+    }
     report.objects = objects.len();
     progress.set_totals(objects.len(), 0);
-    for o in &objects {
-        if let Readiness::NeedsRestore { class } = &o.readiness {
-            if tier == RestoreTier::Expedited && class.contains("DEEP_ARCHIVE") {
-                return Err(Error::Usage(format!(
-                    "restore --tier Expedited: {} is in {class}, which has no Expedited tier; use Standard or Bulk",
-                    o.object_key
-                )));
-            }
-            if archive
-                .destination
-                .restore(&o.object_key, days, tier)
-                .await?
-            {
-                tracing::info!(key = %o.object_key, tier = tier.as_str(), "restore started");
-                report.started.push(o.object_key.clone());
-            }
-        }
-        progress.step();
-    }
+    let mut objects = objects;
     loop {
-        let now = readiness(archive, stream, start, end).await?;
         report.readable = 0;
         report.restoring.clear();
         report.restored.clear();
-        for o in now {
+        for o in objects {
             match o.readiness {
                 Readiness::Readable => report.readable += 1,
                 Readiness::Restored { .. } => report.restored.push(o.object_key),
-                Readiness::Restoring { .. } | Readiness::NeedsRestore { .. } => {
-                    report.restoring.push(o.object_key)
+                Readiness::Restoring { .. } => report.restoring.push(o.object_key),
+                // Not restored yet, or a restored copy that expired meanwhile.
+                Readiness::NeedsRestore { .. } => {
+                    if archive
+                        .destination
+                        .restore(&o.object_key, days, tier)
+                        .await?
+                    {
+                        tracing::info!(key = %o.object_key, tier = tier.as_str(), "restore started");
+                        if !report.started.contains(&o.object_key) {
+                            report.started.push(o.object_key.clone());
+                        }
+                    }
+                    report.restoring.push(o.object_key);
                 }
             }
+            progress.step();
         }
         progress.note(&format!(
             "{} restored, {} restoring",
@@ -223,8 +236,24 @@ pub async fn restore(
             report.restoring.len()
         ));
         match wait {
-            Some(poll) if !report.restoring.is_empty() => tokio::time::sleep(poll).await,
-            _ => return Ok(report),
+            Some(poll) if !report.restoring.is_empty() => {
+                tokio::time::sleep(poll).await;
+                progress.set_totals(report.objects, 0);
+                objects = readiness(archive, stream, start, end).await?;
+            }
+            _ => break,
         }
     }
+    // Where the restores stand now (moto and a restore already done answer at once).
+    let now = readiness(archive, stream, start, end).await?;
+    report.restoring.retain(|key| {
+        now.iter()
+            .any(|o| o.object_key == *key && o.readiness.blocks_reads())
+    });
+    report.restored = now
+        .iter()
+        .filter(|o| matches!(o.readiness, Readiness::Restored { .. }))
+        .map(|o| o.object_key.clone())
+        .collect();
+    Ok(report)
 }

@@ -284,13 +284,22 @@ async fn check_by_head(archive: &ArchiveView, chunk: &Chunk) -> Result<Checked> 
         return Ok(Checked::ByHead(check_object(chunk, Some(&stored))));
     }
     if head.readiness().blocks_reads() {
-        // Never read blindly: the checksum cannot be checked without a restore.
+        // Never read blindly: without a restore, the store's checksum is all there is.
+        let differs = head.crc32c.clone().filter(|_| !settled_by_head);
         let stored = crate::destination::StoredObject {
             size: head.size,
             crc32c: chunk.archived_crc32c.clone().unwrap_or_default(),
             meta: head.meta,
         };
-        return Ok(Checked::Cold(check_object(chunk, Some(&stored))));
+        let problem = check_object(chunk, Some(&stored)).or_else(|| {
+            differs.map(|crc| {
+                format!(
+                    "checksum {crc} where {} was written (unconfirmed: reading it needs a restore)",
+                    chunk.archived_crc32c.as_deref().unwrap_or("none")
+                )
+            })
+        });
+        return Ok(Checked::Cold(problem));
     }
     let stored = archive.destination.inspect(&chunk.object_key).await?;
     Ok(Checked::ReadWhole(check_object(chunk, stored.as_ref())))
