@@ -359,10 +359,22 @@ fn sts_refused(e: &aws_credential_types::provider::error::CredentialsError) -> b
     >;
     match e {
         CredentialsError::InvalidConfiguration(_) => true,
+        // A 4xx answer that is not throttling: STS looked at the request and said no.
         _ => e
             .source()
             .and_then(|s| s.downcast_ref::<AssumeRoleFailure>())
-            .is_some_and(|s| matches!(s, aws_sdk_sts::error::SdkError::ServiceError(_))),
+            .is_some_and(|s| match s {
+                aws_sdk_sts::error::SdkError::ServiceError(ctx) => {
+                    use aws_sdk_sts::error::ProvideErrorMetadata;
+                    let status = ctx.raw().status().as_u16();
+                    let throttled = matches!(
+                        ctx.err().code(),
+                        Some("Throttling" | "ThrottlingException" | "RequestLimitExceeded")
+                    );
+                    (400..500).contains(&status) && status != 429 && !throttled
+                }
+                _ => false,
+            }),
     }
 }
 

@@ -815,7 +815,7 @@ async fn abort(inner: &Inner, key: &str, upload_id: &str) -> Result<()> {
             .await;
         match listed {
             Ok(out) if !out.parts().is_empty() => {
-                tracing::info!(
+                tracing::warn!(
                     key,
                     parts = out.parts().len(),
                     "parts of the aborted upload are still listed: aborting it again"
@@ -828,12 +828,19 @@ async fn abort(inner: &Inner, key: &str, upload_id: &str) -> Result<()> {
             // one that refuses it): the abort itself succeeded; the orphan sweep is the
             // last resort.
             Err(error) => {
-                tracing::debug!(key, error = ?error, "the aborted upload is gone");
+                tracing::debug!(key, error = ?error, "ListParts did not list the aborted upload");
                 return Ok(());
             }
         }
     }
-    Ok(())
+    Err(Error::Destination {
+        op: "AbortMultipartUpload",
+        target: format!("s3://{}/{key}", inner.bucket),
+        message: format!(
+            "upload {upload_id} still lists parts after four aborts: the orphan sweep tries again; check that these credentials may call s3:AbortMultipartUpload"
+        ),
+        retry: Retryability::Transient,
+    })
 }
 
 async fn abort_once(inner: &Inner, key: &str, upload_id: &str) -> Result<()> {
