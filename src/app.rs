@@ -128,15 +128,7 @@ pub async fn check_credentials(sdk: &SdkConfig) -> Result<SdkConfig> {
     )
     .await;
     match loaded {
-        Ok(Ok(credentials)) => Ok(sdk
-            .to_builder()
-            .credentials_provider(
-                aws_credential_types::provider::SharedCredentialsProvider::new(Preloaded {
-                    first: std::sync::Mutex::new(Some(credentials)),
-                    source: provider.clone(),
-                }),
-            )
-            .build()),
+        Ok(Ok(credentials)) => Ok(preloaded(sdk, credentials, provider.clone())),
         Ok(Err(CredentialsError::CredentialsNotLoaded(_))) => Err(Error::Credentials(format!(
             "no AWS credentials: none in the environment (AWS_ACCESS_KEY_ID), {profile} (~/.aws/credentials, ~/.aws/config: keys, sso_session, credential_process, role_arn), web identity (AWS_WEB_IDENTITY_TOKEN_FILE), the ECS container or EC2 instance metadata; set one (for SSO: aws sso login --profile NAME, then AWS_PROFILE=NAME)"
         ))),
@@ -158,6 +150,22 @@ pub async fn check_credentials(sdk: &SdkConfig) -> Result<SdkConfig> {
             "loading the AWS credentials took over 20 s (a credential_process, SSO portal or instance metadata endpoint that does not answer); check the credential source and run again".into(),
         )),
     }
+}
+
+/// `sdk` signing with `credentials` first, then with what `source` provides.
+fn preloaded(
+    sdk: &SdkConfig,
+    credentials: aws_credential_types::Credentials,
+    source: aws_credential_types::provider::SharedCredentialsProvider,
+) -> SdkConfig {
+    sdk.to_builder()
+        .credentials_provider(
+            aws_credential_types::provider::SharedCredentialsProvider::new(Preloaded {
+                first: std::sync::Mutex::new(Some(credentials)),
+                source,
+            }),
+        )
+        .build()
 }
 
 /// The credentials [`check_credentials`] loaded, given out once; later (a refresh when
@@ -324,15 +332,7 @@ async fn s3_credentials(config: &Config, sdk: &SdkConfig, needs_aws: bool) -> Re
     )
     .await;
     match loaded {
-        Ok(Ok(credentials)) => Ok(sdk
-            .to_builder()
-            .credentials_provider(
-                aws_credential_types::provider::SharedCredentialsProvider::new(Preloaded {
-                    first: std::sync::Mutex::new(Some(credentials)),
-                    source: provider,
-                }),
-            )
-            .build()),
+        Ok(Ok(credentials)) => Ok(preloaded(sdk, credentials, provider)),
         // STS answered no: the trust policy, the external id or the ARN is wrong.
         Ok(Err(e)) if sts_refused(&e) => Err(Error::Credentials(format!(
             "destination.role_arn: STS refused to let these credentials assume {role_arn} for S3: {}; check the role's trust policy (it must allow sts:AssumeRole{}) and the ARN",

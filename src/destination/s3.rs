@@ -127,6 +127,57 @@ macro_rules! with_object_settings {
     }};
 }
 
+/// The S3 answers that say something about the object or the upload rather than fail a
+/// request: each becomes its own error.
+fn answered_state(op: &'static str, target: &str, code: &str, status: u16) -> Option<Error> {
+    // A read of an object in an archive class: nothing was read, nothing billed.
+    if code == "InvalidObjectState" {
+        return Some(Error::NeedsRestore(format!(
+            "{op} {target}: the object is in an archive storage class (GLACIER or DEEP_ARCHIVE) and must be restored before it can be read: `kvs-archiver restore --stream STREAM --start T --end T` starts it, and `kvs-archiver find` says its class and the tiers"
+        )));
+    }
+    // A conditional CompleteMultipartUpload raced another write of the key: AWS asks for
+    // a new upload, not a retry of this one.
+    if code == "NoSuchUpload"
+        || (code == "ConditionalRequestConflict" && op == "CompleteMultipartUpload")
+    {
+        return Some(Error::UploadLost {
+            op,
+            target: target.to_string(),
+        });
+    }
+    // Only a create-only write is conditional: an object is already at the key.
+    (status == 412).then(|| Error::Occupied {
+        target: target.to_string(),
+        found: format!("{op} refused with {code} (HTTP 412)"),
+    })
+}
+
+/// Whether repeating a request S3 answered with `code` and `status` can succeed.
+fn service_retryability(code: &str, status: u16) -> Retryability {
+    match code {
+        "SlowDown" | "RequestLimitExceeded" | "Throttling" | "ThrottlingException" => {
+            Retryability::Throttled
+        }
+        // Expired or refreshed credentials, a clock that drifted, a body damaged on the
+        // way: the next attempt (new signature, new body) can succeed.
+        "RequestTimeout"
+        | "InternalError"
+        | "ExpiredToken"
+        | "TokenRefreshRequired"
+        | "RequestTimeTooSkewed"
+        | "BadDigest"
+        | "IncompleteBody"
+        | "XAmzContentSHA256Mismatch"
+        // Two conditional writes of one key at once: one of them wins.
+        | "ConditionalRequestConflict"
+        | "OperationAborted" => Retryability::Transient,
+        _ if status == 503 => Retryability::Throttled,
+        _ if status >= 500 || status == 408 => Retryability::Transient,
+        _ => Retryability::Permanent,
+    }
+}
+
 /// Classifies an S3 SDK error: the one place S3 errors get their retryability.
 fn s3_error<E>(
     inner: &Inner,
@@ -159,50 +210,10 @@ where
                         .unwrap_or_default()
                 ),
             };
-            // A read of an object in an archive class: nothing was read, nothing billed.
-            if code == "InvalidObjectState" {
-                return Error::NeedsRestore(format!(
-                    "{op} {target}: the object is in an archive storage class (GLACIER or DEEP_ARCHIVE) and must be restored before it can be read: `kvs-archiver restore --stream STREAM --start T --end T` starts it, and `kvs-archiver find` says its class and the tiers"
-                ));
+            if let Some(error) = answered_state(op, target, code, status) {
+                return error;
             }
-            // A conditional CompleteMultipartUpload raced another write of the key: AWS
-            // asks for a new upload, not a retry of this one.
-            if code == "NoSuchUpload"
-                || (code == "ConditionalRequestConflict" && op == "CompleteMultipartUpload")
-            {
-                return Error::UploadLost {
-                    op,
-                    target: target.to_string(),
-                };
-            }
-            // Only a create-only write is conditional: an object is already at the key.
-            if status == 412 {
-                return Error::Occupied {
-                    target: target.to_string(),
-                    found: format!("{op} refused with {code} (HTTP 412)"),
-                };
-            }
-            let retry = match code {
-                "SlowDown" | "RequestLimitExceeded" | "Throttling" | "ThrottlingException" => {
-                    Retryability::Throttled
-                }
-                // Expired or refreshed credentials, a clock that drifted, a body damaged on
-                // the way: the next attempt (new signature, new body) can succeed.
-                "RequestTimeout"
-                | "InternalError"
-                | "ExpiredToken"
-                | "TokenRefreshRequired"
-                | "RequestTimeTooSkewed"
-                | "BadDigest"
-                | "IncompleteBody"
-                | "XAmzContentSHA256Mismatch"
-                // Two conditional writes of one key at once: one of them wins.
-                | "ConditionalRequestConflict"
-                | "OperationAborted" => Retryability::Transient,
-                _ if status == 503 => Retryability::Throttled,
-                _ if status >= 500 || status == 408 => Retryability::Transient,
-                _ => Retryability::Permanent,
-            };
+            let retry = service_retryability(code, status);
             let denied = format!(
                 " (the credentials may not call {} here: `kvs-archiver iam-policy` prints the policy this configuration needs)",
                 s3_action(op)

@@ -6,7 +6,7 @@
 
 use super::{now_ms, Archiver};
 use crate::config::StreamConfig;
-use crate::destination::ObjectMeta;
+use crate::destination::{ObjectMeta, Upload};
 use crate::domain::{rfc3339, ChunkKind, ChunkPlan, Fragment, TimestampSource};
 use crate::error::{Error, Result, Retryability};
 use crate::ledger::{Archived, Chunk, Lease};
@@ -484,15 +484,7 @@ impl Archiver {
         hard: &tokio_util::sync::CancellationToken,
     ) -> Result<Archived> {
         let key = chunk.object_key.clone();
-        let (_, content_type) = chunk.plan.kind.container();
-        let mut settings = self
-            .object_settings(&chunk.stream)
-            .for_object(chunk.plan.end_ms, now_ms());
-        settings.replace_existing = self.may_replace(&key);
-        let mut upload = self
-            .destination
-            .begin(&key, meta, content_type, settings)
-            .await?;
+        let mut upload = self.begin_upload(chunk, meta).await?;
         if let Err(e) = self.ledger.mark_uploading(lease, None).await {
             upload.abort().await;
             return Err(e);
@@ -579,6 +571,20 @@ impl Archiver {
         crate::metrics::upload_latency(&chunk.stream, finishing.elapsed());
         crate::crashpoint::hit("after-upload");
         Ok(archived)
+    }
+}
+
+impl Archiver {
+    /// Starts the upload of `chunk`'s object, with its stream's storage settings.
+    async fn begin_upload(&self, chunk: &Chunk, meta: ObjectMeta) -> Result<Upload> {
+        let (_, content_type) = chunk.plan.kind.container();
+        let mut settings = self
+            .object_settings(&chunk.stream)
+            .for_object(chunk.plan.end_ms, now_ms());
+        settings.replace_existing = self.may_replace(&chunk.object_key);
+        self.destination
+            .begin(&chunk.object_key, meta, content_type, settings)
+            .await
     }
 }
 
