@@ -1,6 +1,7 @@
 //! The composition root: builds the clients, the ledger and the archiver from the
 //! configuration, and runs each command. The only module that knows every concrete type.
 
+use crate::ca_bundle::CaBundle;
 use crate::config::{AwsConfig, Config, StreamConfig};
 use crate::destination::s3::{S3Destination, S3Options};
 use crate::destination::{dir::DirDestination, Destination};
@@ -17,12 +18,13 @@ use std::sync::Arc;
 
 /// The AWS configuration from the default credential chain (environment, profile,
 /// instance role…). Retries are ours ([`crate::retry`]), so the SDK's are off.
-pub async fn sdk_config(aws: &AwsConfig) -> SdkConfig {
-    sdk_loader(aws).load().await
+pub async fn sdk_config(aws: &AwsConfig) -> Result<SdkConfig> {
+    Ok(sdk_loader(aws)?.load().await)
 }
 
-/// The loader behind [`sdk_config`], for callers that supply their own credentials.
-pub fn sdk_loader(aws: &AwsConfig) -> aws_config::ConfigLoader {
+/// The loader behind [`sdk_config`], for callers that supply their own credentials. Fails
+/// only on an unusable CA bundle ([`crate::ca_bundle`]).
+fn sdk_loader(aws: &AwsConfig) -> Result<aws_config::ConfigLoader> {
     let loader = aws_config::defaults(BehaviorVersion::latest());
     // The bundled emulator is a sandbox with its own keys: the user's stay unused.
     #[cfg(feature = "demo")]
@@ -36,7 +38,12 @@ pub fn sdk_loader(aws: &AwsConfig) -> aws_config::ConfigLoader {
         )),
         None => loader,
     };
-    loader
+    let extra_cas = match CaBundle::chosen(aws.ca_bundle.as_deref()) {
+        Some(bundle) => Some(bundle.read()?),
+        None => None,
+    };
+    let loader = loader.http_client(crate::ca_bundle::https_client(extra_cas)?);
+    Ok(loader
         .region(Region::new(aws.region.clone()))
         .retry_config(aws_config::retry::RetryConfig::disabled())
         .timeout_config(
@@ -44,7 +51,7 @@ pub fn sdk_loader(aws: &AwsConfig) -> aws_config::ConfigLoader {
                 .connect_timeout(aws.connect_timeout)
                 .read_timeout(aws.read_timeout)
                 .build(),
-        )
+        ))
 }
 
 /// With `aws.bundled_emulator`: starts the bundled KVS emulator from that file, with its
@@ -390,7 +397,7 @@ pub async fn find(
     Option<crate::destination::Readiness>,
 )> {
     let stream = configured_stream(&config, label)?;
-    let sdk = sdk_config(&config.aws).await;
+    let sdk = sdk_config(&config.aws).await?;
     let archiver = build(config, &sdk, Role::Reader).await?;
     let finding = crate::find::find(
         archiver.ledger.as_ref(),
@@ -435,7 +442,7 @@ pub async fn restore(
         )));
     }
     let stream = configured_stream(&config, label)?;
-    let sdk = sdk_config(&config.aws).await;
+    let sdk = sdk_config(&config.aws).await?;
     let archiver = build(config, &sdk, Role::Reader).await?;
     let progress = Progress::new(label);
     let report = crate::restore::restore(
@@ -504,7 +511,7 @@ pub async fn export(
             output.display()
         )));
     }
-    let sdk = sdk_config(&config.aws).await;
+    let sdk = sdk_config(&config.aws).await?;
     let archiver = build(config, &sdk, Role::Reader).await?;
     let policy = retry_policy(&archiver.config);
     let view = archiver.view();
@@ -552,7 +559,7 @@ pub async fn rebuild_ledger(
         Some(label) => vec![configured_stream(&config, label)?],
         None => config.streams.clone(),
     };
-    let sdk = sdk_config(&config.aws).await;
+    let sdk = sdk_config(&config.aws).await?;
     let archiver = build_reading_kvs(config, &sdk).await?;
     let report = crate::rebuild::rebuild(&archiver.view(), &archiver.source, &streams, merge).await;
     archiver.close().await;
@@ -566,7 +573,7 @@ pub async fn serve(
     token: Option<String>,
     shutdown: Shutdown,
 ) -> Result<()> {
-    let sdk = sdk_config(&config.aws).await;
+    let sdk = sdk_config(&config.aws).await?;
     let archiver = build(config, &sdk, Role::Reader).await?;
     let retry = retry_policy(&archiver.config);
     crate::web::serve(archiver.view(), listen, token, retry, shutdown).await
@@ -620,7 +627,7 @@ pub async fn backfill(
     end: EpochMs,
     shutdown: &Shutdown,
 ) -> Result<RangeSummary> {
-    let sdk = sdk_config(&config.aws).await;
+    let sdk = sdk_config(&config.aws).await?;
     let archiver = build(config, &sdk, Role::Backfill).await?;
     let summary = backfill_with(&archiver, label, start, end, shutdown).await;
     archiver.close().await;
@@ -673,7 +680,7 @@ pub async fn plan(
 ) -> Result<PlanSummary> {
     check_range(start, end)?;
     let stream = configured_stream(&config, label)?;
-    let sdk = sdk_config(&config.aws).await;
+    let sdk = sdk_config(&config.aws).await?;
     let archiver = build_reading_kvs(config, &sdk).await?;
     let planned = async {
         archiver.source.describe_first(&stream).await?;
@@ -711,7 +718,7 @@ pub async fn verify(
     repair: bool,
     shutdown: &Shutdown,
 ) -> Result<crate::verify::VerifyReport> {
-    let sdk = sdk_config(&config.aws).await;
+    let sdk = sdk_config(&config.aws).await?;
     let archiver = if repair {
         build(config, &sdk, Role::Verify).await?
     } else {

@@ -142,6 +142,10 @@ pub struct AwsConfig {
     pub s3_force_path_style: bool,
     /// STS endpoint for `destination.role_arn` (a VPC endpoint, say); default: AWS's.
     pub sts_endpoint_url: Option<String>,
+    /// PEM file of certificate authorities trusted besides the system's, for endpoints
+    /// behind a private CA (a TLS-inspecting proxy, an S3-compatible store). Unset:
+    /// `$AWS_CA_BUNDLE` if set, as the AWS CLI reads it.
+    pub ca_bundle: Option<std::path::PathBuf>,
     /// Longest wait to open a connection.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -164,6 +168,7 @@ impl Default for AwsConfig {
             s3_endpoint_url: None,
             s3_force_path_style: false,
             sts_endpoint_url: None,
+            ca_bundle: None,
             connect_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(60),
             bundled_emulator: None,

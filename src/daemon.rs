@@ -345,6 +345,10 @@ fn rendezvous(instance: &str, stream: &str) -> u64 {
     hash ^ (hash >> 33)
 }
 
+/// How long a stream's retention, read with DescribeStream, is taken as current: an
+/// operator's change of it reaches the pass window and the at-risk alarm within this.
+const DESCRIBE_EVERY: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
 /// One pass over one stream: archive everything from KVS's retention edge (or the
 /// stream's `retention_window`) to the last clip window closed `lag` ago.
 pub async fn archive_stream(
@@ -360,10 +364,13 @@ pub async fn archive_stream(
             ..PassReport::default()
         });
     }
-    let described = archiver.source.describe(&stream).await?;
+    let retention_hours = archiver
+        .source
+        .retention_hours_within(&stream, DESCRIBE_EVERY)
+        .await?;
     // Dead claims are taken back every pass; unrecorded uploads are swept now and then.
     archiver.recover().await?;
-    let window = PassWindow::of(&archiver, &stream, described.retention_hours, now_ms())?;
+    let window = PassWindow::of(&archiver, &stream, retention_hours, now_ms())?;
     plan_new_windows(&archiver, &stream, &window).await?;
     // Chunks other processes hold are theirs to finish: the pass ends in bounded time.
     let fetched = archiver

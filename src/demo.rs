@@ -51,7 +51,7 @@ pub async fn run(output: &Path, shutdown: &Shutdown) -> Result<PathBuf> {
             .as_deref()
             .unwrap_or_default()
     );
-    let sdk = crate::app::sdk_config(&config.aws).await;
+    let sdk = crate::app::sdk_config(&config.aws).await?;
     let archiver = crate::app::build(config, &sdk, crate::ledger::Role::Backfill).await?;
     let now = now.timestamp_millis();
     let (start, end) = (now - 11 * 60_000, now - 60_000);

@@ -193,6 +193,28 @@ pub fn chain(error: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
+/// The TLS verifier's reason when a connection failed because the server's certificate
+/// is not trusted (an unknown CA, a name that does not match, an expired certificate):
+/// found by type anywhere in the causes, through the `io::Error`s that carry it.
+pub fn rejected_certificate(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if let Some(rustls::Error::InvalidCertificate(why)) = e.downcast_ref::<rustls::Error>() {
+            return Some(format!("{why:?}"));
+        }
+        // An io::Error's `source` skips the error it wraps (hyper-rustls nests the rustls
+        // error two io::Errors deep): step into the payload instead.
+        current = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(payload) => Some(payload as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    None
+}
+
 /// What to do when the ledger's database does not answer.
 fn unreachable_hint(source: &sqlx::Error) -> &'static str {
     match source {

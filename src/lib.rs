@@ -37,7 +37,8 @@
 //!   storage classes, which of them need a restore, and `restore` itself.
 //!
 //! The commands that compose them: [`app`], the composition root, builds the pieces
-//! each command needs and hands them over; [`iam`]: the policy the configuration needs;
+//! each command needs and hands them over, with [`ca_bundle`]'s HTTPS client where extra
+//! CAs are trusted; [`iam`]: the policy the configuration needs;
 //! [`demo`]: the bundled example; [`telemetry`]: logs and progress; [`crashpoint`]:
 //! named kill points for crash tests.
 //!
@@ -52,6 +53,7 @@
 
 pub mod app;
 pub mod archive;
+pub mod ca_bundle;
 pub mod config;
 pub mod crashpoint;
 pub mod daemon;

@@ -461,7 +461,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             json,
         } => run_restore(config, range, tier, days, wait, json).await,
         Command::Run { once } => {
-            let sdk = app::sdk_config(&config.aws).await;
+            let sdk = app::sdk_config(&config.aws).await?;
             let ok = app::run_daemon(config, &sdk, once, shutdown).await?;
             Ok(status_for(ok))
         }

@@ -229,6 +229,15 @@ where
             (format!("{code} (HTTP {status}) {message}{hint}"), retry)
         }
         SdkError::ConstructionFailure(_) => (crate::error::chain(&err), Retryability::Permanent),
+        // A certificate this machine does not trust stays untrusted: say what to set.
+        _ if crate::error::rejected_certificate(&err).is_some() => (
+            format!(
+                "S3 at {} presented a TLS certificate this machine does not trust ({}): add its CA to the PEM file aws.ca_bundle (or AWS_CA_BUNDLE) names",
+                inner.endpoint,
+                crate::error::rejected_certificate(&err).unwrap_or_default()
+            ),
+            Retryability::Permanent,
+        ),
         _ => (
             format!(
                 "cannot reach S3 at {}: {} (check aws.s3_endpoint_url and the network; retried)",

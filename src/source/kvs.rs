@@ -83,8 +83,8 @@ pub struct KvsSource {
     account_control: TokenBucket,
     pacing: Pacing,
     policy: RetryPolicy,
-    /// Each stream's retention as DescribeStream last said, in ms.
-    retention: Mutex<HashMap<String, i64>>,
+    /// Each stream's retention as DescribeStream last said, in ms, and when it said it.
+    retention: Mutex<HashMap<String, (i64, std::time::Instant)>>,
 }
 
 /// Epoch seconds arrive as JSON numbers: 0.567 s parses as 0.56699…, so round to the
@@ -339,6 +339,16 @@ where
             ),
             Retryability::Transient,
         ),
+        // A certificate this machine does not trust stays untrusted: say what to set.
+        _ if crate::error::rejected_certificate(&err).is_some() => (
+            None,
+            None,
+            format!(
+                "{endpoint} presented a TLS certificate this machine does not trust ({}): add its CA to the PEM file aws.ca_bundle (or AWS_CA_BUNDLE) names",
+                crate::error::rejected_certificate(&err).unwrap_or_default()
+            ),
+            Retryability::Permanent,
+        ),
         // No answer: refused, unresolvable, or not sent; or no answer in time.
         _ => (
             None,
@@ -402,10 +412,33 @@ impl KvsSource {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&stream.label())
-            .copied();
+            .map(|(ms, _)| *ms);
         match known {
             Some(ms) => Ok(ms),
             None => Ok(i64::from(self.describe(stream).await?.retention_hours) * 3_600_000),
+        }
+    }
+
+    /// The stream's retention in hours, as DescribeStream said less than `max_age` ago
+    /// (asked again when older). A daemon pass needs it every firing, but it changes only
+    /// when an operator changes it, and DescribeStream shares the account's control-plane
+    /// quota with every other camera: a fleet that described each stream every pass
+    /// would spend that quota on answers it already has.
+    pub async fn retention_hours_within(
+        &self,
+        stream: &StreamConfig,
+        max_age: std::time::Duration,
+    ) -> Result<u32> {
+        let known = self
+            .retention
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&stream.label())
+            .filter(|(_, asked)| asked.elapsed() < max_age)
+            .map(|(ms, _)| *ms);
+        match known {
+            Some(ms) => Ok(u32::try_from(ms / 3_600_000).unwrap_or(u32::MAX)),
+            None => Ok(self.describe(stream).await?.retention_hours),
         }
     }
 
@@ -481,7 +514,13 @@ impl KvsSource {
         self.retention
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(label, i64::from(described.retention_hours) * 3_600_000);
+            .insert(
+                label,
+                (
+                    i64::from(described.retention_hours) * 3_600_000,
+                    std::time::Instant::now(),
+                ),
+            );
         Ok(described)
     }
 

@@ -16,4 +16,5 @@ mod footage;
 mod iam;
 mod late_media;
 mod playback;
+mod tls;
 mod verify_rebuild;

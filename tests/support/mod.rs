@@ -8,4 +8,5 @@ pub mod postgres;
 pub mod process;
 pub mod serve;
 pub mod sts;
+pub mod tls;
 pub mod world;

@@ -262,8 +262,10 @@ fn get_data_endpoint(
     record.stream = Some(name.clone());
     authorize(shared, &name, "GetDataEndpoint")?;
     control_plane_throttle(shared, &name)?;
-    // The endpoint is this server for every API: the client must dial what it is told.
-    Ok(json_response(json!({ "DataEndpoint": shared.base_url })))
+    // One endpoint for every API: the client must dial what it is told.
+    Ok(json_response(
+        json!({ "DataEndpoint": shared.data_endpoint() }),
+    ))
 }
 
 #[derive(Deserialize)]

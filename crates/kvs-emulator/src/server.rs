@@ -99,6 +99,12 @@ impl Emulator {
         &self.shared.base_url
     }
 
+    /// GetDataEndpoint answers `url` from now on instead of this server's URL: a TLS
+    /// terminator in front of it, which clients must dial for the media APIs.
+    pub fn set_data_endpoint(&self, url: &str) {
+        self.shared.set_data_endpoint(url.to_string());
+    }
+
     /// Adds a stream while the emulator runs; returns its ARN.
     pub fn add_stream(&self, spec: StreamSpec) -> Result<String, ApiError> {
         self.shared.add_stream(spec)

@@ -13,8 +13,11 @@ use std::sync::{Mutex, MutexGuard};
 
 /// State shared by every request.
 pub struct Shared {
-    /// `http://127.0.0.1:PORT`: what GetDataEndpoint answers for every API.
+    /// `http://127.0.0.1:PORT`: this server.
     pub base_url: String,
+    /// What GetDataEndpoint answers for every API: this server, or a TLS front a test
+    /// put before it ([`crate::Emulator::set_data_endpoint`]).
+    pub(crate) data_endpoint: Mutex<String>,
     /// The configured seed; ListFragments derives each listing's order from it.
     pub seed: u64,
     /// What a request's SigV4 signature is checked against.
@@ -46,9 +49,20 @@ pub(crate) fn wall_clock_ms() -> i64 {
 }
 
 impl Shared {
+    /// The URL GetDataEndpoint answers.
+    pub(crate) fn data_endpoint(&self) -> String {
+        lock(&self.data_endpoint).clone()
+    }
+
+    /// Answer `url` from now on.
+    pub(crate) fn set_data_endpoint(&self, url: String) {
+        *lock(&self.data_endpoint) = url;
+    }
+
     /// State for `config`'s credentials and seed, with no streams yet.
     pub(crate) fn new(config: &EmulatorConfig, base_url: String) -> Self {
         Shared {
+            data_endpoint: Mutex::new(base_url.clone()),
             base_url,
             seed: config.seed,
             credentials: Credentials {
