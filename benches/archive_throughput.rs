@@ -3,7 +3,7 @@
 //!
 //! `cargo bench --bench archive_throughput` — prints, per case, the bytes archived, wall
 //! time, throughput, CPU seconds per GiB and the archiver's peak RSS. Two questions:
-//! - clips in flight: 1, 4 and 16 clips of about 96 MB (4 MB fragments, so the size cap
+//! - clips in flight: 1, 4, 8 and 16 clips of about 96 MB (4 MB fragments, so the size cap
 //!   binds) at once; the peak should grow by about one part buffer per clip, not by the clip;
 //! - range length: 1 hour and 7 days of a small stream with 4 clips in flight; the peak
 //!   should not grow with the range (memory is bounded per clip, not per range).
@@ -48,6 +48,14 @@ fn main() {
             fragment_ms: 2000,
             fragment_size: 4_000_000,
             concurrency: 4,
+        },
+        // The daemon's default (`daemon.max_clips_in_flight`).
+        Case {
+            label: "8 clips in flight, 96 MB clips",
+            range: chrono::Duration::minutes(20),
+            fragment_ms: 2000,
+            fragment_size: 4_000_000,
+            concurrency: 8,
         },
         Case {
             label: "16 clips in flight, 96 MB clips",

@@ -7,7 +7,7 @@
 //! certificate `ca` names, before each server; GetDataEndpoint names the front too.
 //! Then, for each line on stdin: `requests` prints the emulator's request log since the
 //! last `requests` as one JSON line (and clears it); `s3requests` the same for the S3
-//! server ("METHOD /path?query" each); `tls` the cipher suites the fronts negotiated;
+//! server (`["METHOD /path?query", status]` each); `tls` the cipher suites the fronts negotiated;
 //! `fragments STREAM` prints `[server_ms, size]` of each fragment the stream holds. End
 //! of input stops both servers.
 
@@ -121,12 +121,14 @@ async fn answer_commands(
             emulator.clear_requests();
             println!("{}", serde_json::to_string(&records).unwrap_or_default());
         } else if line == "s3requests" {
-            let records = std::mem::take(&mut *s3.log.lock().unwrap_or_else(|e| e.into_inner()));
-            s3.exchanges
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clear();
-            println!("{}", serde_json::to_string(&records).unwrap_or_default());
+            s3.log.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            let exchanges =
+                std::mem::take(&mut *s3.exchanges.lock().unwrap_or_else(|e| e.into_inner()));
+            let records: Vec<_> = exchanges
+                .iter()
+                .map(|e| serde_json::json!([e.line, e.status]))
+                .collect();
+            println!("{}", serde_json::Value::Array(records));
         } else if line == "tls" {
             let suites: Vec<Option<String>> = fronts
                 .into_iter()

@@ -1,12 +1,12 @@
 //! The composition root: builds the clients, the ledger and the archiver from the
 //! configuration, and runs each command. The only module that knows every concrete type.
 
-use crate::ca_bundle::CaBundle;
 use crate::config::{AwsConfig, Config, StreamConfig};
 use crate::destination::s3::{S3Destination, S3Options};
 use crate::destination::{dir::DirDestination, Destination};
 use crate::domain::{rfc3339, EpochMs};
 use crate::error::{Error, Result};
+use crate::https::CaBundle;
 use crate::ledger::{Identity, RangeSummary, Role};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
@@ -22,8 +22,8 @@ pub async fn sdk_config(aws: &AwsConfig) -> Result<SdkConfig> {
     Ok(sdk_loader(aws)?.load().await)
 }
 
-/// The loader behind [`sdk_config`], for callers that supply their own credentials. Fails
-/// only on an unusable CA bundle ([`crate::ca_bundle`]).
+/// The loader behind [`sdk_config`]. Fails only on an unusable CA bundle
+/// ([`crate::https`]).
 fn sdk_loader(aws: &AwsConfig) -> Result<aws_config::ConfigLoader> {
     let loader = aws_config::defaults(BehaviorVersion::latest());
     // The bundled emulator is a sandbox with its own keys: the user's stay unused.
@@ -38,11 +38,11 @@ fn sdk_loader(aws: &AwsConfig) -> Result<aws_config::ConfigLoader> {
         )),
         None => loader,
     };
-    let extra_cas = match CaBundle::chosen(aws.ca_bundle.as_deref()) {
+    let anchors = match CaBundle::chosen(aws.ca_bundle.as_deref()) {
         Some(bundle) => Some(bundle.read()?),
         None => None,
     };
-    let loader = loader.http_client(crate::ca_bundle::https_client(extra_cas)?);
+    let loader = loader.http_client(crate::https::client(anchors)?);
     Ok(loader
         .region(Region::new(aws.region.clone()))
         .retry_config(aws_config::retry::RetryConfig::disabled())

@@ -142,9 +142,9 @@ pub struct AwsConfig {
     pub s3_force_path_style: bool,
     /// STS endpoint for `destination.role_arn` (a VPC endpoint, say); default: AWS's.
     pub sts_endpoint_url: Option<String>,
-    /// PEM file of certificate authorities trusted besides the system's, for endpoints
-    /// behind a private CA (a TLS-inspecting proxy, an S3-compatible store). Unset:
-    /// `$AWS_CA_BUNDLE` if set, as the AWS CLI reads it.
+    /// PEM file of the certificate authorities trusted instead of the system's, for
+    /// endpoints behind a private CA (a TLS-inspecting proxy, an S3-compatible store).
+    /// Unset: `$AWS_CA_BUNDLE` if set, as the AWS CLI reads it.
     pub ca_bundle: Option<std::path::PathBuf>,
     /// Longest wait to open a connection.
     #[serde(with = "humantime_serde")]
@@ -782,6 +782,12 @@ impl Config {
     fn validate_aws(&self) -> Result<(), ConfigError> {
         if self.aws.region.trim().is_empty() {
             return Err(invalid("aws.region", "must not be empty"));
+        }
+        // Read now, so that check-config says what is wrong with it.
+        if let Some(bundle) = crate::https::CaBundle::chosen(self.aws.ca_bundle.as_deref()) {
+            if let Err(e) = bundle.read() {
+                return Err(invalid(bundle.source, e.to_string()));
+            }
         }
         for (field, url) in [
             (

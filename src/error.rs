@@ -193,14 +193,15 @@ pub fn chain(error: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
-/// The TLS verifier's reason when a connection failed because the server's certificate
-/// is not trusted (an unknown CA, a name that does not match, an expired certificate):
-/// found by type anywhere in the causes, through the `io::Error`s that carry it.
-pub fn rejected_certificate(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+/// Why the TLS verifier refused a server's certificate, when that is why a connection
+/// failed: found by type anywhere in the causes, through the `io::Error`s that carry it.
+pub fn rejected_certificate(
+    error: &(dyn std::error::Error + 'static),
+) -> Option<rustls::CertificateError> {
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = current {
         if let Some(rustls::Error::InvalidCertificate(why)) = e.downcast_ref::<rustls::Error>() {
-            return Some(format!("{why:?}"));
+            return Some(why.clone());
         }
         // An io::Error's `source` skips the error it wraps (hyper-rustls nests the rustls
         // error two io::Errors deep): step into the payload instead.
@@ -213,6 +214,40 @@ pub fn rejected_certificate(error: &(dyn std::error::Error + 'static)) -> Option
         };
     }
     None
+}
+
+/// What to tell the operator about `endpoint`'s refused certificate, and whether waiting
+/// can help: a certificate not yet valid, or expired, is often this machine's clock
+/// (unsynchronised at boot), which heals; an unknown CA or another name does not.
+pub fn certificate_advice(
+    endpoint: &str,
+    why: &rustls::CertificateError,
+) -> (String, Retryability) {
+    use rustls::CertificateError as E;
+    match why {
+        E::UnknownIssuer | E::BadSignature => (
+            format!(
+                "{endpoint} presented a TLS certificate from a CA this machine does not trust ({why:?}): name a PEM file holding that CA in aws.ca_bundle (or AWS_CA_BUNDLE)"
+            ),
+            Retryability::Permanent,
+        ),
+        E::Expired | E::ExpiredContext { .. } | E::NotValidYet | E::NotValidYetContext { .. } => (
+            format!(
+                "{endpoint} presented a TLS certificate that is not valid now ({why}): check this machine's clock (NTP); retried"
+            ),
+            Retryability::Transient,
+        ),
+        E::NotValidForName | E::NotValidForNameContext { .. } => (
+            format!(
+                "{endpoint} presented a TLS certificate for another name ({why}): check the endpoint URL; for a bucket name with dots, set aws.s3_force_path_style = true"
+            ),
+            Retryability::Permanent,
+        ),
+        other => (
+            format!("{endpoint} presented a TLS certificate this machine refuses ({other})"),
+            Retryability::Permanent,
+        ),
+    }
 }
 
 /// What to do when the ledger's database does not answer.

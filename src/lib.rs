@@ -37,8 +37,9 @@
 //!   storage classes, which of them need a restore, and `restore` itself.
 //!
 //! The commands that compose them: [`app`], the composition root, builds the pieces
-//! each command needs and hands them over, with [`ca_bundle`]'s HTTPS client where extra
-//! CAs are trusted; [`iam`]: the policy the configuration needs;
+//! each command needs and hands them over, with the one HTTPS client [`https`] builds
+//! for every SDK client (and the CAs it trusts); [`iam`]: the policy the configuration
+//! needs;
 //! [`demo`]: the bundled example; [`telemetry`]: logs and progress; [`crashpoint`]:
 //! named kill points for crash tests.
 //!
@@ -53,7 +54,6 @@
 
 pub mod app;
 pub mod archive;
-pub mod ca_bundle;
 pub mod config;
 pub mod crashpoint;
 pub mod daemon;
@@ -64,6 +64,7 @@ pub mod domain;
 pub mod error;
 pub mod export;
 pub mod find;
+pub mod https;
 pub mod iam;
 pub mod ledger;
 pub mod metrics;

@@ -23,6 +23,17 @@ impl TokenBucket {
         }
     }
 
+    /// An empty bucket refilled at `rate_per_sec`: for a quota other processes share (a
+    /// `plan` just before, a backfill beside the daemon, another instance), whose last
+    /// second this process cannot know. Starting full would spend a second's points at
+    /// once on top of theirs, and KVS would throttle the difference.
+    pub fn starting_empty(rate_per_sec: f64) -> Self {
+        TokenBucket {
+            rate: rate_per_sec.max(0.001),
+            state: Mutex::new((0.0, Instant::now())),
+        }
+    }
+
     /// Waits until `cost` points are available and takes them. A cost above one second's
     /// budget passes when the bucket is full and leaves it in debt, as KVS does.
     pub async fn acquire(&self, cost: f64) {
@@ -59,6 +70,24 @@ mod tests {
         }
         let elapsed = start.elapsed().as_secs_f64();
         assert!((2.7..=3.2).contains(&elapsed), "took {elapsed} s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bucket_starting_empty_waits_for_its_first_points() {
+        let bucket = TokenBucket::starting_empty(500.0);
+        let start = Instant::now();
+        bucket.acquire(250.0).await;
+        let first = start.elapsed().as_secs_f64();
+        assert!(
+            (0.49..=0.52).contains(&first),
+            "first 250 points after {first} s"
+        );
+        // Then the rate, as for a full one: 1,000 points in two more seconds.
+        for _ in 0..4 {
+            bucket.acquire(250.0).await;
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        assert!((2.49..=2.6).contains(&elapsed), "took {elapsed} s");
     }
 
     #[tokio::test(start_paused = true)]

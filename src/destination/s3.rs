@@ -189,6 +189,17 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     tracing::debug!(op, target, error = ?err, "S3 request failed");
+    // A refused certificate: what to fix, and whether waiting helps.
+    if let Some(why) = crate::error::rejected_certificate(&err) {
+        let (message, retry) =
+            crate::error::certificate_advice(&format!("S3 at {}", inner.endpoint), &why);
+        return Error::Destination {
+            op,
+            target: target.to_string(),
+            message,
+            retry,
+        };
+    }
     let (message, retry) = match &err {
         SdkError::ServiceError(ctx) => {
             let status = ctx.raw().status().as_u16();
@@ -229,15 +240,6 @@ where
             (format!("{code} (HTTP {status}) {message}{hint}"), retry)
         }
         SdkError::ConstructionFailure(_) => (crate::error::chain(&err), Retryability::Permanent),
-        // A certificate this machine does not trust stays untrusted: say what to set.
-        _ if crate::error::rejected_certificate(&err).is_some() => (
-            format!(
-                "S3 at {} presented a TLS certificate this machine does not trust ({}): add its CA to the PEM file aws.ca_bundle (or AWS_CA_BUNDLE) names",
-                inner.endpoint,
-                crate::error::rejected_certificate(&err).unwrap_or_default()
-            ),
-            Retryability::Permanent,
-        ),
         _ => (
             format!(
                 "cannot reach S3 at {}: {} (check aws.s3_endpoint_url and the network; retried)",

@@ -77,6 +77,11 @@ pub struct KvsSource {
     media_config: am::Config,
     /// Data endpoints by stream and API: the client and its URL (for errors).
     endpoints: Mutex<HashMap<(String, Api), (am::Client, String)>>,
+    /// One client per distinct data endpoint URL, shared by the streams and APIs it
+    /// serves: many streams share a host, and an SDK client (its configuration and
+    /// runtime plugins) costs tens of KiB, which per stream and API grew the daemon's
+    /// memory with every configured camera.
+    clients: Mutex<HashMap<String, am::Client>>,
     /// The control plane's URL, for errors.
     control_url: String,
     buckets: Mutex<HashMap<String, Arc<StreamBuckets>>>,
@@ -288,6 +293,18 @@ where
 {
     // The whole error (request id, raw response) for whoever reads the debug log.
     tracing::debug!(op, stream, error = ?err, "KVS request failed");
+    // A refused certificate: what to fix, and whether waiting helps.
+    if let Some(why) = crate::error::rejected_certificate(&err) {
+        let (message, retry) = crate::error::certificate_advice(endpoint, &why);
+        return Error::Kvs {
+            op,
+            stream: stream.to_string(),
+            code: None,
+            status: None,
+            message,
+            retry,
+        };
+    }
     let (code, status, message, retry) = match &err {
         SdkError::ServiceError(ctx) => {
             let code = ctx.err().code().map(str::to_string);
@@ -339,16 +356,6 @@ where
             ),
             Retryability::Transient,
         ),
-        // A certificate this machine does not trust stays untrusted: say what to set.
-        _ if crate::error::rejected_certificate(&err).is_some() => (
-            None,
-            None,
-            format!(
-                "{endpoint} presented a TLS certificate this machine does not trust ({}): add its CA to the PEM file aws.ca_bundle (or AWS_CA_BUNDLE) names",
-                crate::error::rejected_certificate(&err).unwrap_or_default()
-            ),
-            Retryability::Permanent,
-        ),
         // No answer: refused, unresolvable, or not sent; or no answer in time.
         _ => (
             None,
@@ -396,6 +403,7 @@ impl KvsSource {
             control: kv::Client::from_conf(control.build()),
             media_config: am::config::Builder::from(shared).build(),
             endpoints: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
             control_url,
             buckets: Mutex::new(HashMap::new()),
             account_control: TokenBucket::new(pacing.control_calls_per_second),
@@ -434,11 +442,20 @@ impl KvsSource {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&stream.label())
-            .filter(|(_, asked)| asked.elapsed() < max_age)
-            .map(|(ms, _)| *ms);
+            .copied();
+        let hours = |ms: i64| u32::try_from(ms / 3_600_000).unwrap_or(u32::MAX);
         match known {
-            Some(ms) => Ok(u32::try_from(ms / 3_600_000).unwrap_or(u32::MAX)),
-            None => Ok(self.describe(stream).await?.retention_hours),
+            Some((ms, asked)) if asked.elapsed() < max_age => Ok(hours(ms)),
+            _ => match self.describe(stream).await {
+                Ok(described) => Ok(described.retention_hours),
+                // Asked again and not answered: what it said last is still the best
+                // guess, and the pass's other calls will say if the stream is gone.
+                Err(e) if e.retryability() != Retryability::Permanent && known.is_some() => {
+                    tracing::warn!(stream = %stream.label(), error = %e, "DescribeStream failed; using the retention it gave before");
+                    Ok(known.map_or(0, |(ms, _)| hours(ms)))
+                }
+                Err(e) => Err(e),
+            },
         }
     }
 
@@ -448,8 +465,11 @@ impl KvsSource {
             .entry(stream.label())
             .or_insert_with(|| {
                 Arc::new(StreamBuckets {
-                    media: TokenBucket::new(self.pacing.media_points_per_second),
-                    metadata: TokenBucket::new(self.pacing.metadata_points_per_second),
+                    // Fragment points are the stream's, whoever spends them. Control
+                    // calls start full: a command's first call should not wait, and
+                    // their burst is a few calls.
+                    media: TokenBucket::starting_empty(self.pacing.media_points_per_second),
+                    metadata: TokenBucket::starting_empty(self.pacing.metadata_points_per_second),
                     control: TokenBucket::new(self.pacing.control_calls_per_second_per_stream),
                 })
             })
@@ -567,12 +587,20 @@ impl KvsSource {
             })
         })
         .await?;
-        let client = am::Client::from_conf(
-            self.media_config
-                .to_builder()
-                .endpoint_url(&endpoint)
-                .build(),
-        );
+        let client = self
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(endpoint.clone())
+            .or_insert_with(|| {
+                am::Client::from_conf(
+                    self.media_config
+                        .to_builder()
+                        .endpoint_url(&endpoint)
+                        .build(),
+                )
+            })
+            .clone();
         self.lock_endpoints()
             .insert((label, api), (client.clone(), endpoint.clone()));
         Ok((client, endpoint))

@@ -199,6 +199,23 @@ async fn daemon_keeps_twenty_live_streams_archived_exactly_once() {
     assert_closed_windows_archived_once(&world, &objects, stop, clip_ms);
     assert_aligned(&world, &objects, clip_ms).await;
     assert!(started < stop);
+    // Passes every 5 s for 90 s, and each stream described once: its retention is
+    // taken as current for 15 minutes, sparing the account's control-plane quota.
+    let mut described: BTreeMap<String, usize> = BTreeMap::new();
+    for r in world
+        .emu
+        .requests()
+        .iter()
+        .filter(|r| r.op == "DescribeStream")
+    {
+        *described
+            .entry(r.stream.clone().unwrap_or_default())
+            .or_default() += 1;
+    }
+    assert!(
+        described.len() >= 20 && described.values().all(|&n| n == 1),
+        "DescribeStream once per stream: {described:?}"
+    );
 
     let status = world.run(&["status", "--json"]).await;
     let json = streams_json(&status);
