@@ -206,7 +206,7 @@ async fn daemon_keeps_twenty_live_streams_archived_exactly_once() {
         .emu
         .requests()
         .iter()
-        .filter(|r| r.op == "DescribeStream")
+        .filter(|r| r.op == "DescribeStream" && r.status == 200)
     {
         *described
             .entry(r.stream.clone().unwrap_or_default())
