@@ -74,8 +74,8 @@ fn main() -> std::process::ExitCode {
         };
         let fronts = match &ca {
             Some(ca) => {
-                let kvs = tls::serve(tls::bind().await, ca, emulator.base_url());
-                let s3 = tls::serve(tls::bind().await, ca, &s3.url);
+                let kvs = tls::serve(ca, emulator.base_url()).await;
+                let s3 = tls::serve(ca, &s3.url).await;
                 emulator.set_data_endpoint(&kvs.url);
                 Some((kvs, s3))
             }

@@ -84,6 +84,19 @@ pub async fn run(output: &Path, shutdown: &Shutdown) -> Result<PathBuf> {
     archiver.close().await;
     drop(emulator);
     let config_path = write_config(output, &archive, &emulator_file)?;
+    print_next_commands(output, &config_path, start, end);
+    if summary.complete() {
+        Ok(first)
+    } else {
+        Err(Error::Usage(format!(
+            "demo: {}",
+            crate::app::describe_run(&summary)
+        )))
+    }
+}
+
+/// What to run next with the configuration the demo left, over its archived range.
+fn print_next_commands(output: &Path, config_path: &Path, start: i64, end: i64) {
     // As this process was started (`target/debug/kvs-archiver` under `cargo run`), so the
     // commands work as printed.
     let program = std::env::args()
@@ -110,14 +123,6 @@ pub async fn run(output: &Path, shutdown: &Shutdown) -> Result<PathBuf> {
         output.join("one-minute.mp4").display()
     );
     println!("  {with} serve    # the archive's page on http://127.0.0.1:8080/");
-    if summary.complete() {
-        Ok(first)
-    } else {
-        Err(Error::Usage(format!(
-            "demo: {}",
-            crate::app::describe_run(&summary)
-        )))
-    }
 }
 
 /// Writes the bundled emulator's configuration (the demo camera) beside the archive.

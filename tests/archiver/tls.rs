@@ -15,8 +15,8 @@ async fn world_over_tls(ca: &ThrowawayCa, start: i64, end: i64) -> (World, TlsFr
         "clip_duration = \"10m\"",
     )
     .await;
-    let kvs = tls::serve(tls::bind().await, ca, world.emu.base_url());
-    let s3 = tls::serve(tls::bind().await, ca, &world.s3_url);
+    let kvs = tls::serve(ca, world.emu.base_url()).await;
+    let s3 = tls::serve(ca, &world.s3_url).await;
     world.emu.set_data_endpoint(&kvs.url);
     let config = std::fs::read_to_string(&world.config).expect("config");
     let config = config

@@ -122,16 +122,12 @@ impl Drop for TlsFront {
     }
 }
 
-/// Binds a port now (so its URL can be handed out before the server behind it is known).
-pub async fn bind() -> tokio::net::TcpListener {
-    tokio::net::TcpListener::bind("127.0.0.1:0")
+/// Serves TLS with `ca`'s server certificate on a new port of 127.0.0.1, each connection
+/// forwarded to `backend` (a plain `http://127.0.0.1:PORT` URL).
+pub async fn serve(ca: &ThrowawayCa, backend: &str) -> TlsFront {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
-        .expect("bind the TLS front")
-}
-
-/// Serves TLS with `ca`'s server certificate on `listener`, each connection forwarded to
-/// `backend` (a plain `http://127.0.0.1:PORT` URL).
-pub fn serve(listener: tokio::net::TcpListener, ca: &ThrowawayCa, backend: &str) -> TlsFront {
+        .expect("bind the TLS front");
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&ca.cert_pem)
