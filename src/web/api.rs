@@ -638,6 +638,22 @@ async fn range_is_settled(
         .is_empty())
 }
 
+/// A segment's file name: `{ms}.init.mp4` (its initialization) or `{ms}.m4s`, with the
+/// instant within years 1970..2200, so no arithmetic on it can overflow.
+fn segment_named(file: &str) -> Result<(EpochMs, bool), Problem> {
+    let (at, init) = match (file.strip_suffix(".init.mp4"), file.strip_suffix(".m4s")) {
+        (Some(at), _) => (at, true),
+        (None, Some(at)) => (at, false),
+        _ => return Err(problem(StatusCode::NOT_FOUND, "no such segment")),
+    };
+    let at: EpochMs = at
+        .parse()
+        .ok()
+        .filter(|at| (0..=LATEST_MS).contains(at))
+        .ok_or_else(|| problem(StatusCode::NOT_FOUND, "no such segment"))?;
+    Ok((at, init))
+}
+
 async fn segment(
     State(state): State<AppState>,
     Path((name, file)): Path<(String, String)>,
@@ -647,17 +663,7 @@ async fn segment(
     let answer = async {
         let stream = stream_named(&state, &name)?;
         let label = stream.label();
-        let (at, init) = match (file.strip_suffix(".init.mp4"), file.strip_suffix(".m4s")) {
-            (Some(at), _) => (at, true),
-            (None, Some(at)) => (at, false),
-            _ => return Err(problem(StatusCode::NOT_FOUND, "no such segment")),
-        };
-        // Within years 1970..2200, so no arithmetic on it can overflow.
-        let at: EpochMs = at
-            .parse()
-            .ok()
-            .filter(|at| (0..=LATEST_MS).contains(at))
-            .ok_or_else(|| problem(StatusCode::NOT_FOUND, "no such segment"))?;
+        let (at, init) = segment_named(&file)?;
         let number = query
             .get("f")
             .filter(|n| crate::domain::is_fragment_number(n))
