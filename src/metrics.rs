@@ -1,31 +1,207 @@
 //! Prometheus metrics and the `/metrics` + `/healthz` listener (off unless
-//! `daemon.metrics_listen` is set; loopback only). Without an installed recorder (the
-//! `backfill` command), recording is a no-op.
+//! `daemon.metrics_listen` is set; loopback only). Without [`serve`] (the `backfill`
+//! command), recording is a no-op.
+//!
+//! The registry is this module's own: a map of series under one lock, written a few times
+//! per chunk and rendered in Prometheus's text format. The exporter crates bring a
+//! lock-free registry, summaries and a clock source this daemon has no use for, and
+//! eighteen crates to the README's first build (docs/PERFORMANCE.md, "Build").
 
 use crate::domain::ChunkKind;
 use crate::error::{Error, Result, Retryability};
 use axum::routing::get;
 use axum::Router;
-use metrics::{counter, gauge, histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
+
+/// The process's series, once [`serve`] installed it.
+static REGISTRY: OnceLock<Registry> = OnceLock::new();
+
+/// A series: the metric's name and its labels, in the order written.
+type SeriesKey = (&'static str, Vec<(&'static str, String)>);
+
+/// Every series recorded, and the label every one of them carries.
+struct Registry {
+    /// `archiver_instance`'s value.
+    instance: String,
+    series: Mutex<BTreeMap<SeriesKey, Value>>,
+}
+
+/// A series' value.
+enum Value {
+    Counter(u64),
+    Gauge(f64),
+    /// Cumulative counts per bucket of [`BUCKETS`] (the last one `+Inf`), and the sum.
+    Histogram {
+        counts: Vec<u64>,
+        sum: f64,
+    },
+}
+
+impl Value {
+    fn kind(&self) -> &'static str {
+        match self {
+            Value::Counter(_) => "counter",
+            Value::Gauge(_) => "gauge",
+            Value::Histogram { .. } => "histogram",
+        }
+    }
+}
+
+/// Applies `change` to the series, creating it with `new` first; a no-op without a registry.
+fn record(
+    name: &'static str,
+    labels: &[(&'static str, &str)],
+    new: impl FnOnce() -> Value,
+    change: impl FnOnce(&mut Value),
+) {
+    let Some(registry) = REGISTRY.get() else {
+        return;
+    };
+    let labels = labels.iter().map(|(k, v)| (*k, v.to_string())).collect();
+    // A panic while the lock was held left at worst one series half-updated: keep serving.
+    let mut series = registry.series.lock().unwrap_or_else(|e| e.into_inner());
+    change(series.entry((name, labels)).or_insert_with(new));
+}
+
+fn counter(name: &'static str, labels: &[(&'static str, &str)], by: u64) {
+    record(
+        name,
+        labels,
+        || Value::Counter(0),
+        |v| {
+            if let Value::Counter(n) = v {
+                *n += by;
+            }
+        },
+    );
+}
+
+fn gauge(name: &'static str, labels: &[(&'static str, &str)], to: f64) {
+    record(name, labels, || Value::Gauge(to), |v| *v = Value::Gauge(to));
+}
+
+/// Observes `x` in `name`'s buckets (every histogram has its own, in [`BUCKETS`]).
+fn histogram(name: &'static str, labels: &[(&'static str, &str)], x: f64) {
+    let Some(bounds) = buckets_of(name) else {
+        return;
+    };
+    let new = || Value::Histogram {
+        counts: vec![0; bounds.len() + 1],
+        sum: 0.0,
+    };
+    record(name, labels, new, |v| {
+        if let Value::Histogram { counts, sum } = v {
+            let first = bounds
+                .iter()
+                .position(|le| x <= *le)
+                .unwrap_or(bounds.len());
+            for count in &mut counts[first..] {
+                *count += 1;
+            }
+            *sum += x;
+        }
+    });
+}
+
+fn buckets_of(name: &str) -> Option<&'static [f64]> {
+    BUCKETS.iter().find(|(n, _)| *n == name).map(|(_, b)| *b)
+}
+
+/// A sample value as Prometheus writes it (`+Inf`, not Rust's `inf`).
+fn number(x: f64) -> String {
+    match x {
+        f64::INFINITY => "+Inf".to_string(),
+        f64::NEG_INFINITY => "-Inf".to_string(),
+        x if x.is_nan() => "NaN".to_string(),
+        x => x.to_string(),
+    }
+}
+
+/// `{archiver_instance="…",k="v",…}` plus `extra`, values escaped as the format asks.
+fn label_set(
+    instance: &str,
+    labels: &[(&'static str, String)],
+    extra: Option<(&str, &str)>,
+) -> String {
+    let mut out = String::from("{");
+    let pairs = std::iter::once(("archiver_instance", instance))
+        .chain(labels.iter().map(|(k, v)| (*k, v.as_str())))
+        .chain(extra);
+    for (i, (key, value)) in pairs.enumerate() {
+        let value = value
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n");
+        let _ = write!(out, "{}{key}=\"{value}\"", if i == 0 { "" } else { "," });
+    }
+    out.push('}');
+    out
+}
+
+/// The registry in Prometheus's text exposition format, one `# TYPE` line per metric.
+fn render(registry: &Registry) -> String {
+    let series = registry.series.lock().unwrap_or_else(|e| e.into_inner());
+    let mut out = String::new();
+    let mut typed = "";
+    for ((name, labels), value) in series.iter() {
+        if *name != typed {
+            let _ = writeln!(out, "# TYPE {name} {}", value.kind());
+            typed = name;
+        }
+        let instance = &registry.instance;
+        match value {
+            Value::Counter(n) => {
+                let _ = writeln!(out, "{name}{} {n}", label_set(instance, labels, None));
+            }
+            Value::Gauge(x) => {
+                let _ = writeln!(
+                    out,
+                    "{name}{} {}",
+                    label_set(instance, labels, None),
+                    number(*x)
+                );
+            }
+            Value::Histogram { counts, sum } => {
+                let bounds = buckets_of(name).unwrap_or_default();
+                let les = bounds
+                    .iter()
+                    .map(|b| number(*b))
+                    .chain(["+Inf".to_string()]);
+                for (le, count) in les.zip(counts) {
+                    let set = label_set(instance, labels, Some(("le", &le)));
+                    let _ = writeln!(out, "{name}_bucket{set} {count}");
+                }
+                let set = label_set(instance, labels, None);
+                let _ = writeln!(out, "{name}_sum{set} {}", number(*sum));
+                let _ = writeln!(out, "{name}_count{set} {}", counts.last().unwrap_or(&0));
+            }
+        }
+    }
+    out
+}
 
 /// One chunk archived: counts its bytes and fragments and how long it took.
 pub fn chunk_archived(stream: &str, kind: ChunkKind, bytes: u64, fragments: u64, took: Duration) {
-    let stream = stream.to_string();
+    let labels = [("stream", stream)];
     if kind == ChunkKind::Mkv {
-        counter!("kvs_archiver_mkv_fragments_archived_total", "stream" => stream.clone())
-            .increment(fragments);
+        counter(
+            "kvs_archiver_mkv_fragments_archived_total",
+            &labels,
+            fragments,
+        );
     }
-    counter!("kvs_archiver_chunks_archived_total", "stream" => stream.clone()).increment(1);
-    counter!("kvs_archiver_bytes_archived_total", "stream" => stream.clone()).increment(bytes);
-    histogram!("kvs_archiver_chunk_seconds", "stream" => stream.clone()).record(took.as_secs_f64());
-    histogram!("kvs_archiver_chunk_bytes", "stream" => stream).record(bytes as f64);
+    counter("kvs_archiver_chunks_archived_total", &labels, 1);
+    counter("kvs_archiver_bytes_archived_total", &labels, bytes);
+    histogram("kvs_archiver_chunk_seconds", &labels, took.as_secs_f64());
+    histogram("kvs_archiver_chunk_bytes", &labels, bytes as f64);
 }
 
-/// Histogram buckets, chosen per metric: without them the exporter writes summaries,
-/// which cannot be aggregated across streams or instances.
+/// Histogram buckets, chosen per metric (histograms, unlike summaries, aggregate across
+/// streams and instances).
 const BUCKETS: [(&str, &[f64]); 4] = [
     // Time to GetClip's first byte: tens of milliseconds, seconds when KVS is loaded.
     (
@@ -54,18 +230,17 @@ const BUCKETS: [(&str, &[f64]); 4] = [
 /// One failed attempt at a chunk: counted by its kind, and as a throttle or a retry when it
 /// is one.
 pub fn chunk_failed(stream: &str, error: &Error) {
-    let stream = stream.to_string();
     match error.retryability() {
         Retryability::Throttled => {
-            counter!("kvs_archiver_throttles_total", "stream" => stream.clone()).increment(1)
+            counter("kvs_archiver_throttles_total", &[("stream", stream)], 1)
         }
         Retryability::Transient | Retryability::Unreachable => {
-            counter!("kvs_archiver_retries_total", "stream" => stream.clone()).increment(1)
+            counter("kvs_archiver_retries_total", &[("stream", stream)], 1);
         }
         Retryability::Permanent => {}
     }
-    counter!("kvs_archiver_chunk_failures_total", "stream" => stream, "kind" => error.kind())
-        .increment(1);
+    let labels = [("stream", stream), ("kind", error.kind())];
+    counter("kvs_archiver_chunk_failures_total", &labels, 1);
 }
 
 /// A request retried inside an operation (ListFragments page, part upload, …).
@@ -76,36 +251,55 @@ pub fn operation_retried(operation: &str, why: Retryability) {
         Retryability::Unreachable => "unreachable",
         Retryability::Permanent => "permanent",
     };
-    counter!("kvs_archiver_operation_retries_total", "operation" => operation.to_string(), "reason" => reason)
-        .increment(1);
+    let labels = [("operation", operation), ("reason", reason)];
+    counter("kvs_archiver_operation_retries_total", &labels, 1);
 }
 
 /// Time to GetClip's first byte.
 pub fn getclip_latency(stream: &str, took: Duration) {
-    histogram!("kvs_archiver_getclip_first_byte_seconds", "stream" => stream.to_string())
-        .record(took.as_secs_f64());
+    let labels = [("stream", stream)];
+    histogram(
+        "kvs_archiver_getclip_first_byte_seconds",
+        &labels,
+        took.as_secs_f64(),
+    );
 }
 
 /// Time to complete an upload.
 pub fn upload_latency(stream: &str, took: Duration) {
-    histogram!("kvs_archiver_upload_finish_seconds", "stream" => stream.to_string())
-        .record(took.as_secs_f64());
+    let labels = [("stream", stream)];
+    histogram(
+        "kvs_archiver_upload_finish_seconds",
+        &labels,
+        took.as_secs_f64(),
+    );
 }
 
 /// Fragments listed after the range around them was planned or archived.
 pub fn late_fragments(stream: &str, count: u64) {
-    counter!("kvs_archiver_late_fragments_total", "stream" => stream.to_string()).increment(count);
+    counter(
+        "kvs_archiver_late_fragments_total",
+        &[("stream", stream)],
+        count,
+    );
 }
 
 /// Fragments KVS deleted before they were archived.
 pub fn fragments_expired(stream: &str, count: u64) {
-    counter!("kvs_archiver_fragments_expired_total", "stream" => stream.to_string())
-        .increment(count);
+    counter(
+        "kvs_archiver_fragments_expired_total",
+        &[("stream", stream)],
+        count,
+    );
 }
 
 /// A firing that found the stream's pass still running, merged into the next pass.
 pub fn coalesced_firing(stream: &str) {
-    counter!("kvs_archiver_coalesced_firings_total", "stream" => stream.to_string()).increment(1);
+    counter(
+        "kvs_archiver_coalesced_firings_total",
+        &[("stream", stream)],
+        1,
+    );
 }
 
 /// Chunks by state, as the ledger counts them: a gauge per state.
@@ -115,42 +309,50 @@ pub fn chunks_by_state(stream: &str, counts: &[(crate::ledger::ChunkState, i64)]
             .iter()
             .find(|(s, _)| *s == state)
             .map_or(0, |(_, n)| *n);
-        gauge!("kvs_archiver_chunks", "stream" => stream.to_string(), "state" => state.as_str())
-            .set(n as f64);
+        let labels = [("stream", stream), ("state", state.as_str())];
+        gauge("kvs_archiver_chunks", &labels, n as f64);
     }
 }
 
 /// Seconds behind the live edge, time left before the oldest unarchived fragment expires,
 /// and whether that is inside the alarm.
 pub fn stream_health(stream: &str, lag_secs: Option<f64>, expiry_secs: Option<f64>, at_risk: bool) {
-    let stream = stream.to_string();
+    let labels = [("stream", stream)];
     if let Some(lag) = lag_secs {
-        gauge!("kvs_archiver_archive_lag_seconds", "stream" => stream.clone()).set(lag);
+        gauge("kvs_archiver_archive_lag_seconds", &labels, lag);
     }
-    gauge!("kvs_archiver_oldest_unarchived_expiry_seconds", "stream" => stream.clone())
-        .set(expiry_secs.unwrap_or(f64::INFINITY));
-    gauge!("kvs_archiver_at_risk", "stream" => stream).set(if at_risk { 1.0 } else { 0.0 });
+    let expiry = expiry_secs.unwrap_or(f64::INFINITY);
+    gauge(
+        "kvs_archiver_oldest_unarchived_expiry_seconds",
+        &labels,
+        expiry,
+    );
+    gauge(
+        "kvs_archiver_at_risk",
+        &labels,
+        if at_risk { 1.0 } else { 0.0 },
+    );
 }
 
-/// Installs the Prometheus recorder and serves it on `addr`.
+/// Starts recording and serves the series on `addr`.
 /// Every series carries `archiver_instance` (the instance id; Prometheus keeps
 /// `instance` for the scrape target): several daemons share one fleet.
-pub async fn serve(addr: SocketAddr, instance: &str) -> Result<PrometheusHandle> {
-    let mut builder = PrometheusBuilder::new().add_global_label("archiver_instance", instance);
-    for (name, buckets) in BUCKETS {
-        builder = builder
-            .set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)
-            .map_err(|e| Error::Usage(format!("metrics: buckets of {name}: {e}")))?;
+pub async fn serve(addr: SocketAddr, instance: &str) -> Result<()> {
+    let registry = Registry {
+        instance: instance.to_string(),
+        series: Mutex::default(),
+    };
+    if REGISTRY.set(registry).is_err() {
+        return Err(Error::Usage(
+            "metrics: the listener was started twice".to_string(),
+        ));
     }
-    let handle = builder
-        .install_recorder()
-        .map_err(|e| Error::Usage(format!("metrics: cannot install the recorder: {e}")))?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Usage(format!("daemon.metrics_listen {addr}: cannot listen: {e}")))?;
-    let render = handle.clone();
+    let scrape = || std::future::ready(REGISTRY.get().map(render).unwrap_or_default());
     let app = Router::new()
-        .route("/metrics", get(move || std::future::ready(render.render())))
+        .route("/metrics", get(scrape))
         .route("/healthz", get(|| std::future::ready("ok\n")));
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
@@ -158,5 +360,74 @@ pub async fn serve(addr: SocketAddr, instance: &str) -> Result<PrometheusHandle>
         }
     });
     tracing::info!(%addr, "metrics on http://{addr}/metrics");
-    Ok(handle)
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a scrape would say: Prometheus's own text parser reads it back.
+    #[tokio::test]
+    async fn a_scrape_is_prometheus_text_with_cumulative_histograms() {
+        assert!(REGISTRY.get().is_none(), "nothing records before serve");
+        serve("127.0.0.1:0".parse().unwrap(), "host-1")
+            .await
+            .unwrap();
+        chunk_archived(
+            "cam-1",
+            ChunkKind::Clip,
+            3_000_000,
+            40,
+            Duration::from_secs(4),
+        );
+        chunk_archived(
+            "cam-1",
+            ChunkKind::Clip,
+            60_000_000,
+            200,
+            Duration::from_secs(90),
+        );
+        stream_health("cam-1", Some(12.5), None, false);
+        operation_retried("List\"Fragments\\", Retryability::Throttled);
+        let text = render(REGISTRY.get().unwrap());
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
+        let value = |name: &str| {
+            let sample = scrape.samples.iter().find(|s| s.metric == name);
+            let sample = sample.unwrap_or_else(|| panic!("{name} in {text}"));
+            assert_eq!(sample.labels.get("archiver_instance"), Some("host-1"));
+            sample.value.clone()
+        };
+        use prometheus_parse::Value as V;
+        assert!(matches!(value("kvs_archiver_chunks_archived_total"), V::Counter(n) if n == 2.0));
+        assert!(matches!(value("kvs_archiver_bytes_archived_total"), V::Counter(n) if n == 63e6));
+        assert!(matches!(value("kvs_archiver_archive_lag_seconds"), V::Gauge(x) if x == 12.5));
+        let expiry = value("kvs_archiver_oldest_unarchived_expiry_seconds");
+        assert!(
+            matches!(expiry, V::Gauge(x) if x == f64::INFINITY),
+            "{text}"
+        );
+        let V::Histogram(buckets) = value("kvs_archiver_chunk_bytes") else {
+            panic!("a histogram: {text}");
+        };
+        let counts: Vec<(f64, f64)> = buckets.iter().map(|b| (b.less_than, b.count)).collect();
+        assert_eq!(counts.first(), Some(&(1e5, 0.0)), "{text}");
+        assert!(
+            counts.contains(&(5e6, 1.0)) && counts.contains(&(1e8, 2.0)),
+            "{text}"
+        );
+        assert_eq!(counts.last(), Some(&(f64::INFINITY, 2.0)), "{text}");
+        assert!(text.contains("kvs_archiver_chunk_bytes_sum{archiver_instance=\"host-1\",stream=\"cam-1\"} 63000000\n"), "{text}");
+        // Escaped as the format asks (the parser keeps label values as written).
+        let retried = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric.contains("operation_retries"));
+        assert!(retried.is_some(), "{text}");
+        assert!(
+            text.contains(r#"operation="List\"Fragments\\",reason="throttled"} 1"#),
+            "{text}"
+        );
+    }
 }

@@ -26,6 +26,7 @@ pub mod sqlite;
 use crate::domain::{ChunkKind, ChunkPlan, EpochMs, Fragment, TimestampSource};
 use crate::error::{Error, Result};
 use crate::plan::Holdings;
+use futures_util::future::BoxFuture;
 use serde::Serialize;
 use std::fmt;
 
@@ -447,10 +448,13 @@ pub struct StreamProgress {
     pub last_run_error: Option<String>,
 }
 
+/// A [`Ledger`] call's transaction, to await: boxed, because a process holds its ledger
+/// as `dyn Ledger`, SQLite or PostgreSQL as configured.
+pub type Pending<'a, T> = BoxFuture<'a, Result<T>>;
+
 /// The ledger of chunk state. Every method is one transaction; every transition that names
 /// a [`Lease`] changes exactly one row or fails with [`Error::LeaseLost`] and changes
 /// nothing.
-#[async_trait::async_trait]
 pub trait Ledger: Send + Sync {
     /// This process's name in claims.
     fn owner(&self) -> &str {
@@ -462,226 +466,244 @@ pub trait Ledger: Send + Sync {
 
     /// Records this process as alive. A daemon is refused while another live daemon
     /// runs under the same instance id.
-    async fn register(&self, now: EpochMs, lease_ms: i64) -> Result<Registration>;
+    fn register(&self, now: EpochMs, lease_ms: i64) -> Pending<'_, Registration>;
 
     /// This process is alive: renews its registration, its stream leases and the leases
     /// of its chunks in `active` (chunks whose worker still runs) until `now + lease_ms`.
-    async fn heartbeat(&self, now: EpochMs, lease_ms: i64, active: &[i64]) -> Result<()>;
+    fn heartbeat<'a>(&'a self, now: EpochMs, lease_ms: i64, active: &'a [i64]) -> Pending<'a, ()>;
 
     /// A clean stop: the registration and every stream lease of this process end now.
-    async fn unregister(&self) -> Result<()>;
+    fn unregister(&self) -> Pending<'_, ()>;
 
     /// Registered processes, most recently seen first.
-    async fn instances(&self) -> Result<Vec<InstanceView>>;
+    fn instances(&self) -> Pending<'_, Vec<InstanceView>>;
 
     /// Takes the stream's lease unless another live process holds it.
-    async fn acquire_stream(
-        &self,
-        stream: &str,
+    fn acquire_stream<'a>(
+        &'a self,
+        stream: &'a str,
         source: TimestampSource,
         now: EpochMs,
         lease_ms: i64,
-    ) -> Result<StreamClaim>;
+    ) -> Pending<'a, StreamClaim>;
 
     /// Gives the stream's lease back (if this process holds it).
-    async fn release_stream(&self, stream: &str, source: TimestampSource) -> Result<()>;
+    fn release_stream<'a>(&'a self, stream: &'a str, source: TimestampSource) -> Pending<'a, ()>;
 
     /// Live stream leases (unexpired at `now`).
-    async fn stream_holders(&self, now: EpochMs) -> Result<Vec<StreamHolder>>;
+    fn stream_holders(&self, now: EpochMs) -> Pending<'_, Vec<StreamHolder>>;
 
     /// Claims the next chunk reaching into `[from, to]` that is claimable at `now` (as
     /// [`Ledger::claimable`] lists them, minus `skip`), by start; concurrent claimers
     /// never block on each other's rows nor get the same chunk.
     #[allow(clippy::too_many_arguments)]
-    async fn claim_next(
-        &self,
-        stream: &str,
+    fn claim_next<'a>(
+        &'a self,
+        stream: &'a str,
         source: TimestampSource,
         from: EpochMs,
         to: EpochMs,
         now: EpochMs,
         lease_ms: i64,
-        skip: &[i64],
-    ) -> Result<Option<(Chunk, Lease)>>;
+        skip: &'a [i64],
+    ) -> Pending<'a, Option<(Chunk, Lease)>>;
 
     /// Records a planned chunk and the fragments it holds. Returns false, recording
     /// nothing, when any of its fragments is held already or when (for a clip chunk) its
     /// GetClip range overlaps another clip chunk's: whoever plans, no fragment is ever in
     /// two chunks.
-    async fn insert_planned(
-        &self,
-        stream: &str,
+    fn insert_planned<'a>(
+        &'a self,
+        stream: &'a str,
         source: TimestampSource,
-        plan: &ChunkPlan,
-        object_key: &str,
-    ) -> Result<bool>;
+        plan: &'a ChunkPlan,
+        object_key: &'a str,
+    ) -> Pending<'a, bool>;
 
     /// Records a chunk whose object the destination already holds (`rebuild-ledger`):
     /// done, with `bytes` as its size and its checksum unknown. `false` if a chunk of the
     /// ledger already holds its range or one of its fragments.
-    async fn insert_archived(
-        &self,
-        stream: &str,
+    fn insert_archived<'a>(
+        &'a self,
+        stream: &'a str,
         source: TimestampSource,
-        plan: &ChunkPlan,
-        object_key: &str,
+        plan: &'a ChunkPlan,
+        object_key: &'a str,
         bytes: u64,
-    ) -> Result<bool>;
+    ) -> Pending<'a, bool>;
 
     /// What the ledger holds in `[from, to]`: fragment numbers and clip ranges (with
     /// whether each is archived) reaching into it.
-    async fn holdings(
-        &self,
-        stream: &str,
+    fn holdings<'a>(
+        &'a self,
+        stream: &'a str,
         source: TimestampSource,
         from: EpochMs,
         to: EpochMs,
-    ) -> Result<Holdings>;
+    ) -> Pending<'a, Holdings>;
 
     /// The fragments a chunk holds, sorted; empty for a chunk planned before fragments
     /// were recorded.
-    async fn fragments_of(&self, chunk: i64) -> Result<Vec<Fragment>>;
+    fn fragments_of(&self, chunk: i64) -> Pending<'_, Vec<Fragment>>;
 
     /// Chunks reaching into `[from, to]` that may be claimed at `now`: planned, or failed
     /// with their next attempt due; by start.
-    async fn claimable(
-        &self,
-        stream: &str,
+    fn claimable<'a>(
+        &'a self,
+        stream: &'a str,
         source: TimestampSource,
         from: EpochMs,
         to: EpochMs,
         now: EpochMs,
-    ) -> Result<Vec<Chunk>>;
+    ) -> Pending<'a, Vec<Chunk>>;
 
     /// Chunks reaching into `[from, to]` by state.
-    async fn range_summary(
-        &self,
-        stream: &str,
+    fn range_summary<'a>(
+        &'a self,
+        stream: &'a str,
         source: TimestampSource,
         from: EpochMs,
         to: EpochMs,
-    ) -> Result<RangeSummary>;
+    ) -> Pending<'a, RangeSummary>;
 
     /// Claims a planned chunk, or a failed one whose next attempt is due at `now`, for
     /// `lease_ms`. `None` if it is held, finished or not due.
-    async fn claim(&self, id: i64, now: EpochMs, lease_ms: i64) -> Result<Option<Lease>>;
+    fn claim(&self, id: i64, now: EpochMs, lease_ms: i64) -> Pending<'_, Option<Lease>>;
 
     /// In-flight chunks whose claim is dead at `now`: the lease ran out (whoever holds
     /// it), the owner is a process known to be gone, or the owner is this process and the
     /// chunk is not in `active` (its worker returned without recording an outcome).
-    async fn abandoned(&self, now: EpochMs, active: &[i64]) -> Result<Vec<Chunk>>;
+    fn abandoned<'a>(&'a self, now: EpochMs, active: &'a [i64]) -> Pending<'a, Vec<Chunk>>;
 
     /// Takes over an abandoned chunk as [`Ledger::abandoned`] returned it (same
     /// generation, still in flight). The caller aborts its recorded upload, then releases.
-    async fn take_over(&self, chunk: &Chunk, now: EpochMs, lease_ms: i64) -> Result<Option<Lease>>;
+    fn take_over<'a>(
+        &'a self,
+        chunk: &'a Chunk,
+        now: EpochMs,
+        lease_ms: i64,
+    ) -> Pending<'a, Option<Lease>>;
 
     /// Bytes go to the destination now, under this multipart upload (once there is one).
-    async fn mark_uploading(&self, lease: &Lease, upload_id: Option<&str>) -> Result<()>;
+    fn mark_uploading<'a>(
+        &'a self,
+        lease: &'a Lease,
+        upload_id: Option<&'a str>,
+    ) -> Pending<'a, ()>;
 
     /// Extends the lease to at least `until`; a lease that already runs longer (a
     /// heartbeat extended it) is kept, so renewing never shortens a claim. Fenced like
     /// every transition: it also tells the caller its lease still holds.
-    async fn renew(&self, lease: &Lease, until: EpochMs) -> Result<()>;
+    fn renew<'a>(&'a self, lease: &'a Lease, until: EpochMs) -> Pending<'a, ()>;
 
     /// Adds fragments listed in the chunk's range after it was planned (GetClip will
     /// return them); fragments held by any chunk are skipped. Returns the chunk's
     /// fragments now.
-    async fn attach_fragments(
-        &self,
-        lease: &Lease,
-        fragments: &[Fragment],
-    ) -> Result<Vec<Fragment>>;
+    fn attach_fragments<'a>(
+        &'a self,
+        lease: &'a Lease,
+        fragments: &'a [Fragment],
+    ) -> Pending<'a, Vec<Fragment>>;
 
     /// The object is stored, whole: the chunk is done and the lease ends.
-    async fn mark_done(&self, lease: &Lease, archived: &Archived) -> Result<()>;
+    fn mark_done<'a>(&'a self, lease: &'a Lease, archived: &'a Archived) -> Pending<'a, ()>;
 
     /// The attempt failed: the chunk waits until `failure.next_attempt_ms`. The upload id
     /// stays recorded, so the next claim aborts that upload if it is still open.
-    async fn mark_failed(&self, lease: &Lease, failure: &Failure) -> Result<()>;
+    fn mark_failed<'a>(&'a self, lease: &'a Lease, failure: &'a Failure) -> Pending<'a, ()>;
 
     /// KVS confirmed the chunk's media is gone.
-    async fn mark_expired(&self, lease: &Lease, reason: &str) -> Result<()>;
+    fn mark_expired<'a>(&'a self, lease: &'a Lease, reason: &'a str) -> Pending<'a, ()>;
 
     /// Gives the chunk back (shutdown, a restarted upload): planned again. The upload id
     /// stays recorded, so the next claim aborts that upload if it is still open.
-    async fn release(&self, lease: &Lease) -> Result<()>;
+    fn release<'a>(&'a self, lease: &'a Lease) -> Pending<'a, ()>;
 
     /// Replaces the chunk by `parts` (with their fragments) and, when some of its
     /// fragments are confirmed gone, an `expired` record of them (recorded first, with no
     /// object key). All or nothing: if any of them would overlap another chunk (a held
     /// fragment, or a clip range), nothing changes, the chunk stays held under `lease`,
     /// and the call fails with [`Error::LedgerInvariant`].
-    async fn split(
-        &self,
-        lease: &Lease,
-        parts: &[(ChunkPlan, String)],
-        expired: Option<(&ChunkPlan, &str)>,
-    ) -> Result<()>;
+    fn split<'a>(
+        &'a self,
+        lease: &'a Lease,
+        parts: &'a [(ChunkPlan, String)],
+        expired: Option<(&'a ChunkPlan, &'a str)>,
+    ) -> Pending<'a, ()>;
 
     /// Turns the chunk into another kind (GetClip cannot package it: Matroska), planned.
-    async fn convert(&self, lease: &Lease, kind: ChunkKind, object_key: &str) -> Result<()>;
+    fn convert<'a>(
+        &'a self,
+        lease: &'a Lease,
+        kind: ChunkKind,
+        object_key: &'a str,
+    ) -> Pending<'a, ()>;
 
     /// Makes the failed chunks reaching into `[from, to]` claimable at once; returns how
     /// many.
-    async fn requeue_failed(
-        &self,
-        stream: &str,
+    fn requeue_failed<'a>(
+        &'a self,
+        stream: &'a str,
         source: TimestampSource,
         from: EpochMs,
         to: EpochMs,
-    ) -> Result<u64>;
+    ) -> Pending<'a, u64>;
 
     /// Plans a done or failed chunk again (verify found its object missing or wrong).
-    async fn requeue_chunk(&self, id: i64) -> Result<bool>;
+    fn requeue_chunk(&self, id: i64) -> Pending<'_, bool>;
 
     /// Upload ids recorded by in-flight chunks: the sweep never touches them.
-    async fn live_upload_ids(&self) -> Result<Vec<String>>;
+    fn live_upload_ids(&self) -> Pending<'_, Vec<String>>;
 
     /// Done chunks reaching into `[from, to]`, by start.
-    async fn done_in(
-        &self,
-        stream: &str,
+    fn done_in<'a>(
+        &'a self,
+        stream: &'a str,
         source: TimestampSource,
         from: EpochMs,
         to: EpochMs,
-    ) -> Result<Vec<Chunk>>;
+    ) -> Pending<'a, Vec<Chunk>>;
 
     /// Every object key the ledger knows under a stream (any state), for verify.
-    async fn object_keys(&self, stream: &str) -> Result<Vec<String>>;
+    fn object_keys<'a>(&'a self, stream: &'a str) -> Pending<'a, Vec<String>>;
 
     /// One chunk by id; `None` if there is no such row.
-    async fn chunk(&self, id: i64) -> Result<Option<Chunk>>;
+    fn chunk(&self, id: i64) -> Pending<'_, Option<Chunk>>;
 
     /// Per-stream totals for `status`, every stream the ledger knows.
-    async fn status(&self) -> Result<Vec<StreamStatus>>;
+    fn status(&self) -> Pending<'_, Vec<StreamStatus>>;
 
     /// Start of the oldest chunk of the stream not archived yet (nor expired).
-    async fn oldest_unarchived(
-        &self,
-        stream: &str,
+    fn oldest_unarchived<'a>(
+        &'a self,
+        stream: &'a str,
         source: TimestampSource,
-    ) -> Result<Option<EpochMs>>;
+    ) -> Pending<'a, Option<EpochMs>>;
 
     /// End of the newest archived chunk of the stream (the daemon's lag metric).
-    async fn archived_through(&self, stream: &str) -> Result<Option<EpochMs>>;
+    fn archived_through<'a>(&'a self, stream: &'a str) -> Pending<'a, Option<EpochMs>>;
 
     /// Chunk counts by state for one stream, for the metrics.
-    async fn counts(&self, stream: &str) -> Result<Vec<(ChunkState, i64)>>;
+    fn counts<'a>(&'a self, stream: &'a str) -> Pending<'a, Vec<(ChunkState, i64)>>;
 
     /// What the daemon recorded for the stream (`stream_progress`); defaults if nothing
     /// yet.
-    async fn progress(&self, stream: &str, source: TimestampSource) -> Result<StreamProgress>;
+    fn progress<'a>(
+        &'a self,
+        stream: &'a str,
+        source: TimestampSource,
+    ) -> Pending<'a, StreamProgress>;
 
     /// Stores what the daemon learned in a pass; `None` keeps the stored value.
-    async fn update_progress(
-        &self,
-        stream: &str,
+    fn update_progress<'a>(
+        &'a self,
+        stream: &'a str,
         source: TimestampSource,
-        update: &StreamProgress,
-    ) -> Result<()>;
+        update: &'a StreamProgress,
+    ) -> Pending<'a, ()>;
 
     /// Closes the database's connections; the ledger is not used after.
-    async fn close(&self);
+    fn close(&self) -> BoxFuture<'_, ()>;
 }
 
 /// Opens the ledger `database_url` names: `sqlite:` or `postgres:`/`postgresql:`.

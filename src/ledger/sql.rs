@@ -336,8 +336,8 @@ macro_rules! sql_ledger {
             use $crate::ledger::sql::{self, Columns as _, Dialect, CHUNK_COLUMNS, HELD, IN_RANGE};
             use $crate::ledger::{
                 Archived, Chunk, ChunkState, Failure, Identity, InstanceView, Lease, Ledger,
-                RangeSummary, Registration, Role, StreamClaim, StreamHolder, StreamProgress,
-                StreamStatus,
+                Pending, RangeSummary, Registration, Role, StreamClaim, StreamHolder,
+                StreamProgress, StreamStatus,
             };
             use $crate::plan::Holdings;
 
@@ -650,12 +650,8 @@ pub(super) use sql_ledger_helpers;
 /// trait.
 macro_rules! sql_ledger_methods {
     () => {
-        #[async_trait::async_trait]
-        impl Ledger for This {
-            fn identity(&self) -> &Identity {
-                &self.identity
-            }
-
+        // The methods as async fns; the `Ledger` impl below boxes each one's future.
+        impl This {
             async fn register(&self, now: EpochMs, lease_ms: i64) -> Result<Registration> {
                 let op = "register instance";
                 let me = &self.identity;
@@ -782,6 +778,7 @@ macro_rules! sql_ledger_methods {
                 holders.map_err(Error::ledger(op))
             }
 
+            #[allow(clippy::too_many_arguments)]
             async fn claim_next(
                 &self, stream: &str, source: TimestampSource, from: EpochMs, to: EpochMs,
                 now: EpochMs, lease_ms: i64, skip: &[i64],
@@ -1197,6 +1194,281 @@ macro_rules! sql_ledger_methods {
 
             async fn close(&self) {
                 self.pool.close().await;
+            }
+        }
+
+        impl Ledger for This {
+            fn identity(&self) -> &Identity {
+                &self.identity
+            }
+
+            fn register(&self, now: EpochMs, lease_ms: i64) -> Pending<'_, Registration> {
+                Box::pin(This::register(self, now, lease_ms))
+            }
+
+            fn heartbeat<'a>(
+                &'a self,
+                now: EpochMs,
+                lease_ms: i64,
+                active: &'a [i64],
+            ) -> Pending<'a, ()> {
+                Box::pin(This::heartbeat(self, now, lease_ms, active))
+            }
+
+            fn unregister(&self) -> Pending<'_, ()> {
+                Box::pin(This::unregister(self))
+            }
+
+            fn instances(&self) -> Pending<'_, Vec<InstanceView>> {
+                Box::pin(This::instances(self))
+            }
+
+            fn acquire_stream<'a>(
+                &'a self,
+                stream: &'a str,
+                source: TimestampSource,
+                now: EpochMs,
+                lease_ms: i64,
+            ) -> Pending<'a, StreamClaim> {
+                Box::pin(This::acquire_stream(self, stream, source, now, lease_ms))
+            }
+
+            fn release_stream<'a>(
+                &'a self,
+                stream: &'a str,
+                source: TimestampSource,
+            ) -> Pending<'a, ()> {
+                Box::pin(This::release_stream(self, stream, source))
+            }
+
+            fn stream_holders(&self, now: EpochMs) -> Pending<'_, Vec<StreamHolder>> {
+                Box::pin(This::stream_holders(self, now))
+            }
+
+            #[allow(clippy::too_many_arguments)]
+            fn claim_next<'a>(
+                &'a self,
+                stream: &'a str,
+                source: TimestampSource,
+                from: EpochMs,
+                to: EpochMs,
+                now: EpochMs,
+                lease_ms: i64,
+                skip: &'a [i64],
+            ) -> Pending<'a, Option<(Chunk, Lease)>> {
+                Box::pin(This::claim_next(self, stream, source, from, to, now, lease_ms, skip))
+            }
+
+            fn insert_planned<'a>(
+                &'a self,
+                stream: &'a str,
+                source: TimestampSource,
+                plan: &'a ChunkPlan,
+                object_key: &'a str,
+            ) -> Pending<'a, bool> {
+                Box::pin(This::insert_planned(self, stream, source, plan, object_key))
+            }
+
+            fn insert_archived<'a>(
+                &'a self,
+                stream: &'a str,
+                source: TimestampSource,
+                plan: &'a ChunkPlan,
+                object_key: &'a str,
+                bytes: u64,
+            ) -> Pending<'a, bool> {
+                Box::pin(This::insert_archived(self, stream, source, plan, object_key, bytes))
+            }
+
+            fn holdings<'a>(
+                &'a self,
+                stream: &'a str,
+                source: TimestampSource,
+                from: EpochMs,
+                to: EpochMs,
+            ) -> Pending<'a, Holdings> {
+                Box::pin(This::holdings(self, stream, source, from, to))
+            }
+
+            fn fragments_of(&self, chunk: i64) -> Pending<'_, Vec<Fragment>> {
+                Box::pin(This::fragments_of(self, chunk))
+            }
+
+            fn claimable<'a>(
+                &'a self,
+                stream: &'a str,
+                source: TimestampSource,
+                from: EpochMs,
+                to: EpochMs,
+                now: EpochMs,
+            ) -> Pending<'a, Vec<Chunk>> {
+                Box::pin(This::claimable(self, stream, source, from, to, now))
+            }
+
+            fn range_summary<'a>(
+                &'a self,
+                stream: &'a str,
+                source: TimestampSource,
+                from: EpochMs,
+                to: EpochMs,
+            ) -> Pending<'a, RangeSummary> {
+                Box::pin(This::range_summary(self, stream, source, from, to))
+            }
+
+            fn claim(&self, id: i64, now: EpochMs, lease_ms: i64) -> Pending<'_, Option<Lease>> {
+                Box::pin(This::claim(self, id, now, lease_ms))
+            }
+
+            fn abandoned<'a>(&'a self, now: EpochMs, active: &'a [i64]) -> Pending<'a, Vec<Chunk>> {
+                Box::pin(This::abandoned(self, now, active))
+            }
+
+            fn take_over<'a>(
+                &'a self,
+                chunk: &'a Chunk,
+                now: EpochMs,
+                lease_ms: i64,
+            ) -> Pending<'a, Option<Lease>> {
+                Box::pin(This::take_over(self, chunk, now, lease_ms))
+            }
+
+            fn mark_uploading<'a>(
+                &'a self,
+                lease: &'a Lease,
+                upload_id: Option<&'a str>,
+            ) -> Pending<'a, ()> {
+                Box::pin(This::mark_uploading(self, lease, upload_id))
+            }
+
+            fn renew<'a>(&'a self, lease: &'a Lease, until: EpochMs) -> Pending<'a, ()> {
+                Box::pin(This::renew(self, lease, until))
+            }
+
+            fn attach_fragments<'a>(
+                &'a self,
+                lease: &'a Lease,
+                fragments: &'a [Fragment],
+            ) -> Pending<'a, Vec<Fragment>> {
+                Box::pin(This::attach_fragments(self, lease, fragments))
+            }
+
+            fn mark_done<'a>(
+                &'a self,
+                lease: &'a Lease,
+                archived: &'a Archived,
+            ) -> Pending<'a, ()> {
+                Box::pin(This::mark_done(self, lease, archived))
+            }
+
+            fn mark_failed<'a>(
+                &'a self,
+                lease: &'a Lease,
+                failure: &'a Failure,
+            ) -> Pending<'a, ()> {
+                Box::pin(This::mark_failed(self, lease, failure))
+            }
+
+            fn mark_expired<'a>(&'a self, lease: &'a Lease, reason: &'a str) -> Pending<'a, ()> {
+                Box::pin(This::mark_expired(self, lease, reason))
+            }
+
+            fn release<'a>(&'a self, lease: &'a Lease) -> Pending<'a, ()> {
+                Box::pin(This::release(self, lease))
+            }
+
+            fn split<'a>(
+                &'a self,
+                lease: &'a Lease,
+                parts: &'a [(ChunkPlan, String)],
+                expired: Option<(&'a ChunkPlan, &'a str)>,
+            ) -> Pending<'a, ()> {
+                Box::pin(This::split(self, lease, parts, expired))
+            }
+
+            fn convert<'a>(
+                &'a self,
+                lease: &'a Lease,
+                kind: ChunkKind,
+                object_key: &'a str,
+            ) -> Pending<'a, ()> {
+                Box::pin(This::convert(self, lease, kind, object_key))
+            }
+
+            fn requeue_failed<'a>(
+                &'a self,
+                stream: &'a str,
+                source: TimestampSource,
+                from: EpochMs,
+                to: EpochMs,
+            ) -> Pending<'a, u64> {
+                Box::pin(This::requeue_failed(self, stream, source, from, to))
+            }
+
+            fn requeue_chunk(&self, id: i64) -> Pending<'_, bool> {
+                Box::pin(This::requeue_chunk(self, id))
+            }
+
+            fn live_upload_ids(&self) -> Pending<'_, Vec<String>> {
+                Box::pin(This::live_upload_ids(self))
+            }
+
+            fn done_in<'a>(
+                &'a self,
+                stream: &'a str,
+                source: TimestampSource,
+                from: EpochMs,
+                to: EpochMs,
+            ) -> Pending<'a, Vec<Chunk>> {
+                Box::pin(This::done_in(self, stream, source, from, to))
+            }
+
+            fn object_keys<'a>(&'a self, stream: &'a str) -> Pending<'a, Vec<String>> {
+                Box::pin(This::object_keys(self, stream))
+            }
+
+            fn chunk(&self, id: i64) -> Pending<'_, Option<Chunk>> {
+                Box::pin(This::chunk(self, id))
+            }
+
+            fn status(&self) -> Pending<'_, Vec<StreamStatus>> {
+                Box::pin(This::status(self))
+            }
+
+            fn oldest_unarchived<'a>(
+                &'a self,
+                stream: &'a str,
+                source: TimestampSource,
+            ) -> Pending<'a, Option<EpochMs>> {
+                Box::pin(This::oldest_unarchived(self, stream, source))
+            }
+
+            fn archived_through<'a>(&'a self, stream: &'a str) -> Pending<'a, Option<EpochMs>> {
+                Box::pin(This::archived_through(self, stream))
+            }
+
+            fn counts<'a>(&'a self, stream: &'a str) -> Pending<'a, Vec<(ChunkState, i64)>> {
+                Box::pin(This::counts(self, stream))
+            }
+
+            fn progress<'a>(
+                &'a self,
+                stream: &'a str,
+                source: TimestampSource,
+            ) -> Pending<'a, StreamProgress> {
+                Box::pin(This::progress(self, stream, source))
+            }
+
+            fn update_progress<'a>(
+                &'a self,
+                stream: &'a str,
+                source: TimestampSource,
+                update: &'a StreamProgress,
+            ) -> Pending<'a, ()> {
+                Box::pin(This::update_progress(self, stream, source, update))
+            }
+
+            fn close(&self) -> futures_util::future::BoxFuture<'_, ()> {
+                Box::pin(This::close(self))
             }
         }
     };
