@@ -7,6 +7,7 @@ use crate::config::StreamConfig;
 use crate::destination::{restore_tiers, Readiness, RestoreTier};
 use crate::domain::{rfc3339, EpochMs};
 use crate::error::{Error, Result};
+use crate::playback::footage::chunks_reaching_into;
 use crate::telemetry::Progress;
 use serde::Serialize;
 
@@ -28,18 +29,12 @@ pub async fn readiness(
     start: EpochMs,
     end: EpochMs,
 ) -> Result<Vec<ObjectReadiness>> {
-    // A chunk that ends exactly where the range starts holds none of it.
-    let done = archive
-        .ledger
-        .done_in(
-            &stream.label(),
-            stream.timestamp_source,
-            start.saturating_add(1),
-            end,
-        )
-        .await?;
+    // Exactly the objects a read of the range reads.
+    let label = stream.label();
+    let source = stream.timestamp_source;
+    let done = chunks_reaching_into(archive.ledger.as_ref(), &label, source, start, end).await?;
     let mut found = Vec::with_capacity(done.len());
-    for chunk in done {
+    for (chunk, _) in done {
         let readiness = match archive.destination.head(&chunk.object_key).await? {
             Some(head) => head.readiness(),
             // Missing: reads report it (`verify` names it).

@@ -8,13 +8,39 @@ use super::{fragment_bounds, read_track, LeftOut};
 use crate::destination::Destination;
 use crate::domain::{ChunkKind, EpochMs, Fragment, TimestampSource};
 use crate::error::Result;
-use crate::ledger::Ledger;
+use crate::ledger::{Chunk, Ledger};
 use crate::mp4::track::{Sample, TrackLimits, VideoTrack};
 use std::sync::Arc;
 
 /// A fragment lasts less than this: chunks starting this long before the range cannot
 /// reach into it.
 const LONGEST_FRAGMENT_MS: i64 = crate::domain::MAX_FRAGMENT_MS as i64;
+
+fn reaches_into(fragment: &Fragment, start: EpochMs, end: EpochMs) -> bool {
+    fragment.start_ms < end && fragment.start_ms + fragment.duration_ms as i64 > start
+}
+
+/// The done chunks of `stream` with a fragment playing in `[start, end)`, each with its
+/// fragments: the objects a read of the range reads, so also those `restore` must make
+/// readable first. (A chunk's range ends where its last fragment starts: one ending
+/// exactly at `start` still plays into the range.)
+pub async fn chunks_reaching_into(
+    ledger: &dyn Ledger,
+    stream: &str,
+    source: TimestampSource,
+    start: EpochMs,
+    end: EpochMs,
+) -> Result<Vec<(Chunk, Vec<Fragment>)>> {
+    let reach = start.saturating_sub(LONGEST_FRAGMENT_MS);
+    let mut found = Vec::new();
+    for chunk in ledger.done_in(stream, source, reach, end).await? {
+        let fragments = ledger.fragments_of(chunk.id).await?;
+        if fragments.iter().any(|f| reaches_into(f, start, end)) {
+            found.push((chunk, fragments));
+        }
+    }
+    Ok(found)
+}
 
 /// An archived object holding fragments of the range.
 #[derive(Debug, Clone)]
@@ -70,20 +96,8 @@ impl Footage {
             placed: Vec::new(),
             left_out: Vec::new(),
         };
-        let overlaps = |f: &Fragment| f.start_ms < end && f.start_ms + f.duration_ms as i64 > start;
-        for chunk in ledger
-            .done_in(
-                stream,
-                source,
-                start.saturating_sub(LONGEST_FRAGMENT_MS),
-                end,
-            )
-            .await?
-        {
-            let fragments = ledger.fragments_of(chunk.id).await?;
-            if !fragments.iter().any(overlaps) {
-                continue;
-            }
+        let overlaps = |f: &Fragment| reaches_into(f, start, end);
+        for (chunk, fragments) in chunks_reaching_into(ledger, stream, source, start, end).await? {
             if chunk.plan.kind == ChunkKind::Mkv {
                 footage.left_out.push(LeftOut {
                     object_key: chunk.object_key.clone(),
