@@ -5,7 +5,7 @@
 //! The registry is this module's own: a map of series under one lock, written a few times
 //! per chunk and rendered in Prometheus's text format. The exporter crates bring a
 //! lock-free registry, summaries and a clock source this daemon has no use for, and
-//! eighteen crates to the README's first build (docs/PERFORMANCE.md, "Build").
+//! sixteen crates to the README's first build (docs/PERFORMANCE.md, "Build").
 
 use crate::domain::ChunkKind;
 use crate::error::{Error, Result, Retryability};
@@ -32,13 +32,12 @@ struct Registry {
 
 /// A series' value.
 enum Value {
+    /// Only grows: a count since the process started.
     Counter(u64),
+    /// The last value set.
     Gauge(f64),
     /// Cumulative counts per bucket of [`BUCKETS`] (the last one `+Inf`), and the sum.
-    Histogram {
-        counts: Vec<u64>,
-        sum: f64,
-    },
+    Histogram { counts: Vec<u64>, sum: f64 },
 }
 
 impl Value {
@@ -370,7 +369,8 @@ mod tests {
     /// What a scrape would say: Prometheus's own text parser reads it back.
     #[tokio::test]
     async fn a_scrape_is_prometheus_text_with_cumulative_histograms() {
-        assert!(REGISTRY.get().is_none(), "nothing records before serve");
+        // This is the unit tests' only serve: before it, no registry, so nothing records.
+        assert!(REGISTRY.get().is_none(), "no registry before serve");
         serve("127.0.0.1:0".parse().unwrap(), "host-1")
             .await
             .unwrap();
