@@ -375,16 +375,8 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         return Ok(code);
     }
     let mut config = Config::load(cli.config.as_deref())?;
-    // Only the commands that ask KVS start it; it serves for as long as the command runs.
-    let asks_kvs = matches!(
-        cli.command,
-        Command::Backfill { .. }
-            | Command::Plan { .. }
-            | Command::Verify { .. }
-            | Command::Run { .. }
-            | Command::RebuildLedger { .. }
-    );
-    let _bundled_emulator = if asks_kvs {
+    // The bundled emulator serves for as long as the command runs.
+    let _bundled_emulator = if asks_kvs(&cli.command) {
         app::start_bundled_emulator(&mut config).await?
     } else {
         None
@@ -470,6 +462,18 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Demo { .. } => Ok(ExitCode::SUCCESS),
         Command::Completions { .. } | Command::Man => Ok(ExitCode::SUCCESS),
     }
+}
+
+/// Whether the command asks KVS (only those start the bundled emulator).
+fn asks_kvs(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Backfill { .. }
+            | Command::Plan { .. }
+            | Command::Verify { .. }
+            | Command::Run { .. }
+            | Command::RebuildLedger { .. }
+    )
 }
 
 /// `find`: exit status 1 when no object holds the instant.
