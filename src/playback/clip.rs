@@ -581,6 +581,45 @@ impl Layout {
         Ok(())
     }
 
+    /// Reports the range's edges that no frame covers, first and last among the gaps.
+    async fn report_edge_gaps(
+        &mut self,
+        ledger: &dyn Ledger,
+        footage: &Footage,
+        spec: &ClipSpec,
+        edge_start: EpochMs,
+        last_frame_end_ms: EpochMs,
+    ) -> Result<()> {
+        if edge_start - spec.start > GAP_REPORT_MS {
+            let why = why_missing(ledger, &footage.stream, footage.source, spec.start).await?;
+            self.gaps.insert(
+                0,
+                Gap {
+                    from_ms: spec.start,
+                    to_ms: edge_start,
+                    why,
+                    held: false,
+                },
+            );
+        }
+        if spec.end - last_frame_end_ms > GAP_REPORT_MS {
+            let why = why_missing(
+                ledger,
+                &footage.stream,
+                footage.source,
+                last_frame_end_ms + 1,
+            )
+            .await?;
+            self.gaps.push(Gap {
+                from_ms: last_frame_end_ms,
+                to_ms: spec.end,
+                why,
+                held: false,
+            });
+        }
+        Ok(())
+    }
+
     /// The edit list, the gaps at the edges, the header: the clip laid out.
     async fn finish(
         mut self,
@@ -609,33 +648,8 @@ impl Layout {
             Cut::Keyframe => (last_frame_end_ms, self.ticks),
         };
         let edge_start = shown_from_ms.max(first_frame_ms);
-        if edge_start - spec.start > GAP_REPORT_MS {
-            let why = why_missing(ledger, &footage.stream, footage.source, spec.start).await?;
-            self.gaps.insert(
-                0,
-                Gap {
-                    from_ms: spec.start,
-                    to_ms: edge_start,
-                    why,
-                    held: false,
-                },
-            );
-        }
-        if spec.end - last_frame_end_ms > GAP_REPORT_MS {
-            let why = why_missing(
-                ledger,
-                &footage.stream,
-                footage.source,
-                last_frame_end_ms + 1,
-            )
+        self.report_edge_gaps(ledger, footage, &spec, edge_start, last_frame_end_ms)
             .await?;
-            self.gaps.push(Gap {
-                from_ms: last_frame_end_ms,
-                to_ms: spec.end,
-                why,
-                held: false,
-            });
-        }
         let text = spec.wall_clock_text.then(|| {
             // Presentation starts at the shown frame: an anchor before it is moved up to it,
             // its wall time with it.
