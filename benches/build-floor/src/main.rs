@@ -16,6 +16,16 @@ async fn main() {
     let _ = am.list_fragments().send().await;
     let _ = sqlx::sqlite::SqlitePool::connect("sqlite::memory:").await;
     let _ = sqlx::postgres::PgPool::connect_lazy("postgres://x@127.0.0.1/x");
-    let _ = tokio_cron_scheduler::JobScheduler::new().await;
+    let zone: chrono_tz::Tz = "Europe/Berlin".parse().unwrap_or(chrono_tz::UTC);
+    let now = chrono::Utc::now().with_timezone(&zone);
+    let parser = croner::parser::CronParser::builder().seconds(croner::parser::Seconds::Required).build();
+    let _ = parser.parse("0 0 * * * *").map(|cron| cron.find_next_occurrence(&now, false));
+    let _ = Error::Cron;
     tracing::info!("done");
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error("cron")]
+    Cron,
 }
