@@ -36,7 +36,8 @@
 //!   [`status`]: `status` drawn for a terminal; [`restore`]: objects in archive
 //!   storage classes, which of them need a restore, and `restore` itself.
 //!
-//! The commands that compose them: [`app`], the composition root, builds the pieces
+//! The commands that compose them: [`cli`], the command line's grammar; [`app`], the
+//! composition root, builds the pieces
 //! each command needs and hands them over, with the one HTTPS client [`https`] builds
 //! for every SDK client (and the CAs it trusts); [`iam`]: the policy the configuration
 //! needs;
@@ -54,6 +55,7 @@
 
 pub mod app;
 pub mod archive;
+pub mod cli;
 pub mod config;
 pub mod crashpoint;
 pub mod daemon;

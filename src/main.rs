@@ -1,223 +1,22 @@
 //! The command line: parse, hand over to the library, map the outcome to an exit code
 //! (0: done; 1: the run finished with failures; 2: bad input or configuration).
 
-use clap::{Parser, Subcommand};
 use kvs_archiver::app;
+use kvs_archiver::cli::{Cli, Command, RangeArgs};
 use kvs_archiver::config::Config;
 use kvs_archiver::error::Error;
 use kvs_archiver::find::Finding;
 use kvs_archiver::ledger::ChunkState;
 use kvs_archiver::shutdown::Shutdown;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-#[derive(Parser)]
-#[command(
-    name = "kvs-archiver",
-    version,
-    about = "Archives Kinesis Video Streams media to S3 as playable MP4 files",
-    after_help = EXIT_STATUS
-)]
-struct Cli {
-    /// Configuration file (TOML); KVS_ARCHIVER_* environment variables override it.
-    #[arg(long, global = true, env = "KVS_ARCHIVER_CONFIG")]
-    config: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Command,
-}
-
-const EXIT_STATUS: &str = "Exit status: 0 done; 1 the work failed (what failed is printed; run the same command again to retry); 2 bad input or configuration (the message says what to fix); 130 stopped at once by a second signal.";
-
-/// A stream and a time range, as `backfill` and `plan` take them.
-#[derive(clap::Args)]
-struct RangeArgs {
-    /// A stream listed under [[streams]] in the configuration (its name or ARN's name).
-    #[arg(long)]
-    stream: String,
-    /// RFC 3339, e.g. 2026-11-20T00:00:00Z
-    #[arg(long)]
-    start: String,
-    /// RFC 3339; fragments starting at this instant are included.
-    #[arg(long)]
-    end: String,
-}
-
-impl RangeArgs {
-    /// The range in epoch milliseconds, with an error naming the flag that is wrong.
-    fn parse(&self) -> Result<(i64, i64), Error> {
-        Ok((
-            app::parse_time(&self.start, "--start")?,
-            app::parse_time(&self.end, "--end")?,
-        ))
-    }
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Check a stream's archive: every done chunk's object against the ledger (size,
-    /// checksum, metadata), KVS's fragments against the ledger, and objects the ledger
-    /// does not know. Exit status 1 on any discrepancy.
-    Verify {
-        /// A stream listed under [[streams]] in the configuration.
-        #[arg(long)]
-        stream: String,
-        /// RFC 3339; default: KVS's retention edge.
-        #[arg(long)]
-        start: Option<String>,
-        /// RFC 3339; default: now.
-        #[arg(long)]
-        end: Option<String>,
-        /// Plan missing or damaged chunks again and archive them now (extra objects are
-        /// only reported).
-        #[arg(long)]
-        repair: bool,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Archive every fragment of a stream whose start lies in [start, end]; resumable.
-    Backfill {
-        #[command(flatten)]
-        range: RangeArgs,
-    },
-    /// Start restores of a range's objects that are in GLACIER or DEEP_ARCHIVE (or an
-    /// Intelligent-Tiering archive tier), and show where they stand. Exit status 1 while
-    /// any is still under way.
-    Restore {
-        #[command(flatten)]
-        range: RangeArgs,
-        /// Expedited (minutes, the highest price; not for DEEP_ARCHIVE), Standard (hours)
-        /// or Bulk (the slowest and cheapest).
-        #[arg(long, value_enum, ignore_case = true, default_value = "standard")]
-        tier: kvs_archiver::destination::RestoreTier,
-        /// How long the restored copy stays readable.
-        #[arg(long, default_value_t = 7)]
-        days: i32,
-        /// Check every minute until every restore has finished.
-        #[arg(long)]
-        wait: bool,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Print the chunks a backfill would fetch, without calling GetClip or S3.
-    Plan {
-        #[command(flatten)]
-        range: RangeArgs,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Per stream: what is archived, pending and failed (with the last error).
-    Status {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Keep every configured stream archived, on each stream's schedule (a daemon).
-    Run {
-        /// One pass over every stream, then exit (for systemd timers and cron); the exit
-        /// status tells whether anything failed.
-        #[arg(long)]
-        once: bool,
-    },
-    /// Which archived object holds an instant, how far into it, and a command that plays
-    /// it from there; or why no object holds it. Exit status 1 when none does.
-    Find {
-        /// A stream listed under [[streams]] in the configuration.
-        #[arg(long)]
-        stream: String,
-        /// The instant, RFC 3339 (e.g. 2026-03-03T14:07:00Z or 2026-03-03T15:07:00+01:00).
-        #[arg(long)]
-        at: String,
-        /// Print the finding as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Write one MP4 of [start, end) from the archive (S3 or the directory), not from
-    /// KVS: it spans as many objects as it needs, starts on the frame at --start (decoded
-    /// from the keyframe before it, which the file holds), and copies the video as it is
-    /// (no re-encoding). Gaps and objects left out are reported. With several --stream
-    /// (or none and --bundle, for all), writes an incident bundle: a folder of one MP4 per
-    /// stream, manifest.json and SHA256SUMS (check it with `sha256sum -c SHA256SUMS`).
-    Export {
-        /// A stream listed under [[streams]]; repeat it for a bundle. None: every
-        /// configured stream (a bundle).
-        #[arg(long)]
-        stream: Vec<String>,
-        /// RFC 3339, e.g. 2026-11-20T14:07:10Z
-        #[arg(long)]
-        start: String,
-        /// RFC 3339: frames starting at or after it are left out.
-        #[arg(long)]
-        end: String,
-        /// The MP4 file to write, or the bundle's new folder (written whole or not at
-        /// all).
-        #[arg(short, long)]
-        output: PathBuf,
-        /// Write a bundle folder even for one stream.
-        #[arg(long)]
-        bundle: bool,
-        /// Where the archive has no media: `hold` keeps the frame before the gap on
-        /// screen, so output time t is wall time start + t; `join` plays on at once.
-        #[arg(long, value_enum, default_value = "hold")]
-        gaps: kvs_archiver::playback::GapMode,
-        /// `exact`: start on the frame at --start (an edit list hides the frames before
-        /// it); `keyframe`: start on the keyframe at or before --start, every frame shown.
-        #[arg(long, value_enum, default_value = "exact")]
-        cut: kvs_archiver::playback::clip::Cut,
-        /// Add a subtitle track showing each second's wall-clock time (UTC).
-        #[arg(long)]
-        wall_clock: bool,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Rebuild the ledger from the destination after its database was lost: a listing of
-    /// the objects, a HeadObject of each for its metadata, and one ListFragments per
-    /// stream (no GetClip).
-    /// Refuses a ledger that already holds chunks unless --merge.
-    RebuildLedger {
-        /// Only this configured stream (default: all).
-        #[arg(long)]
-        stream: Option<String>,
-        /// Add the objects the ledger lacks to a ledger that already holds chunks.
-        #[arg(long)]
-        merge: bool,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Serve a read-only web page of the archive: a coverage timeline per stream
-    /// (archived, gaps, failed, expired, at risk, late and Matroska), and playback of
-    /// any object in the page. Loopback by default; elsewhere only with a token (one is
-    /// made and printed once when none is given).
-    Serve {
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: std::net::SocketAddr,
-        /// A file holding the bearer token, at least 32 bytes (or set
-        /// KVS_ARCHIVER_SERVE_TOKEN).
-        #[arg(long)]
-        token_file: Option<PathBuf>,
-    },
-    /// Validate the configuration and print it.
-    CheckConfig,
-    /// Print the least-privilege IAM policy (JSON) for the configured streams and
-    /// destination: exactly the actions this program calls.
-    IamPolicy {
-        /// The streams' AWS account id, for streams configured by name (default `*`).
-        #[arg(long)]
-        account: Option<String>,
-    },
-    /// Print a shell completion script (bash, zsh, fish, elvish, powershell), e.g.
-    /// `kvs-archiver completions bash > /etc/bash_completion.d/kvs-archiver`.
-    Completions { shell: clap_complete::Shell },
-    /// Print the manual page (roff), e.g. `kvs-archiver man | man -l -`.
-    Man,
-    /// Archive ten minutes of a bundled emulated camera into ./demo-output.
-    // Only in builds with the emulator: the Debian package's binary has no `demo` to offer.
-    #[cfg(feature = "demo")]
-    Demo {
-        #[arg(long, default_value = "demo-output")]
-        output: PathBuf,
-    },
+/// `backfill`'s, `restore`'s and `plan`'s range in epoch milliseconds, with an error
+/// naming the flag that is wrong.
+fn range_ms(range: &RangeArgs) -> Result<(i64, i64), Error> {
+    Ok((
+        app::parse_time(&range.start, "--start")?,
+        app::parse_time(&range.end, "--end")?,
+    ))
 }
 
 /// Prints `value` as pretty JSON on stdout (`--json`).
@@ -354,12 +153,12 @@ async fn run_without_configuration(command: &Command) -> Result<Option<ExitCode>
         #[cfg(feature = "demo")]
         Command::Demo { output } => demo(output).await.map(Some),
         Command::Completions { shell } => {
-            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut command = kvs_archiver::cli::command();
             clap_complete::generate(*shell, &mut command, "kvs-archiver", &mut std::io::stdout());
             Ok(Some(ExitCode::SUCCESS))
         }
         Command::Man => {
-            let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+            let page = clap_mangen::Man::new(kvs_archiver::cli::command());
             page.render(&mut std::io::stdout())
                 .map_err(|e| Error::Usage(format!("man: cannot write the page: {e}")))?;
             Ok(Some(ExitCode::SUCCESS))
@@ -427,7 +226,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         }
         Command::Status { json } => run_status(&config, json).await,
         Command::Plan { range, json } => {
-            let (start, end) = range.parse()?;
+            let (start, end) = range_ms(&range)?;
             let plan = app::plan(config, &range.stream, start, end).await?;
             print_report(&plan, json, |p| p.describe());
             Ok(ExitCode::SUCCESS)
@@ -537,7 +336,7 @@ async fn run_restore(
     json: bool,
 ) -> Result<ExitCode, Error> {
     let poll = wait.then_some(std::time::Duration::from_secs(60));
-    let report = app::restore(config, &range.stream, range.parse()?, tier, days, poll).await?;
+    let report = app::restore(config, &range.stream, range_ms(&range)?, tier, days, poll).await?;
     print_report(&report, json, |r| r.describe());
     Ok(status_for(report.restoring.is_empty()))
 }
@@ -582,7 +381,7 @@ async fn run_backfill(
     range: RangeArgs,
     shutdown: &Shutdown,
 ) -> Result<ExitCode, Error> {
-    let (start, end) = range.parse()?;
+    let (start, end) = range_ms(&range)?;
     let stream = range.stream;
     let summary = app::backfill(config, &stream, start, end, shutdown).await?;
     let text = app::describe_run(&summary);

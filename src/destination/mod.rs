@@ -216,7 +216,7 @@ impl Destination {
 }
 
 /// How fast (and at what price) S3 restores an archived object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum RestoreTier {
     /// Minutes, at the highest price (not for DEEP_ARCHIVE).
     Expedited,

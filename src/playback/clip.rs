@@ -25,7 +25,7 @@ use serde::Serialize;
 use std::sync::Arc;
 
 /// Where the clip starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Cut {
     /// On the frame showing at the start (and the end): the frames before it from the

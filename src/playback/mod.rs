@@ -32,7 +32,7 @@ const HEADER_PROBE: u64 = 256 * 1024;
 const MAX_MOOV: u64 = 64 << 20;
 
 /// What the output's timeline does where the archive has no media.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GapMode {
     /// The frame before a gap stays on screen for the gap's length: the output's time

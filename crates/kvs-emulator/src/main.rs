@@ -1,19 +1,30 @@
 //! `kvs-emulator --config emulator.toml --listen 127.0.0.1:4567`
 
-use clap::Parser;
+use clap::{value_parser, Arg};
 use kvs_emulator::{Emulator, EmulatorConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-#[derive(Parser)]
-#[command(version, about = "A Kinesis Video Streams emulator on loopback")]
-struct Args {
-    /// TOML file with credentials and streams (see crates/kvs-emulator/emulator.example.toml).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Address to listen on; keep it on loopback.
-    #[arg(long, default_value = "127.0.0.1:4567")]
-    listen: SocketAddr,
+/// `--config` and `--listen`.
+fn command() -> clap::Command {
+    clap::Command::new("kvs-emulator")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("A Kinesis Video Streams emulator on loopback")
+        .arg(
+            Arg::new("config")
+                .long("config")
+                .value_name("CONFIG")
+                .value_parser(value_parser!(PathBuf))
+                .help("TOML file with credentials and streams (see crates/kvs-emulator/emulator.example.toml)"),
+        )
+        .arg(
+            Arg::new("listen")
+                .long("listen")
+                .value_name("LISTEN")
+                .value_parser(value_parser!(SocketAddr))
+                .default_value("127.0.0.1:4567")
+                .help("Address to listen on; keep it on loopback"),
+        )
 }
 
 #[tokio::main]
@@ -24,8 +35,12 @@ async fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| "kvs_emulator=info".into()),
         )
         .init();
-    let args = Args::parse();
-    let config = match &args.config {
+    let mut args = command().get_matches();
+    let listen = args
+        .remove_one::<SocketAddr>("listen")
+        // Defaulted in the grammar, so always there.
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4567)));
+    let config = match &args.remove_one::<PathBuf>("config") {
         Some(path) => match EmulatorConfig::from_toml_file(path) {
             Ok(config) => config,
             Err(error) => {
@@ -36,10 +51,10 @@ async fn main() -> std::process::ExitCode {
         None => EmulatorConfig::default(),
     };
     let access_key = config.access_key_id.clone();
-    let emulator = match Emulator::start_on(config, args.listen).await {
+    let emulator = match Emulator::start_on(config, listen).await {
         Ok(emulator) => emulator,
         Err(error) => {
-            eprintln!("kvs-emulator: cannot start on {}: {error}", args.listen);
+            eprintln!("kvs-emulator: cannot start on {}: {error}", listen);
             return std::process::ExitCode::from(1);
         }
     };

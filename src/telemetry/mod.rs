@@ -3,10 +3,12 @@
 
 use crate::error::Error;
 use crate::ledger::Chunk;
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tracing_subscriber::EnvFilter;
+
+mod bars;
+use bars::{Bar, Unit};
 
 /// Installs the tracing subscriber; `KVS_ARCHIVER_LOG` sets the filter (default `info`).
 pub fn init_logging() {
@@ -23,18 +25,13 @@ pub fn init_logging() {
     }
 }
 
-/// Every progress bar of the process, so that log lines can be printed around them.
-fn bars() -> &'static MultiProgress {
-    static BARS: std::sync::OnceLock<MultiProgress> = std::sync::OnceLock::new();
-    BARS.get_or_init(MultiProgress::new)
-}
-
-/// Standard error, written while the bars are hidden.
+/// Standard error, written above the progress bars.
 struct BelowBars;
 
 impl std::io::Write for BelowBars {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        bars().suspend(|| std::io::stderr().write(buf))
+        bars::print_above(buf)?;
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -44,24 +41,16 @@ impl std::io::Write for BelowBars {
 
 /// Progress of one range: a bar in a terminal, log lines otherwise.
 pub struct Progress {
-    bar: Option<ProgressBar>,
+    bar: Option<Bar>,
     bytes: AtomicU64,
 }
 
 impl Progress {
     /// A bar labelled `label` in a terminal; log lines otherwise.
     pub fn new(label: &str) -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = bars().add(ProgressBar::new(0));
-            let style = ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {pos}/{len} chunks {msg} (ETA {eta})",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
-            bar.set_style(style);
-            bar.set_prefix(label.to_string());
-            bar
-        });
+        let bar = std::io::stderr()
+            .is_terminal()
+            .then(|| Bar::new(label, Unit::Chunks, 0));
         Progress {
             bar,
             bytes: AtomicU64::new(0),
@@ -89,8 +78,7 @@ impl Progress {
     /// The range holds `chunks` chunks, `done` of them archived already.
     pub fn set_totals(&self, chunks: usize, done: usize) {
         if let Some(bar) = &self.bar {
-            bar.set_length(chunks as u64);
-            bar.set_position(done as u64);
+            bar.set_length(chunks as u64, done as u64);
         }
     }
 
@@ -99,7 +87,7 @@ impl Progress {
         let total = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
         match &self.bar {
             Some(bar) => {
-                bar.inc(1);
+                bar.inc();
                 bar.set_message(format!("{:.1} MB", total as f64 / 1e6));
             }
             None => tracing::info!(
@@ -115,7 +103,7 @@ impl Progress {
     /// One more of the range's items handled (a restore asked for, say).
     pub fn step(&self) {
         if let Some(bar) = &self.bar {
-            bar.inc(1);
+            bar.inc();
         }
     }
 
@@ -129,15 +117,17 @@ impl Progress {
 
     /// One chunk failed: said above the bar, in a terminal.
     pub fn chunk_failed(&self, chunk: &Chunk, error: &Error) {
-        if let Some(bar) = &self.bar {
-            bar.println(format!("failed: {}: {error}", chunk.object_key));
+        if self.bar.is_some() {
+            let line = format!("failed: {}: {error}\n", chunk.object_key);
+            // A terminal that went away is no reason to stop the work.
+            let _ = bars::print_above(line.as_bytes());
         }
     }
 
     /// Clears the bar.
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
+            bar.finish();
         }
     }
 }
@@ -145,7 +135,7 @@ impl Progress {
 /// Progress of one transfer measured in bytes (`export`): a bar in a terminal, a log line
 /// every tenth otherwise.
 pub struct ByteProgress {
-    bar: Option<ProgressBar>,
+    bar: Option<Bar>,
     total: u64,
     done: AtomicU64,
 }
@@ -153,17 +143,9 @@ pub struct ByteProgress {
 impl ByteProgress {
     /// A bar of `total` bytes labelled `label` in a terminal; log lines otherwise.
     pub fn new(label: &str, total: u64) -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = bars().add(ProgressBar::new(total));
-            let style = ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} (ETA {eta})",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
-            bar.set_style(style);
-            bar.set_prefix(label.to_string());
-            bar
-        });
+        let bar = std::io::stderr()
+            .is_terminal()
+            .then(|| Bar::new(label, Unit::Bytes, total));
         ByteProgress {
             bar,
             total,
@@ -189,7 +171,7 @@ impl ByteProgress {
     /// Clears the bar.
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
+            bar.finish();
         }
     }
 }
