@@ -36,9 +36,11 @@ pub struct RangeArgs {
     pub end: String,
 }
 
-/// The commands, with their flags; each is described in [`command`].
+/// The commands, with their flags (the flags' help is in [`command`]).
+// Each field is the flag of the same name, whose help `command` gives once.
 #[allow(missing_docs)]
 pub enum Command {
+    /// `verify`: a stream's archive checked against the ledger and KVS.
     Verify {
         stream: String,
         start: Option<String>,
@@ -46,9 +48,9 @@ pub enum Command {
         repair: bool,
         json: bool,
     },
-    Backfill {
-        range: RangeArgs,
-    },
+    /// `backfill`: a range archived, resumably.
+    Backfill { range: RangeArgs },
+    /// `restore`: restores of a range's objects in archive storage classes.
     Restore {
         range: RangeArgs,
         tier: RestoreTier,
@@ -56,21 +58,19 @@ pub enum Command {
         wait: bool,
         json: bool,
     },
-    Plan {
-        range: RangeArgs,
-        json: bool,
-    },
-    Status {
-        json: bool,
-    },
-    Run {
-        once: bool,
-    },
+    /// `plan`: the chunks a backfill would fetch.
+    Plan { range: RangeArgs, json: bool },
+    /// `status`: what is archived, pending and failed, per stream.
+    Status { json: bool },
+    /// `run`: the daemon, or with `--once` one pass.
+    Run { once: bool },
+    /// `find`: the object holding an instant.
     Find {
         stream: String,
         at: String,
         json: bool,
     },
+    /// `export`: one MP4 (or an incident bundle) of a range, from the archive.
     Export {
         stream: Vec<String>,
         start: String,
@@ -82,27 +82,28 @@ pub enum Command {
         wall_clock: bool,
         json: bool,
     },
+    /// `rebuild-ledger`: the ledger again from the destination.
     RebuildLedger {
         stream: Option<String>,
         merge: bool,
         json: bool,
     },
+    /// `serve`: the archive's read-only page and API.
     Serve {
         listen: SocketAddr,
         token_file: Option<PathBuf>,
     },
+    /// `check-config`: the configuration, validated and printed.
     CheckConfig,
-    IamPolicy {
-        account: Option<String>,
-    },
-    Completions {
-        shell: Shell,
-    },
+    /// `iam-policy`: the least-privilege policy.
+    IamPolicy { account: Option<String> },
+    /// `completions`: a shell completion script.
+    Completions { shell: Shell },
+    /// `man`: the manual page.
     Man,
+    /// `demo`: the bundled example.
     #[cfg(feature = "demo")]
-    Demo {
-        output: PathBuf,
-    },
+    Demo { output: PathBuf },
 }
 
 const EXIT_STATUS: &str = "Exit status: 0 done; 1 the work failed (what failed is printed; run the same command again to retry); 2 bad input or configuration (the message says what to fix); 130 stopped at once by a second signal.";

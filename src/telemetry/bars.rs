@@ -9,6 +9,14 @@ use std::io::Write;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+/// Whether bars can be drawn: standard error is a terminal that understands cursor
+/// movement (not `TERM=dumb`, as in an Emacs shell, nor no `TERM` at all).
+pub fn drawable() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+        && std::env::var_os("TERM").is_some_and(|term| !term.is_empty() && term != "dumb")
+}
+
 /// Redraws closer together than this are skipped: a terminal cannot show them anyway.
 const REDRAW_EVERY: Duration = Duration::from_millis(100);
 /// Characters of the bar itself between its brackets.
@@ -19,11 +27,12 @@ const BAR_WIDTH: usize = 30;
 pub enum Unit {
     /// Chunks: `3/10 chunks <message>`.
     Chunks,
-    /// Bytes: `1.5 MiB/12.0 MiB 3.1 MiB/s`.
+    /// Bytes: `1.50 MiB/12.00 MiB 3.10 MiB/s`.
     Bytes,
 }
 
-/// One bar on the board; dropping it does not clear it: [`Bar::finish`] does.
+/// One bar on the board, cleared by [`Bar::finish`] or when dropped (a command that
+/// fails half-way leaves no bar behind).
 pub struct Bar {
     id: u64,
 }
@@ -58,6 +67,12 @@ static BOARD: Mutex<Board> = Mutex::new(Board {
 fn board() -> MutexGuard<'static, Board> {
     // A panic while drawing leaves nothing half-updated that matters: draw on.
     BOARD.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        self.finish();
+    }
 }
 
 impl Bar {
@@ -106,6 +121,15 @@ impl Bar {
         self.update(|bar| bar.position += 1);
     }
 
+    /// One more is done, and the text after the count says `message` (one update, so a
+    /// skipped redraw cannot show the one without the other).
+    pub fn inc_with_message(&self, message: String) {
+        self.update(|bar| {
+            bar.position += 1;
+            bar.message = message;
+        });
+    }
+
     /// The text after the count.
     pub fn set_message(&self, message: String) {
         self.update(|bar| bar.message = message);
@@ -133,15 +157,14 @@ pub fn print_above(text: &[u8]) -> std::io::Result<()> {
 
 impl Board {
     /// Escape codes that erase the bars' lines and leave the cursor where the first was.
+    /// Each bar's line ends in a newline, so the cursor rests on the line below them: what
+    /// else writes to the terminal (the shell's prompt after a second signal's exit)
+    /// starts on a line of its own.
     fn clear(&self) -> String {
-        let mut out = String::new();
-        if self.lines_drawn > 0 {
-            out.push_str("\r\x1b[2K");
-            for _ in 1..self.lines_drawn {
-                out.push_str("\x1b[1A\x1b[2K");
-            }
+        if self.lines_drawn == 0 {
+            return String::new();
         }
-        out
+        format!("\r\x1b[{}A\x1b[J", self.lines_drawn)
     }
 
     fn redraw(&mut self, now: bool) {
@@ -156,9 +179,11 @@ impl Board {
         self.last_draw = Some(at);
         let width = terminal_width();
         let mut out = self.clear();
-        let lines: Vec<String> = self.bars.iter().map(|b| b.line(at, width)).collect();
-        out.push_str(&lines.join("\n"));
-        self.lines_drawn = lines.len();
+        for bar in &self.bars {
+            out.push_str(&bar.line(at, width));
+            out.push('\n');
+        }
+        self.lines_drawn = self.bars.len();
         // Progress is a courtesy: a terminal that went away is no reason to stop work.
         let _ = std::io::stderr().lock().write_all(out.as_bytes());
     }
@@ -166,8 +191,9 @@ impl Board {
 
 impl BarState {
     fn line(&self, now: Instant, width: usize) -> String {
-        let filled = (self.position.min(self.length) * BAR_WIDTH as u64)
-            .checked_div(self.length)
+        // In u128: a byte count near u64's range times the width must not overflow.
+        let filled = (u128::from(self.position.min(self.length)) * BAR_WIDTH as u128)
+            .checked_div(u128::from(self.length))
             .unwrap_or(0) as usize;
         let mut bar = "=".repeat(filled);
         if filled < BAR_WIDTH {
@@ -177,10 +203,12 @@ impl BarState {
         let (from, since) = self.counted_from;
         let elapsed = now.duration_since(since).as_secs_f64();
         let done_since = self.position.saturating_sub(from);
-        let eta = (done_since > 0).then(|| {
-            let left = self.length.saturating_sub(self.position);
-            Duration::from_secs_f64(elapsed * left as f64 / done_since as f64)
-        });
+        let eta = (done_since > 0)
+            .then(|| {
+                let left = self.length.saturating_sub(self.position);
+                Duration::try_from_secs_f64(elapsed * left as f64 / done_since as f64).ok()
+            })
+            .flatten();
         let eta = eta.map_or_else(|| "?".to_string(), human_duration);
         let count = match self.unit {
             Unit::Chunks => format!("{}/{} chunks {}", self.position, self.length, self.message)
@@ -226,9 +254,14 @@ fn binary_bytes(n: f64) -> String {
 
 /// Columns of the terminal on standard error; 80 when it does not say.
 fn terminal_width() -> usize {
+    let mut size = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCGWINSZ writes one `winsize` into the struct it is given, which lives
-    // for the call.
-    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+    // for the call; on a descriptor that is not a terminal it fails and writes nothing.
     let answered = unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
     if answered && size.ws_col > 0 {
         usize::from(size.ws_col)

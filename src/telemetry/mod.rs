@@ -48,9 +48,7 @@ pub struct Progress {
 impl Progress {
     /// A bar labelled `label` in a terminal; log lines otherwise.
     pub fn new(label: &str) -> Self {
-        let bar = std::io::stderr()
-            .is_terminal()
-            .then(|| Bar::new(label, Unit::Chunks, 0));
+        let bar = bars::drawable().then(|| Bar::new(label, Unit::Chunks, 0));
         Progress {
             bar,
             bytes: AtomicU64::new(0),
@@ -87,8 +85,7 @@ impl Progress {
         let total = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
         match &self.bar {
             Some(bar) => {
-                bar.inc();
-                bar.set_message(format!("{:.1} MB", total as f64 / 1e6));
+                bar.inc_with_message(format!("{:.1} MB", total as f64 / 1e6));
             }
             None => tracing::info!(
                 key = %chunk.object_key,
@@ -143,9 +140,7 @@ pub struct ByteProgress {
 impl ByteProgress {
     /// A bar of `total` bytes labelled `label` in a terminal; log lines otherwise.
     pub fn new(label: &str, total: u64) -> Self {
-        let bar = std::io::stderr()
-            .is_terminal()
-            .then(|| Bar::new(label, Unit::Bytes, total));
+        let bar = bars::drawable().then(|| Bar::new(label, Unit::Bytes, total));
         ByteProgress {
             bar,
             total,
