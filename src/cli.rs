@@ -537,62 +537,47 @@ fn other_commands() -> Vec<clap::Command> {
     commands
 }
 
-impl ValueEnum for RestoreTier {
-    fn value_variants<'a>() -> &'a [Self] {
-        &[
-            RestoreTier::Expedited,
-            RestoreTier::Standard,
-            RestoreTier::Bulk,
-        ]
-    }
+/// `ValueEnum` for a flag that takes one of a few words: each value, its word and what it
+/// means, listed once (what clap's derive generated from the variants' doc comments).
+macro_rules! words {
+    ($type:ty { $($value:expr => $word:literal: $help:expr,)+ }) => {
+        impl ValueEnum for $type {
+            fn value_variants<'a>() -> &'a [Self] {
+                &[$($value),+]
+            }
 
-    fn to_possible_value(&self) -> Option<PossibleValue> {
-        let (name, help) = match self {
-            RestoreTier::Expedited => (
-                "expedited",
-                "Minutes, at the highest price (not for DEEP_ARCHIVE)",
-            ),
-            RestoreTier::Standard => ("standard", "Hours"),
-            RestoreTier::Bulk => ("bulk", "The slowest and cheapest"),
-        };
-        Some(PossibleValue::new(name).help(help))
-    }
+            fn to_possible_value(&self) -> Option<PossibleValue> {
+                [$(($value, $word, $help)),+]
+                    .into_iter()
+                    .find(|(value, _, _)| value == self)
+                    .map(|(_, word, help)| PossibleValue::new(word).help(help))
+            }
+        }
+    };
 }
 
-impl ValueEnum for GapMode {
-    fn value_variants<'a>() -> &'a [Self] {
-        &[GapMode::Hold, GapMode::Join]
-    }
+words!(RestoreTier {
+    RestoreTier::Expedited => "expedited": "Minutes, at the highest price (not for DEEP_ARCHIVE)",
+    RestoreTier::Standard => "standard": "Hours",
+    RestoreTier::Bulk => "bulk": "The slowest and cheapest",
+});
 
-    fn to_possible_value(&self) -> Option<PossibleValue> {
-        Some(match self {
-            GapMode::Hold => PossibleValue::new("hold").help(
-                "The frame before a gap stays on screen for the gap's length: the output's \
-                 time `t` is always wall time `first frame + t` (the first frame is the \
-                 keyframe at or before the requested start)",
-            ),
-            GapMode::Join => PossibleValue::new("join")
-                .help("Media on either side of a gap plays back to back, as GetClip's own MP4s do"),
-        })
-    }
-}
+words!(GapMode {
+    GapMode::Hold => "hold":
+        "The frame before a gap stays on screen for the gap's length: the output's time `t` \
+         is always wall time `first frame + t` (the first frame is the keyframe at or before \
+         the requested start)",
+    GapMode::Join => "join":
+        "Media on either side of a gap plays back to back, as GetClip's own MP4s do",
+});
 
-impl ValueEnum for Cut {
-    fn value_variants<'a>() -> &'a [Self] {
-        &[Cut::Exact, Cut::Keyframe]
-    }
-
-    fn to_possible_value(&self) -> Option<PossibleValue> {
-        Some(match self {
-            Cut::Exact => PossibleValue::new("exact").help(
-                "On the frame showing at the start (and the end): the frames before it from \
-                 the keyframe are in the file, decoded but not shown",
-            ),
-            Cut::Keyframe => PossibleValue::new("keyframe")
-                .help("On the keyframe at or before the start: every frame in the file is shown"),
-        })
-    }
-}
+words!(Cut {
+    Cut::Exact => "exact":
+        "On the frame showing at the start (and the end): the frames before it from the \
+         keyframe are in the file, decoded but not shown",
+    Cut::Keyframe => "keyframe":
+        "On the keyframe at or before the start: every frame in the file is shown",
+});
 
 #[cfg(test)]
 mod tests {
@@ -605,6 +590,20 @@ mod tests {
     #[test]
     fn the_grammar_is_consistent() {
         command().debug_assert();
+    }
+
+    #[test]
+    fn every_word_names_its_value() {
+        fn round_trip<T: ValueEnum + PartialEq + std::fmt::Debug>() {
+            for value in T::value_variants() {
+                let word = value.to_possible_value().expect("every value has a word");
+                let parsed = T::from_str(word.get_name(), false).expect("its word parses");
+                assert_eq!(&parsed, value);
+            }
+        }
+        round_trip::<RestoreTier>();
+        round_trip::<GapMode>();
+        round_trip::<Cut>();
     }
 
     #[test]
