@@ -824,9 +824,15 @@ const PART_SETTLE: std::time::Duration = std::time::Duration::from_secs(30);
 /// AWS warns that a part still on its way may outlive an abort ("it might be necessary to
 /// abort a given multipart upload multiple times"), so while parts are listed it is
 /// aborted again, a few times at most.
+///
+/// Parts still listed after that (a killed process's part that landed after another
+/// process aborted its upload, on a store that then refuses every further abort) cost
+/// storage but hold no footage the archive needs: they are reported, and the chunk goes on.
+/// Failing here would stop every later run at the same chunk.
 async fn abort(inner: &Inner, key: &str, upload_id: &str) -> Result<()> {
     abort_once(inner, key, upload_id).await?;
-    for _ in 0..3 {
+    let mut listed_parts = 0;
+    for check in 1..=4 {
         let listed = inner
             .client
             .list_parts()
@@ -837,9 +843,13 @@ async fn abort(inner: &Inner, key: &str, upload_id: &str) -> Result<()> {
             .await;
         match listed {
             Ok(out) if !out.parts().is_empty() => {
+                listed_parts = out.parts().len();
+                if check == 4 {
+                    break;
+                }
                 tracing::warn!(
                     key,
-                    parts = out.parts().len(),
+                    parts = listed_parts,
                     "parts of the aborted upload are still listed: aborting it again"
                 );
                 tokio::time::sleep(PART_SETTLE / 30).await;
@@ -855,14 +865,15 @@ async fn abort(inner: &Inner, key: &str, upload_id: &str) -> Result<()> {
             }
         }
     }
-    Err(Error::Destination {
-        op: "AbortMultipartUpload",
-        target: format!("s3://{}/{key}", inner.bucket),
-        message: format!(
-            "upload {upload_id} still lists parts after four aborts: the orphan sweep tries again; check that these credentials may call s3:AbortMultipartUpload"
-        ),
-        retry: Retryability::Transient,
-    })
+    tracing::warn!(
+        key,
+        upload_id,
+        parts = listed_parts,
+        "the upload still lists parts after four aborts: they are billed as storage until removed; \
+         a bucket lifecycle rule AbortIncompleteMultipartUpload removes them, and these credentials \
+         need s3:AbortMultipartUpload"
+    );
+    Ok(())
 }
 
 async fn abort_once(inner: &Inner, key: &str, upload_id: &str) -> Result<()> {

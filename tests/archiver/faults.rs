@@ -191,6 +191,77 @@ async fn an_upload_is_aborted_only_after_its_part_in_flight_has_landed() {
     assert!(world.open_multipart_uploads().is_empty());
 }
 
+/// A process killed while its upload has parts, whose parts then outlive every abort (as
+/// a killed process's last part does when it lands after another process aborted the
+/// upload, on a store that then refuses to abort it again): the rerun aborts four times,
+/// warns of the parts left billed, and archives the chunk anew instead of stopping at it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_that_outlive_every_abort_are_reported_and_do_not_stop_the_archive() {
+    let (start, end) = recent(0.1);
+    let mut spec = historical("cam", start, end, 4000, 1_500_000);
+    spec.faults.bandwidth_bytes_per_sec = Some(20_000_000);
+    let world = World::new(vec![spec], "concurrency = 1").await;
+    let expected = world.fragment_numbers("cam", start, end);
+    let s3 = world.s3.as_ref().expect("s3s");
+    s3.faults
+        .part_delay_ms
+        .store(200, std::sync::atomic::Ordering::SeqCst);
+    let (a, b) = (rfc3339(start), rfc3339(end));
+    let mut child = world
+        .command(&["backfill", "--stream", "cam", "--start", &a, "--end", &b])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawned");
+    let mut stored_part = None;
+    for _ in 0..600 {
+        stored_part = s3
+            .requests()
+            .iter()
+            .find_map(|l| l.strip_prefix("DONE PUT ")?.split("uploadId=").nth(1))
+            .map(|id| id.split('&').next().unwrap_or(id).to_string());
+        if stored_part.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let upload_id = stored_part.expect("a part was stored within 30 s");
+    child.start_kill().expect("killed");
+    let _ = child.wait().await;
+
+    s3.faults
+        .part_delay_ms
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+    s3.faults
+        .parts_outlive_aborts
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let before = s3.requests().len();
+    let resumed = world.backfill("cam", start, end).await;
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    assert!(
+        text(&resumed).contains("still lists parts after four aborts"),
+        "the parts left behind are reported: {}",
+        text(&resumed)
+    );
+    let aborts = s3.requests()[before..]
+        .iter()
+        .filter(|l| l.starts_with("DELETE ") && l.contains(&format!("uploadId={upload_id}")))
+        .count();
+    // Four times when the chunk is taken back, four more when it is claimed anew: the
+    // ledger keeps an upload's id until its chunk is done, and aborting is idempotent.
+    assert!(
+        aborts >= 4 && aborts % 4 == 0,
+        "the killed process's upload, aborted four times each time: {aborts}"
+    );
+    let objects = world.objects().await;
+    assert_exactly_once(&objects, &expected);
+    assert_playable(&objects);
+
+    let again = world.backfill("cam", start, end).await;
+    assert!(again.status.success(), "{}", text(&again));
+    assert_exactly_once(&world.objects().await, &expected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ledger_locked_by_another_process_for_a_while_only_delays_the_backfill() {
     let (start, end) = recent(0.2);

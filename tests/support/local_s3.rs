@@ -116,6 +116,11 @@ pub struct S3Faults {
     /// Answer GetObjectLockConfiguration "Enabled" (s3s-fs answers 501): the bucket claims
     /// Object Lock, so a test can log the lock headers of writes s3s-fs does not keep.
     pub object_lock: AtomicBool,
+    /// The parts an upload had when it was aborted reappear once the abort is answered,
+    /// as a killed process's part still being stored does when another process aborts its
+    /// upload: ListParts lists them and s3s-fs, the upload forgotten, refuses every
+    /// further abort of it.
+    pub parts_outlive_aborts: AtomicBool,
 }
 
 impl S3Server {
@@ -268,6 +273,10 @@ impl Handler {
         } else {
             0
         };
+        let aborting = (req.method() == hyper::Method::DELETE)
+            .then(|| query_param(&query, "uploadId"))
+            .flatten();
+        let parts_outlive_aborts = self.faults.parts_outlive_aborts.load(Ordering::SeqCst);
         let slow_down = is_put
             && self
                 .faults
@@ -286,6 +295,14 @@ impl Handler {
             }
             if slow_down {
                 return Ok(slow_down_response());
+            }
+            if let Some(upload_id) = aborting.filter(|_| parts_outlive_aborts) {
+                let parts = handler.stored_parts(&upload_id);
+                let answer = hyper::service::Service::call(&handler.service, req).await;
+                for (path, bytes) in parts {
+                    std::fs::write(path, bytes).expect("a part written back");
+                }
+                return answer;
             }
             if part_delay > 0 {
                 tokio::time::sleep(std::time::Duration::from_millis(part_delay)).await;
@@ -341,6 +358,23 @@ impl Handler {
             .as_ref()
             .is_some_and(|allowed| !allowed.contains(key))
             .then(|| kms_denied_response(key))
+    }
+
+    /// The part files s3s-fs keeps for `upload_id`, with their bytes.
+    fn stored_parts(&self, upload_id: &str) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        let prefix = format!(".upload_id-{upload_id}.part-");
+        std::fs::read_dir(&self.root)
+            .expect("the served directory")
+            .filter_map(|entry| {
+                let path = entry.ok()?.path();
+                let name = path.file_name()?.to_str()?;
+                if !name.starts_with(&prefix) {
+                    return None;
+                }
+                let bytes = std::fs::read(&path).ok()?;
+                Some((path, bytes))
+            })
+            .collect()
     }
 
     /// ListMultipartUploads, answered here from the uploads created.
