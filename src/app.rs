@@ -275,9 +275,11 @@ async fn build_with(
                         .signs(config.aws.s3_endpoint_url.as_deref()),
                     create_only: config.destination.create_only,
                     policy,
-                    // One upload in four overlaps sending and filling: the S3 server, not
-                    // a clip's own pause, bounds throughput once a few clips are in flight.
-                    overlapping_uploads: clips_in_flight.div_ceil(4),
+                    // One upload in eight overlaps sending and filling (one for a backfill's
+                    // 4 clips and the daemon's 8): the S3 server, not a clip's own pause,
+                    // bounds throughput once a few clips are in flight, and each overlap
+                    // is a part buffer more at the peak.
+                    overlapping_uploads: clips_in_flight.div_ceil(8),
                 },
             ))
         }
