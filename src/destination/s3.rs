@@ -817,6 +817,9 @@ fn whole_object_crc32c(base64: Option<&str>, kind: Option<&ChecksumType>) -> Opt
     Crc32c::from_base64(base64?).map(Crc32c::hex)
 }
 
+/// How many times [`abort`] aborts an upload whose parts are still listed.
+const ABORTS: u32 = 4;
+
 /// How long an abort waits for the part in flight to land or fail first.
 const PART_SETTLE: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -825,14 +828,15 @@ const PART_SETTLE: std::time::Duration = std::time::Duration::from_secs(30);
 /// abort a given multipart upload multiple times"), so while parts are listed it is
 /// aborted again, a few times at most.
 ///
-/// Parts still listed after that (a killed process's part that landed after another
-/// process aborted its upload, on a store that then refuses every further abort) cost
-/// storage but hold no footage the archive needs: they are reported, and the chunk goes on.
-/// Failing here would stop every later run at the same chunk.
+/// Parts still listed after every abort was accepted or answered NoSuchUpload (a killed
+/// process's part that landed after another process aborted its upload) cost storage but
+/// hold no footage the archive needs: they are reported, and the chunk goes on; failing
+/// would stop every later run at the same chunk. An abort S3 refuses (AccessDenied) is an
+/// error, which says what to fix.
 async fn abort(inner: &Inner, key: &str, upload_id: &str) -> Result<()> {
     abort_once(inner, key, upload_id).await?;
     let mut listed_parts = 0;
-    for check in 1..=4 {
+    for check in 1..=ABORTS {
         let listed = inner
             .client
             .list_parts()
@@ -844,7 +848,7 @@ async fn abort(inner: &Inner, key: &str, upload_id: &str) -> Result<()> {
         match listed {
             Ok(out) if !out.parts().is_empty() => {
                 listed_parts = out.parts().len();
-                if check == 4 {
+                if check == ABORTS {
                     break;
                 }
                 tracing::warn!(
@@ -869,9 +873,9 @@ async fn abort(inner: &Inner, key: &str, upload_id: &str) -> Result<()> {
         key,
         upload_id,
         parts = listed_parts,
-        "the upload still lists parts after four aborts: they are billed as storage until removed; \
-         a bucket lifecycle rule AbortIncompleteMultipartUpload removes them, and these credentials \
-         need s3:AbortMultipartUpload"
+        aborts = ABORTS,
+        "the aborted upload still lists parts after every abort: they are billed as storage \
+         until removed, which a bucket lifecycle rule AbortIncompleteMultipartUpload does"
     );
     Ok(())
 }
@@ -892,12 +896,9 @@ async fn abort_once(inner: &Inner, key: &str, upload_id: &str) -> Result<()> {
     })
     .await;
     match result {
-        // Already completed or aborted: nothing is left behind either way.
-        Err(Error::UploadLost { .. })
-        | Err(Error::Destination {
-            retry: Retryability::Permanent,
-            ..
-        }) => Ok(()),
+        // NoSuchUpload: already completed or aborted, nothing is left behind either way.
+        // Any other refusal (AccessDenied) stands: these credentials cannot clean up.
+        Err(Error::UploadLost { .. }) => Ok(()),
         other => other,
     }
 }

@@ -193,8 +193,9 @@ async fn an_upload_is_aborted_only_after_its_part_in_flight_has_landed() {
 
 /// A process killed while its upload has parts, whose parts then outlive every abort (as
 /// a killed process's last part does when it lands after another process aborted the
-/// upload, on a store that then refuses to abort it again): the rerun aborts four times,
-/// warns of the parts left billed, and archives the chunk anew instead of stopping at it.
+/// upload; every later abort is answered NoSuchUpload): the rerun aborts it four times
+/// each time it meets it, warns of the parts left billed, and archives the chunk anew
+/// instead of stopping at it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parts_that_outlive_every_abort_are_reported_and_do_not_stop_the_archive() {
     let (start, end) = recent(0.1);
@@ -239,7 +240,7 @@ async fn parts_that_outlive_every_abort_are_reported_and_do_not_stop_the_archive
     let resumed = world.backfill("cam", start, end).await;
     assert!(resumed.status.success(), "{}", text(&resumed));
     assert!(
-        text(&resumed).contains("still lists parts after four aborts"),
+        text(&resumed).contains("still lists parts after every abort"),
         "the parts left behind are reported: {}",
         text(&resumed)
     );
@@ -260,6 +261,47 @@ async fn parts_that_outlive_every_abort_are_reported_and_do_not_stop_the_archive
     let again = world.backfill("cam", start, end).await;
     assert!(again.status.success(), "{}", text(&again));
     assert_exactly_once(&world.objects().await, &expected);
+}
+
+/// Credentials that may not abort uploads, meeting a killed process's upload: the rerun
+/// stops with an error that names the refused call, not a warning it could miss; with the
+/// permission back, the next run archives everything exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_abort_is_an_error_that_names_the_permission() {
+    let (start, end) = recent(0.1);
+    let world = World::new(
+        vec![historical("cam", start, end, 4000, 1_500_000)],
+        "concurrency = 1",
+    )
+    .await;
+    let expected = world.fragment_numbers("cam", start, end);
+    let (a, b) = (rfc3339(start), rfc3339(end));
+    let crashed = world
+        .command(&["backfill", "--stream", "cam", "--start", &a, "--end", &b])
+        .env(kvs_archiver::crashpoint::ENV, "mid-upload")
+        .output()
+        .await
+        .expect("runs");
+    assert!(!crashed.status.success(), "{}", text(&crashed));
+    let s3 = world.s3.as_ref().expect("s3s");
+    s3.faults
+        .deny_aborts
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let refused = world.backfill("cam", start, end).await;
+    assert!(!refused.status.success(), "{}", text(&refused));
+    let said = text(&refused);
+    assert!(
+        said.contains("AbortMultipartUpload") && said.contains("AccessDenied"),
+        "the refused call is named: {said}"
+    );
+    s3.faults
+        .deny_aborts
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let resumed = world.backfill("cam", start, end).await;
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    let objects = world.objects().await;
+    assert_exactly_once(&objects, &expected);
+    assert!(world.open_multipart_uploads().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

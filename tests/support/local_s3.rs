@@ -121,6 +121,9 @@ pub struct S3Faults {
     /// upload: ListParts lists them and s3s-fs, the upload forgotten, refuses every
     /// further abort of it.
     pub parts_outlive_aborts: AtomicBool,
+    /// AbortMultipartUpload is refused, 403 AccessDenied, as for credentials without
+    /// s3:AbortMultipartUpload.
+    pub deny_aborts: AtomicBool,
 }
 
 impl S3Server {
@@ -296,13 +299,10 @@ impl Handler {
             if slow_down {
                 return Ok(slow_down_response());
             }
-            if let Some(upload_id) = aborting.filter(|_| parts_outlive_aborts) {
-                let parts = handler.stored_parts(&upload_id);
-                let answer = hyper::service::Service::call(&handler.service, req).await;
-                for (path, bytes) in parts {
-                    std::fs::write(path, bytes).expect("a part written back");
-                }
-                return answer;
+            if let Some(upload_id) = aborting {
+                return handler
+                    .abort_upload(req, &upload_id, parts_outlive_aborts)
+                    .await;
             }
             if part_delay > 0 {
                 tokio::time::sleep(std::time::Duration::from_millis(part_delay)).await;
@@ -358,6 +358,34 @@ impl Handler {
             .as_ref()
             .is_some_and(|allowed| !allowed.contains(key))
             .then(|| kms_denied_response(key))
+    }
+
+    /// AbortMultipartUpload by s3s-fs, answered as AWS answers it: NoSuchUpload for an
+    /// upload s3s-fs no longer holds (it refuses those with AccessDenied, which would tell
+    /// a client it may not abort, not that the upload is gone). With `parts_outlive`, the
+    /// parts the upload had are stored again once the abort is answered.
+    async fn abort_upload(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+        upload_id: &str,
+        parts_outlive: bool,
+    ) -> Result<s3s::HttpResponse, s3s::HttpError> {
+        if self.faults.deny_aborts.load(Ordering::SeqCst) {
+            return Ok(abort_denied_response());
+        }
+        if !self.root.join(format!(".upload-{upload_id}.json")).exists() {
+            return Ok(no_such_upload_response(upload_id));
+        }
+        let parts = if parts_outlive {
+            self.stored_parts(upload_id)
+        } else {
+            Vec::new()
+        };
+        let answer = hyper::service::Service::call(&self.service, req).await;
+        for (path, bytes) in parts {
+            std::fs::write(path, bytes).expect("a part written back");
+        }
+        answer
     }
 
     /// The part files s3s-fs keeps for `upload_id`, with their bytes.
@@ -457,6 +485,26 @@ fn kms_denied_response(key: &str) -> s3s::HttpResponse {
 }
 
 /// 503 SlowDown, as S3 throttles.
+/// 403 AccessDenied for an abort, as S3 answers credentials that may not abort uploads.
+fn abort_denied_response() -> s3s::HttpResponse {
+    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>AccessDenied</Code><Message>User: arn:aws:iam::123456789012:user/tests is not authorized to perform: s3:AbortMultipartUpload because no identity-based policy allows the s3:AbortMultipartUpload action</Message></Error>";
+    hyper::Response::builder()
+        .status(403)
+        .header("content-type", "application/xml")
+        .body(s3s::Body::from(body.to_string()))
+        .expect("response")
+}
+
+/// 404 NoSuchUpload, as S3 answers for an upload that was completed or aborted.
+fn no_such_upload_response(upload_id: &str) -> s3s::HttpResponse {
+    let body = format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>NoSuchUpload</Code><Message>The specified multipart upload does not exist. The upload ID may be invalid, or the upload may have been aborted or completed.</Message><UploadId>{upload_id}</UploadId></Error>");
+    hyper::Response::builder()
+        .status(404)
+        .header("content-type", "application/xml")
+        .body(s3s::Body::from(body))
+        .expect("response")
+}
+
 fn slow_down_response() -> s3s::HttpResponse {
     let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
     hyper::Response::builder()
