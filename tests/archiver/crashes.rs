@@ -86,13 +86,7 @@ async fn sigkill_from_outside_at_a_random_moment_then_rerun_completes() {
     spec.faults.bandwidth_bytes_per_sec = Some(20_000_000);
     let world = World::new(vec![spec], "concurrency = 1").await;
     let expected = world.fragment_numbers("cam", start, end);
-    let (a, b) = (rfc3339(start), rfc3339(end));
-    let mut child = world
-        .command(&["backfill", "--stream", "cam", "--start", &a, "--end", &b])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawned");
+    let mut child = world.spawn_backfill("cam", start, end);
     // Once a clip is streaming, kill -9.
     wait_for_a_streaming_clip(&world).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -118,14 +112,7 @@ async fn crash_torture_with_several_processes_loses_doubles_and_leaves_nothing()
     let world = World::new(vec![spec], "concurrency = 2").await;
     let expected = world.fragment_numbers("cam", start, end);
     let (a, b) = (rfc3339(start), rfc3339(end));
-    let spawn = || {
-        world
-            .command(&["backfill", "--stream", "cam", "--start", &a, "--end", &b])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawned")
-    };
+    let spawn = || world.spawn_backfill("cam", start, end);
     for round in 0..rounds {
         let processes = match round % 5 {
             2 => 2,

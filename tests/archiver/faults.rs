@@ -207,13 +207,7 @@ async fn parts_that_outlive_every_abort_are_reported_and_do_not_stop_the_archive
     s3.faults
         .part_delay_ms
         .store(200, std::sync::atomic::Ordering::SeqCst);
-    let (a, b) = (rfc3339(start), rfc3339(end));
-    let mut child = world
-        .command(&["backfill", "--stream", "cam", "--start", &a, "--end", &b])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawned");
+    let mut child = world.spawn_backfill("cam", start, end);
     let mut stored_part = None;
     for _ in 0..600 {
         stored_part = s3

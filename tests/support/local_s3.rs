@@ -374,7 +374,7 @@ impl Handler {
             return Ok(abort_denied_response());
         }
         if !self.root.join(format!(".upload-{upload_id}.json")).exists() {
-            return Ok(no_such_upload_response(upload_id));
+            return Ok(no_such_upload_response());
         }
         let parts = if parts_outlive {
             self.stored_parts(upload_id)
@@ -474,44 +474,34 @@ fn logged_headers(headers: &hyper::HeaderMap) -> std::collections::BTreeMap<Stri
     logged
 }
 
-/// 403 AccessDenied for a KMS key, as S3 answers a write with a key the caller may not use.
-fn kms_denied_response(key: &str) -> s3s::HttpResponse {
-    let body = format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>AccessDenied</Code><Message>User: arn:aws:iam::123456789012:user/tests is not authorized to perform: kms:GenerateDataKey on resource: {key} because no identity-based policy allows the kms:GenerateDataKey action</Message></Error>");
+/// An S3 error answer: `status`, with the XML body S3 sends.
+fn error_response(status: u16, code: &str, message: &str) -> s3s::HttpResponse {
+    let body = format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>{message}</Message></Error>");
     hyper::Response::builder()
-        .status(403)
+        .status(status)
         .header("content-type", "application/xml")
         .body(s3s::Body::from(body))
         .expect("response")
 }
 
-/// 503 SlowDown, as S3 throttles.
+/// 403 AccessDenied for a KMS key, as S3 answers a write with a key the caller may not use.
+fn kms_denied_response(key: &str) -> s3s::HttpResponse {
+    error_response(403, "AccessDenied", &format!("User: arn:aws:iam::123456789012:user/tests is not authorized to perform: kms:GenerateDataKey on resource: {key} because no identity-based policy allows the kms:GenerateDataKey action"))
+}
+
 /// 403 AccessDenied for an abort, as S3 answers credentials that may not abort uploads.
 fn abort_denied_response() -> s3s::HttpResponse {
-    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>AccessDenied</Code><Message>User: arn:aws:iam::123456789012:user/tests is not authorized to perform: s3:AbortMultipartUpload because no identity-based policy allows the s3:AbortMultipartUpload action</Message></Error>";
-    hyper::Response::builder()
-        .status(403)
-        .header("content-type", "application/xml")
-        .body(s3s::Body::from(body.to_string()))
-        .expect("response")
+    error_response(403, "AccessDenied", "User: arn:aws:iam::123456789012:user/tests is not authorized to perform: s3:AbortMultipartUpload because no identity-based policy allows the s3:AbortMultipartUpload action")
 }
 
 /// 404 NoSuchUpload, as S3 answers for an upload that was completed or aborted.
-fn no_such_upload_response(upload_id: &str) -> s3s::HttpResponse {
-    let body = format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>NoSuchUpload</Code><Message>The specified multipart upload does not exist. The upload ID may be invalid, or the upload may have been aborted or completed.</Message><UploadId>{upload_id}</UploadId></Error>");
-    hyper::Response::builder()
-        .status(404)
-        .header("content-type", "application/xml")
-        .body(s3s::Body::from(body))
-        .expect("response")
+fn no_such_upload_response() -> s3s::HttpResponse {
+    error_response(404, "NoSuchUpload", "The specified multipart upload does not exist. The upload ID may be invalid, or the upload may have been aborted or completed.")
 }
 
+/// 503 SlowDown, as S3 throttles.
 fn slow_down_response() -> s3s::HttpResponse {
-    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
-    hyper::Response::builder()
-        .status(503)
-        .header("content-type", "application/xml")
-        .body(s3s::Body::from(body.to_string()))
-        .expect("response")
+    error_response(503, "SlowDown", "Please reduce your request rate.")
 }
 
 pub fn s3_client(url: &str) -> s3::Client {

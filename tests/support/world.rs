@@ -193,6 +193,23 @@ impl World {
         .await
     }
 
+    /// A backfill started in the background, its output discarded: for a test that kills it.
+    pub fn spawn_backfill(
+        &self,
+        stream: &str,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> tokio::process::Child {
+        let (start, end) = (rfc3339(start_ms), rfc3339(end_ms));
+        self.command(&[
+            "backfill", "--stream", stream, "--start", &start, "--end", &end,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("kvs-archiver starts")
+    }
+
     /// A backfill with more environment variables.
     pub async fn backfill_with(
         &self,
