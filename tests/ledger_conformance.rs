@@ -773,6 +773,90 @@ async fn concurrent_planners_never_record_overlapping_chunks() {
     }
 }
 
+/// Two planners wait on a third's uncommitted plan over their range, which it then drops.
+/// PostgreSQL checks an insert against the exclusion constraint by waiting for the
+/// transactions of overlapping ones: unqueued, the two would wait for each other and one
+/// would end as a deadlock (as `concurrent_planners_never_record_overlapping_chunks` once
+/// did in CI). Queued on their stream's lock, exactly one plan is recorded and neither
+/// caller sees an error. SQLite's one writer at a time queues all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_planners_queue_instead_of_deadlocking() {
+    use sqlx::Connection;
+    // The third planner's row, written by hand inside a transaction left open.
+    let insert = "INSERT INTO chunks (stream, timestamp_source, start_ms, end_ms,
+         fragment_count, planned_bytes, planned_duration_ms, first_fragment, last_fragment,
+         object_key, created_ms, updated_ms) VALUES ($1, $2, $3, $4, 10, 10000, 20000,
+         'first', 'last', 'k/third', 0, 0)";
+    let (start, end) = clip(0..10).clip_range();
+    for under in ledgers().await {
+        let kind = under.kind;
+        let mut ledgers = Vec::new();
+        for name in ["first", "second"] {
+            ledgers.push((name, under.another(name, Role::Daemon).await));
+        }
+        let mut ledgers = ledgers.into_iter();
+        let mut planner = |plan: ChunkPlan| {
+            let (name, ledger) = ledgers.next().expect("a planner");
+            tokio::spawn(async move {
+                let key = format!("k/{name}");
+                ledger.insert_planned(STREAM, SOURCE, &plan, &key).await
+            })
+        };
+        let (first, second) = if kind == "sqlite" {
+            let mut third = sqlx::SqliteConnection::connect(&under.url)
+                .await
+                .expect("connect");
+            sqlx::query("BEGIN IMMEDIATE")
+                .execute(&mut third)
+                .await
+                .expect("begin");
+            let bind = sqlx::query(insert).bind(STREAM).bind(SOURCE.as_str());
+            let bind = bind.bind(start).bind(end);
+            bind.execute(&mut third).await.expect("third plan");
+            let first = planner(clip(5..15));
+            let second = planner(clip(8..12));
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            sqlx::query("ROLLBACK")
+                .execute(&mut third)
+                .await
+                .expect("rollback");
+            (first, second)
+        } else {
+            let mut third = sqlx::PgConnection::connect(&under.url)
+                .await
+                .expect("connect");
+            let mut tx = third.begin().await.expect("begin");
+            let bind = sqlx::query(insert).bind(STREAM).bind(SOURCE.as_str());
+            let bind = bind.bind(start).bind(end);
+            bind.execute(&mut *tx).await.expect("third plan");
+            let first = planner(clip(5..15));
+            postgres::wait_for_lock_waits(&under.url, 1).await;
+            let second = planner(clip(8..12));
+            postgres::wait_for_lock_waits(&under.url, 2).await;
+            tx.rollback().await.expect("rollback");
+            (first, second)
+        };
+        let first = first.await.expect("first planner");
+        let second = second.await.expect("second planner");
+        let (first, second) = (
+            first.unwrap_or_else(|e| panic!("{kind}: first planner: {e}")),
+            second.unwrap_or_else(|e| panic!("{kind}: second planner: {e}")),
+        );
+        assert!(
+            first ^ second,
+            "{kind}: one plan recorded, not {first} and {second}"
+        );
+        let chunks = under
+            .ledger
+            .claimable(STREAM, SOURCE, i64::MIN, i64::MAX, i64::MAX)
+            .await
+            .expect("chunks");
+        assert_eq!(chunks.len(), 1, "{kind}: {chunks:?}");
+        let expected = if first { clip(5..15) } else { clip(8..12) };
+        assert_eq!(chunks[0].plan.clip_range(), expected.clip_range(), "{kind}");
+    }
+}
+
 /// `rebuild-ledger`'s insert: a chunk the destination holds is recorded done with its
 /// size and fragments; one over a held range or fragment is refused and changes nothing.
 #[tokio::test]

@@ -33,6 +33,10 @@ super::sql::sql_ledger!(PgLedger, sqlx::Postgres);
 impl Dialect for PgLedger {
     const GREATEST: &'static str = "GREATEST";
     const CLAIM_LOCK: &'static str = "FOR UPDATE SKIP LOCKED";
+    /// A transaction-scoped advisory lock on a hash of the stream: two streams that
+    /// share a hash only queue behind each other.
+    const STREAM_LOCK: Option<&'static str> =
+        Some("SELECT pg_advisory_xact_lock(hashtextextended($1 || ' ' || $2, 0))");
     type Ids = Vec<i64>;
 
     fn ids(ids: &[i64]) -> Vec<i64> {

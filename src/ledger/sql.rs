@@ -37,6 +37,10 @@ pub(super) trait Dialect {
     /// out. SQLite: a process of this host that no longer runs. PostgreSQL: never, a
     /// holder on another host can only be outlived.
     fn owner_is_gone(owner: &str, this_host: &str) -> bool;
+    /// Takes, inside a transaction, the lock that queues the writers of one stream's
+    /// chunks (`$1` stream, `$2` timestamp source) until the transaction ends; `None` where
+    /// one writer at a time already queues them all (SQLite).
+    const STREAM_LOCK: Option<&'static str>;
 }
 
 /// The columns of a chunk row, as [`chunk_from`] reads them.
@@ -438,6 +442,7 @@ macro_rules! sql_ledger_helpers {
                 archived: Option<u64>,
             ) -> Result<bool> {
                 let mut tx = self.pool.begin().await.map_err(Error::ledger(op))?;
+                This::lock_stream(&mut tx, op, at).await?;
                 let id = This::insert_chunk(&mut tx, at, plan, key, None).await;
                 let Some(id) = id.map_err(Error::ledger(op))? else {
                     tx.rollback().await.map_err(Error::ledger(op))?;
@@ -466,12 +471,35 @@ macro_rules! sql_ledger_helpers {
                 sql::fenced(done.rows_affected(), lease)
             }
 
-            /// Inside `tx`: checks the lease holds, touching the row so that the transaction
-            /// owns it from here (SQLite takes its write lock, PostgreSQL locks the row),
-            /// and returns the chunk's stream and timestamp source.
+            /// Inside `tx`, first: takes [`Dialect::STREAM_LOCK`] for the stream `at`.
+            /// Every transaction that adds chunks or fragments takes it before anything
+            /// else, so the planners of a stream queue for it. Without it, PostgreSQL checks
+            /// concurrent inserts against the exclusion constraint by waiting for each
+            /// other's transactions, and overlapping inserts wait in a cycle: a deadlock.
+            async fn lock_stream(
+                tx: &mut Connection, op: &'static str, (stream, source): (&str, &str),
+            ) -> Result<()> {
+                if let Some(lock) = This::STREAM_LOCK {
+                    sqlx::query(lock).bind(stream).bind(source)
+                        .execute(&mut *tx).await.map_err(Error::ledger(op))?;
+                }
+                Ok(())
+            }
+
+            /// Inside `tx`, first: checks the lease holds, touching the row so that the
+            /// transaction owns it from here (SQLite takes its write lock; PostgreSQL locks
+            /// the row, after the stream's lock), and returns the chunk's stream and
+            /// timestamp source.
             async fn hold_in(
                 &self, tx: &mut Connection, op: &'static str, lease: &Lease,
             ) -> Result<(String, String)> {
+                if This::STREAM_LOCK.is_some() {
+                    let sql = "SELECT stream, timestamp_source FROM chunks WHERE id = $1";
+                    let at: Option<(String, String)> = sqlx::query_as(sql).bind(lease.chunk)
+                        .fetch_optional(&mut *tx).await.map_err(Error::ledger(op))?;
+                    let Some((stream, source)) = at else { return Err(sql::lease_lost(lease)) };
+                    This::lock_stream(tx, op, (&stream, &source)).await?;
+                }
                 let sql = format!(
                     "UPDATE chunks SET updated_ms = $4 WHERE {HELD}
                      RETURNING stream, timestamp_source"

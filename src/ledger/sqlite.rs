@@ -28,6 +28,7 @@ super::sql::sql_ledger!(SqliteLedger, sqlx::Sqlite);
 impl Dialect for SqliteLedger {
     const GREATEST: &'static str = "MAX";
     const CLAIM_LOCK: &'static str = "";
+    const STREAM_LOCK: Option<&'static str> = None;
     type Ids = String;
 
     fn ids(ids: &[i64]) -> String {

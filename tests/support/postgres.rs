@@ -52,3 +52,26 @@ pub async fn fresh_database() -> String {
         _ => panic!("{NEEDED} (KVS_TEST_POSTGRES_URL is not set)"),
     }
 }
+
+/// Waits until `count` sessions on the database at `url` wait for a lock: the concurrent
+/// statements a test started have reached the point where they block.
+#[allow(dead_code)]
+pub async fn wait_for_lock_waits(url: &str, count: i64) {
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
+    for _ in 0..500 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .expect("pg_stat_activity");
+        if waiting >= count {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{count} sessions never waited for a lock on {url}");
+}
