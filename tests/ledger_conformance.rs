@@ -815,6 +815,8 @@ async fn overlapping_planners_queue_instead_of_deadlocking() {
             bind.execute(&mut third).await.expect("third plan");
             let first = planner(clip(5..15));
             let second = planner(clip(8..12));
+            // Time for both to meet the held write lock (a 30 s busy timeout waits it
+            // out); were they later, the outcome asserted below would be the same.
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
             sqlx::query("ROLLBACK")
                 .execute(&mut third)
@@ -829,10 +831,12 @@ async fn overlapping_planners_queue_instead_of_deadlocking() {
             let bind = sqlx::query(insert).bind(STREAM).bind(SOURCE.as_str());
             let bind = bind.bind(start).bind(end);
             bind.execute(&mut *tx).await.expect("third plan");
+            // The first waits for the third's transaction (its constraint check), the
+            // second for the stream's lock the first holds.
             let first = planner(clip(5..15));
-            postgres::wait_for_lock_waits(&under.url, 1).await;
+            postgres::wait_for_lock_wait(&under.url, "transactionid").await;
             let second = planner(clip(8..12));
-            postgres::wait_for_lock_waits(&under.url, 2).await;
+            postgres::wait_for_lock_wait(&under.url, "advisory").await;
             tx.rollback().await.expect("rollback");
             (first, second)
         };
@@ -846,6 +850,9 @@ async fn overlapping_planners_queue_instead_of_deadlocking() {
             first ^ second,
             "{kind}: one plan recorded, not {first} and {second}"
         );
+        if kind == "postgres" {
+            assert!(first, "{kind}: the first in the queue records its plan");
+        }
         let chunks = under
             .ledger
             .claimable(STREAM, SOURCE, i64::MIN, i64::MAX, i64::MAX)
@@ -1086,6 +1093,13 @@ async fn an_expired_chunk_is_final_and_a_converted_one_is_planned_again() {
                 .expect("claim")
                 .is_none(),
             "{kind}: final"
+        );
+        let refused = ledger
+            .convert(&other_lease, ChunkKind::Clip, "k/other.mp4")
+            .await;
+        assert!(
+            matches!(&refused, Err(Error::LedgerInvariant(m)) if m.contains("cannot become a clip")),
+            "{kind}: a clip range is added by an insert alone: {refused:?}"
         );
         ledger
             .convert(&other_lease, ChunkKind::Mkv, "k/other.mkv")

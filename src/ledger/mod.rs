@@ -632,6 +632,8 @@ pub trait Ledger: Send + Sync {
     ) -> Pending<'a, ()>;
 
     /// Turns the chunk into another kind (GetClip cannot package it: Matroska), planned.
+    /// Never into a clip ([`Error::LedgerInvariant`]): clip ranges are added by inserts
+    /// alone, which queue on their stream.
     fn convert<'a>(
         &'a self,
         lease: &'a Lease,

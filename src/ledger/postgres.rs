@@ -5,7 +5,9 @@
 //! Correctness rests on the database alone, never on a host: claims are conditional
 //! updates (`FOR UPDATE SKIP LOCKED` for the next chunk) that increment the fencing
 //! generation; clip ranges are kept apart by an exclusion constraint and fragments by a
-//! primary key; a process that dies loses its leases when they lapse.
+//! primary key; the transactions adding a stream's chunks queue on an advisory lock,
+//! so overlapping plans are refused instead of deadlocking; a process that dies loses
+//! its leases when they lapse.
 
 use super::sql::{self, Dialect};
 use super::Identity;
@@ -33,10 +35,12 @@ super::sql::sql_ledger!(PgLedger, sqlx::Postgres);
 impl Dialect for PgLedger {
     const GREATEST: &'static str = "GREATEST";
     const CLAIM_LOCK: &'static str = "FOR UPDATE SKIP LOCKED";
-    /// A transaction-scoped advisory lock on a hash of the stream: two streams that
-    /// share a hash only queue behind each other.
-    const STREAM_LOCK: Option<&'static str> =
-        Some("SELECT pg_advisory_xact_lock(hashtextextended($1 || ' ' || $2, 0))");
+    /// A transaction-scoped advisory lock on a hash of the stream, in the two-key space
+    /// (apart from sqlx's one-key migration lock): two streams that share a hash only
+    /// queue behind each other.
+    const STREAM_LOCK: Option<&'static str> = Some(
+        "SELECT pg_advisory_xact_lock(hashtext('kvs-archiver stream'), hashtext($1 || ' ' || $2))",
+    );
     type Ids = Vec<i64>;
 
     fn ids(ids: &[i64]) -> Vec<i64> {

@@ -37,9 +37,9 @@ pub(super) trait Dialect {
     /// out. SQLite: a process of this host that no longer runs. PostgreSQL: never, a
     /// holder on another host can only be outlived.
     fn owner_is_gone(owner: &str, this_host: &str) -> bool;
-    /// Takes, inside a transaction, the lock that queues the writers of one stream's
-    /// chunks (`$1` stream, `$2` timestamp source) until the transaction ends; `None` where
-    /// one writer at a time already queues them all (SQLite).
+    /// Takes, inside a transaction and until it ends, the lock that queues the
+    /// transactions adding chunks or fragments to one stream (`$1` stream, `$2` timestamp
+    /// source); `None` where one writer at a time already queues them all (SQLite).
     const STREAM_LOCK: Option<&'static str>;
 }
 
@@ -396,8 +396,9 @@ macro_rules! sql_ledger_helpers {
             ) -> Result<Option<i64>, sqlx::Error> {
                 // Clip chunks never overlap each other; late and Matroska chunks lie inside
                 // archived ranges by design and are kept apart by their fragments. The
-                // check is SQLite's guard (one writer at a time); PostgreSQL's exclusion
-                // constraint refuses a concurrent planner's overlap as well.
+                // check is the guard under the stream's queue (SQLite's one writer at a
+                // time, PostgreSQL's stream lock); PostgreSQL's exclusion constraint
+                // refuses an overlap whoever writes it.
                 let inserted = sqlx::query_scalar(&format!(
                     "INSERT INTO chunks (stream, timestamp_source, start_ms, end_ms, fragment_count,
                          planned_bytes, planned_duration_ms, first_fragment, last_fragment,
@@ -471,11 +472,14 @@ macro_rules! sql_ledger_helpers {
                 sql::fenced(done.rows_affected(), lease)
             }
 
-            /// Inside `tx`, first: takes [`Dialect::STREAM_LOCK`] for the stream `at`.
-            /// Every transaction that adds chunks or fragments takes it before anything
-            /// else, so the planners of a stream queue for it. Without it, PostgreSQL checks
+            /// Inside `tx`, before any write or row lock: takes [`Dialect::STREAM_LOCK`] for
+            /// the stream `at`. Every transaction that adds chunks or fragments takes it, so
+            /// the planners of a stream queue for it. Without it, PostgreSQL checks
             /// concurrent inserts against the exclusion constraint by waiting for each
             /// other's transactions, and overlapping inserts wait in a cycle: a deadlock.
+            /// With it, each insert's `NOT EXISTS` reads (READ COMMITTED) every clip chunk
+            /// committed before it, so none is refused by the constraint after waiting, and
+            /// the unlocked transitions never meet an uncommitted overlapping row either.
             async fn lock_stream(
                 tx: &mut Connection, op: &'static str, (stream, source): (&str, &str),
             ) -> Result<()> {
@@ -1081,6 +1085,12 @@ macro_rules! sql_ledger_methods {
             }
 
             async fn convert(&self, lease: &Lease, kind: ChunkKind, key: &str) -> Result<()> {
+                if kind == ChunkKind::Clip {
+                    // A new clip range would be added outside the stream's queue.
+                    return Err(Error::LedgerInvariant(format!(
+                        "ledger convert chunk {}: a chunk cannot become a clip", lease.chunk
+                    )));
+                }
                 let key = key.to_string();
                 let set = "kind = $5, object_key = $6, state = 'planned', upload_id = NULL,
                     owner = NULL, lease_until_ms = NULL";

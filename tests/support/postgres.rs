@@ -53,25 +53,28 @@ pub async fn fresh_database() -> String {
     }
 }
 
-/// Waits until `count` sessions on the database at `url` wait for a lock: the concurrent
-/// statements a test started have reached the point where they block.
+/// Waits until a session on the database at `url` waits for a lock of type `lock`
+/// (`pg_locks.locktype`: `transactionid`, `advisory`, ...): a statement a test started
+/// concurrently has reached the point where it blocks.
 #[allow(dead_code)]
-pub async fn wait_for_lock_waits(url: &str, count: i64) {
+pub async fn wait_for_lock_wait(url: &str, lock: &str) {
     let mut conn = sqlx::PgConnection::connect(url)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
-    for _ in 0..500 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
         let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE NOT l.granted AND l.locktype = $1 AND a.datname = current_database()",
         )
+        .bind(lock)
         .fetch_one(&mut conn)
         .await
-        .expect("pg_stat_activity");
-        if waiting >= count {
+        .expect("pg_locks");
+        if waiting > 0 {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    panic!("{count} sessions never waited for a lock on {url}");
+    panic!("no session waited for a {lock} lock on {url} within 30 s");
 }
